@@ -1,0 +1,29 @@
+"""The `ddserve` command. Each sub-command lives with its package and is imported only when used,
+so `ddserve serve` with a remote Redis never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command → module with add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "train": ("models.training.cli", "train a zoo model from its recipe"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddserve", description="Generative image model serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,447 @@
+"""Batched sampling where every sample carries its own settings and progress.
+
+`DenoisingBatch` is the running set of samples behind both the library call `sample(...)` and the
+serving engine's continuous batching: samples join between steps (`add`), each `step` makes one
+network call over all of them at their own timesteps — with the unconditional rows of classifier-free
+guidance appended to the same call — and advances each one by its own sampler; finished samples leave
+(`step` returns them). A sample's result depends only on its own settings, condition and noise stream
+(see `noise.py`), never on its neighbours.
+
+The network is any callable ε_θ(x [N, C, H, W], t [N] long, cond [N, ...] | None) → [N, C, H, W]
+predicting ε (or v, with `prediction_type="v"`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.diffusion.forward import PredictionType, model_output_to_eps
+from models.diffusion.guidance import (
+    ClassifierFn,
+    classifier_free_guidance,
+    classifier_log_prob_gradient,
+)
+from models.diffusion.noise import sample_generator
+from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.steps import (
+    DdpmVariance,
+    SamplerName,
+    forward_jump,
+    reverse_step,
+    step_coefficients,
+)
+from models.diffusion.timesteps import (
+    TimestepSpacing,
+    denoising_plan,
+    repaint_plan,
+    timestep_sequence,
+)
+
+NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How one sample is drawn. Hashable: samples with equal settings share one precomputed plan."""
+
+    sampler: SamplerName = "ddim"
+    num_inference_steps: int = 50
+    eta: float = 0.0  # DDIM only: 0 = deterministic, 1 = DDPM-like variance β̃
+    timestep_spacing: TimestepSpacing = "leading"
+    ddpm_variance: DdpmVariance = "beta_tilde"  # DDPM only: σ² = β̃ or β
+    guidance_scale: float = 0.0  # classifier-free guidance w
+    classifier_scale: float = 0.0  # classifier guidance s
+    clip_denoised: bool = False  # clamp x̂_0 to [−1, 1] (pixel-space models)
+    jump_length: int = 1  # RePaint resampling (inpainting only)
+    jump_n_sample: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected 'ddpm' or 'ddim'")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be ≥ 1")
+
+    def plan(self, num_train_steps: int) -> list[int]:
+        """The timesteps this sample visits, ending with −1 (see `timesteps.py`)."""
+        sequence = timestep_sequence(
+            num_train_steps, self.num_inference_steps, self.timestep_spacing
+        )
+        if self.jump_n_sample > 1:
+            return repaint_plan(sequence, self.jump_length, self.jump_n_sample)
+        return denoising_plan(sequence)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One move of a plan: a reverse step t → s (s < t, one network call) or a forward jump (s > t)."""
+
+    t: int
+    s: int
+    coefficients: torch.Tensor | None  # [K] float32 for reverse steps; None for jumps
+    alpha_bar_t: float
+    alpha_bar_s: float
+    sigma: float = 0.0  # noise scale of a reverse step: z is drawn only when σ > 0
+
+    @property
+    def is_reverse(self) -> bool:
+        return self.s < self.t
+
+
+class PlanCache:
+    """Transitions per (settings, schedule): computed once, shared by every sample that uses them."""
+
+    def __init__(self, schedule: NoiseSchedule, max_entries: int = 256) -> None:
+        self.schedule = schedule
+        self.max_entries = max_entries
+        self._plans: dict[SamplerSettings, tuple[Transition, ...]] = {}
+
+    def transitions(self, settings: SamplerSettings) -> tuple[Transition, ...]:
+        cached = self._plans.get(settings)
+        if cached is None:
+            cached = self._build(settings)
+            if len(self._plans) >= self.max_entries:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[settings] = cached
+        return cached
+
+    def _build(self, settings: SamplerSettings) -> tuple[Transition, ...]:
+        plan = settings.plan(self.schedule.num_timesteps)
+        alpha_bar = self.schedule.alphas_cumprod_padded.tolist()  # index t + 1
+        transitions = []
+        for t, s in itertools.pairwise(plan):
+            a_t, a_s = alpha_bar[t + 1], alpha_bar[s + 1]
+            coefficients, sigma = None, 0.0
+            if s < t:
+                step = step_coefficients(
+                    a_t,
+                    a_s,
+                    sampler=settings.sampler,
+                    eta=settings.eta,
+                    ddpm_variance=settings.ddpm_variance,
+                    classifier_scale=settings.classifier_scale,
+                    is_last=s == -1,
+                )
+                coefficients = torch.tensor(step.as_row(), dtype=torch.float32)
+                sigma = step.sigma
+            transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma))
+        return tuple(transitions)
+
+
+@dataclass
+class Sample:
+    """One image being sampled: its request, its noise stream and where it stands in its plan."""
+
+    settings: SamplerSettings
+    generator: torch.Generator
+    cond: torch.Tensor | None = None  # one row of conditioning ([] class id, [L] tokens); None = ∅
+    class_label: int | None = None  # target of classifier guidance
+    known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
+    mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
+    x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
+    keep_trajectory: bool = False
+    tag: Any = None  # the caller's handle (a job id, an index)
+    # Filled in by the batch:
+    transitions: tuple[Transition, ...] = ()
+    position: int = 0
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.transitions)
+
+    @property
+    def steps_total(self) -> int:
+        """Network calls this sample needs in all."""
+        return sum(1 for tr in self.transitions if tr.is_reverse)
+
+    @property
+    def steps_done(self) -> int:
+        return sum(1 for tr in self.transitions[: self.position] if tr.is_reverse)
+
+    @property
+    def guided(self) -> bool:
+        return self.settings.guidance_scale != 0.0
+
+    @property
+    def rows(self) -> int:
+        """Rows of the network call this sample occupies (two with classifier-free guidance)."""
+        return 2 if self.guided else 1
+
+
+class DenoisingBatch:
+    """The running set of samples of one model; see the module docstring.
+
+    The batch keeps the samples' x_t stacked in one tensor [B, C, H, W] so that a step costs one
+    network call plus a few elementwise operations, whatever the mix of settings.
+    """
+
+    def __init__(
+        self,
+        network: NetworkFn,
+        schedule: NoiseSchedule,
+        sample_shape: tuple[int, ...],  # (C, H, W)
+        *,
+        prediction_type: PredictionType = "epsilon",
+        null_condition: torch.Tensor | None = None,  # the ∅ row of a conditional network
+        classifier: ClassifierFn | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        plan_cache: PlanCache | None = None,
+    ) -> None:
+        self.network = network
+        self.schedule = schedule
+        self.sample_shape = tuple(sample_shape)
+        self.prediction_type = prediction_type
+        self.null_condition = null_condition
+        self.classifier = classifier
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.plans = plan_cache or PlanCache(schedule)
+        self.samples: list[Sample] = []
+        self.x = torch.empty((0, *self.sample_shape), device=self.device, dtype=dtype)
+        self.network_calls = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the next network call (guided samples count twice)."""
+        return sum(s.rows for s in self.samples)
+
+    # --- membership -----------------------------------------------------------------------------
+    def add(self, samples: Sequence[Sample]) -> None:
+        """Admit samples between steps: validate, draw x_T from each one's own stream, append."""
+        new_rows = []
+        for sample in samples:
+            self._validate(sample)
+            sample.transitions = self.plans.transitions(sample.settings)
+            sample.position = 0
+            if sample.x is None:
+                sample.x = torch.randn(self.sample_shape, generator=sample.generator)
+            row = sample.x.to(device=self.device, dtype=self.dtype)
+            if sample.keep_trajectory:
+                sample.trajectory = [row.detach().cpu()]
+            new_rows.append(row)
+            self.samples.append(sample)
+        if new_rows:
+            self.x = torch.cat([self.x, torch.stack(new_rows)])
+
+    def remove(self, keep: Callable[[Sample], bool]) -> list[Sample]:
+        """Drop the samples for which keep(sample) is False (canceled, past deadline); return them."""
+        flags = [keep(s) for s in self.samples]
+        if all(flags):
+            return []
+        removed = [s for s, k in zip(self.samples, flags, strict=True) if not k]
+        self._retain(flags)
+        return removed
+
+    def _retain(self, flags: list[bool]) -> None:
+        """Keep the flagged rows; the others take their current x_t with them (on the CPU)."""
+        for i, (sample, kept) in enumerate(zip(self.samples, flags, strict=True)):
+            if not kept:
+                sample.x = self.x[i].detach().cpu()
+        index = torch.tensor([i for i, k in enumerate(flags) if k], dtype=torch.long)
+        self.x = self.x.index_select(0, index.to(self.device))
+        self.samples = [s for s, k in zip(self.samples, flags, strict=True) if k]
+
+    def _validate(self, sample: Sample) -> None:
+        if sample.guided and self.null_condition is None:
+            raise ValueError(
+                "classifier-free guidance needs a conditional network (null_condition)"
+            )
+        if sample.settings.classifier_scale != 0.0 and (
+            self.classifier is None or sample.class_label is None
+        ):
+            raise ValueError("classifier guidance needs a classifier and a class label")
+        if (sample.known is None) != (sample.mask is None):
+            raise ValueError("inpainting needs both the known image and the mask")
+        if sample.x is not None and tuple(sample.x.shape) != self.sample_shape:
+            raise ValueError(f"x_T has shape {tuple(sample.x.shape)}, expected {self.sample_shape}")
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self) -> list[Sample]:
+        """Advance every sample by one network call; return the samples that finished."""
+        if not self.samples:
+            return []
+        self._apply_forward_jumps()
+        transitions = [s.transitions[s.position] for s in self.samples]
+        t = torch.tensor([tr.t for tr in transitions], dtype=torch.long, device=self.device)  # [B]
+        eps = self._guided_eps(t)  # [B, C, H, W]
+        grad = self._classifier_gradient(t)
+        coefficients = torch.stack([tr.coefficients for tr in transitions])  # [B, K]
+        coefficients = coefficients.to(device=self.device, dtype=self.dtype)
+        clip = self._row_flags(lambda s: s.settings.clip_denoised)
+        noise = self._noise([tr.sigma > 0 for tr in transitions])
+        x_prev, _ = reverse_step(self.x, eps, coefficients, noise, grad, clip)
+        x_prev = self._merge_known_region(x_prev, transitions)
+        self.x = x_prev
+        for i, sample in enumerate(self.samples):
+            sample.position += 1
+            if sample.keep_trajectory:
+                sample.trajectory.append(x_prev[i].detach().cpu())
+        return self._retire_finished()
+
+    def _apply_forward_jumps(self) -> None:
+        """RePaint: samples whose next move is upward are re-noised until a reverse step is next."""
+        for i, sample in enumerate(self.samples):
+            while not sample.done and not sample.transitions[sample.position].is_reverse:
+                tr = sample.transitions[sample.position]
+                z = torch.randn(self.sample_shape, generator=sample.generator).to(self.x)
+                self.x[i] = forward_jump(self.x[i], tr.alpha_bar_t, tr.alpha_bar_s, z)
+                sample.position += 1
+
+    def _guided_eps(self, t: torch.Tensor) -> torch.Tensor:
+        """One network call over all rows plus an unconditional copy of each guided row."""
+        guided = [i for i, s in enumerate(self.samples) if s.guided]
+        cond = self._stack_conditions()
+        x_in, t_in, cond_in = self.x, t, cond
+        if guided:
+            index = torch.tensor(guided, dtype=torch.long, device=self.device)
+            null = self.null_condition.to(self.device).expand(
+                len(guided), *self.null_condition.shape
+            )
+            x_in = torch.cat([self.x, self.x.index_select(0, index)])
+            t_in = torch.cat([t, t.index_select(0, index)])
+            cond_in = torch.cat([cond, null])
+        output = self.network(x_in, t_in, cond_in)
+        self.network_calls += 1
+        alpha_bar = self.schedule.alpha_bar_at(t_in.cpu())
+        eps_all = model_output_to_eps(output, x_in, alpha_bar, self.prediction_type)
+        eps = eps_all[: len(self.samples)]
+        if guided:
+            scale = torch.tensor([self.samples[i].settings.guidance_scale for i in guided])
+            eps_cond = eps.index_select(0, index)
+            eps_guided = classifier_free_guidance(eps_cond, eps_all[len(self.samples) :], scale)
+            eps = eps.index_copy(0, index, eps_guided)
+        return eps
+
+    def _stack_conditions(self) -> torch.Tensor | None:
+        if self.null_condition is None:
+            return None
+        rows = [self.null_condition if s.cond is None else s.cond for s in self.samples]
+        return torch.stack(rows).to(self.device)
+
+    def _classifier_gradient(self, t: torch.Tensor) -> torch.Tensor | None:
+        rows = [i for i, s in enumerate(self.samples) if s.settings.classifier_scale != 0.0]
+        if not rows:
+            return None
+        assert self.classifier is not None
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        labels = torch.tensor([self.samples[i].class_label for i in rows], device=self.device)
+        g = classifier_log_prob_gradient(
+            self.classifier, self.x.index_select(0, index), t.index_select(0, index), labels
+        )
+        return torch.zeros_like(self.x).index_copy(0, index, g.to(self.x))
+
+    def _row_flags(self, predicate: Callable[[Sample], bool]) -> torch.Tensor | None:
+        flags = [predicate(s) for s in self.samples]
+        if not any(flags):
+            return None
+        return torch.tensor(flags, device=self.device)
+
+    def _noise(self, needed: list[bool]) -> torch.Tensor | None:
+        """z for the rows that need it, each from its own stream; zeros elsewhere (not drawn)."""
+        rows = [i for i, n in enumerate(needed) if n]
+        if not rows:
+            return None
+        noise = torch.zeros((len(self.samples), *self.sample_shape))
+        for i in rows:
+            noise[i] = torch.randn(self.sample_shape, generator=self.samples[i].generator)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    def _merge_known_region(
+        self, x_prev: torch.Tensor, transitions: list[Transition]
+    ) -> torch.Tensor:
+        """RePaint: x_s = m ⊙ x_s^known + (1 − m) ⊙ x_s^unknown, x_s^known ~ q(x_s | x_0)."""
+        rows = [i for i, s in enumerate(self.samples) if s.known is not None]
+        if not rows:
+            return x_prev
+        x_prev = x_prev.clone()
+        for i in rows:
+            sample, tr = self.samples[i], transitions[i]
+            known = sample.known.to(x_prev)
+            if tr.s >= 0:
+                z = torch.randn(self.sample_shape, generator=sample.generator).to(x_prev)
+                known = tr.alpha_bar_s**0.5 * known + (1.0 - tr.alpha_bar_s) ** 0.5 * z
+            mask = sample.mask.to(x_prev)
+            x_prev[i] = mask * known + (1.0 - mask) * x_prev[i]
+        return x_prev
+
+    def _retire_finished(self) -> list[Sample]:
+        flags = [not s.done for s in self.samples]
+        if all(flags):
+            return []
+        finished = [s for s, k in zip(self.samples, flags, strict=True) if not k]
+        self._retain(flags)
+        return finished
+
+
+def sample(
+    network: NetworkFn,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,  # [B, C, H, W]
+    settings: SamplerSettings | Sequence[SamplerSettings] = SamplerSettings(),
+    *,
+    cond: torch.Tensor | None = None,  # [B, ...] conditioning rows (None = unconditional network)
+    null_condition: torch.Tensor | None = None,  # the ∅ row, for classifier-free guidance
+    prediction_type: PredictionType = "epsilon",
+    classifier: ClassifierFn | None = None,
+    class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
+    known: torch.Tensor | None = None,  # [B, C, H, W] images to inpaint
+    mask: torch.Tensor | None = None,  # [B, 1 or C, H, W] 1 = keep
+    generators: Sequence[torch.Generator] | None = None,  # per row; default streams (0, i)
+    return_trajectory: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint.
+
+    Returns x_0 [B, C, H, W] in x_T's dtype and device, and with `return_trajectory` also the list of
+    x_t per row ([steps + 1, C, H, W] each, on the CPU).
+    """
+    batch = x_T.shape[0]
+    per_row = [settings] * batch if isinstance(settings, SamplerSettings) else list(settings)
+    if len(per_row) != batch:
+        raise ValueError(f"{len(per_row)} settings for {batch} samples")
+    gens = (
+        list(generators)
+        if generators is not None
+        else [sample_generator(0, i) for i in range(batch)]
+    )
+    engine = DenoisingBatch(
+        network,
+        schedule,
+        tuple(x_T.shape[1:]),
+        prediction_type=prediction_type,
+        null_condition=null_condition,
+        classifier=classifier,
+        device=x_T.device,
+        dtype=x_T.dtype,
+    )
+    samples = [
+        Sample(
+            settings=per_row[i],
+            generator=gens[i],
+            cond=None if cond is None else cond[i],
+            class_label=None if class_labels is None else int(class_labels[i]),
+            known=None if known is None else known[i],
+            mask=None if mask is None else mask[i],
+            x=x_T[i],
+            keep_trajectory=return_trajectory,
+            tag=i,
+        )
+        for i in range(batch)
+    ]
+    engine.add(samples)
+    while len(engine):
+        engine.step()
+    x0 = torch.stack([s.x for s in samples]).to(x_T)
+    if return_trajectory:
+        return x0, [torch.stack(s.trajectory) for s in samples]
+    return x0

@@ -1,0 +1,98 @@
+"""Training a (latent) diffusion model: L_simple with t ~ U[0, T) and the condition dropped with
+probability p_uncond (Ho & Salimans 2022), so one network serves both ε(x, t, y) and ε(x, t, ∅)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.data import load_dataset
+from models.diffusion.losses import diffusion_loss
+from models.diffusion.sampler import SamplerSettings, sample
+from models.diffusion.schedule import NoiseSchedule
+from models.nets.unet import UNet, UNetConfig
+from models.registry import WEIGHTS_FILE, save_weights, write_entry
+from models.training.trainer import TrainingTask
+
+
+class DiffusionTask(TrainingTask):
+    """Recipe keys: name, dataset, unet, schedule, prediction_type, min_snr_gamma, p_uncond, entry."""
+
+    def __init__(self, recipe: dict[str, Any]) -> None:
+        self.recipe = recipe
+        self.name = recipe["name"]
+        self.data = load_dataset(recipe["dataset"], "train", **recipe.get("dataset_options", {}))
+        self.unet_config = UNetConfig.from_dict(recipe["unet"])
+        schedule = recipe.get("schedule", {})
+        self.schedule = NoiseSchedule.create(
+            schedule.get("kind", "linear"), schedule.get("num_timesteps", 1000)
+        )
+        self.prediction_type = recipe.get("prediction_type", "epsilon")
+        self.min_snr_gamma = recipe.get("min_snr_gamma")
+        self.p_uncond = float(recipe.get("p_uncond", 0.1))
+        self.batch_size = int(recipe["train"]["batch_size"])
+        self.x0 = self.data.images  # [N, C, H, W]; latent diffusion replaces this by latents
+        self.conditions = self._conditions()
+
+    def _conditions(self) -> torch.Tensor | None:
+        if self.unet_config.num_classes is not None:
+            return self.data.labels["class"]
+        return None
+
+    def build_model(self) -> nn.Module:
+        return UNet(self.unet_config).to(memory_format=torch.channels_last)
+
+    def loss(
+        self, model: nn.Module, step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        index = torch.randint(0, self.x0.shape[0], (self.batch_size,), generator=generator)
+        x0 = self.x0[index].contiguous(memory_format=torch.channels_last)
+        cond = None
+        if self.conditions is not None:
+            cond = self.conditions[index].clone()
+            drop = torch.rand(cond.shape[0], generator=generator) < self.p_uncond
+            cond[drop] = model.null_condition()
+        loss = diffusion_loss(
+            lambda x, t: model(x, t, cond),
+            self.schedule,
+            x0,
+            prediction_type=self.prediction_type,
+            min_snr_gamma=self.min_snr_gamma,
+            generator=generator,
+        )
+        return loss, {}
+
+    def sample_images(self, model: nn.Module, generator: torch.Generator) -> torch.Tensor:
+        n = 20
+        x_T = torch.randn((n, *self.x0.shape[1:]), generator=generator)
+        cond = None
+        if self.unet_config.num_classes is not None:
+            cond = torch.arange(n) % self.unet_config.num_classes
+        settings = SamplerSettings(
+            "ddim", 50, guidance_scale=1.0 if cond is not None else 0.0, clip_denoised=True
+        )
+        return sample(
+            model,
+            self.schedule,
+            x_T,
+            settings,
+            cond=cond,
+            null_condition=model.null_condition(),
+            prediction_type=self.prediction_type,
+        )
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        save_weights(model, folder / WEIGHTS_FILE)
+        entry = dict(self.recipe["entry"])
+        entry.update(
+            name=self.name,
+            dataset=self.recipe["dataset"],
+            schedule={"kind": self.schedule.kind, "num_timesteps": self.schedule.num_timesteps},
+            prediction_type=self.prediction_type,
+            network={"unet": self.unet_config.to_dict()},
+            files={**entry.get("files", {}), "weights": WEIGHTS_FILE},
+        )
+        write_entry(folder, entry)
