@@ -1,0 +1,110 @@
+"""Every setting of ddserve in one place, read from environment variables (prefix `DDSERVE_`) or an
+`.env` file by pydantic-settings. The README's configuration table is generated from this class
+(`python -m ddserve.settings`). Components receive a `Settings` instance; nothing reads os.environ
+elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.catalog import DEFAULT_ZOO
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDSERVE_", env_file=".env", extra="ignore")
+
+    # --- infrastructure ---
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL; unset = embedded mode (in-process fakeredis and worker thread)",
+    )
+    key_prefix: str = Field("ddserve", description="prefix of every Redis key and RQ queue of ours")
+    zoo_dir: Path = Field(DEFAULT_ZOO, description="the model repository (one folder per model)")
+    models: str = Field("", description="comma-separated models to serve; empty = every zoo model")
+
+    # --- gateway ---
+    host: str = Field("127.0.0.1", description="gateway bind address")
+    port: int = Field(8000, description="gateway port")
+    public_url: str = Field(
+        "", description="external base URL for image links; empty = from request"
+    )
+    auth_enabled: bool = Field(
+        True, description="require API keys (the embedded mode turns it off)"
+    )
+    api_keys: str = Field(
+        "", description="comma-separated SHA-256 hashes of API keys (or name:hash)"
+    )
+    api_keys_file: Path | None = Field(None, description="file of API key hashes, one per line")
+    max_wait_s: float = Field(60.0, description="largest `Prefer: wait=N` honoured")
+    max_body_bytes: int = Field(4 * 1024 * 1024, description="largest request body (413 above)")
+    max_image_bytes: int = Field(
+        1024 * 1024, description="largest decoded upload image (413 above)"
+    )
+    max_image_pixels: int = Field(1024 * 1024, description="largest pixel count before decoding")
+    max_queue_length: int = Field(1000, description="queued + running jobs per model before 429")
+    rate_limit_per_minute: int = Field(600, description="requests per API key per minute (0 = off)")
+
+    # --- jobs ---
+    job_ttl_s: int = Field(3600, description="a queued job not started within this is dropped")
+    result_ttl_s: int = Field(3600, description="how long finished job records are kept")
+    failure_ttl_s: int = Field(86400, description="how long failed job records are kept")
+    job_deadline_s: float = Field(600.0, description="per-job run-time deadline (fails that job)")
+    idempotency_ttl_s: int = Field(86400, description="how long an Idempotency-Key is remembered")
+
+    # --- workers ---
+    batching: Literal["continuous", "request", "none"] = Field(
+        "continuous", description="continuous (per step), request (per request) or no batching"
+    )
+    max_batch: int = Field(64, description="largest number of network rows in one call")
+    max_wait_ms: float = Field(5.0, description="request batching: wait this long for more jobs")
+    max_job_share: float = Field(1.0, description="largest share of a batch one job may take")
+    progress_every: int = Field(5, description="write job progress every N denoising steps")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of workers")
+    onnx_providers: str = Field(
+        "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
+    )
+    heartbeat_s: float = Field(10.0, description="worker heartbeat and started-job refresh period")
+    abandoned_after_s: float = Field(
+        60.0, description="a dead worker's jobs are retried after this"
+    )
+    max_retries: int = Field(1, description="retries of a job whose worker died")
+
+    # --- storage ---
+    storage: Literal["local", "s3"] = Field("local", description="where images are written")
+    storage_dir: Path = Field(Path("var/images"), description="local storage directory")
+    image_ttl_s: int = Field(86400, description="images older than this are deleted")
+    link_ttl_s: int = Field(3600, description="lifetime of signed image links")
+    signing_secret: str = Field("", description="HMAC key of image links; empty = random per run")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto)")
+    s3_bucket: str = Field("ddserve-images", description="bucket for images")
+    s3_region: str = Field("us-east-1", description="S3 region")
+    s3_access_key_id: str | None = Field(None, description="S3 access key id")
+    s3_secret_access_key: str | None = Field(None, description="S3 secret key")
+
+    # --- logging ---
+    log_level: str = Field("INFO", description="log level")
+    log_json: bool = Field(False, description="structured JSON logs")
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
+def settings_table() -> str:
+    """The README's configuration table, in Markdown."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default not in (None, "") else "—"
+        rows.append(f"| `DDSERVE_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
