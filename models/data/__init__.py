@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from models.data.dataset import ImageDataset
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily: models.data.text must stay importable without torch
+    from models.data.dataset import ImageDataset
+
+
+def __getattr__(name: str) -> object:
+    if name == "ImageDataset":
+        from models.data.dataset import ImageDataset
+
+        return ImageDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_dataset(name: str, split: str = "train", **options: object) -> ImageDataset:
