@@ -14,9 +14,23 @@ def _unet(entry: ModelEntry) -> nn.Module:
     return UNet(UNetConfig.from_dict(entry.network["unet"]))
 
 
+def _classifier(entry: ModelEntry) -> nn.Module:
+    from models.nets.classifier import ClassifierConfig, ImageClassifier
+
+    return ImageClassifier(ClassifierConfig.from_dict(entry.network["classifier"]))
+
+
+def _noisy_classifier(entry: ModelEntry) -> nn.Module:
+    from models.nets.classifier import NoisyClassifier, NoisyClassifierConfig
+
+    return NoisyClassifier(NoisyClassifierConfig.from_dict(entry.network["noisy_classifier"]))
+
+
 BUILDERS: dict[str, Callable[[ModelEntry], nn.Module]] = {
     "diffusion": _unet,
     "latent-diffusion": _unet,
+    "classifier": _classifier,
+    "noisy-classifier": _noisy_classifier,
 }
 
 

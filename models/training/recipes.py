@@ -28,4 +28,12 @@ def build_task(recipe: dict[str, Any]) -> TrainingTask:
         from models.training.diffusion import DiffusionTask
 
         return DiffusionTask(recipe)
+    if kind == "classifier":
+        from models.training.classifiers import ClassifierTask
+
+        return ClassifierTask(recipe)
+    if kind == "noisy-classifier":
+        from models.training.classifiers import NoisyClassifierTask
+
+        return NoisyClassifierTask(recipe)
     raise ValueError(f"no training task for kind {kind!r}")
