@@ -10,6 +10,9 @@ import sys
 # sub-command → module with add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "train": ("models.training.cli", "train a zoo model from its recipe"),
+    "eval": ("models.evaluation.cli", "measure a zoo model: FID, precision/recall, accuracy"),
+    "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
+    "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""The batching RQ worker: models kept warm, continuous batching of denoising steps across jobs."""

@@ -1,0 +1,49 @@
+"""`ddserve worker`: run the batching worker for some models against the configured Redis."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ddserve.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models", default=None, help="comma-separated models (default: DDSERVE_MODELS, else all)"
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["continuous", "request", "none"],
+        default=None,
+        help="batching mode (default: DDSERVE_BATCHING)",
+    )
+    parser.add_argument("--max-batch", type=int, default=None, help="rows per network call")
+    parser.add_argument("--name", default=None, help="worker name (default: random)")
+    parser.add_argument("--burst", action="store_true", help="quit once the queues are empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from workers.worker import BatchingWorker
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("models", args.models),
+            ("batching", args.batching),
+            ("max_batch", args.max_batch),
+        )
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level)
+    if settings.redis_url is None:
+        raise SystemExit(
+            "ddserve worker needs DDSERVE_REDIS_URL; without Redis, `ddserve serve` runs its own "
+            "worker thread (embedded mode)"
+        )
+    worker = BatchingWorker(settings, Redis.from_url(settings.redis_url), name=args.name)
+    worker.work(burst=args.burst)
+    return 0

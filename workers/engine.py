@@ -1,0 +1,533 @@
+"""Continuous batching: iteration-level scheduling of denoising steps across jobs.
+
+The engine keeps, per diffusion model, one running set of samples (a `DenoisingBatch`): each sample
+carries its own x_t, plan of timesteps (sampler, step count, RePaint jumps), position in it, guidance,
+condition, inpainting mask and known image, and noise generator. Every scheduling round
+(`run_once`) does, for all jobs at once:
+
+1. one check of the cancel set and of the per-job deadlines: a canceled or late job leaves the
+   running set (its samples are dropped) and only that job ends;
+2. per model, admission at the step boundary: waiting samples join the running set, ranked by
+   priority (aged, so that nothing starves) then age, while the next network call has room
+   (`max_rows`, a guided sample counting two rows for its unconditional copy) and while the job
+   stays within its share of the call (`max_job_share`); the queue is read only while there is room;
+3. per model, one network call over all running samples at their own timesteps; finished samples
+   leave, their images are decoded (latent diffusion) and stored at once, and a job completes as
+   soon as its last image is stored; progress is written every `progress_every` steps.
+
+Because each image draws all of its noise from its own stream (`noise.sample_generator`), a job's
+images do not depend on what shared its network calls (up to float rounding of batched kernels).
+
+Batching modes (`Settings.batching`), for comparison on the same engine:
+- `continuous`: admission at every step boundary (Orca-style iteration-level scheduling, Yu et al.
+  2022, applied to denoising steps);
+- `request`: admission only into an empty running set, gathering jobs for up to `max_wait_ms`; the
+  set then runs until all of its samples are done (classic dynamic batching);
+- `none`: one job at a time.
+
+Jobs arrive through a `JobFeed` (the RQ worker's queues, or an in-memory feed in tests) as `Ticket`s
+that carry the job's request and report its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ddserve.jobs import JobOutput
+from ddserve.settings import Settings
+from ddserve.storage import Storage
+from models.diffusion.sampler import Sample
+from workers.errors import JobDeadlineExceeded, WorkerStopped
+from workers.execute import DenoiseWork, prepare_denoise, run_codec
+from workers.model_pool import CodecModel, DiffusionModel, ModelPool
+
+log = logging.getLogger(__name__)
+
+BatchingMode = Literal["continuous", "request", "none"]
+CODEC_JOBS_PER_ROUND = (
+    8  # autoencoder jobs run per round, so that a flood of them cannot stall steps
+)
+
+
+class Ticket(Protocol):
+    """One accepted job as the engine sees it. The engine calls exactly one of succeed, fail and
+    cancel for every ticket it was given."""
+
+    id: str
+    request: dict[str, Any]
+    priority: float  # higher first
+    arrived_at: float  # when it was queued (seconds since the epoch)
+    deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
+
+    def progress(self, step: int, total: int, batch_rows: int) -> None: ...
+
+    def succeed(self, output: JobOutput, batch_rows: int) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+class JobFeed(Protocol):
+    """Where jobs come from: a non-blocking pop per model queue and the cancel set."""
+
+    def take(self, model: str) -> Ticket | None: ...
+
+    def canceled(self, job_ids: list[str]) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    mode: BatchingMode = "continuous"
+    max_rows: int = 64  # rows of one network call (classifier-free guidance: 2 per sample)
+    max_wait_s: float = 0.005  # request mode: how long to gather jobs into an empty set
+    max_job_share: float = 1.0  # largest fraction of max_rows one job may hold
+    progress_every: int = 5  # write progress every N steps
+    priority_aging_s: float = 30.0  # waiting this long is worth one priority level
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 2:
+            raise ValueError("max_batch must be ≥ 2 (a guided sample takes two rows)")
+        if not 0.0 < self.max_job_share <= 1.0:
+            raise ValueError("max_job_share must be in (0, 1]")
+        if self.progress_every < 1:
+            raise ValueError("progress_every must be ≥ 1")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingPolicy:
+        return cls(
+            mode=settings.batching,
+            max_rows=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_job_share=settings.max_job_share,
+            progress_every=settings.progress_every,
+        )
+
+    @property
+    def job_cap_rows(self) -> int:
+        """Rows one job may hold in a call: its share of max_rows, at least one guided sample."""
+        if self.mode == "none":
+            return self.max_rows
+        return max(2, math.floor(self.max_job_share * self.max_rows))
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, logs and the benchmark (occupancy = rows per call / max_rows)."""
+
+    network_calls: int = 0
+    rows_total: int = 0
+    images_done: int = 0
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    jobs_canceled: int = 0
+    rows_per_call: list[int] = field(default_factory=list)
+
+    def record_call(self, rows: int) -> None:
+        self.network_calls += 1
+        self.rows_total += rows
+        self.rows_per_call.append(rows)
+
+    def occupancy(self, max_rows: int) -> float:
+        return self.rows_total / (self.network_calls * max_rows) if self.network_calls else 0.0
+
+
+@dataclass(eq=False)
+class JobState:
+    """A job held by a lane: its samples not yet admitted, and its bookkeeping."""
+
+    ticket: Ticket
+    work: DenoiseWork
+    seq: int  # order of arrival at this worker (tie-breaker after priority and age)
+    pending: list[Sample]
+    running_rows: int = 0
+    max_batch_rows: int = 0
+    steps_since_progress: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.ticket.id
+
+    def progress_step(self) -> int:
+        """Mean network calls done per image (what GET /jobs shows as progress.step)."""
+        done = sum(s.steps_done for s in self.work.samples if s.transitions)
+        return done // self.work.n
+
+
+class DenoiseLane:
+    """The running set and waiting jobs of one diffusion model."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        feed: JobFeed,
+        storage: Storage,
+        policy: BatchingPolicy,
+        stats: EngineStats,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.model = model
+        self.feed = feed
+        self.storage = storage
+        self.policy = policy
+        self.stats = stats
+        self.clock = clock
+        self.sleep = sleep
+        self.batch = model.new_batch()
+        self.jobs: dict[str, JobState] = {}
+        self._owner: dict[int, JobState] = {}  # id(sample) → its job
+        self._seq = 0
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    # --- arrivals -------------------------------------------------------------------------------
+    def accept(self, ticket: Ticket) -> None:
+        """Turn a ticket into samples; a request that cannot run fails at once (only itself)."""
+        try:
+            work = prepare_denoise(ticket.request, self.model, ticket.id)
+        except Exception as exc:
+            _end(ticket.fail, exc, self.stats, "failed")
+            return
+        self._seq += 1
+        self.jobs[ticket.id] = JobState(ticket, work, self._seq, list(work.samples))
+
+    def _take_one(self) -> bool:
+        ticket = self.feed.take(self.name)
+        if ticket is None:
+            return False
+        self.accept(ticket)
+        return True
+
+    # --- admission ------------------------------------------------------------------------------
+    def _rank(self, job: JobState, now: float) -> tuple[float, float, int]:
+        waited = max(0.0, now - job.ticket.arrived_at)
+        effective = job.ticket.priority + waited / self.policy.priority_aging_s
+        return (-effective, job.ticket.arrived_at, job.seq)
+
+    def _admit(self, first_job_only: bool = False) -> bool:
+        """Move waiting samples into the running set; True if it stopped for lack of rows.
+
+        A job that does not fit blocks the younger ones behind it (head-of-line), so that a guided
+        sample needing two rows is never overtaken forever by single-row ones."""
+        free = self.policy.max_rows - self.batch.rows
+        cap = self.policy.job_cap_rows
+        now = self.clock()
+        waiting = sorted(
+            (j for j in self.jobs.values() if j.pending), key=lambda j: self._rank(j, now)
+        )
+        admitted: list[Sample] = []
+        blocked = False
+        for job in waiting:
+            while job.pending:
+                sample = job.pending[0]
+                if sample.rows > free:
+                    blocked = True
+                    break
+                if job.running_rows + sample.rows > cap:
+                    break
+                job.pending.pop(0)
+                job.running_rows += sample.rows
+                free -= sample.rows
+                self._owner[id(sample)] = job
+                admitted.append(sample)
+            if blocked or first_job_only:
+                break
+        if admitted:
+            self.batch.add(admitted)
+        return blocked
+
+    def _pending_rows(self) -> int:
+        return sum(s.rows for j in self.jobs.values() for s in j.pending)
+
+    def fill(self) -> None:
+        """Admission at a step boundary, as the batching mode says."""
+        mode = self.policy.mode
+        if mode == "continuous":
+            while not self._admit() and self.batch.rows < self.policy.max_rows:
+                if not self._take_one():
+                    break
+            return
+        if len(self.batch):
+            return  # request / none: the running set runs to its end first
+        if not any(j.pending for j in self.jobs.values()) and not self._take_one():
+            return
+        if mode == "request":
+            give_up = self.clock() + self.policy.max_wait_s
+            while self._pending_rows() < self.policy.max_rows:
+                if self._take_one():
+                    continue
+                remaining = give_up - self.clock()
+                if remaining <= 0:
+                    break
+                self.sleep(min(0.001, remaining))
+            self._admit()
+        else:
+            self._admit(first_job_only=True)
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One network call over the running set; store finished images; complete finished jobs."""
+        if not len(self.batch):
+            return
+        rows = self.batch.rows
+        running = {id(self._owner[id(s)]): self._owner[id(s)] for s in self.batch.samples}
+        try:
+            finished = self.batch.step()
+        except Exception as exc:  # the call failed for every running sample: fail their jobs
+            log.exception("model %s: denoising step failed", self.name)
+            self.batch = self.model.new_batch()
+            for job in running.values():
+                self._forget(job)
+                _end(job.ticket.fail, exc, self.stats, "failed")
+            return
+        self.stats.record_call(rows)
+        for job in running.values():
+            job.max_batch_rows = max(job.max_batch_rows, rows)
+            job.steps_since_progress += 1
+        if finished:
+            self._store(finished)
+        for job in running.values():
+            if job.id not in self.jobs:
+                continue
+            if job.work.done:
+                self._complete(job)
+            elif job.steps_since_progress >= self.policy.progress_every:
+                job.steps_since_progress = 0
+                _report(job)
+
+    def _store(self, finished: list[Sample]) -> None:
+        """Decode (latent diffusion) and store finished samples, in one decoder call per step."""
+        by_job: dict[int, tuple[JobState, list[Sample]]] = {}
+        for sample in finished:
+            job = self._owner.pop(id(sample))
+            job.running_rows -= sample.rows
+            by_job.setdefault(id(job), (job, []))[1].append(sample)
+        try:
+            pixels = self.model.to_pixels(torch.stack([s.x for s in finished]))  # [k, C, H, W]
+        except Exception as exc:
+            for job, _ in by_job.values():
+                self._drop(job)
+                _end(job.ticket.fail, exc, self.stats, "failed")
+            return
+        index = {id(s): i for i, s in enumerate(finished)}
+        for job, samples in by_job.values():
+            try:
+                rows = torch.stack([pixels[index[id(s)]] for s in samples])
+                job.work.store(samples, rows, self.storage)
+                self.stats.images_done += len(samples)
+            except Exception as exc:
+                self._drop(job)
+                _end(job.ticket.fail, exc, self.stats, "failed")
+
+    def _complete(self, job: JobState) -> None:
+        self._forget(job)
+        try:
+            output = job.work.complete(self.storage)
+        except Exception as exc:
+            _end(job.ticket.fail, exc, self.stats, "failed")
+            return
+        try:
+            job.ticket.succeed(output, job.max_batch_rows)
+            self.stats.jobs_succeeded += 1
+        except Exception:
+            log.exception("job %s: could not record its success", job.id)
+
+    # --- leaving early --------------------------------------------------------------------------
+    def _forget(self, job: JobState) -> None:
+        self.jobs.pop(job.id, None)
+
+    def _drop(self, job: JobState) -> None:
+        """Take a job's samples out of the running set and forget the job."""
+        self.batch.remove(lambda s: self._owner.get(id(s)) is not job)
+        for key in [k for k, owner in self._owner.items() if owner is job]:
+            del self._owner[key]
+        job.pending.clear()
+        self._forget(job)
+
+    def sweep(self, canceled: set[str], now: float) -> None:
+        """End canceled jobs and jobs past their deadline (only those)."""
+        for job in list(self.jobs.values()):
+            if job.id in canceled:
+                self._drop(job)
+                _end(lambda _exc, t=job.ticket: t.cancel(), None, self.stats, "canceled")
+            elif now > job.ticket.deadline:
+                self._drop(job)
+                error = JobDeadlineExceeded(
+                    f"job {job.id} passed its deadline after {job.progress_step()} of "
+                    f"{job.work.steps_per_image} steps"
+                )
+                _end(job.ticket.fail, error, self.stats, "failed")
+
+    def abort(self, error: BaseException) -> None:
+        for job in list(self.jobs.values()):
+            self._drop(job)
+            _end(job.ticket.fail, error, self.stats, "failed")
+
+
+class CodecLane:
+    """Autoencoder jobs of one model: each runs at once as one ONNX Runtime call over its images."""
+
+    def __init__(
+        self, model: CodecModel, feed: JobFeed, storage: Storage, stats: EngineStats
+    ) -> None:
+        self.model = model
+        self.feed = feed
+        self.storage = storage
+        self.stats = stats
+        self.jobs: dict[str, Ticket] = {}
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    def accept(self, ticket: Ticket) -> None:
+        self.jobs[ticket.id] = ticket
+
+    def fill(self) -> None:
+        while len(self.jobs) < CODEC_JOBS_PER_ROUND:
+            ticket = self.feed.take(self.name)
+            if ticket is None:
+                break
+            self.accept(ticket)
+
+    def step(self) -> None:
+        for ticket in list(self.jobs.values()):
+            del self.jobs[ticket.id]
+            try:
+                output = run_codec(ticket.request, self.model, ticket.id, self.storage)
+            except Exception as exc:
+                _end(ticket.fail, exc, self.stats, "failed")
+                continue
+            try:
+                ticket.succeed(output, len(output.get("images") or []) or 1)
+                self.stats.jobs_succeeded += 1
+            except Exception:
+                log.exception("job %s: could not record its success", ticket.id)
+
+    def sweep(self, canceled: set[str], now: float) -> None:
+        for ticket in list(self.jobs.values()):
+            if ticket.id in canceled:
+                del self.jobs[ticket.id]
+                _end(lambda _exc, t=ticket: t.cancel(), None, self.stats, "canceled")
+
+    def abort(self, error: BaseException) -> None:
+        for ticket in list(self.jobs.values()):
+            del self.jobs[ticket.id]
+            _end(ticket.fail, error, self.stats, "failed")
+
+
+Lane = DenoiseLane | CodecLane
+
+
+def _report(job: JobState) -> None:
+    try:
+        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.max_batch_rows)
+    except Exception:
+        log.exception("job %s: could not write progress", job.id)
+
+
+def _end(
+    action: Callable[[Any], None], error: BaseException | None, stats: EngineStats, outcome: str
+) -> None:
+    """End a ticket (fail or cancel); a Redis error here is logged, never raised into the loop."""
+    try:
+        action(error)
+    except Exception:
+        log.exception("could not record a job's end (%s)", outcome)
+    if outcome == "canceled":
+        stats.jobs_canceled += 1
+    else:
+        stats.jobs_failed += 1
+
+
+class Engine:
+    """The scheduler of one worker over its models; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        models: list[str],
+        feed: JobFeed,
+        storage: Storage,
+        policy: BatchingPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.feed = feed
+        self.policy = policy
+        self.stats = EngineStats()
+        self.clock = clock
+        self.lanes: dict[str, Lane] = {}
+        for name in models:
+            model = pool.get(name)
+            if isinstance(model, DiffusionModel):
+                self.lanes[name] = DenoiseLane(
+                    model, feed, storage, policy, self.stats, clock, sleep
+                )
+            else:
+                self.lanes[name] = CodecLane(model, feed, storage, self.stats)
+
+    @property
+    def idle(self) -> bool:
+        """No job held: nothing running, nothing waiting for admission."""
+        return all(lane.idle for lane in self.lanes.values())
+
+    def held_job_ids(self) -> list[str]:
+        return [job_id for lane in self.lanes.values() for job_id in lane.jobs]
+
+    def offer(self, model: str, ticket: Ticket) -> None:
+        """A job the worker dequeued itself (the blocking wait of an idle worker)."""
+        lane = self.lanes.get(model)
+        if lane is None:
+            _end(
+                ticket.fail, KeyError(f"this worker does not serve {model!r}"), self.stats, "failed"
+            )
+            return
+        lane.accept(ticket)
+
+    def run_once(self) -> None:
+        """One scheduling round: cancellations and deadlines, then admission and one step per
+        model (round-robin over models)."""
+        ids = self.held_job_ids()
+        canceled = self.feed.canceled(ids) if ids else set()
+        now = self.clock()
+        for lane in self.lanes.values():
+            lane.sweep(canceled, now)
+        for lane in self.lanes.values():
+            lane.fill()
+            lane.step()
+
+    def run_until_idle(self, max_rounds: int | None = None) -> int:
+        """Run rounds until nothing is held (and the feed is empty); returns the rounds run."""
+        rounds = 0
+        while max_rounds is None or rounds < max_rounds:
+            self.run_once()
+            rounds += 1
+            if self.idle:
+                break
+        return rounds
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Fail every held job (a worker stopping cold); RQ retries those with retries left."""
+        failure = error or WorkerStopped("the worker stopped before the job finished")
+        for lane in self.lanes.values():
+            lane.abort(failure)

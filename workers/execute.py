@@ -1,0 +1,421 @@
+"""From a normalized request to images: the job function and the pieces the engine shares with it.
+
+`run_job(request)` is `ddserve.jobs.JOB_FUNCTION`: a plain RQ worker can run it, and it runs a job
+alone (the reference the batching engine must reproduce). The engine uses the same pieces:
+- `prepare_denoise(request, model, job_id)` turns a generate/inpaint request into `Sample`s — image i
+  draws all its noise from `sample_generator(seed, i)`, so its pixels do not depend on its batch;
+- `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
+  first), and `DenoiseWork.complete(...)` builds the `JobOutput` (plus the trajectory GIF);
+- `run_codec(request, model, job_id, storage)` runs encode / decode / reconstruct in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddserve.jobs import ImageRecord, JobKind, JobOutput
+from ddserve.settings import Settings
+from ddserve.storage import Storage, content_type_for, image_key, trajectory_key
+from models.diffusion.noise import sample_generator
+from models.diffusion.sampler import Sample, SamplerSettings
+from models.imaging import from_uint8, make_grid, to_pil
+from workers.errors import InvalidJobRequest
+from workers.model_pool import CodecModel, DiffusionModel, ModelPool
+
+DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT})
+MAX_TRAJECTORY_FRAMES = 32
+MIN_GIF_WIDTH = 128  # small images are upscaled (nearest) so the animation is visible
+IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
+
+
+# --- images in and out ------------------------------------------------------------------------
+def decode_image(data: str, channels: int, height: int, width: int, field_name: str) -> np.ndarray:
+    """A base64 PNG → [H, W, C] uint8 with the model's channel count; InvalidJobRequest if not."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, ValueError, OSError) as exc:
+        raise InvalidJobRequest(f"{field_name}: not a base64-encoded image ({exc})") from exc
+    if image.size != (width, height):
+        raise InvalidJobRequest(
+            f"{field_name}: image is {image.size[0]}×{image.size[1]}, the model needs {width}×{height}"
+        )
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def decode_images(
+    items: list[str], channels: int, height: int, width: int, field_name: str
+) -> torch.Tensor:
+    """Base64 PNGs → [N, C, H, W] float32 in [−1, 1]."""
+    if not items:
+        raise InvalidJobRequest(f"{field_name}: at least one image is needed")
+    pixels = np.stack(
+        [
+            decode_image(item, channels, height, width, f"{field_name}[{i}]")
+            for i, item in enumerate(items)
+        ]
+    )
+    return from_uint8(pixels)
+
+
+def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
+    """[C, H, W] in [−1, 1] → PNG (or WebP) bytes."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format=IMAGE_FORMATS[image_format])
+    return buffer.getvalue()
+
+
+def trajectory_gif(frames: list[torch.Tensor], duration_ms: int = 60) -> bytes:
+    """Frames [n, C, H, W] in [−1, 1] (one per kept step) → an animated GIF of their grids."""
+    pictures = []
+    for frame in frames:
+        picture = to_pil(make_grid(frame.clamp(-1.0, 1.0)))
+        if picture.width < MIN_GIF_WIDTH:
+            scale = -(-MIN_GIF_WIDTH // picture.width)
+            picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        pictures.append(picture)
+    buffer = io.BytesIO()
+    durations = [duration_ms] * (len(pictures) - 1) + [1000]
+    pictures[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=pictures[1:],
+        duration=durations,
+        loop=0,
+    )
+    return buffer.getvalue()
+
+
+def _frame_indices(count: int, limit: int) -> list[int]:
+    """At most `limit` indices spread over range(count), always the first and the last."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    image_format: str = "png"
+    return_b64: bool = False
+    trajectory: bool = False
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any]) -> OutputSpec:
+        output = request.get("output") or {}
+        image_format = str(output.get("format", "png")).lower()
+        if image_format not in IMAGE_FORMATS:
+            raise InvalidJobRequest(
+                f"output.format {image_format!r} is not supported; use one of {sorted(IMAGE_FORMATS)}"
+            )
+        returned = str(output.get("return", "url"))
+        if returned not in ("url", "b64"):
+            raise InvalidJobRequest(f"output.return must be 'url' or 'b64', got {returned!r}")
+        return cls(image_format, returned == "b64", bool(output.get("trajectory", False)))
+
+
+def store_image(
+    storage: Storage,
+    job_id: str,
+    index: int,
+    image: torch.Tensor,  # [C, H, W] in [−1, 1]
+    spec: OutputSpec,
+    seed: int | None,
+) -> ImageRecord:
+    """Write one output image and describe it for the job's output."""
+    data = encode_image(image, spec.image_format)
+    key = image_key(job_id, index, spec.image_format)
+    storage.put(key, data, content_type_for(key))
+    record: ImageRecord = {
+        "key": key,
+        "width": int(image.shape[-1]),
+        "height": int(image.shape[-2]),
+        "seed": seed,
+    }
+    if spec.return_b64:
+        record["b64"] = base64.b64encode(data).decode("ascii")
+    return record
+
+
+# --- denoising jobs (generate, inpaint) -------------------------------------------------------
+@dataclass
+class DenoiseWork:
+    """The samples of one generate/inpaint job and what has come out of them so far."""
+
+    job_id: str
+    kind: JobKind
+    model: DiffusionModel
+    samples: list[Sample]  # tag = image index
+    seed: int
+    spec: OutputSpec
+    records: dict[int, ImageRecord] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def steps_per_image(self) -> int:
+        """Network calls one image needs (RePaint's resampling included)."""
+        return self.samples[0].steps_total
+
+    @property
+    def done(self) -> bool:
+        return len(self.records) == self.n
+
+    def store(self, finished: list[Sample], pixels: torch.Tensor, storage: Storage) -> None:
+        """Write the images of finished samples (pixels [k, C, H, W] in [−1, 1], same order)."""
+        for sample, image in zip(finished, pixels, strict=True):
+            index = int(sample.tag)
+            self.records[index] = store_image(
+                storage, self.job_id, index, image, self.spec, self.seed
+            )
+
+    def complete(self, storage: Storage) -> JobOutput:
+        """The job's output once every image is stored (and the trajectory GIF when asked for)."""
+        if not self.done:
+            raise RuntimeError(f"job {self.job_id}: {self.n - len(self.records)} images unfinished")
+        output: JobOutput = {
+            "images": [self.records[i] for i in range(self.n)],
+            "latents": None,
+            "trajectory_key": None,
+        }
+        if self.spec.trajectory:
+            output["trajectory_key"] = self._store_trajectory(storage)
+        return output
+
+    def _store_trajectory(self, storage: Storage) -> str:
+        steps = len(self.samples[0].trajectory)
+        frames = []
+        for step in _frame_indices(steps, MAX_TRAJECTORY_FRAMES):
+            x_t = torch.stack(
+                [s.trajectory[min(step, len(s.trajectory) - 1)] for s in self.samples]
+            )
+            frames.append(self.model.to_pixels(x_t) if self.model.is_latent else x_t)
+        key = trajectory_key(self.job_id)
+        storage.put(key, trajectory_gif(frames), content_type_for(key))
+        return key
+
+
+def _request_seed(request: dict[str, Any]) -> int:
+    seed = request.get("seed")
+    return secrets.randbits(31) if seed is None else int(seed)
+
+
+def _condition(request: dict[str, Any], model: DiffusionModel) -> torch.Tensor | None:
+    """The conditioning row of a request: a class id, token ids of a prompt, or None (∅)."""
+    conditioning = model.entry.conditioning
+    label, prompt = request.get("class_label"), request.get("prompt")
+    if conditioning is None:
+        if label is not None or prompt:
+            raise InvalidJobRequest(f"model {model.name!r} is unconditional")
+        return None
+    if conditioning.type == "class":
+        if prompt:
+            raise InvalidJobRequest(f"model {model.name!r} takes class_label, not prompt")
+        if label is None:
+            return None
+        classes = conditioning.classes or []
+        if not 0 <= int(label) < len(classes):
+            raise InvalidJobRequest(f"class_label must be in [0, {len(classes) - 1}], got {label}")
+        return torch.tensor(int(label), dtype=torch.long)
+    if label is not None:
+        raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
+    if not prompt:
+        return None
+    from models.data.text import encode_prompt
+
+    tokens = encode_prompt(
+        str(prompt), conditioning.vocabulary or [], int(conditioning.context_len or 0)
+    )
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _sampler_settings(request: dict[str, Any], model: DiffusionModel) -> SamplerSettings:
+    defaults = model.entry.defaults
+    steps = int(
+        request.get("num_inference_steps") or (defaults.num_inference_steps if defaults else 50)
+    )
+    T = model.schedule.num_timesteps
+    if not 1 <= steps <= T:
+        raise InvalidJobRequest(f"num_inference_steps must be in [1, {T}], got {steps}")
+    sampler = str(request.get("sampler") or (defaults.sampler if defaults else "ddim"))
+    if model.entry.samplers and sampler not in model.entry.samplers:
+        raise InvalidJobRequest(
+            f"sampler {sampler!r} not offered; use one of {model.entry.samplers}"
+        )
+    guidance = float(request.get("guidance_scale") or 0.0)
+    classifier_scale = float(request.get("classifier_scale") or 0.0)
+    if guidance != 0.0 and model.null_condition is None:
+        raise InvalidJobRequest(f"model {model.name!r} is unconditional: guidance_scale must be 0")
+    if classifier_scale != 0.0:
+        if model.classifier is None:
+            raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
+        if request.get("class_label") is None:
+            raise InvalidJobRequest("classifier_scale needs a class_label")
+    inpaint = request.get("kind") == JobKind.INPAINT
+    try:
+        return SamplerSettings(
+            sampler=sampler,  # type: ignore[arg-type]
+            num_inference_steps=steps,
+            eta=float(request.get("eta") or 0.0),
+            guidance_scale=guidance,
+            classifier_scale=classifier_scale,
+            clip_denoised=model.clip_denoised,
+            jump_length=int(request.get("jump_length") or 1) if inpaint else 1,
+            jump_n_sample=int(request.get("jump_n_sample") or 1) if inpaint else 1,
+        )
+    except ValueError as exc:
+        raise InvalidJobRequest(str(exc)) from exc
+
+
+def _inpaint_inputs(
+    request: dict[str, Any], model: DiffusionModel
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The known image [C, H, W] in [−1, 1] and the mask [1, H, W] (1 = keep, white in the PNG)."""
+    if model.is_latent:
+        raise InvalidJobRequest(f"model {model.name!r} (latent diffusion) does not inpaint")
+    c, h, w = model.sample_shape
+    if not request.get("image") or not request.get("mask"):
+        raise InvalidJobRequest("inpaint needs both image and mask")
+    known = decode_images([request["image"]], c, h, w, "image")[0]
+    mask_pixels = decode_image(request["mask"], 1, h, w, "mask")
+    mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
+    return known, mask
+
+
+def prepare_denoise(request: dict[str, Any], model: DiffusionModel, job_id: str) -> DenoiseWork:
+    """The samples of a generate/inpaint request; image i uses noise stream (seed, i)."""
+    kind = JobKind(request.get("kind", JobKind.GENERATE))
+    if kind not in DENOISE_KINDS:
+        raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {kind}")
+    n = int(request.get("n") or 1)
+    if n < 1:
+        raise InvalidJobRequest(f"n must be ≥ 1, got {n}")
+    seed = _request_seed(request)
+    spec = OutputSpec.from_request(request)
+    settings = _sampler_settings(request, model)
+    cond = _condition(request, model) if kind == JobKind.GENERATE else None
+    label = request.get("class_label")
+    known, mask = _inpaint_inputs(request, model) if kind == JobKind.INPAINT else (None, None)
+    samples = [
+        Sample(
+            settings=settings,
+            generator=sample_generator(seed, i),
+            cond=cond,
+            class_label=None if label is None else int(label),
+            known=known,
+            mask=mask,
+            keep_trajectory=spec.trajectory,
+            tag=i,
+        )
+        for i in range(n)
+    ]
+    return DenoiseWork(job_id, kind, model, samples, seed, spec)
+
+
+# --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------
+def _corrupt(
+    images: torch.Tensor,  # [N, C, H, W]
+    noise: dict[str, Any],
+    seed: int,
+) -> torch.Tensor:
+    from models.autoencoders import corrupt
+
+    generator = torch.Generator().manual_seed(seed)
+    return corrupt(images, str(noise["kind"]), float(noise["amount"]), generator)
+
+
+def run_codec(
+    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
+) -> JobOutput:
+    """encode: images → latents (and VQ codes); decode: latents or codes → images; reconstruct:
+    images (optionally corrupted first, for denoising autoencoders) → reconstructions."""
+    kind = JobKind(request.get("kind"))
+    image = model.entry.image
+    spec = OutputSpec.from_request(request)
+    if kind == JobKind.ENCODE:
+        x = decode_images(
+            request.get("images") or [], image.channels, image.height, image.width, "images"
+        )
+        encoded = model.codec.encode(x.numpy())
+        codes = encoded.get("codes")
+        return {
+            "images": [],
+            "latents": np.asarray(encoded["latents"]).tolist()
+            if encoded.get("latents") is not None
+            else None,
+            "codes": None if codes is None else np.asarray(codes).tolist(),
+        }
+    if kind == JobKind.DECODE:
+        latents, codes = request.get("latents"), request.get("codes")
+        if latents is None and codes is None:
+            raise InvalidJobRequest("decode needs latents (or codes for a VQ-VAE)")
+        decoded = model.codec.decode(
+            latents=None if latents is None else np.asarray(latents, dtype=np.float32),
+            codes=None if codes is None else np.asarray(codes, dtype=np.int64),
+        )
+        pixels = torch.from_numpy(np.asarray(decoded, dtype=np.float32))
+        records = [store_image(storage, job_id, i, img, spec, None) for i, img in enumerate(pixels)]
+        return {"images": records, "latents": None}
+    if kind == JobKind.RECONSTRUCT:
+        x = decode_images(
+            request.get("images") or [], image.channels, image.height, image.width, "images"
+        )
+        output: JobOutput = {"images": [], "latents": None, "corrupted": None}
+        noise = request.get("noise")
+        if noise:
+            seed = _request_seed(request)
+            x = _corrupt(x, noise, seed)
+            output["corrupted"] = [
+                store_image(storage, job_id, i, img, spec, seed)
+                for i, img in enumerate(x, start=len(x))
+            ]
+        rebuilt = torch.from_numpy(np.asarray(model.codec.reconstruct(x.numpy()), np.float32))
+        output["images"] = [
+            store_image(storage, job_id, i, img, spec, None) for i, img in enumerate(rebuilt)
+        ]
+        return output
+    raise InvalidJobRequest(f"model {model.name!r} serves encode/decode/reconstruct, not {kind}")
+
+
+# --- one job alone ----------------------------------------------------------------------------
+def run_alone(request: dict[str, Any], pool: ModelPool, storage: Storage, job_id: str) -> JobOutput:
+    """Run one job by itself: all of its images in one running set, stepped to the end."""
+    model = pool.get(str(request.get("model")))
+    if isinstance(model, CodecModel):
+        return run_codec(request, model, job_id, storage)
+    work = prepare_denoise(request, model, job_id)
+    batch = model.new_batch()
+    batch.add(work.samples)
+    while len(batch):
+        finished = batch.step()
+        if finished:
+            pixels = model.to_pixels(torch.stack([s.x for s in finished]))
+            work.store(finished, pixels, storage)
+    return work.complete(storage)
+
+
+def run_job(request: dict[str, Any]) -> JobOutput:
+    """The RQ job function (`ddserve.jobs.JOB_FUNCTION`) for a worker without batching: loads the
+    model, runs the job alone, stores the images, returns the `JobOutput`."""
+    from rq import get_current_job
+
+    from ddserve.storage import create_storage
+
+    settings = Settings()
+    job = get_current_job()
+    job_id = job.id if job is not None else uuid.uuid4().hex
+    return run_alone(request, ModelPool(settings), create_storage(settings), job_id)

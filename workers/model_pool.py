@@ -1,0 +1,280 @@
+"""The worker's models, loaded once and kept warm.
+
+A diffusion model (pixel or latent) becomes a `DiffusionModel`: the denoising network on the chosen
+device (eval, channels_last), its noise schedule, the ∅ condition for classifier-free guidance, the
+noisy classifier for classifier guidance and — for latent diffusion — the first-stage decoder. An
+autoencoder becomes a `CodecModel` around its ONNX Runtime session. Sampling runs in PyTorch;
+encoding and decoding run in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddserve.settings import Settings
+from models.catalog import ModelEntry, load_catalog
+from models.diffusion.sampler import DenoisingBatch, PlanCache
+from models.diffusion.schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_KINDS = frozenset({"diffusion", "latent-diffusion"})
+
+
+class Codec(Protocol):
+    """An autoencoder in ONNX Runtime (`models.onnx.runtime.Codec`)."""
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]: ...
+
+    def decode(
+        self, latents: np.ndarray | None = None, codes: np.ndarray | None = None
+    ) -> np.ndarray: ...
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray: ...
+
+
+CodecLoader = Callable[[ModelEntry, list[str]], Codec]
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` → CUDA when present, else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DDSERVE_DEVICE=cuda but no CUDA device is available")
+    return torch.device(setting)
+
+
+def resolve_providers(setting: str) -> list[str]:
+    """ONNX Runtime providers: the configured list, or CUDA first when this build has it."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if setting.strip():
+        wanted = [p.strip() for p in setting.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise RuntimeError(f"ONNX Runtime providers {missing} not available; have {available}")
+        return wanted
+    preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in preferred if p in available] or list(available)
+
+
+def _default_codec_loader(entry: ModelEntry, providers: list[str]) -> Codec:
+    from models.onnx.runtime import load_codec
+
+    return load_codec(entry, providers)
+
+
+class Denoiser:
+    """ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W] on the model's device.
+
+    Inputs go channels_last to match the weights' memory format (faster convolutions on CUDA)."""
+
+    def __init__(self, network: nn.Module, channels_last: bool) -> None:
+        self.network = network
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return self.network(x, t, cond).contiguous()
+
+
+@dataclass
+class DiffusionModel:
+    """A warm diffusion model and everything a `DenoisingBatch` of it needs."""
+
+    entry: ModelEntry
+    denoiser: Denoiser
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, int, int]  # (C, H, W) of x_t: pixels, or latents for latent diffusion
+    device: torch.device
+    null_condition: torch.Tensor | None
+    classifier: nn.Module | None = None
+    first_stage: Codec | None = None  # latent diffusion: decodes x_0 latents to pixels
+    latent_scale: float = 1.0
+    plan_cache: PlanCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan_cache = PlanCache(self.schedule)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def is_latent(self) -> bool:
+        return self.entry.kind == "latent-diffusion"
+
+    @property
+    def clip_denoised(self) -> bool:
+        defaults = self.entry.defaults
+        return bool(defaults.clip_denoised) if defaults is not None else not self.is_latent
+
+    def new_batch(self) -> DenoisingBatch:
+        """An empty running set of this model (one per model per worker)."""
+        return DenoisingBatch(
+            self.denoiser,
+            self.schedule,
+            self.sample_shape,
+            prediction_type=self.entry.prediction_type,
+            null_condition=self.null_condition,
+            classifier=self.classifier,
+            device=self.device,
+            plan_cache=self.plan_cache,
+        )
+
+    def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
+        """Finished samples [N, C, h, w] → images [N, C, H, W] in [−1, 1] on the CPU.
+
+        Latent diffusion models z = s·E(x) (s = `latent_scale`, Rombach et al. 2022 §4.3.2), so the
+        image is D(z / s); the decoder runs in ONNX Runtime."""
+        x0 = x0.detach().float().cpu()
+        if not self.is_latent:
+            return x0.clamp(-1.0, 1.0)
+        if self.first_stage is None:
+            raise RuntimeError(f"latent model {self.name!r} has no first-stage decoder loaded")
+        latents = (x0 / self.latent_scale).numpy().astype(np.float32)
+        pixels = self.first_stage.decode(latents=latents)
+        return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
+
+
+@dataclass
+class CodecModel:
+    """A warm autoencoder (encode, decode, reconstruct through ONNX Runtime)."""
+
+    entry: ModelEntry
+    codec: Codec
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+LoadedModel = DiffusionModel | CodecModel
+
+
+class ModelPool:
+    """Loads each model at most once per worker and keeps it.
+
+    `codec_loader` defaults to `models.onnx.runtime.load_codec`; `catalog` to the zoo of
+    `settings.zoo_dir` (both injectable so that tests can build a zoo of tiny models)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        codec_loader: CodecLoader | None = None,
+        catalog: dict[str, ModelEntry] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._codec_loader = codec_loader or _default_codec_loader
+        self._catalog = catalog if catalog is not None else load_catalog(Path(settings.zoo_dir))
+        self._models: dict[str, LoadedModel] = {}
+        self._codecs: dict[str, Codec] = {}
+        self._providers: list[str] | None = None
+
+    @property
+    def catalog(self) -> dict[str, ModelEntry]:
+        return self._catalog
+
+    def entry(self, name: str) -> ModelEntry:
+        if name not in self._catalog:
+            known = ", ".join(sorted(self._catalog)) or "none"
+            raise KeyError(f"unknown model {name!r}; this worker's zoo has: {known}")
+        return self._catalog[name]
+
+    def get(self, name: str) -> LoadedModel:
+        """The warm model `name`, loading it on first use."""
+        model = self._models.get(name)
+        if model is None:
+            model = self._load(self.entry(name))
+            self._models[name] = model
+        return model
+
+    def warm(self, names: list[str]) -> None:
+        for name in names:
+            self.get(name)
+            log.info("model %s loaded on %s", name, self.device)
+
+    def codec(self, name: str) -> Codec:
+        codec = self._codecs.get(name)
+        if codec is None:
+            if self._providers is None:
+                self._providers = resolve_providers(self.settings.onnx_providers)
+            codec = self._codec_loader(self.entry(name), self._providers)
+            self._codecs[name] = codec
+        return codec
+
+    def _load(self, entry: ModelEntry) -> LoadedModel:
+        if entry.kind in DIFFUSION_KINDS:
+            return self._load_diffusion(entry)
+        return CodecModel(entry=entry, codec=self.codec(entry.name))
+
+    def _load_diffusion(self, entry: ModelEntry) -> DiffusionModel:
+        from models.registry import load_network
+
+        network = load_network(entry, self.device).eval().requires_grad_(False)
+        channels_last = self.device.type == "cuda"
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        unet = entry.network.get("unet", {})
+        size = int(unet.get("image_size", entry.image.height))
+        shape = (int(unet.get("in_channels", entry.image.channels)), size, size)
+        null = network.null_condition() if hasattr(network, "null_condition") else None
+        schedule_spec = entry.schedule
+        schedule = NoiseSchedule.create(
+            schedule_spec.kind if schedule_spec else "linear",
+            schedule_spec.num_timesteps if schedule_spec else 1000,
+        )
+        model = DiffusionModel(
+            entry=entry,
+            denoiser=Denoiser(network, channels_last),
+            schedule=schedule,
+            sample_shape=shape,
+            device=self.device,
+            null_condition=null,
+            latent_scale=float(entry.network.get("latent_scale", 1.0)),
+        )
+        if entry.classifier and entry.classifier in self._catalog:
+            model.classifier = self._load_classifier(self._catalog[entry.classifier])
+        if entry.kind == "latent-diffusion":
+            if not entry.first_stage:
+                raise ValueError(f"latent model {entry.name!r} names no first_stage autoencoder")
+            model.first_stage = self.codec(entry.first_stage)
+        return model
+
+    def _load_classifier(self, entry: ModelEntry) -> nn.Module | None:
+        """The noisy classifier f_φ(y | x_t, t) for classifier guidance, or None if it cannot load
+        (the diffusion model still serves; requests with classifier_scale > 0 then fail clearly)."""
+        from models.registry import load_network
+
+        try:
+            return load_network(entry, self.device).eval().requires_grad_(False)
+        except (KeyError, FileNotFoundError) as exc:
+            log.warning("classifier %s not loaded: %s", entry.name, exc)
+            return None
+
+
+def describe(model: LoadedModel) -> dict[str, Any]:
+    """A short summary for logs."""
+    if isinstance(model, DiffusionModel):
+        return {
+            "model": model.name,
+            "kind": model.entry.kind,
+            "shape": model.sample_shape,
+            "device": str(model.device),
+            "classifier": model.classifier is not None,
+        }
+    return {"model": model.name, "kind": model.entry.kind}

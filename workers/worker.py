@@ -1,0 +1,297 @@
+"""The batching RQ worker: a `SimpleWorker` (no fork, so models stay warm) whose loop feeds the
+continuous-batching engine instead of performing one job at a time.
+
+- Idle, it blocks on its queues (one per model) for at most a second at a time, so that a stop
+  request is noticed; busy, it lets the engine read the queues without blocking at every step
+  boundary, and only while the running set has room.
+- Each dequeued job is marked started, heartbeated and finished through `workers.rq_bridge`, i.e.
+  through RQ's own handlers: results, registries, TTLs, callbacks and retries behave as for a plain
+  job. A heartbeat thread refreshes every running job's started-registry entry.
+- Cancellation (the Redis set `cancel_set_key(prefix)`) and per-job deadlines are checked once per
+  step for all held jobs; a canceled running job ends as RQ's stop-job command ends it (`stopped`).
+- Warm shutdown (SIGTERM/SIGINT, or `request_shutdown()` from another thread) stops taking jobs and
+  finishes the held ones; a second signal stops cold and fails the held jobs (RQ retries those with
+  retries left). Signal handlers are installed only in the main thread; in a thread the worker uses
+  RQ's timer death penalty for callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import StopRequested
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now
+from rq.worker import SimpleWorker
+
+from ddserve.jobs import (
+    JOB_FUNCTION,
+    META_BATCH_SIZE,
+    META_ERROR,
+    META_PROGRESS,
+    JobOutput,
+    cancel_set_key,
+    queue_name,
+)
+from ddserve.settings import Settings
+from ddserve.storage import Storage, create_storage
+from workers import rq_bridge
+from workers.engine import BatchingPolicy, Engine
+from workers.errors import error_meta
+from workers.model_pool import ModelPool
+
+log = logging.getLogger(__name__)
+
+META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
+IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
+
+
+class RQTicket:
+    """A dequeued RQ job as the engine sees it (`workers.engine.Ticket`)."""
+
+    def __init__(
+        self, worker: BatchingWorker, job: Job, queue: Queue, execution: Execution
+    ) -> None:
+        self.worker = worker
+        self.job = job
+        self.queue = queue
+        self.execution = execution
+        self.id: str = job.id
+        self.request: dict[str, Any] = dict(job.kwargs["request"])
+        self.priority = float(job.meta.get(META_PRIORITY, 0) or 0)
+        self.arrived_at = job.enqueued_at.timestamp() if job.enqueued_at else time.time()
+        limit = float(worker.settings.job_deadline_s)
+        if job.timeout is not None and float(job.timeout) > 0:
+            limit = min(limit, float(job.timeout))
+        self.deadline = time.time() + limit
+
+    def progress(self, step: int, total: int, batch_rows: int) -> None:
+        self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
+        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
+        self.job.save_meta()
+
+    def succeed(self, output: JobOutput, batch_rows: int) -> None:
+        total = self.job.meta.get(META_PROGRESS, {}).get("total")
+        if total is not None:
+            self.job.meta[META_PROGRESS] = {"step": int(total), "total": int(total)}
+        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
+        self.job.save_meta()
+        self.worker.finish_job(self.id, lambda: rq_bridge.finish_success(*self._rq(), output))
+
+    def fail(self, error: BaseException) -> None:
+        self.job.meta[META_ERROR] = error_meta(error)
+        self.job.save_meta()
+        self.worker.finish_job(self.id, lambda: rq_bridge.finish_failure(*self._rq(), error))
+
+    def cancel(self) -> None:
+        reason = "Job canceled by request."
+        self.worker.finish_job(self.id, lambda: rq_bridge.finish_stopped(*self._rq(), reason))
+
+    def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
+        return self.worker, self.job, self.queue, self.execution
+
+
+class RQFeed:
+    """The engine's job source: non-blocking pops of one model's queue, and the cancel set."""
+
+    def __init__(self, worker: BatchingWorker) -> None:
+        self.worker = worker
+
+    def take(self, model: str) -> RQTicket | None:
+        if self.worker.stopping:
+            return None
+        queue = self.worker.queue_for(model)
+        if queue is None:
+            return None
+        while True:
+            got = rq_bridge.dequeue(self.worker, [queue], None)
+            if got is None:
+                return None
+            ticket = self.worker.start(*got)
+            if ticket is not None:
+                return ticket
+
+    def canceled(self, job_ids: list[str]) -> set[str]:
+        key = cancel_set_key(self.worker.settings.key_prefix)
+        flags = self.worker.connection.smismember(key, job_ids)
+        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
+
+
+@dataclass
+class _Running:
+    job: Job
+    execution: Execution
+
+
+class BatchingWorker(SimpleWorker):
+    """See the module docstring. `work()` runs the loop; `request_shutdown()` ends it warmly."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: Redis,
+        *,
+        models: list[str] | None = None,
+        pool: ModelPool | None = None,
+        storage: Storage | None = None,
+        name: str | None = None,
+    ) -> None:
+        rq_bridge.check_rq_internals()
+        self.settings = settings
+        self.pool = pool or ModelPool(settings)
+        self.models = models or settings.model_names() or sorted(self.pool.catalog)
+        if not self.models:
+            raise ValueError(f"no models to serve: the zoo at {settings.zoo_dir} is empty")
+        if threading.current_thread() is not threading.main_thread():
+            self.death_penalty_class = TimerDeathPenalty  # SIGALRM only works in the main thread
+        self._queues_by_model = {m: queue_name(settings.key_prefix, m) for m in self.models}
+        super().__init__(
+            list(self._queues_by_model.values()),
+            name=name,
+            connection=connection,
+            default_result_ttl=settings.result_ttl_s,
+            maintenance_interval=max(1, int(settings.abandoned_after_s)),
+        )
+        self._model_of_queue = {q: m for m, q in self._queues_by_model.items()}
+        self.pool.warm(self.models)
+        self.storage = storage or create_storage(settings)
+        self.engine = Engine(
+            self.pool,
+            self.models,
+            RQFeed(self),
+            self.storage,
+            BatchingPolicy.from_settings(settings),
+        )
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.RLock()  # RQ bookkeeping: main loop vs heartbeat thread
+        self._stop = threading.Event()
+        self._loop_done = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # --- queues and jobs ------------------------------------------------------------------------
+    def queue_for(self, model: str) -> Queue | None:
+        name = self._queues_by_model.get(model)
+        return next((q for q in self.queues if q.name == name), None)
+
+    def start(self, job: Job, queue: Queue) -> RQTicket | None:
+        """Mark a dequeued job started; a job this worker cannot run fails at once (None)."""
+        with self._lock:
+            execution = rq_bridge.mark_started(self, job)
+            self._running[job.id] = _Running(job, execution)
+        try:
+            if job.func_name != JOB_FUNCTION:
+                raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
+            if not isinstance(job.kwargs.get("request"), dict):
+                raise ValueError("the job has no request")
+            return RQTicket(self, job, queue, execution)
+        except Exception as exc:
+            job.meta[META_ERROR] = error_meta(exc)
+            job.save_meta()
+            self.finish_job(
+                job.id, lambda e=exc: rq_bridge.finish_failure(self, job, queue, execution, e)
+            )
+            return None
+
+    def finish_job(self, job_id: str, action: Any) -> None:
+        """Run one of rq_bridge's finishers under the bookkeeping lock; forget the job."""
+        with self._lock:
+            try:
+                action()
+            finally:
+                self._running.pop(job_id, None)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Started-registry TTL of a running job: a dead worker's jobs count as abandoned (and
+        are retried) after `abandoned_after_s`, while the heartbeat thread keeps live ones."""
+        return int(max(self.settings.abandoned_after_s, 3 * self.settings.heartbeat_s))
+
+    # --- stopping -------------------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self._stop_requested
+
+    def request_shutdown(self) -> None:
+        """Warm shutdown from any thread: take no new job, finish the held ones, then return."""
+        self._stop.set()
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """First SIGINT/SIGTERM: warm shutdown (RQ's handler would raise while we hold jobs)."""
+        import signal
+
+        self._shutdown_requested_date = now()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        log.info("worker %s: warm shutdown requested", self.name)
+        self._stop.set()
+
+    # --- the loop -------------------------------------------------------------------------------
+    def work(  # type: ignore[override]
+        self,
+        burst: bool = False,
+        logging_level: str | None = None,
+        **_: Any,
+    ) -> bool:
+        """Run until stopped (or, with `burst`, until the queues are empty). True if it ran jobs."""
+        self.bootstrap(logging_level or self.settings.log_level)
+        if threading.current_thread() is threading.main_thread():
+            self._install_signal_handlers()
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True
+        )
+        self._heartbeat_thread.start()
+        worked = False
+        try:
+            while True:
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                if self.engine.idle:
+                    rq_bridge.set_idle(self)
+                    if self.stopping:
+                        break
+                    self.check_for_suspension(burst)
+                    got = rq_bridge.dequeue(
+                        self, self._ordered_queues, None if burst else IDLE_POLL_S
+                    )
+                    if got is None:
+                        if burst:
+                            break
+                        continue
+                    ticket = self.start(*got)
+                    if ticket is None:
+                        continue
+                    self.engine.offer(self._model_of_queue[got[1].name], ticket)
+                self.engine.run_once()
+                worked = True
+        except StopRequested:
+            pass
+        except BaseException:
+            log.exception("worker %s: stopping cold; failing held jobs", self.name)
+            self.engine.abort()
+            raise
+        finally:
+            self._stop.set()
+            self._loop_done.set()
+            if self._heartbeat_thread is not None:
+                self._heartbeat_thread.join(timeout=2 * self.settings.heartbeat_s + 1)
+            self.teardown()
+        return worked
+
+    def _heartbeat_loop(self) -> None:
+        while not self._loop_done.wait(self.settings.heartbeat_s):
+            try:
+                with self._lock:
+                    running = list(self._running.values())
+                    for item in running:
+                        rq_bridge.heartbeat(self, item.job, item.execution)
+                    if not running:
+                        self.heartbeat()
+            except Exception:
+                log.exception("worker %s: heartbeat failed", self.name)
