@@ -77,9 +77,17 @@ class Settings(BaseSettings):
     storage: Literal["local", "s3"] = Field("local", description="where images are written")
     storage_dir: Path = Field(Path("var/images"), description="local storage directory")
     image_ttl_s: int = Field(86400, description="images older than this are deleted")
+    cleanup_interval_s: float = Field(
+        300.0, description="how often the gateway deletes expired images and stale job records"
+    )
     link_ttl_s: int = Field(3600, description="lifetime of signed image links")
     signing_secret: str = Field("", description="HMAC key of image links; empty = random per run")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto)")
+    s3_public_url: str | None = Field(
+        None,
+        description="endpoint that image links name, when clients reach the store by another "
+        "address than the workers (MinIO in docker compose); unset = s3_endpoint_url",
+    )
     s3_bucket: str = Field("ddserve-images", description="bucket for images")
     s3_region: str = Field("us-east-1", description="S3 region")
     s3_access_key_id: str | None = Field(None, description="S3 access key id")
