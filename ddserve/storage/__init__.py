@@ -58,6 +58,7 @@ def create_storage(settings: Settings) -> Storage:
             settings.s3_bucket,
             settings.link_ttl_s,
             endpoint_url=settings.s3_endpoint_url,
+            public_endpoint_url=settings.s3_public_url,
             region=settings.s3_region,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,

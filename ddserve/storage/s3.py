@@ -23,6 +23,7 @@ class S3Storage:
         link_ttl_s: int,
         *,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
@@ -35,14 +36,21 @@ class S3Storage:
         self.bucket = bucket
         self.link_ttl_s = link_ttl_s
         self._clock = clock
-        self.client = client or boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(signature_version="s3v4", retries={"max_attempts": 3}),
-        )
+
+        def make_client(endpoint: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=region,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                config=Config(signature_version="s3v4", retries={"max_attempts": 3}),
+            )
+
+        self.client = client or make_client(endpoint_url)
+        # A presigned URL signs its host: links for clients are made by a client of the address the
+        # clients use (presigning is local, this client never connects).
+        self._link_client = make_client(public_endpoint_url) if public_endpoint_url else self.client
         self._ensure_bucket(region)
 
     def _ensure_bucket(self, region: str) -> None:
@@ -87,8 +95,9 @@ class S3Storage:
             raise StorageError(f"cannot read {key!r}: {e}") from e
 
     def url(self, key: str, base_url: str) -> str:
-        """A presigned GET, valid `link_ttl_s` seconds (base_url is not used: S3 serves it)."""
-        return self.client.generate_presigned_url(
+        """A presigned GET, valid `link_ttl_s` seconds, naming the public endpoint when one is set
+        (base_url is not used: S3 serves it)."""
+        return self._link_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": validate_key(key)},
             ExpiresIn=self.link_ttl_s,
