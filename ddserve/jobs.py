@@ -61,7 +61,8 @@ _RQ_STATUS = {
 
 def public_status(rq_status: str | None) -> JobStatus:
     """Our status for an RQ status string (an expired or unknown job reads as failed)."""
-    return _RQ_STATUS.get(str(rq_status), JobStatus.FAILED)
+    # RQ's JobStatus is a str Enum whose str() is "JobStatus.QUEUED": use its value.
+    return _RQ_STATUS.get(str(getattr(rq_status, "value", rq_status)), JobStatus.FAILED)
 
 
 def queue_name(prefix: str, model: str) -> str:
