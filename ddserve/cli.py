@@ -13,18 +13,22 @@ COMMANDS = {
     "eval": ("models.evaluation.cli", "measure a zoo model: FID, precision/recall, accuracy"),
     "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
+    "serve": ("service.cli", "run the gateway (embedded with a worker thread when no Redis URL)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddserve", description="Generative image model serving.")
     sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the chosen command's module (`ddserve serve` must not load torch); all for --help.
+    chosen = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     modules = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in chosen.items():
         module = importlib.import_module(module_name)
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)
 
 
