@@ -1,0 +1,197 @@
+"""`ddserve serve`: the gateway, embedded (no Redis needed) or in front of a real Redis.
+
+- `DDSERVE_REDIS_URL` unset — the embedded mode: an in-process fakeredis server shared by the
+  gateway and `--workers` worker threads (`workers.embedded.start_worker_thread`), local image
+  storage under `./var`, auth off (logged), every zoo model. The same code paths as production, in
+  one process: `make serve`.
+- `DDSERVE_REDIS_URL` set — the gateway only (workers run apart: `ddserve worker`); `--workers N`
+  starts N gateway processes (uvicorn), which then share one signing secret.
+
+Either way the log prints the URL and a curl command to paste once the server listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shlex
+from typing import Any
+
+import uvicorn
+
+from ddserve.settings import Settings
+from ddserve.storage import ensure_signing_secret
+from models.catalog import ModelEntry, load_catalog
+from service.logs import configure_logging
+
+log = logging.getLogger("ddserve.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="bind address (default: DDSERVE_HOST)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port, 0 = any free one (default: DDSERVE_PORT)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="embedded mode: worker threads; with DDSERVE_REDIS_URL: gateway processes",
+    )
+
+
+def example_request(
+    catalog: dict[str, ModelEntry], served: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """A request that works on the served models: (route, body)."""
+    for name in served:
+        entry = catalog[name]
+        if "generate" not in entry.tasks:
+            continue
+        body: dict[str, Any] = {"model": name, "n": 4, "seed": 1234}
+        cond = entry.conditioning
+        if cond is not None and cond.type == "class" and cond.classes:
+            body["class_label"] = min(7, len(cond.classes) - 1)
+        elif (
+            cond is not None
+            and cond.type == "text"
+            and cond.vocabulary
+            and len(cond.vocabulary) > 2
+        ):
+            body["prompt"] = f"{cond.vocabulary[1]} {cond.vocabulary[-1]}"
+        return "/generate", body
+    return "/models", {}
+
+
+def banner(url: str, settings: Settings, route: str, body: dict[str, Any]) -> str:
+    """The startup message: where the gateway listens and a command to paste."""
+    auth = "" if not settings.auth_enabled else " -H 'Authorization: Bearer $DDSERVE_KEY'"
+    if body:
+        command = (
+            f"curl -s -X POST {url}{route} -H 'Content-Type: application/json' "
+            f"-H 'Prefer: wait=60'{auth} -d {shlex.quote(json.dumps(body))}"
+        )
+    else:
+        command = f"curl -s {url}{route}{auth}"
+    return (
+        f"ddserve is listening on {url} (API docs: {url}/docs)\n"
+        f"  try:  {command}\n"
+        f"  then open the image URLs of the answer, or poll GET {url}/jobs/<id>"
+    )
+
+
+def _served(settings: Settings) -> tuple[dict[str, ModelEntry], list[str]]:
+    from service.app import served_models
+
+    catalog = load_catalog(settings.zoo_dir)
+    return catalog, served_models(settings, catalog)
+
+
+async def _serve(server: uvicorn.Server, settings: Settings) -> None:
+    """Run uvicorn and log the banner once its socket is bound (the real port when --port 0)."""
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        catalog, served = _served(settings)
+        route, body = example_request(catalog, served)
+        log.info(banner(f"http://{shown}:{port}", settings, route, body))
+    await task
+
+
+def run_embedded(settings: Settings, threads: int) -> int:
+    import fakeredis
+
+    from service.app import create_app
+
+    try:
+        from workers.embedded import start_worker_thread
+    except ImportError as e:
+        log.error("the embedded mode needs the worker package (workers.embedded): %s", e)
+        return 1
+    settings.auth_enabled = False
+    ensure_signing_secret(settings)  # shared by the gateway and the worker threads (one object)
+    log.warning(
+        "embedded mode (no DDSERVE_REDIS_URL): in-process Redis, %d worker thread(s), images under "
+        "%s, auth is OFF — do not expose this port",
+        threads,
+        settings.storage_dir,
+    )
+    server_state = fakeredis.FakeServer()
+    handles = [
+        start_worker_thread(settings, fakeredis.FakeRedis(server=server_state))
+        for _ in range(max(1, threads))
+    ]
+    try:
+        app = create_app(settings, fakeredis.FakeRedis(server=server_state))
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False
+        )
+        asyncio.run(_serve(uvicorn.Server(config), settings))
+    finally:
+        for handle in handles:
+            handle.stop()
+    return 0
+
+
+def run_gateway(settings: Settings, processes: int) -> int:
+    from service.app import create_app
+
+    if settings.storage == "local" and not settings.signing_secret:
+        # One secret for every gateway process of this run (they inherit the environment).
+        settings.signing_secret = secrets.token_urlsafe(32)
+        os.environ["DDSERVE_SIGNING_SECRET"] = settings.signing_secret
+        log.warning("DDSERVE_SIGNING_SECRET is unset: image links will not survive a restart")
+    log.info("gateway mode: Redis at %s; workers run apart (ddserve worker)", _redact(settings))
+    if processes > 1:
+        os.environ["DDSERVE_HOST"], os.environ["DDSERVE_PORT"] = settings.host, str(settings.port)
+        uvicorn.run(
+            "service.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=processes,
+            log_config=None,
+            access_log=False,
+        )
+        return 0
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
+    asyncio.run(_serve(uvicorn.Server(config), settings))
+    return 0
+
+
+def _redact(settings: Settings) -> str:
+    """The Redis URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(settings.redis_url or "")
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+            f":{parts.port}" if parts.port else ""
+        )
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if args.host is not None:
+        settings.host = args.host
+    if args.port is not None:
+        settings.port = args.port
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.embedded:
+        return run_embedded(settings, args.workers)
+    return run_gateway(settings, args.workers)

@@ -1,0 +1,81 @@
+"""Periodic cleanup the gateway runs: expired images and stale job bookkeeping.
+
+Job records themselves expire through RQ's TTLs (`job_ttl_s` while queued, `result_ttl_s` and
+`failure_ttl_s` once finished). What RQ leaves behind, and what only we know about, is cleaned here
+every `cleanup_interval_s`:
+- images older than `image_ttl_s` in the storage backend;
+- registry entries (finished / failed / canceled) past their expiry;
+- cancel requests (the `{prefix}:canceled` set) for jobs that are gone or already finished.
+A Redis lock (SET NX EX) lets one gateway process of many do a given round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from rq.job import Job
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+
+from ddserve.jobs import TERMINAL, public_status
+from ddserve.storage import Storage
+from service.jobstore import JobStore
+
+log = logging.getLogger("ddserve.janitor")
+
+
+@dataclass
+class CleanupReport:
+    images_deleted: int = 0
+    cancels_pruned: int = 0
+    ran: bool = True
+
+
+class Janitor:
+    def __init__(self, store: JobStore, storage: Storage, image_ttl_s: float, interval_s: float):
+        self.store = store
+        self.storage = storage
+        self.image_ttl_s = image_ttl_s
+        self.interval_s = interval_s
+        self.lock_key = f"{store.prefix}:janitor:lock"
+
+    def run_once(self, force: bool = False) -> CleanupReport:
+        """One cleanup round (skipped if another process holds this interval's lock)."""
+        conn = self.store.connection
+        lock_s = max(1, int(self.interval_s * 0.9))
+        if not force and not conn.set(self.lock_key, 1, nx=True, ex=lock_s):
+            return CleanupReport(ran=False)
+        report = CleanupReport()
+        report.images_deleted = self.storage.delete_expired(self.image_ttl_s)
+        for queue in self.store.queues.values():
+            for registry in (
+                FinishedJobRegistry(queue=queue),
+                FailedJobRegistry(queue=queue),
+                CanceledJobRegistry(queue=queue),
+            ):
+                registry.cleanup()
+        report.cancels_pruned = self._prune_cancels()
+        if report.images_deleted or report.cancels_pruned:
+            log.info(
+                "cleanup: %d expired images deleted, %d stale cancel requests pruned",
+                report.images_deleted,
+                report.cancels_pruned,
+            )
+        return report
+
+    def _prune_cancels(self) -> int:
+        conn = self.store.connection
+        ids = [raw.decode() for raw in conn.smembers(self.store.cancel_key)]
+        if not ids:
+            return 0
+        pipe = conn.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        stale = [
+            job_id
+            for job_id, status in zip(ids, pipe.execute(), strict=True)
+            if status is None or public_status(status.decode()) in TERMINAL
+        ]
+        if stale:
+            conn.srem(self.store.cancel_key, *stale)
+        return len(stale)

@@ -1,0 +1,236 @@
+"""The gateway's side of the job queue: every Redis/RQ call the routes make, synchronous.
+
+RQ's client is synchronous; routes call these methods through `anyio.to_thread.run_sync`, so the
+event loop only ever awaits. Each method makes a handful of round trips (pipelined where RQ lets
+us). A job belongs to this deployment when its queue starts with `{key_prefix}:` and it runs the
+contract's job function; anything else reads as "no such job".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, Retry
+from rq.queue import Queue
+from rq.registry import (
+    CanceledJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    StartedJobRegistry,
+)
+from rq.utils import now as rq_now
+from rq.utils import utcformat
+from rq.worker_registration import get_keys
+
+from ddserve.jobs import (
+    JOB_FUNCTION,
+    META_BATCH_SIZE,
+    META_ERROR,
+    META_KIND,
+    META_MODEL,
+    META_OWNER,
+    META_PROGRESS,
+    TERMINAL,
+    JobStatus,
+    cancel_set_key,
+    public_status,
+    queue_name,
+)
+from ddserve.settings import Settings
+
+
+@dataclass
+class JobSnapshot:
+    """Everything the gateway shows about a job, read in one go."""
+
+    id: str
+    status: JobStatus
+    kind: str
+    model: str
+    owner: str | None
+    created_at: datetime | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    queue_position: int | None
+    progress: dict[str, Any] | None
+    batch_size: int | None
+    error: dict[str, Any] | None
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def _rq_status(job: Job) -> str:
+    """RQ's status as its plain value ("queued", …): str() of RQ's enum gives "JobStatus.QUEUED"."""
+    status = job.get_status(refresh=False)
+    return str(getattr(status, "value", status))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+class JobStore:
+    """Enqueue, read and cancel jobs, and count queues and workers, for the served models."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings, models: list[str]) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.queues = {m: Queue(queue_name(self.prefix, m), connection=connection) for m in models}
+        self.cancel_key = cancel_set_key(self.prefix)
+
+    # --- submit ---
+
+    def load(self, model: str) -> int:
+        """Jobs of `model` queued or running: what the queue-length limit counts."""
+        queue = self.queues[model]
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.llen(queue.key)
+        pipe.zcard(StartedJobRegistry(queue=queue).key)
+        queued, started = pipe.execute()
+        return int(queued) + int(started)
+
+    def enqueue(
+        self, model: str, request: dict[str, Any], job_id: str, meta: dict[str, Any]
+    ) -> Job:
+        """One RQ job for `request` on the model's queue (TTLs, deadline and retries from settings)."""
+        s = self.settings
+        return self.queues[model].enqueue_call(
+            JOB_FUNCTION,
+            kwargs={"request": request},
+            job_id=job_id,
+            meta=meta,
+            ttl=s.job_ttl_s,
+            result_ttl=s.result_ttl_s,
+            failure_ttl=s.failure_ttl_s,
+            timeout=max(1, int(s.job_deadline_s)),
+            retry=Retry(max=s.max_retries) if s.max_retries > 0 else None,
+            description=f"{request.get('kind')} {model}",
+        )
+
+    # --- read ---
+
+    def fetch(self, job_id: str) -> Job | None:
+        """The job if it exists and is one of ours."""
+        try:
+            job = Job.fetch(job_id, connection=self.connection)
+        except NoSuchJobError:
+            return None
+        if not (job.origin or "").startswith(f"{self.prefix}:") or job.func_name != JOB_FUNCTION:
+            return None
+        return job
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """Only the public status (one HGET): what `Prefer: wait` polls."""
+        raw = self.connection.hget(Job.key_for(job_id), "status")
+        return None if raw is None else public_status(raw.decode())
+
+    def snapshot(self, job: Job) -> JobSnapshot:
+        """The job's public state; reads the latest result only once it succeeded."""
+        status = public_status(_rq_status(job))
+        meta = job.meta or {}
+        position = None
+        if status == JobStatus.QUEUED:
+            position = self.connection.lpos(Queue.redis_queue_namespace_prefix + job.origin, job.id)
+        output = None
+        if status == JobStatus.SUCCEEDED:
+            value = job.return_value(refresh=True)
+            output = value if isinstance(value, dict) else None
+        try:
+            request = dict(job.kwargs.get("request") or {})
+        except Exception:  # an unreadable payload must not hide the job's status
+            request = {}
+        error = meta.get(META_ERROR)
+        if status == JobStatus.FAILED and not error:
+            error = {
+                "type": "server_error",
+                "code": "job_failed",
+                "message": "the job failed (or expired before a worker took it)",
+            }
+        return JobSnapshot(
+            id=job.id,
+            status=status,
+            kind=str(meta.get(META_KIND) or request.get("kind") or ""),
+            model=str(meta.get(META_MODEL) or request.get("model") or ""),
+            owner=meta.get(META_OWNER),
+            created_at=_utc(job.created_at),
+            enqueued_at=_utc(job.enqueued_at),
+            started_at=_utc(job.started_at),
+            ended_at=_utc(job.ended_at),
+            queue_position=position,
+            progress=meta.get(META_PROGRESS),
+            batch_size=meta.get(META_BATCH_SIZE),
+            error=error if status == JobStatus.FAILED else None,
+            input=request,
+            output=output,
+        )
+
+    # --- cancel ---
+
+    def cancel(self, job: Job) -> None:
+        """Ask for the job to stop. A job still in its queue is taken out and marked canceled here
+        (LREM decides the race with a worker's dequeue: whoever removes it owns it); a running one
+        is flagged in the cancel set, which workers check between denoising steps."""
+        job.get_status(refresh=True)
+        if public_status(_rq_status(job)) in TERMINAL:
+            return
+        self.connection.sadd(self.cancel_key, job.id)
+        removed = self.connection.lrem(Queue.redis_queue_namespace_prefix + job.origin, 0, job.id)
+        if removed:
+            with contextlib.suppress(InvalidJobOperation):  # canceled concurrently
+                job.cancel()
+                # RQ's cancel leaves ended_at empty; the job's completed_at is the cancel time.
+                self.connection.hset(job.key, "ended_at", utcformat(rq_now()))
+
+    # --- counts ---
+
+    def workers_alive(self) -> dict[str, int]:
+        """Live RQ workers (their heartbeat key exists) listening on each model's queue."""
+        alive: dict[str, int] = {}
+        for model, queue in self.queues.items():
+            keys = sorted(get_keys(queue=queue, connection=self.connection))
+            if not keys:
+                alive[model] = 0
+                continue
+            pipe = self.connection.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            alive[model] = sum(1 for exists in pipe.execute() if exists)
+        return alive
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per model: jobs queued, running, and those finished/failed/canceled still on record."""
+        pipe = self.connection.pipeline(transaction=False)
+        for queue in self.queues.values():
+            pipe.llen(queue.key)
+            for registry in (
+                StartedJobRegistry,
+                FinishedJobRegistry,
+                FailedJobRegistry,
+                CanceledJobRegistry,
+            ):
+                pipe.zcard(registry(queue=queue).key)
+        values = pipe.execute()
+        names = ("queued", "running", "succeeded", "failed", "canceled")
+        out = {}
+        for i, model in enumerate(self.queues):
+            out[model] = {n: int(v) for n, v in zip(names, values[i * 5 : i * 5 + 5], strict=True)}
+        return out
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.connection.ping())
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False

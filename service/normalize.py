@@ -1,0 +1,370 @@
+"""Requests checked against the model's catalog entry and turned into the job's normalized request.
+
+This is where model-dependent limits live: the model exists (404) and does the task (400); the
+sampler is one of the model's; num_inference_steps ≤ T; class_label < number of classes; a prompt
+only has words from the vocabulary (the message lists it); guidance needs a condition; images have
+the model's size; latents the model's shape. Every failure is an `ApiError` naming the field. The
+result follows `ddserve.jobs` (GenerateRequest, InpaintRequest, …): every default filled from the
+catalog, a seed always drawn, images in canonical PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from ddserve.jobs import JobKind
+from models.catalog import ModelEntry, SamplingDefaults
+from models.data.text import encode_prompt
+from service.errors import ApiError
+from service.schemas import (
+    DecodeBody,
+    EncodeBody,
+    GenerateBody,
+    InpaintBody,
+    OutputOptions,
+    ReconstructBody,
+)
+from service.uploads import UploadLimits, canonical_image, canonical_mask
+
+RANDOM_SEED_BOUND = 2**31  # seeds the gateway draws stay small enough to read and retype
+
+
+def _invalid(code: str, message: str, param: str) -> ApiError:
+    return ApiError(422, code, message, param)
+
+
+class RequestNormalizer:
+    """Validates bodies against `catalog` (name → entry); `served` limits which models take jobs."""
+
+    def __init__(
+        self, catalog: dict[str, ModelEntry], served: set[str], limits: UploadLimits
+    ) -> None:
+        self.catalog = catalog
+        self.served = served
+        self.limits = limits
+
+    # --- common checks ---
+
+    def entry(self, name: str, task: str) -> ModelEntry:
+        entry = self.catalog.get(name)
+        if entry is None or name not in self.served:
+            known = ", ".join(sorted(self.served)) or "none"
+            raise ApiError(
+                404, "model_not_found", f"unknown model {name!r}; served: {known}", "model"
+            )
+        if task not in entry.tasks:
+            does = ", ".join(entry.tasks) or "nothing (it is a helper model)"
+            raise ApiError(
+                400,
+                "unsupported_task",
+                f"model {name!r} cannot {task}; it does: {does}",
+                "model",
+            )
+        return entry
+
+    @staticmethod
+    def _defaults(entry: ModelEntry) -> SamplingDefaults:
+        return entry.defaults or SamplingDefaults()
+
+    @staticmethod
+    def _size(entry: ModelEntry) -> tuple[int, int]:
+        return entry.image.width, entry.image.height
+
+    @staticmethod
+    def _seed(seed: int | None) -> int:
+        return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+
+    @staticmethod
+    def _output(output: OutputOptions) -> dict[str, Any]:
+        return output.model_dump(by_alias=True)
+
+    def _sampling(
+        self, entry: ModelEntry, sampler: str | None, steps: int | None, eta: float | None
+    ) -> dict[str, Any]:
+        d = self._defaults(entry)
+        chosen = sampler or d.sampler
+        if entry.samplers and chosen not in entry.samplers:
+            raise _invalid(
+                "unsupported_sampler",
+                f"model {entry.name!r} offers the samplers {', '.join(entry.samplers)}",
+                "sampler",
+            )
+        total = entry.schedule.num_timesteps if entry.schedule else 1000
+        count = steps if steps is not None else min(d.num_inference_steps, total)
+        if count > total:
+            raise _invalid(
+                "too_many_steps",
+                f"num_inference_steps is {count}; model {entry.name!r} has T = {total}",
+                "num_inference_steps",
+            )
+        return {
+            "sampler": chosen,
+            "num_inference_steps": count,
+            "eta": eta if eta is not None else d.eta,
+        }
+
+    def _condition(
+        self,
+        entry: ModelEntry,
+        class_label: int | None,
+        prompt: str | None,
+        guidance_scale: float | None,
+    ) -> dict[str, Any]:
+        cond = entry.conditioning
+        tokens: list[int] | None = None
+        if class_label is not None and prompt is not None:
+            raise _invalid(
+                "conflicting_condition", "give class_label or prompt, not both", "prompt"
+            )
+        if class_label is not None:
+            if cond is None or cond.type != "class" or not cond.classes:
+                raise _invalid(
+                    "not_class_conditional",
+                    f"model {entry.name!r} takes no class_label"
+                    + (" (it takes a prompt)" if cond and cond.type == "text" else ""),
+                    "class_label",
+                )
+            if class_label >= len(cond.classes):
+                listed = ", ".join(f"{i}={c}" for i, c in enumerate(cond.classes))
+                raise _invalid(
+                    "class_out_of_range",
+                    f"class_label {class_label} is out of range for model {entry.name!r}: "
+                    f"0 ≤ class_label < {len(cond.classes)} ({listed})",
+                    "class_label",
+                )
+        if prompt is not None:
+            if cond is None or cond.type != "text" or not cond.vocabulary:
+                raise _invalid(
+                    "not_text_conditional",
+                    f"model {entry.name!r} takes no prompt"
+                    + (" (it takes a class_label)" if cond and cond.type == "class" else ""),
+                    "prompt",
+                )
+            context_len = cond.context_len or len(cond.vocabulary)
+            try:
+                tokens = encode_prompt(prompt, cond.vocabulary, context_len)
+            except ValueError as e:
+                raise _invalid("invalid_prompt", str(e), "prompt") from None
+        conditioned = class_label is not None or prompt is not None
+        if guidance_scale is not None and guidance_scale > 0 and not conditioned:
+            raise _invalid(
+                "guidance_needs_condition",
+                "classifier-free guidance mixes a conditional and an unconditional prediction: "
+                "give a class_label or prompt, or guidance_scale 0",
+                "guidance_scale",
+            )
+        if guidance_scale is None:
+            guidance_scale = self._defaults(entry).guidance_scale if conditioned else 0.0
+        return {
+            "class_label": class_label,
+            "prompt": prompt,
+            "prompt_tokens": tokens,
+            "guidance_scale": guidance_scale,
+        }
+
+    def _classifier_scale(
+        self, entry: ModelEntry, requested: float | None, class_label: int | None
+    ) -> float:
+        scale = requested if requested is not None else self._defaults(entry).classifier_scale
+        if scale <= 0:
+            return 0.0
+        if class_label is None:
+            if requested is None:
+                return 0.0  # a default classifier scale only applies to class-conditional requests
+            raise _invalid(
+                "classifier_guidance_needs_class",
+                "classifier guidance steers towards a class: give a class_label",
+                "classifier_scale",
+            )
+        if not entry.classifier or entry.classifier not in self.catalog:
+            raise _invalid(
+                "no_classifier",
+                f"model {entry.name!r} has no noisy classifier for classifier guidance",
+                "classifier_scale",
+            )
+        return scale
+
+    def _images(self, entry: ModelEntry, images: list[str], param: str) -> list[str]:
+        return [
+            canonical_image(
+                text, f"{param}[{i}]", self.limits, self._size(entry), entry.image.channels
+            )
+            for i, text in enumerate(images)
+        ]
+
+    # --- per route ---
+
+    def generate(self, body: GenerateBody) -> dict[str, Any]:
+        entry = self.entry(body.model, "generate")
+        d = self._defaults(entry)
+        return {
+            "kind": JobKind.GENERATE.value,
+            "model": entry.name,
+            "n": body.n,
+            **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
+            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            "classifier_scale": self._classifier_scale(
+                entry, body.classifier_scale, body.class_label
+            ),
+            "clip_denoised": d.clip_denoised,
+            "seed": self._seed(body.seed),
+            "output": self._output(body.output),
+        }
+
+    def inpaint(self, body: InpaintBody) -> dict[str, Any]:
+        entry = self.entry(body.model, "inpaint")
+        d = self._defaults(entry)
+        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        steps = sampling["num_inference_steps"]
+        # The default jump is cut to the step count; an explicit one must fit.
+        jump_length = (
+            body.jump_length if body.jump_length is not None else min(d.jump_length, steps)
+        )
+        if jump_length > sampling["num_inference_steps"]:
+            raise _invalid(
+                "jump_too_long",
+                f"jump_length {jump_length} exceeds num_inference_steps "
+                f"{sampling['num_inference_steps']}",
+                "jump_length",
+            )
+        return {
+            "kind": JobKind.INPAINT.value,
+            "model": entry.name,
+            "image": canonical_image(
+                body.image, "image", self.limits, self._size(entry), entry.image.channels
+            ),
+            "mask": canonical_mask(body.mask, "mask", self.limits, self._size(entry)),
+            "n": body.n,
+            **sampling,
+            "jump_length": jump_length,
+            "jump_n_sample": body.jump_n_sample
+            if body.jump_n_sample is not None
+            else d.jump_n_sample,
+            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            "clip_denoised": d.clip_denoised,
+            "seed": self._seed(body.seed),
+            "output": self._output(body.output),
+        }
+
+    def encode(self, body: EncodeBody) -> dict[str, Any]:
+        entry = self.entry(body.model, "encode")
+        return {
+            "kind": JobKind.ENCODE.value,
+            "model": entry.name,
+            "images": self._images(entry, body.images, "images"),
+            "output": self._output(body.output),
+        }
+
+    def reconstruct(self, body: ReconstructBody) -> dict[str, Any]:
+        entry = self.entry(body.model, "reconstruct")
+        noise = None
+        if body.noise is not None:
+            if body.noise.kind != "gaussian" and body.noise.amount > 1.0:
+                raise _invalid(
+                    "invalid_noise_amount",
+                    f"{body.noise.kind} noise takes a pixel fraction in [0, 1]",
+                    "noise.amount",
+                )
+            noise = {"kind": body.noise.kind, "amount": body.noise.amount}
+        return {
+            "kind": JobKind.RECONSTRUCT.value,
+            "model": entry.name,
+            "images": self._images(entry, body.images, "images"),
+            "noise": noise,
+            "seed": self._seed(body.seed),
+            "output": self._output(body.output),
+        }
+
+    def decode(self, body: DecodeBody) -> dict[str, Any]:
+        entry = self.entry(body.model, "decode")
+        if body.latents is not None and body.codes is not None:
+            raise _invalid("conflicting_input", "give latents or codes, not both", "codes")
+        latents: list[Any] | None = None
+        codes: list[Any] | None = None
+        if entry.code_shape is not None:
+            given = body.codes if body.codes is not None else body.latents
+            param = "codes" if body.codes is not None else "latents"
+            if given is None:
+                raise _invalid("missing_field", "give codes [n, H, W]", "codes")
+            codes = self._check_codes(entry, given, param)
+        else:
+            if body.codes is not None:
+                raise _invalid(
+                    "not_vector_quantized",
+                    f"model {entry.name!r} takes latents, not codes",
+                    "codes",
+                )
+            if body.latents is None:
+                raise _invalid("missing_field", "give latents [n, C, H, W]", "latents")
+            latents = self._check_latents(entry, body.latents)
+        return {
+            "kind": JobKind.DECODE.value,
+            "model": entry.name,
+            "latents": latents,
+            "codes": codes,
+            "output": self._output(body.output),
+        }
+
+    @staticmethod
+    def _shape(value: Any) -> list[int] | None:
+        """The shape of a rectangular nested list, else None (ragged)."""
+        if not isinstance(value, list):
+            return []
+        if not value:
+            return [0]
+        shapes = [RequestNormalizer._shape(v) for v in value]
+        first = shapes[0]
+        if first is None or any(s != first for s in shapes):
+            return None
+        return [len(value), *first]
+
+    def _check_latents(self, entry: ModelEntry, latents: list[Any]) -> list[Any]:
+        expected = entry.latent_shape
+        if expected is None:
+            raise _invalid("no_latent_shape", f"model {entry.name!r} has no latent shape", "model")
+        shape = self._shape(latents)
+        if shape is None or shape[1:] != list(expected):
+            raise _invalid(
+                "wrong_latent_shape",
+                f"latents must be [n, {', '.join(map(str, expected))}] for model {entry.name!r}; "
+                f"got {shape if shape is not None else 'a ragged list'}",
+                "latents",
+            )
+        flat = _flatten(latents)
+        if any(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+            latents = _to_float(latents)
+        if not all(math.isfinite(v) and abs(v) <= 1e6 for v in _flatten(latents)):
+            raise _invalid("invalid_latents", "latents must be finite, |value| ≤ 1e6", "latents")
+        return latents
+
+    def _check_codes(self, entry: ModelEntry, codes: list[Any], param: str) -> list[Any]:
+        expected = list(entry.code_shape or [])
+        shape = self._shape(codes)
+        if shape is None or shape[1:] != expected:
+            raise _invalid(
+                "wrong_code_shape",
+                f"codes must be [n, {', '.join(map(str, expected))}] for model {entry.name!r}; "
+                f"got {shape if shape is not None else 'a ragged list'}",
+                param,
+            )
+        flat = _flatten(codes)
+        size = entry.codebook_size or 0
+        if not all(isinstance(v, int) and 0 <= v < size for v in flat):
+            raise _invalid(
+                "code_out_of_range", f"code indices must be integers in [0, {size})", param
+            )
+        return codes
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [x for v in value for x in _flatten(v)]
+    return [value]
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_to_float(v) for v in value]
+    return float(value)

@@ -1,0 +1,166 @@
+"""Creating a job: what every job-creating route does after its body parsed.
+
+One trip to a worker thread (`anyio.to_thread`) does the synchronous part — rate limit, model
+checks and normalization (image decoding included), idempotency claim, queue-length limit, enqueue —
+so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
+with `Prefer: wait=N`, the job polled (one HGET per poll, backing off from 10 ms to 250 ms) until it
+finishes or N seconds pass: `200` with the finished job, else `202`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from anyio import to_thread
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from ddserve.jobs import (
+    META_BATCH_SIZE,
+    META_ERROR,
+    META_KIND,
+    META_MODEL,
+    META_OWNER,
+    META_PROGRESS,
+    META_REQUEST_ID,
+    TERMINAL,
+)
+from service.dependencies import AppState, Caller, base_url
+from service.errors import ApiError
+from service.idempotency import check_key, fingerprint
+from service.jobstore import JobSnapshot
+from service.presenter import job_view
+
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
+REPLAY_FETCH_TRIES = 20  # a replay may race the first request's enqueue: wait up to ~1 s
+
+
+def prefer_wait(header: str | None, max_wait_s: float) -> float | None:
+    """Seconds asked for by `Prefer: wait=N` (RFC 7240), capped at max_wait_s; None if absent."""
+    if not header:
+        return None
+    match = _WAIT.search(header)
+    if match is None:
+        return None
+    return min(float(match.group(1)), max_wait_s, 60.0)
+
+
+def _create(
+    state: AppState,
+    caller: Caller,
+    kind: str,
+    body: BaseModel,
+    normalize: Callable[[Any], dict[str, Any]],
+    idempotency_key: str | None,
+    request_id: str,
+) -> tuple[JobSnapshot, bool]:
+    """The synchronous part of a submission (runs in a worker thread). Returns the job's snapshot
+    and whether it is an idempotent replay."""
+    retry_after = state.limiter.hit(caller.owner)
+    if retry_after is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {state.settings.rate_limit_per_minute} requests per minute for this key",
+            headers={"Retry-After": str(retry_after)},
+        )
+    request = normalize(body)
+    model = request["model"]
+    job_id = str(uuid.uuid4())
+    if idempotency_key is not None:
+        held = state.idempotency.claim(
+            caller.owner,
+            idempotency_key,
+            fingerprint(kind, body.model_dump(mode="json", by_alias=True)),
+            job_id,
+        )
+        if held is not None:
+            return _replay(state, held), True
+    try:
+        if state.store.load(model) >= state.settings.max_queue_length:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"model {model!r} has {state.settings.max_queue_length} jobs queued or running; "
+                "retry later",
+                headers={"Retry-After": "5"},
+            )
+        meta = {
+            META_OWNER: caller.owner,
+            META_KIND: kind,
+            META_MODEL: model,
+            META_REQUEST_ID: request_id,
+            META_PROGRESS: None,
+            META_BATCH_SIZE: None,
+            META_ERROR: None,
+        }
+        job = state.store.enqueue(model, request, job_id, meta)
+    except BaseException:
+        if idempotency_key is not None:
+            state.idempotency.release(caller.owner, idempotency_key, job_id)
+        raise
+    return state.store.snapshot(job), False
+
+
+def _replay(state: AppState, job_id: str) -> JobSnapshot:
+    for _ in range(REPLAY_FETCH_TRIES):
+        job = state.store.fetch(job_id)
+        if job is not None:
+            return state.store.snapshot(job)
+        time.sleep(0.05)
+    raise ApiError(
+        404,
+        "job_not_found",
+        "the job created with this Idempotency-Key no longer exists",
+        "Idempotency-Key",
+    )
+
+
+async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
+    """Poll until the job is terminal or `seconds` pass; the final snapshot (None if it vanished)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        status = await to_thread.run_sync(state.store.status, job_id)
+        if status is None or status in TERMINAL or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.25)
+    job = await to_thread.run_sync(state.store.fetch, job_id)
+    return None if job is None else await to_thread.run_sync(state.store.snapshot, job)
+
+
+async def submit(
+    request: Request,
+    state: AppState,
+    caller: Caller,
+    kind: str,
+    body: BaseModel,
+    normalize: Callable[[Any], dict[str, Any]],
+    prefer: str | None,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    """Create the job (or replay it) and answer per the contract."""
+    if idempotency_key is not None:
+        check_key(idempotency_key)
+    wait = prefer_wait(prefer, state.settings.max_wait_s)
+    request_id = request.scope.get("state", {}).get("request_id") or ""
+    snap, replayed = await to_thread.run_sync(
+        _create, state, caller, kind, body, normalize, idempotency_key, request_id
+    )
+    headers = {"Location": f"/jobs/{snap.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+        if not snap.terminal:
+            snap = await wait_for(state, snap.id, wait) or snap
+    status = 200 if snap.terminal and (wait is not None or replayed) else 202
+    view = job_view(snap, state.storage, base_url(request, state.settings))
+    return JSONResponse(view, status_code=status, headers=headers)
