@@ -21,16 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ddserve.jobs import (
-    META_BATCH_SIZE,
-    META_ERROR,
-    META_KIND,
-    META_MODEL,
-    META_OWNER,
-    META_PROGRESS,
-    META_REQUEST_ID,
-    TERMINAL,
-)
+from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID, TERMINAL
 from service.dependencies import AppState, Caller, base_url
 from service.errors import ApiError
 from service.idempotency import check_key, fingerprint
@@ -91,14 +82,12 @@ def _create(
                 "retry later",
                 headers={"Retry-After": "5"},
             )
+        # progress, batch_size and error are the worker's to write: absent until it does.
         meta = {
             META_OWNER: caller.owner,
             META_KIND: kind,
             META_MODEL: model,
             META_REQUEST_ID: request_id,
-            META_PROGRESS: None,
-            META_BATCH_SIZE: None,
-            META_ERROR: None,
         }
         job = state.store.enqueue(model, request, job_id, meta)
     except BaseException:
