@@ -7,10 +7,12 @@ Names follow Triton's style (`nv_inference_request_success` → `ddserve_request
   `ddserve_redis_up` (gauges, read from Redis at scrape time);
 - `ddserve_queue_duration_seconds{model}` (enqueued → started) and
   `ddserve_compute_duration_seconds{model}` (started → completed) histograms and
-  `ddserve_images_generated_total{model}`: observed once per finished job. At scrape time each
-  gateway process reads the finished/failed registries from where it left off (their scores, whole
-  seconds, grow with completion time; the cursor's own second is re-read) and claims each job with a
-  SET NX marker, so that every job is counted once, by exactly one gateway process.
+  `ddserve_images_generated_total{model}`, with `ddserve_batch_size{model}` and
+  `ddserve_steps_per_second{model}` (service.job_performance): observed once per finished job.
+  At scrape time each gateway process reads the finished/failed registries from where it left
+  off (their scores, whole seconds, grow with completion time; the cursor's own second is re-read)
+  and claims each job with a SET NX marker, so that every job is counted once, by exactly one
+  gateway process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from ddserve.jobs import JobKind
+from service.job_performance import JobPerformance
 from service.jobstore import JobStore
 
 DURATION_BUCKETS = (
@@ -117,6 +120,7 @@ class Telemetry:
             ["model"],
             registry=r,
         )
+        self.performance = JobPerformance(r)  # ddserve_batch_size, ddserve_steps_per_second
         self.models = models
         self._cursors: dict[str, float] = {}
         self._sweep_lock = threading.Lock()
@@ -195,6 +199,7 @@ class Telemetry:
                 max(0.0, (job.ended_at - job.started_at).total_seconds())
             )
         if succeeded:
+            self.performance.observe(model, job)
             count = _image_count(job)
             if count:
                 self.images.labels(model).inc(count)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ddserve.settings import Settings
+from service.logs import configure_logging  # torch-free; the gateway's format and request ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_json)
     if settings.redis_url is None:
         raise SystemExit(
             "ddserve worker needs DDSERVE_REDIS_URL; without Redis, `ddserve serve` runs its own "

@@ -37,6 +37,7 @@ from ddserve.jobs import (
     META_BATCH_SIZE,
     META_ERROR,
     META_PROGRESS,
+    META_REQUEST_ID,
     JobOutput,
     cancel_set_key,
     queue_name,
@@ -72,6 +73,13 @@ class RQTicket:
         if job.timeout is not None and float(job.timeout) > 0:
             limit = min(limit, float(job.timeout))
         self.deadline = time.time() + limit
+        # Every log line about this job carries the id of the request that made it.
+        self.log_fields = {
+            "request_id": job.meta.get(META_REQUEST_ID),
+            "job_id": job.id,
+            "model": self.request.get("model"),
+        }
+        log.info("job %s started", self.id, extra=self.log_fields)
 
     def progress(self, step: int, total: int, batch_rows: int) -> None:
         self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
@@ -79,21 +87,24 @@ class RQTicket:
         self.job.save_meta()
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None:
-        total = self.job.meta.get(META_PROGRESS, {}).get("total")
+        total = (self.job.meta.get(META_PROGRESS) or {}).get("total")
         if total is not None:
             self.job.meta[META_PROGRESS] = {"step": int(total), "total": int(total)}
         self.job.meta[META_BATCH_SIZE] = int(batch_rows)
         self.job.save_meta()
         self.worker.finish_job(self.id, lambda: rq_bridge.finish_success(*self._rq(), output))
+        log.info("job %s succeeded", self.id, extra=self.log_fields | {"batch_size": batch_rows})
 
     def fail(self, error: BaseException) -> None:
         self.job.meta[META_ERROR] = error_meta(error)
         self.job.save_meta()
         self.worker.finish_job(self.id, lambda: rq_bridge.finish_failure(*self._rq(), error))
+        log.warning("job %s failed: %s", self.id, type(error).__name__, extra=self.log_fields)
 
     def cancel(self) -> None:
         reason = "Job canceled by request."
         self.worker.finish_job(self.id, lambda: rq_bridge.finish_stopped(*self._rq(), reason))
+        log.info("job %s canceled", self.id, extra=self.log_fields)
 
     def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
         return self.worker, self.job, self.queue, self.execution
