@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from models.catalog import ModelEntry
-from models.registry import WEIGHTS_FILE, save_weights, write_entry
 from models.nets.unet import UNet, UNetConfig
+from models.registry import WEIGHTS_FILE, save_weights, write_entry
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -77,3 +77,83 @@ def write_diffusion_model(
     if first_stage:
         entry["first_stage"] = first_stage
     return write_entry(folder, entry)
+
+
+def write_onnx_autoencoder(
+    zoo: Path, name: str = "tiny-kl", image_size: int = 8, latent_channels: int = 2, seed: int = 0
+) -> ModelEntry:
+    """A tiny KL-style autoencoder written directly as ONNX graphs (no export step, so it is
+    fast): encoder images [N, 1, S, S] → AveragePool 2×2 → 1×1 conv → latents [N, L, S/2, S/2];
+    decoder latents → 1×1 conv → nearest ×2 → tanh → images. Random fixed weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    half = image_size // 2
+    enc_w = rng.normal(0, 1, (latent_channels, 1, 1, 1)).astype(np.float32)
+    dec_w = rng.normal(0, 0.7, (1, latent_channels, 1, 1)).astype(np.float32)
+
+    def save(graph: onnx.GraphProto, path: Path) -> None:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+
+    folder = zoo / name
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = helper.make_graph(
+        [
+            helper.make_node(
+                "AveragePool", ["images"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]
+            ),
+            helper.make_node("Conv", ["pooled", "w"], ["latents"]),
+        ],
+        "encoder",
+        [
+            helper.make_tensor_value_info(
+                "images", TensorProto.FLOAT, ["N", 1, image_size, image_size]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "latents", TensorProto.FLOAT, ["N", latent_channels, half, half]
+            )
+        ],
+        [numpy_helper.from_array(enc_w, "w")],
+    )
+    scales = np.array([1, 1, 2, 2], dtype=np.float32)
+    decoder = helper.make_graph(
+        [
+            helper.make_node("Conv", ["latents", "w"], ["mixed"]),
+            helper.make_node("Resize", ["mixed", "", "scales"], ["big"], mode="nearest"),
+            helper.make_node("Tanh", ["big"], ["images"]),
+        ],
+        "decoder",
+        [
+            helper.make_tensor_value_info(
+                "latents", TensorProto.FLOAT, ["N", latent_channels, half, half]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "images", TensorProto.FLOAT, ["N", 1, image_size, image_size]
+            )
+        ],
+        [numpy_helper.from_array(dec_w, "w"), numpy_helper.from_array(scales, "scales")],
+    )
+    save(encoder, folder / "encoder.onnx")
+    save(decoder, folder / "decoder.onnx")
+    return write_entry(
+        folder,
+        {
+            "name": name,
+            "kind": "kl-autoencoder",
+            "tasks": ["encode", "decode", "reconstruct"],
+            "dataset": "digits",
+            "image": {"channels": 1, "height": image_size, "width": image_size},
+            "latent_shape": [latent_channels, half, half],
+            "network": {"latent_std": 2.0},
+            "files": {"encoder_onnx": "encoder.onnx", "decoder_onnx": "decoder.onnx"},
+        },
+    )

@@ -51,9 +51,9 @@ from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 log = logging.getLogger(__name__)
 
 BatchingMode = Literal["continuous", "request", "none"]
-CODEC_JOBS_PER_ROUND = (
-    8  # autoencoder jobs run per round, so that a flood of them cannot stall steps
-)
+REQUEST_POLL_S = 0.001  # request mode: how often the queue is polled while gathering
+# Autoencoder jobs run per round, so that a flood of them cannot stall denoising steps.
+CODEC_JOBS_PER_ROUND = 8
 
 
 class Ticket(Protocol):
@@ -91,6 +91,7 @@ class BatchingPolicy:
     max_job_share: float = 1.0  # largest fraction of max_rows one job may hold
     progress_every: int = 5  # write progress every N steps
     priority_aging_s: float = 30.0  # waiting this long is worth one priority level
+    lookahead_rows: int = 0  # continuous: rows of taken-but-waiting jobs to rank by priority
 
     def __post_init__(self) -> None:
         if self.max_rows < 2:
@@ -257,7 +258,13 @@ class DenoiseLane:
         """Admission at a step boundary, as the batching mode says."""
         mode = self.policy.mode
         if mode == "continuous":
-            while not self._admit() and self.batch.rows < self.policy.max_rows:
+            # Take from the queue only while the running set has room the held jobs cannot use
+            # (or to hold `lookahead_rows` waiting rows, so that priority can reorder them).
+            while True:
+                blocked = self._admit()
+                full = blocked or self.batch.rows >= self.policy.max_rows
+                if full and self._pending_rows() >= self.policy.lookahead_rows:
+                    break
                 if not self._take_one():
                     break
             return
@@ -266,14 +273,17 @@ class DenoiseLane:
         if not any(j.pending for j in self.jobs.values()) and not self._take_one():
             return
         if mode == "request":
+            # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
+            polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
             while self._pending_rows() < self.policy.max_rows:
                 if self._take_one():
                     continue
                 remaining = give_up - self.clock()
-                if remaining <= 0:
+                if remaining <= 0 or polls_left <= 0:
                     break
-                self.sleep(min(0.001, remaining))
+                polls_left -= 1
+                self.sleep(min(REQUEST_POLL_S, remaining))
             self._admit()
         else:
             self._admit(first_job_only=True)
@@ -520,9 +530,10 @@ class Engine:
         """Run rounds until nothing is held (and the feed is empty); returns the rounds run."""
         rounds = 0
         while max_rounds is None or rounds < max_rounds:
+            was_idle = self.idle
             self.run_once()
             rounds += 1
-            if self.idle:
+            if was_idle and self.idle:  # an idle round found nothing to take either
                 break
         return rounds
 

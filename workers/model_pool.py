@@ -41,7 +41,7 @@ class Codec(Protocol):
     def reconstruct(self, images: np.ndarray) -> np.ndarray: ...
 
 
-CodecLoader = Callable[[ModelEntry, list[str]], Codec]
+CodecLoader = Callable[[ModelEntry, list[str] | None, torch.device], Codec]
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -53,25 +53,13 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def resolve_providers(setting: str) -> list[str]:
-    """ONNX Runtime providers: the configured list, or CUDA first when this build has it."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    if setting.strip():
-        wanted = [p.strip() for p in setting.split(",") if p.strip()]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise RuntimeError(f"ONNX Runtime providers {missing} not available; have {available}")
-        return wanted
-    preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in preferred if p in available] or list(available)
-
-
-def _default_codec_loader(entry: ModelEntry, providers: list[str]) -> Codec:
+def _default_codec_loader(
+    entry: ModelEntry, providers: list[str] | None, device: torch.device
+) -> Codec:
+    """ONNX Runtime on the model's exported graphs (PyTorch only if it has none, with a warning)."""
     from models.onnx.runtime import load_codec
 
-    return load_codec(entry, providers)
+    return load_codec(entry, providers, device=str(device))
 
 
 class Denoiser:
@@ -183,7 +171,6 @@ class ModelPool:
         self._catalog = catalog if catalog is not None else load_catalog(Path(settings.zoo_dir))
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}
-        self._providers: list[str] | None = None
 
     @property
     def catalog(self) -> dict[str, ModelEntry]:
@@ -211,9 +198,8 @@ class ModelPool:
     def codec(self, name: str) -> Codec:
         codec = self._codecs.get(name)
         if codec is None:
-            if self._providers is None:
-                self._providers = resolve_providers(self.settings.onnx_providers)
-            codec = self._codec_loader(self.entry(name), self._providers)
+            providers = [p.strip() for p in self.settings.onnx_providers.split(",") if p.strip()]
+            codec = self._codec_loader(self.entry(name), providers or None, self.device)
             self._codecs[name] = codec
         return codec
 
@@ -245,7 +231,6 @@ class ModelPool:
             sample_shape=shape,
             device=self.device,
             null_condition=null,
-            latent_scale=float(entry.network.get("latent_scale", 1.0)),
         )
         if entry.classifier and entry.classifier in self._catalog:
             model.classifier = self._load_classifier(self._catalog[entry.classifier])
@@ -253,6 +238,7 @@ class ModelPool:
             if not entry.first_stage:
                 raise ValueError(f"latent model {entry.name!r} names no first_stage autoencoder")
             model.first_stage = self.codec(entry.first_stage)
+            model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
         return model
 
     def _load_classifier(self, entry: ModelEntry) -> nn.Module | None:
@@ -265,6 +251,15 @@ class ModelPool:
         except (KeyError, FileNotFoundError) as exc:
             log.warning("classifier %s not loaded: %s", entry.name, exc)
             return None
+
+
+def latent_scale(entry: ModelEntry, first_stage: ModelEntry) -> float:
+    """s in z = s·μ(x): the diffusion model's `network.latent_scale`, else 1 / the first stage's
+    `network.latent_std` (the std of μ over the training set), else 1."""
+    if "latent_scale" in entry.network:
+        return float(entry.network["latent_scale"])
+    std = first_stage.network.get("latent_std")
+    return 1.0 / float(std) if std else 1.0
 
 
 def describe(model: LoadedModel) -> dict[str, Any]:
