@@ -1,8 +1,9 @@
 """ASGI middleware: request ids, the access log, request metrics and the body-size limit.
 
-Pure ASGI (no BaseHTTPMiddleware) so that it adds no task or copy per request. The body limit is
-checked twice: a `Content-Length` over `max_body_bytes` is refused before anything is read, and a
-body without one (chunked) is counted as it streams in; either way the answer is the contract's 413.
+Pure ASGI (no BaseHTTPMiddleware) so that it adds no task or copy per request. The body limit: a
+`Content-Length` over `max_body_bytes` is refused before anything is read; a body without one
+(chunked) is read here up to the limit, then handed on; either way the answer is the contract's 413.
+(The server holds a request to its Content-Length, so a declared length cannot be exceeded.)
 """
 
 from __future__ import annotations
@@ -81,16 +82,36 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
             return
 
-        received = 0
+        if length is None and scope.get("method") in {"POST", "PUT", "PATCH"}:
+            # No Content-Length (chunked): read the body here, at most limit bytes, then replay it.
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    status = 413
+                    await _send_error(send, _too_large(limit), request_id)
+                    self._finish(scope, status, started)
+                    REQUEST_ID.reset(token)
+                    return
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            replayed = False
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _too_large(limit)  # answered by the app's ApiError handler
-            return message
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: wait for the disconnect
+
+            receive = replay
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -102,7 +123,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             self._finish(scope, status, started)
             REQUEST_ID.reset(token)

@@ -1,0 +1,338 @@
+"""Operations: health and readiness, Redis outages (503), metrics, logs and request ids, the
+OpenAPI document, Prefer: wait, cancel of a queued job, signed image links, cleanup, and the
+gateway's independence from torch. fakeredis, no worker."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+from ddserve.settings import Settings
+from models.catalog import load_catalog
+from service.cli import banner, example_request
+from service.logs import JsonFormatter, RequestIdFilter
+from service.submission import prefer_wait
+from tests.gateway_support import assert_error, make_app, png_b64, write_config_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = {"model": "tiny-ddpm", "class_label": 1, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_config_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture
+def app_server(zoo: Path, tmp_path: Path):
+    return make_app(zoo, tmp_path)
+
+
+@pytest.fixture
+def client(app_server) -> Iterator[TestClient]:
+    with TestClient(app_server[0]) as c:
+        yield c
+
+
+def test_readiness_follows_redis_and_workers(client: TestClient, app_server) -> None:
+    _, server = app_server
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["redis"] is True and set(r.json()["missing"]) == {
+        "tiny-ddpm",
+        "tiny-text",
+        "tiny-ae",
+        "tiny-vq",
+    }
+    conn = client.app.state.ddserve.connection
+    queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ddpm", "tiny-text")]
+    Worker(queues, connection=conn, name="w-diffusion").register_birth()
+    partial = client.get("/readyz").json()
+    assert partial["workers"]["tiny-ddpm"] == 1 and set(partial["missing"]) == {
+        "tiny-ae",
+        "tiny-vq",
+    }
+    queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ae", "tiny-vq")]
+    worker = Worker(queues, connection=conn, name="w-codec")
+    worker.register_birth()
+    assert client.get("/readyz").status_code == 200
+    worker.register_death()
+    assert client.get("/readyz").status_code == 503
+    server.connected = False
+    down = client.get("/readyz")
+    assert down.status_code == 503 and down.json()["redis"] is False
+    assert client.get("/healthz").status_code == 200  # liveness does not need Redis
+
+
+def test_redis_down_is_503_never_500(client: TestClient, app_server) -> None:
+    job_id = client.post("/generate", json=GEN).json()["id"]
+    _, server = app_server
+    server.connected = False
+    for method, path, body in [
+        ("POST", "/generate", GEN),
+        ("POST", "/encode", {"model": "tiny-ae", "images": [png_b64()]}),
+        ("GET", f"/jobs/{job_id}", None),
+        ("POST", f"/jobs/{job_id}/cancel", None),
+    ]:
+        r = client.request(method, path, json=body)
+        assert_error(r, 503, "redis_unavailable")
+        assert r.headers["retry-after"] == "5"
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "ddserve_redis_up 0.0" in metrics.text
+    assert client.get("/models").status_code == 200  # the catalog needs no Redis
+    server.connected = True
+    assert client.get(f"/jobs/{job_id}").status_code == 200
+
+
+def test_metrics(client: TestClient) -> None:
+    conn = client.app.state.ddserve.connection
+    ids = [client.post("/generate", json={**GEN, "n": 3}).json()["id"] for _ in range(2)]
+    client.post("/generate", json={"model": "nope"})
+    # a worker's doing, by hand: the first job ran 2 s after waiting 0.5 s
+    job = Job.fetch(ids[0], connection=conn)
+    conn.lrem("rq:queue:gwtest:tiny-ddpm", 0, job.id)
+    start = job.enqueued_at.timestamp() + 0.5
+    job.started_at = type(job.enqueued_at).fromtimestamp(start, tz=job.enqueued_at.tzinfo)
+    job.ended_at = type(job.enqueued_at).fromtimestamp(start + 2.0, tz=job.enqueued_at.tzinfo)
+    job.set_status("finished")
+    job.save()
+    queue = Queue("gwtest:tiny-ddpm", connection=conn)
+    FinishedJobRegistry(queue=queue).add(job, 3600)
+    text = client.get("/metrics").text
+    lines = set(text.splitlines())
+    assert "# TYPE ddserve_request_count counter" in lines
+    assert 'ddserve_request_count{method="POST",route="/generate",status="202"} 2.0' in lines
+    assert 'ddserve_request_count{method="POST",route="/generate",status="404"} 1.0' in lines
+    assert 'ddserve_queue_depth{model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_jobs{status="queued"} 1.0' in lines
+    assert 'ddserve_jobs{status="succeeded"} 1.0' in lines
+    assert 'ddserve_workers_alive{model="tiny-ddpm"} 0.0' in lines
+    assert 'ddserve_queue_duration_seconds_bucket{le="0.5",model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_queue_duration_seconds_bucket{le="0.25",model="tiny-ddpm"} 0.0' in lines
+    assert 'ddserve_compute_duration_seconds_bucket{le="2.5",model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in lines
+    assert "ddserve_redis_up 1.0" in lines
+    again = set(client.get("/metrics").text.splitlines())  # each job is observed once
+    assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in again
+    assert 'ddserve_compute_duration_seconds_count{model="tiny-ddpm"} 1.0' in again
+    failed = Job.fetch(ids[1], connection=conn)
+    failed.set_status("failed")
+    FailedJobRegistry(queue=queue).add(failed, 3600)
+    after = set(client.get("/metrics").text.splitlines())
+    assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in after  # failures add none
+    assert 'ddserve_jobs{status="failed"} 1.0' in after
+
+
+def test_two_apps_have_separate_metrics(zoo: Path, tmp_path: Path) -> None:
+    (a, _), (b, _) = make_app(zoo, tmp_path / "a"), make_app(zoo, tmp_path / "b")
+    with TestClient(a) as ca, TestClient(b) as cb:
+        ca.get("/healthz")
+        ca.get("/healthz")
+        cb.get("/healthz")
+        line = 'ddserve_request_count{method="GET",route="/healthz",status="200"}'
+        assert f"{line} 2.0" in ca.get("/metrics").text
+        assert f"{line} 1.0" in cb.get("/metrics").text
+
+
+def test_request_id_reaches_logs_and_job(client: TestClient) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("ddserve.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        r = client.post("/generate", json=GEN, headers={"X-Request-ID": "req-abc.123"})
+        generated = client.post("/generate", json=GEN, headers={"X-Request-ID": "bad id\n"})
+    finally:
+        logger.removeHandler(handler)
+    assert r.headers["x-request-id"] == "req-abc.123"
+    conn = client.app.state.ddserve.connection
+    assert Job.fetch(r.json()["id"], connection=conn).meta["request_id"] == "req-abc.123"
+    other = generated.headers["x-request-id"]
+    assert other != "bad id\n" and len(other) == 32
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    mine = [rec for rec in records if rec["request_id"] == "req-abc.123"]
+    assert mine and mine[0]["status"] == 202 and mine[0]["route"] == "/generate"
+    assert mine[0]["level"] == "INFO" and "duration_ms" in mine[0]
+
+
+def test_openapi_documents_the_contract(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    expected = {
+        "/generate": "post",
+        "/encode": "post",
+        "/decode": "post",
+        "/reconstruct": "post",
+        "/inpaint": "post",
+        "/jobs/{job_id}": "get",
+        "/jobs/{job_id}/cancel": "post",
+        "/images/{key}": "get",
+        "/models": "get",
+        "/healthz": "get",
+        "/readyz": "get",
+        "/metrics": "get",
+    }
+    for path, method in expected.items():
+        assert method in paths[path], path
+    generate = paths["/generate"]["post"]
+    assert {p["name"] for p in generate["parameters"]} == {"Prefer", "Idempotency-Key"}
+    for status in ("200", "202", "400", "401", "404", "413", "422", "429", "503"):
+        assert status in generate["responses"], status
+    assert generate["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    gen = schemas["GenerateBody"]["properties"]
+    assert gen["n"]["maximum"] == 16 and gen["n"]["minimum"] == 1
+    assert gen["eta"]["anyOf"][0]["maximum"] == 1.0
+    assert gen["guidance_scale"]["anyOf"][0]["maximum"] == 20.0
+    assert "return" in schemas["OutputOptions"]["properties"]
+    job = schemas["Job"]["properties"]
+    for field in ("id", "status", "queue_position", "progress", "input", "output", "metrics"):
+        assert field in job
+
+
+def test_prefer_wait(client: TestClient) -> None:
+    assert prefer_wait("wait=5", 60) == 5 and prefer_wait("respond-async, wait=100", 60) == 60
+    assert prefer_wait("wait=10", 2.5) == 2.5 and prefer_wait("return=minimal", 60) is None
+    assert prefer_wait(None, 60) is None
+    t0 = time.monotonic()
+    r = client.post("/generate", json=GEN, headers={"Prefer": "wait=0.3"})
+    assert r.status_code == 202 and time.monotonic() - t0 >= 0.3
+    assert r.headers["preference-applied"] == "wait=0.3"
+    conn = client.app.state.ddserve.connection
+
+    def finish_soon() -> None:  # a stand-in worker: the newest queued job finishes after 0.2 s
+        time.sleep(0.2)
+        job_id = conn.lindex("rq:queue:gwtest:tiny-ddpm", -1).decode()
+        Job.fetch(job_id, connection=conn).set_status("finished")
+
+    thread = threading.Thread(target=finish_soon)
+    thread.start()
+    t0 = time.monotonic()
+    done = client.post("/generate", json=GEN, headers={"Prefer": "wait=10"})
+    thread.join()
+    assert done.status_code == 200 and done.json()["status"] == "succeeded"
+    assert time.monotonic() - t0 < 5
+
+
+def test_cancel_a_queued_job(client: TestClient) -> None:
+    first = client.post("/generate", json=GEN).json()
+    second = client.post("/generate", json=GEN).json()
+    r = client.post(f"/jobs/{first['id']}/cancel")
+    assert r.status_code == 200
+    job = r.json()
+    assert job["status"] == "canceled" and job["completed_at"] is not None
+    conn = client.app.state.ddserve.connection
+    assert conn.lrange("rq:queue:gwtest:tiny-ddpm", 0, -1) == [second["id"].encode()]
+    assert client.get(f"/jobs/{second['id']}").json()["queue_position"] == 0
+    again = client.post(f"/jobs/{first['id']}/cancel")
+    assert again.status_code == 200 and again.json()["status"] == "canceled"
+
+
+def test_signed_image_links(client: TestClient) -> None:
+    storage = client.app.state.ddserve.storage
+    storage.put("job-1/0.png", b"\x89PNG-bytes", "image/png")
+    url = storage.url("job-1/0.png", "http://testserver")
+    r = client.get(url)
+    assert r.status_code == 200 and r.content == b"\x89PNG-bytes"
+    assert r.headers["content-type"] == "image/png"
+    tampered = url.replace("sig=", "sig=0")
+    assert_error(client.get(tampered), 404, "image_not_found")
+    assert_error(client.get(url.replace("0.png", "1.png")), 404, "image_not_found")
+    assert_error(client.get("/images/job-1/0.png"), 404, "image_not_found")
+    expired = "/images/job-1/0.png?expires=1&sig=" + storage.signer.signature("job-1/0.png", 1)
+    assert_error(client.get(expired), 404, "image_not_found")
+
+
+def test_job_output_keys_become_links(client: TestClient) -> None:
+    from rq.results import Result
+
+    conn = client.app.state.ddserve.connection
+    job_id = client.post("/generate", json={**GEN, "n": 1}).json()["id"]
+    job = Job.fetch(job_id, connection=conn)
+    job.set_status("finished")
+    output = {
+        "images": [{"key": f"{job_id}/0.png", "width": 8, "height": 8, "seed": 1}],
+        "latents": None,
+        "trajectory_key": f"{job_id}/trajectory.gif",
+    }
+    Result.create(job, Result.Type.SUCCESSFUL, ttl=60, return_value=output)
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "succeeded"
+    image = view["output"]["images"][0]
+    assert image["url"].startswith(f"http://testserver/images/{job_id}/0.png?expires=")
+    assert (image["width"], image["height"], image["seed"]) == (8, 8, 1)
+    assert "/trajectory.gif?" in view["output"]["trajectory_url"]
+
+
+def test_janitor_cleans_images_and_cancel_requests(client: TestClient) -> None:
+    state = client.app.state.ddserve
+    janitor = client.app.state.janitor
+    state.storage.put("old-job/0.png", b"x", "image/png")
+    state.storage.put("new-job/0.png", b"y", "image/png")
+    old = time.time() - 2 * state.settings.image_ttl_s
+    os.utime(state.storage.root / "old-job" / "0.png", (old, old))
+    job_id = client.post("/generate", json=GEN).json()["id"]
+    client.post(f"/jobs/{job_id}/cancel")
+    state.connection.sadd(state.store.cancel_key, "vanished-job")
+    report = janitor.run_once()
+    assert report.ran and report.images_deleted == 1 and report.cancels_pruned == 2
+    assert state.storage.get("new-job/0.png") == b"y"
+    assert state.connection.scard(state.store.cancel_key) == 0
+    assert not janitor.run_once().ran  # another round within the interval waits its turn
+
+
+def test_gateway_never_imports_torch(zoo: Path, tmp_path: Path) -> None:
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from ddserve.cli import main
+from ddserve.settings import Settings
+import service.cli
+from service.app import create_app
+app = create_app(Settings(zoo_dir={str(zoo)!r}, storage_dir={str(tmp_path)!r}, auth_enabled=False))
+with TestClient(app) as client:
+    assert client.post("/generate", json={{"model": "tiny-ddpm"}}).status_code == 202
+    assert client.post("/encode", json={{"model": "tiny-ae", "images": [{png_b64()!r}]}}).status_code == 202
+heavy = [m for m in ("torch", "onnxruntime", "workers", "models.registry") if m in sys.modules]
+assert not heavy, heavy
+"""
+    env = {**os.environ, "DDSERVE_REDIS_URL": ""}
+    env.pop("DDSERVE_REDIS_URL")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_startup_banner(zoo: Path) -> None:
+    catalog = load_catalog(zoo)
+    route, body = example_request(catalog, ["tiny-ae", "tiny-text", "tiny-ddpm"])
+    assert route == "/generate" and body["model"] == "tiny-text" and body["prompt"] == "red cross"
+    route, body = example_request(catalog, ["tiny-ddpm"])
+    assert body == {"model": "tiny-ddpm", "n": 4, "seed": 1234, "class_label": 2}
+    text = banner("http://127.0.0.1:8000", Settings(auth_enabled=False), route, body)
+    assert "http://127.0.0.1:8000/docs" in text
+    assert "curl -s -X POST http://127.0.0.1:8000/generate" in text and "Prefer: wait=60" in text
+    assert '"class_label": 2' in text and "Authorization" not in text
+    assert example_request(catalog, ["tiny-ae"]) == ("/models", {})
