@@ -21,7 +21,7 @@ COPY models models
 COPY service service
 COPY workers workers
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import sys, service, ddserve.settings; assert 'torch' not in sys.modules"
+    && python -c "import sys, service.app; assert 'torch' not in sys.modules"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="ddserve-gateway" \

@@ -265,8 +265,9 @@ def test_one_request_through_the_compose_stack(stack: Stack) -> None:
 def test_metrics_name_what_the_issue_asks_for(stack: Stack) -> None:
     """The first scrape after the job claims it (the gateway's completion sweep), whichever of the
     gateway processes answers: its observations are in this one answer."""
+    key = read_env_file(ENV_EXAMPLE)["PROMETHEUS_API_KEY"]  # what Prometheus sends
     answer = httpx.get(
-        f"{stack.gateway_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+        f"{stack.gateway_url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
     assert answer.status_code == 200
     families = {line.split()[2] for line in answer.text.splitlines() if line.startswith("# TYPE")}

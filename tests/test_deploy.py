@@ -176,6 +176,7 @@ def test_env_example_documents_every_compose_variable() -> None:
     documented = _documented_names(ENV_EXAMPLE)
     assert documented and all(documented.values()), [n for n, c in documented.items() if not c]
     used = referenced_variables(COMPOSE_FILE.read_text())
+    used |= {s["environment"] for s in load_compose()["secrets"].values() if "environment" in s}
     assert used - documented.keys() == set(), "compose variables missing from .env.example"
     settings = {f"DDSERVE_{name.upper()}" for name in Settings.model_fields}
     for name in documented:
@@ -283,6 +284,39 @@ def test_worker_gpu_requirements_swap_onnxruntime_for_its_gpu_build() -> None:
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu and "torch" in gpu
     with pytest.raises(KeyError):
         module.worker_requirements(project, ["no-such-extra"])
+
+
+def test_gateway_runs_without_the_worker_only_packages() -> None:
+    """The gateway app is built in a Python where every worker-only distribution's modules fail
+    to import, as in the gateway image (which does not have them)."""
+    from importlib.metadata import packages_distributions
+
+    module = _requirements_module()
+    blocked = sorted(
+        top
+        for top, distributions in packages_distributions().items()
+        if any(module.requirement_name(d) in module.WORKER_ONLY for d in distributions)
+    )
+    assert {"torch", "onnxruntime"} <= set(blocked)
+    program = f"""
+import sys
+BLOCKED = {blocked!r}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not in the gateway image")
+sys.meta_path.insert(0, Block())
+import fakeredis
+from ddserve.settings import Settings
+from service.app import create_app
+app = create_app(Settings(redis_url="redis://unused:6379/0"), fakeredis.FakeRedis())
+assert {{"/generate", "/metrics"}} <= set(app.openapi()["paths"])
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_requirements_script_runs_on_a_bare_python() -> None:
@@ -443,3 +477,19 @@ def test_prometheus_scrapes_the_gateway_port() -> None:
         assert discovery["port"] == gateway_port
     mounted = [v for v in services["prometheus"]["volumes"] if "prometheus.yml" in v]
     assert mounted == ["./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
+
+
+def test_prometheus_sends_an_api_key_the_gateway_accepts() -> None:
+    """/metrics needs an API key: a compose secret from PROMETHEUS_API_KEY, one of the keys."""
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    compose = _compose()
+    (secret,) = compose["services"]["prometheus"]["secrets"]
+    (job,) = config["scrape_configs"]
+    assert job["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": f"/run/secrets/{secret}",  # where compose mounts a short-form secret
+    }
+    variable = compose["secrets"][secret]["environment"]
+    dotenv = read_env_file(ENV_EXAMPLE)
+    digest = hashlib.sha256(dotenv[variable].encode()).hexdigest()
+    assert digest in [e.rsplit(":", 1)[-1] for e in dotenv["DDSERVE_API_KEYS"].split(",")]
