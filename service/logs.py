@@ -59,8 +59,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
+    """`time level logger [request id or -] message`."""
+
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(rid)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.rid = getattr(record, "request_id", None) or "-"
+        return super().format(record)
 
 
 def configure_logging(level: str, json_lines: bool) -> None:
