@@ -18,10 +18,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return scores.softmax(dim=-1) @ v
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups that divide the channel count (per-sample: batch-invariant)."""
+def group_norm(channels: int, min_group_size: int = 1) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide the channel count and hold at least
+    `min_group_size` channels each (per-sample statistics: batch-invariant).
+
+    The U-Net uses groups of ≥ 4 channels, as DDPM's 32 groups of 128 channels do: a group of one
+    channel (instance norm) would erase every per-channel constant, conditioning included."""
     groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < min_group_size:
+        groups //= 2
     return nn.GroupNorm(groups, channels)
+
+
+UNET_GROUP_SIZE = 4
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -40,14 +49,16 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm → SiLU → conv, plus the embedding (time, class) as a per-channel shift, twice."""
+    """GroupNorm → SiLU → conv, then the embedding e (time, class) as a scale and shift of the second
+    normalization — h = GN(h)·(1 + s(e)) + b(e) (Nichol & Dhariwal 2021, "scale-shift norm") — →
+    SiLU → conv, plus the skip. Conditioning after the norm survives it whatever the group size."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, UNET_GROUP_SIZE)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch, UNET_GROUP_SIZE)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
@@ -56,8 +67,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # [B, out, H, W]
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(
+            2, dim=1
+        )  # [B, out, 1, 1] each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -67,7 +81,7 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 4) -> None:
         super().__init__()
         self.heads = heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, UNET_GROUP_SIZE)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.out.weight)
@@ -88,7 +102,7 @@ class CrossAttention(nn.Module):
     def __init__(self, channels: int, context_dim: int, heads: int = 4) -> None:
         super().__init__()
         self.heads = heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, UNET_GROUP_SIZE)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
         self.out = nn.Linear(channels, channels)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.nets.layers import (
+    UNET_GROUP_SIZE,
     CrossAttention,
     Downsample,
     ResidualBlock,
@@ -126,7 +127,7 @@ class UNet(nn.Module):
                 resolution *= 2
 
         self.output = nn.Sequential(
-            group_norm(channels),
+            group_norm(channels, UNET_GROUP_SIZE),
             nn.SiLU(),
             nn.Conv2d(channels, config.out_channels or config.in_channels, 3, padding=1),
         )
