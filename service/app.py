@@ -38,6 +38,7 @@ from service.ratelimit import RateLimiter
 from service.routers import autoencoder, generate, health, images, jobs, metrics, models
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
+from service.waiter import JobWaiter
 
 log = logging.getLogger("ddserve.service")
 
@@ -101,6 +102,7 @@ def build_state(
         limiter=RateLimiter(connection, settings.key_prefix, settings.rate_limit_per_minute),
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
         telemetry=Telemetry(served),
+        waiter=JobWaiter(store),
     )
 
 
@@ -152,6 +154,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_janitor_loop(janitor), name="ddserve-janitor")
+        state.waiter.start()
         log.info(
             "gateway ready: models %s; auth %s; storage %s",
             ", ".join(state.served) or "(none)",
@@ -164,6 +167,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await state.waiter.stop()
 
     app = FastAPI(title="ddserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.ddserve = state

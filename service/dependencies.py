@@ -23,6 +23,7 @@ from service.jobstore import JobStore
 from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
 from service.telemetry import Telemetry
+from service.waiter import JobWaiter
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AppState:
     limiter: RateLimiter
     idempotency: IdempotencyStore
     telemetry: Telemetry
+    waiter: JobWaiter
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,13 @@ class JobStore:
         raw = self.connection.hget(Job.key_for(job_id), "status")
         return None if raw is None else public_status(raw.decode())
 
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """The public status of many jobs in one pipelined round trip (None: no such job)."""
+        pipe = self.connection.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        return [None if raw is None else public_status(raw.decode()) for raw in pipe.execute()]
+
     def snapshot(self, job: Job) -> JobSnapshot:
         """The job's public state; reads the latest result only once it succeeded."""
         status = public_status(_rq_status(job))

@@ -56,7 +56,8 @@ async def _send_error(send: Send, error: ApiError, request_id: str) -> None:
 
 
 class RequestContextMiddleware:
-    """Per request: id (X-Request-ID in, echoed out), size limit, access log line, metrics."""
+    """Per request: id (X-Request-ID in, echoed out), size limit, access log line, metrics, and a
+    `Server-Timing: gateway;dur=<ms>` header."""
 
     def __init__(self, app: ASGIApp, telemetry: Telemetry, max_body_bytes: int) -> None:
         self.app = app
@@ -119,6 +120,10 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                # The gateway's own time up to its answer (Prefer: wait included), for clients and
+                # benchmarks: RFC Server-Timing, in milliseconds.
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers.append((b"server-timing", f"gateway;dur={elapsed_ms:.3f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

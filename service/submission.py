@@ -3,13 +3,12 @@
 One trip to a worker thread (`anyio.to_thread`) does the synchronous part — rate limit, model
 checks and normalization (image decoding included), idempotency claim, queue-length limit, enqueue —
 so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
-with `Prefer: wait=N`, the job polled (one HGET per poll, backing off from 10 ms to 250 ms) until it
-finishes or N seconds pass: `200` with the finished job, else `202`.
+with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (within 10 ms)
+or after N seconds: `200` with the finished job, else `202`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -21,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID, TERMINAL
+from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID
 from service.dependencies import AppState, Caller, base_url
 from service.errors import ApiError
 from service.idempotency import check_key, fingerprint
@@ -112,15 +111,8 @@ def _replay(state: AppState, job_id: str) -> JobSnapshot:
 
 
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
-    """Poll until the job is terminal or `seconds` pass; the final snapshot (None if it vanished)."""
-    deadline = time.monotonic() + seconds
-    delay = 0.01
-    while True:
-        status = await to_thread.run_sync(state.store.status, job_id)
-        if status is None or status in TERMINAL or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.25)
+    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished)."""
+    await state.waiter.wait(job_id, seconds)
     job = await to_thread.run_sync(state.store.fetch, job_id)
     return None if job is None else await to_thread.run_sync(state.store.snapshot, job)
 

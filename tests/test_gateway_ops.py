@@ -163,6 +163,7 @@ def test_request_id_reaches_logs_and_job(client: TestClient) -> None:
     finally:
         logger.removeHandler(handler)
     assert r.headers["x-request-id"] == "req-abc.123"
+    assert float(r.headers["server-timing"].split("dur=")[1]) > 0
     conn = client.app.state.ddserve.connection
     assert Job.fetch(r.json()["id"], connection=conn).meta["request_id"] == "req-abc.123"
     other = generated.headers["x-request-id"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from typing import Annotated
 
 from anyio import to_thread
@@ -64,8 +62,7 @@ async def cancel_job(
     job_id: JobId, request: Request, state: State, caller: CallerDep
 ) -> JSONResponse:
     snap = await to_thread.run_sync(_cancel, state, caller, job_id)
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    while snap.status not in TERMINAL and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if snap.status not in TERMINAL:  # running: the worker stops it at its next step
+        await state.waiter.wait(job_id, CANCEL_WAIT_S)
         snap = await to_thread.run_sync(_read, state, caller, job_id)
     return JSONResponse(job_view(snap, state.storage, base_url(request, state.settings)))
