@@ -1,5 +1,9 @@
 """Training a (latent) diffusion model: L_simple with t ~ U[0, T) and the condition dropped with
-probability p_uncond (Ho & Salimans 2022), so one network serves both ε(x, t, y) and ε(x, t, ∅)."""
+probability p_uncond (Ho & Salimans 2022), so one network serves both ε(x, t, y) and ε(x, t, ∅).
+
+Latent diffusion (Rombach et al. 2022) trains the same objective on z = E(x) · c of a frozen
+first-stage autoencoder E, with c = 1 / std(z) over the training set so that the latents have unit
+variance like the images the schedule was designed for; samples are decoded as D(z / c)."""
 
 from __future__ import annotations
 
@@ -34,12 +38,38 @@ class DiffusionTask(TrainingTask):
         self.min_snr_gamma = recipe.get("min_snr_gamma")
         self.p_uncond = float(recipe.get("p_uncond", 0.1))
         self.batch_size = int(recipe["train"]["batch_size"])
-        self.x0 = self.data.images  # [N, C, H, W]; latent diffusion replaces this by latents
+        self.first_stage: nn.Module | None = None
+        self.latent_scale = 1.0
+        self.x0 = self.data.images  # [N, C, H, W]
+        if recipe["kind"] == "latent-diffusion":
+            self.x0 = self._encode_latents(recipe["first_stage"])  # [N, c, h, w]
         self.conditions = self._conditions()
 
+    def _encode_latents(self, first_stage: str) -> torch.Tensor:
+        """z · c for every training image, with c = 1 / std(z) (Rombach et al. 2022, §4.3.2)."""
+        from models.registry import find_entry, load_network
+
+        self.first_stage = load_network(find_entry(first_stage))
+        with torch.no_grad():
+            latents = torch.cat(
+                [self.first_stage.encode(chunk) for chunk in self.data.images.split(256)]
+            )
+        self.latent_scale = float(1.0 / latents.std())
+        return latents * self.latent_scale
+
     def _conditions(self) -> torch.Tensor | None:
+        """Per-image condition rows: class ids [N], or caption token ids [N, L] for text models."""
         if self.unet_config.num_classes is not None:
             return self.data.labels["class"]
+        if self.unet_config.vocab_size is not None:
+            from models.data.text import encode_prompt
+
+            vocabulary = self.recipe["entry"]["conditioning"]["vocabulary"]
+            tokens = [
+                encode_prompt(c, vocabulary, self.unet_config.context_len)
+                for c in self.data.captions
+            ]
+            return torch.tensor(tokens, dtype=torch.long)
         return None
 
     def build_model(self) -> nn.Module:
@@ -92,7 +122,7 @@ class DiffusionTask(TrainingTask):
             dataset=self.recipe["dataset"],
             schedule={"kind": self.schedule.kind, "num_timesteps": self.schedule.num_timesteps},
             prediction_type=self.prediction_type,
-            network={"unet": self.unet_config.to_dict()},
+            network={"unet": self.unet_config.to_dict(), "latent_scale": self.latent_scale},
             files={**entry.get("files", {}), "weights": WEIGHTS_FILE},
         )
         write_entry(folder, entry)
