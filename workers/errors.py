@@ -36,3 +36,9 @@ def error_meta(exc: BaseException) -> dict[str, Any]:
         "code": "internal_error",
         "message": f"{type(exc).__name__}: {exc}",
     }
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether RQ may retry the job (if it has retries left): not for a request that cannot run nor
+    for a job that ran out of time — running it again would fail the same way."""
+    return not isinstance(exc, InvalidJobRequest | ValueError | KeyError | JobDeadlineExceeded)

@@ -128,9 +128,17 @@ def finish_success(
 
 
 def finish_failure(
-    worker: BaseWorker, job: Job, queue: Queue, execution: Execution, error: BaseException
+    worker: BaseWorker,
+    job: Job,
+    queue: Queue,
+    execution: Execution,
+    error: BaseException,
+    retry: bool = True,
 ) -> None:
-    """RQ's failure path for `error`: failure callback, handlers, then retry or failed registry."""
+    """RQ's failure path for `error`: failure callback, handlers, then retry (when `retry` and the
+    job has retries left) or the failed-job registry."""
+    if not retry:
+        job.retries_left = 0  # handle_job_failure retries only while retries_left > 0
     exc_info = (type(error), error, error.__traceback__)
     if error.__traceback__ is None:  # an exception never raised: give RQ a traceback to record
         try:

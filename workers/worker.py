@@ -46,7 +46,7 @@ from ddserve.settings import Settings
 from ddserve.storage import Storage, create_storage
 from workers import rq_bridge
 from workers.engine import BatchingPolicy, Engine
-from workers.errors import error_meta
+from workers.errors import error_meta, is_retryable
 from workers.model_pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,13 @@ class RQTicket:
         log.info("job %s succeeded", self.id, extra=self.log_fields | {"batch_size": batch_rows})
 
     def fail(self, error: BaseException) -> None:
-        self.job.meta[META_ERROR] = error_meta(error)
-        self.job.save_meta()
-        self.worker.finish_job(self.id, lambda: rq_bridge.finish_failure(*self._rq(), error))
+        retry = is_retryable(error)
+        if not (retry and self.job.should_retry):  # a retried job is queued again, not failed
+            self.job.meta[META_ERROR] = error_meta(error)
+            self.job.save_meta()
+        self.worker.finish_job(
+            self.id, lambda: rq_bridge.finish_failure(*self._rq(), error, retry=retry)
+        )
         log.warning("job %s failed: %s", self.id, type(error).__name__, extra=self.log_fields)
 
     def cancel(self) -> None:
@@ -207,7 +211,8 @@ class BatchingWorker(SimpleWorker):
             job.meta[META_ERROR] = error_meta(exc)
             job.save_meta()
             self.finish_job(
-                job.id, lambda e=exc: rq_bridge.finish_failure(self, job, queue, execution, e)
+                job.id,
+                lambda e=exc: rq_bridge.finish_failure(self, job, queue, execution, e, retry=False),
             )
             return None
 
