@@ -26,11 +26,29 @@ def _noisy_classifier(entry: ModelEntry) -> nn.Module:
     return NoisyClassifier(NoisyClassifierConfig.from_dict(entry.network["noisy_classifier"]))
 
 
+def _autoencoder(entry: ModelEntry) -> nn.Module:
+    from models.autoencoders import build_autoencoder
+
+    return build_autoencoder(entry.kind, entry.network)
+
+
 BUILDERS: dict[str, Callable[[ModelEntry], nn.Module]] = {
     "diffusion": _unet,
     "latent-diffusion": _unet,
     "classifier": _classifier,
     "noisy-classifier": _noisy_classifier,
+    **dict.fromkeys(
+        [
+            "autoencoder",
+            "denoising-autoencoder",
+            "sparse-autoencoder",
+            "vae",
+            "adversarial-autoencoder",
+            "vqvae",
+            "kl-autoencoder",
+        ],
+        _autoencoder,
+    ),
 }
 
 

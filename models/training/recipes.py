@@ -36,4 +36,19 @@ def build_task(recipe: dict[str, Any]) -> TrainingTask:
         from models.training.classifiers import NoisyClassifierTask
 
         return NoisyClassifierTask(recipe)
+    if kind == "adversarial-autoencoder":
+        from models.training.autoencoders import AdversarialTask
+
+        return AdversarialTask(recipe)
+    if kind in (
+        "autoencoder",
+        "denoising-autoencoder",
+        "sparse-autoencoder",
+        "vae",
+        "vqvae",
+        "kl-autoencoder",
+    ):
+        from models.training.autoencoders import AutoencoderTask
+
+        return AutoencoderTask(recipe)
     raise ValueError(f"no training task for kind {kind!r}")

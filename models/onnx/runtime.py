@@ -1,0 +1,250 @@
+"""The autoencoders' inference API for the workers: encode, decode and reconstruct through ONNX
+Runtime sessions on the model's `encoder.onnx` / `decoder.onnx`, or through PyTorch when the model
+has no ONNX files (said in the log).
+
+    codec = load_codec(entry)                       # models.catalog.ModelEntry
+    out = codec.encode(images)                      # images: float32 [N, C, H, W] in [−1, 1]
+    out["latents"]                                  # float32 [N, *latent_shape] (the VAE's: μ)
+    out["codes"]                                    # int64 [N, h, w] for a VQ-VAE, else None
+    codec.decode(latents=...) or codec.decode(codes=...)   # float32 [N, C, H, W] in [−1, 1]
+    codec.reconstruct(images)
+
+Providers: `CUDAExecutionProvider` first when onnxruntime-gpu provides it, then
+`CPUExecutionProvider`; a list (settings `onnx_providers`, comma-separated) overrides the order.
+This module imports neither torch nor onnxruntime until a codec needs them."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from models.catalog import ModelEntry
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CODEBOOK_KEY = "quantizer.codebook"  # the VQ-VAE's codebook [K, D] in weights.safetensors
+
+
+def parse_providers(setting: str | None) -> list[str] | None:
+    """`Settings.onnx_providers` ("CUDAExecutionProvider,CPUExecutionProvider") → a list; "" → None."""
+    names = [p.strip() for p in (setting or "").split(",") if p.strip()]
+    return names or None
+
+
+def resolve_providers(providers: list[str] | None = None) -> list[str]:
+    """The providers to ask for, in order: those requested that this onnxruntime has (the rest
+    dropped with a warning), or by default CUDA first when available, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not providers:
+        return [p for p in (CUDA, CPU) if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        log.warning(
+            "ONNX Runtime providers %s are not available here (available: %s); skipping them",
+            ", ".join(missing),
+            ", ".join(available),
+        )
+    chosen = [p for p in providers if p in available]
+    return chosen or [CPU]
+
+
+class Codec(ABC):
+    """encode / decode / reconstruct of one autoencoder on numpy arrays."""
+
+    backend: str
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.is_vq = entry.kind == "vqvae"
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        spec = self.entry.image
+        expected = (spec.channels, spec.height, spec.width)
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"{self.name} expects images [N, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {list(images.shape)}"
+            )
+        return np.ascontiguousarray(images)
+
+    def _check_latents(self, latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, dtype=np.float32)
+        shape = list(self.entry.latent_shape or [])
+        if latents.ndim != len(shape) + 1 or list(latents.shape[1:]) != shape:
+            raise ValueError(f"{self.name} expects latents [N, {shape}], got {list(latents.shape)}")
+        return np.ascontiguousarray(latents)
+
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        shape, size = list(self.entry.code_shape or []), int(self.entry.codebook_size or 0)
+        if not np.issubdtype(codes.dtype, np.integer) or list(codes.shape[1:]) != shape:
+            raise ValueError(
+                f"{self.name} expects integer codes [N, {shape}], got {codes.dtype} {list(codes.shape)}"
+            )
+        if codes.size and (codes.min() < 0 or codes.max() >= size):
+            raise ValueError(f"{self.name} codes must lie in [0, {size})")
+        return np.ascontiguousarray(codes, dtype=np.int64)
+
+    def decode(
+        self, latents: np.ndarray | None = None, codes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """latents [N, *latent_shape] or (VQ-VAE) codes [N, h, w] → images [N, C, H, W] in [−1, 1].
+
+        A VQ-VAE given latents decodes their nearest codes (its decoder only sees code vectors)."""
+        if (latents is None) == (codes is None):
+            raise ValueError("pass exactly one of latents or codes")
+        if codes is not None:
+            if not self.is_vq:
+                raise ValueError(f"{self.name} ({self.entry.kind}) has no codes; pass latents")
+            return self._decode_codes(self._check_codes(codes))
+        assert latents is not None
+        checked = self._check_latents(latents)
+        if self.is_vq:
+            return self._decode_codes(self._nearest_codes(checked))
+        return self._decode_latents(checked)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        encoded = self.encode(images)
+        if encoded["codes"] is not None:
+            return self.decode(codes=encoded["codes"])
+        return self.decode(latents=encoded["latents"])
+
+    @abstractmethod
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        """images [N, C, H, W] in [−1, 1] → {"latents": float32, "codes": int64 [N, h, w] or None}."""
+
+    @abstractmethod
+    def _decode_latents(self, latents: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def _decode_codes(self, codes: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def _nearest_codes(self, latents: np.ndarray) -> np.ndarray: ...
+
+
+def nearest_codes(latents: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """latents [N, D, h, w], codebook [K, D] → argmin_k ‖z − e_k‖² per position, int64 [N, h, w]."""
+    z = latents.transpose(0, 2, 3, 1)  # [N, h, w, D]
+    distances = (codebook**2).sum(1) - 2.0 * z @ codebook.T  # [N, h, w, K]
+    return distances.argmin(-1).astype(np.int64)
+
+
+class OnnxCodec(Codec):
+    backend = "onnxruntime"
+
+    def __init__(
+        self, entry: ModelEntry, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(entry)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        chosen = resolve_providers(providers)
+        self.encoder = ort.InferenceSession(
+            str(entry.file("encoder_onnx")), options, providers=chosen
+        )
+        self.decoder = ort.InferenceSession(
+            str(entry.file("decoder_onnx")), options, providers=chosen
+        )
+        self.providers = self.encoder.get_providers()
+        self._output_names = [o.name for o in self.encoder.get_outputs()]
+        self._decoder_input = self.decoder.get_inputs()[0].name
+        self._codebook: np.ndarray | None = None
+        log.info("%s: ONNX Runtime with %s", entry.name, ", ".join(self.providers))
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        outputs = self.encoder.run(None, {"images": self._check_images(images)})
+        named = dict(zip(self._output_names, outputs, strict=True))
+        return {"latents": named["latents"], "codes": named.get("codes")}
+
+    def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return self.decoder.run(None, {self._decoder_input: latents})[0]
+
+    def _decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return self.decoder.run(None, {self._decoder_input: codes})[0]
+
+    def _nearest_codes(self, latents: np.ndarray) -> np.ndarray:
+        if self._codebook is None:
+            from safetensors.numpy import load_file
+
+            weights = self.entry.file("weights")
+            if weights is None:
+                raise FileNotFoundError(
+                    f"{self.name} has no weights file to read its codebook from"
+                )
+            self._codebook = load_file(str(weights))[CODEBOOK_KEY].astype(np.float32)
+        return nearest_codes(latents, self._codebook)
+
+
+class TorchCodec(Codec):
+    """The same API on the PyTorch module (a model without ONNX files)."""
+
+    backend = "torch"
+
+    def __init__(self, entry: ModelEntry, device: str = "cpu") -> None:
+        from models.registry import load_network
+
+        super().__init__(entry)
+        self.device = device
+        self.model: Any = load_network(entry, device)
+
+    def _run(self, fn: Any, array: np.ndarray) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(torch.from_numpy(array).to(self.device))
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        out = self._run(self.model.encode, self._check_images(images))
+        if self.is_vq:
+            return {"latents": out.latents.cpu().numpy(), "codes": out.codes.cpu().numpy()}
+        return {"latents": out.cpu().numpy(), "codes": None}
+
+    def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return self._run(self.model.decode, latents).cpu().numpy()
+
+    def _decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return self._run(self.model.decode_codes, codes).cpu().numpy()
+
+    def _nearest_codes(self, latents: np.ndarray) -> np.ndarray:
+        return self._run(self.model.quantizer.nearest, latents).cpu().numpy()
+
+
+def load_codec(
+    entry: ModelEntry,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> Codec:
+    """An ONNX Runtime codec when the model has both ONNX files, else PyTorch (with a warning).
+
+    providers: ONNX Runtime execution providers in order of preference (None: CUDA first when
+    available, then CPU); threads: ONNX Runtime intra-op threads (None: its default);
+    device: the torch device of the fallback."""
+    missing = [role for role in ("encoder_onnx", "decoder_onnx") if entry.file(role) is None]
+    if not missing:
+        return OnnxCodec(entry, providers, threads)
+    log.warning(
+        "model %s has no ONNX file (%s missing in %s): using PyTorch instead of ONNX Runtime "
+        "(run `ddserve export %s` to create them)",
+        entry.name,
+        " and ".join(missing),
+        entry.path,
+        entry.name,
+    )
+    return TorchCodec(entry, device)
