@@ -49,7 +49,11 @@ class Caller:
     owner: str | None
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in the threadpool,
+# a thread hop per request for a dictionary lookup or a SHA-256.
+
+
+async def get_state(request: Request) -> AppState:
     return request.app.state.ddserve
 
 
@@ -61,7 +65,7 @@ _bearer = HTTPBearer(
 )
 
 
-def get_caller(
+async def get_caller(
     state: State,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
