@@ -42,7 +42,14 @@ def tiny_recipe(name: str, kind: str, **network: object) -> dict:
         "kind": kind,
         "dataset": "digits",
         "network": {**TINY_NETWORK, **network},
-        "train": {"steps": 20, "batch_size": 32, "lr": 3e-3, "warmup_steps": 1, "ema_decay": 0.9},
+        "train": {
+            "steps": 20,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "ema_decay": 0.9,
+            "threads": 1,
+        },
         "entry": {"kind": kind, "tasks": tasks, "description": f"tiny {kind} for tests"},
     }
 
@@ -50,7 +57,7 @@ def tiny_recipe(name: str, kind: str, **network: object) -> dict:
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A zoo of two models trained for 20 steps by `Trainer`, exported with their ONNX graphs."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("zoo")
     recipes = [
         tiny_recipe("tiny-vae", "vae", latent_dim=8),
@@ -61,6 +68,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_dir = tmp_path_factory.mktemp(recipe["name"])
         config = TrainConfig.from_dict({**recipe["train"], "sample_every": 0})
         Trainer(task, config, run_dir).run(root / recipe["name"], progress=False)
+    torch.set_num_threads(threads)  # the trainer set one thread (config.threads)
     return root
 
 
