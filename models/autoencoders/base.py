@@ -69,8 +69,3 @@ class AutoencoderBase(nn.Module, ABC):
     ) -> torch.Tensor:
         """Random decoder inputs of the right shape and type (ONNX export and parity checks)."""
         return torch.randn((n, *self.latent_shape), generator=generator)
-
-
-def mse_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """‖x̂ − x‖² / D per image: [N]."""
-    return (x_hat - x).pow(2).flatten(1).mean(1)

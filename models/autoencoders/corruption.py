@@ -1,4 +1,4 @@
-"""The corruption processes of the denoising autoencoder (Vincent et al. 2010, §4.3), for images in
+"""The corruption processes of the denoising autoencoder (Vincent et al. 2010), for images in
 [−1, 1]. The gateway's `/reconstruct` applies the same function to its `noise` option.
 
 - `gaussian`: x̃ = x + σ·ε, ε ~ N(0, I), σ = amount (then clamped to the image range).

@@ -1,6 +1,6 @@
-"""The KL-regularized autoencoder, the first stage of latent diffusion (Rombach et al. 2022, §3 and
-Appendix G): a Gaussian posterior q(z | x) = N(μ, diag σ²) over a latent feature map (f = 4: 32×32×3
-→ 4×8×8), trained with an L1 reconstruction of a sample z = μ + σ·ε and a *small* KL to N(0, I):
+"""The KL-regularized autoencoder, the first stage of latent diffusion (Rombach et al. 2022): a
+Gaussian posterior q(z | x) = N(μ, diag σ²) over a latent feature map (f = 4: 32×32×3 → 4×8×8),
+trained with an L1 reconstruction of a sample z = μ + σ·ε and a *small* KL to N(0, I):
 
     L = Σ_d |x_d − D(z)_d| + λ_KL · KL(q(z | x) ‖ N(0, I)),   λ_KL ≪ 1 (per image, averaged),
 

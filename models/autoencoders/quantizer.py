@@ -8,7 +8,7 @@ The codebook starts at encoder outputs of the first training batch (a data-depen
 k-means initializations), not at random vectors far from them. Codes the encoder stops choosing
 never receive a gradient again; a running estimate of each code's
 share of the positions flags those below `dead_share`/K, and they restart at encoder outputs drawn
-from the current batch (the dead-code restarts of Dhariwal et al. 2020, Jukebox §A.1).
+from the current batch (the random restarts of Dhariwal et al. 2020, Jukebox).
 Perplexity exp(−Σ_k p_k log p_k) of the code frequencies p measures how many codes are in use."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ GRID_IMAGES = 10  # test images shown (with their reconstructions) in the period
 @torch.no_grad()
 def latent_std(model: AutoencoderBase, images: torch.Tensor, batch_size: int = 256) -> float:
     """The standard deviation of encode(x) over all elements of all images (latent diffusion scales
-    latents by 1 / latent_std, Rombach et al. 2022 §4.3.2)."""
+    latents by 1 / latent_std, Rombach et al. 2022)."""
     latents = torch.cat(
         [model.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
