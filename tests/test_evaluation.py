@@ -21,6 +21,7 @@ from models.evaluation.generation import GenerationSetting
 from models.evaluation.inpainting import fill_hole, half_masks, masked_mse
 from models.evaluation.precision_recall import knn_radii, precision_recall
 from models.evaluation.report import flatten, merge_metrics, read_metrics
+from models.evaluation.table import zoo_table
 from models.evaluation.targets import check_targets
 from models.nets.classifier import (
     ClassifierConfig,
@@ -271,6 +272,9 @@ def test_eval_end_to_end_on_a_temporary_zoo(tmp_path: Path) -> None:
     assert (tmp_path / "tiny-ddpm" / "samples.png").stat().st_size > 0
     saved = json.loads((tmp_path / "tiny-ddpm" / "metrics.json").read_text())
     assert saved == metrics
+    table = zoo_table(tmp_path)
+    assert "| tiny-ddpm | `ddim-4-w1-s1` | FID " in table
+    assert "| tiny-classifier | `test` | test accuracy at t = 0 " in table
 
 
 def test_eval_rejects_guided_inpainting(tmp_path: Path) -> None:
