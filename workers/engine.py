@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 BatchingMode = Literal["continuous", "request", "none"]
 REQUEST_POLL_S = 0.001  # request mode: how often the queue is polled while gathering
+RECENT_CALLS = 10_000  # rows of this many recent calls are kept for inspection
 # Autoencoder jobs run per round, so that a flood of them cannot stall denoising steps.
 CODEC_JOBS_PER_ROUND = 8
 
@@ -129,12 +131,27 @@ class EngineStats:
     jobs_succeeded: int = 0
     jobs_failed: int = 0
     jobs_canceled: int = 0
-    rows_per_call: list[int] = field(default_factory=list)
+    _recent_rows: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
 
     def record_call(self, rows: int) -> None:
         self.network_calls += 1
         self.rows_total += rows
-        self.rows_per_call.append(rows)
+        self._recent_rows.append(rows)
+
+    @property
+    def rows_per_call(self) -> list[int]:
+        """Rows of the most recent network calls (at most RECENT_CALLS), oldest first."""
+        return list(self._recent_rows)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "network_calls": self.network_calls,
+            "rows_total": self.rows_total,
+            "images_done": self.images_done,
+            "jobs_succeeded": self.jobs_succeeded,
+            "jobs_failed": self.jobs_failed,
+            "jobs_canceled": self.jobs_canceled,
+        }
 
     def occupancy(self, max_rows: int) -> float:
         return self.rows_total / (self.network_calls * max_rows) if self.network_calls else 0.0

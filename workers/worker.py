@@ -17,6 +17,7 @@ continuous-batching engine instead of performing one job at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -50,6 +51,11 @@ from workers.errors import error_meta, is_retryable
 from workers.model_pool import ModelPool
 
 log = logging.getLogger(__name__)
+
+
+def worker_stats_key(prefix: str, worker_name: str) -> str:
+    return f"{prefix}:worker-stats:{worker_name}"
+
 
 META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
 IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
@@ -295,6 +301,8 @@ class BatchingWorker(SimpleWorker):
         finally:
             self._stop.set()
             self._loop_done.set()
+            with contextlib.suppress(Exception):
+                self.publish_stats()
             if self._heartbeat_thread is not None:
                 self._heartbeat_thread.join(timeout=2 * self.settings.heartbeat_s + 1)
             self.teardown()
@@ -309,5 +317,21 @@ class BatchingWorker(SimpleWorker):
                         rq_bridge.heartbeat(self, item.job, item.execution)
                     if not running:
                         self.heartbeat()
+                self.publish_stats()
             except Exception:
                 log.exception("worker %s: heartbeat failed", self.name)
+
+    def publish_stats(self) -> None:
+        """The engine's counters in the hash `worker_stats_key(prefix, name)` (for the benchmark
+        and dashboards: mean occupancy = rows_total / (network_calls · max_rows))."""
+        key = worker_stats_key(self.settings.key_prefix, self.name)
+        fields: dict[str, Any] = {
+            **self.engine.stats.as_dict(),
+            "max_rows": self.engine.policy.max_rows,
+            "mode": self.engine.policy.mode,
+            "time": time.time(),
+        }
+        pipe = self.connection.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, max(60, int(10 * self.settings.heartbeat_s)))
+        pipe.execute()
