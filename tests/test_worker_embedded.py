@@ -13,6 +13,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from ddserve.jobs import JOB_FUNCTION, queue_name
 from ddserve.settings import Settings
+from models.registry import write_entry
 from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
 from workers.embedded import start_worker_thread
@@ -22,6 +23,13 @@ from workers.model_pool import ModelPool
 def test_worker_thread_on_fakeredis_runs_jobs_and_stops(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     write_diffusion_model(tmp_path / "zoo", "tiny-ddpm")
+    evaluation_only = {  # a model with no task to serve (weights never loaded)
+        "name": "eval-classifier",
+        "kind": "classifier",
+        "dataset": "digits",
+        "image": {"channels": 1, "height": 8, "width": 8},
+    }
+    write_entry(tmp_path / "zoo" / "eval-classifier", evaluation_only)
     settings = Settings(zoo_dir=tmp_path / "zoo", key_prefix="emb", heartbeat_s=0.2)
     server = fakeredis.FakeServer()
     gateway_side = fakeredis.FakeRedis(server=server)
@@ -34,6 +42,7 @@ def test_worker_thread_on_fakeredis_runs_jobs_and_stops(tmp_path: Path) -> None:
     )
     assert handle.ready.wait(30) and handle.error is None, handle.error
     assert handle.worker is not None and handle.worker.death_penalty_class is TimerDeathPenalty
+    assert handle.worker.models == ["tiny-ddpm"]  # every zoo model with a task
     queue = Queue(queue_name("emb", "tiny-ddpm"), connection=gateway_side)
     request = {"kind": "generate", "model": "tiny-ddpm", "n": 2, "num_inference_steps": 5}
     jobs = [

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis.exceptions
 from redis import Redis
 from rq.exceptions import StopRequested
 from rq.executions import Execution
@@ -53,12 +54,18 @@ from workers.model_pool import ModelPool
 log = logging.getLogger(__name__)
 
 
+def servable_models(pool: ModelPool) -> list[str]:
+    """Every zoo model with a task to serve (evaluation classifiers have none)."""
+    return sorted(name for name, entry in pool.catalog.items() if entry.tasks)
+
+
 def worker_stats_key(prefix: str, worker_name: str) -> str:
     return f"{prefix}:worker-stats:{worker_name}"
 
 
 META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
 IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
+MAX_BACKOFF_S = 30.0  # longest wait between attempts to reach Redis while idle
 
 
 class RQTicket:
@@ -168,7 +175,7 @@ class BatchingWorker(SimpleWorker):
         rq_bridge.check_rq_internals()
         self.settings = settings
         self.pool = pool or ModelPool(settings)
-        self.models = models or settings.model_names() or sorted(self.pool.catalog)
+        self.models = models or settings.model_names() or servable_models(self.pool)
         if not self.models:
             raise ValueError(f"no models to serve: the zoo at {settings.zoo_dir} is empty")
         if threading.current_thread() is not threading.main_thread():
@@ -242,6 +249,7 @@ class BatchingWorker(SimpleWorker):
 
     def request_shutdown(self) -> None:
         """Warm shutdown from any thread: take no new job, finish the held ones, then return."""
+        self._stop_requested = True  # also ends RQ's suspension wait
         self._stop.set()
 
     def request_stop(self, signum: Any, frame: Any) -> None:
@@ -270,6 +278,7 @@ class BatchingWorker(SimpleWorker):
         )
         self._heartbeat_thread.start()
         worked = False
+        backoff = 1.0
         try:
             while True:
                 if self.should_run_maintenance_tasks:
@@ -279,9 +288,17 @@ class BatchingWorker(SimpleWorker):
                     if self.stopping:
                         break
                     self.check_for_suspension(burst)
-                    got = rq_bridge.dequeue(
-                        self, self._ordered_queues, None if burst else IDLE_POLL_S
-                    )
+                    try:
+                        got = rq_bridge.dequeue(
+                            self, self._ordered_queues, None if burst else IDLE_POLL_S
+                        )
+                    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                        # Idle, nothing is lost: wait for Redis to come back, as RQ's loop does.
+                        log.exception("worker %s: Redis unavailable; retrying", self.name)
+                        self._stop.wait(min(backoff, MAX_BACKOFF_S))
+                        backoff *= 2
+                        continue
+                    backoff = 1.0
                     if got is None:
                         if burst:
                             break
