@@ -168,6 +168,7 @@ class JobState:
     running_rows: int = 0
     max_batch_rows: int = 0
     steps_since_progress: int = 0
+    image_steps: int = 0  # network calls made for this job's images, summed over its images
 
     @property
     def id(self) -> str:
@@ -175,8 +176,7 @@ class JobState:
 
     def progress_step(self) -> int:
         """Mean network calls done per image (what GET /jobs shows as progress.step)."""
-        done = sum(s.steps_done for s in self.work.samples if s.transitions)
-        return done // self.work.n
+        return self.image_steps // self.work.n
 
 
 class DenoiseLane:
@@ -311,7 +311,11 @@ class DenoiseLane:
         if not len(self.batch):
             return
         rows = self.batch.rows
-        running = {id(self._owner[id(s)]): self._owner[id(s)] for s in self.batch.samples}
+        running: dict[int, JobState] = {}
+        for sample in self.batch.samples:
+            job = self._owner[id(sample)]
+            running[id(job)] = job
+            job.image_steps += 1  # counted before the call: a failed call ends the job anyway
         try:
             finished = self.batch.step()
         except Exception as exc:  # the call failed for every running sample: fail their jobs
