@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddserve.settings import Settings
 from models.diffusion.sampler import DenoisingBatch
-from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
+from tests.tiny_zoo import write_diffusion_model, write_noisy_classifier, write_onnx_autoencoder
 from tests.worker_doubles import MemoryFeed, MemoryStorage, MemoryTicket
 from workers.engine import BatchingPolicy, DenoiseLane, Engine
 from workers.errors import InvalidJobRequest, JobDeadlineExceeded
@@ -31,7 +31,8 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zoo")
-    write_diffusion_model(root, MODEL)
+    write_noisy_classifier(root, "tiny-noisy-classifier")
+    write_diffusion_model(root, MODEL, classifier="tiny-noisy-classifier")
     write_onnx_autoencoder(root, "tiny-kl")
     write_diffusion_model(
         root,
@@ -72,6 +73,9 @@ def generate(seed: int, **fields: Any) -> dict[str, Any]:
         "class_label": seed % 10,
         "guidance_scale": 0.0,
         "seed": seed,
+        # Keep every x_t: final pixels of an untrained model saturate at ±1 under clipping, the
+        # intermediate x_t do not, so comparing trajectories keeps the checks sensitive.
+        "output": {"trajectory": True},
     }
     request.update(fields)
     return request
@@ -108,8 +112,8 @@ def make_engine(
     return engine, works
 
 
-def alone(pool: ModelPool, request: dict[str, Any]) -> torch.Tensor:
-    """x_0 [n, C, H, W] of the request run by itself."""
+def run_alone(pool: ModelPool, request: dict[str, Any]) -> DenoiseWork:
+    """The request's samples, run by themselves to the end."""
     model = pool.get(request["model"])
     assert isinstance(model, DiffusionModel)
     work = prepare_denoise(request, model, "alone")
@@ -117,17 +121,31 @@ def alone(pool: ModelPool, request: dict[str, Any]) -> torch.Tensor:
     batch.add(work.samples)
     while len(batch):
         batch.step()
-    return torch.stack([s.x for s in work.samples])
+    return work
+
+
+def alone(pool: ModelPool, request: dict[str, Any]) -> torch.Tensor:
+    """x_0 [n, C, H, W] of the request run by itself."""
+    return x0(run_alone(pool, request))
 
 
 def x0(work: DenoiseWork) -> torch.Tensor:
     return torch.stack([s.x for s in work.samples])
 
 
+def trajectories(work: DenoiseWork) -> torch.Tensor:
+    """Every x_t of every image, [n, steps + 1, C, H, W] (empty without output.trajectory)."""
+    return torch.stack([torch.stack(s.trajectory) for s in work.samples if s.trajectory] or [])
+
+
 def assert_equal_alone(pool: ModelPool, ticket: MemoryTicket, work: DenoiseWork) -> None:
     assert ticket.output is not None, ticket.error
-    diff = (x0(work) - alone(pool, ticket.request)).abs().max().item()
-    assert diff <= TOL, f"{ticket.id}: batched differs from alone by {diff}"
+    reference = run_alone(pool, ticket.request)
+    diff = (x0(work) - x0(reference)).abs().max().item()
+    assert diff <= TOL, f"{ticket.id}: batched x_0 differs from alone by {diff}"
+    if ticket.request.get("output", {}).get("trajectory"):
+        diff = (trajectories(work) - trajectories(reference)).abs().max().item()
+        assert diff <= TOL, f"{ticket.id}: batched x_t differs from alone by {diff}"
 
 
 def png_pixels(storage: MemoryStorage, key: str) -> np.ndarray:
@@ -290,6 +308,23 @@ def test_guided_sample_is_not_overtaken_forever(pool: ModelPool) -> None:
     assert engine.stats.rows_per_call[:6] == [1, 1, 1, 2, 2, 2]
 
 
+def test_classifier_guidance_batches_with_other_jobs(pool: ModelPool) -> None:
+    model = pool.get(MODEL)
+    assert isinstance(model, DiffusionModel) and model.classifier is not None
+    feed = MemoryFeed()
+    steered = feed.submit(generate(1, n=2, classifier_scale=5.0, class_label=3))
+    both = feed.submit(generate(2, classifier_scale=2.0, guidance_scale=1.5, sampler="ddpm"))
+    plain = feed.submit(generate(3))
+    engine, works = make_engine(pool, feed)
+    engine.run_until_idle()
+    assert engine.stats.network_calls == 6
+    for ticket in (steered, both, plain):
+        assert_equal_alone(pool, ticket, works[ticket.id])
+    unsteered = run_alone(pool, generate(1, n=2, class_label=3))
+    change = (trajectories(works[steered.id]) - trajectories(unsteered)).abs().max()
+    assert change > 1e-3  # the classifier's gradient did act
+
+
 def test_cancel_running_and_waiting_jobs(pool: ModelPool) -> None:
     feed = MemoryFeed()
     keep = feed.submit(generate(1, num_inference_steps=8))
@@ -363,6 +398,7 @@ def test_inpainting_with_repaint_jumps_batches_with_generation(pool: ModelPool) 
         "jump_length": 2,
         "jump_n_sample": 2,
         "seed": 7,
+        "output": {"trajectory": True},
     }
     feed = MemoryFeed()
     painted = feed.submit(inpaint)
@@ -392,8 +428,11 @@ def test_latent_diffusion_decodes_each_sample_as_it_finishes(pool: ModelPool) ->
     model.first_stage.decode = counting_decode  # type: ignore[method-assign]
     try:
         feed = MemoryFeed()
-        quick = feed.submit(generate(1, model=LATENT, n=2, num_inference_steps=3))
-        slow = feed.submit(generate(2, model=LATENT, num_inference_steps=6, guidance_scale=2.0))
+        no_trajectory = {"output": {"trajectory": False}}  # count only the images' decodes
+        quick = feed.submit(generate(1, model=LATENT, n=2, num_inference_steps=3, **no_trajectory))
+        slow = feed.submit(
+            generate(2, model=LATENT, num_inference_steps=6, guidance_scale=2.0, **no_trajectory)
+        )
         pixel = feed.submit(generate(3, num_inference_steps=4))
         engine, works = make_engine(pool, feed, models=(LATENT, MODEL))
         storage = engine.lanes[LATENT].storage

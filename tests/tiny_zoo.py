@@ -46,6 +46,7 @@ def write_diffusion_model(
     first_stage: str | None = None,
     latent_scale: float = 1.0,
     pixel_image: tuple[int, int, int] | None = None,
+    classifier: str | None = None,
 ) -> ModelEntry:
     """A class-conditional tiny U-Net saved as a zoo model (`kind` diffusion or latent-diffusion)."""
     net = tiny_unet(seed, image_size, channels)
@@ -76,7 +77,41 @@ def write_diffusion_model(
     }
     if first_stage:
         entry["first_stage"] = first_stage
+    if classifier:
+        entry["classifier"] = classifier
     return write_entry(folder, entry)
+
+
+def write_noisy_classifier(
+    zoo: Path, name: str = "tiny-noisy-classifier", image_size: int = 8, seed: int = 0
+) -> ModelEntry:
+    """A random-weight noisy classifier f_φ(y | x_t, t) for classifier guidance."""
+    from models.nets.classifier import NoisyClassifier, NoisyClassifierConfig
+
+    cfg = NoisyClassifierConfig(
+        in_channels=1, image_size=image_size, base_channels=8, channel_mults=(1,), num_classes=10
+    )
+    torch.manual_seed(seed)
+    net = NoisyClassifier(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    folder = zoo / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(net, folder / WEIGHTS_FILE)
+    return write_entry(
+        folder,
+        {
+            "name": name,
+            "kind": "noisy-classifier",
+            "dataset": "digits",
+            "image": {"channels": 1, "height": image_size, "width": image_size},
+            "conditioning": {"type": "class", "classes": CLASSES},
+            "network": {"noisy_classifier": cfg.to_dict()},
+            "files": {"weights": WEIGHTS_FILE},
+        },
+    )
 
 
 def write_onnx_autoencoder(
