@@ -228,7 +228,7 @@ class DenoisingBatch:
                 sample.x = torch.randn(self.sample_shape, generator=sample.generator)
             row = sample.x.to(device=self.device, dtype=self.dtype)
             if sample.keep_trajectory:
-                sample.trajectory = [row.detach().cpu()]
+                sample.trajectory = [row.detach().to("cpu", copy=True)]
             new_rows.append(row)
             self.samples.append(sample)
         if new_rows:
@@ -286,7 +286,8 @@ class DenoisingBatch:
         for i, sample in enumerate(self.samples):
             sample.position += 1
             if sample.keep_trajectory:
-                sample.trajectory.append(x_prev[i].detach().cpu())
+                # A copy: on the CPU a view would alias self.x, which RePaint's jumps change in place.
+                sample.trajectory.append(x_prev[i].detach().to("cpu", copy=True))
         return self._retire_finished()
 
     def _apply_forward_jumps(self) -> None:
