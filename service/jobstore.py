@@ -69,6 +69,16 @@ class JobSnapshot:
         return self.status in TERMINAL
 
 
+@dataclass
+class Enqueued:
+    """What `JobStore.enqueue` did: the job (None if refused for the queue limit), the jobs queued
+    ahead of it, and the queued + running count it found."""
+
+    job: Job | None
+    ahead: int
+    load: int
+
+
 def _rq_status(job: Job) -> str:
     """RQ's status as its plain value ("queued", …): str() of RQ's enum gives "JobStatus.QUEUED"."""
     status = job.get_status(refresh=False)
@@ -93,21 +103,26 @@ class JobStore:
 
     # --- submit ---
 
-    def load(self, model: str) -> int:
-        """Jobs of `model` queued or running: what the queue-length limit counts."""
+    def enqueue(
+        self,
+        model: str,
+        request: dict[str, Any],
+        job_id: str,
+        meta: dict[str, Any],
+        max_load: int | None = None,
+    ) -> Enqueued:
+        """One RQ job for `request` on the model's queue (TTLs, deadline and retries from settings),
+        in one round trip: a MULTI/EXEC that first counts the queued and running jobs, then saves
+        and pushes the job. If the counts say the queue was already at `max_load`, the job is taken
+        back out (LREM decides against a worker that dequeued it meanwhile: then it stays admitted)
+        and `Enqueued.job` is None."""
+        s = self.settings
         queue = self.queues[model]
-        pipe = self.connection.pipeline(transaction=False)
+        pipe = self.connection.pipeline(transaction=True)
+        pipe.multi()  # explicit, as RQ expects of a caller's pipeline
         pipe.llen(queue.key)
         pipe.zcard(StartedJobRegistry(queue=queue).key)
-        queued, started = pipe.execute()
-        return int(queued) + int(started)
-
-    def enqueue(
-        self, model: str, request: dict[str, Any], job_id: str, meta: dict[str, Any]
-    ) -> Job:
-        """One RQ job for `request` on the model's queue (TTLs, deadline and retries from settings)."""
-        s = self.settings
-        return self.queues[model].enqueue_call(
+        job = queue.enqueue_call(
             JOB_FUNCTION,
             kwargs={"request": request},
             job_id=job_id,
@@ -118,6 +133,35 @@ class JobStore:
             timeout=max(1, int(s.job_deadline_s)),
             retry=Retry(max=s.max_retries) if s.max_retries > 0 else None,
             description=f"{request.get('kind')} {model}",
+            pipeline=pipe,
+        )
+        queued, started = (int(v) for v in pipe.execute()[:2])
+        over = max_load is not None and queued + started >= max_load
+        if over and self.connection.lrem(queue.key, 0, job.id):
+            job.delete(remove_from_queue=False)
+            return Enqueued(None, queued, queued + started)
+        return Enqueued(job, queued, queued + started)
+
+    def fresh_snapshot(self, job: Job, position: int) -> JobSnapshot:
+        """The snapshot of a job just enqueued, from memory (no Redis round trip)."""
+        meta = job.meta or {}
+        request = dict(job.kwargs.get("request") or {})
+        return JobSnapshot(
+            id=job.id,
+            status=JobStatus.QUEUED,
+            kind=str(meta.get(META_KIND) or request.get("kind") or ""),
+            model=str(meta.get(META_MODEL) or request.get("model") or ""),
+            owner=meta.get(META_OWNER),
+            created_at=_utc(job.created_at),
+            enqueued_at=_utc(job.enqueued_at),
+            started_at=None,
+            ended_at=None,
+            queue_position=position,
+            progress=None,
+            batch_size=None,
+            error=None,
+            input=request,
+            output=None,
         )
 
     # --- read ---

@@ -1,8 +1,8 @@
 """Creating a job: what every job-creating route does after its body parsed.
 
 One trip to a worker thread (`anyio.to_thread`) does the synchronous part — rate limit, model
-checks and normalization (image decoding included), idempotency claim, queue-length limit, enqueue —
-so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
+checks and normalization (image decoding included), idempotency claim, then the queue-length check
+and the enqueue together in one Redis round trip — so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
 with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (within 10 ms)
 or after N seconds: `200` with the finished job, else `202`.
 """
@@ -72,28 +72,30 @@ def _create(
         )
         if held is not None:
             return _replay(state, held), True
+    # progress, batch_size and error are the worker's to write: absent until it does.
+    meta = {
+        META_OWNER: caller.owner,
+        META_KIND: kind,
+        META_MODEL: model,
+        META_REQUEST_ID: request_id,
+    }
+    limit = state.settings.max_queue_length
     try:
-        if state.store.load(model) >= state.settings.max_queue_length:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"model {model!r} has {state.settings.max_queue_length} jobs queued or running; "
-                "retry later",
-                headers={"Retry-After": "5"},
-            )
-        # progress, batch_size and error are the worker's to write: absent until it does.
-        meta = {
-            META_OWNER: caller.owner,
-            META_KIND: kind,
-            META_MODEL: model,
-            META_REQUEST_ID: request_id,
-        }
-        job = state.store.enqueue(model, request, job_id, meta)
+        done = state.store.enqueue(model, request, job_id, meta, max_load=limit)
     except BaseException:
         if idempotency_key is not None:
             state.idempotency.release(caller.owner, idempotency_key, job_id)
         raise
-    return state.store.snapshot(job), False
+    if done.job is None:
+        if idempotency_key is not None:
+            state.idempotency.release(caller.owner, idempotency_key, job_id)
+        raise ApiError(
+            429,
+            "queue_full",
+            f"model {model!r} has {limit} jobs queued or running; retry later",
+            headers={"Retry-After": "5"},
+        )
+    return state.store.fresh_snapshot(done.job, done.ahead), False
 
 
 def _replay(state: AppState, job_id: str) -> JobSnapshot:

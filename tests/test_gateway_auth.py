@@ -119,13 +119,15 @@ def test_queue_limit_counts_queued_and_running(zoo: Path, tmp_path: Path) -> Non
         first = client.post("/generate", json=GEN).json()["id"]
         client.post("/generate", json=GEN)
         assert_error(client.post("/generate", json=GEN), 429, "queue_full")
+        conn = app.state.ddserve.connection
+        assert conn.llen("rq:queue:gwtest:tiny-ddpm") == 2
+        assert len(list(conn.scan_iter("rq:job:*"))) == 2  # the refused job was taken back
         assert (
             client.post(
                 "/generate", json={**GEN, "model": "tiny-text", "class_label": None}
             ).status_code
             == 202
         )  # another model's queue
-        conn = app.state.ddserve.connection
         # a worker takes the first job: queued 1 + started 1 is still 2
         conn.lrem("rq:queue:gwtest:tiny-ddpm", 0, first)
         conn.zadd("rq:wip:gwtest:tiny-ddpm", {f"{first}:exec": 9e9})
