@@ -1,0 +1,361 @@
+"""End-to-end serving throughput over HTTP against one worker, beside the bare in-process sampler.
+
+One run, for each concurrency c (default 1, 8, 32, 64):
+- http: c clients, each in a loop POSTing a one-image /generate (DDIM, `--steps` steps, a class
+  label, no guidance) with `Prefer: wait=60` to a gateway process in front of Redis and one
+  `ddserve worker` process (continuous batching); requests/s and images/s over the measured window
+  (after a warm-up request per client), and the latency p50;
+- bare: `models.diffusion.sampler.sample(...)` in this process on a batch of c images with the same
+  network, sampler and step count (no HTTP, Redis, PNG or storage); images/s.
+HTTP windows and bare runs alternate (`--repeats` of each, medians reported) so that a busy
+machine's load hits both alike.
+e2e / bare at the same c is the serving stack's efficiency (target at c = 64: ≥ 80 %).
+First, before the worker starts, the gateway's own time per request, submit → 202 (no wait), from
+its `Server-Timing` header (target p50 ≤ 5 ms), one client and 8 clients at a time; the worker then
+drains those jobs as its warm-up.
+
+The model is the zoo's digits-ddpm if it is there, else a randomly initialised network of the same
+architecture (models/recipes/digits-ddpm.json): speed does not depend on the weights. Redis: the
+real server (`--redis-url`), keys under a private prefix, deleted afterwards.
+
+    .venv/bin/python benchmarks/bench_http.py [--concurrency 1 8 32 64] [--steps 10] [--threads 1]
+        [--rounds 4] [--repeats 3] [--submits 200] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MODEL = "digits-ddpm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_zoo(scratch: Path) -> Path:
+    """The zoo holding digits-ddpm: the shipped one, else a random model of its architecture."""
+    shipped = ROOT / "models" / "zoo"
+    if (shipped / MODEL / "config.json").exists() and (
+        shipped / MODEL / "weights.safetensors"
+    ).exists():
+        return shipped
+    import torch
+
+    from models.nets.unet import UNet, UNetConfig
+    from models.registry import WEIGHTS_FILE, save_weights, write_entry
+
+    recipe = json.loads((ROOT / "models" / "recipes" / f"{MODEL}.json").read_text())
+    torch.manual_seed(0)
+    net = UNet(UNetConfig.from_dict(recipe["unet"]))
+    zoo = scratch / "zoo"
+    folder = zoo / MODEL
+    folder.mkdir(parents=True)
+    save_weights(net, folder / WEIGHTS_FILE)
+    entry = dict(recipe["entry"])
+    entry.update(
+        name=MODEL,
+        dataset=recipe["dataset"],
+        schedule=recipe["schedule"],
+        network={"unet": net.config.to_dict()},
+        files={"weights": WEIGHTS_FILE},
+    )
+    entry.pop("classifier", None)
+    write_entry(folder, entry)
+    print(f"(no trained {MODEL} in the zoo: a random network of its architecture)", flush=True)
+    return zoo
+
+
+def bare_images_per_s(zoo: Path, batch: int, steps: int, rounds: int) -> float:
+    """Images/s of the library sampler alone on a batch of `batch` class-conditional images."""
+    import torch
+
+    from models.catalog import load_catalog
+    from models.diffusion.sampler import SamplerSettings, sample
+    from models.diffusion.schedule import NoiseSchedule
+    from models.registry import load_network
+
+    entry = load_catalog(zoo)[MODEL]
+    net = load_network(entry)
+    schedule = NoiseSchedule.create(entry.schedule.kind, entry.schedule.num_timesteps)
+    g = torch.Generator().manual_seed(batch)
+    shape = (entry.image.channels, entry.image.height, entry.image.width)
+    x = torch.randn((batch, *shape), generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    settings = SamplerSettings("ddim", steps, clip_denoised=True)
+    times = []
+    with torch.inference_mode():
+        sample(net, schedule, x, settings, cond=labels)  # warm-up
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sample(net, schedule, x, settings, cond=labels)
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+async def http_round(url: str, concurrency: int, rounds: int, steps: int) -> dict[str, float]:
+    """c closed-loop clients, `rounds` measured requests each after one warm-up request."""
+    limits = httpx.Limits(
+        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+    )
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            body = {
+                "model": MODEL,
+                "n": 1,
+                "sampler": "ddim",
+                "num_inference_steps": steps,
+                "class_label": i % 10,
+                "guidance_scale": 0.0,
+                "seed": i,
+            }
+            start = time.perf_counter()
+            r = await client.post("/generate", json=body, headers={"Prefer": "wait=60"})
+            job = r.json()
+            if r.status_code != 200 or job["status"] != "succeeded":
+                raise RuntimeError(f"request failed: {r.status_code} {str(job)[:300]}")
+            latencies.append(time.perf_counter() - start)
+            batch_sizes.append(job["metrics"]["batch_size"] or 0)
+
+        async def client_loop(k: int, count: int) -> None:
+            for j in range(count):
+                await one(k * 1000 + j)
+
+        await asyncio.gather(*(client_loop(k, 1) for k in range(concurrency)))  # warm-up
+        latencies.clear()
+        batch_sizes.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(k, rounds) for k in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    done = len(latencies)
+    return {
+        "requests_per_s": done / elapsed,
+        "images_per_s": done / elapsed,  # one image per request
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+        "mean_batch": statistics.mean(batch_sizes),
+    }
+
+
+async def submit_timings(
+    url: str, count: int, steps: int, concurrency: int
+) -> tuple[dict[str, float], list[str]]:
+    """Gateway time (its Server-Timing header) and client round trip of submit → 202 (no wait),
+    `concurrency` submits at a time. Returns the figures and the job ids."""
+    server_ms: list[float] = []
+    client_ms: list[float] = []
+    ids: list[str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def submit(i: int) -> None:
+            body = {"model": MODEL, "num_inference_steps": steps, "class_label": i % 10, "seed": i}
+            async with sem:
+                start = time.perf_counter()
+                r = await client.post("/generate", json=body)
+                client_ms.append(1000 * (time.perf_counter() - start))
+            if r.status_code != 202:
+                raise RuntimeError(f"submit failed: {r.status_code} {r.text[:300]}")
+            server_ms.append(float(r.headers["server-timing"].split("dur=")[1]))
+            ids.append(r.json()["id"])
+
+        await asyncio.gather(*(submit(i) for i in range(count)))
+    server_ms.sort()
+    figures = {
+        "concurrency": concurrency,
+        "gateway_p50_ms": statistics.median(server_ms),
+        "gateway_p95_ms": server_ms[int(0.95 * (len(server_ms) - 1))],
+        "client_p50_ms": statistics.median(client_ms),
+    }
+    return figures, ids
+
+
+async def drain(url: str, ids: list[str], timeout_s: float = 900) -> None:
+    """Wait until every job in `ids` is finished (the worker's warm-up)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for job_id in ids:
+            while (job := (await client.get(f"/jobs/{job_id}")).json())["status"] in (
+                "queued",
+                "running",
+            ):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the queue did not drain: {str(job)[:500]}")
+                await asyncio.sleep(0.05)
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"a job did not succeed: {str(job)[:500]}")
+
+
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the gateway did not start")
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("the gateway and worker did not become ready")
+
+
+def cleanup_redis(redis_url: str, prefix: str) -> None:
+    from redis import Redis
+
+    connection = Redis.from_url(redis_url)
+    job_ids = set()
+    for key in connection.scan_iter(match=f"rq:*{prefix}*", count=1000):
+        if key.startswith(b"rq:finished:") or key.startswith(b"rq:failed:"):
+            job_ids.update(m.decode().split(":")[0] for m in connection.zrange(key, 0, -1))
+    keys = list(connection.scan_iter(match=f"*{prefix}*", count=1000))
+    for job_id in job_ids:
+        keys += list(connection.scan_iter(match=f"rq:*{job_id}*", count=1000))
+    if keys:
+        connection.delete(*keys)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per image")
+    parser.add_argument("--rounds", type=int, default=4, help="measured requests per client")
+    parser.add_argument("--bare-rounds", type=int, default=2, help="timed bare runs per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="HTTP windows and bare runs per c")
+    parser.add_argument("--submits", type=int, default=200, help="requests of the 202-time phase")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, worker and bare")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    zoo = prepare_zoo(scratch)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DDSERVE_REDIS_URL": args.redis_url,
+        "DDSERVE_KEY_PREFIX": prefix,
+        "DDSERVE_ZOO_DIR": str(zoo),
+        "DDSERVE_MODELS": MODEL,
+        "DDSERVE_STORAGE_DIR": str(scratch / "images"),
+        "DDSERVE_AUTH_ENABLED": "false",
+        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
+        "DDSERVE_MAX_QUEUE_LENGTH": "100000",
+        "DDSERVE_MAX_BATCH": str(max(64, max(args.concurrency))),
+        "DDSERVE_DEVICE": args.device,
+        "DDSERVE_LOG_LEVEL": "WARNING",
+        "DDSERVE_PORT": str(port),
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    processes = [subprocess.Popen([str(BIN / "ddserve"), "serve"], env=env, cwd=ROOT)]
+    rows = []
+    try:
+        # 1. The gateway's own time, submit → 202, with no worker yet: nothing but the gateway
+        #    (and the client) busy on this machine's cores. The jobs wait in the queue.
+        wait_healthy(url)
+        print(f"gateway alone, {args.submits} submits (no wait) per row, the jobs left queued:")
+        print(
+            "| clients at a time | gateway p50 (Server-Timing) | gateway p95 | client round trip p50 |"
+        )
+        print("|---|---|---|---|")
+        submits, queued = [], []
+        queued += asyncio.run(submit_timings(url, 20, args.steps, 1))[1]  # warm-up, not counted
+        for c in (1, 8):
+            figures, ids = asyncio.run(submit_timings(url, args.submits, args.steps, c))
+            submits.append(figures)
+            queued += ids
+            print(
+                f"| {c} | {figures['gateway_p50_ms']:.2f} ms | {figures['gateway_p95_ms']:.2f} ms | "
+                f"{figures['client_p50_ms']:.2f} ms |",
+                flush=True,
+            )
+        # 2. One worker; it drains those jobs (its warm-up), then the throughput rounds.
+        worker = [str(BIN / "ddserve"), "worker", "--name", f"{prefix}-w"]
+        processes.append(subprocess.Popen(worker, env=env, cwd=ROOT))
+        wait_ready(url)
+        asyncio.run(drain(url, queued))
+        print(
+            f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.device}, "
+            f"DDIM-{args.steps}, one image per request, one worker (continuous batching)"
+        )
+        print(
+            "| concurrency | HTTP req/s | HTTP images/s | p50 latency | mean batch | bare images/s "
+            "(batch = concurrency) | e2e / bare |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for c in args.concurrency:
+            # HTTP windows and bare runs alternate, so that the machine's load hits both alike.
+            https, bares = [], []
+            for _ in range(args.repeats):
+                https.append(asyncio.run(http_round(url, c, args.rounds, args.steps)))
+                bares.append(bare_images_per_s(zoo, c, args.steps, args.bare_rounds))
+            middle = statistics.median(h["images_per_s"] for h in https)
+            http = min(https, key=lambda h: abs(h["images_per_s"] - middle))  # the median window
+            bare = statistics.median(bares)
+            row = {
+                "concurrency": c,
+                **http,
+                "bare_images_per_s": bare,
+                "efficiency": http["images_per_s"] / bare,
+            }
+            rows.append(row)
+            print(
+                f"| {c} | {http['requests_per_s']:.1f} | {http['images_per_s']:.1f} | "
+                f"{http['latency_p50_ms']:.0f} ms | {http['mean_batch']:.1f} | {bare:.1f} | "
+                f"{100 * row['efficiency']:.0f} % |",
+                flush=True,
+            )
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {"rows": rows, "submit": submits, "args": vars(args)}, indent=2, default=str
+                )
+            )
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        cleanup_redis(args.redis_url, prefix)
+
+
+if __name__ == "__main__":
+    main()
