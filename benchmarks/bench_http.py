@@ -205,6 +205,15 @@ async def drain(url: str, ids: list[str], timeout_s: float = 900) -> None:
                 raise RuntimeError(f"a job did not succeed: {str(job)[:500]}")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_healthy(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -290,18 +299,26 @@ def main() -> None:
         wait_healthy(url)
         print(f"gateway alone, {args.submits} submits (no wait) per row, the jobs left queued:")
         print(
-            "| clients at a time | gateway p50 (Server-Timing) | gateway p95 | client round trip p50 |"
+            "| clients at a time | gateway p50 (Server-Timing) | gateway p95 | "
+            "client round trip p50 | gateway CPU per request |"
         )
-        print("|---|---|---|---|")
+        print("|---|---|---|---|---|")
         submits, queued = [], []
         queued += asyncio.run(submit_timings(url, 20, args.steps, 1))[1]  # warm-up, not counted
+        gateway_pid = processes[0].pid
         for c in (1, 8):
+            before = cpu_seconds(gateway_pid)
             figures, ids = asyncio.run(submit_timings(url, args.submits, args.steps, c))
+            after = cpu_seconds(gateway_pid)
+            if before is not None and after is not None:
+                figures["gateway_cpu_ms"] = 1000 * (after - before) / args.submits
             submits.append(figures)
             queued += ids
+            cpu = figures.get("gateway_cpu_ms")
             print(
                 f"| {c} | {figures['gateway_p50_ms']:.2f} ms | {figures['gateway_p95_ms']:.2f} ms | "
-                f"{figures['client_p50_ms']:.2f} ms |",
+                f"{figures['client_p50_ms']:.2f} ms | "
+                + (f"{cpu:.2f} ms |" if cpu is not None else "— |"),
                 flush=True,
             )
         # 2. One worker; it drains those jobs (its warm-up), then the throughput rounds.
