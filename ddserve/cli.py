@@ -14,6 +14,10 @@ COMMANDS = {
     "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
     "serve": ("service.cli", "run the gateway (embedded with a worker thread when no Redis URL)"),
+    "generate": (
+        "ddserve.client.cli",
+        "sample images into a PNG grid (a server URL or in-process)",
+    ),
 }
 
 

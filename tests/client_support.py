@@ -1,0 +1,48 @@
+"""The whole stack in this process for client, CLI and playground tests: `LocalServer` (gateway +
+batching worker thread on fakeredis + uvicorn on a loopback port) over a zoo of tiny random models —
+a class-conditional 8×8 DDPM that generates and inpaints, and an 8×8 KL autoencoder in ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddserve.client.local import LocalServer
+from ddserve.settings import Settings
+from service.auth import hash_key
+from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
+
+DIFFUSION, CODEC = "tiny-ddpm", "tiny-kl"
+
+
+def write_zoo(root: Path) -> Path:
+    zoo = root / "zoo"
+    write_diffusion_model(zoo, DIFFUSION)
+    write_onnx_autoencoder(zoo, CODEC)
+    return zoo
+
+
+def tiny_settings(root: Path, api_key: str | None = None, **overrides: Any) -> Settings:
+    """Settings of a stack on the tiny zoo under `root`; auth on with `api_key` when given."""
+    zoo = root / "zoo" if (root / "zoo").is_dir() else write_zoo(root)
+    fields: dict[str, Any] = {
+        "redis_url": None,
+        "key_prefix": "client-test",
+        "zoo_dir": zoo,
+        "storage_dir": root / "images",
+        "auth_enabled": api_key is not None,
+        "api_keys": f"tester:{hash_key(api_key)}" if api_key else "",
+        "device": "cpu",
+        "onnx_providers": "CPUExecutionProvider",
+        "progress_every": 1,
+        "log_level": "WARNING",
+    }
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+def start_stack(root: Path, api_key: str | None = None, **overrides: Any) -> LocalServer:
+    torch.set_num_threads(1)
+    return LocalServer(tiny_settings(root, api_key, **overrides)).start()
