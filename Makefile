@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: serve test test-all lint format venv redis clean bench
+.PHONY: serve test test-all lint format venv redis browser clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,24 @@ venv: $(STAMP)
 redis:
 	@redis-cli ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 
+# Debian's Chromium for the playground's browser test (tests/test_playground.py); a no-op when present.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "make browser: installing Debian's chromium (log: $(VENV)/chromium-install.log)"; \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >$(VENV)/chromium-install.log 2>&1 \
+	      || echo "make browser: apt-get failed (see $(VENV)/chromium-install.log); the playground browser test will be skipped"; \
+	  else \
+	    echo "make browser: no apt-get as root here; install chromium to run the playground browser test (skipped meanwhile)"; \
+	  fi; }
+
 serve: $(STAMP)
 	$(BIN)/ddserve serve
 
-test: $(STAMP) redis
+test: $(STAMP) redis browser
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP) redis
+test-all: $(STAMP) redis browser
 	$(BIN)/python -m pytest -m ""
 
 lint: $(STAMP)

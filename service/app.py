@@ -35,7 +35,7 @@ from service.logs import configure_logging
 from service.middleware import RequestContextMiddleware
 from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
-from service.routers import autoencoder, generate, health, images, jobs, metrics, models
+from service.routers import autoencoder, generate, health, images, jobs, metrics, models, playground
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 from service.waiter import JobWaiter
@@ -175,6 +175,7 @@ def create_app(
     install_error_handlers(app)
     for module in (generate, autoencoder, jobs, images, models, health, metrics):
         app.include_router(module.router)
+    app.include_router(playground.router)  # GET / and its files, outside the OpenAPI document
     app.add_middleware(
         RequestContextMiddleware,
         telemetry=state.telemetry,
