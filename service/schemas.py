@@ -155,12 +155,14 @@ class DecodeBody(BaseModel):
     model_config = _REQUEST_CONFIG
 
     model: str = ModelName
-    latents: list[list[list[list[float]]]] | list[list[list[int]]] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_IMAGES,
-        description="[n, C, H, W] of the model's latent_shape; for a VQ-VAE also [n, H, W] code "
-        "indices (same as `codes`)",
+    latents: list[list[list[list[float]]]] | list[list[list[int]]] | list[list[float]] | None = (
+        Field(
+            None,
+            min_length=1,
+            max_length=MAX_IMAGES,
+            description="[n, C, H, W] of the model's latent_shape ([n, D] when it is a vector, as the "
+            "VAE's); for a VQ-VAE also [n, H, W] code indices (same as `codes`)",
+        )
     )
     codes: list[list[list[int]]] | None = Field(
         None,

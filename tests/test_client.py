@@ -306,3 +306,35 @@ def test_upload_forms(tmp_path: Path) -> None:
         png_bytes(np.zeros((8, 8), dtype=np.float32))
     with pytest.raises(TypeError):
         png_bytes(3.5)
+
+
+@pytest.mark.filterwarnings("ignore:You should not use the .timeout. argument")
+def test_decode_takes_vector_latents(tmp_path: Path) -> None:
+    """The VAE's latent_shape is a vector [D]: /decode takes [n, D] (the playground's interpolation
+    strip decodes lerped VAE latents). Gateway only: the job is queued, no worker needed."""
+    import fakeredis
+    from fastapi.testclient import TestClient
+
+    from ddserve.settings import Settings
+    from models.registry import write_entry
+    from service.app import create_app
+
+    vae = {
+        "name": "vector-vae",
+        "kind": "vae",
+        "tasks": ["encode", "decode"],
+        "dataset": "digits",
+        "image": {"channels": 1, "height": 16, "width": 16},
+        "latent_shape": [4],
+    }
+    write_entry(tmp_path / "zoo" / "vector-vae", vae)
+    settings = Settings(redis_url=None, zoo_dir=tmp_path / "zoo", auth_enabled=False)
+    app = create_app(settings, fakeredis.FakeRedis())
+    with TestClient(app) as http, Client("http://testserver", http=http) as client:
+        t = np.linspace(0.0, 1.0, 5)[:, None]
+        latents = (1 - t) * np.zeros(4) + t * np.ones(4)  # [5, 4]
+        job = client.decode("vector-vae", latents=latents, wait=False)
+        assert job.status == "queued" and np.asarray(job.input["latents"]).shape == (5, 4)
+        with pytest.raises(ValidationError) as wrong:
+            client.decode("vector-vae", latents=np.zeros((2, 3)), wait=False)
+        assert wrong.value.param == "latents"
