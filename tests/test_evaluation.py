@@ -274,6 +274,7 @@ def test_eval_end_to_end_on_a_temporary_zoo(tmp_path: Path) -> None:
     assert saved == metrics
     table = zoo_table(tmp_path)
     assert "| tiny-ddpm | `ddim-4-w1-s1` | FID " in table
+    assert "| `ddserve eval tiny-ddpm --sampler ddim --steps 4 " in table
     assert "| tiny-classifier | `test` | test accuracy at t = 0 " in table
 
 

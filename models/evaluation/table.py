@@ -88,14 +88,15 @@ def headline(kind: str, result: dict[str, Any]) -> str:
 
 def zoo_table(zoo_dir: Path | str | None = None) -> str:
     catalog = load_catalog(zoo_dir)
-    lines = ["| model | measurement | results |", "|---|---|---|"]
+    lines = ["| model | measurement | results | command |", "|---|---|---|---|"]
     for name, entry in catalog.items():
         assert entry.path is not None
         metrics = read_metrics(entry.path)
         if not metrics:
-            lines.append(f"| {name} | — | not measured yet |")
+            lines.append(f"| {name} | — | not measured yet | |")
         for key, result in metrics.items():
-            lines.append(f"| {name} | `{key}` | {headline(entry.kind, result)} |")
+            command = f"`{result['command']}`" if result.get("command") else ""
+            lines.append(f"| {name} | `{key}` | {headline(entry.kind, result)} | {command} |")
     lines += ["", "| model | target | measured | met |", "|---|---|---|---|"]
     for model in dict.fromkeys(t.model for t in TARGETS):
         entry = catalog.get(model)
