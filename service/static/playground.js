@@ -707,7 +707,6 @@ class AutoencoderPanel extends Panel {
       noise: kind ? { kind, amount: numberOrNull($("ae-amount")) ?? 0.5 } : null,
       seed: numberOrNull($("ae-seed")),
     });
-    $("ae-interpolation-figure").hidden = true;
     const job = await this.run("reconstruct", body, [$("ae-reconstruct"), $("ae-interpolate")]);
     if (!job) return;
     const inputs = ["a", "b"].filter((slot) => this.sources[slot]).map((slot) => {
@@ -743,7 +742,6 @@ class AutoencoderPanel extends Panel {
     $("ae-strip").replaceChildren(
       ...decoded.output.images.map((im, k) => pictureOf(imageSource(im), `t = ${(k / (steps - 1)).toFixed(2)}`)),
     );
-    $("ae-rows").hidden = true;
     $("ae-interpolation-figure").hidden = false;
   }
 }
