@@ -101,3 +101,27 @@ def test_image_grid_layout() -> None:
     assert image_grid([png(10), png(99, "RGB")]).mode == "RGB"
     with pytest.raises(ValueError):
         image_grid([])
+
+
+def test_url_mode_never_imports_torch() -> None:
+    """Against a URL the command needs only the client: it runs where torch cannot be imported
+    (here nothing listens on the port, so it ends with ConnectionFailed and exit code 1)."""
+    import subprocess
+    import sys
+
+    program = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnxruntime", "workers"):
+            raise ImportError(name + " is blocked")
+sys.meta_path.insert(0, Block())
+from ddserve.cli import main
+code = main(["generate", "--model", "m", "--url", "http://127.0.0.1:9", "--quiet"])
+print("exit", code, "torch" in sys.modules)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "exit 1 False", result.stderr[-2000:]
+    assert "ConnectionFailed" in result.stderr
