@@ -41,6 +41,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +148,21 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 # --- one measurement point ----------------------------------------------------------------------
 @dataclass
 class JobRecord:
+    """One request; times are seconds since the epoch. Latency uses the job's own timestamps
+    (created_at → completed_at, written by the gateway and RQ), so the client may poll slowly."""
+
     sent_at: float
     images: int
     status: str = "pending"
+    created_at: float | None = None
     done_at: float | None = None
     job_id: str | None = None
+
+    @property
+    def latency(self) -> float | None:
+        if self.done_at is None:
+            return None
+        return self.done_at - (self.created_at or self.sent_at)
 
 
 @dataclass
@@ -171,19 +182,24 @@ class Point:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def epoch(value: str | None) -> float | None:
+    return None if value is None else datetime.fromisoformat(value).timestamp()
+
+
 async def run_job(client: httpx.AsyncClient, body: dict, record: JobRecord, poll_s: float) -> None:
     try:
-        answer = await client.post("/generate", json=body, headers={"Prefer": "wait=30"})
+        answer = await client.post("/generate", json=body)
         job = answer.json()
         if answer.status_code >= 400:
             record.status = f"http {answer.status_code}"
             return
         record.job_id = job["id"]
+        record.created_at = epoch(job.get("created_at"))
         while job["status"] not in TERMINAL:
             await asyncio.sleep(poll_s)
             job = (await client.get(f"/jobs/{record.job_id}")).json()
         record.status = job["status"]
-        record.done_at = time.perf_counter()
+        record.done_at = epoch(job.get("completed_at")) or time.time()
     except (httpx.HTTPError, asyncio.CancelledError) as exc:
         record.status = f"error {type(exc).__name__}"
 
@@ -203,27 +219,28 @@ async def open_loop(
     redis: Redis,
     stats_key: str,
     seed: int,
+    poll_s: float = 0.5,
 ) -> tuple[list[JobRecord], dict[str, float], dict[str, float], float, float]:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         tasks: list[asyncio.Task] = []
         records: list[JobRecord] = []
-        start = time.perf_counter()
+        start = time.time()
         at, index, counters_start, t_start = 0.0, 0, {}, start
         while at < duration:
-            now = time.perf_counter() - start
+            now = time.time() - start
             if at > now:
                 await asyncio.sleep(at - now)
             if not counters_start and at >= warmup:
-                counters_start, t_start = worker_counters(redis, stats_key), time.perf_counter()
+                counters_start, t_start = worker_counters(redis, stats_key), time.time()
             body = requests[index % len(requests)]
             index += 1
-            record = JobRecord(sent_at=time.perf_counter(), images=body["n"])
+            record = JobRecord(sent_at=time.time(), images=body["n"])
             records.append(record)
-            tasks.append(asyncio.create_task(run_job(client, body, record, 0.1)))
+            tasks.append(asyncio.create_task(run_job(client, body, record, poll_s)))
             at += rng.expovariate(rate)
-        counters_end, t_end = worker_counters(redis, stats_key), time.perf_counter()
+        counters_end, t_end = worker_counters(redis, stats_key), time.time()
         await asyncio.wait(tasks, timeout=drain)
         pending = [r for r in records if r.done_at is None and r.job_id]
         for task in tasks:
@@ -244,8 +261,8 @@ def summarise(
     t0 = start + window[0]
     t1 = start + window[1]
     measured = [r for r in records if r.sent_at >= t0]
-    now = time.perf_counter()
-    latencies = [(r.done_at or now) - r.sent_at for r in measured]
+    now = time.time()
+    latencies = [r.latency if r.latency is not None else now - r.sent_at for r in measured]
     point.sent = len(records)
     point.completed = sum(1 for r in measured if r.status == "succeeded")
     point.incomplete = sum(1 for r in measured if r.done_at is None)
@@ -262,6 +279,15 @@ def summarise(
     point.occupancy = rows / (calls * max_rows) if calls else 0.0
     elapsed = (c1.get("time", 0) - c0.get("time", 0)) or (t1 - t0)
     point.rows_steps_per_s = rows / elapsed if elapsed > 0 else 0.0
+    network_s = c1.get("network_s", 0) - c0.get("network_s", 0)
+    step_s = c1.get("step_s", 0) - c0.get("step_s", 0)
+    point.extra = {
+        # share of the worker's wall time spent in network calls / in whole denoising steps
+        "network_share": network_s / elapsed if elapsed > 0 else 0.0,
+        "step_share": step_s / elapsed if elapsed > 0 else 0.0,
+        # what the network itself delivered under this run's contention, at the batches it got
+        "network_rows_per_s": rows / network_s if network_s > 0 else 0.0,
+    }
     return point
 
 
@@ -325,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"ceiling of {model} (torch threads: {torch.get_num_threads()}) …", flush=True)
     ceiling = measure_ceiling(entry, args.max_batch)
+    print(json.dumps(ceiling), flush=True)
     rng = random.Random(args.seed)
     requests = [sample_request(rng, model, classes, args.long_fraction) for _ in range(5000)]
     mean_work = statistics.fmean(work_of(r) for r in requests)
@@ -372,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     wait_for(lambda key=stats_key: redis.exists(key), 120, f"worker {name}")
                     rate = load * capacity
                     print(f"load {load:.2f} ({rate:.3f} req/s), {mode} …", flush=True)
-                    wall0 = time.perf_counter()
+                    wall0 = time.time()
                     records, c0, c1, w0, w1 = asyncio.run(
                         open_loop(
                             base_url,
@@ -396,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in redis.scan_iter(match=f"*{prefix}*", count=1000):
             redis.delete(key)
 
+    ceiling_after = measure_ceiling(entry, args.max_batch)  # the machine may have changed
+    print(json.dumps(ceiling_after), flush=True)
     result = {
         "model": model,
         "synthetic": args.synthetic,
@@ -408,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "long_fraction": args.long_fraction,
         "ceiling": ceiling,
+        "ceiling_after": ceiling_after,
         "mean_request_rows_steps": mean_work,
         "capacity_req_s": capacity,
         "points": [asdict(p) for p in points],
@@ -424,16 +454,17 @@ def main(argv: list[str] | None = None) -> int:
 def markdown_table(result: dict[str, Any]) -> str:
     rows = [
         "| offered load | mode | images/s | p50 latency (s) | p99 latency (s) | occupancy | "
-        "rows·steps/s (% of ceiling) |",
-        "|---|---|---|---|---|---|---|",
+        "rows·steps/s (% of ceiling) | network share of worker time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    ceiling = result["ceiling"]["ceiling"]
+    ceiling = max(result["ceiling"]["ceiling"], result["ceiling_after"]["ceiling"])
     for p in result["points"]:
         p99 = f"{'≥' if p['p99_lower_bound'] else ''}{p['p99_s']:.1f}"
         rows.append(
             f"| {p['load']:.2f} ({p['offered_req_s']:.2f} req/s) | {p['mode']} | "
             f"{p['images_per_s']:.2f} | {p['p50_s']:.1f} | {p99} | {p['occupancy']:.2f} | "
-            f"{p['rows_steps_per_s']:.0f} ({100 * p['rows_steps_per_s'] / ceiling:.0f} %) |"
+            f"{p['rows_steps_per_s']:.0f} ({100 * p['rows_steps_per_s'] / ceiling:.0f} %) | "
+            f"{100 * p['extra'].get('network_share', 0):.0f} % |"
         )
     return "\n".join(rows)
 

@@ -44,7 +44,7 @@ import torch
 from ddserve.jobs import JobOutput
 from ddserve.settings import Settings
 from ddserve.storage import Storage
-from models.diffusion.sampler import Sample
+from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.errors import JobDeadlineExceeded, WorkerStopped
 from workers.execute import DenoiseWork, prepare_denoise, run_codec
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
@@ -131,6 +131,8 @@ class EngineStats:
     jobs_succeeded: int = 0
     jobs_failed: int = 0
     jobs_canceled: int = 0
+    network_s: float = 0.0  # time inside the network's forward calls
+    step_s: float = 0.0  # time inside DenoisingBatch.step (network + per-sample updates)
     _recent_rows: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
 
     def record_call(self, rows: int) -> None:
@@ -143,8 +145,10 @@ class EngineStats:
         """Rows of the most recent network calls (at most RECENT_CALLS), oldest first."""
         return list(self._recent_rows)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return {
+            "network_s": self.network_s,
+            "step_s": self.step_s,
             "network_calls": self.network_calls,
             "rows_total": self.rows_total,
             "images_done": self.images_done,
@@ -155,6 +159,24 @@ class EngineStats:
 
     def occupancy(self, max_rows: int) -> float:
         return self.rows_total / (self.network_calls * max_rows) if self.network_calls else 0.0
+
+
+class TimedNetwork:
+    """The network callable of a running set, adding each call's duration to `stats.network_s`."""
+
+    def __init__(self, network: NetworkFn, stats: EngineStats) -> None:
+        self.network = network
+        self.stats = stats
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            out = self.network(x, t, cond)
+            if out.is_cuda:  # kernels run asynchronously: time them to the end
+                torch.cuda.synchronize(out.device)
+            return out
+        finally:
+            self.stats.network_s += time.perf_counter() - started
 
 
 @dataclass(eq=False)
@@ -199,7 +221,7 @@ class DenoiseLane:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
-        self.batch = model.new_batch()
+        self.batch = self._new_batch()
         self.jobs: dict[str, JobState] = {}
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
@@ -211,6 +233,12 @@ class DenoiseLane:
     @property
     def idle(self) -> bool:
         return not self.jobs
+
+    def _new_batch(self) -> DenoisingBatch:
+        """An empty running set whose network calls are timed into the stats."""
+        batch = self.model.new_batch()
+        batch.network = TimedNetwork(batch.network, self.stats)
+        return batch
 
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
@@ -316,15 +344,17 @@ class DenoiseLane:
             job = self._owner[id(sample)]
             running[id(job)] = job
             job.image_steps += 1  # counted before the call: a failed call ends the job anyway
+        started = time.perf_counter()
         try:
             finished = self.batch.step()
         except Exception as exc:  # the call failed for every running sample: fail their jobs
             log.exception("model %s: denoising step failed", self.name)
-            self.batch = self.model.new_batch()
+            self.batch = self._new_batch()
             for job in running.values():
                 self._forget(job)
                 _end(job.ticket.fail, exc, self.stats, "failed")
             return
+        self.stats.step_s += time.perf_counter() - started
         self.stats.record_call(rows)
         for job in running.values():
             job.max_batch_rows = max(job.max_batch_rows, rows)
