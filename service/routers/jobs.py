@@ -10,9 +10,10 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from rq.job import Job as RQJob
 
-from ddserve.jobs import TERMINAL
+from ddserve.jobs import META_OWNER, TERMINAL
 from service.dependencies import AppState, Caller, CallerDep, State, base_url
 from service.errors import ERROR_RESPONSES, ApiError
+from service.jobstore import JobSnapshot
 from service.presenter import job_view
 from service.schemas import Job
 
@@ -28,12 +29,12 @@ RESPONSES = {k: v for k, v in ERROR_RESPONSES.items() if k in (401, 404, 503)}
 def _owned_job(state: AppState, caller: Caller, job_id: str) -> RQJob:
     """The job, if it exists, is ours and the caller's (another key's job is a 404 too)."""
     job = state.store.fetch(job_id) if _JOB_ID.match(job_id) else None
-    if job is None or (caller.owner is not None and job.meta.get("owner") != caller.owner):
+    if job is None or (caller.owner is not None and job.meta.get(META_OWNER) != caller.owner):
         raise ApiError(404, "job_not_found", f"no job {job_id!r}", "id")
     return job
 
 
-def _read(state: AppState, caller: Caller, job_id: str):
+def _read(state: AppState, caller: Caller, job_id: str) -> JobSnapshot:
     return state.store.snapshot(_owned_job(state, caller, job_id))
 
 
@@ -43,7 +44,7 @@ async def get_job(job_id: JobId, request: Request, state: State, caller: CallerD
     return JSONResponse(job_view(snap, state.storage, base_url(request, state.settings)))
 
 
-def _cancel(state: AppState, caller: Caller, job_id: str):
+def _cancel(state: AppState, caller: Caller, job_id: str) -> JobSnapshot:
     job = _owned_job(state, caller, job_id)
     state.store.cancel(job)
     job.refresh()  # status and timestamps as the cancel left them
