@@ -337,3 +337,39 @@ def test_startup_banner(zoo: Path) -> None:
     assert "curl -s -X POST http://127.0.0.1:8000/generate" in text and "Prefer: wait=60" in text
     assert '"class_label": 2' in text and "Authorization" not in text
     assert example_request(catalog, ["tiny-ae"]) == ("/models", {})
+
+
+@pytest.mark.redis
+def test_cancel_a_queued_job_on_real_redis(zoo: Path, tmp_path: Path) -> None:
+    """The same cancel against the real Redis (no worker, so the jobs stay queued)."""
+    import uuid
+
+    import redis
+
+    from service.app import create_app
+
+    connection = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    prefix = f"gwreal-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        redis_url="redis://127.0.0.1:6379/0",
+        key_prefix=prefix,
+        zoo_dir=zoo,
+        storage_dir=tmp_path,
+        auth_enabled=False,
+    )
+    ids: list[str] = []
+    try:
+        with TestClient(create_app(settings, connection)) as client:
+            ids = [client.post("/generate", json=GEN).json()["id"] for _ in range(3)]
+            assert client.get(f"/jobs/{ids[2]}").json()["queue_position"] == 2
+            canceled = client.post(f"/jobs/{ids[1]}/cancel").json()
+            assert canceled["status"] == "canceled" and canceled["completed_at"]
+            assert client.get(f"/jobs/{ids[2]}").json()["queue_position"] == 1
+            queue = f"rq:queue:{prefix}:tiny-ddpm"
+            assert [i.decode() for i in connection.lrange(queue, 0, -1)] == [ids[0], ids[2]]
+            assert client.get(f"/jobs/{ids[1]}").json()["status"] == "canceled"
+    finally:
+        keys = list(connection.scan_iter(match=f"*{prefix}*"))
+        keys += [f"rq:job:{job_id}" for job_id in ids]
+        if keys:
+            connection.delete(*keys)
