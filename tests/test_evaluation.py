@@ -15,7 +15,12 @@ from torch import nn
 
 from ddserve.cli import main
 from models.evaluation.accuracy import accuracy, label_set_accuracy, per_class_accuracy
-from models.evaluation.autoencoder import elbo_metrics, psnr_db, reconstruction_metrics
+from models.evaluation.autoencoder import (
+    denoising_metrics,
+    elbo_metrics,
+    psnr_db,
+    reconstruction_metrics,
+)
 from models.evaluation.frechet import feature_frechet_distance, frechet_distance
 from models.evaluation.generation import GenerationSetting
 from models.evaluation.inpainting import fill_hole, half_masks, masked_mse
@@ -127,6 +132,26 @@ def test_reconstruction_psnr_and_elbo_conversion() -> None:
     elbo = elbo_metrics(FixedElbo(), images)
     assert elbo["elbo_nats_per_dim"] == pytest.approx(-2.0)
     assert elbo["nll_bound_bits_per_dim"] == pytest.approx((2.0 + math.log(127.5)) / math.log(2))
+
+
+def test_denoising_metrics_compare_input_and_output() -> None:
+    class Identity(nn.Module):
+        def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    class Oracle(nn.Module):  # "denoises" every image to a constant 0.5 off the clean one
+        def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, -0.5)
+
+    images = torch.full((4, 1, 8, 8), -0.5)
+    same = denoising_metrics(Identity(), images, 0.3)
+    assert set(same) == {"gaussian", "masking", "salt_pepper"}
+    for scores in same.values():
+        assert scores["psnr_db_output"] == pytest.approx(scores["psnr_db_input"])
+    assert all(
+        v["psnr_db_output"] == float("inf")
+        for v in denoising_metrics(Oracle(), images, 0.3).values()
+    )
 
 
 def test_inpainting_masks_and_region_errors() -> None:

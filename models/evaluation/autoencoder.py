@@ -11,6 +11,8 @@
   argument, Theis et al. 2016).
 - VQ-VAE: the perplexity exp(H) of the code frequencies over all test positions (van den Oord et
   al. 2017), out of the codebook size K.
+- Denoising autoencoder: PSNR of D(E(x̃)) against the clean x for each corruption x̃ ~ q(x̃ | x)
+  it was trained on (Vincent et al. 2010), beside the PSNR of x̃ itself.
 """
 
 from __future__ import annotations
@@ -81,3 +83,22 @@ def perplexity_metrics(
         "codebook_size": codebook_size,
         "perplexity_fraction": perplexity / codebook_size,
     }
+
+
+@torch.no_grad()
+def denoising_metrics(
+    model: nn.Module, images: torch.Tensor, amount: float, seed: int = 0, batch_size: int = 250
+) -> dict[str, dict[str, float]]:
+    """Per corruption kind: PSNR of the corrupted input and of its reconstruction, against x."""
+    from models.autoencoders.corruption import NOISE_KINDS, corrupt
+
+    result = {}
+    for kind in NOISE_KINDS:
+        noisy = corrupt(images, kind, amount, torch.Generator().manual_seed(seed))
+        denoised = reconstructions(model, noisy, batch_size)
+        result[kind] = {
+            "amount": amount,
+            "psnr_db_input": reconstruction_metrics(images, noisy)["psnr_db"],
+            "psnr_db_output": reconstruction_metrics(images, denoised)["psnr_db"],
+        }
+    return result

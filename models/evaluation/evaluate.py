@@ -29,6 +29,7 @@ from models.diffusion.forward import q_sample
 from models.diffusion.schedule import NoiseSchedule
 from models.evaluation.accuracy import accuracy, label_set_accuracy
 from models.evaluation.autoencoder import (
+    denoising_metrics,
     elbo_metrics,
     perplexity_metrics,
     reconstruction_metrics,
@@ -289,6 +290,11 @@ def evaluate_autoencoder(
     result: dict[str, Any] = {"n_test": len(test), **reconstruction_metrics(test.images, recon)}
     if hasattr(network, "elbo_nats"):
         result["elbo"] = elbo_metrics(network, test.images, seed=options.setting.seed)
+    if entry.kind == "denoising-autoencoder":
+        amount = float(network.config.noise_amount)
+        result["denoising"] = denoising_metrics(
+            network, test.images, amount, seed=options.setting.seed
+        )
     if hasattr(network, "perplexity"):
         size = entry.codebook_size or int(network.config.codebook_size)
         result["codebook"] = perplexity_metrics(network, test.images, size)

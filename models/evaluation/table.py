@@ -73,6 +73,11 @@ def headline(kind: str, result: dict[str, Any]) -> str:
     if "codebook" in result:
         book = result["codebook"]
         parts.append(f"perplexity {book['perplexity']:.1f} / {book['codebook_size']}")
+    for kind, scores in result.get("denoising", {}).items():
+        parts.append(
+            f"denoising {kind} {scores['amount']:g}: {scores['psnr_db_input']:.1f} → "
+            f"{scores['psnr_db_output']:.1f} dB"
+        )
     recon = result.get("reconstructions")
     if recon:
         accuracies = ", ".join(
