@@ -227,7 +227,7 @@ def _tiny_zoo(root: Path) -> None:
             "kind": "noisy-classifier",
             "dataset": "digits",
             "image": image,
-            "schedule": {"kind": "linear", "num_timesteps": 20},
+            "schedule": {"kind": "linear", "num_timesteps": 100},
             "network": {"noisy_classifier": noisy.config.to_dict()},
             "files": {"weights": WEIGHTS_FILE},
         },
@@ -252,7 +252,7 @@ def _tiny_zoo(root: Path) -> None:
             "dataset": "digits",
             "image": image,
             "conditioning": {"type": "class", "classes": [str(d) for d in range(10)]},
-            "schedule": {"kind": "linear", "num_timesteps": 20},
+            "schedule": {"kind": "linear", "num_timesteps": 100},
             "defaults": {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 1.0},
             "classifier": "tiny-classifier",
             "network": {"unet": unet_config.to_dict()},
@@ -275,7 +275,7 @@ def test_eval_end_to_end_on_a_temporary_zoo(tmp_path: Path) -> None:
     assert classifier["data_floor"]["n"] == 40 and classifier["data_floor"]["fid"] >= 0.0
 
     noisy = read_metrics(tmp_path / "tiny-classifier")["test"]
-    assert set(noisy["test_accuracy_by_t"]) == {"0-1", "2-4", "5-9", "10-14", "15-19"}
+    assert set(noisy["test_accuracy_by_t"]) == {"0-9", "10-24", "25-49", "50-74", "75-99"}
 
     metrics = read_metrics(tmp_path / "tiny-ddpm")
     assert set(metrics) == {"ddim-4-w1-s1", "inpaint-ddim-2-w0-j10r1"}
@@ -307,3 +307,109 @@ def test_eval_rejects_guided_inpainting(tmp_path: Path) -> None:
     _tiny_zoo(tmp_path)
     with pytest.raises(ValueError, match="unconditionally"):
         main(["eval", "tiny-ddpm", "--inpaint", "--guidance", "2", "--zoo-dir", str(tmp_path)])
+
+
+def test_eval_latent_diffusion_with_prompts(tmp_path: Path) -> None:
+    """A text-conditional latent model: prompts cycle through every (shape, colour), latents are
+    decoded by the first stage, and accuracy is reported for shape, colour and both."""
+    from models.autoencoders import build_autoencoder
+    from models.data.text import CONTEXT_LEN, VOCABULARY
+
+    torch.manual_seed(0)
+    shapes_classifier = ImageClassifier(
+        ClassifierConfig(
+            in_channels=3,
+            image_size=32,
+            base_channels=4,
+            channel_mults=(1, 2),
+            feature_dim=8,
+            heads={"shape": 4, "colour": 6},
+        )
+    )
+    image = {"channels": 3, "height": 32, "width": 32}
+    folder = tmp_path / "shapes-eval-classifier"
+    folder.mkdir()
+    save_weights(shapes_classifier, folder / WEIGHTS_FILE)
+    write_entry(
+        folder,
+        {
+            "name": "shapes-eval-classifier",
+            "kind": "classifier",
+            "dataset": "shapes",
+            "image": image,
+            "network": {
+                "classifier": shapes_classifier.config.to_dict(),
+                "label_names": {
+                    "shape": ["circle", "square", "triangle", "cross"],
+                    "colour": ["red", "green", "blue", "yellow", "magenta", "cyan"],
+                },
+            },
+            "files": {"weights": WEIGHTS_FILE},
+        },
+    )
+    network = {"channels": [8, 8, 8], "num_res_blocks": 0, "latent_channels": 2}
+    first_stage = build_autoencoder("kl-autoencoder", network)
+    folder = tmp_path / "tiny-first-stage"
+    folder.mkdir()
+    save_weights(first_stage, folder / WEIGHTS_FILE)
+    write_entry(
+        folder,
+        {
+            "name": "tiny-first-stage",
+            "kind": "kl-autoencoder",
+            "dataset": "shapes",
+            "image": image,
+            "latent_shape": [2, 8, 8],
+            "network": network,
+            "files": {"weights": WEIGHTS_FILE},
+        },
+    )
+    unet_config = UNetConfig(
+        in_channels=2,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        vocab_size=len(VOCABULARY),
+        context_len=CONTEXT_LEN,
+        context_dim=8,
+    )
+    folder = tmp_path / "tiny-ldm"
+    folder.mkdir()
+    save_weights(UNet(unet_config), folder / WEIGHTS_FILE)
+    write_entry(
+        folder,
+        {
+            "name": "tiny-ldm",
+            "kind": "latent-diffusion",
+            "dataset": "shapes",
+            "image": image,
+            "latent_shape": [2, 8, 8],
+            "first_stage": "tiny-first-stage",
+            "conditioning": {"type": "text", "vocabulary": VOCABULARY, "context_len": CONTEXT_LEN},
+            "schedule": {"kind": "linear", "num_timesteps": 100},
+            "defaults": {
+                "sampler": "ddim",
+                "num_inference_steps": 2,
+                "guidance_scale": 2.0,
+                "clip_denoised": False,
+            },
+            "network": {"unet": unet_config.to_dict(), "latent_scale": 2.0},
+            "files": {"weights": WEIGHTS_FILE},
+        },
+    )
+    assert main(["eval", "tiny-ldm", "--n", "24", "--zoo-dir", str(tmp_path)]) == 0
+    result = read_metrics(tmp_path / "tiny-ldm")["ddim-2-w2"]
+    assert result["default_setting"] is True
+    assert set(result["accuracy"]) == {"shape", "colour", "both"}
+    assert set(result["accuracy"]["colour"]["per_class"]) == {
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "magenta",
+        "cyan",
+    }
+    assert result["accuracy"]["both"]["accuracy"] <= result["accuracy"]["shape"]["accuracy"]
+    assert result["data_floor"]["n"] == 24
