@@ -113,7 +113,9 @@ def bare_images_per_s(zoo: Path, batch: int, steps: int, rounds: int) -> float:
 async def http_round(url: str, concurrency: int, rounds: int, steps: int) -> dict[str, float]:
     """c closed-loop clients, `rounds` measured requests each after one warm-up request."""
     limits = httpx.Limits(
-        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+        max_connections=concurrency + 4,
+        max_keepalive_connections=concurrency + 4,
+        keepalive_expiry=2.0,  # well inside the server's keep-alive: no close/reuse race
     )
     latencies: list[float] = []
     batch_sizes: list[int] = []

@@ -30,6 +30,14 @@ from service.logs import configure_logging
 
 log = logging.getLogger("ddserve.serve")
 
+# Our access log (with request ids) replaces uvicorn's; keep-alive outlives a client's or load
+# balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "log_config": None,
+    "access_log": False,
+    "timeout_keep_alive": 75,
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default: DDSERVE_HOST)")
@@ -105,6 +113,12 @@ async def _serve(server: uvicorn.Server, settings: Settings) -> None:
     await task
 
 
+def _run(config: uvicorn.Config, settings: Settings) -> None:
+    """Serve on uvicorn's event loop of choice (uvloop when installed), as `Server.run` would."""
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(_serve(uvicorn.Server(config), settings))
+
+
 def run_embedded(settings: Settings, threads: int) -> int:
     import fakeredis
 
@@ -130,10 +144,8 @@ def run_embedded(settings: Settings, threads: int) -> int:
     ]
     try:
         app = create_app(settings, fakeredis.FakeRedis(server=server_state))
-        config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_config=None, access_log=False
-        )
-        asyncio.run(_serve(uvicorn.Server(config), settings))
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
+        _run(config, settings)
     finally:
         for handle in handles:
             handle.stop()
@@ -157,18 +169,13 @@ def run_gateway(settings: Settings, processes: int) -> int:
             host=settings.host,
             port=settings.port,
             workers=processes,
-            log_config=None,
-            access_log=False,
+            **UVICORN_OPTIONS,
         )
         return 0
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
+        create_app(settings), host=settings.host, port=settings.port, **UVICORN_OPTIONS
     )
-    asyncio.run(_serve(uvicorn.Server(config), settings))
+    _run(config, settings)
     return 0
 
 
