@@ -242,18 +242,26 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
 
 
 def cleanup_redis(redis_url: str, prefix: str) -> None:
+    """Delete every key of this run: its prefix's, and each job whose queue is ours (RQ's job,
+    result and execution keys carry no prefix)."""
     from redis import Redis
 
     connection = Redis.from_url(redis_url)
-    job_ids = set()
-    for key in connection.scan_iter(match=f"rq:*{prefix}*", count=1000):
-        if key.startswith(b"rq:finished:") or key.startswith(b"rq:failed:"):
-            job_ids.update(m.decode().split(":")[0] for m in connection.zrange(key, 0, -1))
+    job_keys = [k for k in connection.scan_iter(match="rq:job:*", count=1000) if k.count(b":") == 2]
+    pipe = connection.pipeline(transaction=False)
+    for key in job_keys:
+        pipe.hget(key, "origin")
+    ours = [
+        key.decode()[len("rq:job:") :]
+        for key, origin in zip(job_keys, pipe.execute(), strict=True)
+        if origin is not None and origin.decode().startswith(f"{prefix}:")
+    ]
     keys = list(connection.scan_iter(match=f"*{prefix}*", count=1000))
-    for job_id in job_ids:
-        keys += list(connection.scan_iter(match=f"rq:*{job_id}*", count=1000))
-    if keys:
-        connection.delete(*keys)
+    for job_id in ours:
+        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}"]
+        keys += list(connection.scan_iter(match=f"rq:execution*{job_id}*", count=1000))
+    for start in range(0, len(keys), 500):
+        connection.delete(*keys[start : start + 500])
 
 
 def main() -> None:
