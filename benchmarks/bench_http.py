@@ -258,8 +258,8 @@ def cleanup_redis(redis_url: str, prefix: str) -> None:
     ]
     keys = list(connection.scan_iter(match=f"*{prefix}*", count=1000))
     for job_id in ours:
-        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}"]
-        keys += list(connection.scan_iter(match=f"rq:execution*{job_id}*", count=1000))
+        # (each execution's own key expires with its TTL)
+        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:executions:{job_id}"]
     for start in range(0, len(keys), 500):
         connection.delete(*keys[start : start + 500])
 
