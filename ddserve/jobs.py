@@ -119,6 +119,19 @@ class GenerateRequest(TypedDict):
     output: OutputSpec
 
 
+class PriorSampleRequest(TypedDict):
+    """`generate` on a model without a diffusion schedule (VAE, AAE: `entry.schedule` is None):
+    image i decodes z_i ~ N(0, I) of the model's latent_shape, z_i drawn from
+    noise.sample_generator(seed, i)."""
+
+    kind: str  # "generate"
+    model: str
+    n: int
+    class_label: int | None  # only for a class-conditional model
+    seed: int
+    output: OutputSpec
+
+
 class InpaintRequest(TypedDict):
     kind: str  # "inpaint"
     model: str
@@ -149,8 +162,8 @@ class EncodeRequest(TypedDict):
 class DecodeRequest(TypedDict):
     kind: str  # "decode"
     model: str
-    latents: list[Any] | None  # [n, C, H, W] floats (models with latent_shape)
-    codes: list[Any] | None  # [n, H, W] code indices (VQ-VAE, models with code_shape)
+    latents: list[Any] | None  # [n, *latent_shape] floats, e.g. [n, C, H, W] or [n, D]
+    codes: list[Any] | None  # [n, *code_shape] int code indices (VQ-VAE, models with code_shape)
     output: OutputSpec
 
 

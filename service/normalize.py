@@ -198,6 +198,8 @@ class RequestNormalizer:
 
     def generate(self, body: GenerateBody) -> dict[str, Any]:
         entry = self.entry(body.model, "generate")
+        if entry.schedule is None:  # no diffusion: a VAE or AAE samples its prior, then decodes
+            return self._prior_sample(entry, body)
         d = self._defaults(entry)
         return {
             "kind": JobKind.GENERATE.value,
@@ -209,6 +211,37 @@ class RequestNormalizer:
                 entry, body.classifier_scale, body.class_label
             ),
             "clip_denoised": d.clip_denoised,
+            "seed": self._seed(body.seed),
+            "output": self._output(body.output),
+        }
+
+    def _prior_sample(self, entry: ModelEntry, body: GenerateBody) -> dict[str, Any]:
+        """`generate` on an autoencoder with a prior (VAE, AAE): z ~ N(0, I) of the latent shape,
+        decoded. Only n, class_label (a conditional model), seed and output apply; the request
+        keeps just those (see `ddserve.jobs.PriorSampleRequest`)."""
+        diffusion_only = {
+            "sampler": body.sampler,
+            "num_inference_steps": body.num_inference_steps,
+            "eta": body.eta,
+            "prompt": body.prompt,
+            "guidance_scale": body.guidance_scale or None,
+            "classifier_scale": body.classifier_scale or None,
+            "output.trajectory": body.output.trajectory or None,
+        }
+        for name, value in diffusion_only.items():
+            if value is not None:
+                raise _invalid(
+                    "not_a_diffusion_model",
+                    f"model {entry.name!r} ({entry.kind}) samples its prior and decodes it: "
+                    f"{name} does not apply",
+                    name,
+                )
+        cond = self._condition(entry, body.class_label, None, None)
+        return {
+            "kind": JobKind.GENERATE.value,
+            "model": entry.name,
+            "n": body.n,
+            "class_label": cond["class_label"],
             "seed": self._seed(body.seed),
             "output": self._output(body.output),
         }
@@ -278,26 +311,33 @@ class RequestNormalizer:
         }
 
     def decode(self, body: DecodeBody) -> dict[str, Any]:
+        """Latents [n, *latent_shape] → images; for a VQ-VAE also code indices [n, *code_shape]
+        (as `codes`, or as `latents` when their shape says so)."""
         entry = self.entry(body.model, "decode")
         if body.latents is not None and body.codes is not None:
             raise _invalid("conflicting_input", "give latents or codes, not both", "codes")
         latents: list[Any] | None = None
         codes: list[Any] | None = None
-        if entry.code_shape is not None:
-            given = body.codes if body.codes is not None else body.latents
-            param = "codes" if body.codes is not None else "latents"
-            if given is None:
-                raise _invalid("missing_field", "give codes [n, H, W]", "codes")
-            codes = self._check_codes(entry, given, param)
-        else:
-            if body.codes is not None:
+        if body.codes is not None:
+            if entry.code_shape is None:
                 raise _invalid(
                     "not_vector_quantized",
                     f"model {entry.name!r} takes latents, not codes",
                     "codes",
                 )
-            if body.latents is None:
-                raise _invalid("missing_field", "give latents [n, C, H, W]", "latents")
+            codes = self._check_codes(entry, body.codes, "codes")
+        elif body.latents is None:
+            wanted = f"latents [n, {', '.join(map(str, entry.latent_shape or []))}]"
+            if entry.code_shape is not None:
+                wanted += f" or codes [n, {', '.join(map(str, entry.code_shape))}]"
+            raise _invalid("missing_field", f"give {wanted}", "latents")
+        elif (
+            entry.code_shape is not None
+            and entry.latent_shape != entry.code_shape
+            and (self._shape(body.latents) or [])[1:] == list(entry.code_shape)
+        ):
+            codes = self._check_codes(entry, body.latents, "latents")
+        else:
             latents = self._check_latents(entry, body.latents)
         return {
             "kind": JobKind.DECODE.value,
@@ -332,12 +372,12 @@ class RequestNormalizer:
                 f"got {shape if shape is not None else 'a ragged list'}",
                 "latents",
             )
-        flat = _flatten(latents)
-        if any(isinstance(v, int) and not isinstance(v, bool) for v in flat):
-            latents = _to_float(latents)
-        if not all(math.isfinite(v) and abs(v) <= 1e6 for v in _flatten(latents)):
-            raise _invalid("invalid_latents", "latents must be finite, |value| ≤ 1e6", "latents")
-        return latents
+        values = _flatten(latents)
+        if not all(_is_number(v) and math.isfinite(v) and abs(v) <= 1e6 for v in values):
+            raise _invalid(
+                "invalid_latents", "latents must be finite numbers, |value| ≤ 1e6", "latents"
+            )
+        return _to_float(latents)
 
     def _check_codes(self, entry: ModelEntry, codes: list[Any], param: str) -> list[Any]:
         expected = list(entry.code_shape or [])
@@ -349,13 +389,23 @@ class RequestNormalizer:
                 f"got {shape if shape is not None else 'a ragged list'}",
                 param,
             )
-        flat = _flatten(codes)
         size = entry.codebook_size or 0
-        if not all(isinstance(v, int) and 0 <= v < size for v in flat):
+        values = _flatten(codes)
+        if not all(_is_number(v) and float(v).is_integer() and 0 <= v < size for v in values):
             raise _invalid(
                 "code_out_of_range", f"code indices must be integers in [0, {size})", param
             )
-        return codes
+        return _to_int(codes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_to_int(v) for v in value]
+    return int(value)
 
 
 def _flatten(value: Any) -> list[Any]:

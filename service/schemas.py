@@ -150,25 +150,23 @@ class EncodeBody(BaseModel):
 
 
 class DecodeBody(BaseModel):
-    """`POST /decode`: latents [n, C, H, W] (or VQ code indices [n, H, W]) → images."""
+    """`POST /decode`: latents [n, *latent_shape] (or VQ code indices [n, *code_shape]) → images."""
 
     model_config = _REQUEST_CONFIG
 
     model: str = ModelName
-    latents: list[list[list[list[float]]]] | list[list[list[int]]] | list[list[float]] | None = (
-        Field(
-            None,
-            min_length=1,
-            max_length=MAX_IMAGES,
-            description="[n, C, H, W] of the model's latent_shape ([n, D] when it is a vector, as the "
-            "VAE's); for a VQ-VAE also [n, H, W] code indices (same as `codes`)",
-        )
-    )
-    codes: list[list[list[int]]] | None = Field(
+    latents: list[Any] | None = Field(
         None,
         min_length=1,
         max_length=MAX_IMAGES,
-        description="VQ-VAE: [n, H, W] code indices (< codebook_size)",
+        description="nested lists of numbers, [n, *latent_shape] of the model (`GET /models`), "
+        "e.g. the `latents` of an encode job; for a VQ-VAE also [n, *code_shape] code indices",
+    )
+    codes: list[Any] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_IMAGES,
+        description="VQ-VAE: [n, *code_shape] code indices (integers < codebook_size)",
     )
     output: OutputOptions = Field(default_factory=OutputOptions)
 

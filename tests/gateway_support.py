@@ -23,7 +23,7 @@ CLASSES = ["zero", "one", "two"]
 
 
 def write_config_zoo(root: Path) -> Path:
-    """Five models' config.json, covering every task and kind of conditioning."""
+    """Six models' config.json, covering every task and kind of conditioning."""
     entries: list[dict[str, Any]] = [
         {
             "name": "tiny-ddpm",
@@ -65,6 +65,14 @@ def write_config_zoo(root: Path) -> Path:
             "dataset": "digits",
             "image": {"channels": 1, "height": 8, "width": 8},
             "latent_shape": [2, 4, 4],
+        },
+        {
+            "name": "tiny-vae",
+            "kind": "vae",
+            "tasks": ["generate", "encode", "decode", "reconstruct"],
+            "dataset": "digits",
+            "image": {"channels": 1, "height": 8, "width": 8},
+            "latent_shape": [4],
         },
         {
             "name": "tiny-vq",

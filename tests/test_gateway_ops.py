@@ -57,17 +57,16 @@ def test_readiness_follows_redis_and_workers(client: TestClient, app_server) -> 
         "tiny-ddpm",
         "tiny-text",
         "tiny-ae",
+        "tiny-vae",
         "tiny-vq",
     }
     conn = client.app.state.ddserve.connection
     queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ddpm", "tiny-text")]
     Worker(queues, connection=conn, name="w-diffusion").register_birth()
     partial = client.get("/readyz").json()
-    assert partial["workers"]["tiny-ddpm"] == 1 and set(partial["missing"]) == {
-        "tiny-ae",
-        "tiny-vq",
-    }
-    queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ae", "tiny-vq")]
+    assert partial["workers"]["tiny-ddpm"] == 1
+    assert set(partial["missing"]) == {"tiny-ae", "tiny-vae", "tiny-vq"}
+    queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ae", "tiny-vae", "tiny-vq")]
     worker = Worker(queues, connection=conn, name="w-codec")
     worker.register_birth()
     assert client.get("/readyz").status_code == 200

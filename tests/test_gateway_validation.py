@@ -284,6 +284,65 @@ def test_decode_checks_latents_and_codes(client: TestClient) -> None:
     )
 
 
+def test_decode_takes_any_latent_rank(client: TestClient) -> None:
+    r = client.post("/decode", json={"model": "tiny-vae", "latents": [[0, 0.5, -1, 2]] * 3})
+    assert r.status_code == 202
+    assert queued_request(client, r.json()["id"])["latents"][0] == [0.0, 0.5, -1.0, 2.0]
+    assert_error(
+        client.post("/decode", json={"model": "tiny-vae", "latents": [[0, 0.5, "x", 2]]}),
+        422,
+        "invalid_latents",
+        "latents",
+    )
+    assert_error(
+        client.post("/decode", json={"model": "tiny-vae", "latents": [[0, 1, True, 2]]}),
+        422,
+        "invalid_latents",
+    )
+    assert_error(
+        client.post("/decode", json={"model": "tiny-vae", "latents": [[0.0] * 5]}),
+        422,
+        "wrong_latent_shape",
+    )
+    # a VQ-VAE also takes its continuous latents [n, 2, 2, 2]: the worker quantizes them
+    vq = client.post("/decode", json={"model": "tiny-vq", "latents": [[[[0.5] * 2] * 2] * 2]})
+    assert vq.status_code == 202
+    request = queued_request(client, vq.json()["id"])
+    assert request["codes"] is None and request["latents"] == [[[[0.5] * 2] * 2] * 2]
+
+
+def test_generate_from_a_prior(client: TestClient) -> None:
+    r = client.post("/generate", json={"model": "tiny-vae", "n": 3, "seed": 8})
+    assert r.status_code == 202
+    assert queued_request(client, r.json()["id"]) == {
+        "kind": "generate",
+        "model": "tiny-vae",
+        "n": 3,
+        "class_label": None,
+        "seed": 8,
+        "output": {"format": "png", "return": "url", "trajectory": False},
+    }
+    for field, value in [("sampler", "ddim"), ("num_inference_steps", 5), ("eta", 0.5)]:
+        assert_error(
+            client.post("/generate", json={"model": "tiny-vae", field: value}),
+            422,
+            "not_a_diffusion_model",
+            field,
+        )
+    assert_error(
+        client.post("/generate", json={"model": "tiny-vae", "output": {"trajectory": True}}),
+        422,
+        "not_a_diffusion_model",
+        "output.trajectory",
+    )
+    assert_error(
+        client.post("/generate", json={"model": "tiny-vae", "class_label": 1}),
+        422,
+        "not_class_conditional",
+        "class_label",
+    )
+
+
 def test_reconstruct_noise_limits(client: TestClient) -> None:
     body = {"model": "tiny-ae", "images": [png_b64()], "seed": 4}
     ok = client.post("/reconstruct", json={**body, "noise": {"kind": "gaussian", "amount": 1.5}})
