@@ -116,6 +116,25 @@ def test_accuracy_per_class_and_joint() -> None:
         accuracy(torch.tensor([1]), torch.tensor([1, 2]))
 
 
+def test_floor_images_match_the_sample_labels() -> None:
+    from models.data.shapes import load_shapes
+    from models.evaluation.evaluate import balanced_labels, matching_train_indices
+
+    train = load_shapes("train", n=300, seed=5)
+    targets = balanced_labels(train.label_names, 48)
+    assert targets["shape"][:5].tolist() == [0, 1, 2, 3, 0]
+    assert targets["colour"][:9].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    index = matching_train_indices(train, targets, seed=0)
+    for name in ("shape", "colour"):
+        assert torch.equal(train.labels[name][index], targets[name])
+    assert len(set(index.tolist())) == 48  # enough of each pair here: no repeats
+    # More rows than images of a label: reuse, still with the right labels.
+    few = load_shapes("train", n=30, seed=5)
+    many = {"shape": torch.zeros(40, dtype=torch.long)}
+    reused = matching_train_indices(few, many, seed=0)
+    assert (few.labels["shape"][reused] == 0).all()
+
+
 def test_reconstruction_psnr_and_elbo_conversion() -> None:
     images = torch.rand(10, 1, 4, 4) * 1.6 - 0.8
     recon = images + 0.2  # 0.1 on the [0, 1] scale: MSE 0.01, PSNR 20 dB
@@ -286,6 +305,7 @@ def test_eval_end_to_end_on_a_temporary_zoo(tmp_path: Path) -> None:
     )
     assert generated["fid"] > 0 and 0 <= generated["precision"] <= 1
     assert generated["data_floor"]["n"] == 20
+    assert generated["data_floor"]["labels"] == "matched to the samples' labels"
     assert set(generated["accuracy"]["class"]["per_class"]) == {str(d) for d in range(10)}
     assert generated["default_setting"] is False
     inpaint = metrics["inpaint-ddim-2-w0-j10r1"]

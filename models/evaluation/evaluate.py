@@ -95,16 +95,65 @@ def feature_scores(real: np.ndarray, generated: np.ndarray) -> dict[str, float]:
     }
 
 
+def balanced_labels(label_names: dict[str, list[str]], n: int) -> dict[str, torch.Tensor]:
+    """Labels of n rows that cycle through every combination, the first label set fastest (digits:
+    class i mod 10; shapes: shape i mod 4, colour ⌊i / 4⌋ mod 6 — as `balanced_conditions`)."""
+    i = torch.arange(n)
+    labels, stride = {}, 1
+    for name, names in label_names.items():
+        labels[name] = (i // stride) % len(names)
+        stride *= len(names)
+    return labels
+
+
+def matching_train_indices(
+    train: ImageDataset, targets: dict[str, torch.Tensor], seed: int
+) -> torch.Tensor:
+    """For each row of `targets`, a distinct random train image with those labels, [n].
+
+    The conditional samples of an evaluation have a fixed label composition (every class equally
+    often); a floor drawn at random would add the noise of a random composition, which the
+    classifier's class-dominated features feel strongly, and make the floor look worse than the
+    samples. Rows beyond a label's supply reuse its images (sampling with replacement)."""
+    generator = torch.Generator().manual_seed(seed)
+    names = list(targets)
+    train_keys = torch.stack([train.labels[name] for name in names], dim=1)  # [N_train, L]
+    wanted = torch.stack([targets[name] for name in names], dim=1)  # [n, L]
+    chosen = torch.empty(len(wanted), dtype=torch.long)
+    for key in torch.unique(wanted, dim=0):
+        rows = (wanted == key).all(dim=1).nonzero()[:, 0]
+        pool = (train_keys == key).all(dim=1).nonzero()[:, 0]
+        if len(pool) == 0:
+            raise ValueError(
+                f"no train image has the labels {dict(zip(names, key.tolist(), strict=True))}"
+            )
+        order = pool[torch.randperm(len(pool), generator=generator)]
+        chosen[rows] = order[torch.arange(len(rows)) % len(order)]
+    return chosen
+
+
 def data_floor(
-    entry: ModelEntry, classifier: EvalClassifier, test_features: np.ndarray, n: int, seed: int
+    entry: ModelEntry,
+    classifier: EvalClassifier,
+    test_features: np.ndarray,
+    n: int,
+    seed: int,
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The feature scores of n real train images against the test split: what a perfect model of
-    the data distribution would get at this sample count."""
+    the data distribution would get at this sample count. With `targets` (the labels conditional
+    samples were drawn with) the train images have exactly those labels; else they are a random
+    subset."""
     train = _dataset(entry, "train")
-    count = min(n, len(train))
-    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+    if targets:
+        index = matching_train_indices(train, targets, seed)
+        composition = "matched to the samples' labels"
+    else:
+        count = min(n, len(train))
+        index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+        composition = "random"
     features = classifier.measure(train.images[index]).features
-    return {"n": count, **feature_scores(test_features, features)}
+    return {"n": len(index), "labels": composition, **feature_scores(test_features, features)}
 
 
 def _named_accuracy(result: dict[str, object]) -> dict[str, object]:
@@ -120,9 +169,9 @@ def evaluate_classifier(entry: ModelEntry, options: EvalOptions) -> Evaluation:
     classifier = EvalClassifier(network, dict(entry.network["label_names"]), entry.name)
     test = _dataset(entry, "test")
     measured = classifier.measure(test.images)
-    floor = data_floor(
-        entry, classifier, measured.features, options.setting.n, options.setting.seed
-    )
+    n = options.setting.n
+    balanced = balanced_labels(classifier.label_names, n)
+    floor = data_floor(entry, classifier, measured.features, n, options.setting.seed, balanced)
     result = {
         "n_test": len(test),
         "feature_dim": int(measured.features.shape[1]),
@@ -199,7 +248,9 @@ def evaluate_generation(
     seconds = time.perf_counter() - started
     measured = classifier.measure(images)
     scores = feature_scores(test_measured.features, measured.features)
-    floor = data_floor(entry, classifier, test_measured.features, setting.n, setting.seed)
+    floor = data_floor(
+        entry, classifier, test_measured.features, setting.n, setting.seed, conditions.targets
+    )
     result: dict[str, Any] = {
         "setting": asdict(setting),
         **scores,
