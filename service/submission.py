@@ -99,6 +99,7 @@ def _create(
 
 
 def _replay(state: AppState, job_id: str) -> JobSnapshot:
+    """The job an Idempotency-Key already holds (its first request may still be enqueuing it)."""
     for _ in range(REPLAY_FETCH_TRIES):
         job = state.store.fetch(job_id)
         if job is not None:
