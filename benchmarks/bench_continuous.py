@@ -338,7 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "continuous.json"))
+    parser.add_argument(
+        "--from-json", nargs="+", default=None, help="only redraw table and plot from results"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        result = merge_results([json.loads(Path(p).read_text()) for p in args.from_json])
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if len(args.from_json) > 1:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out.with_name(out.stem + "_latency.png"))
+        print(markdown_table(result))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -451,6 +463,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs (e.g. two ranges of load) as one result; the ceiling is the best measured."""
+    merged = dict(results[0])
+    merged["points"] = [p for r in results for p in r["points"]]
+    merged["runs"] = [{k: v for k, v in r.items() if k != "points"} for r in results]
+    best = max(
+        (r[key] for r in results for key in ("ceiling", "ceiling_after") if key in r),
+        key=lambda c: c["ceiling"],
+    )
+    merged["ceiling"] = merged["ceiling_after"] = best
+    return merged
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     rows = [
         "| offered load | mode | images/s | p50 latency (s) | p99 latency (s) | occupancy | "
@@ -476,16 +501,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colours = {"none": "tab:gray", "request": "tab:orange", "continuous": "tab:blue"}
     for mode in MODES:
-        points = [p for p in result["points"] if p["mode"] == mode]
+        points = sorted(
+            (p for p in result["points"] if p["mode"] == mode), key=lambda p: p["offered_req_s"]
+        )
         if not points:
             continue
         loads = [p["offered_req_s"] for p in points]
-        axes[0].plot(loads, [p["p99_s"] for p in points], marker="o", label=f"{mode} p99")
+        colour = colours[mode]
         axes[0].plot(
-            loads, [p["p50_s"] for p in points], marker=".", linestyle="--", label=f"{mode} p50"
+            loads, [p["p99_s"] for p in points], marker="o", color=colour, label=f"{mode} p99"
         )
-        axes[1].plot(loads, [p["images_per_s"] for p in points], marker="o", label=mode)
+        axes[0].plot(
+            loads,
+            [p["p50_s"] for p in points],
+            marker=".",
+            linestyle="--",
+            color=colour,
+            label=f"{mode} p50",
+        )
+        axes[1].plot(
+            loads, [p["images_per_s"] for p in points], marker="o", color=colour, label=mode
+        )
     axes[0].set(xlabel="offered load (requests/s)", ylabel="latency (s)", yscale="log")
     axes[0].set_title("latency against load")
     axes[1].set(xlabel="offered load (requests/s)", ylabel="throughput (images/s)")
