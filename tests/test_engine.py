@@ -397,6 +397,8 @@ def test_inpainting_with_repaint_jumps_batches_with_generation(pool: ModelPool) 
         "num_inference_steps": 6,
         "jump_length": 2,
         "jump_n_sample": 2,
+        "class_label": 4,  # conditional, guided inpainting
+        "guidance_scale": 1.5,
         "seed": 7,
         "output": {"trajectory": True},
     }
@@ -409,6 +411,7 @@ def test_inpainting_with_repaint_jumps_batches_with_generation(pool: ModelPool) 
     work = works[painted.id]
     assert work.steps_per_image > 6  # RePaint walked back up and denoised again
     assert engine.stats.network_calls == work.steps_per_image
+    assert engine.stats.rows_per_call[0] == 2 * 2 + 3  # the guided inpainting rows count twice
     for ticket in (painted, *others):
         assert_equal_alone(pool, ticket, works[ticket.id])
     for record in painted.output["images"]:

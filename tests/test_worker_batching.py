@@ -254,6 +254,32 @@ def test_autoencoder_jobs_run_through_onnx_runtime(box: RedisSandbox, running: A
     corrupted = rebuild.return_value()["corrupted"]
     assert len(corrupted) == 3 and corrupted[0]["seed"] == 3
     assert any(not np.array_equal(a, b) for a, b in zip(decoded, rebuilt, strict=True))
+    # Corruption noise of image i comes from its own stream: the same with fewer images.
+    alone = box.enqueue(
+        CODEC,
+        {
+            "kind": "reconstruct",
+            "model": CODEC,
+            "images": images[:1],
+            "noise": {"kind": "masking", "amount": 0.5},
+            "seed": 3,
+        },
+    )
+    # `generate` on an autoencoder decodes samples of its latent prior, image i from (seed, i).
+    prior = [
+        box.enqueue(CODEC, {"kind": "generate", "model": CODEC, "n": n, "seed": 11}) for n in (3, 1)
+    ]
+    wait_terminal([alone, *prior])
+
+    def stored(job: Job, record: str, index: int) -> bytes:
+        return worker.storage.get(job.return_value()[record][index]["key"])
+
+    assert stored(alone, "corrupted", 0) == stored(rebuild, "corrupted", 0)
+    assert stored(alone, "images", 0) == stored(rebuild, "images", 0)
+    assert [status(j) for j in prior] == ["finished", "finished"]
+    assert len(prior[0].return_value()["images"]) == 3
+    assert stored(prior[0], "images", 0) == stored(prior[1], "images", 0)
+    assert stored(prior[0], "images", 0) != stored(prior[0], "images", 1)
 
 
 def test_warm_shutdown_finishes_the_running_job(

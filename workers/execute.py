@@ -233,6 +233,8 @@ def _condition(request: dict[str, Any], model: DiffusionModel) -> torch.Tensor |
         return torch.tensor(int(label), dtype=torch.long)
     if label is not None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
+    if request.get("prompt_tokens") is not None:  # tokenized by the gateway
+        return torch.tensor([int(i) for i in request["prompt_tokens"]], dtype=torch.long)
     if not prompt:
         return None
     from models.data.text import encode_prompt
@@ -273,7 +275,7 @@ def _sampler_settings(request: dict[str, Any], model: DiffusionModel) -> Sampler
             eta=float(request.get("eta") or 0.0),
             guidance_scale=guidance,
             classifier_scale=classifier_scale,
-            clip_denoised=model.clip_denoised,
+            clip_denoised=bool(request.get("clip_denoised", model.clip_denoised)),
             jump_length=int(request.get("jump_length") or 1) if inpaint else 1,
             jump_n_sample=int(request.get("jump_n_sample") or 1) if inpaint else 1,
         )
@@ -307,7 +309,7 @@ def prepare_denoise(request: dict[str, Any], model: DiffusionModel, job_id: str)
     seed = _request_seed(request)
     spec = OutputSpec.from_request(request)
     settings = _sampler_settings(request, model)
-    cond = _condition(request, model) if kind == JobKind.GENERATE else None
+    cond = _condition(request, model)  # inpainting may be conditional (and guided) too
     label = request.get("class_label")
     known, mask = _inpaint_inputs(request, model) if kind == JobKind.INPAINT else (None, None)
     samples = [
@@ -332,20 +334,53 @@ def _corrupt(
     noise: dict[str, Any],
     seed: int,
 ) -> torch.Tensor:
+    """The denoising autoencoder's input corruption; image i draws from sample_generator(seed, i)."""
     from models.autoencoders import corrupt
 
-    generator = torch.Generator().manual_seed(seed)
-    return corrupt(images, str(noise["kind"]), float(noise["amount"]), generator)
+    kind, amount = str(noise["kind"]), float(noise["amount"])
+    try:
+        return torch.cat(
+            [
+                corrupt(images[i : i + 1], kind, amount, sample_generator(seed, i))
+                for i in range(images.shape[0])
+            ]
+        )
+    except ValueError as exc:
+        raise InvalidJobRequest(f"noise: {exc}") from exc
+
+
+def _prior_sample(
+    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage, spec: OutputSpec
+) -> JobOutput:
+    """`generate` on a VAE or AAE: image i decodes z_i ~ N(0, I) of the latent shape, drawn from
+    sample_generator(seed, i) (so the same seed gives the same images in any batch)."""
+    shape = model.entry.latent_shape
+    if not shape:
+        raise InvalidJobRequest(f"model {model.name!r} has no latent prior to sample")
+    if request.get("class_label") is not None:
+        raise InvalidJobRequest(f"model {model.name!r} is not class-conditional")
+    n = int(request.get("n") or 1)
+    seed = _request_seed(request)
+    z = torch.stack(
+        [torch.randn(tuple(shape), generator=sample_generator(seed, i)) for i in range(n)]
+    )  # [n, *latent_shape]
+    decoded = model.codec.decode(latents=z.numpy())
+    pixels = torch.from_numpy(np.asarray(decoded, dtype=np.float32))  # [n, C, H, W]
+    records = [store_image(storage, job_id, i, img, spec, seed) for i, img in enumerate(pixels)]
+    return {"images": records, "latents": None}
 
 
 def run_codec(
     request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
 ) -> JobOutput:
     """encode: images → latents (and VQ codes); decode: latents or codes → images; reconstruct:
-    images (optionally corrupted first, for denoising autoencoders) → reconstructions."""
+    images (optionally corrupted first, for denoising autoencoders) → reconstructions; generate
+    (VAE, AAE): decoded samples of the latent prior."""
     kind = JobKind(request.get("kind"))
     image = model.entry.image
     spec = OutputSpec.from_request(request)
+    if kind == JobKind.GENERATE:
+        return _prior_sample(request, model, job_id, storage, spec)
     if kind == JobKind.ENCODE:
         x = decode_images(
             request.get("images") or [], image.channels, image.height, image.width, "images"
