@@ -163,6 +163,7 @@ def run_gateway(settings: Settings, processes: int) -> int:
     log.info("gateway mode: Redis at %s; workers run apart (ddserve worker)", _redact(settings))
     if processes > 1:
         os.environ["DDSERVE_HOST"], os.environ["DDSERVE_PORT"] = settings.host, str(settings.port)
+        log.info("%d gateway processes on http://%s:%d", processes, settings.host, settings.port)
         uvicorn.run(
             "service.app:app_from_env",
             factory=True,
