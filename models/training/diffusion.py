@@ -96,15 +96,18 @@ class DiffusionTask(TrainingTask):
         return loss, {}
 
     def sample_images(self, model: nn.Module, generator: torch.Generator) -> torch.Tensor:
-        n = 20
+        """DDIM-50 samples over the data's first distinct conditions, decoded for latent models."""
+        n = 24
         x_T = torch.randn((n, *self.x0.shape[1:]), generator=generator)
         cond = None
-        if self.unet_config.num_classes is not None:
-            cond = torch.arange(n) % self.unet_config.num_classes
+        if self.conditions is not None:
+            distinct = torch.unique(self.conditions, dim=0)  # [K] classes or [K, L] captions
+            cond = distinct[torch.arange(n) % distinct.shape[0]]
+        latent = self.first_stage is not None
         settings = SamplerSettings(
-            "ddim", 50, guidance_scale=1.0 if cond is not None else 0.0, clip_denoised=True
+            "ddim", 50, guidance_scale=2.0 if cond is not None else 0.0, clip_denoised=not latent
         )
-        return sample(
+        out = sample(
             model,
             self.schedule,
             x_T,
@@ -113,6 +116,9 @@ class DiffusionTask(TrainingTask):
             null_condition=model.null_condition(),
             prediction_type=self.prediction_type,
         )
+        if self.first_stage is not None:
+            return self.first_stage.decode(out / self.latent_scale)
+        return out
 
     def export(self, model: nn.Module, folder: Path) -> None:
         save_weights(model, folder / WEIGHTS_FILE)
