@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads,
     }
     recipe["train"].update({k: v for k, v in overrides.items() if v is not None})
+    recipe["zoo_dir"] = str(args.zoo_dir)  # where the models it builds on (first stages) live
     task = build_task(recipe)
     run_dir = args.run_dir or Path("runs") / recipe["name"]
     trainer = Trainer(task, TrainConfig.from_dict(recipe["train"]), run_dir)

@@ -49,7 +49,7 @@ class DiffusionTask(TrainingTask):
         """z · c for every training image, with c = 1 / std(z) (Rombach et al. 2022, §4.3.2)."""
         from models.registry import find_entry, load_network
 
-        self.first_stage = load_network(find_entry(first_stage))
+        self.first_stage = load_network(find_entry(first_stage, self.recipe.get("zoo_dir")))
         with torch.no_grad():
             latents = torch.cat(
                 [self.first_stage.encode(chunk) for chunk in self.data.images.split(256)]
