@@ -7,6 +7,7 @@ import torch
 
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
+from tests.tiny_zoo import randomized_unet
 
 # Tests use small tensors: one thread avoids OpenMP spin-waiting when the machine is oversubscribed.
 torch.set_num_threads(1)
@@ -20,20 +21,11 @@ class GaussianOptimalEps:
         self.alpha_bar = schedule.alphas_cumprod
         self.mu, self.var = mu, std**2
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         a = self.alpha_bar[t.cpu()].to(x).reshape(-1, *([1] * (x.dim() - 1)))
         return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.var + 1 - a)
-
-
-def randomized_unet(config: UNetConfig, seed: int = 0) -> UNet:
-    """A U-Net with random (non-zero) weights everywhere, so that every path affects the output."""
-    torch.manual_seed(seed)
-    net = UNet(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +36,12 @@ def linear_schedule() -> NoiseSchedule:
 @pytest.fixture(scope="session")
 def tiny_class_unet() -> UNet:
     cfg = UNetConfig(
-        in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-        attention_resolutions=(4,), num_classes=3,
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_classes=3,
     )
     return randomized_unet(cfg)

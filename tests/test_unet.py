@@ -8,7 +8,7 @@ import torch
 from models.diffusion.losses import diffusion_loss
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
-from tests.conftest import randomized_unet
+from tests.tiny_zoo import randomized_unet
 
 
 @pytest.mark.parametrize(

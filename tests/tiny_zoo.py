@@ -26,8 +26,13 @@ def tiny_unet(seed: int = 0, image_size: int = 8, channels: int = 1, **config: o
         heads=2,
         **({"num_classes": 10} | config),  # type: ignore[arg-type]
     )
-    torch.manual_seed(seed)
-    net = UNet(cfg)
+    return randomized_unet(cfg, seed)
+
+
+def randomized_unet(config: UNetConfig, seed: int = 0) -> UNet:
+    """A U-Net with random (non-zero) weights everywhere, so that every path affects the output
+    (a freshly built U-Net zero-initializes its last layers and predicts ε = 0)."""
+    net = UNet(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
