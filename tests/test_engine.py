@@ -371,7 +371,16 @@ def test_progress_is_written_every_n_steps(pool: ModelPool) -> None:
     ticket = feed.submit(generate(1, n=3, num_inference_steps=10))
     engine, _ = make_engine(pool, feed, progress_every=3)
     engine.run_until_idle()
-    assert ticket.progress_log == [(3, 10, 3), (6, 10, 3), (9, 10, 3)]
+    assert ticket.progress_log == [(3, 10, 3), (6, 10, 3), (9, 10, 3), (10, 10, 3)]
+
+
+def test_a_job_shorter_than_progress_every_reports_its_last_step(pool: ModelPool) -> None:
+    feed = MemoryFeed()
+    short = feed.submit(generate(1, n=2, num_inference_steps=3))
+    engine, _ = make_engine(pool, feed, progress_every=5)
+    engine.run_until_idle()
+    assert short.output is not None
+    assert short.progress_log == [(3, 3, 2)]  # step = total
 
 
 def test_inpainting_with_repaint_jumps_batches_with_generation(pool: ModelPool) -> None:

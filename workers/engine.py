@@ -13,7 +13,8 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
    stays within its share of the call (`max_job_share`); the queue is read only while there is room;
 3. per model, one network call over all running samples at their own timesteps; finished samples
    leave, their images are decoded (latent diffusion) and stored at once, and a job completes as
-   soon as its last image is stored; progress is written every `progress_every` steps.
+   soon as its last image is stored; progress is written every `progress_every` steps and once
+   more (step = total) when the job completes.
 
 Because each image draws all of its noise from its own stream (`noise.sample_generator`), a job's
 images do not depend on what shared its network calls (up to float rounding of batched kernels).
@@ -401,6 +402,7 @@ class DenoiseLane:
         except Exception as exc:
             _end(job.ticket.fail, exc, self.stats, "failed")
             return
+        _report(job)  # the last progress, step = total: also for jobs shorter than progress_every
         try:
             job.ticket.succeed(output, job.max_batch_rows)
             self.stats.jobs_succeeded += 1
