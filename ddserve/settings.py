@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         60.0, description="a dead worker's jobs are retried after this"
     )
     max_retries: int = Field(1, description="retries of a job whose worker died")
+    shutdown_grace_s: float = Field(
+        90.0,
+        description="a stopping worker (SIGTERM) hands back to the queue the jobs it has not "
+        "finished within this time",
+    )
 
     # --- storage ---
     storage: Literal["local", "s3"] = Field("local", description="where images are written")

@@ -1,12 +1,17 @@
 """Periodic cleanup the gateway runs: expired images and stale job bookkeeping.
 
-Job records themselves expire through RQ's TTLs (`job_ttl_s` while queued, `result_ttl_s` and
-`failure_ttl_s` once finished). What RQ leaves behind, and what only we know about, is cleaned here
-every `cleanup_interval_s`:
+Finished job records expire through RQ's TTLs (`result_ttl_s`, `failure_ttl_s`). What RQ leaves
+behind, and what only we know about, is handled here every `cleanup_interval_s`:
+- jobs queued longer than `job_ttl_s` end `failed` (`job_expired`) — for models no worker serves;
+  workers fail the ones they dequeue late themselves (`ddserve.recovery`);
+- running jobs whose worker died are retried or failed (`worker_lost`) — normally the surviving or
+  restarted workers of that model do it every `abandoned_after_s / 4`; this covers a model left
+  with no worker at all;
 - images older than `image_ttl_s` in the storage backend;
 - registry entries (finished / failed / canceled) past their expiry;
 - cancel requests (the `{prefix}:canceled` set) for jobs that are gone or already finished.
-A Redis lock (SET NX EX) lets one gateway process of many do a given round.
+A Redis lock (SET NX EX) lets one gateway process of many do a given round; the queues' own
+maintenance lock (shared with the workers) keeps two processes from recovering the same job.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 
 from ddserve.jobs import TERMINAL, public_status
+from ddserve.recovery import fail_expired, maintenance_lock, recover_abandoned
 from ddserve.storage import Storage
 from service.jobstore import JobStore
 
@@ -28,6 +34,7 @@ log = logging.getLogger("ddserve.janitor")
 class CleanupReport:
     images_deleted: int = 0
     cancels_pruned: int = 0
+    jobs_expired: int = 0
     ran: bool = True
 
 
@@ -46,6 +53,14 @@ class Janitor:
         if not force and not conn.set(self.lock_key, 1, nx=True, ex=lock_s):
             return CleanupReport(ran=False)
         report = CleanupReport()
+        settings = self.store.settings
+        for queue in self.store.queues.values():
+            with maintenance_lock(queue, lock_s) as got:
+                if got:
+                    recover_abandoned(queue)
+                    report.jobs_expired += len(
+                        fail_expired(queue, settings.job_ttl_s, settings.max_queue_length)
+                    )
         report.images_deleted = self.storage.delete_expired(self.image_ttl_s)
         for queue in self.store.queues.values():
             for registry in (
@@ -55,9 +70,11 @@ class Janitor:
             ):
                 registry.cleanup()
         report.cancels_pruned = self._prune_cancels()
-        if report.images_deleted or report.cancels_pruned:
+        if report.images_deleted or report.cancels_pruned or report.jobs_expired:
             log.info(
-                "cleanup: %d expired images deleted, %d stale cancel requests pruned",
+                "cleanup: %d queued jobs expired, %d expired images deleted, %d stale cancel "
+                "requests pruned",
+                report.jobs_expired,
                 report.images_deleted,
                 report.cancels_pruned,
             )

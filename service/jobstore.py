@@ -127,7 +127,8 @@ class JobStore:
             kwargs={"request": request},
             job_id=job_id,
             meta=meta,
-            ttl=s.job_ttl_s,
+            # No RQ `ttl`: it would delete a job still queued after job_ttl_s, which would then
+            # answer 404; such a job ends `failed` instead (ddserve.recovery.fail_expired).
             result_ttl=s.result_ttl_s,
             failure_ttl=s.failure_ttl_s,
             timeout=max(1, int(s.job_deadline_s)),

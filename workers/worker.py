@@ -10,19 +10,31 @@ continuous-batching engine instead of performing one job at a time.
 - Cancellation (the Redis set `cancel_set_key(prefix)`) and per-job deadlines are checked once per
   step for all held jobs; a canceled running job ends as RQ's stop-job command ends it (`stopped`).
 - Warm shutdown (SIGTERM/SIGINT, or `request_shutdown()` from another thread) stops taking jobs and
-  finishes the held ones; a second signal stops cold and fails the held jobs (RQ retries those with
-  retries left). Signal handlers are installed only in the main thread; in a thread the worker uses
+  finishes the held ones; those still unfinished after `shutdown_grace_s` are handed back to the head
+  of their queue (`ddserve.recovery.requeue`, no retry used), and so are they on a second signal
+  (cold stop). Signal handlers are installed only in the main thread; in a thread the worker uses
   RQ's timer death penalty for callbacks.
+- Recovery (`ddserve.recovery`): the started-registry entry of a running job expires
+  `abandoned_after_s` after its last heartbeat, and every worker runs RQ's maintenance (which retries
+  or fails the jobs of dead workers) every quarter of that. A job is finished only while this worker
+  still owns it (its execution is the job's current one): a worker that was frozen past that time
+  and whose job went to another worker drops its copy (the heartbeat notices, and so does the
+  finisher). A job queued longer than `job_ttl_s` fails `job_expired` when dequeued.
+- Redis outages: while Redis is unreachable the loop keeps its jobs and retries with a backoff;
+  finishing a job that fails on a Redis error is retried once Redis answers again (the job stays
+  heartbeated meanwhile), so no outcome is lost and no job is left `running`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.exceptions
 from redis import Redis
@@ -34,6 +46,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker
 
+from ddserve import recovery
 from ddserve.jobs import (
     JOB_FUNCTION,
     META_BATCH_SIZE,
@@ -48,7 +61,7 @@ from ddserve.settings import Settings
 from ddserve.storage import Storage, create_storage
 from workers import rq_bridge
 from workers.engine import BatchingPolicy, Engine
-from workers.errors import error_meta, is_retryable
+from workers.errors import JobExpired, WorkerStopped, error_meta, is_retryable
 from workers.model_pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -65,7 +78,15 @@ def worker_stats_key(prefix: str, worker_name: str) -> str:
 
 META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
 IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
-MAX_BACKOFF_S = 30.0  # longest wait between attempts to reach Redis while idle
+MAX_BACKOFF_S = 5.0  # longest wait between attempts to reach Redis (bounds recovery after it)
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def maintenance_interval_s(settings: Settings) -> int:
+    """How often a worker runs RQ's maintenance (abandoned jobs): a quarter of
+    `abandoned_after_s`, so a dead worker's job is retried within 1.25 × abandoned_after_s (plus
+    one scheduling round) of its last heartbeat."""
+    return max(1, math.ceil(settings.abandoned_after_s / 4))
 
 
 class RQTicket:
@@ -95,33 +116,53 @@ class RQTicket:
         log.info("job %s started", self.id, extra=self.log_fields)
 
     def progress(self, step: int, total: int, batch_rows: int) -> None:
+        if self.worker.is_lost(self.id):  # another worker owns the job now: leave its meta alone
+            return
         self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
         self.job.meta[META_BATCH_SIZE] = int(batch_rows)
         self.job.save_meta()
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None:
-        total = (self.job.meta.get(META_PROGRESS) or {}).get("total")
-        if total is not None:
-            self.job.meta[META_PROGRESS] = {"step": int(total), "total": int(total)}
-        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.job.save_meta()
-        self.worker.finish_job(self.id, lambda: rq_bridge.finish_success(*self._rq(), output))
-        log.info("job %s succeeded", self.id, extra=self.log_fields | {"batch_size": batch_rows})
+        def record() -> None:
+            total = (self.job.meta.get(META_PROGRESS) or {}).get("total")
+            if total is not None:
+                self.job.meta[META_PROGRESS] = {"step": int(total), "total": int(total)}
+            self.job.meta[META_BATCH_SIZE] = int(batch_rows)
+            self.job.save_meta()
+            rq_bridge.finish_success(*self._rq(), output)
+
+        if self.worker.finish_job(self.id, record) == "done":
+            log.info(
+                "job %s succeeded", self.id, extra=self.log_fields | {"batch_size": batch_rows}
+            )
 
     def fail(self, error: BaseException) -> None:
+        if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
+            if self.worker.finish_job(self.id, lambda: recovery.requeue(*self._rq())) == "done":
+                log.warning("job %s handed back to its queue", self.id, extra=self.log_fields)
+            return
         retry = is_retryable(error)
-        if not (retry and self.job.should_retry):  # a retried job is queued again, not failed
-            self.job.meta[META_ERROR] = error_meta(error)
-            self.job.save_meta()
-        self.worker.finish_job(
-            self.id, lambda: rq_bridge.finish_failure(*self._rq(), error, retry=retry)
-        )
-        log.warning("job %s failed: %s", self.id, type(error).__name__, extra=self.log_fields)
+
+        def record() -> None:
+            if not (retry and self.job.should_retry):  # a retried job is queued again, not failed
+                self.job.meta[META_ERROR] = error_meta(error)
+                self.job.save_meta()
+            rq_bridge.finish_failure(*self._rq(), error, retry=retry)
+
+        if self.worker.finish_job(self.id, record) == "done":
+            log.warning(
+                "job %s failed: %s: %s",
+                self.id,
+                type(error).__name__,
+                error,
+                extra=self.log_fields,
+            )
 
     def cancel(self) -> None:
         reason = "Job canceled by request."
-        self.worker.finish_job(self.id, lambda: rq_bridge.finish_stopped(*self._rq(), reason))
-        log.info("job %s canceled", self.id, extra=self.log_fields)
+        finish = lambda: rq_bridge.finish_stopped(*self._rq(), reason)  # noqa: E731
+        if self.worker.finish_job(self.id, finish) == "done":
+            log.info("job %s canceled", self.id, extra=self.log_fields)
 
     def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
         return self.worker, self.job, self.queue, self.execution
@@ -148,9 +189,14 @@ class RQFeed:
                 return ticket
 
     def canceled(self, job_ids: list[str]) -> set[str]:
+        """Jobs to stop: cancel requests, and jobs this worker no longer owns (declared abandoned
+        while it was frozen or cut off; their ticket's cancel then only forgets them)."""
         key = cancel_set_key(self.worker.settings.key_prefix)
         flags = self.worker.connection.smismember(key, job_ids)
-        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
+        lost = self.worker.lost_jobs()
+        return {
+            job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag or job_id in lost
+        }
 
 
 @dataclass
@@ -186,7 +232,7 @@ class BatchingWorker(SimpleWorker):
             name=name,
             connection=connection,
             default_result_ttl=settings.result_ttl_s,
-            maintenance_interval=max(1, int(settings.abandoned_after_s)),
+            maintenance_interval=maintenance_interval_s(settings),
         )
         self._model_of_queue = {q: m for m, q in self._queues_by_model.items()}
         self.pool.warm(self.models)
@@ -199,8 +245,12 @@ class BatchingWorker(SimpleWorker):
             BatchingPolicy.from_settings(settings),
         )
         self._running: dict[str, _Running] = {}
+        # Finishes that hit a Redis error, retried by the loop: job id → the finishing action.
+        self._unfinished: dict[str, Callable[[], None]] = {}
+        self._lost: set[str] = set()  # held jobs another worker owns now (seen by the heartbeat)
         self._lock = threading.RLock()  # RQ bookkeeping: main loop vs heartbeat thread
         self._stop = threading.Event()
+        self._stop_requested_at: float | None = None
         self._loop_done = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -210,11 +260,16 @@ class BatchingWorker(SimpleWorker):
         return next((q for q in self.queues if q.name == name), None)
 
     def start(self, job: Job, queue: Queue) -> RQTicket | None:
-        """Mark a dequeued job started; a job this worker cannot run fails at once (None)."""
+        """Mark a dequeued job started; a job this worker cannot run, or one that waited in its
+        queue longer than `job_ttl_s`, fails at once (None)."""
         with self._lock:
             execution = rq_bridge.mark_started(self, job)
             self._running[job.id] = _Running(job, execution)
+            self._lost.discard(job.id)
         try:
+            waited = (now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
+            if waited > self.settings.job_ttl_s:
+                raise JobExpired(waited, self.settings.job_ttl_s)
             if job.func_name != JOB_FUNCTION:
                 raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
             if not isinstance(job.kwargs.get("request"), dict):
@@ -229,13 +284,79 @@ class BatchingWorker(SimpleWorker):
             )
             return None
 
-    def finish_job(self, job_id: str, action: Any) -> None:
-        """Run one of rq_bridge's finishers under the bookkeeping lock; forget the job."""
+    def finish_job(
+        self, job_id: str, action: Callable[[], None]
+    ) -> Literal["done", "deferred", "lost"]:
+        """Run one of the finishers under the bookkeeping lock, if this worker still owns the job.
+
+        - "done": the job ended here; the worker forgets it;
+        - "lost": the job was declared abandoned (this worker was frozen or cut off) and belongs to
+          the queue or another worker now: its outcome here is dropped, so it is never finished
+          twice;
+        - "deferred": Redis did not answer; the finisher is kept and retried by the loop, and the
+          job stays held (heartbeated) until then."""
         with self._lock:
+            running = self._running.get(job_id)
+            if running is None:
+                return "lost"
             try:
+                if not recovery.owned(
+                    self.connection, self.name, [(running.job, running.execution)]
+                )[0]:
+                    log.warning(
+                        "job %s: no longer owned by worker %s (declared abandoned while it was "
+                        "frozen or cut off from Redis); its outcome here is dropped",
+                        job_id,
+                        self.name,
+                    )
+                    self._forget(job_id)
+                    return "lost"
                 action()
-            finally:
-                self._running.pop(job_id, None)
+            except REDIS_ERRORS as exc:
+                self._unfinished[job_id] = action
+                log.warning(
+                    "job %s: Redis unavailable while finishing it (%s); retrying when it is back",
+                    job_id,
+                    type(exc).__name__,
+                )
+                return "deferred"
+            except BaseException:
+                self._forget(job_id)
+                raise
+            self._forget(job_id)
+            return "done"
+
+    def _forget(self, job_id: str) -> None:
+        running = self._running.pop(job_id, None)
+        self._unfinished.pop(job_id, None)
+        self._lost.discard(job_id)
+        if running is not None:
+            self.executions.pop(running.execution.id, None)
+
+    def _finish_deferred(self) -> None:
+        """Retry the finishers that Redis refused (raises a Redis error while it still refuses)."""
+        for job_id, action in list(self._unfinished.items()):
+            self.finish_job(job_id, action)
+            if job_id in self._unfinished:  # still refused: Redis is down, try again later
+                raise redis.exceptions.ConnectionError("Redis still unavailable")
+
+    def is_lost(self, job_id: str) -> bool:
+        """Whether another worker owns this held job now (found by the heartbeat); no Redis call."""
+        return job_id in self._lost
+
+    def lost_jobs(self) -> set[str]:
+        """Held jobs that another worker owns now (found by the heartbeat)."""
+        with self._lock:
+            return set(self._lost)
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance of each queue (abandoned jobs retried or failed, dead workers and stuck
+        dequeues cleaned), under RQ's cleaning lock held for one interval at most."""
+        for queue in self.queues:
+            with recovery.maintenance_lock(queue, self.maintenance_interval) as got:
+                if got:
+                    recovery.clean_queue(self, queue)
+        self.last_cleaned_at = now()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Started-registry TTL of a running job: a dead worker's jobs count as abandoned (and
@@ -248,8 +369,10 @@ class BatchingWorker(SimpleWorker):
         return self._stop.is_set() or self._stop_requested
 
     def request_shutdown(self) -> None:
-        """Warm shutdown from any thread: take no new job, finish the held ones, then return."""
+        """Warm shutdown from any thread: take no new job, finish the held ones (handing back
+        those still unfinished after `shutdown_grace_s`), then return."""
         self._stop_requested = True  # also ends RQ's suspension wait
+        self._stop_requested_at = self._stop_requested_at or time.monotonic()
         self._stop.set()
 
     def request_stop(self, signum: Any, frame: Any) -> None:
@@ -257,10 +380,21 @@ class BatchingWorker(SimpleWorker):
         import signal
 
         self._shutdown_requested_date = now()
+        self._stop_requested_at = self._stop_requested_at or time.monotonic()
         signal.signal(signal.SIGINT, self.request_force_stop)
         signal.signal(signal.SIGTERM, self.request_force_stop)
-        log.info("worker %s: warm shutdown requested", self.name)
+        log.info(
+            "worker %s: warm shutdown requested; finishing %d held jobs (at most %g s)",
+            self.name,
+            len(self.engine.held_job_ids()),
+            self.settings.shutdown_grace_s,
+        )
         self._stop.set()
+
+    def _grace_over(self) -> bool:
+        """A stop was requested longer than `shutdown_grace_s` ago."""
+        started = self._stop_requested_at
+        return started is not None and time.monotonic() - started > self.settings.shutdown_grace_s
 
     # --- the loop -------------------------------------------------------------------------------
     def work(  # type: ignore[override]
@@ -278,37 +412,63 @@ class BatchingWorker(SimpleWorker):
         )
         self._heartbeat_thread.start()
         worked = False
-        backoff = 1.0
+        backoff = 0.5
         try:
             while True:
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
-                if self.engine.idle:
-                    rq_bridge.set_idle(self)
-                    if self.stopping:
-                        break
-                    self.check_for_suspension(burst)
-                    try:
+                if self.stopping and self._grace_over() and not self.engine.idle:
+                    log.warning(
+                        "worker %s: %d jobs unfinished after the %g s shutdown grace; handing "
+                        "them back to their queues",
+                        self.name,
+                        len(self.engine.held_job_ids()),
+                        self.settings.shutdown_grace_s,
+                    )
+                    self.engine.abort(WorkerStopped("the worker stopped before the job finished"))
+                try:
+                    if self._unfinished:
+                        self._finish_deferred()
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    if self.engine.idle:
+                        rq_bridge.set_idle(self)
+                        if self.stopping:
+                            break
+                        self.check_for_suspension(burst)
                         got = rq_bridge.dequeue(
                             self, self._ordered_queues, None if burst else IDLE_POLL_S
                         )
-                    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                        # Idle, nothing is lost: wait for Redis to come back, as RQ's loop does.
-                        log.exception("worker %s: Redis unavailable; retrying", self.name)
-                        self._stop.wait(min(backoff, MAX_BACKOFF_S))
-                        backoff *= 2
-                        continue
-                    backoff = 1.0
-                    if got is None:
-                        if burst:
-                            break
-                        continue
-                    ticket = self.start(*got)
-                    if ticket is None:
-                        continue
-                    self.engine.offer(self._model_of_queue[got[1].name], ticket)
-                self.engine.run_once()
-                worked = True
+                        if got is None:
+                            if burst:
+                                break
+                            continue
+                        ticket = self.start(*got)
+                        if ticket is None:
+                            continue
+                        self.engine.offer(self._model_of_queue[got[1].name], ticket)
+                    self.engine.run_once()
+                    worked = True
+                    backoff = 0.5
+                except REDIS_ERRORS as exc:
+                    # Nothing is lost: held jobs stay held (and unfinished finishes kept) until
+                    # Redis answers again; a stop request past its grace leaves them to recovery.
+                    if self.stopping and self._grace_over():
+                        log.warning(
+                            "worker %s: Redis unavailable while stopping; leaving %d jobs to "
+                            "recovery (abandoned after %g s)",
+                            self.name,
+                            len(self._running),
+                            self.settings.abandoned_after_s,
+                        )
+                        break
+                    log.warning(
+                        "worker %s: Redis unavailable (%s); holding %d jobs, retrying in %.1f s",
+                        self.name,
+                        type(exc).__name__,
+                        len(self._running),
+                        backoff,
+                    )
+                    time.sleep(backoff)
+                    backoff = min(2 * backoff, MAX_BACKOFF_S)
         except StopRequested:
             pass
         except BaseException:
@@ -322,19 +482,37 @@ class BatchingWorker(SimpleWorker):
                 self.publish_stats()
             if self._heartbeat_thread is not None:
                 self._heartbeat_thread.join(timeout=2 * self.settings.heartbeat_s + 1)
-            self.teardown()
+            try:
+                self.teardown()
+            except REDIS_ERRORS:
+                log.warning("worker %s: Redis unavailable; could not record its exit", self.name)
         return worked
 
     def _heartbeat_loop(self) -> None:
         while not self._loop_done.wait(self.settings.heartbeat_s):
             try:
                 with self._lock:
-                    running = list(self._running.values())
+                    running = [
+                        item for job_id, item in self._running.items() if job_id not in self._lost
+                    ]
                     for item in running:
                         rq_bridge.heartbeat(self, item.job, item.execution)
                     if not running:
                         self.heartbeat()
+                    pairs = [(item.job, item.execution) for item in running]
+                    for item, mine in zip(
+                        running, recovery.owned(self.connection, self.name, pairs), strict=True
+                    ):
+                        if not mine and item.job.id not in self._lost:
+                            log.warning(
+                                "job %s: another worker owns it now; worker %s drops it",
+                                item.job.id,
+                                self.name,
+                            )
+                            self._lost.add(item.job.id)
                 self.publish_stats()
+            except REDIS_ERRORS as exc:
+                log.warning("worker %s: heartbeat failed: Redis unavailable (%s)", self.name, exc)
             except Exception:
                 log.exception("worker %s: heartbeat failed", self.name)
 

@@ -1,0 +1,192 @@
+"""How every accepted job still ends when nobody finishes it: the recovery paths of the job queue.
+
+A job normally ends in the worker that runs it (succeeded, failed, canceled). These are the ways it
+ends otherwise — torch-free, so that both the gateway's janitor and the workers use them:
+
+- **expired**: a job still queued `job_ttl_s` after it was enqueued ends `failed` with code
+  `job_expired` — the worker checks when it dequeues it, the gateway's janitor sweeps the queues for
+  the ones no worker takes (`fail_expired`). RQ's own queue `ttl` is not used: it deletes the job's
+  record, and the job would then answer 404 instead of ending.
+- **abandoned**: a running job's entry in RQ's started-job registry is refreshed by its worker's
+  heartbeat; a worker killed with SIGKILL stops refreshing it, and once the entry is older than
+  `abandoned_after_s` the next maintenance pass (`recover_abandoned`) retries the job if it has
+  retries left, else fails it with code `worker_lost` (`record_abandoned`). Maintenance takes RQ's
+  per-queue cleaning lock with a short expiry (`maintenance_lock`), so a worker killed while holding
+  it delays the next pass by one interval, not by RQ's 15 minutes.
+- **fencing**: a worker that was only frozen (stopped, swapped out, cut off from Redis) may find
+  that its job was declared abandoned and handed to another worker meanwhile. `owned` tells it
+  whether an execution is still the job's current one (its registry entry exists, and the job is
+  `started` by this worker); a worker that lost a job drops its outcome, so no job is finished twice.
+- **handed back**: a worker stopping before it could finish a job puts it back at the head of its
+  queue (`requeue`), without using one of the job's retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.registry import clean_registries as rq_clean_registries
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now, utcparse
+from rq.worker_registration import clean_worker_registry
+
+from ddserve.jobs import META_ERROR
+
+log = logging.getLogger("ddserve.recovery")
+
+EXPIRED_CODE = "job_expired"
+WORKER_LOST_CODE = "worker_lost"
+ExceptionHandler = Callable[..., Any]
+
+
+def expired_error(waited_s: float, ttl_s: float) -> dict[str, str]:
+    """`job.meta["error"]` of a job that waited in its queue longer than `job_ttl_s`."""
+    return {
+        "type": "timeout_error",
+        "code": EXPIRED_CODE,
+        "message": f"the job waited {waited_s:.0f} s in its queue without a worker taking it "
+        f"(job_ttl_s = {ttl_s:g}); submit it again",
+    }
+
+
+def worker_lost_error() -> dict[str, str]:
+    """`job.meta["error"]` of a job whose worker died while running it, with no retry left."""
+    return {
+        "type": "server_error",
+        "code": WORKER_LOST_CODE,
+        "message": "the worker running this job died (no heartbeat) and the job has no retries "
+        "left; submit it again",
+    }
+
+
+def record_abandoned(job: Job, exc_type: type, exc_value: BaseException, traceback: Any) -> None:
+    """RQ exception handler: a job abandoned by a dead worker, about to be failed (no retries
+    left), gets a clear error in its meta. Other exceptions pass through untouched."""
+    if not (isinstance(exc_type, type) and issubclass(exc_type, AbandonedJobError)):
+        return None
+    log.warning(
+        "job %s: its worker died while running it; %s",
+        job.id,
+        f"retrying ({job.retries_left} left)" if job.retries_left else "failing it (no retries)",
+    )
+    if not job.retries_left:
+        job.meta[META_ERROR] = worker_lost_error()
+        job.save_meta()
+    return None
+
+
+@contextlib.contextmanager
+def maintenance_lock(queue: Queue, lock_s: float) -> Iterator[bool]:
+    """RQ's per-queue cleaning lock (the key RQ's workers use), held at most `lock_s` seconds.
+    Yields whether this process got it; releases it afterwards."""
+    got = bool(
+        queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=max(1, int(lock_s)))
+    )
+    try:
+        yield got
+    finally:
+        if got:
+            queue.connection.delete(queue.registry_cleaning_key)
+
+
+def recover_abandoned(queue: Queue, handlers: list[ExceptionHandler] | None = None) -> None:
+    """Retry or fail the queue's jobs whose started-registry entry expired (their worker died).
+    Call it holding `maintenance_lock`. The timer death penalty lets it run in any thread."""
+    registry = StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty)
+    registry.cleanup(exception_handlers=handlers if handlers is not None else [record_abandoned])
+
+
+def clean_queue(worker: Any, queue: Queue) -> None:
+    """A worker's maintenance of one queue, as RQ's `clean_registries` does it (call it holding
+    `maintenance_lock`): expired registry entries — abandoned jobs retried or failed with a clear
+    error —, dead workers' registrations, and jobs stuck between dequeue and start."""
+    rq_clean_registries(queue, [record_abandoned])
+    clean_worker_registry(queue)
+    queue.intermediate_queue.cleanup(worker, queue)
+
+
+def fail_expired(queue: Queue, ttl_s: float, limit: int = 10_000) -> list[str]:
+    """Fail (code `job_expired`) the first `limit` jobs of the queue that were enqueued more than
+    `ttl_s` seconds ago. A job is taken out of the queue with LREM first, so a worker dequeuing it
+    at the same moment either gets it or not — never both. Returns the failed job ids."""
+    connection: Redis = queue.connection
+    job_ids = [raw.decode() for raw in connection.lrange(queue.key, 0, limit - 1)]
+    if not job_ids:
+        return []
+    pipe = connection.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(Job.key_for(job_id), "enqueued_at")
+    stamps = pipe.execute()
+    current = time.time()
+    failed = []
+    for job_id, stamp in zip(job_ids, stamps, strict=True):
+        if stamp is None:
+            continue
+        waited = current - _timestamp(stamp.decode())
+        if waited <= ttl_s or not connection.lrem(queue.key, 0, job_id):
+            continue
+        try:
+            job = Job.fetch(job_id, connection=connection)
+        except NoSuchJobError:
+            continue
+        job.meta[META_ERROR] = expired_error(waited, ttl_s)
+        job.save_meta()
+        job.ended_at = now()  # saved with the job by the failed-job registry
+        with connection.pipeline() as pipeline:
+            record_job_failure(job, f"expired after {waited:.0f} s in the queue", pipeline)
+            pipeline.execute()
+        failed.append(job_id)
+        log.warning("job %s: expired after %.0f s in queue %s", job_id, waited, queue.name)
+    return failed
+
+
+def _timestamp(text: str) -> float:
+    return utcparse(text).timestamp()
+
+
+def owned(connection: Redis, worker_name: str, running: list[tuple[Job, Execution]]) -> list[bool]:
+    """For each (job, execution) a worker holds: is the execution still the job's current one?
+    It is unless the job was declared abandoned meanwhile (its started-registry entry is gone) or
+    another worker has started it since. One pipelined round trip for all of them."""
+    if not running:
+        return []
+    pipe = connection.pipeline(transaction=False)
+    for job, execution in running:
+        pipe.zscore(
+            StartedJobRegistry(job.origin, connection=connection).key, execution.composite_key
+        )
+        pipe.hmget(job.key, "status", "worker_name")
+    answers = pipe.execute()
+    out = []
+    for i in range(len(running)):
+        score, (status, name) = answers[2 * i], answers[2 * i + 1]
+        out.append(
+            score is not None
+            and status is not None
+            and status.decode() == JobStatus.STARTED.value
+            and name is not None
+            and name.decode() == worker_name
+        )
+    return out
+
+
+def requeue(worker: Any, job: Job, queue: Queue, execution: Execution) -> None:
+    """Hand a started job back: end this execution and put the job at the head of its queue
+    (status `queued` again, retries untouched), in one transaction."""
+    with worker.connection.pipeline() as pipeline:
+        pipeline.multi()  # explicit, as RQ expects of a caller's pipeline
+        execution.delete(job=job, pipeline=pipeline)
+        queue.enqueue_job(job, pipeline=pipeline, at_front=True)
+        pipeline.execute()
+    worker.executions.pop(execution.id, None)
