@@ -5,31 +5,44 @@ one denoising loop and finishes each on its own. To keep results, registries, TT
 callbacks and worker statistics exactly as RQ keeps them for a plain job, each job goes through the
 same internals a `SimpleWorker` uses:
 
-- start: `prepare_execution` (an `Execution`, the started-job registry entry, the worker's execution
-  index — RQ 3 allows several executions per worker) then `prepare_job_execution` (status `started`,
-  `started_at`, heartbeat, removal from the intermediate queue);
+- start: the writes of `prepare_execution` (an `Execution`, the started-job registry entry, the
+  worker's execution index — RQ 3 allows several executions per worker) and of
+  `prepare_job_execution` (status `started`, `started_at`, heartbeat, removal from the intermediate
+  queue), sent in one transaction instead of two;
 - heartbeat: `maintain_heartbeats(job, execution)` (a `SimpleWorker` never refreshes its started
   jobs, so long batches would look abandoned);
-- success: `_finalize_success` (result, `Retry` return values, success callback, dependents);
+- success: `_finalize_success` (result, `Retry` return values, success callback, dependents); for
+  the jobs of one step that need none of its extras, `finish_successes` sends the writes of RQ's
+  `handle_job_success` for all of them in one transaction (3 round trips for the step instead of
+  about 4 per job);
+- job.meta: `save_meta` queues RQ's serialized meta on a pipeline (progress of a whole step in one
+  round trip);
 - failure: `_finalize_failure` (failure callback, exception handlers, retry or failed registry);
 - stop (a canceled running job): RQ's own stop-job path — `_stopped_job_id` then
   `handle_job_failure`, which marks it `stopped` and never retries it.
 
 These names changed between RQ 2.x and 3.0; `check_rq_internals()` verifies every one of them (and
-their parameters) and `tests/test_worker_rq_bridge.py` fails loudly on an RQ upgrade that breaks them.
+their parameters) and `tests/test_worker_rq_bridge.py` fails loudly on an RQ upgrade that breaks them
+— including one that changes what RQ writes when it starts or finishes a job, which the merged start
+and `finish_successes` reproduce (the tests compare the Redis state both leave).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import rq
+from redis.client import Pipeline
+from redis.exceptions import WatchError
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
+from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 SUPPORTED_RQ_MAJOR = 3
@@ -44,7 +57,31 @@ REQUIRED_WORKER_METHODS: dict[str, tuple[str, ...]] = {
     "handle_job_failure": ("job", "queue", "started_job_registry", "exc_string", "execution"),
     "set_state": ("state", "pipeline"),
     "heartbeat": ("timeout", "pipeline"),
+    "get_heartbeat_ttl": ("job",),
+    "increment_successful_job_count": ("pipeline",),
+    "increment_total_working_time": ("job_execution_time", "pipeline"),
+    "cleanup_execution": ("job", "pipeline", "execution"),
 }
+REQUIRED_JOB_METHODS: dict[str, tuple[str, ...]] = {
+    "heartbeat": ("timestamp", "ttl", "pipeline"),
+    "prepare_for_execution": ("worker_name", "pipeline"),
+    "get_result_ttl": ("default_ttl",),
+    "_handle_success": (
+        "result_ttl",
+        "pipeline",
+        "worker_name",
+        "execution_id",
+        "execution_started_at",
+        "execution_ended_at",
+    ),
+    "cleanup": ("ttl", "pipeline", "remove_from_queue"),
+    "_serialize_meta": (),
+}
+REQUIRED_EXECUTION_METHODS: dict[str, tuple[str, ...]] = {
+    "create": ("job", "ttl", "pipeline", "worker_name"),
+}
+# Job attributes that decide whether a success needs RQ's full path (`_needs_rq_success_path`).
+REQUIRED_JOB_PROPERTIES = ("success_callback", "has_rate_limit", "dependents_key")
 REQUIRED_QUEUE_METHODS: dict[str, tuple[str, ...]] = {
     "dequeue_any": (
         "queues",
@@ -74,7 +111,13 @@ def check_rq_internals() -> None:
             f"workers.rq_bridge supports RQ {SUPPORTED_RQ_MAJOR}.x, found {rq.__version__}"
         )
     problems = []
-    for owner, required in ((BaseWorker, REQUIRED_WORKER_METHODS), (Queue, REQUIRED_QUEUE_METHODS)):
+    owners: tuple[tuple[type, dict[str, tuple[str, ...]]], ...] = (
+        (BaseWorker, REQUIRED_WORKER_METHODS),
+        (Queue, REQUIRED_QUEUE_METHODS),
+        (Job, REQUIRED_JOB_METHODS),
+        (Execution, REQUIRED_EXECUTION_METHODS),
+    )
+    for owner, required in owners:
         for name, params in required.items():
             function = getattr(owner, name, None)
             if function is None:
@@ -86,6 +129,14 @@ def check_rq_internals() -> None:
     # The stop-job marker is an instance attribute that handle_job_failure reads.
     if "_stopped_job_id" not in inspect.getsource(BaseWorker.handle_job_failure):
         problems.append("BaseWorker.handle_job_failure no longer reads _stopped_job_id")
+    for name in REQUIRED_JOB_PROPERTIES:
+        if not isinstance(getattr(Job, name, None), property):
+            problems.append(f"Job.{name} is no longer a property")
+    for name in ("webhooks", "repeats_left"):  # instance attributes, set in Job.__init__
+        if f"self.{name}" not in inspect.getsource(Job.__init__):
+            problems.append(f"Job no longer has the attribute {name}")
+    if not isinstance(getattr(Queue, "intermediate_queue_key", None), property):
+        problems.append("Queue.intermediate_queue_key is no longer a property")
     if problems:
         raise UnsupportedRQError("RQ internals changed: " + "; ".join(problems))
 
@@ -108,11 +159,31 @@ def dequeue(
 
 
 def mark_started(worker: BaseWorker, job: Job) -> Execution:
-    """Mark a dequeued job `started` exactly as RQ does before performing it; return its execution."""
-    execution = worker.prepare_execution(job)
-    # A job popped from one queue with LMOVE sits in that queue's intermediate list until started.
-    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    """Mark a dequeued job `started` exactly as RQ does before performing it; return its execution.
+
+    The writes of `prepare_execution` and of `prepare_job_execution(job, True)`, in their order,
+    in one transaction (RQ sends two)."""
+    ttl = worker.get_heartbeat_ttl(job)
+    with worker.connection.pipeline() as pipe:
+        # prepare_execution
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+        worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        # prepare_job_execution
+        worker.heartbeat(ttl, pipeline=pipe)
+        job.heartbeat(now(), ttl, pipeline=pipe)
+        job.prepare_for_execution(worker.name, pipeline=pipe)
+        pipe.persist(job.key)
+        # A job popped from one queue with LMOVE sits in that queue's intermediate list until started.
+        intermediate = Queue(job.origin, connection=worker.connection).intermediate_queue_key
+        pipe.lrem(intermediate, 1, job.id)
+        pipe.execute()
+    worker.executions[execution.id] = execution
     return execution
+
+
+def save_meta(job: Job, pipe: Pipeline) -> None:
+    """Queue `job.save_meta()`'s write (the serialized `job.meta`) on `pipe`."""
+    pipe.hset(job.key, "meta", job._serialize_meta())
 
 
 def heartbeat(worker: BaseWorker, job: Job, execution: Execution) -> None:
@@ -125,6 +196,94 @@ def finish_success(
 ) -> None:
     """Store `value` as the job's result and run RQ's success path (callbacks, dependents, TTLs)."""
     worker._finalize_success(job, queue, execution, value)
+
+
+@dataclass
+class Succeeded:
+    """A job that returned `value` in its execution, to be finished by `finish_successes`."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    value: Any
+
+
+def _needs_rq_success_path(worker: BaseWorker, item: Succeeded) -> bool:
+    """Whether RQ's success path would do more than write the job's outcome: run a callback, send
+    webhooks, retry, repeat, delete the job at once (result TTL 0) or free a rate-limit slot."""
+    job = item.job
+    return (
+        isinstance(item.value, Retry)
+        or job.success_callback is not None
+        or bool(job.webhooks)
+        or bool(job.repeats_left)
+        or job.has_rate_limit
+        or job.get_result_ttl(worker.default_result_ttl) == 0
+    )
+
+
+def _success_writes(worker: BaseWorker, item: Succeeded, pipe: Pipeline) -> None:
+    """What `_finalize_success` → `handle_job_success` writes for a job without dependents."""
+    job, execution = item.job, item.execution
+    # handle_execution_ended (the heartbeat's TTL argument is unused by RQ 3)
+    job.ended_at = now()
+    job.heartbeat(now(), job.success_callback_timeout, pipeline=pipe)
+    job._result = item.value
+    job._status = JobStatus.FINISHED
+    # handle_job_success
+    worker.increment_successful_job_count(pipeline=pipe)
+    worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
+    result_ttl = job.get_result_ttl(worker.default_result_ttl)
+    job._handle_success(
+        result_ttl,
+        pipeline=pipe,
+        worker_name=worker.name,
+        execution_id=execution.id,
+        execution_started_at=execution.created_at,
+        execution_ended_at=job.ended_at,
+    )
+    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+    job._status = JobStatus.FINISHED
+    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+
+def finish_successes(
+    worker: BaseWorker,
+    items: list[Succeeded],
+    extra: Callable[[Pipeline], None] | None = None,
+) -> None:
+    """Finish jobs that returned as `_finalize_success` finishes each — result, finished registry,
+    TTLs, execution cleanup, worker counters — with their writes and `extra`'s (say, their meta and
+    metrics) in one transaction: WATCH the jobs' dependents sets, check that none exists, MULTI/EXEC
+    (a dependent added meanwhile aborts the EXEC, and the check runs again, as in RQ's own
+    `handle_job_success`). Jobs with dependents, or needing more of RQ's success path
+    (`_needs_rq_success_path`), are finished by `_finalize_success` itself, one by one, after the
+    transaction. `extra` must only queue writes: it may be called again after an abort."""
+    if not items:
+        return
+    fast = [item for item in items if not _needs_rq_success_path(worker, item)]
+    with worker.connection.pipeline() as pipe:
+        while True:
+            try:
+                if fast:
+                    keys = [item.job.dependents_key for item in fast]
+                    pipe.watch(*keys)
+                    if pipe.exists(*keys):  # rare: let RQ move the dependents, job by job
+                        pipe.reset()
+                        fast = []
+                pipe.multi()
+                for item in fast:
+                    _success_writes(worker, item, pipe)
+                if extra is not None:
+                    extra(pipe)
+                pipe.execute()
+                break
+            except WatchError:
+                continue
+    finished = {id(item) for item in fast}
+    for item in items:
+        if id(item) not in finished:
+            finish_success(worker, item.job, item.queue, item.execution, item.value)
 
 
 def finish_failure(
