@@ -120,7 +120,10 @@ class RQTicket:
             return
         self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
         self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.job.save_meta()
+        try:
+            self.job.save_meta()
+        except REDIS_ERRORS:  # progress is best effort; the loop waits out the outage
+            log.debug("job %s: progress not written (Redis unavailable)", self.id)
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None:
         def record() -> None:
