@@ -314,8 +314,10 @@ class DenoisingBatch:
             cond_in = torch.cat([cond, null])
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
-        alpha_bar = self.schedule.alpha_bar_at(t_in.cpu())
-        eps_all = model_output_to_eps(output, x_in, alpha_bar, self.prediction_type)
+        eps_all = output
+        if self.prediction_type != "epsilon":  # ᾱ_t only where the conversion needs it
+            alpha_bar = self.schedule.alpha_bar_at(t_in.cpu()).to(output)
+            eps_all = model_output_to_eps(output, x_in, alpha_bar, self.prediction_type)
         eps = eps_all[: len(self.samples)]
         if guided:
             scale = torch.tensor([self.samples[i].settings.guidance_scale for i in guided])

@@ -43,6 +43,7 @@ COEFFICIENT_NAMES = (
     "sqrt_alpha_bar_s",  # √ᾱ_s, for the known region of inpainting
     "sqrt_one_minus_alpha_bar_s",  # √(1 − ᾱ_s)
 )
+_COLUMN = {name: i for i, name in enumerate(COEFFICIENT_NAMES)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def step_coefficients(
 
 def _col(coefficients: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
     """Column `name` of the [B, K] coefficient table, shaped [B, 1, ..., 1] for broadcasting."""
-    return coefficients[:, COEFFICIENT_NAMES.index(name)].reshape(-1, *([1] * (ndim - 1)))
+    return coefficients[:, _COLUMN[name]].reshape(-1, *([1] * (ndim - 1)))
 
 
 def reverse_step(
