@@ -16,6 +16,11 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
    soon as its last image is stored; progress is written every `progress_every` steps and once
    more (step = total) when the job completes.
 
+A failing network call fails only its own jobs: the call is split and retried without the rows that
+fail on their own (`workers.isolation`: out of memory, an error, NaN/±inf), and only the jobs whose
+samples are no longer finite after the step fail (`non_finite_output`, `out_of_memory`,
+`model_error`); the others go on in the same running set. This holds in every batching mode.
+
 Because each image draws all of its noise from its own stream (`noise.sample_generator`), a job's
 images do not depend on what shared its network calls (up to float rounding of batched kernels).
 
@@ -46,8 +51,9 @@ from ddserve.jobs import JobOutput
 from ddserve.settings import Settings
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
-from workers.errors import JobDeadlineExceeded, WorkerStopped
+from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
 from workers.execute import DenoiseWork, prepare_denoise, run_codec
+from workers.isolation import IsolatingNetwork, finite_rows
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 log = logging.getLogger(__name__)
@@ -202,6 +208,13 @@ class JobState:
         return self.image_steps // self.work.n
 
 
+def network_row_samples(batch: DenoisingBatch) -> list[Sample]:
+    """The sample behind each row of the batch's next network call: every sample in order, then
+    the unconditional copy of each guided one (the order `DenoisingBatch._guided_eps` stacks them
+    in). Used only to name the cause of a failure: which jobs fail is decided by their x_t."""
+    return [*batch.samples, *(s for s in batch.samples if s.guided)]
+
+
 class DenoiseLane:
     """The running set and waiting jobs of one diffusion model."""
 
@@ -236,9 +249,11 @@ class DenoiseLane:
         return not self.jobs
 
     def _new_batch(self) -> DenoisingBatch:
-        """An empty running set whose network calls are timed into the stats."""
+        """An empty running set whose network calls are split when they fail (`isolation`) and
+        timed into the stats (each call actually made)."""
         batch = self.model.new_batch()
-        batch.network = TimedNetwork(batch.network, self.stats)
+        self.isolation = IsolatingNetwork(TimedNetwork(batch.network, self.stats))
+        batch.network = self.isolation
         return batch
 
     # --- arrivals -------------------------------------------------------------------------------
@@ -340,6 +355,7 @@ class DenoiseLane:
         if not len(self.batch):
             return
         rows = self.batch.rows
+        row_samples = network_row_samples(self.batch)
         running: dict[int, JobState] = {}
         for sample in self.batch.samples:
             job = self._owner[id(sample)]
@@ -360,6 +376,7 @@ class DenoiseLane:
         for job in running.values():
             job.max_batch_rows = max(job.max_batch_rows, rows)
             job.steps_since_progress += 1
+        finished = self._fail_non_finite(row_samples, finished)
         if finished:
             self._store(finished)
         for job in running.values():
@@ -370,6 +387,42 @@ class DenoiseLane:
             elif job.steps_since_progress >= self.policy.progress_every:
                 job.steps_since_progress = 0
                 _report(job)
+
+    def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
+        """Fail the jobs with a sample whose x_t is no longer finite after the step (a row that
+        failed on its own gets NaN output, which the update carries into x_t), with the cause the
+        isolating network recorded for its row (NaN output, out of memory, an error); return the
+        finished samples of the other jobs. The rest of the running set goes on untouched."""
+        bad: set[int] = set()  # id(sample)
+        if len(self.batch) and not bool(torch.isfinite(self.batch.x).all()):
+            running_ok = finite_rows(self.batch.x).tolist()  # [B]
+            bad.update(
+                id(s) for s, ok in zip(self.batch.samples, running_ok, strict=True) if not ok
+            )
+        for sample in finished:
+            if not bool(torch.isfinite(sample.x).all()):
+                bad.add(id(sample))
+        if not bad:
+            return finished
+        causes: dict[int, BaseException] = {}  # id(sample) → why its row failed
+        for row, cause in self.isolation.failures.items():
+            causes.setdefault(id(row_samples[row]), cause)
+        failed: dict[int, tuple[JobState, BaseException]] = {}
+        for sample in row_samples:  # every sample of the step, finished ones included
+            job = self._owner.get(id(sample))
+            if id(sample) not in bad or job is None or id(job) in failed:
+                continue
+            cause = causes.get(id(sample)) or NonFiniteOutput(
+                f"the model produced NaN or infinite values for job {job.id}'s sample; the rest "
+                "of its batch went on without it"
+            )
+            failed[id(job)] = (job, cause)
+        kept = [s for s in finished if id(self._owner.get(id(s))) not in failed]
+        for job, cause in failed.values():
+            log.warning("model %s: job %s failed on its own: %s", self.name, job.id, cause)
+            self._drop(job)
+            _end(job.ticket.fail, cause, self.stats, "failed")
+        return kept
 
     def _store(self, finished: list[Sample]) -> None:
         """Decode (latent diffusion) and store finished samples, in one decoder call per step."""

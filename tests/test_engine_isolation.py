@@ -1,0 +1,147 @@
+"""A failing network call fails only its own jobs (no Redis): the engine splits the call and retries
+it without the rows that fail on their own, in continuous and in request-level batching.
+
+The model doubles wrap the tiny U-Net and misbehave only for one class (7): NaN or ±inf output, an
+error or out-of-memory raised whenever a class-7 row is in the call, or out-of-memory for any call
+over four rows. The poisoned job must end failed exactly once with a clear error; every other job
+must end succeeded with the images it yields alone (≤ 1e-4), whatever it shared calls with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tests.test_engine import assert_equal_alone, generate, make_engine, pool, zoo  # noqa: F401
+from tests.worker_doubles import MemoryFeed, MemoryTicket
+from workers.engine import DenoiseLane
+from workers.errors import (
+    ModelCallFailed,
+    ModelOutOfMemory,
+    NonFiniteOutput,
+    error_meta,
+    is_retryable,
+)
+from workers.model_pool import ModelPool
+
+MODEL = "tiny-ddpm"
+POISON = 7  # the class the doubles fail on
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def poisoned(network: Network, effect: str) -> Network:
+    """The network, except for class-POISON rows: NaN / inf output rows, or the whole call raises
+    (a kernel error or out-of-memory) whenever such a row is in it."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        assert cond is not None  # the tiny model is class-conditional
+        bad = cond == POISON  # [N]
+        if effect == "error" and bool(bad.any()):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if effect == "oom" and bool(bad.any()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        y = network(x, t, cond)  # [N, C, H, W]
+        if effect in ("nan", "inf"):
+            y = y.clone()
+            y[bad] = float("nan") if effect == "nan" else float("inf")
+        return y
+
+    return call
+
+
+def memory_limited(network: Network, max_rows: int) -> Network:
+    """The network on a device that holds at most `max_rows` rows per call."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] > max_rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({x.shape[0]} rows)")
+        return network(x, t, cond)
+
+    return call
+
+
+def mixed_jobs(feed: MemoryFeed) -> tuple[MemoryTicket, list[MemoryTicket]]:
+    """Seven innocent jobs (some guided, some with two images, different lengths) and one
+    poisoned job in the middle of the queue."""
+    innocent = [
+        feed.submit(
+            generate(
+                seed,
+                n=1 + seed % 2,
+                num_inference_steps=4 + seed % 3,
+                guidance_scale=1.5 if seed % 3 == 0 else 0.0,
+            )
+        )
+        for seed in (0, 1, 2)
+    ]
+    poison = feed.submit(generate(POISON, n=2, num_inference_steps=5, guidance_scale=2.0))
+    innocent += [feed.submit(generate(seed, num_inference_steps=5)) for seed in (3, 4, 5, 6)]
+    return poison, innocent
+
+
+@pytest.mark.parametrize("mode", ["continuous", "request"])
+@pytest.mark.parametrize(
+    ("effect", "error_type", "code"),
+    [
+        ("nan", NonFiniteOutput, "non_finite_output"),
+        ("inf", NonFiniteOutput, "non_finite_output"),
+        ("error", ModelCallFailed, "model_error"),
+        ("oom", ModelOutOfMemory, "out_of_memory"),
+    ],
+)
+def test_a_poisoned_job_fails_alone_and_the_rest_of_its_batch_succeeds(
+    pool: ModelPool,  # noqa: F811
+    mode: str,
+    effect: str,
+    error_type: type,
+    code: str,
+) -> None:
+    feed = MemoryFeed()
+    poison, innocent = mixed_jobs(feed)
+    engine, works = make_engine(pool, feed, mode=mode, max_rows=32)
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane)
+    real = lane.isolation.network
+    lane.isolation.network = poisoned(real, effect)
+    engine.run_once()
+    # The poisoned job shared the first call with everyone, then left the running set.
+    first_call = engine.stats.rows_per_call[0]
+    assert first_call == sum(
+        len(works[t.id].samples) * (2 if t.request["guidance_scale"] else 1)
+        for t in [poison, *innocent]
+    )
+    assert poison.ends == 1 and isinstance(poison.error, error_type), poison.error
+    assert lane.isolation.splits > 0
+    engine.run_until_idle()
+
+    assert poison.ends == 1 and poison.output is None
+    meta = error_meta(poison.error)
+    assert meta["type"] == "server_error" and meta["code"] == code
+    assert "went on" in meta["message"]
+    assert not is_retryable(poison.error)  # it would fail the same way again
+    assert engine.stats.jobs_failed == 1 and engine.stats.jobs_succeeded == len(innocent)
+    assert max(engine.stats.rows_per_call[1:]) < first_call
+    lane.isolation.network = real  # the references below run on the real network
+    for ticket in innocent:
+        assert ticket.ends == 1
+        assert_equal_alone(pool, ticket, works[ticket.id])
+
+
+def test_a_call_too_large_for_memory_is_split_and_nobody_fails(
+    pool: ModelPool,  # noqa: F811
+) -> None:
+    feed = MemoryFeed()
+    poison, innocent = mixed_jobs(feed)
+    engine, works = make_engine(pool, feed, max_rows=32)
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane)
+    real = lane.isolation.network
+    lane.isolation.network = memory_limited(real, max_rows=4)
+    engine.run_until_idle()
+    assert lane.isolation.splits > 0
+    assert engine.stats.jobs_failed == 0
+    lane.isolation.network = real
+    for ticket in [poison, *innocent]:
+        assert ticket.ends == 1
+        assert_equal_alone(pool, ticket, works[ticket.id])

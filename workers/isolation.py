@@ -1,0 +1,110 @@
+"""A failing network call fails only the rows that fail on their own: split the call and retry.
+
+One network call carries the rows of many jobs. When it raises (out of memory, a kernel error) or
+returns NaN/±inf in some rows, failing the whole call would fail every job in it for one bad row.
+`IsolatingNetwork` wraps the network instead:
+
+    f(rows): y = net(rows); if it raised or y has non-finite rows:
+                 if len(rows) = 1: the row fails (its cause is recorded, its output is NaN)
+                 else: f(first half) ++ f(second half)
+
+so innocent rows are recomputed in calls without the bad rows (bisection, as for a poisoned batch in
+dynamic-batching servers), and a row is declared bad only when it fails on its own. With k bad rows
+among n this costs at most about 2·k·log₂ n extra calls, and nothing while every call is fine.
+A call that ran out of memory only because it was too large splits until the halves fit, and no
+row fails at all.
+
+The output rows of failed rows are NaN, so that whatever the sampler computes from them stays
+non-finite; the caller (the engine) finds the samples whose x_t is no longer finite and fails their
+jobs with the recorded cause (`cause`), while every other row goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.diffusion.sampler import NetworkFn
+from workers.errors import ModelCallFailed, ModelOutOfMemory, NonFiniteOutput
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError (a RuntimeError), a host MemoryError, or an allocator message."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc)
+
+
+def finite_rows(y: torch.Tensor) -> torch.Tensor:
+    """[N] True where every value of row i of y [N, ...] is finite."""
+    return torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
+
+
+class IsolatingNetwork:
+    """ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W], splitting failed calls.
+
+    After each call, `failures` maps the row index (in that call) of every row that failed on its
+    own to the reason (`NonFiniteOutput`, `ModelOutOfMemory` or `ModelCallFailed`)."""
+
+    def __init__(self, network: NetworkFn) -> None:
+        self.network = network
+        self.failures: dict[int, BaseException] = {}
+        self.splits = 0  # calls split so far (for the logs and tests)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        self.failures = {}
+        return self._run(x, t, cond, offset=0)
+
+    def _run(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, offset: int
+    ) -> torch.Tensor:
+        rows = x.shape[0]
+        try:
+            y = self.network(x, t, cond)  # [rows, C, H, W]
+        except Exception as exc:
+            if is_out_of_memory(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the halves need the memory the failed call left cached
+            if rows == 1:
+                self.failures[offset] = self._row_error(exc, t)
+                return torch.full_like(x, float("nan"))
+            log.warning("network call over %d rows failed (%s); splitting it", rows, exc)
+            return self._split(x, t, cond, offset)
+        finite = finite_rows(y)
+        if bool(finite.all()):
+            return y
+        if rows == 1:
+            self.failures[offset] = NonFiniteOutput(
+                f"the model produced NaN or infinite values for this job's sample at timestep "
+                f"t={int(t[0])}, also when run alone; the rest of its batch went on without it"
+            )
+            return torch.full_like(y, float("nan"))
+        log.warning(
+            "network call over %d rows returned %d non-finite rows; splitting it",
+            rows,
+            int((~finite).sum()),
+        )
+        return self._split(x, t, cond, offset)
+
+    def _split(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, offset: int
+    ) -> torch.Tensor:
+        self.splits += 1
+        half = x.shape[0] // 2
+        parts = []
+        for start, stop in ((0, half), (half, x.shape[0])):
+            part_cond = None if cond is None else cond[start:stop]
+            parts.append(self._run(x[start:stop], t[start:stop], part_cond, offset + start))
+        return torch.cat(parts)
+
+    @staticmethod
+    def _row_error(exc: BaseException, t: torch.Tensor) -> BaseException:
+        if is_out_of_memory(exc):
+            return ModelOutOfMemory(
+                f"the model ran out of memory on this job's sample at timestep t={int(t[0])} even "
+                f"when run alone ({type(exc).__name__}: {exc}); the rest of its batch went on"
+            )
+        return ModelCallFailed(
+            f"the model failed on this job's sample at timestep t={int(t[0])} even when run alone "
+            f"({type(exc).__name__}: {exc}); the rest of its batch went on without it"
+        )
