@@ -5,6 +5,7 @@ elsewhere."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -14,8 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.catalog import DEFAULT_ZOO
 
 
+def env_file() -> str | None:
+    """The `.env` file settings are read from: `DDSERVE_ENV_FILE`, `.env` in the working directory
+    when unset, none when empty (the test suite sets it empty so a developer's `.env` stays out)."""
+    return os.environ.get("DDSERVE_ENV_FILE", ".env") or None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DDSERVE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DDSERVE_", env_file=env_file(), extra="ignore")
 
     # --- infrastructure ---
     redis_url: str | None = Field(
@@ -116,6 +123,10 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default if field.default not in (None, "") else "—"
         rows.append(f"| `DDSERVE_{name.upper()}` | `{default}` | {field.description} |")
+    rows.append(
+        "| `DDSERVE_ENV_FILE` | `.env` | the file these are also read from (environment wins); "
+        "empty = none |"
+    )
     return "\n".join(rows)
 
 
