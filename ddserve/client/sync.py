@@ -17,31 +17,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from ddserve.client import bodies
+from ddserve.client import bodies, operations
 from ddserve.client.base import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     DEFAULT_WAIT_TIMEOUT_S,
     ClientConfig,
-    answer_error,
-    find_model,
-    inline_bytes,
-    job_id_of,
-    link_of,
-    parse_job,
-    parse_models,
-    read_answer,
 )
 from ddserve.client.bodies import ImageInput, ReturnMode
-from ddserve.client.errors import ApiError, ConnectionFailed, WaitTimeout
-from ddserve.client.polling import Deadline, outcome, prefer_wait, retry_delay
+from ddserve.client.operations import Done, Effect, Operation, Send, Sleep, Waiting, resume
 from ddserve.client.types import Image, Job, Model, Readiness
 
+T = TypeVar("T")
 ProgressCallback = Callable[[Job], None]
 
 
@@ -74,116 +66,50 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- transport ---
+    # --- I/O: the one place this client differs from AsyncClient ---
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        headers: dict[str, str] | None = None,
-        prefer_wait_s: int | None = None,
-    ) -> Any:
-        """One API call (retried on 429/503 up to max_retries): its JSON, or the mapped error."""
-        url = self.config.base_url + path
-        attempt = 0
-        while True:
+    def _run(self, operation: Operation[T]) -> T:
+        """Carry out an operation's requests, sleeps and progress reports, blocking."""
+        reply: Any = None
+        while not isinstance(effect := resume(operation, reply), Done):
+            reply = self._perform(effect)
+        return effect.value
+
+    def _perform(self, effect: Effect) -> Any:
+        if isinstance(effect, Send):
             try:
-                response = self.http.request(
-                    method,
-                    url,
-                    json=json,
-                    headers=self.config.headers(headers),
-                    timeout=self.config.request_timeout(prefer_wait_s),
+                return self.http.request(
+                    effect.method,
+                    effect.url,
+                    json=effect.json,
+                    headers=effect.headers,
+                    timeout=effect.timeout,
                 )
-                return read_answer(response)
-            except ApiError as error:
-                delay = retry_delay(error, attempt, self.config.max_retries)
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                attempt += 1
             except httpx.TransportError as error:
-                raise ConnectionFailed(
-                    f"{method} {url}: {type(error).__name__}: {error}"
-                ) from error
-
-    def _create(
-        self,
-        route: str,
-        body: dict[str, Any],
-        *,
-        wait: bool,
-        timeout: float | None,
-        poll_interval: float,
-        on_progress: ProgressCallback | None,
-        idempotency_key: str | None,
-    ) -> Job:
-        headers: dict[str, str] = {}
-        if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
-        deadline = Deadline.after(timeout)
-        held = prefer_wait(deadline) if wait and on_progress is None else None
-        if held is not None:
-            headers["Prefer"] = f"wait={held}"
-        job = parse_job(
-            self._request("POST", route, json=body, headers=headers, prefer_wait_s=held)
-        )
-        if not wait:
-            return job
-        return self._wait_until(job, deadline, timeout, poll_interval, on_progress, True)
-
-    def _wait_until(
-        self,
-        job: Job,
-        deadline: Deadline,
-        timeout: float | None,
-        poll_interval: float,
-        on_progress: ProgressCallback | None,
-        raise_on_failure: bool,
-    ) -> Job:
-        while True:
-            if on_progress is not None:
-                on_progress(job)
-            if job.done:
-                return outcome(job, raise_on_failure)
-            if deadline.expired():
-                raise WaitTimeout(job, timeout if timeout is not None else 0.0)
-            time.sleep(deadline.sleep_for(poll_interval))
-            job = self.get_job(job.id)
+                return error
+        if isinstance(effect, Sleep):
+            time.sleep(effect.seconds)
+        else:
+            effect.callback(effect.job)
+        return None
 
     # --- catalog and health ---
 
     def models(self) -> list[Model]:
         """`GET /models`: the served models, their tasks, shapes, classes, samplers, defaults."""
-        return parse_models(self._request("GET", "/models"))
+        return self._run(operations.models(self.config))
 
     def model(self, name: str) -> Model:
         """One served model (`NotFound` if it is not served)."""
-        return find_model(self.models(), name)
+        return self._run(operations.model(self.config, name))
 
     def health(self) -> bool:
         """`GET /healthz`: True when the gateway answers."""
-        try:
-            self._request("GET", "/healthz")
-        except (ApiError, ConnectionFailed):
-            return False
-        return True
+        return self._run(operations.health(self.config))
 
     def ready(self) -> Readiness:
         """`GET /readyz`: Redis reachable and a live worker for every model (200 or 503 alike)."""
-        try:
-            response = self.http.get(
-                self.config.base_url + "/readyz",
-                headers=self.config.headers(),
-                timeout=self.config.request_timeout(),
-            )
-        except httpx.TransportError as error:
-            raise ConnectionFailed(f"GET /readyz: {error}") from error
-        if response.status_code not in (200, 503):
-            raise answer_error(response)
-        return Readiness.model_validate(response.json())
+        return self._run(operations.ready(self.config))
 
     # --- job routes ---
 
@@ -224,15 +150,8 @@ class Client:
             trajectory=trajectory,
             return_=return_,
         )
-        return self._create(
-            "/generate",
-            body,
-            wait=wait,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            on_progress=on_progress,
-            idempotency_key=idempotency_key,
-        )
+        waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
+        return self._run(operations.submit(self.config, "/generate", body, waiting))
 
     def inpaint(
         self,
@@ -274,15 +193,8 @@ class Client:
             seed=seed,
             return_=return_,
         )
-        return self._create(
-            "/inpaint",
-            body,
-            wait=wait,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            on_progress=on_progress,
-            idempotency_key=idempotency_key,
-        )
+        waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
+        return self._run(operations.submit(self.config, "/inpaint", body, waiting))
 
     def encode(
         self,
@@ -295,15 +207,9 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Job:
         """`POST /encode`: images → `job.output.latents` [n, C, H, W] (or `codes` for a VQ-VAE)."""
-        return self._create(
-            "/encode",
-            bodies.encode_body(model, images),
-            wait=wait,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            on_progress=None,
-            idempotency_key=idempotency_key,
-        )
+        body = bodies.encode_body(model, images)
+        waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
+        return self._run(operations.submit(self.config, "/encode", body, waiting))
 
     def decode(
         self,
@@ -318,15 +224,9 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Job:
         """`POST /decode`: latents [n, C, H, W] (or VQ codes [n, H, W]) → images."""
-        return self._create(
-            "/decode",
-            bodies.decode_body(model, latents=latents, codes=codes, return_=return_),
-            wait=wait,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            on_progress=None,
-            idempotency_key=idempotency_key,
-        )
+        body = bodies.decode_body(model, latents=latents, codes=codes, return_=return_)
+        waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
+        return self._run(operations.submit(self.config, "/decode", body, waiting))
 
     def reconstruct(
         self,
@@ -345,28 +245,22 @@ class Client:
         """`POST /reconstruct`: images (corrupted first with `noise` gaussian | masking |
         salt_pepper by `amount`) → reconstructions; `job.output.corrupted` holds the inputs the
         model saw."""
-        return self._create(
-            "/reconstruct",
-            bodies.reconstruct_body(
-                model, images, noise=noise, amount=amount, seed=seed, return_=return_
-            ),
-            wait=wait,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            on_progress=None,
-            idempotency_key=idempotency_key,
+        body = bodies.reconstruct_body(
+            model, images, noise=noise, amount=amount, seed=seed, return_=return_
         )
+        waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
+        return self._run(operations.submit(self.config, "/reconstruct", body, waiting))
 
     # --- jobs ---
 
     def get_job(self, job: Job | str) -> Job:
         """`GET /jobs/{id}`: the job's current state."""
-        return parse_job(self._request("GET", f"/jobs/{job_id_of(job)}"))
+        return self._run(operations.get_job(self.config, job))
 
     def cancel(self, job: Job | str) -> Job:
         """`POST /jobs/{id}/cancel`: a queued job is canceled at once, a running one at its next
         step; a finished job comes back as it is."""
-        return parse_job(self._request("POST", f"/jobs/{job_id_of(job)}/cancel"))
+        return self._run(operations.cancel(self.config, job))
 
     def wait(
         self,
@@ -379,10 +273,11 @@ class Client:
     ) -> Job:
         """Poll the job until it is terminal: the finished job; `WaitTimeout` after `timeout` s
         (None = no limit); `JobFailed` / `JobCanceled` unless `raise_on_failure=False`."""
-        deadline = Deadline.after(timeout)
-        current = self.get_job(job) if isinstance(job, str) else job
-        return self._wait_until(
-            current, deadline, timeout, poll_interval, on_progress, raise_on_failure
+        waiting = Waiting(
+            wait=True, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress
+        )
+        return self._run(
+            operations.wait(self.config, job, waiting, raise_on_failure=raise_on_failure)
         )
 
     # --- images ---
@@ -390,20 +285,7 @@ class Client:
     def download(self, image: Image | str) -> bytes:
         """The bytes of an output image (an `Image`: inline b64 or its signed link) or of a URL
         such as `job.output.trajectory_url`. No API key is sent: the link is the credential."""
-        inline = inline_bytes(image)
-        if inline is not None:
-            return inline
-        try:
-            response = self.http.get(
-                link_of(image),
-                headers=self.config.headers(auth=False),
-                timeout=self.config.request_timeout(),
-            )
-        except httpx.TransportError as error:
-            raise ConnectionFailed(f"GET {link_of(image)}: {error}") from error
-        if response.status_code >= 400:
-            raise answer_error(response)
-        return response.content
+        return self._run(operations.download(self.config, image))
 
     def download_images(self, job: Job) -> list[bytes]:
         """The PNG bytes of every output image of a finished job, in order."""
