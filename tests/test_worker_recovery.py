@@ -6,6 +6,8 @@ settings (abandoned_after_s = 3 s, heartbeat 0.5 s): an accepted job always ends
   finishes exactly once (one result, by the survivor).
 - SIGSTOP (a frozen worker): its job goes to the other worker; when the frozen one resumes it drops
   its copy instead of finishing the job a second time.
+- SIGTERM within `shutdown_grace_s`: the worker admits no new job, finishes the one it holds (once,
+  no retry used) and exits 0.
 - SIGTERM past `shutdown_grace_s`: the unfinished job goes back to the head of its queue with its
   retries untouched, and the process exits 0.
 - A job dequeued after `job_ttl_s` in its queue fails `job_expired` without running.
@@ -214,6 +216,27 @@ def test_frozen_worker_never_finishes_a_job_twice(box: RedisSandbox, workers: Wo
     assert successes(job)[0].worker_name == workers.name("b")
     assert status(job) == "finished"
     assert frozen.poll() is None  # the resumed worker goes on serving
+
+
+def test_sigterm_within_the_grace_finishes_the_held_job_and_takes_no_new_one(
+    box: RedisSandbox, workers: Workers
+) -> None:
+    process = workers.start("a", DDSERVE_SHUTDOWN_GRACE_S="60")
+    workers.wait_registered("a")
+    held = box.enqueue(MODEL, long_request(7), retry=Retry(max=1))
+    wait_until(lambda: running_in(held, workers.name("a")), 60, 0.02)
+    process.send_signal(signal.SIGTERM)
+    held.refresh()
+    step_at_stop = held.meta[META_PROGRESS]["step"]
+    late = box.enqueue(MODEL, {**long_request(8), "num_inference_steps": 5})
+    assert process.wait(60) == 0, workers.log("a")[-3000:]
+    assert step_at_stop < 1000  # the signal came mid-run
+    held.refresh()
+    assert status(held) == "finished" and held.retries_left == 1
+    assert [r.worker_name for r in successes(held)] == [workers.name("a")]
+    late.refresh()
+    assert status(late) == "queued" and not results_of(late)  # a stopping worker admits nothing
+    assert box.connection.lrange(box.queue(MODEL).key, 0, -1) == [late.id.encode()]
 
 
 def test_sigterm_past_the_grace_hands_the_job_back(box: RedisSandbox, workers: Workers) -> None:
