@@ -15,18 +15,20 @@ Both use GroupNorm, so a row's output never depends on the other rows of its bat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nets.layers import Downsample, ResidualBlock, SinusoidalEmbedding, group_norm
+from models.nets.config import NetConfig
+from models.nets.layers import Downsample, ResidualBlock, group_norm, time_embedding
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(NetConfig):
+    TUPLE_FIELDS = ("channel_mults",)
+
     in_channels: int = 1
     image_size: int = 16
     base_channels: int = 32
@@ -34,16 +36,6 @@ class ClassifierConfig:
     feature_dim: int = 64  # D of the evaluation features φ(x)
     heads: dict[str, int] = field(default_factory=lambda: {"class": 10})  # label set → K
     dropout: float = 0.1
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        data = dict(data)
-        if "channel_mults" in data:
-            data["channel_mults"] = tuple(data["channel_mults"])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ImageClassifier(nn.Module):
@@ -82,7 +74,9 @@ class ImageClassifier(nn.Module):
 
 
 @dataclass(frozen=True)
-class NoisyClassifierConfig:
+class NoisyClassifierConfig(NetConfig):
+    TUPLE_FIELDS = ("channel_mults",)
+
     in_channels: int = 1
     image_size: int = 16
     base_channels: int = 32
@@ -90,16 +84,6 @@ class NoisyClassifierConfig:
     num_res_blocks: int = 1
     num_classes: int = 10
     dropout: float = 0.0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NoisyClassifierConfig:
-        data = dict(data)
-        if "channel_mults" in data:
-            data["channel_mults"] = tuple(data["channel_mults"])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class NoisyClassifier(nn.Module):
@@ -110,9 +94,7 @@ class NoisyClassifier(nn.Module):
         self.config = config
         ch = config.base_channels
         emb_dim = 4 * ch
-        self.time_embedding = nn.Sequential(
-            SinusoidalEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embedding = time_embedding(ch, emb_dim)
         self.input_conv = nn.Conv2d(config.in_channels, ch, 3, padding=1)
         self.blocks = nn.ModuleList()
         channels = ch

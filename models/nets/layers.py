@@ -48,6 +48,17 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def time_embedding(channels: int, emb_dim: int) -> nn.Sequential:
+    """DDPM's timestep MLP: t [B] → sinusoidal emb(t) [B, channels] → Linear → SiLU → Linear →
+    [B, emb_dim] (Ho et al. 2020, appendix B), added to every residual block."""
+    return nn.Sequential(
+        SinusoidalEmbedding(channels),
+        nn.Linear(channels, emb_dim),
+        nn.SiLU(),
+        nn.Linear(emb_dim, emb_dim),
+    )
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm → SiLU → conv, then the embedding e (time, class) as a scale and shift of the second
     normalization — h = GN(h)·(1 + s(e)) + b(e) (Nichol & Dhariwal 2021, "scale-shift norm") — →

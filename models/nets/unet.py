@@ -11,27 +11,29 @@ path. Conditioning:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.nets.config import NetConfig
 from models.nets.layers import (
     UNET_GROUP_SIZE,
     CrossAttention,
     Downsample,
     ResidualBlock,
     SelfAttention,
-    SinusoidalEmbedding,
     TextEncoder,
     Upsample,
     group_norm,
+    time_embedding,
 )
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(NetConfig):
+    TUPLE_FIELDS = ("channel_mults", "attention_resolutions")
+
     in_channels: int = 1
     out_channels: int | None = None  # defaults to in_channels
     image_size: int = 16
@@ -47,17 +49,6 @@ class UNetConfig:
     context_dim: int = 64
     text_layers: int = 1
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        data = dict(data)
-        for key in ("channel_mults", "attention_resolutions"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
@@ -65,9 +56,7 @@ class UNet(nn.Module):
         self.config = config
         ch = config.base_channels
         emb_dim = 4 * ch
-        self.time_embedding = nn.Sequential(
-            SinusoidalEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embedding = time_embedding(ch, emb_dim)
         self.class_embedding = (
             nn.Embedding(config.num_classes + 1, emb_dim)
             if config.num_classes is not None
