@@ -11,6 +11,19 @@ from models.nets.unet import UNet, UNetConfig
 from tests.tiny_zoo import randomized_unet
 
 
+def tiny_config(**overrides: object) -> UNetConfig:
+    """An 8×8 single-level U-Net with one block a level and no attention, unless overridden."""
+    fields: dict[str, object] = {
+        "in_channels": 1,
+        "image_size": 8,
+        "base_channels": 8,
+        "channel_mults": (1,),
+        "num_res_blocks": 1,
+        "attention_resolutions": (),
+    }
+    return UNetConfig(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("channels", "size", "mults", "attn"),
     [
@@ -24,13 +37,8 @@ def test_output_shape_matches_input(
     channels: int, size: int, mults: tuple[int, ...], attn: tuple[int, ...]
 ) -> None:
     net = UNet(
-        UNetConfig(
-            in_channels=channels,
-            image_size=size,
-            base_channels=8,
-            channel_mults=mults,
-            num_res_blocks=1,
-            attention_resolutions=attn,
+        tiny_config(
+            in_channels=channels, image_size=size, channel_mults=mults, attention_resolutions=attn
         )
     )
     x = torch.randn(3, channels, size, size)
@@ -39,17 +47,7 @@ def test_output_shape_matches_input(
 
 
 def test_class_conditioning_and_null_class() -> None:
-    net = randomized_unet(
-        UNetConfig(
-            in_channels=1,
-            image_size=8,
-            base_channels=8,
-            channel_mults=(1,),
-            num_res_blocks=1,
-            attention_resolutions=(),
-            num_classes=4,
-        )
-    )
+    net = randomized_unet(tiny_config(num_classes=4))
     x = torch.randn(1, 1, 8, 8).expand(5, -1, -1, -1)
     t = torch.full((5,), 300)
     with torch.no_grad():
@@ -62,12 +60,9 @@ def test_class_conditioning_and_null_class() -> None:
 
 def test_text_conditioning_through_cross_attention() -> None:
     net = randomized_unet(
-        UNetConfig(
+        tiny_config(
             in_channels=4,
-            image_size=8,
-            base_channels=8,
             channel_mults=(1, 2),
-            num_res_blocks=1,
             attention_resolutions=(4,),
             vocab_size=12,
             context_len=3,
@@ -85,16 +80,7 @@ def test_text_conditioning_through_cross_attention() -> None:
 
 
 def test_timestep_changes_the_output() -> None:
-    net = randomized_unet(
-        UNetConfig(
-            in_channels=1,
-            image_size=8,
-            base_channels=8,
-            channel_mults=(1,),
-            num_res_blocks=1,
-            attention_resolutions=(),
-        )
-    )
+    net = randomized_unet(tiny_config())
     x = torch.randn(1, 1, 8, 8).expand(2, -1, -1, -1)
     with torch.no_grad():
         out = net(x, torch.tensor([10, 900]))
@@ -104,14 +90,8 @@ def test_timestep_changes_the_output() -> None:
 def test_loss_falls_when_overfitting_one_batch() -> None:
     torch.manual_seed(0)
     net = UNet(
-        UNetConfig(
-            in_channels=1,
-            image_size=8,
-            base_channels=16,
-            channel_mults=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(4,),
-            num_classes=2,
+        tiny_config(
+            base_channels=16, channel_mults=(1, 2), attention_resolutions=(4,), num_classes=2
         )
     )
     schedule = NoiseSchedule.create("linear", 1000)

@@ -2,6 +2,9 @@
 
 They mirror the contract's JSON (`/work/shared/api-contract.md`) and accept fields they do not know
 (`extra="allow"`), so a newer server does not break an older client.
+
+They repeat `service.schemas` / `models.catalog` on purpose: the client must not import the server
+(FastAPI, torch), and its models are open where the server's are strict.
 """
 
 from __future__ import annotations
