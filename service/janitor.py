@@ -1,16 +1,20 @@
 """Periodic cleanup the gateway runs: expired images and stale job bookkeeping.
 
 Finished job records expire through RQ's TTLs (`result_ttl_s`, `failure_ttl_s`). What RQ leaves
-behind, and what only we know about, is handled here every `cleanup_interval_s`:
+behind, and what only we know about, is handled here.
+
+Every `abandoned_after_s / 4` (as often as a worker's maintenance, so that a dead worker's job ends
+within about 1.25 × abandoned_after_s — 75 s with the defaults — even when no worker is left):
 - jobs queued longer than `job_ttl_s` end `failed` (`job_expired`) — for models no worker serves;
   workers fail the ones they dequeue late themselves (`ddserve.recovery`);
 - running jobs whose worker died are retried or failed (`worker_lost`) — normally the surviving or
-  restarted workers of that model do it every `abandoned_after_s / 4`; this covers a model left
-  with no worker at all;
+  restarted workers of that model do it; this covers a model left with no worker at all.
+
+Every `cleanup_interval_s`:
 - images older than `image_ttl_s` in the storage backend;
 - registry entries (finished / failed / canceled) past their expiry;
 - cancel requests (the `{prefix}:canceled` set) for jobs that are gone or already finished.
-A Redis lock (SET NX EX) lets one gateway process of many do a given round; the queues' own
+A Redis lock (SET NX EX) lets one gateway process of many do a given cleanup round; the queues' own
 maintenance lock (shared with the workers) keeps two processes from recovering the same job.
 """
 
@@ -35,7 +39,7 @@ class CleanupReport:
     images_deleted: int = 0
     cancels_pruned: int = 0
     jobs_expired: int = 0
-    ran: bool = True
+    ran: bool = True  # the cleanup part ran (recovery runs every round)
 
 
 class Janitor:
@@ -43,24 +47,28 @@ class Janitor:
         self.store = store
         self.storage = storage
         self.image_ttl_s = image_ttl_s
-        self.interval_s = interval_s
+        self.cleanup_interval_s = interval_s
+        self.recovery_interval_s = max(1.0, store.settings.abandoned_after_s / 4)
+        self.interval_s = min(self.cleanup_interval_s, self.recovery_interval_s)  # between rounds
         self.lock_key = f"{store.prefix}:janitor:lock"
 
     def run_once(self, force: bool = False) -> CleanupReport:
-        """One cleanup round (skipped if another process holds this interval's lock)."""
+        """One round: recovery of abandoned and expired jobs, then the cleanup (skipped, `ran`
+        False, if another process holds this cleanup interval's lock)."""
         conn = self.store.connection
-        lock_s = max(1, int(self.interval_s * 0.9))
-        if not force and not conn.set(self.lock_key, 1, nx=True, ex=lock_s):
-            return CleanupReport(ran=False)
-        report = CleanupReport()
         settings = self.store.settings
+        report = CleanupReport()
         for queue in self.store.queues.values():
-            with maintenance_lock(queue, lock_s) as got:
+            with maintenance_lock(queue, self.recovery_interval_s * 0.9) as got:
                 if got:
                     recover_abandoned(queue)
                     report.jobs_expired += len(
                         fail_expired(queue, settings.job_ttl_s, settings.max_queue_length)
                     )
+        lock_s = max(1, int(self.cleanup_interval_s * 0.9))
+        if not force and not conn.set(self.lock_key, 1, nx=True, ex=lock_s):
+            report.ran = False
+            return report
         report.images_deleted = self.storage.delete_expired(self.image_ttl_s)
         for queue in self.store.queues.values():
             for registry in (

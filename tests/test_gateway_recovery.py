@@ -88,3 +88,24 @@ def test_live_jobs_are_left_alone(client: TestClient) -> None:
     conn.zadd(registry.key, {entry: 9e12})  # its worker's heartbeat keeps it in the future
     janitor_round(client)
     assert client.get(f"/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_with_no_worker_left_a_dead_workers_job_ends_within_two_minutes(
+    zoo: Path, tmp_path: Path
+) -> None:
+    app, _ = make_app(zoo, tmp_path, max_retries=0)  # the default recovery settings
+    with TestClient(app) as client:
+        janitor = client.app.state.janitor
+        settings = client.app.state.ddserve.settings
+        # The job's registry entry expires abandoned_after_s after the last heartbeat, and a
+        # janitor round comes at most interval_s later: the bound is 2 minutes.
+        assert settings.abandoned_after_s + janitor.interval_s <= 120
+        assert janitor.interval_s <= settings.abandoned_after_s / 4
+        assert janitor.run_once().ran  # this cleanup interval's round is done...
+        conn = client.app.state.ddserve.connection
+        job_id = client.post("/generate", json=GEN).json()["id"]
+        _abandon(conn, job_id)
+        report = janitor.run_once()  # ...and the next round recovers the job all the same
+        assert not report.ran
+        job = client.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
