@@ -11,9 +11,14 @@ when the zoo has a pixel diffusion model, else autoencoder.
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from playwright.sync_api import Page
 
 from ddserve.client.local import LocalServer
 from ddserve.settings import Settings
@@ -35,6 +40,28 @@ def pick(zoo: Path, panel: str) -> tuple[str, str]:
     if panel in ("auto", "autoencoder") and (vaes or codecs):
         return "autoencoder", (vaes or codecs)[0]
     raise SystemExit(f"{zoo} has no model for the {panel} panel")
+
+
+def roughness(png: bytes, box: dict[str, float]) -> float:
+    """Mean absolute difference of neighbouring grey pixels inside `box`: high for x_T, low for x_0."""
+    crop = Image.open(io.BytesIO(png)).convert("L")
+    crop = crop.crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"]))
+    pixels = np.asarray(crop, dtype=np.float32)
+    return float(np.abs(np.diff(pixels, axis=1)).mean() + np.abs(np.diff(pixels, axis=0)).mean())
+
+
+def settled_frame(page: Page, selector: str, tries: int = 40) -> bytes:
+    """A screenshot showing the trajectory GIF near its end (x_0, held 1 s): the animation loops
+    and starts when first painted, so shoot a few times and keep the least noisy frame."""
+    box = page.locator(selector).bounding_box()
+    best, best_score = page.screenshot(), float("inf")
+    for _ in range(tries):
+        page.wait_for_timeout(150)
+        png = page.screenshot()
+        score = roughness(png, box) if box else 0.0
+        if score < best_score:
+            best, best_score = png, score
+    return best
 
 
 def main() -> None:
@@ -64,12 +91,14 @@ def main() -> None:
             page.set_default_timeout(120_000)
             page.goto(server.url + "/")
             page.wait_for_selector("body[data-ready=true]")
+            shot = None
             if panel == "generate":
                 page.select_option("#gen-class", "7")
                 page.fill("#gen-seed", "1234")
                 page.click("#gen-submit")
                 page.wait_for_function(f"{LOADED}('#gen-grid img')")
                 page.wait_for_function(f"{LOADED}('#gen-trajectory-img')")
+                shot = settled_frame(page, "#gen-trajectory-img")
             else:
                 page.click("button[data-tab=autoencoder]")
                 page.wait_for_function("document.getElementById('ae-b').width > 0")
@@ -81,7 +110,10 @@ def main() -> None:
                 page.click("#ae-interpolate")
                 page.wait_for_function(f"{LOADED}('#ae-strip img')")
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(args.out))
+            if shot is None:
+                page.screenshot(path=str(args.out))
+            else:
+                args.out.write_bytes(shot)
             browser.close()
     print(f"wrote {args.out} ({panel} panel, {model})")
 
