@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from models.diffusion.sampler import SamplerSettings
 from tests.test_engine import assert_equal_alone, generate, make_engine, pool, zoo  # noqa: F401
 from tests.worker_doubles import MemoryFeed, MemoryTicket
 from workers.engine import DenoiseLane
@@ -143,5 +144,51 @@ def test_a_call_too_large_for_memory_is_split_and_nobody_fails(
     assert engine.stats.jobs_failed == 0
     lane.isolation.network = real
     for ticket in [poison, *innocent]:
+        assert ticket.ends == 1
+        assert_equal_alone(pool, ticket, works[ticket.id])
+
+
+def poisoned_classifier(
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bad_t: set[int]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guidance classifier, except that a call raises when one of its rows is at a bad t."""
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if any(int(step) in bad_t for step in t):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return classifier(x, t)
+
+    return call
+
+
+@pytest.mark.parametrize("mode", ["continuous", "request"])
+def test_a_failing_guidance_classifier_fails_only_its_own_job(
+    pool: ModelPool,  # noqa: F811
+    mode: str,
+) -> None:
+    feed = MemoryFeed()
+    innocent = [
+        feed.submit(generate(1, n=2, classifier_scale=5.0, class_label=3)),
+        feed.submit(generate(2, classifier_scale=2.0, guidance_scale=1.5, sampler="ddpm")),
+        feed.submit(generate(3)),
+    ]
+    poison = feed.submit(generate(4, num_inference_steps=5, classifier_scale=3.0))
+    # The classifier fails on the poisoned job's DDIM-5 timesteps that the 6-step jobs never visit.
+    bad_t = set(SamplerSettings("ddim", 5).plan(1000)) - set(SamplerSettings("ddim", 6).plan(1000))
+    assert bad_t
+    engine, works = make_engine(pool, feed, mode=mode)
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane) and lane.classifier_isolation is not None
+    real = lane.classifier_isolation.classifier
+    lane.classifier_isolation.classifier = poisoned_classifier(real, bad_t)
+    engine.run_until_idle()
+
+    assert poison.ends == 1 and isinstance(poison.error, ModelCallFailed), poison.error
+    meta = error_meta(poison.error)
+    assert meta["code"] == "model_error" and "guidance classifier" in meta["message"]
+    assert lane.classifier_isolation.splits > 0
+    assert engine.stats.jobs_failed == 1 and engine.stats.jobs_succeeded == len(innocent)
+    lane.classifier_isolation.classifier = real  # the references below run on the real one
+    for ticket in innocent:
         assert ticket.ends == 1
         assert_equal_alone(pool, ticket, works[ticket.id])

@@ -53,7 +53,7 @@ from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
 from workers.execute import DenoiseWork, prepare_denoise, run_codec
-from workers.isolation import IsolatingNetwork, finite_rows
+from workers.isolation import IsolatingClassifier, IsolatingNetwork, finite_rows
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,10 @@ class DenoiseLane:
         batch = self.model.new_batch()
         self.isolation = IsolatingNetwork(TimedNetwork(batch.network, self.stats))
         batch.network = self.isolation
+        self.classifier_isolation = None
+        if batch.classifier is not None:
+            self.classifier_isolation = IsolatingClassifier(batch.classifier)
+            batch.classifier = self.classifier_isolation
         return batch
 
     # --- arrivals -------------------------------------------------------------------------------
@@ -407,6 +411,12 @@ class DenoiseLane:
         causes: dict[int, BaseException] = {}  # id(sample) → why its row failed
         for row, cause in self.isolation.failures.items():
             causes.setdefault(id(row_samples[row]), cause)
+        if self.classifier_isolation is not None and self.classifier_isolation.failures:
+            # The classifier's rows: the step's samples with classifier guidance, in batch order.
+            samples = list({id(s): s for s in row_samples}.values())
+            steered = [s for s in samples if s.settings.classifier_scale != 0.0]
+            for row, cause in self.classifier_isolation.failures.items():
+                causes.setdefault(id(steered[row]), cause)
         failed: dict[int, tuple[JobState, BaseException]] = {}
         for sample in row_samples:  # every sample of the step, finished ones included
             job = self._owner.get(id(sample))

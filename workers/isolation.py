@@ -22,6 +22,7 @@ jobs with the recorded cause (`cause`), while every other row goes on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -108,3 +109,80 @@ class IsolatingNetwork:
             f"the model failed on this job's sample at timestep t={int(t[0])} even when run alone "
             f"({type(exc).__name__}: {exc}); the rest of its batch went on without it"
         )
+
+
+class IsolatingClassifier:
+    """f_φ(x_t [N, C, H, W], t [N]) → logits [N, K] for classifier guidance, splitting failed calls.
+
+    The classifier's gradient g = ∇ log f_φ(y | x_t) is taken through this call, so a row that
+    fails on its own gets logits that are NaN *and depend on its x_t* (NaN · Σ x_t): its gradient,
+    and through it its x_t, turn non-finite, and the engine fails its job like a network failure.
+    Rows that fail alone are found by the same bisection as `IsolatingNetwork`; when no row succeeds
+    (K unknown, every job would fail anyway) the first error is raised as before.
+
+    `failures` maps the row index (among the classifier-guided rows of the call) to the reason."""
+
+    def __init__(self, classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.classifier = classifier
+        self.failures: dict[int, BaseException] = {}
+        self.splits = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.failures = {}
+        parts: list[torch.Tensor | None] = []
+        errors: list[BaseException] = []
+        self._run(x, t, 0, parts, errors)
+        classes = next((p.shape[1] for p in parts if p is not None), None)
+        if classes is None:
+            raise errors[0]
+        rows = [
+            p if p is not None else (x[i : i + 1].flatten(1).sum(1, keepdim=True) * float("nan"))
+            for i, p in enumerate(self._per_row(parts))
+        ]
+        return torch.cat([r.expand(-1, classes) if r.shape[1] != classes else r for r in rows])
+
+    @staticmethod
+    def _per_row(parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Chunks of logits (None = a failed row) → one entry per row."""
+        out: list[torch.Tensor | None] = []
+        for part in parts:
+            if part is None:
+                out.append(None)
+            else:
+                out.extend(part[i : i + 1] for i in range(part.shape[0]))
+        return out
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        offset: int,
+        parts: list[torch.Tensor | None],
+        errors: list[BaseException],
+    ) -> None:
+        rows = x.shape[0]
+        try:
+            parts.append(self.classifier(x, t))  # [rows, K]
+            return
+        except Exception as exc:
+            if is_out_of_memory(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if rows == 1:
+                errors.append(exc)
+                self.failures[offset] = _classifier_error(exc, t)
+                parts.append(None)
+                return
+            log.warning("classifier call over %d rows failed (%s); splitting it", rows, exc)
+        self.splits += 1
+        half = rows // 2
+        self._run(x[:half], t[:half], offset, parts, errors)
+        self._run(x[half:], t[half:], offset + half, parts, errors)
+
+
+def _classifier_error(exc: BaseException, t: torch.Tensor) -> BaseException:
+    what = "ran out of memory" if is_out_of_memory(exc) else "failed"
+    kind = ModelOutOfMemory if is_out_of_memory(exc) else ModelCallFailed
+    return kind(
+        f"the guidance classifier {what} on this job's sample at timestep t={int(t[0])} even when "
+        f"run alone ({type(exc).__name__}: {exc}); the rest of its batch went on without it"
+    )
