@@ -23,6 +23,10 @@ continuous-batching engine instead of performing one job at a time.
 - Redis outages: while Redis is unreachable the loop keeps its jobs and retries with a backoff;
   finishing a job that fails on a Redis error is retried once Redis answers again (the job stays
   heartbeated meanwhile), so no outcome is lost and no job is left `running`.
+- Round trips: the progress writes, successes and job outcome counts (`ddserve.job_metrics`, what
+  the gateway's /metrics renders) of one scheduling round are sent together when it ends
+  (`flush_step`, `workers.step_writes`): one pipeline, or with successes one ownership check and
+  one transaction, instead of a round trip per progress write and about four per finished job.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from workers import rq_bridge
 from workers.engine import BatchingPolicy, Engine
 from workers.errors import JobExpired, WorkerStopped, error_meta, is_retryable
 from workers.model_pool import ModelPool
+from workers.step_writes import Round, StepWrites, Success, job_outcome
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,8 @@ class RQTicket:
         self.execution = execution
         self.id: str = job.id
         self.request: dict[str, Any] = dict(job.kwargs["request"])
+        self.model = worker.model_of(queue)
+        self.queue_s = _queue_seconds(job)
         self.priority = float(job.meta.get(META_PRIORITY, 0) or 0)
         self.arrived_at = job.enqueued_at.timestamp() if job.enqueued_at else time.time()
         limit = float(worker.settings.job_deadline_s)
@@ -120,39 +127,36 @@ class RQTicket:
             return
         self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
         self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        try:
-            self.job.save_meta()
-        except REDIS_ERRORS:  # progress is best effort; the loop waits out the outage
-            log.debug("job %s: progress not written (Redis unavailable)", self.id)
+        self.worker.writes.save_meta(self.job)  # sent when the round ends, with the others
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None:
-        def record() -> None:
-            total = (self.job.meta.get(META_PROGRESS) or {}).get("total")
-            if total is not None:
-                self.job.meta[META_PROGRESS] = {"step": int(total), "total": int(total)}
-            self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-            self.job.save_meta()
-            rq_bridge.finish_success(*self._rq(), output)
-
-        if self.worker.finish_job(self.id, record) == "done":
-            log.info(
-                "job %s succeeded", self.id, extra=self.log_fields | {"batch_size": batch_rows}
-            )
+        """Recorded when the round ends (`BatchingWorker.flush_step`), with the round's other
+        successes; the last progress (step = total) came from the engine just before."""
+        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
+        self.worker.writes.save_meta(self.job)
+        item = rq_bridge.Succeeded(self.job, self.queue, self.execution, output)
+        self.worker.writes.succeed(
+            Success(item, self.model, self.queue_s, int(batch_rows), self.log_fields)
+        )
 
     def fail(self, error: BaseException) -> None:
+        self.worker.writes.discard(self.id)
         if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
             if self.worker.finish_job(self.id, lambda: recovery.requeue(*self._rq())) == "done":
                 log.warning("job %s handed back to its queue", self.id, extra=self.log_fields)
             return
         retry = is_retryable(error)
+        retried = retry and self.job.should_retry
 
         def record() -> None:
-            if not (retry and self.job.should_retry):  # a retried job is queued again, not failed
+            if not retried:  # a retried job is queued again, not failed
                 self.job.meta[META_ERROR] = error_meta(error)
                 self.job.save_meta()
             rq_bridge.finish_failure(*self._rq(), error, retry=retry)
 
         if self.worker.finish_job(self.id, record) == "done":
+            outcome = "retried" if retried else "failed"
+            self.worker.writes.count(job_outcome(self.job, self.model, outcome, self.queue_s))
             log.warning(
                 "job %s failed: %s: %s",
                 self.id,
@@ -164,11 +168,20 @@ class RQTicket:
     def cancel(self) -> None:
         reason = "Job canceled by request."
         finish = lambda: rq_bridge.finish_stopped(*self._rq(), reason)  # noqa: E731
+        self.worker.writes.discard(self.id)
         if self.worker.finish_job(self.id, finish) == "done":
+            self.worker.writes.count(job_outcome(self.job, self.model, "canceled", self.queue_s))
             log.info("job %s canceled", self.id, extra=self.log_fields)
 
     def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
         return self.worker, self.job, self.queue, self.execution
+
+
+def _queue_seconds(job: Job) -> float | None:
+    """How long a just-started job waited in its queue (enqueued → started)."""
+    if job.enqueued_at is None or job.started_at is None:
+        return None
+    return max(0.0, (job.started_at - job.enqueued_at).total_seconds())
 
 
 class RQFeed:
@@ -248,6 +261,7 @@ class BatchingWorker(SimpleWorker):
             BatchingPolicy.from_settings(settings),
         )
         self._running: dict[str, _Running] = {}
+        self.writes = StepWrites(settings.key_prefix)  # the current round's writes
         # Finishes that hit a Redis error, retried by the loop: job id → the finishing action.
         self._unfinished: dict[str, Callable[[], None]] = {}
         self._lost: set[str] = set()  # held jobs another worker owns now (seen by the heartbeat)
@@ -261,6 +275,9 @@ class BatchingWorker(SimpleWorker):
     def queue_for(self, model: str) -> Queue | None:
         name = self._queues_by_model.get(model)
         return next((q for q in self.queues if q.name == name), None)
+
+    def model_of(self, queue: Queue) -> str:
+        return self._model_of_queue.get(queue.name, queue.name)
 
     def start(self, job: Job, queue: Queue) -> RQTicket | None:
         """Mark a dequeued job started; a job this worker cannot run, or one that waited in its
@@ -281,10 +298,13 @@ class BatchingWorker(SimpleWorker):
         except Exception as exc:
             job.meta[META_ERROR] = error_meta(exc)
             job.save_meta()
-            self.finish_job(
+            finished = self.finish_job(
                 job.id,
                 lambda e=exc: rq_bridge.finish_failure(self, job, queue, execution, e, retry=False),
             )
+            if finished == "done":
+                model = self.model_of(queue)
+                self.writes.count(job_outcome(job, model, "failed", _queue_seconds(job)))
             return None
 
     def finish_job(
@@ -328,6 +348,85 @@ class BatchingWorker(SimpleWorker):
                 raise
             self._forget(job_id)
             return "done"
+
+    def flush_step(self) -> None:
+        """Send the round's writes (`workers.step_writes`): its progress and outcome counts in one
+        pipeline, or, when jobs succeeded, with those successes this worker still owns in one
+        transaction (`rq_bridge.finish_successes`). On a Redis error the progress and counts go
+        with the next round, each success waits as a deferred finish (retried by the loop, meta
+        and count included), and the error is raised."""
+        taken = self.writes.take()
+        if not taken:
+            return
+        with self._lock:
+            # A success's meta travels with the success (its transaction, or its deferred finish).
+            for job_id in taken.successes:
+                taken.metas.pop(job_id, None)
+            held = [s for s in taken.successes.values() if s.job.id in self._running]
+            try:
+                mine = self._still_owned(held)
+                if mine:
+                    rq_bridge.finish_successes(
+                        self,
+                        [success.item for success in mine],
+                        lambda pipe: self.writes.queue_writes(pipe, taken, mine),
+                    )
+                else:
+                    pipe = self.connection.pipeline(transaction=False)
+                    self.writes.queue_writes(pipe, taken, [])
+                    pipe.execute()
+            except REDIS_ERRORS as exc:
+                self.writes.give_back(taken)
+                for success in held:
+                    if success.job.id in self._running:
+                        self._unfinished[success.job.id] = lambda s=success: self._finish_one(s)
+                log.warning(
+                    "worker %s: Redis unavailable while writing a round (%d successes, %d progress "
+                    "writes) (%s); retrying when it is back",
+                    self.name,
+                    len(held),
+                    len(taken.metas),
+                    type(exc).__name__,
+                )
+                raise
+            for success in mine:
+                self._forget(success.job.id)
+                self._log_success(success)
+
+    def _still_owned(self, successes: list[Success]) -> list[Success]:
+        """The successes of jobs this worker still owns (one round trip); the others are dropped."""
+        if not successes:
+            return []
+        pairs = [(success.job, success.item.execution) for success in successes]
+        mine = []
+        for success, owned in zip(
+            successes, recovery.owned(self.connection, self.name, pairs), strict=True
+        ):
+            if owned:
+                mine.append(success)
+                continue
+            log.warning(
+                "job %s: no longer owned by worker %s (declared abandoned while it was frozen or "
+                "cut off from Redis); its outcome here is dropped",
+                success.job.id,
+                self.name,
+            )
+            self._forget(success.job.id)
+        return mine
+
+    def _finish_one(self, success: Success) -> None:
+        """A success whose round could not be written, recorded alone (a deferred finish)."""
+        rq_bridge.finish_successes(
+            self,
+            [success.item],
+            lambda pipe: self.writes.queue_writes(pipe, Round(), [success]),
+        )
+        self._log_success(success)
+
+    @staticmethod
+    def _log_success(success: Success) -> None:
+        extra = success.log_fields | {"batch_size": success.batch_rows}
+        log.info("job %s succeeded", success.job.id, extra=extra)
 
     def _forget(self, job_id: str) -> None:
         running = self._running.pop(job_id, None)
@@ -430,6 +529,7 @@ class BatchingWorker(SimpleWorker):
                 try:
                     if self._unfinished:
                         self._finish_deferred()
+                    self.flush_step()
                     if self.should_run_maintenance_tasks:
                         self.run_maintenance_tasks()
                     if self.engine.idle:
@@ -479,6 +579,8 @@ class BatchingWorker(SimpleWorker):
             self.engine.abort()
             raise
         finally:
+            with contextlib.suppress(Exception):
+                self.flush_step()
             self._stop.set()
             self._loop_done.set()
             with contextlib.suppress(Exception):

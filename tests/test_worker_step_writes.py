@@ -1,0 +1,189 @@
+"""A batching worker's round of Redis writes (`workers.step_writes`, `BatchingWorker.flush_step`),
+against real Redis: a round's progress writes and outcome counts cost one round trip, its
+successes one ownership check and one transaction; a round Redis refuses is written, once, when it
+answers again. The worker is driven by hand (no loop thread), so every write is the test's doing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import torch
+from redis.connection import AbstractConnection
+
+from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
+from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS
+from ddserve.settings import Settings
+from tests.redis_sandbox import RedisSandbox, sandbox
+from tests.tiny_zoo import write_diffusion_model
+from tests.worker_doubles import MemoryStorage
+from workers import rq_bridge
+from workers.model_pool import ModelPool
+from workers.worker import BatchingWorker, RQTicket
+
+pytestmark = pytest.mark.redis
+MODEL = "tiny-ddpm"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
+    torch.set_num_threads(1)
+    zoo = tmp_path_factory.mktemp("zoo")
+    write_diffusion_model(zoo, MODEL)
+    return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
+
+
+@pytest.fixture
+def box() -> Iterator[RedisSandbox]:
+    with sandbox() as b:
+        yield b
+
+
+@pytest.fixture
+def round_trips() -> Iterator[list[int]]:
+    """Redis round trips made while the test runs (one `send_packed_command` per command or
+    pipeline)."""
+    sent = [0]
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+
+
+def _worker(box: RedisSandbox, pool: ModelPool) -> BatchingWorker:
+    settings = Settings(zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL)
+    worker = BatchingWorker(
+        settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-w"
+    )
+    box.worker_names.append(worker.name)
+    return worker
+
+
+def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicket]:
+    """`count` generate jobs (n = 2, 10 steps), dequeued and started by the worker."""
+    request = {"kind": "generate", "model": MODEL, "n": 2, "num_inference_steps": 10}
+    for seed in range(count):
+        box.enqueue(MODEL, request | {"seed": seed})
+    tickets = []
+    for _ in range(count):
+        got = rq_bridge.dequeue(worker, [box.queue(MODEL)], None)
+        assert got is not None
+        ticket = worker.start(*got)
+        assert ticket is not None
+        tickets.append(ticket)
+    return tickets
+
+
+def _output(ticket: RQTicket) -> dict[str, Any]:
+    return {"images": [{"key": f"{ticket.id}/{i}.png", "seed": i} for i in range(2)]}
+
+
+def _metrics(box: RedisSandbox):
+    return read_job_metrics(box.connection.hgetall(job_metrics_key(box.prefix, MODEL)))
+
+
+def test_a_round_costs_one_round_trip_or_one_check_and_one_transaction(
+    box: RedisSandbox, pool: ModelPool, round_trips: list[int]
+) -> None:
+    worker = _worker(box, pool)
+    tickets = _tickets(box, worker, 4)
+    round_trips[0] = 0
+    for ticket in tickets:  # a round in which every job reports progress: nothing sent yet
+        ticket.progress(5, 10, 6)
+    assert round_trips[0] == 0
+    worker.flush_step()
+    assert round_trips[0] == 1  # one pipeline: four HSETs
+    for ticket in tickets:
+        assert ticket.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 5, "total": 10}
+
+    for ticket in tickets[:3]:  # three succeed, as the engine ends them: last progress, success
+        ticket.progress(10, 10, 6)
+        ticket.succeed(_output(ticket), 6)
+    tickets[3].progress(7, 10, 6)
+    round_trips[0] = 0
+    worker.flush_step()
+    assert round_trips[0] == 1 + 3  # ownership check; WATCH, EXISTS, MULTI/EXEC
+    for ticket in tickets[:3]:
+        assert ticket.job.get_status(refresh=True) == "finished"
+        assert ticket.job.return_value(refresh=True) == _output(ticket)
+        meta = ticket.job.get_meta(refresh=True)
+        assert meta[META_PROGRESS] == {"step": 10, "total": 10} and meta[META_BATCH_SIZE] == 6
+    assert tickets[3].job.get_meta(refresh=True)[META_PROGRESS] == {"step": 7, "total": 10}
+    assert set(worker._running) == {tickets[3].id}  # the others are forgotten
+    metrics = _metrics(box)
+    assert metrics.outcomes == {"succeeded": 3} and metrics.images == 6
+    assert metrics.histograms[BATCH].count == 3 and metrics.histograms[BATCH].sum == 18
+    assert metrics.histograms[STEP_RATE].count == 3  # 10 steps over each job's run time
+
+    tickets[3].fail(ValueError("a bad job"))  # failures finish at once; their count waits
+    assert tickets[3].job.get_status(refresh=True) == "failed"
+    assert _metrics(box).outcomes == {"succeeded": 3}
+    worker.flush_step()
+    metrics = _metrics(box)
+    assert metrics.outcomes == {"succeeded": 3, "failed": 1} and metrics.images == 6
+    assert metrics.histograms[COMPUTE].count == 4
+    round_trips[0] = 0
+    worker.flush_step()  # an empty round sends nothing
+    assert round_trips[0] == 0
+
+
+def test_a_round_redis_refuses_is_written_once_it_answers(
+    box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = _worker(box, pool)
+    done, running, canceled = _tickets(box, worker, 3)
+    real_finish = rq_bridge.finish_successes
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("Redis is down")
+
+    done.progress(10, 10, 4)
+    done.succeed(_output(done), 4)
+    running.progress(3, 10, 4)
+    canceled.cancel()  # ended at once; its count waits for the round
+    monkeypatch.setattr(rq_bridge, "finish_successes", refused)
+    with pytest.raises(redis.ConnectionError):
+        worker.flush_step()
+    assert done.job.get_status(refresh=True) == "started"  # held, to be finished later
+    assert done.id in worker._running
+    assert _metrics(box).outcomes == {}
+
+    monkeypatch.setattr(rq_bridge, "finish_successes", real_finish)
+    worker._finish_deferred()  # what the loop does first once Redis answers
+    worker.flush_step()
+    assert done.job.get_status(refresh=True) == "finished"
+    meta = done.job.get_meta(refresh=True)
+    assert meta[META_PROGRESS] == {"step": 10, "total": 10} and meta[META_BATCH_SIZE] == 4
+    assert running.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 3, "total": 10}
+    assert canceled.job.get_status(refresh=True) == "stopped"
+    metrics = _metrics(box)
+    assert metrics.outcomes == {"succeeded": 1, "canceled": 1} and metrics.images == 2
+    worker._finish_deferred()
+    worker.flush_step()  # nothing is written twice
+    assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1}
+    assert set(worker._running) == {running.id}
+
+
+def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    (ticket,) = _tickets(box, worker, 1)
+    ticket.progress(10, 10, 2)
+    ticket.succeed(_output(ticket), 2)
+    # Declared abandoned meanwhile: the started registry no longer holds this execution.
+    box.connection.delete(ticket.queue.started_job_registry.key)
+    worker.flush_step()
+    assert ticket.job.get_status(refresh=True) == "started"
+    assert ticket.job.get_meta(refresh=True).get(META_PROGRESS) is None  # its meta left alone
+    assert _metrics(box).outcomes == {}
+    assert ticket.id not in worker._running
