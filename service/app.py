@@ -41,6 +41,7 @@ from service.uploads import UploadLimits
 from service.waiter import JobWaiter
 
 log = logging.getLogger("ddserve.service")
+METRICS_FLUSH_S = 1.0  # how often each process adds its request counts to Redis
 
 DESCRIPTION = """Generative image models behind a job queue.
 
@@ -101,9 +102,19 @@ def build_state(
         keyring=keyring,
         limiter=RateLimiter(connection, settings.key_prefix, settings.rate_limit_per_minute),
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
-        telemetry=Telemetry(served),
+        telemetry=Telemetry(store),
         waiter=JobWaiter(store),
     )
+
+
+async def _metrics_flush_loop(telemetry: Telemetry) -> None:
+    """Add this process's request tally to the deployment's totals in Redis every second."""
+    while True:
+        await asyncio.sleep(METRICS_FLUSH_S)
+        try:
+            await to_thread.run_sync(telemetry.flush)
+        except Exception as e:  # Redis down: the tally is kept for the next round
+            log.debug("metrics flush failed: %s", type(e).__name__)
 
 
 async def _janitor_loop(janitor: Janitor) -> None:
@@ -154,6 +165,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_janitor_loop(janitor), name="ddserve-janitor")
+        flusher = asyncio.create_task(
+            _metrics_flush_loop(state.telemetry), name="ddserve-metrics-flush"
+        )
         state.waiter.start()
         log.info(
             "gateway ready: models %s; auth %s; storage %s",
@@ -164,9 +178,12 @@ def create_app(
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for background in (task, flusher):
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+            with contextlib.suppress(Exception):  # the last requests of this process
+                await to_thread.run_sync(state.telemetry.flush)
             await state.waiter.stop()
 
     app = FastAPI(title="ddserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

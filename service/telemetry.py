@@ -1,221 +1,231 @@
-"""Prometheus metrics of one gateway app, in its own `CollectorRegistry` (never the global one).
+"""Prometheus metrics of the whole deployment, read from Redis at scrape time, in the app's own
+`CollectorRegistry` (never the global one).
 
-Names follow Triton's style (`nv_inference_request_success` → `ddserve_request_count`):
-- `ddserve_request_count{route,method,status}` (counter) and
-  `ddserve_request_duration_seconds{route}` (histogram): every HTTP request, by route template;
-- `ddserve_jobs{status}`, `ddserve_queue_depth{model}`, `ddserve_workers_alive{model}`,
-  `ddserve_redis_up` (gauges, read from Redis at scrape time);
+Every number comes from Redis, so every gateway process (`ddserve serve --workers N`, replicas on
+several hosts) answers a scrape with the same totals, and no job goes uncounted:
+
+- `ddserve_request_count{route,method,status}` (counter; Triton's name, without `_total`) and
+  `ddserve_request_duration_seconds{route}` (histogram): the HTTP requests of every gateway
+  process, which each adds to Redis once a second and before it answers a scrape
+  (`service.request_metrics`);
+- `ddserve_jobs{status}`, `ddserve_queue_depth{model}`, `ddserve_workers_alive{model}` (gauges):
+  the queues, RQ's job registries and worker registrations as they are now; `ddserve_redis_up`;
 - `ddserve_queue_duration_seconds{model}` (enqueued → started) and
-  `ddserve_compute_duration_seconds{model}` (started → completed) histograms and
-  `ddserve_images_generated_total{model}`, with `ddserve_batch_size{model}` and
-  `ddserve_steps_per_second{model}` (service.job_performance): observed once per finished job.
-  At scrape time each gateway process reads the finished/failed registries from where it left
-  off (their scores, whole seconds, grow with completion time; the cursor's own second is re-read)
-  and claims each job with a SET NX marker, so that every job is counted once, by exactly one
-  gateway process.
+  `ddserve_compute_duration_seconds{model}` (started → ended) of every attempt that ran,
+  `ddserve_images_generated_total{model}`, `ddserve_batch_size{model}` (images per network call)
+  and `ddserve_steps_per_second{model}` of succeeded jobs, and
+  `ddserve_job_outcomes_total{model,outcome}`: counted by the worker that ended each job, when it
+  ended it (`ddserve.job_metrics`), so a job whose record expired before the scrape still counts.
+
+When Redis does not answer, the scrape shows `ddserve_redis_up 0` only (and the requests tallied
+meanwhile are kept for the next write).
 """
 
 from __future__ import annotations
 
-import threading
+import logging
+import math
 from collections.abc import Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
-from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry
-
-from ddserve.jobs import JobKind
-from service.job_performance import JobPerformance
-from service.jobstore import JobStore
-
-DURATION_BUCKETS = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0)
-SWEEP_LIMIT = 5000  # jobs read per registry per scrape
+from prometheus_client.utils import floatToGoString
+
+from ddserve.job_metrics import (
+    BATCH,
+    COMPUTE,
+    OUTCOMES,
+    QUEUE,
+    STEP_RATE,
+    HistogramCounts,
+    ModelJobMetrics,
+    job_metrics_key,
+    read_job_metrics,
+)
+from service.jobstore import JobStore
+from service.request_metrics import (
+    RequestTally,
+    RequestTotals,
+    durations_key,
+    read_request_totals,
+    requests_key,
+)
+
+log = logging.getLogger("ddserve.metrics")
+
+JOB_HISTOGRAMS = {  # ddserve.job_metrics histogram → metric name, help
+    QUEUE: (
+        "ddserve_queue_duration_seconds",
+        "time a job waited in its queue (enqueued → started)",
+    ),
+    COMPUTE: ("ddserve_compute_duration_seconds", "time a job ran on a worker (started → ended)"),
+    BATCH: (
+        "ddserve_batch_size",
+        "images (network rows) per network call: the largest call each succeeded job ran in",
+    ),
+    STEP_RATE: (
+        "ddserve_steps_per_second",
+        "denoising steps per second of run time, per succeeded generate or inpaint job",
+    ),
+}
 
 
-class RequestCounter(Collector):
-    """`ddserve_request_count`: a counter exposed under exactly that name, as Triton names its
-    counters (prometheus_client's Counter would add `_total` to the samples)."""
+def _buckets(histogram: HistogramCounts) -> list[tuple[str, float]]:
+    return [
+        ("+Inf" if math.isinf(bound) else floatToGoString(bound), count)
+        for bound, count in histogram.buckets
+    ]
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str, str], int] = {}
 
-    def inc(self, route: str, method: str, status: int) -> None:
-        key = (route, method, str(status))
-        with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
+class DeploymentCollector:
+    """A prometheus_client collector whose every scrape reads Redis (one MULTI/EXEC that first
+    adds this process's request tally, then reads the request and job-metric hashes; then the
+    queue counts and worker registrations)."""
+
+    def __init__(self, store: JobStore, tally: RequestTally) -> None:
+        self.store = store
+        self.tally = tally
+
+    def describe(self) -> list[Metric]:
+        return []  # no Redis read when the collector is registered
 
     def collect(self) -> Iterator[Metric]:
-        metric = Metric("ddserve_request_count", "HTTP requests by route and status", "counter")
-        with self._lock:
-            items = sorted(self._counts.items())
-        for (route, method, status), value in items:
-            metric.add_sample(
+        try:
+            requests, jobs, counts, alive = self._read()
+        except redis.RedisError as exc:  # down, loading, read-only...: never a 500
+            log.warning("metrics: Redis unavailable (%s)", type(exc).__name__)
+            yield GaugeMetricFamily("ddserve_redis_up", "1 when Redis answered the scrape", 0)
+            return
+        yield GaugeMetricFamily("ddserve_redis_up", "1 when Redis answered the scrape", 1)
+        yield from self._request_families(requests)
+        yield from self._gauge_families(counts, alive)
+        yield from self._job_families(jobs)
+
+    def _read(
+        self,
+    ) -> tuple[
+        RequestTotals, dict[str, ModelJobMetrics], dict[str, dict[str, int]], dict[str, int]
+    ]:
+        store = self.store
+        tally = self.tally.take()
+        pipe = store.connection.pipeline(transaction=True)
+        self.tally.write(pipe, tally)
+        written = len(pipe)
+        pipe.hgetall(requests_key(store.prefix))
+        pipe.hgetall(durations_key(store.prefix))
+        for model in store.queues:
+            pipe.hgetall(job_metrics_key(store.prefix, model))
+        try:
+            answers = pipe.execute()[written:]
+        except Exception:
+            self.tally.give_back(tally)
+            raise
+        requests = read_request_totals(answers[0], answers[1])
+        jobs = {
+            model: read_job_metrics(fields)
+            for model, fields in zip(store.queues, answers[2:], strict=True)
+        }
+        return requests, jobs, store.counts(), store.workers_alive()
+
+    @staticmethod
+    def _request_families(totals: RequestTotals) -> Iterator[Metric]:
+        counts = Metric("ddserve_request_count", "HTTP requests by route and status", "counter")
+        for (method, status, route), value in sorted(totals.counts.items()):
+            counts.add_sample(
                 "ddserve_request_count",
                 {"route": route, "method": method, "status": status},
                 value,
             )
-        yield metric
-
-
-class Telemetry:
-    """The metric objects of one app and the scrape-time refresh from Redis."""
-
-    def __init__(self, models: list[str]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = RequestCounter()
-        self.registry.register(self.requests)
-        r = self.registry
-        self.request_duration = Histogram(
+        yield counts
+        durations = HistogramMetricFamily(
             "ddserve_request_duration_seconds",
             "time the gateway spent answering, by route",
-            ["route"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
+            labels=["route"],
         )
-        self.jobs = Gauge("ddserve_jobs", "jobs on record by status", ["status"], registry=r)
-        self.queue_depth = Gauge("ddserve_queue_depth", "jobs queued", ["model"], registry=r)
-        self.workers_alive = Gauge(
-            "ddserve_workers_alive", "live workers listening per model", ["model"], registry=r
-        )
-        self.redis_up = Gauge("ddserve_redis_up", "1 when Redis answered the scrape", registry=r)
-        self.queue_duration = Histogram(
-            "ddserve_queue_duration_seconds",
-            "time a job waited in its queue (enqueued → started)",
-            ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.compute_duration = Histogram(
-            "ddserve_compute_duration_seconds",
-            "time a job ran on a worker (started → completed)",
-            ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.images = Counter(
-            "ddserve_images_generated",
-            "images produced by finished jobs",
-            ["model"],
-            registry=r,
-        )
-        self.performance = JobPerformance(r)  # ddserve_batch_size, ddserve_steps_per_second
-        self.models = models
-        self._cursors: dict[str, float] = {}
-        self._sweep_lock = threading.Lock()
+        for route, histogram in sorted(totals.durations.items()):
+            durations.add_metric([route], _buckets(histogram), histogram.sum)
+        yield durations
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.inc(route, method, status)
-        self.request_duration.labels(route).observe(seconds)
-
-    def render(self) -> bytes:
-        """Prometheus text format. prometheus_client names every counter family `<name>_total`;
-        Triton-style `ddserve_request_count` keeps its name, so its HELP/TYPE lines are renamed to
-        match its samples."""
-        text = generate_latest(self.registry)
-        return text.replace(b" ddserve_request_count_total ", b" ddserve_request_count ")
-
-    # --- scrape-time refresh (runs in a worker thread) ---
-
-    def refresh(self, store: JobStore) -> None:
-        """Gauges from Redis, then the completion sweep; Redis down → ddserve_redis_up 0."""
-        try:
-            counts = store.counts()
-            alive = store.workers_alive()
-            self._sweep(store)
-        except Exception:
-            self.redis_up.set(0)
-            raise
-        self.redis_up.set(1)
+    @staticmethod
+    def _gauge_families(
+        counts: dict[str, dict[str, int]], alive: dict[str, int]
+    ) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("ddserve_jobs", "jobs on record by status", labels=["status"])
+        depth = GaugeMetricFamily("ddserve_queue_depth", "jobs queued", labels=["model"])
         totals: dict[str, int] = {}
         for model, by_status in counts.items():
-            self.queue_depth.labels(model).set(by_status["queued"])
+            depth.add_metric([model], by_status["queued"])
             for status, value in by_status.items():
                 totals[status] = totals.get(status, 0) + value
         for status, value in totals.items():
-            self.jobs.labels(status).set(value)
+            jobs.add_metric([status], value)
+        workers = GaugeMetricFamily(
+            "ddserve_workers_alive", "live workers listening per model", labels=["model"]
+        )
         for model, count in alive.items():
-            self.workers_alive.labels(model).set(count)
+            workers.add_metric([model], count)
+        yield from (jobs, depth, workers)
 
-    def _sweep(self, store: JobStore) -> None:
-        with self._sweep_lock:
-            conn = store.connection
-            ttl = max(store.settings.result_ttl_s, store.settings.failure_ttl_s, 60)
-            for model, queue in store.queues.items():
-                registries = (
-                    (FinishedJobRegistry(queue=queue), True),
-                    (FailedJobRegistry(queue=queue), False),
-                )
-                for registry, succeeded in registries:
-                    cursor = self._cursors.get(registry.key, 0.0)
-                    entries = conn.zrangebyscore(
-                        registry.key,
-                        cursor,
-                        "+inf",
-                        start=0,
-                        num=SWEEP_LIMIT,
-                        withscores=True,
-                    )
-                    if not entries:
-                        continue
-                    self._cursors[registry.key] = max(score for _, score in entries)
-                    ids = [member.decode().split(":", 1)[0] for member, _ in entries]
-                    pipe = conn.pipeline(transaction=False)
-                    for job_id in ids:
-                        pipe.set(f"{store.prefix}:metrics:seen:{job_id}", 1, nx=True, ex=ttl)
-                    mine = [job_id for job_id, new in zip(ids, pipe.execute(), strict=True) if new]
-                    for job in Job.fetch_many(mine, connection=conn):
-                        if job is not None:
-                            self._observe(model, job, succeeded)
-
-    def _observe(self, model: str, job: Job, succeeded: bool) -> None:
-        if job.enqueued_at and job.started_at:
-            self.queue_duration.labels(model).observe(
-                max(0.0, (job.started_at - job.enqueued_at).total_seconds())
-            )
-        if job.started_at and job.ended_at:
-            self.compute_duration.labels(model).observe(
-                max(0.0, (job.ended_at - job.started_at).total_seconds())
-            )
-        if succeeded:
-            self.performance.observe(model, job)
-            count = _image_count(job)
-            if count:
-                self.images.labels(model).inc(count)
+    @staticmethod
+    def _job_families(jobs: dict[str, ModelJobMetrics]) -> Iterator[Metric]:
+        outcomes = CounterMetricFamily(
+            "ddserve_job_outcomes",
+            "ended job attempts by outcome (succeeded, failed, canceled, retried)",
+            labels=["model", "outcome"],
+        )
+        images = CounterMetricFamily(
+            "ddserve_images_generated", "images produced by succeeded jobs", labels=["model"]
+        )
+        histograms = {
+            name: HistogramMetricFamily(metric, text, labels=["model"])
+            for name, (metric, text) in JOB_HISTOGRAMS.items()
+        }
+        for model, metrics in jobs.items():
+            for outcome in OUTCOMES:
+                outcomes.add_metric([model, outcome], metrics.outcomes.get(outcome, 0))
+            images.add_metric([model], metrics.images)
+            for name, family in histograms.items():
+                histogram = metrics.histograms[name]
+                family.add_metric([model], _buckets(histogram), histogram.sum)
+        yield from (outcomes, images, *histograms.values())
 
 
-def _image_count(job: Job) -> int:
-    """Images a finished job produced, from its request (no result read needed)."""
-    try:
-        request: dict[str, Any] = job.kwargs.get("request") or {}
-    except Exception:
-        return 0
-    kind = request.get("kind")
-    if kind in (JobKind.GENERATE, JobKind.INPAINT):
-        return int(request.get("n") or 0)
-    if kind == JobKind.RECONSTRUCT:
-        return len(request.get("images") or [])
-    if kind == JobKind.DECODE:
-        return len(request.get("latents") or request.get("codes") or [])
-    return 0
+class Telemetry:
+    """The metrics of one gateway app: its request tally and the registry that renders the
+    deployment's metrics from Redis."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.tally = RequestTally(store.prefix)
+        self.store = store
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DeploymentCollector(store, self.tally))
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.tally.observe(route, method, status, seconds)
+
+    def flush(self) -> None:
+        """Add this process's request tally to Redis (blocking: call it from a thread). On a
+        Redis error the tally is kept for the next flush and the error raised."""
+        tally = self.tally.take()
+        if not tally:
+            return
+        pipe = self.store.connection.pipeline(transaction=True)
+        self.tally.write(pipe, tally)
+        try:
+            pipe.execute()
+        except Exception:
+            self.tally.give_back(tally)
+            raise
+
+    def render(self) -> bytes:
+        """Prometheus text format (blocking: reads Redis). prometheus_client names every counter
+        family `<name>_total`; Triton-style `ddserve_request_count` keeps its name, so its
+        HELP/TYPE lines are renamed to match its samples."""
+        text = generate_latest(self.registry)
+        return text.replace(b" ddserve_request_count_total ", b" ddserve_request_count ")

@@ -106,9 +106,12 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk
 
 
-def make_app(zoo: Path, tmp: Path, **overrides: Any) -> tuple[FastAPI, fakeredis.FakeServer]:
-    """A gateway on a fresh fakeredis server (returned so a test can take Redis down)."""
-    server = fakeredis.FakeServer()
+def make_app(
+    zoo: Path, tmp: Path, server: fakeredis.FakeServer | None = None, **overrides: Any
+) -> tuple[FastAPI, fakeredis.FakeServer]:
+    """A gateway on a fresh fakeredis server, or on `server` (as another gateway process on the
+    same Redis); the server is returned so a test can take Redis down."""
+    server = server if server is not None else fakeredis.FakeServer()
     fields: dict[str, Any] = {
         "zoo_dir": zoo,
         "storage_dir": tmp / "images",

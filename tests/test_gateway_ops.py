@@ -19,8 +19,9 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue, Worker
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.registry import FinishedJobRegistry
 
+from ddserve.job_metrics import JobOutcome, record_outcome
 from ddserve.settings import Settings
 from models.catalog import load_catalog
 from service.cli import banner, example_request
@@ -98,54 +99,93 @@ def test_redis_down_is_503_never_500(client: TestClient, app_server) -> None:
     assert client.get(f"/jobs/{job_id}").status_code == 200
 
 
+def _samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 def test_metrics(client: TestClient) -> None:
     conn = client.app.state.ddserve.connection
     ids = [client.post("/generate", json={**GEN, "n": 3}).json()["id"] for _ in range(2)]
     client.post("/generate", json={"model": "nope"})
-    # a worker's doing, by hand: the first job ran 2 s after waiting 0.5 s
+    # The registries as a worker leaves them: the first job finished (for ddserve_jobs)...
     job = Job.fetch(ids[0], connection=conn)
     conn.lrem("rq:queue:gwtest:tiny-ddpm", 0, job.id)
-    start = job.enqueued_at.timestamp() + 0.5
-    job.started_at = type(job.enqueued_at).fromtimestamp(start, tz=job.enqueued_at.tzinfo)
-    job.ended_at = type(job.enqueued_at).fromtimestamp(start + 2.0, tz=job.enqueued_at.tzinfo)
     job.set_status("finished")
-    job.save()
     queue = Queue("gwtest:tiny-ddpm", connection=conn)
     FinishedJobRegistry(queue=queue).add(job, 3600)
+    # ...and what that worker counted when it ended the job: it waited 0.5 s and ran 2 s (50
+    # steps per image, in network calls of up to 24 rows); another attempt failed.
+    pipe = conn.pipeline()
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "succeeded", 0.5, 2.0, 3, 24, 50))
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "failed", 0.1, 0.2))
+    pipe.execute()
     text = client.get("/metrics").text
     lines = set(text.splitlines())
     assert "# TYPE ddserve_request_count counter" in lines
     assert 'ddserve_request_count{method="POST",route="/generate",status="202"} 2.0' in lines
     assert 'ddserve_request_count{method="POST",route="/generate",status="404"} 1.0' in lines
+    assert 'ddserve_request_duration_seconds_count{route="/generate"} 3.0' in lines
     assert 'ddserve_queue_depth{model="tiny-ddpm"} 1.0' in lines
     assert 'ddserve_jobs{status="queued"} 1.0' in lines
     assert 'ddserve_jobs{status="succeeded"} 1.0' in lines
     assert 'ddserve_workers_alive{model="tiny-ddpm"} 0.0' in lines
-    assert 'ddserve_queue_duration_seconds_bucket{le="0.5",model="tiny-ddpm"} 1.0' in lines
-    assert 'ddserve_queue_duration_seconds_bucket{le="0.25",model="tiny-ddpm"} 0.0' in lines
-    assert 'ddserve_compute_duration_seconds_bucket{le="2.5",model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_queue_duration_seconds_bucket{le="0.1",model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_queue_duration_seconds_bucket{le="0.25",model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_queue_duration_seconds_bucket{le="0.5",model="tiny-ddpm"} 2.0' in lines
+    assert 'ddserve_compute_duration_seconds_bucket{le="2.5",model="tiny-ddpm"} 2.0' in lines
+    assert 'ddserve_compute_duration_seconds_bucket{le="+Inf",model="tiny-ddpm"} 2.0' in lines
     assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in lines
+    assert 'ddserve_batch_size_sum{model="tiny-ddpm"} 24.0' in lines
+    assert 'ddserve_batch_size_count{model="tiny-ddpm"} 1.0' in lines
+    assert 'ddserve_steps_per_second_sum{model="tiny-ddpm"} 25.0' in lines  # 50 steps in 2 s
+    assert 'ddserve_job_outcomes_total{model="tiny-ddpm",outcome="failed"} 1.0' in lines
+    assert 'ddserve_images_generated_total{model="tiny-text"} 0.0' in lines
     assert "ddserve_redis_up 1.0" in lines
-    again = set(client.get("/metrics").text.splitlines())  # each job is observed once
-    assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in again
-    assert 'ddserve_compute_duration_seconds_count{model="tiny-ddpm"} 1.0' in again
-    failed = Job.fetch(ids[1], connection=conn)
-    failed.set_status("failed")
-    FailedJobRegistry(queue=queue).add(failed, 3600)
-    after = set(client.get("/metrics").text.splitlines())
-    assert 'ddserve_images_generated_total{model="tiny-ddpm"} 3.0' in after  # failures add none
-    assert 'ddserve_jobs{status="failed"} 1.0' in after
+    job.delete()  # its record is gone (expired) before the next scrape: it still counts
+    again = _samples(client.get("/metrics").text)  # and reading counts nothing twice
+    assert again['ddserve_jobs{status="succeeded"}'] == 0
+    assert again['ddserve_images_generated_total{model="tiny-ddpm"}'] == 3
+    assert again['ddserve_compute_duration_seconds_count{model="tiny-ddpm"}'] == 2
+    assert again['ddserve_request_count{method="GET",route="/metrics",status="200"}'] == 1
 
 
-def test_two_apps_have_separate_metrics(zoo: Path, tmp_path: Path) -> None:
-    (a, _), (b, _) = make_app(zoo, tmp_path / "a"), make_app(zoo, tmp_path / "b")
+def test_every_gateway_process_shows_the_same_totals(zoo: Path, tmp_path: Path) -> None:
+    """Two apps on one Redis are two `ddserve serve --workers 2` processes: whichever answers the
+    scrape, the requests of both are in it."""
+    a, server = make_app(zoo, tmp_path / "a")
+    b, _ = make_app(zoo, tmp_path / "b", server=server)
     with TestClient(a) as ca, TestClient(b) as cb:
         ca.get("/healthz")
         ca.get("/healthz")
         cb.get("/healthz")
+        b.state.ddserve.telemetry.flush()  # what b's once-a-second write does
         line = 'ddserve_request_count{method="GET",route="/healthz",status="200"}'
-        assert f"{line} 2.0" in ca.get("/metrics").text
-        assert f"{line} 1.0" in cb.get("/metrics").text
+        assert _samples(ca.get("/metrics").text)[line] == 3
+        assert _samples(cb.get("/metrics").text)[line] == 3
+
+
+def test_request_counts_are_written_every_second_and_survive_an_outage(
+    client: TestClient, app_server
+) -> None:
+    conn = client.app.state.ddserve.connection
+    client.get("/healthz")
+    deadline = time.monotonic() + 5  # the lifespan's flush loop, not a scrape, writes it
+    while not conn.hget("gwtest:metrics:requests", "GET 200 /healthz"):
+        assert time.monotonic() < deadline, "the request tally was not written"
+        time.sleep(0.05)
+    _, server = app_server
+    server.connected = False
+    client.get("/healthz")
+    client.get("/healthz")
+    assert "ddserve_redis_up 0.0" in client.get("/metrics").text
+    server.connected = True
+    samples = _samples(client.get("/metrics").text)
+    assert samples['ddserve_request_count{method="GET",route="/healthz",status="200"}'] == 3
+    assert samples['ddserve_request_duration_seconds_count{route="/healthz"}'] == 3
 
 
 def test_request_id_reaches_logs_and_job(client: TestClient) -> None:
@@ -307,6 +347,7 @@ def test_gateway_never_imports_torch(zoo: Path, tmp_path: Path) -> None:
 import sys
 from fastapi.testclient import TestClient
 from ddserve.cli import main
+from ddserve.job_metrics import JobOutcome, record_outcome
 from ddserve.settings import Settings
 import service.cli
 from service.app import create_app

@@ -1,8 +1,7 @@
-"""`GET /metrics`: Prometheus text exposition of the app's own registry."""
+"""`GET /metrics`: Prometheus text exposition of the deployment's metrics, read from Redis
+(`service.telemetry`), so that every gateway process answers with the same totals."""
 
 from __future__ import annotations
-
-import logging
 
 from anyio import to_thread
 from fastapi import APIRouter
@@ -13,7 +12,6 @@ from service.dependencies import CallerDep, State
 from service.errors import ERROR_RESPONSES
 
 router = APIRouter(tags=["health"])
-log = logging.getLogger("ddserve.metrics")
 
 
 @router.get(
@@ -26,8 +24,6 @@ log = logging.getLogger("ddserve.metrics")
     summary="Prometheus metrics",
 )
 async def metrics(state: State, caller: CallerDep) -> Response:
-    try:
-        await to_thread.run_sync(state.telemetry.refresh, state.store)
-    except Exception as e:  # Redis down: still expose what this process knows (redis_up 0)
-        log.warning("metrics refresh failed: %s", type(e).__name__)
-    return Response(state.telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+    # Redis down: the answer still comes, with ddserve_redis_up 0.
+    body = await to_thread.run_sync(state.telemetry.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
