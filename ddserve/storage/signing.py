@@ -45,4 +45,7 @@ class LinkSigner:
             return False
         if expires_at < self._clock():
             return False
-        return hmac.compare_digest(self.signature(key, expires_at), str(sig))
+        # Bytes, not str: compare_digest refuses non-ASCII str (a TypeError, i.e. a 500, for a
+        # hostile `sig=%C3%A9`); any text encodes, so a bad signature is just a mismatch.
+        presented = str(sig).encode("utf-8", "backslashreplace")
+        return hmac.compare_digest(self.signature(key, expires_at).encode(), presented)
