@@ -14,6 +14,7 @@ import hmac
 import io
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,24 @@ def test_auth_is_on_by_default_and_without_keys_nobody_gets_in(
     assert_error(client.post("/generate", json=GEN, headers=auth("")), 401, "missing_api_key")
     assert_error(client.post("/generate", json=GEN, headers=auth("x")), 401, "invalid_api_key")
     assert client.get("/healthz").status_code == 200
+
+
+def test_every_documented_route_but_health_and_image_links_needs_a_key(client: TestClient) -> None:
+    """From the OpenAPI document, so a route added later without the key check fails here."""
+    open_routes = {"/healthz", "/readyz", "/images/{key}"}
+    paths = client.get("/openapi.json").json()["paths"]
+    checked = 0
+    for path, operations in paths.items():
+        url = path.replace("{job_id}", "some-job").replace("{key}", "job/0.png")
+        for method in operations:
+            answer = client.request(method.upper(), url, json={"model": "tiny-ddpm"})
+            if path in open_routes:
+                assert answer.status_code != 401, (method, path)
+                continue
+            assert_error(answer, 401, "missing_api_key")
+            assert answer.headers["www-authenticate"] == "Bearer"
+            checked += 1
+    assert checked >= 9  # generate, encode, decode, reconstruct, inpaint, job, cancel, models, …
 
 
 def test_the_gateway_mode_keeps_auth_on_and_the_embedded_mode_turns_it_off_and_says_so(
@@ -447,6 +466,37 @@ def test_queue_limit_is_shared_by_gateway_processes(zoo: Path, tmp_path: Path) -
     full = two.post("/generate", json=GEN, headers=auth(BOB))
     assert_error(full, 429, "queue_full")
     assert int(full.headers["retry-after"]) > 0
+
+
+def test_concurrent_submissions_never_overfill_a_queue_or_duplicate_a_job(
+    zoo: Path, tmp_path: Path
+) -> None:
+    """Twelve requests at once through two gateway processes: the queue-length check and the
+    Idempotency-Key claim are atomic in Redis, not read-then-write races."""
+    server = fakeredis.FakeServer()
+    gateways = [TestClient(gateway(zoo, tmp_path, server, max_queue_length=5)) for _ in range(2)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(
+            pool.map(
+                lambda i: gateways[i % 2].post("/generate", json=GEN, headers=auth(ALICE)),
+                range(12),
+            )
+        )
+    assert sorted(a.status_code for a in answers) == [202] * 5 + [429] * 7
+    conn = gateways[0].app.state.ddserve.connection
+    assert conn.llen("rq:queue:sectest:tiny-ddpm") == 5
+
+    headers = {**auth(BOB), "Idempotency-Key": "same"}
+    text = {"model": "tiny-text", "prompt": None, "seed": 3}  # another model's queue, not full
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        replays = list(
+            pool.map(
+                lambda i: gateways[i % 2].post("/generate", json=text, headers=headers),
+                range(6),
+            )
+        )
+    assert {a.status_code for a in replays} == {202}
+    assert len({a.json()["id"] for a in replays}) == 1
 
 
 def test_idempotency_key_across_gateway_processes(zoo: Path, tmp_path: Path) -> None:
