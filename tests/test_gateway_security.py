@@ -13,6 +13,7 @@ import base64
 import hmac
 import io
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +33,7 @@ from ddserve.settings import Settings
 from ddserve.storage import signing
 from ddserve.storage.local import LocalStorage
 from service.app import create_app
-from service.auth import KeyRing, hash_key, load_keys
+from service.auth import KeyConfigError, KeyRing, hash_key, load_keys
 from service.logs import JsonFormatter, PlainFormatter
 from service.ratelimit import RateLimiter
 from tests.gateway_support import assert_error, png_b64, write_config_zoo
@@ -110,6 +111,11 @@ def test_keys_from_the_environment_and_a_file(
     assert_error(client.get("/models", headers=auth("carol")), 401, "invalid_api_key")
     # a key's hash is not a key: presenting the stored digest gets nowhere
     assert_error(client.get("/models", headers=auth(hash_key(ALICE))), 401, "invalid_api_key")
+    # a plaintext key put in the file by mistake stops the start, and is not echoed
+    keys_file.write_text(f"bob:{hash_key(BOB)}\n{ALICE}\n")
+    with pytest.raises(KeyConfigError, match=r"keys:2") as info:
+        create_app(settings, fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    assert ALICE not in str(info.value)
 
 
 def test_auth_is_on_by_default_and_without_keys_nobody_gets_in(
@@ -245,6 +251,8 @@ def test_another_keys_job_and_its_images_stay_out_of_reach(client: TestClient) -
     key = finish_with_image(client, job_id)
     view = client.get(f"/jobs/{job_id}", headers=auth(ALICE)).json()
     link = view["output"]["images"][0]["url"]
+    expires = int(link.split("expires=")[1].split("&")[0])
+    assert abs(expires - (time.time() + Settings().link_ttl_s)) < 60  # it expires, in 1 h
     # Bob learns neither the job nor its links, and cannot cancel it
     assert_error(client.get(f"/jobs/{job_id}", headers=auth(BOB)), 404, "job_not_found")
     assert_error(client.post(f"/jobs/{job_id}/cancel", headers=auth(BOB)), 404, "job_not_found")
@@ -255,7 +263,6 @@ def test_another_keys_job_and_its_images_stay_out_of_reach(client: TestClient) -
     )
     # knowing the job id is not enough for the image: the link's signature is the credential
     assert_error(client.get(f"/images/{key}", headers=auth(BOB)), 404, "image_not_found")
-    expires = link.split("expires=")[1].split("&")[0]
     forged = f"/images/{key}?expires={expires}&sig={'0' * 64}"
     assert_error(client.get(forged, headers=auth(BOB)), 404, "image_not_found")
     # Alice's link works for whoever she hands it to, with no key (the contract's signed links)
