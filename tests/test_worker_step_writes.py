@@ -140,8 +140,8 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker = _worker(box, pool)
-    done, running, canceled = _tickets(box, worker, 3)
-    real_finish = rq_bridge.finish_successes
+    done, running, canceled, failing = _tickets(box, worker, 4)
+    real_finish, real_failure = rq_bridge.finish_successes, rq_bridge.finish_failure
 
     def refused(*args: Any, **kwargs: Any) -> None:
         raise redis.ConnectionError("Redis is down")
@@ -150,6 +150,9 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     done.succeed(_output(done), 4)
     running.progress(3, 10, 4)
     canceled.cancel()  # ended at once; its count waits for the round
+    monkeypatch.setattr(rq_bridge, "finish_failure", refused)
+    failing.fail(ValueError("a bad job"))  # its finish is deferred: counted once it runs
+    assert failing.job.get_status(refresh=True) == "started"
     monkeypatch.setattr(rq_bridge, "finish_successes", refused)
     with pytest.raises(redis.ConnectionError):
         worker.flush_step()
@@ -158,6 +161,7 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     assert _metrics(box).outcomes == {}
 
     monkeypatch.setattr(rq_bridge, "finish_successes", real_finish)
+    monkeypatch.setattr(rq_bridge, "finish_failure", real_failure)
     worker._finish_deferred()  # what the loop does first once Redis answers
     worker.flush_step()
     assert done.job.get_status(refresh=True) == "finished"
@@ -165,11 +169,13 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     assert meta[META_PROGRESS] == {"step": 10, "total": 10} and meta[META_BATCH_SIZE] == 4
     assert running.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 3, "total": 10}
     assert canceled.job.get_status(refresh=True) == "stopped"
+    assert failing.job.get_status(refresh=True) == "failed"
     metrics = _metrics(box)
-    assert metrics.outcomes == {"succeeded": 1, "canceled": 1} and metrics.images == 2
+    assert metrics.outcomes == {"succeeded": 1, "canceled": 1, "failed": 1}
+    assert metrics.images == 2
     worker._finish_deferred()
     worker.flush_step()  # nothing is written twice
-    assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1}
+    assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1, "failed": 1}
     assert set(worker._running) == {running.id}
 
 

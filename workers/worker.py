@@ -153,10 +153,11 @@ class RQTicket:
                 self.job.meta[META_ERROR] = error_meta(error)
                 self.job.save_meta()
             rq_bridge.finish_failure(*self._rq(), error, retry=retry)
-
-        if self.worker.finish_job(self.id, record) == "done":
+            # Counted once it ended (here, or when a finish deferred by an outage runs).
             outcome = "retried" if retried else "failed"
             self.worker.writes.count(job_outcome(self.job, self.model, outcome, self.queue_s))
+
+        if self.worker.finish_job(self.id, record) == "done":
             log.warning(
                 "job %s failed: %s: %s",
                 self.id,
@@ -167,10 +168,13 @@ class RQTicket:
 
     def cancel(self) -> None:
         reason = "Job canceled by request."
-        finish = lambda: rq_bridge.finish_stopped(*self._rq(), reason)  # noqa: E731
+
+        def finish() -> None:
+            rq_bridge.finish_stopped(*self._rq(), reason)
+            self.worker.writes.count(job_outcome(self.job, self.model, "canceled", self.queue_s))
+
         self.worker.writes.discard(self.id)
         if self.worker.finish_job(self.id, finish) == "done":
-            self.worker.writes.count(job_outcome(self.job, self.model, "canceled", self.queue_s))
             log.info("job %s canceled", self.id, extra=self.log_fields)
 
     def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
@@ -298,13 +302,13 @@ class BatchingWorker(SimpleWorker):
         except Exception as exc:
             job.meta[META_ERROR] = error_meta(exc)
             job.save_meta()
-            finished = self.finish_job(
-                job.id,
-                lambda e=exc: rq_bridge.finish_failure(self, job, queue, execution, e, retry=False),
-            )
-            if finished == "done":
+
+            def finish(error: Exception = exc) -> None:
+                rq_bridge.finish_failure(self, job, queue, execution, error, retry=False)
                 model = self.model_of(queue)
                 self.writes.count(job_outcome(job, model, "failed", _queue_seconds(job)))
+
+            self.finish_job(job.id, finish)
             return None
 
     def finish_job(
@@ -371,8 +375,8 @@ class BatchingWorker(SimpleWorker):
                         [success.item for success in mine],
                         lambda pipe: self.writes.queue_writes(pipe, taken, mine),
                     )
-                else:
-                    pipe = self.connection.pipeline(transaction=False)
+                else:  # MULTI/EXEC: counts are applied all or not at all, so a retry adds once
+                    pipe = self.connection.pipeline(transaction=True)
                     self.writes.queue_writes(pipe, taken, [])
                     pipe.execute()
             except REDIS_ERRORS as exc:
