@@ -60,14 +60,18 @@ def test_prediction_conversions_round_trip() -> None:
 
 def test_min_snr_weights() -> None:
     snr = torch.tensor([0.1, 5.0, 100.0], dtype=torch.float64)
-    assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.05], dtype=torch.float64))
     assert torch.allclose(
-        min_snr_weight(snr, 5.0, "v"), torch.tensor([0.1 / 1.1, 5 / 6, 5 / 101], dtype=torch.float64)
+        min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.05], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        min_snr_weight(snr, 5.0, "v"),
+        torch.tensor([0.1 / 1.1, 5 / 6, 5 / 101], dtype=torch.float64),
     )
 
 
 def test_simple_loss_is_zero_for_the_true_noise_and_weighted_options_run() -> None:
     x0 = torch.zeros((8, 1, 2, 2))
+
     # With x_0 = 0, x_t = √(1−ᾱ_t) ε, so the ideal ε-predictor is x_t / √(1−ᾱ_t).
     def oracle(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = SCHEDULE.alpha_bar_at(t).to(xt).reshape(-1, 1, 1, 1)
@@ -78,7 +82,11 @@ def test_simple_loss_is_zero_for_the_true_noise_and_weighted_options_run() -> No
     zero = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
     plain = diffusion_loss(zero, SCHEDULE, x0, generator=torch.Generator().manual_seed(0))
     assert 0.3 < plain.item() < 3.0  # E‖ε‖² per element is 1
-    weighted = diffusion_loss(zero, SCHEDULE, x0, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(0))
+    weighted = diffusion_loss(
+        zero, SCHEDULE, x0, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(0)
+    )
     assert weighted.item() < plain.item()
-    v_loss = diffusion_loss(zero, SCHEDULE, x0, prediction_type="v", generator=torch.Generator().manual_seed(0))
+    v_loss = diffusion_loss(
+        zero, SCHEDULE, x0, prediction_type="v", generator=torch.Generator().manual_seed(0)
+    )
     assert v_loss.item() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -25,14 +27,19 @@ def _gaussian_run(schedule: NoiseSchedule, settings: SamplerSettings, batch: int
     [SamplerSettings("ddpm", 1000), SamplerSettings("ddim", 1000, eta=0.0)],
     ids=["ddpm-1000", "ddim-1000"],
 )
-def test_exact_eps_reproduces_gaussian_data(linear_schedule: NoiseSchedule, settings: SamplerSettings) -> None:
+def test_exact_eps_reproduces_gaussian_data(
+    linear_schedule: NoiseSchedule, settings: SamplerSettings
+) -> None:
     x0 = _gaussian_run(linear_schedule, settings)
     assert abs(x0.mean().item() - MU) < 0.02 * MU
     assert abs(x0.std().item() - STD) < 0.02 * STD
 
 
 def test_fewer_ddim_steps_undershoot_the_spread(linear_schedule: NoiseSchedule) -> None:
-    stds = [_gaussian_run(linear_schedule, SamplerSettings("ddim", s), 8).std().item() for s in (50, 20, 10)]
+    stds = [
+        _gaussian_run(linear_schedule, SamplerSettings("ddim", s), 8).std().item()
+        for s in (50, 20, 10)
+    ]
     assert stds[0] > stds[1] > stds[2]
     assert stds[2] < 0.9 * STD
 
@@ -51,7 +58,9 @@ def test_ddim_eta_one_with_all_steps_is_ddpm(linear_schedule: NoiseSchedule) -> 
     eps = GaussianOptimalEps(linear_schedule, MU, STD)
     x_T = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(3))
     gens = lambda: [sample_generator(5, i) for i in range(3)]  # noqa: E731
-    ddim = sample(eps, linear_schedule, x_T, SamplerSettings("ddim", 1000, eta=1.0), generators=gens())
+    ddim = sample(
+        eps, linear_schedule, x_T, SamplerSettings("ddim", 1000, eta=1.0), generators=gens()
+    )
     ddpm = sample(eps, linear_schedule, x_T, SamplerSettings("ddpm", 1000), generators=gens())
     assert torch.allclose(ddim, ddpm, atol=1e-5)
 
@@ -61,8 +70,12 @@ def test_ddim_eta_one_with_all_steps_is_ddpm(linear_schedule: NoiseSchedule) -> 
 def test_ddim_matches_diffusers(linear_schedule: NoiseSchedule, eta: float, steps: int) -> None:
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
     )
     scheduler.set_timesteps(steps)
     assert scheduler.timesteps.tolist() == timestep_sequence(1000, steps, "leading")
@@ -70,8 +83,12 @@ def test_ddim_matches_diffusers(linear_schedule: NoiseSchedule, eta: float, step
     eps = GaussianOptimalEps(linear_schedule, MU, STD)
     x_T = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(7))
     ours, trajectory = sample(
-        eps, linear_schedule, x_T, SamplerSettings("ddim", steps, eta=eta),
-        generators=[sample_generator(11, i) for i in range(2)], return_trajectory=True,
+        eps,
+        linear_schedule,
+        x_T,
+        SamplerSettings("ddim", steps, eta=eta),
+        generators=[sample_generator(11, i) for i in range(2)],
+        return_trajectory=True,
     )
     # Replay: our sampler draws x_T is given, then one z per step from each row's stream.
     gens = [sample_generator(11, i) for i in range(2)]
@@ -87,13 +104,21 @@ def test_ddim_matches_diffusers(linear_schedule: NoiseSchedule, eta: float, step
 def test_ddpm_matches_diffusers(linear_schedule: NoiseSchedule) -> None:
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small", clip_sample=False
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        variance_type="fixed_small",
+        clip_sample=False,
     )
     scheduler.set_timesteps(1000)
     eps = GaussianOptimalEps(linear_schedule, MU, STD)
     x_T = torch.randn((1, 1, 4, 4), generator=torch.Generator().manual_seed(2))
-    ours = sample(eps, linear_schedule, x_T, SamplerSettings("ddpm", 1000),
-                  generators=[sample_generator(3, 0)])
+    ours = sample(
+        eps,
+        linear_schedule,
+        x_T,
+        SamplerSettings("ddpm", 1000),
+        generators=[sample_generator(3, 0)],
+    )
     gen = sample_generator(3, 0)  # diffusers draws randn(shape [1, 1, 4, 4]) from it per step t > 0
     x = x_T.clone()
     for t in scheduler.timesteps:
@@ -114,15 +139,23 @@ def test_guidance_zero_equals_conditional_prediction(linear_schedule, tiny_class
     net = tiny_class_unet
     x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     cond = torch.tensor([0, 1, 2])
-    kw = dict(cond=cond, null_condition=net.null_condition(), generators=[sample_generator(0, i) for i in range(3)])
+    kw = dict(
+        cond=cond,
+        null_condition=net.null_condition(),
+        generators=[sample_generator(0, i) for i in range(3)],
+    )
     with torch.no_grad():
         plain = sample(net, linear_schedule, x_T, SamplerSettings("ddim", 10), **kw)
         kw["generators"] = [sample_generator(0, i) for i in range(3)]
-        guided = sample(net, linear_schedule, x_T, SamplerSettings("ddim", 10, guidance_scale=0.0), **kw)
+        guided = sample(
+            net, linear_schedule, x_T, SamplerSettings("ddim", 10, guidance_scale=0.0), **kw
+        )
     assert torch.equal(plain, guided)
 
 
-def test_classifier_free_guidance_formula_in_one_batched_call(linear_schedule, tiny_class_unet) -> None:
+def test_classifier_free_guidance_formula_in_one_batched_call(
+    linear_schedule, tiny_class_unet
+) -> None:
     net = tiny_class_unet
     calls: list[int] = []
 
@@ -131,10 +164,14 @@ def test_classifier_free_guidance_formula_in_one_batched_call(linear_schedule, t
         return net(x, t, c)
 
     x = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(1))
-    batch = DenoisingBatch(counting, linear_schedule, (1, 8, 8), null_condition=net.null_condition())
+    batch = DenoisingBatch(
+        counting, linear_schedule, (1, 8, 8), null_condition=net.null_condition()
+    )
     w = 2.5
     settings = SamplerSettings("ddim", 1, guidance_scale=w)
-    batch.add([Sample(settings, sample_generator(0, i), cond=torch.tensor(i), x=x[i]) for i in range(2)])
+    batch.add(
+        [Sample(settings, sample_generator(0, i), cond=torch.tensor(i), x=x[i]) for i in range(2)]
+    )
     finished = batch.step()
     assert calls == [4]  # two conditional rows and their two unconditional copies, one call
     t = torch.full((2,), timestep_sequence(1000, 1, "leading")[0])
@@ -159,16 +196,27 @@ def test_mixed_batch_gives_each_sample_its_solo_result(linear_schedule, tiny_cla
         dict(settings=SamplerSettings("ddim", 25, eta=0.5, guidance_scale=3.0), cond=1, seed=2),
         dict(settings=SamplerSettings("ddpm", 40, guidance_scale=1.0), cond=2, seed=3),
         dict(settings=SamplerSettings("ddpm", 20, ddpm_variance="beta"), cond=None, seed=4),
-        dict(settings=SamplerSettings("ddpm", 20, jump_length=3, jump_n_sample=2), cond=1, seed=5,
-             known=known, mask=mask),
-        dict(settings=SamplerSettings("ddim", 15, timestep_spacing="trailing", clip_denoised=True), cond=2, seed=6),
+        dict(
+            settings=SamplerSettings("ddpm", 20, jump_length=3, jump_n_sample=2),
+            cond=1,
+            seed=5,
+            known=known,
+            mask=mask,
+        ),
+        dict(
+            settings=SamplerSettings("ddim", 15, timestep_spacing="trailing", clip_denoised=True),
+            cond=2,
+            seed=6,
+        ),
     ]
 
     def make(spec) -> Sample:
         return Sample(
-            spec["settings"], sample_generator(spec["seed"], 0),
+            spec["settings"],
+            sample_generator(spec["seed"], 0),
             cond=None if spec["cond"] is None else torch.tensor(spec["cond"]),
-            known=spec.get("known"), mask=spec.get("mask"),
+            known=spec.get("known"),
+            mask=spec.get("mask"),
         )
 
     def engine() -> DenoisingBatch:
@@ -206,8 +254,15 @@ def test_batch_invariant_seeds(linear_schedule, tiny_class_unet) -> None:
         gens = [sample_generator(seed, i) for i in range(n)]
         x_T = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens])
         with torch.no_grad():
-            return sample(net, linear_schedule, x_T, settings, cond=torch.ones(n, dtype=torch.long),
-                          null_condition=net.null_condition(), generators=gens)
+            return sample(
+                net,
+                linear_schedule,
+                x_T,
+                settings,
+                cond=torch.ones(n, dtype=torch.long),
+                null_condition=net.null_condition(),
+                generators=gens,
+            )
 
     four = run(4, seed=1234)
     one = run(1, seed=1234)
@@ -235,27 +290,36 @@ def test_classifier_guidance_shifts_by_the_log_prob_gradient(linear_schedule) ->
             b.step()
             outs.append(b.x[0].clone())
         t, s = timestep_sequence(1000, 10, "leading")[:2]
-        a_t, a_s = linear_schedule.alphas_cumprod[t].item(), linear_schedule.alphas_cumprod[s].item()
+        a_t, a_s = (
+            linear_schedule.alphas_cumprod[t].item(),
+            linear_schedule.alphas_cumprod[s].item(),
+        )
         beta = 1 - a_t / a_s
         beta_tilde = (1 - a_s) / (1 - a_t) * beta
         if sampler == "ddpm":  # μ + s Σ g
             expected = 2.0 * beta_tilde * direction
         else:  # ε̂ = ε − √(1−ᾱ_t) s g, then x_s = √ᾱ_s x̂₀ + √(1−ᾱ_s) ε̂ at η = 0
-            d_eps = -(1 - a_t) ** 0.5 * 2.0 * direction
+            d_eps = -((1 - a_t) ** 0.5) * 2.0 * direction
             expected = -(a_s**0.5) * (1 - a_t) ** 0.5 / a_t**0.5 * d_eps + (1 - a_s) ** 0.5 * d_eps
         assert torch.allclose(outs[1] - outs[0], expected, atol=1e-5), sampler
 
 
 def test_repaint_keeps_the_known_region(linear_schedule, tiny_class_unet) -> None:
     net = tiny_class_unet
-    known = (torch.rand((2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    known = torch.rand((2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = torch.zeros((2, 1, 8, 8))
     mask[:, :, :, :5] = 1.0
     x_T = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = sample(
-            net, linear_schedule, x_T, SamplerSettings("ddpm", 50, jump_length=5, jump_n_sample=3),
-            cond=torch.tensor([0, 1]), null_condition=net.null_condition(), known=known, mask=mask,
+            net,
+            linear_schedule,
+            x_T,
+            SamplerSettings("ddpm", 50, jump_length=5, jump_n_sample=3),
+            cond=torch.tensor([0, 1]),
+            null_condition=net.null_condition(),
+            known=known,
+            mask=mask,
         )
     kept = mask.bool()
     grey_level = 2.0 / 255
@@ -267,8 +331,8 @@ def test_repaint_plan_structure() -> None:
     seq = timestep_sequence(1000, 20, "leading")
     plan = repaint_plan(seq, jump_length=5, jump_n_sample=3)
     assert plan[0] == seq[0] and plan[-1] == -1
-    ups = sum(1 for a, b in zip(plan, plan[1:]) if b > a)
-    downs = sum(1 for a, b in zip(plan, plan[1:]) if b < a)
+    ups = sum(1 for a, b in itertools.pairwise(plan) if b > a)
+    downs = sum(1 for a, b in itertools.pairwise(plan) if b < a)
     # 3 jump points (k = 0, 5, 10) with 2 extra passes of 5 steps each
     assert ups == 3 * 2 * 5
     assert downs == 20 + ups

@@ -13,7 +13,9 @@ def test_linear_schedule_endpoints_and_products() -> None:
     assert s.betas.dtype == torch.float64
     assert s.betas[0].item() == pytest.approx(1e-4)
     assert s.betas[-1].item() == pytest.approx(0.02)
-    assert torch.allclose(s.betas[1:] - s.betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    assert torch.allclose(
+        s.betas[1:] - s.betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64)
+    )
     expected = 1.0
     for t in range(1000):
         expected *= 1.0 - s.betas[t].item()
