@@ -35,6 +35,8 @@ serve: $(STAMP)
 	$(BIN)/ddserve serve
 
 test: $(STAMP) redis browser
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP) redis browser
