@@ -346,3 +346,44 @@ def test_invalid_settings_are_rejected() -> None:
         SamplerSettings("ddim", eta=1.5)
     with pytest.raises(ValueError):
         timestep_sequence(1000, 0, "leading")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_result(linear_schedule, tiny_class_unet) -> None:
+    """One mixed running batch (guided DDIM, DDPM, RePaint) on CUDA and on the CPU: the noise
+    streams are drawn on the CPU, so the two agree up to float rounding."""
+    known = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    mask = torch.zeros((1, 8, 8))
+    mask[:, :, :4] = 1.0
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {}
+    for device in ("cpu", "cuda"):
+        net = tiny_class_unet.to(device)
+        batch = DenoisingBatch(
+            net, linear_schedule, (1, 8, 8), null_condition=net.null_condition(), device=device
+        )
+        samples = [
+            Sample(
+                SamplerSettings("ddim", 20, eta=0.5, guidance_scale=2.0),
+                sample_generator(1, 0),
+                cond=torch.tensor(1),
+            ),
+            Sample(SamplerSettings("ddpm", 30), sample_generator(2, 0), cond=torch.tensor(2)),
+            Sample(
+                SamplerSettings("ddpm", 20, jump_length=3, jump_n_sample=2),
+                sample_generator(3, 0),
+                cond=torch.tensor(0),
+                known=known,
+                mask=mask,
+            ),
+        ]
+        with torch.no_grad():
+            batch.add(samples)
+            while len(batch):
+                batch.step()
+        results[device] = torch.stack([s.x.cpu() for s in samples])
+    tiny_class_unet.to("cpu")
+    assert torch.allclose(results["cuda"], results["cpu"], atol=1e-3), (
+        (results["cuda"] - results["cpu"]).abs().max()
+    )
