@@ -1,9 +1,12 @@
-"""Shared fixtures: small seeded networks and the exact noise predictor of Gaussian data."""
+"""Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip counter."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from redis.connection import AbstractConnection
 
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
@@ -45,3 +48,18 @@ def tiny_class_unet() -> UNet:
         num_classes=3,
     )
     return randomized_unet(cfg)
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Redis round trips made while the test runs (one `send_packed_command` per command or
+    pipeline)."""
+    sent = [0]
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent

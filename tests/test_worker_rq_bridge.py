@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from redis.connection import AbstractConnection
 from rq.executions import Execution
 from rq.job import Job, Retry
 from rq.queue import Queue
@@ -228,24 +227,6 @@ def test_a_batched_success_writes_what_rqs_success_path_writes(box: RedisSandbox
     assert by_us.get_status(refresh=True) == "finished"
     assert by_us.return_value(refresh=True) == {"images": [1]}
     assert rq_bridge.active_executions(our_worker) == {}
-
-
-@pytest.fixture
-def round_trips() -> Iterator[list[int]]:
-    """Redis round trips made while the test runs (one `send_packed_command` per command or
-    pipeline)."""
-    sent = [0]
-    original = AbstractConnection.send_packed_command
-
-    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent[0] += 1
-        original(self, command, check_health)
-
-    AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
-    try:
-        yield sent
-    finally:
-        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
 
 
 def test_a_step_of_successes_with_their_meta_costs_three_round_trips(

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import redis
 import torch
-from redis.connection import AbstractConnection
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
 from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS
@@ -39,24 +38,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
 def box() -> Iterator[RedisSandbox]:
     with sandbox() as b:
         yield b
-
-
-@pytest.fixture
-def round_trips() -> Iterator[list[int]]:
-    """Redis round trips made while the test runs (one `send_packed_command` per command or
-    pipeline)."""
-    sent = [0]
-    original = AbstractConnection.send_packed_command
-
-    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent[0] += 1
-        original(self, command, check_health)
-
-    AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
-    try:
-        yield sent
-    finally:
-        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
 
 
 def _worker(box: RedisSandbox, pool: ModelPool) -> BatchingWorker:
