@@ -47,12 +47,19 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from ddserve.jobs import JobOutput
+from ddserve.jobs import JobKind, JobOutput
 from ddserve.settings import Settings
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
-from workers.execute import DenoiseWork, prepare_denoise, run_codec
+from workers.execute import (
+    CodecCall,
+    DenoiseWork,
+    prepare_codec,
+    prepare_denoise,
+    run_codec,
+    run_codec_calls,
+)
 from workers.isolation import IsolatingClassifier, IsolatingNetwork, finite_rows
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
@@ -505,7 +512,8 @@ class DenoiseLane:
 
 
 class CodecLane:
-    """Autoencoder jobs of one model: each runs at once as one ONNX Runtime call over its images."""
+    """Autoencoder jobs of one model: up to CODEC_JOBS_PER_ROUND a round, batched into one ONNX
+    Runtime call per kind of input (encode, decode from latents or codes, reconstruct)."""
 
     def __init__(
         self, model: CodecModel, feed: JobFeed, storage: Storage, stats: EngineStats
@@ -535,18 +543,34 @@ class CodecLane:
             self.accept(ticket)
 
     def step(self) -> None:
-        for ticket in list(self.jobs.values()):
-            del self.jobs[ticket.id]
+        """The round's jobs: one ONNX Runtime call per kind of input (`run_codec_calls`), prior
+        sampling (generate on a VAE/AAE) job by job; a job's bad input fails only that job."""
+        tickets = list(self.jobs.values())
+        self.jobs.clear()
+        batched: list[tuple[Ticket, CodecCall]] = []
+        for ticket in tickets:
             try:
-                output = run_codec(ticket.request, self.model, ticket.id, self.storage)
+                if ticket.request.get("kind") == JobKind.GENERATE.value:
+                    output = run_codec(ticket.request, self.model, ticket.id, self.storage)
+                    self._succeed(ticket, output, len(output.get("images") or []) or 1)
+                else:
+                    call = prepare_codec(ticket.request, self.model, ticket.id, self.storage)
+                    batched.append((ticket, call))
             except Exception as exc:
                 _end(ticket.fail, exc, self.stats, "failed")
-                continue
-            try:
-                ticket.succeed(output, len(output.get("images") or []) or 1)
-                self.stats.jobs_succeeded += 1
-            except Exception:
-                log.exception("job %s: could not record its success", ticket.id)
+        results = run_codec_calls(self.model, [call for _, call in batched])
+        for (ticket, _), (output, rows) in zip(batched, results, strict=True):
+            if isinstance(output, Exception):
+                _end(ticket.fail, output, self.stats, "failed")
+            else:
+                self._succeed(ticket, output, rows)
+
+    def _succeed(self, ticket: Ticket, output: JobOutput, rows: int) -> None:
+        try:
+            ticket.succeed(output, rows)
+            self.stats.jobs_succeeded += 1
+        except Exception:
+            log.exception("job %s: could not record its success", ticket.id)
 
     def sweep(self, canceled: set[str], now: float) -> None:
         for ticket in list(self.jobs.values()):

@@ -6,7 +6,8 @@ alone (the reference the batching engine must reproduce). The engine uses the sa
   draws all its noise from `sample_generator(seed, i)`, so its pixels do not depend on its batch;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
   first), and `DenoiseWork.complete(...)` builds the `JobOutput` (plus the trajectory GIF);
-- `run_codec(request, model, job_id, storage)` runs encode / decode / reconstruct in ONNX Runtime.
+- `prepare_codec(...)` and `run_codec_calls(model, calls)` run the encode / decode / reconstruct
+  jobs of a round in one ONNX Runtime call per kind of input; `run_codec(...)` runs one alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import binascii
 import io
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,60 +372,145 @@ def _prior_sample(
     return {"images": records, "latents": None}
 
 
-def run_codec(
+@dataclass
+class CodecCall:
+    """One job's share of a batched autoencoder call: the codec method and input it needs, its
+    rows, and how its output is built from its rows of the result (`run_codec_calls`)."""
+
+    method: str  # "encode" | "decode" | "reconstruct"
+    argument: str  # "images" | "latents" | "codes"
+    rows: np.ndarray  # [n, ...] this job's inputs
+    finish: Callable[[Any], JobOutput]  # this job's slice of the result → its JobOutput
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.method, self.argument
+
+
+def prepare_codec(
     request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
-) -> JobOutput:
+) -> CodecCall:
     """encode: images → latents (and VQ codes); decode: latents or codes → images; reconstruct:
-    images (optionally corrupted first, for denoising autoencoders) → reconstructions; generate
-    (VAE, AAE): decoded samples of the latent prior."""
+    images (optionally corrupted first, for denoising autoencoders) → reconstructions. Input errors
+    raise here, for this job alone."""
     kind = JobKind(request.get("kind"))
     image = model.entry.image
     spec = OutputSpec.from_request(request)
-    if kind == JobKind.GENERATE:
-        return _prior_sample(request, model, job_id, storage, spec)
+
+    def store_all(pixels: np.ndarray, start: int = 0) -> list[ImageRecord]:
+        tensor = torch.from_numpy(np.asarray(pixels, dtype=np.float32))
+        return [
+            store_image(storage, job_id, i, img, spec, None)
+            for i, img in enumerate(tensor, start=start)
+        ]
+
     if kind == JobKind.ENCODE:
         x = decode_images(
             request.get("images") or [], image.channels, image.height, image.width, "images"
         )
-        encoded = model.codec.encode(x.numpy())
-        codes = encoded.get("codes")
-        return {
-            "images": [],
-            "latents": np.asarray(encoded["latents"]).tolist()
-            if encoded.get("latents") is not None
-            else None,
-            "codes": None if codes is None else np.asarray(codes).tolist(),
-        }
+
+        def encoded_output(encoded: dict[str, np.ndarray | None]) -> JobOutput:
+            latents, codes = encoded.get("latents"), encoded.get("codes")
+            return {
+                "images": [],
+                "latents": None if latents is None else np.asarray(latents).tolist(),
+                "codes": None if codes is None else np.asarray(codes).tolist(),
+            }
+
+        return CodecCall("encode", "images", x.numpy(), encoded_output)
     if kind == JobKind.DECODE:
         latents, codes = request.get("latents"), request.get("codes")
         if latents is None and codes is None:
             raise InvalidJobRequest("decode needs latents (or codes for a VQ-VAE)")
-        decoded = model.codec.decode(
-            latents=None if latents is None else np.asarray(latents, dtype=np.float32),
-            codes=None if codes is None else np.asarray(codes, dtype=np.int64),
+        if latents is not None:
+            rows = np.asarray(latents, dtype=np.float32)
+            return CodecCall(
+                "decode", "latents", rows, lambda px: {"images": store_all(px), "latents": None}
+            )
+        rows = np.asarray(codes, dtype=np.int64)
+        return CodecCall(
+            "decode", "codes", rows, lambda px: {"images": store_all(px), "latents": None}
         )
-        pixels = torch.from_numpy(np.asarray(decoded, dtype=np.float32))
-        records = [store_image(storage, job_id, i, img, spec, None) for i, img in enumerate(pixels)]
-        return {"images": records, "latents": None}
     if kind == JobKind.RECONSTRUCT:
         x = decode_images(
             request.get("images") or [], image.channels, image.height, image.width, "images"
         )
-        output: JobOutput = {"images": [], "latents": None, "corrupted": None}
-        noise = request.get("noise")
+        noise, seed = request.get("noise"), None
         if noise:
             seed = _request_seed(request)
             x = _corrupt(x, noise, seed)
-            output["corrupted"] = [
-                store_image(storage, job_id, i, img, spec, seed)
-                for i, img in enumerate(x, start=len(x))
-            ]
-        rebuilt = torch.from_numpy(np.asarray(model.codec.reconstruct(x.numpy()), np.float32))
-        output["images"] = [
-            store_image(storage, job_id, i, img, spec, None) for i, img in enumerate(rebuilt)
-        ]
-        return output
+        corrupted = x
+
+        def reconstruction(pixels: np.ndarray) -> JobOutput:
+            output: JobOutput = {"images": [], "latents": None, "corrupted": None}
+            if noise:
+                output["corrupted"] = [
+                    store_image(storage, job_id, i, img, spec, seed)
+                    for i, img in enumerate(corrupted, start=len(corrupted))
+                ]
+            output["images"] = store_all(pixels)
+            return output
+
+        return CodecCall("reconstruct", "images", x.numpy(), reconstruction)
     raise InvalidJobRequest(f"model {model.name!r} serves encode/decode/reconstruct, not {kind}")
+
+
+def _codec_call(model: CodecModel, method: str, argument: str, rows: np.ndarray) -> Any:
+    if method == "decode":
+        return model.codec.decode(**{argument: rows})
+    return getattr(model.codec, method)(rows)
+
+
+def _result_rows(result: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of a codec result (an array, or encode's dict of arrays)."""
+    if isinstance(result, dict):
+        return {k: None if v is None else np.asarray(v)[start:stop] for k, v in result.items()}
+    return np.asarray(result)[start:stop]
+
+
+def run_codec_calls(
+    model: CodecModel, calls: list[CodecCall]
+) -> list[tuple[JobOutput | Exception, int]]:
+    """Run many jobs' calls with one ONNX Runtime call per (method, input) group; return each job's
+    output (or the exception that failed it) and the rows of the call it ran in. A group call that
+    fails is retried job by job, so one job's bad input (codes out of range, say) fails only it."""
+    results: list[tuple[JobOutput | Exception, int] | None] = [None] * len(calls)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(call.group, []).append(i)
+    for (method, argument), members in groups.items():
+        batch = [calls[i] for i in members]
+        try:
+            result = _codec_call(model, method, argument, np.concatenate([c.rows for c in batch]))
+        except Exception as exc:
+            if len(batch) == 1:
+                results[members[0]] = (exc, len(batch[0].rows))
+            else:  # isolate the job that failed the call: each alone
+                for i in members:
+                    results[i] = run_codec_calls(model, [calls[i]])[0]
+            continue
+        total, start = sum(len(c.rows) for c in batch), 0
+        for i, call in zip(members, batch, strict=True):
+            stop = start + len(call.rows)
+            try:
+                results[i] = (call.finish(_result_rows(result, start, stop)), total)
+            except Exception as exc:
+                results[i] = (exc, total)
+            start = stop
+    assert all(r is not None for r in results)  # every call belongs to a group
+    return [r for r in results if r is not None]
+
+
+def run_codec(
+    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
+) -> JobOutput:
+    """One autoencoder job by itself; generate on a VAE/AAE decodes samples of its latent prior."""
+    if JobKind(request.get("kind")) == JobKind.GENERATE:
+        return _prior_sample(request, model, job_id, storage, OutputSpec.from_request(request))
+    output, _ = run_codec_calls(model, [prepare_codec(request, model, job_id, storage)])[0]
+    if isinstance(output, Exception):
+        raise output
+    return output
 
 
 # --- one job alone ----------------------------------------------------------------------------
