@@ -67,7 +67,7 @@ class IsolatingNetwork:
             if is_out_of_memory(exc) and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the halves need the memory the failed call left cached
             if rows == 1:
-                self.failures[offset] = self._row_error(exc, t)
+                self.failures[offset] = row_error(exc, t, "model")
                 return torch.full_like(x, float("nan"))
             log.warning("network call over %d rows failed (%s); splitting it", rows, exc)
             return self._split(x, t, cond, offset)
@@ -98,18 +98,6 @@ class IsolatingNetwork:
             parts.append(self._run(x[start:stop], t[start:stop], part_cond, offset + start))
         return torch.cat(parts)
 
-    @staticmethod
-    def _row_error(exc: BaseException, t: torch.Tensor) -> BaseException:
-        if is_out_of_memory(exc):
-            return ModelOutOfMemory(
-                f"the model ran out of memory on this job's sample at timestep t={int(t[0])} even "
-                f"when run alone ({type(exc).__name__}: {exc}); the rest of its batch went on"
-            )
-        return ModelCallFailed(
-            f"the model failed on this job's sample at timestep t={int(t[0])} even when run alone "
-            f"({type(exc).__name__}: {exc}); the rest of its batch went on without it"
-        )
-
 
 class IsolatingClassifier:
     """f_φ(x_t [N, C, H, W], t [N]) → logits [N, K] for classifier guidance, splitting failed calls.
@@ -129,35 +117,29 @@ class IsolatingClassifier:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.failures = {}
-        parts: list[torch.Tensor | None] = []
+        parts: list[torch.Tensor | int] = []  # in row order: logits [rows, K], or a failed row
         errors: list[BaseException] = []
         self._run(x, t, 0, parts, errors)
-        classes = next((p.shape[1] for p in parts if p is not None), None)
+        classes = next((p.shape[1] for p in parts if isinstance(p, torch.Tensor)), None)
         if classes is None:
             raise errors[0]
-        rows = [
-            p if p is not None else (x[i : i + 1].flatten(1).sum(1, keepdim=True) * float("nan"))
-            for i, p in enumerate(self._per_row(parts))
-        ]
-        return torch.cat([r.expand(-1, classes) if r.shape[1] != classes else r for r in rows])
-
-    @staticmethod
-    def _per_row(parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Chunks of logits (None = a failed row) → one entry per row."""
-        out: list[torch.Tensor | None] = []
-        for part in parts:
-            if part is None:
-                out.append(None)
-            else:
-                out.extend(part[i : i + 1] for i in range(part.shape[0]))
-        return out
+        return torch.cat(
+            [
+                p
+                if isinstance(p, torch.Tensor)
+                else (x[p : p + 1].flatten(1).sum(1, keepdim=True) * float("nan")).expand(
+                    -1, classes
+                )
+                for p in parts
+            ]
+        )
 
     def _run(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
         offset: int,
-        parts: list[torch.Tensor | None],
+        parts: list[torch.Tensor | int],
         errors: list[BaseException],
     ) -> None:
         rows = x.shape[0]
@@ -169,8 +151,8 @@ class IsolatingClassifier:
                 torch.cuda.empty_cache()
             if rows == 1:
                 errors.append(exc)
-                self.failures[offset] = _classifier_error(exc, t)
-                parts.append(None)
+                self.failures[offset] = row_error(exc, t, "guidance classifier")
+                parts.append(offset)
                 return
             log.warning("classifier call over %d rows failed (%s); splitting it", rows, exc)
         self.splits += 1
@@ -179,10 +161,14 @@ class IsolatingClassifier:
         self._run(x[half:], t[half:], offset + half, parts, errors)
 
 
-def _classifier_error(exc: BaseException, t: torch.Tensor) -> BaseException:
-    what = "ran out of memory" if is_out_of_memory(exc) else "failed"
-    kind = ModelOutOfMemory if is_out_of_memory(exc) else ModelCallFailed
-    return kind(
-        f"the guidance classifier {what} on this job's sample at timestep t={int(t[0])} even when "
-        f"run alone ({type(exc).__name__}: {exc}); the rest of its batch went on without it"
+def row_error(exc: BaseException, t: torch.Tensor, component: str) -> BaseException:
+    """Why one row failed even when run alone: out of memory, or another error of `component`."""
+    if is_out_of_memory(exc):
+        return ModelOutOfMemory(
+            f"the {component} ran out of memory on this job's sample at timestep t={int(t[0])} "
+            f"even when run alone ({type(exc).__name__}: {exc}); the rest of its batch went on"
+        )
+    return ModelCallFailed(
+        f"the {component} failed on this job's sample at timestep t={int(t[0])} even when run "
+        f"alone ({type(exc).__name__}: {exc}); the rest of its batch went on without it"
     )
