@@ -162,16 +162,12 @@ class DenoiseWork:
     samples: list[Sample]  # tag = image index
     seed: int
     spec: OutputSpec
+    steps_per_image: int  # network calls one image needs (RePaint's resampling included)
     records: dict[int, ImageRecord] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return len(self.samples)
-
-    @property
-    def steps_per_image(self) -> int:
-        """Network calls one image needs (RePaint's resampling included)."""
-        return self.samples[0].steps_total
 
     @property
     def done(self) -> bool:
@@ -327,7 +323,11 @@ def prepare_denoise(request: dict[str, Any], model: DiffusionModel, job_id: str)
         )
         for i in range(n)
     ]
-    return DenoiseWork(job_id, kind, model, samples, seed, spec)
+    # Counted once per job, from the shared plan: progress reports it every few steps, and
+    # counting a 1000-step plan each time cost about 1 % of a saturated worker's time.
+    plan = model.plan_cache.transitions(settings)
+    steps = sum(1 for transition in plan if transition.is_reverse)
+    return DenoiseWork(job_id, kind, model, samples, seed, spec, steps)
 
 
 # --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------

@@ -71,9 +71,9 @@ class IsolatingNetwork:
                 return torch.full_like(x, float("nan"))
             log.warning("network call over %d rows failed (%s); splitting it", rows, exc)
             return self._split(x, t, cond, offset)
-        finite = finite_rows(y)
-        if bool(finite.all()):
+        if bool(torch.isfinite(y).all()):  # the usual case, in one reduction
             return y
+        finite = finite_rows(y)
         if rows == 1:
             self.failures[offset] = NonFiniteOutput(
                 f"the model produced NaN or infinite values for this job's sample at timestep "
