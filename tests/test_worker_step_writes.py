@@ -1,19 +1,25 @@
 """A batching worker's round of Redis writes (`workers.step_writes`, `BatchingWorker.flush_step`),
 against real Redis: a round's progress writes and outcome counts cost one round trip, its
 successes one ownership check and one transaction; a round Redis refuses is written, once, when it
-answers again. The worker is driven by hand (no loop thread), so every write is the test's doing."""
+answers again. In the loop (`BatchingWorker.run_round`) those writes and the cancel-set read run
+on a second thread while the network steps, and the stepping thread makes no round trip of its
+own. The worker is driven by hand (no loop thread), so every write is the test's doing."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import redis
 import torch
+from redis.connection import AbstractConnection
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
-from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS
+from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS, cancel_set_key
 from ddserve.settings import Settings
 from tests.redis_sandbox import RedisSandbox, sandbox
 from tests.tiny_zoo import write_diffusion_model
@@ -40,8 +46,10 @@ def box() -> Iterator[RedisSandbox]:
         yield b
 
 
-def _worker(box: RedisSandbox, pool: ModelPool) -> BatchingWorker:
-    settings = Settings(zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL)
+def _worker(box: RedisSandbox, pool: ModelPool, **settings_: Any) -> BatchingWorker:
+    settings = Settings(
+        zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL, **settings_
+    )
     worker = BatchingWorker(
         settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-w"
     )
@@ -174,3 +182,104 @@ def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
     assert ticket.job.get_meta(refresh=True).get(META_PROGRESS) is None  # its meta left alone
     assert _metrics(box).outcomes == {}
     assert ticket.id not in worker._running
+
+
+@pytest.fixture
+def round_trips_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread that made each Redis round trip while the test runs."""
+    threads: list[str] = []
+    original = AbstractConnection.send_packed_command
+
+    def recording(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        threads.append(threading.current_thread().name)
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", recording)
+    return threads
+
+
+def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_steps(
+    box: RedisSandbox, pool: ModelPool, round_trips_by_thread: list[str]
+) -> None:
+    # Two jobs of two images fill max_batch = 4: no round reads the queue after the first.
+    worker = _worker(box, pool, max_batch=4, progress_every=1)
+    kept, canceled = _tickets(box, worker, 2)
+    for ticket in (kept, canceled):
+        worker.engine.offer(MODEL, ticket)
+    me = threading.current_thread().name
+    overlapped: list[bool] = []
+    round_start = [0]  # index of the current round's first round trip
+    lane_step = worker.engine.step
+
+    def step() -> None:
+        # The step waits for the round's Redis traffic from the other thread: were it sent after
+        # the step instead of beside it, this would wait in vain.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if any(name != me for name in round_trips_by_thread[round_start[0] :]):
+                overlapped.append(True)
+                break
+            time.sleep(0.001)
+        else:
+            overlapped.append(False)
+        lane_step()
+
+    worker.engine.step = step  # type: ignore[method-assign]
+
+    def run_round(io: ThreadPoolExecutor) -> list[str]:
+        """One round; the threads of its round trips."""
+        round_start[0] = len(round_trips_by_thread)
+        worker.run_round(io)
+        return round_trips_by_thread[round_start[0] :]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-io") as io:
+        assert me in run_round(io)  # the first round asks the cancel set itself: none prefetched
+        for _ in range(2):
+            assert me not in run_round(io)  # writes and cancel-set read: the other thread
+        progress = kept.job.get_meta(refresh=True)[META_PROGRESS]
+        assert progress == {"step": 2, "total": 10}  # round 2's progress went during round 3
+        box.connection.sadd(cancel_set_key(box.prefix), canceled.id)
+        run_round(io)  # its network step runs while the cancel set is read...
+        assert canceled.job.get_status(refresh=True) == "started"
+        run_round(io)  # ...and the next round's sweep stops the job, before its step
+        assert canceled.job.get_status(refresh=True) == "stopped"
+        assert worker.engine.stats.jobs_canceled == 1
+        rounds = 5
+        while not worker.engine.idle:  # (with room again, each round reads the empty queue)
+            run_round(io)
+            rounds += 1
+    assert rounds == 10  # the kept job's ten steps, one round each
+    assert kept.job.get_status(refresh=True) == "started"  # its success goes with the next send
+    worker.flush_step()  # what the idle loop does
+    assert kept.job.get_status(refresh=True) == "finished"
+    assert kept.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 10, "total": 10}
+    assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1}
+    assert worker._running == {}
+    assert len(overlapped) == 10 and all(overlapped), overlapped
+
+
+def test_a_round_whose_cancel_read_fails_keeps_its_writes_sent_once(
+    box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = _worker(box, pool, max_batch=4, progress_every=1)
+    (ticket,) = _tickets(box, worker, 1)
+    worker.engine.offer(MODEL, ticket)
+    read = worker.feed.cancel_requests
+    with ThreadPoolExecutor(max_workers=1) as io:
+        worker.run_round(io)
+        monkeypatch.setattr(worker.feed, "cancel_requests", _refuse)
+        with pytest.raises(redis.ConnectionError):
+            worker.run_round(io)  # round 1's progress went; the cancel set did not answer
+        assert ticket.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 1, "total": 10}
+        with pytest.raises(redis.ConnectionError):
+            worker.run_round(io)  # no prefetched answer: the sweep asks itself, and fails
+        monkeypatch.setattr(worker.feed, "cancel_requests", read)
+        while not worker.engine.idle:
+            worker.run_round(io)
+    worker.flush_step()
+    assert ticket.job.get_status(refresh=True) == "finished"
+    assert _metrics(box).outcomes == {"succeeded": 1}  # counted once
+
+
+def _refuse(*_args: Any) -> dict[str, bool]:
+    raise redis.ConnectionError("Redis is down")

@@ -655,8 +655,13 @@ class Engine:
         lane.accept(ticket)
 
     def run_once(self) -> None:
-        """One scheduling round: cancellations and deadlines, then admission and one step per
-        model (round-robin over models)."""
+        """One scheduling round: `admit`, then `step`."""
+        self.admit()
+        self.step()
+
+    def admit(self) -> None:
+        """The first half of a round: cancellations and deadlines, then admission into every
+        model's running set (the only half that reads the queues)."""
         ids = self.held_job_ids()
         canceled = self.feed.canceled(ids) if ids else set()
         now = self.clock()
@@ -664,6 +669,11 @@ class Engine:
             lane.sweep(canceled, now)
         for lane in self.lanes.values():
             lane.fill()
+
+    def step(self) -> None:
+        """The second half: one step per model (round-robin over models). It reads nothing from
+        the feed, so the worker sends the previous round's writes while it runs."""
+        for lane in self.lanes.values():
             lane.step()
 
     def run_until_idle(self, max_rounds: int | None = None) -> int:

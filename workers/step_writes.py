@@ -9,7 +9,8 @@ EXISTS, MULTI/EXEC) that also carries the progress writes and every job outcome 
 (`ddserve.job_metrics`: the metrics the gateway renders). Failures and cancellations still finish
 at once, through RQ's own paths; only their outcome counts wait for the round's write.
 
-A success waits at most for the rest of its round (the other models' steps) before it is recorded.
+A round's writes are sent while the next round's network calls run (`BatchingWorker.run_round`), or
+at once when no round follows: a success is recorded about one step after its last image is stored.
 """
 
 from __future__ import annotations

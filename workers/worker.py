@@ -24,9 +24,11 @@ continuous-batching engine instead of performing one job at a time.
   finishing a job that fails on a Redis error is retried once Redis answers again (the job stays
   heartbeated meanwhile), so no outcome is lost and no job is left `running`.
 - Round trips: the progress writes, successes and job outcome counts (`ddserve.job_metrics`, what
-  the gateway's /metrics renders) of one scheduling round are sent together when it ends
-  (`flush_step`, `workers.step_writes`): one pipeline, or with successes one ownership check and
-  one transaction, instead of a round trip per progress write and about four per finished job.
+  the gateway's /metrics renders) of one scheduling round are sent together (`workers.step_writes`):
+  one pipeline, or with successes one ownership check and one transaction, instead of a round trip
+  per progress write and about four per finished job. They are sent, and the cancel set read, by a
+  second thread while the next round's network calls run (`run_round`), so the stepping thread
+  does not wait for Redis at every step; an idle worker sends them at once (`flush_step`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.exceptions
@@ -189,10 +192,16 @@ def _queue_seconds(job: Job) -> float | None:
 
 
 class RQFeed:
-    """The engine's job source: non-blocking pops of one model's queue, and the cancel set."""
+    """The engine's job source: non-blocking pops of one model's queue, and the cancel set.
+
+    The cancel set is read once per round. While a round's network calls run, the worker asks it
+    in the background for the jobs held then (`prefetch_canceled`); the next round's sweep uses
+    that answer, so the check costs the stepping thread no round trip. A job taken since is
+    checked from the round after."""
 
     def __init__(self, worker: BatchingWorker) -> None:
         self.worker = worker
+        self._cancel_flags: dict[str, bool] | None = None  # the prefetched answer, used once
 
     def take(self, model: str) -> RQTicket | None:
         if self.worker.stopping:
@@ -211,18 +220,38 @@ class RQFeed:
     def canceled(self, job_ids: list[str]) -> set[str]:
         """Jobs to stop: cancel requests, and jobs this worker no longer owns (declared abandoned
         while it was frozen or cut off; their ticket's cancel then only forgets them)."""
+        flags, self._cancel_flags = self._cancel_flags, None
+        if flags is None:  # nothing prefetched (the first round after idling, or an error)
+            flags = self.cancel_requests(job_ids)
+        lost = self.worker.lost_jobs()
+        return {job_id for job_id in job_ids if flags.get(job_id) or job_id in lost}
+
+    def prefetch_canceled(self, job_ids: list[str]) -> None:
+        """Ask the cancel set now for the next round (from the worker's round I/O thread)."""
+        self._cancel_flags = self.cancel_requests(job_ids)
+
+    def cancel_requests(self, job_ids: list[str]) -> dict[str, bool]:
+        if not job_ids:
+            return {}
         key = cancel_set_key(self.worker.settings.key_prefix)
         flags = self.worker.connection.smismember(key, job_ids)
-        lost = self.worker.lost_jobs()
-        return {
-            job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag or job_id in lost
-        }
+        return {job_id: bool(flag) for job_id, flag in zip(job_ids, flags, strict=True)}
 
 
 @dataclass
 class _Running:
     job: Job
     execution: Execution
+
+
+@dataclass
+class RoundSent:
+    """What sending a round's writes did (`BatchingWorker._send`), settled by the loop's thread."""
+
+    mine: list[Success] = field(default_factory=list)  # recorded
+    held: list[Success] = field(default_factory=list)  # to retry one by one if the write failed
+    write_error: BaseException | None = None
+    cancel_error: BaseException | None = None  # the cancel set could not be read (writes went)
 
 
 class BatchingWorker(SimpleWorker):
@@ -257,10 +286,11 @@ class BatchingWorker(SimpleWorker):
         self._model_of_queue = {q: m for m, q in self._queues_by_model.items()}
         self.pool.warm(self.models)
         self.storage = storage or create_storage(settings)
+        self.feed = RQFeed(self)
         self.engine = Engine(
             self.pool,
             self.models,
-            RQFeed(self),
+            self.feed,
             self.storage,
             BatchingPolicy.from_settings(settings),
         )
@@ -354,14 +384,48 @@ class BatchingWorker(SimpleWorker):
             return "done"
 
     def flush_step(self) -> None:
-        """Send the round's writes (`workers.step_writes`): its progress and outcome counts in one
-        pipeline, or, when jobs succeeded, with those successes this worker still owns in one
+        """Send the round's writes (`workers.step_writes`) now: its progress and outcome counts in
+        one pipeline, or, when jobs succeeded, with those successes this worker still owns in one
         transaction (`rq_bridge.finish_successes`). On a Redis error the progress and counts go
         with the next round, each success waits as a deferred finish (retried by the loop, meta
         and count included), and the error is raised."""
         taken = self.writes.take()
-        if not taken:
-            return
+        if taken:
+            self._settle(taken, self._send(taken))
+
+    def run_round(self, io: ThreadPoolExecutor) -> None:
+        """One scheduling round whose Redis traffic overlaps its network calls.
+
+        The engine admits (the cancel set as prefetched, queue reads), then steps; while it steps,
+        `io` sends the writes made so far (the previous round's progress and successes, this
+        round's cancellations) and reads the cancel set for the next round. A Redis round trip is
+        then hidden behind the network instead of added to every step. The writes are settled here
+        once both are done, so a failed write is handled exactly as `flush_step` handles it."""
+        self.engine.admit()
+        taken = self.writes.take()
+        held = self.engine.held_job_ids()
+        pending = io.submit(self._send_round, taken, held)
+        try:
+            self.engine.step()
+        except BaseException:
+            sent = pending.result()
+            with contextlib.suppress(Exception):
+                self._settle(taken, sent)
+            raise
+        self._settle(taken, pending.result())
+
+    def _send_round(self, taken: Round, held: list[str]) -> RoundSent:
+        """The round I/O thread's part: the writes, then the cancel set (never raises)."""
+        sent = self._send(taken) if taken else RoundSent()
+        if sent.write_error is None and held:
+            try:
+                self.feed.prefetch_canceled(held)
+            except Exception as exc:
+                sent.cancel_error = exc
+        return sent
+
+    def _send(self, taken: Round) -> RoundSent:
+        """Write a round (see `flush_step`); safe off the loop's thread, which settles the result."""
         with self._lock:
             # A success's meta travels with the success (its transaction, or its deferred finish).
             for job_id in taken.successes:
@@ -379,23 +443,38 @@ class BatchingWorker(SimpleWorker):
                     pipe = self.connection.pipeline(transaction=True)
                     self.writes.queue_writes(pipe, taken, [])
                     pipe.execute()
-            except REDIS_ERRORS as exc:
-                self.writes.give_back(taken)
-                for success in held:
-                    if success.job.id in self._running:
-                        self._unfinished[success.job.id] = lambda s=success: self._finish_one(s)
-                log.warning(
-                    "worker %s: Redis unavailable while writing a round (%d successes, %d progress "
-                    "writes) (%s); retrying when it is back",
-                    self.name,
-                    len(held),
-                    len(taken.metas),
-                    type(exc).__name__,
-                )
-                raise
+            except Exception as exc:
+                return RoundSent(held=held, write_error=exc)
             for success in mine:
                 self._forget(success.job.id)
-                self._log_success(success)
+        return RoundSent(mine=mine, held=held)
+
+    def _settle(self, taken: Round, sent: RoundSent) -> None:
+        """On the loop's thread: log the recorded successes, or, when the write failed, keep its
+        progress and counts for the next round and each success as a deferred finish, and raise
+        the error (the loop backs off on a Redis error)."""
+        for success in sent.mine:
+            self._log_success(success)
+        error = sent.write_error
+        if error is not None:
+            if not isinstance(error, REDIS_ERRORS):
+                raise error
+            with self._lock:
+                self.writes.give_back(taken)
+                for success in sent.held:
+                    if success.job.id in self._running:
+                        self._unfinished[success.job.id] = lambda s=success: self._finish_one(s)
+            log.warning(
+                "worker %s: Redis unavailable while writing a round (%d successes, %d progress "
+                "writes) (%s); retrying when it is back",
+                self.name,
+                len(sent.held),
+                len(taken.metas),
+                type(error).__name__,
+            )
+            raise error
+        if sent.cancel_error is not None:
+            raise sent.cancel_error
 
     def _still_owned(self, successes: list[Success]) -> list[Success]:
         """The successes of jobs this worker still owns (one round trip); the others are dropped."""
@@ -517,6 +596,8 @@ class BatchingWorker(SimpleWorker):
             target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True
         )
         self._heartbeat_thread.start()
+        # One thread for each round's Redis writes and cancel-set read (`run_round`).
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"round-io-{self.name}")
         worked = False
         backoff = 0.5
         try:
@@ -533,10 +614,10 @@ class BatchingWorker(SimpleWorker):
                 try:
                     if self._unfinished:
                         self._finish_deferred()
-                    self.flush_step()
                     if self.should_run_maintenance_tasks:
                         self.run_maintenance_tasks()
                     if self.engine.idle:
+                        self.flush_step()  # no round to carry the last one's writes
                         rq_bridge.set_idle(self)
                         if self.stopping:
                             break
@@ -552,7 +633,7 @@ class BatchingWorker(SimpleWorker):
                         if ticket is None:
                             continue
                         self.engine.offer(self._model_of_queue[got[1].name], ticket)
-                    self.engine.run_once()
+                    self.run_round(io)
                     worked = True
                     backoff = 0.5
                 except REDIS_ERRORS as exc:
@@ -583,6 +664,7 @@ class BatchingWorker(SimpleWorker):
             self.engine.abort()
             raise
         finally:
+            io.shutdown(wait=True)
             with contextlib.suppress(Exception):
                 self.flush_step()
             self._stop.set()
