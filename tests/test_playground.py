@@ -114,6 +114,11 @@ def run_the_page(page: Any, url: str) -> None:
     page.fill("#gen-n", "4")
     page.fill("#gen-seed", "7")
     page.select_option("#gen-class", "3")
+    # The model list reloads (the key is entered again): the choices made stay.
+    loads = int(page.get_attribute("body", "data-model-loads"))
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function(f"Number(document.body.dataset.modelLoads) > {loads}")
+    assert page.input_value("#gen-class") == "3" and page.input_value("#gen-steps") == "4"
     with page.expect_request(lambda r: r.url.endswith("/generate")) as sent:
         page.click("#gen-submit")
     body = json.loads(sent.value.post_data)

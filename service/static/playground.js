@@ -276,6 +276,7 @@ class Playground {
     this.autoencoder.setModels(
       this.models.filter((m) => m.tasks.includes("reconstruct") || m.tasks.includes("encode")),
     );
+    document.body.dataset.modelLoads = String(Number(document.body.dataset.modelLoads || 0) + 1);
   }
 
   async checkReady() {
@@ -303,6 +304,7 @@ class Panel {
     this.errorBox = $(`${prefix}-error`);
     this.jobView = $(`${prefix}-job`);
     this.models = [];
+    this.configuredFor = null; // the model description the form was last built for
     this.control = { jobId: null };
     this.select.addEventListener("change", () => this.modelChanged());
     const cancel = $(`${prefix}-cancel`);
@@ -336,7 +338,13 @@ class Panel {
   modelChanged() {
     const model = this.model;
     $(`${this.prefix}-model-info`).textContent = model ? describe(model) : "";
-    if (model) this.configure(model);
+    // Reloading the model list (a new API key, say) must not reset what the user chose or
+    // painted: the form is rebuilt only when the chosen model, or what it says of itself, changed.
+    const shape = model ? JSON.stringify(model) : null;
+    if (model && shape !== this.configuredFor) {
+      this.configuredFor = shape;
+      this.configure(model);
+    }
   }
 
   configure() {}
