@@ -8,10 +8,19 @@ What it measures (issue: continuous batching), in one run on this machine:
   (POST to finished job, seen by the client), the mean batch occupancy (rows per network call over
   `max_batch`, from the worker's published counters) and the rows·steps/s the worker sustained.
 
-Set-up: the real Redis, one gateway process (`ddserve serve`, auth off) and one worker process per
+Set-up: a Redis server, one gateway process (`ddserve serve`, auth off) and one worker process per
 (load, mode) point (`ddserve worker --batching MODE`), all on this machine. The client sends
 requests at Poisson arrival times regardless of completions (open loop: a slow server builds a
-queue, as real traffic does) with `Prefer: wait` and polls `GET /jobs/{id}` when that runs out.
+queue, as real traffic does) and polls `GET /jobs/{id}` every `--poll` seconds; latency comes from
+the job's own timestamps, so the poll interval does not change it.
+
+Isolation (`--worker-cpus`, default CPU 0 on a machine with two or more): the worker runs on its
+own CPUs, and the gateway, the client and a private Redis server (started on a free port unless
+`--redis-url` names one) on the others — as in a deployment, where a GPU worker has its accelerator
+to itself and the gateway runs elsewhere. The ceiling is measured in a separate process pinned to
+the worker's CPUs with its thread count, before every point and after the last, so each point is
+compared with the ceilings measured just before and just after it (the higher of the two: this
+machine's speed drifts during a run).
 
 The request mix ("realistic"): num_inference_steps uniform in [10, 100], with probability 5 % 1000
 (DDPM); n uniform in 1..8; half of the requests with classifier-free guidance (w = 3, two rows per
@@ -104,14 +113,78 @@ def measure_ceiling(entry: Any, max_batch: int, seconds: float = 1.5) -> dict[st
     return {"rows_per_s": per_batch, "best_batch": best, "ceiling": per_batch[best]}
 
 
+def measure_ceiling_pinned(
+    zoo: Path, model: str, max_batch: int, cpus: set[int] | None, threads: int
+) -> dict[str, Any]:
+    """`measure_ceiling` in a fresh process on the worker's CPUs with its thread count (what the
+    worker's network calls could do there, with nothing else on those CPUs)."""
+    command = [sys.executable, "-m", "benchmarks.bench_continuous", "--ceiling-only"]
+    command += ["--zoo", str(zoo), "--model", model, "--max-batch", str(max_batch)]
+    command += ["--threads", str(threads)]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=os.environ | thread_env(threads),
+        preexec_fn=pinning(cpus),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --- processes ----------------------------------------------------------------------------------
+def split_cpus(spec: str) -> tuple[set[int] | None, set[int] | None]:
+    """(worker CPUs, everyone else's) from `--worker-cpus`: "auto" = CPU 0 against the rest when the
+    machine has two or more, "none" = no pinning, else a comma-separated list."""
+    available = os.sched_getaffinity(0)
+    if spec == "none" or (spec == "auto" and len(available) < 2):
+        return None, None
+    worker = {min(available)} if spec == "auto" else {int(c) for c in spec.split(",")}
+    others = available - worker
+    if not worker <= available or not others:
+        raise SystemExit(f"--worker-cpus {spec}: needs a subset of {sorted(available)} leaving one")
+    return worker, others
+
+
+def pinning(cpus: set[int] | None) -> Any:
+    """A preexec_fn that moves the child onto `cpus` (its threads inherit it); None: no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    if not threads:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def start_redis(workdir: Path, cpus: set[int] | None) -> tuple[subprocess.Popen, str]:
+    """A private Redis server (no persistence) on a free port, on the non-worker CPUs."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no"],
+        stdout=(workdir / "redis.log").open("w"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=pinning(cpus),
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: Redis.from_url(url).ping(), 30, "the private Redis server")
+    return process, url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(
+    args: list[str], env: dict[str, str], log: Path, cpus: set[int] | None = None
+) -> subprocess.Popen:
     handle = log.open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "ddserve.cli", *args],
@@ -119,6 +192,7 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         env=env,
         stdout=handle,
         stderr=subprocess.STDOUT,
+        preexec_fn=pinning(cpus),
         start_new_session=True,
     )
 
@@ -179,6 +253,8 @@ class Point:
     p99_lower_bound: bool = False
     occupancy: float = 0.0
     rows_steps_per_s: float = 0.0
+    # The higher of the ceilings measured just before and just after this point (rows·steps/s).
+    ceiling: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -335,7 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--long-fraction", type=float, default=0.05, help="share of 1000-step jobs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--worker-cpus",
+        default="auto",
+        help='CPUs of the worker (comma-separated), "auto" = CPU 0 if there are 2+, "none"',
+    )
+    parser.add_argument("--poll", type=float, default=2.0, help="client's status poll interval, s")
+    parser.add_argument(
+        "--redis-url", default=None, help="use this Redis (default: a private redis-server)"
+    )
+    parser.add_argument("--ceiling-only", action="store_true", help="print the ceiling's JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "continuous.json"))
     parser.add_argument(
@@ -353,17 +438,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-continuous-"))
-    zoo, model = prepare_zoo(args, workdir)
     from models.catalog import load_catalog
 
+    if args.ceiling_only:
+        entry = load_catalog(Path(args.zoo))[args.model]
+        print(json.dumps(measure_ceiling(entry, args.max_batch)), flush=True)
+        return 0
+
+    worker_cpus, other_cpus = split_cpus(args.worker_cpus)
+    if other_cpus:
+        os.sched_setaffinity(0, other_cpus)  # the client; the gateway and Redis inherit it
+    workdir = Path(tempfile.mkdtemp(prefix="bench-continuous-"))
+    zoo, model = prepare_zoo(args, workdir)
     entry = load_catalog(zoo)[model]
     classes = len(entry.conditioning.classes) if entry.conditioning else 1
 
-    print(f"ceiling of {model} (torch threads: {torch.get_num_threads()}) …", flush=True)
-    ceiling = measure_ceiling(entry, args.max_batch)
-    print(json.dumps(ceiling), flush=True)
+    def ceiling_now() -> dict[str, Any]:
+        found = measure_ceiling_pinned(zoo, model, args.max_batch, worker_cpus, args.threads)
+        print(f"ceiling: {json.dumps(found)}", flush=True)
+        return found
+
+    print(
+        f"ceiling of {model} (torch threads: {args.threads or 'default'}, worker CPUs: "
+        f"{sorted(worker_cpus) if worker_cpus else 'any'}) …",
+        flush=True,
+    )
+    ceiling = ceiling_now()
+    ceilings = [ceiling]
     rng = random.Random(args.seed)
     requests = [sample_request(rng, model, classes, args.long_fraction) for _ in range(5000)]
     mean_work = statistics.fmean(work_of(r) for r in requests)
@@ -376,23 +477,29 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix = f"cbbench-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = os.environ | {
-        "DDSERVE_REDIS_URL": args.redis_url,
-        "DDSERVE_KEY_PREFIX": prefix,
-        "DDSERVE_ZOO_DIR": str(zoo),
-        "DDSERVE_MODELS": model,
-        "DDSERVE_AUTH_ENABLED": "false",
-        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DDSERVE_MAX_QUEUE_LENGTH": "100000",
-        "DDSERVE_STORAGE_DIR": str(workdir / "images"),
-        "DDSERVE_MAX_BATCH": str(args.max_batch),
-        "DDSERVE_LOG_LEVEL": "WARNING",
-        "DDSERVE_JOB_DEADLINE_S": "3600",
-        "DDSERVE_HEARTBEAT_S": "1",
-    }
-    if args.threads:
-        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    redis = Redis.from_url(args.redis_url)
+    redis_server = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        redis_server, redis_url = start_redis(workdir, other_cpus)
+    env = (
+        os.environ
+        | {
+            "DDSERVE_REDIS_URL": redis_url,
+            "DDSERVE_KEY_PREFIX": prefix,
+            "DDSERVE_ZOO_DIR": str(zoo),
+            "DDSERVE_MODELS": model,
+            "DDSERVE_AUTH_ENABLED": "false",
+            "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
+            "DDSERVE_MAX_QUEUE_LENGTH": "100000",
+            "DDSERVE_STORAGE_DIR": str(workdir / "images"),
+            "DDSERVE_MAX_BATCH": str(args.max_batch),
+            "DDSERVE_LOG_LEVEL": "WARNING",
+            "DDSERVE_JOB_DEADLINE_S": "3600",
+            "DDSERVE_HEARTBEAT_S": "1",
+        }
+        | thread_env(args.threads)
+    )
+    redis = Redis.from_url(redis_url)
     base_url = f"http://127.0.0.1:{port}"
     gateway = start(["serve", "--port", str(port)], env, workdir / "gateway.log")
     points: list[Point] = []
@@ -400,11 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, 60, "the gateway")
         for load in args.loads:
             for mode in args.modes:
+                if points:
+                    ceilings.append(ceiling_now())  # after the previous point, before this one
                 name = f"{prefix}-{mode}-{load}"
                 worker = start(
                     ["worker", "--models", model, "--batching", mode, "--name", name],
                     env,
                     workdir / f"worker-{mode}-{load}.log",
+                    worker_cpus,
                 )
                 stats_key = f"{prefix}:worker-stats:{name}"
                 try:
@@ -423,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                             redis,
                             stats_key,
                             args.seed + int(load * 1000),
+                            args.poll,
                         )
                     )
                     point = summarise(Point(mode, load, rate), records, wall0, c0, c1, (w0, w1))
@@ -434,9 +545,15 @@ def main(argv: list[str] | None = None) -> int:
         stop(gateway)
         for key in redis.scan_iter(match=f"*{prefix}*", count=1000):
             redis.delete(key)
+        if redis_server is not None:
+            stop(redis_server)
 
-    ceiling_after = measure_ceiling(entry, args.max_batch)  # the machine may have changed
-    print(json.dumps(ceiling_after), flush=True)
+    ceilings.append(ceiling_now())
+    for i, point in enumerate(points):
+        before, after = ceilings[i]["ceiling"], ceilings[i + 1]["ceiling"]
+        point.ceiling = max(before, after)
+        point.extra |= {"ceiling_before": before, "ceiling_after": after}
+    ceiling_after = ceilings[-1]
     result = {
         "model": model,
         "synthetic": args.synthetic,
@@ -444,12 +561,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
+        "worker_cpus": sorted(worker_cpus) if worker_cpus else None,
+        "other_cpus": sorted(other_cpus) if other_cpus else None,
+        "poll_s": args.poll,
         "max_batch": args.max_batch,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "long_fraction": args.long_fraction,
         "ceiling": ceiling,
         "ceiling_after": ceiling_after,
+        "ceilings": [c["ceiling"] for c in ceilings],
         "mean_request_rows_steps": mean_work,
         "capacity_req_s": capacity,
         "points": [asdict(p) for p in points],
@@ -482,8 +603,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         "rows·steps/s (% of ceiling) | network share of worker time |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    ceiling = max(result["ceiling"]["ceiling"], result["ceiling_after"]["ceiling"])
+    run_ceiling = max(result["ceiling"]["ceiling"], result["ceiling_after"]["ceiling"])
     for p in result["points"]:
+        ceiling = p.get("ceiling") or run_ceiling  # older results have one pair per run
         p99 = f"{'≥' if p['p99_lower_bound'] else ''}{p['p99_s']:.1f}"
         rows.append(
             f"| {p['load']:.2f} ({p['offered_req_s']:.2f} req/s) | {p['mode']} | "
