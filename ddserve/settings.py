@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, description="request batching: wait this long for more jobs")
     max_job_share: float = Field(1.0, description="largest share of a batch one job may take")
     progress_every: int = Field(5, description="write job progress every N denoising steps")
+    overlap_redis: bool = Field(
+        True,
+        description="send a round's Redis writes and cancel read beside the next network call "
+        "(a second thread); false: before it, on the stepping thread",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of workers")
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"

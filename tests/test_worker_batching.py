@@ -116,12 +116,13 @@ def alone_pixels(pool: ModelPool, request: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(storage.get(key))), dtype=np.int16)
 
 
+@pytest.mark.parametrize("overlap_redis", [True, False], ids=["redis-beside-step", "redis-first"])
 def test_sixteen_concurrent_jobs_share_network_calls_and_equal_alone(
-    box: RedisSandbox, pool: ModelPool, running: Any
+    box: RedisSandbox, pool: ModelPool, running: Any, overlap_redis: bool
 ) -> None:
     requests = [generate(seed, num_inference_steps=6 + seed % 3) for seed in range(16)]
     jobs = [box.enqueue(MODEL, r, timeout=60) for r in requests]
-    worker = running()
+    worker = running(overlap_redis=overlap_redis)
     wait_terminal(jobs)
     assert [status(j) for j in jobs] == ["finished"] * 16
     assert worker.engine.stats.network_calls < 16

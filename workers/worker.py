@@ -633,7 +633,11 @@ class BatchingWorker(SimpleWorker):
                         if ticket is None:
                             continue
                         self.engine.offer(self._model_of_queue[got[1].name], ticket)
-                    self.run_round(io)
+                    if self.settings.overlap_redis:
+                        self.run_round(io)
+                    else:
+                        self.flush_step()
+                        self.engine.run_once()
                     worked = True
                     backoff = 0.5
                 except REDIS_ERRORS as exc:
