@@ -2,11 +2,14 @@
 
 What it measures (issue: continuous batching), in one run on this machine:
 - the ceiling: the bare network's rows·steps/s (rows per second of network calls) at its best batch
-  size, measured in-process with the worker's thread count;
+  size, measured in a process on the worker's CPUs with the worker's thread count;
 - for each offered load (a fraction of the capacity that ceiling implies for the request mix) and
   each batching mode (`none`, `request`, `continuous`): throughput (images/s), p50 and p99 latency
   (POST to finished job, seen by the client), the mean batch occupancy (rows per network call over
-  `max_batch`, from the worker's published counters) and the rows·steps/s the worker sustained.
+  `max_batch`, from the worker's published counters) and the rows·steps/s the worker sustained;
+- with `--paired-segments N`, afterwards: a saturated continuous-batching worker's rows·steps/s over N
+  running segments, each compared with ceiling probes taken just before and just after it on the
+  worker's CPUs, the worker paused meanwhile (seconds apart, so the machine's drift cancels);
 
 Set-up: a Redis server, one gateway process (`ddserve serve`, auth off) and one worker process per
 (load, mode) point (`ddserve worker --batching MODE`), all on this machine. The client sends
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -47,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -61,6 +66,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("none", "request", "continuous")
+SATURATED = 0.95  # occupancy from which a paired segment counts as saturated
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
@@ -86,31 +92,48 @@ def work_of(request: dict) -> float:
 
 
 # --- the ceiling --------------------------------------------------------------------------------
-def measure_ceiling(entry: Any, max_batch: int, seconds: float = 1.5) -> dict[str, Any]:
-    """rows/s of bare network calls at batch sizes 1, 2, 4, … max_batch (random t and classes)."""
+def bare_network(entry: Any) -> torch.nn.Module:
     from models.registry import load_network
 
-    net = load_network(entry, "cuda" if torch.cuda.is_available() else "cpu")
+    return load_network(entry, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rows_per_second(net: torch.nn.Module, entry: Any, batch: int, seconds: float) -> float:
+    """rows/s of back-to-back bare network calls over `batch` rows (random x, t and classes)."""
     device = next(net.parameters()).device
     c, h = entry.network["unet"]["in_channels"], entry.network["unet"]["image_size"]
+    x = torch.randn(batch, c, h, h, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    with torch.no_grad():
+        net(x, t, y)  # warm-up
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            net(x, t, y)
+            calls += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch * calls / (time.perf_counter() - start)
+
+
+def measure_ceiling(entry: Any, max_batch: int, seconds: float = 1.5) -> dict[str, Any]:
+    """rows/s of bare network calls at batch sizes 1, 2, 4, … max_batch."""
+    net = bare_network(entry)
     per_batch = {}
     batch = 1
     while batch <= max_batch:
-        x = torch.randn(batch, c, h, h, device=device)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        with torch.no_grad():
-            net(x, t, y)  # warm-up
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                net(x, t, y)
-                calls += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        per_batch[batch] = batch * calls / (time.perf_counter() - start)
+        per_batch[batch] = rows_per_second(net, entry, batch, seconds)
         batch *= 2
     best = max(per_batch, key=per_batch.__getitem__)
     return {"rows_per_s": per_batch, "best_batch": best, "ceiling": per_batch[best]}
+
+
+def serve_ceiling(entry: Any) -> None:
+    """`--ceiling-server`: answer each stdin line "BATCH SECONDS" with the rows/s of bare calls."""
+    net = bare_network(entry)
+    for line in sys.stdin:
+        batch, seconds = line.split()
+        print(rows_per_second(net, entry, int(batch), float(seconds)), flush=True)
 
 
 def measure_ceiling_pinned(
@@ -131,6 +154,206 @@ def measure_ceiling_pinned(
         check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- sustained throughput against the ceiling, seconds apart ---------------------------------------
+class CeilingProbe:
+    """A process on the worker's CPUs that times the bare network when asked and otherwise sleeps
+    on its stdin, so that the ceiling can be measured within seconds of the worker's own rate."""
+
+    def __init__(self, zoo: Path, model: str, cpus: set[int] | None, threads: int) -> None:
+        command = [sys.executable, "-m", "benchmarks.bench_continuous", "--ceiling-server"]
+        command += ["--zoo", str(zoo), "--model", model, "--threads", str(threads)]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=os.environ | thread_env(threads),
+            preexec_fn=pinning(cpus),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def measure(self, batch: int, seconds: float) -> float:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{batch} {seconds}\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(30)
+
+
+def next_publish(redis: Redis, key: str, after: float, timeout: float = 10.0) -> dict[str, float]:
+    """The worker's counters from its first publication (one per heartbeat) later than `after`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counters = worker_counters(redis, key)
+        if counters.get("time", 0.0) > after:
+            return counters
+        time.sleep(0.02)
+    raise RuntimeError(f"the worker published no counters after {after}")
+
+
+def paired_segments(
+    worker: subprocess.Popen,
+    probe: CeilingProbe,
+    redis: Redis,
+    stats_key: str,
+    batch: int,
+    segments: int,
+    run_s: float,
+    probe_s: float,
+) -> list[dict[str, float]]:
+    """Alternate a saturated worker's running segments with ceiling probes on its CPUs.
+
+    The worker is paused (SIGSTOP) while the probe times the bare network at `batch` rows for
+    `probe_s`; then it runs for `run_s`, and its rate is taken between two of its own counter
+    publications inside that segment. Each segment is compared with the probes just before and
+    just after it, seconds apart rather than minutes: this machine's speed drifts by tens of
+    percent over minutes."""
+
+    def probe_paused() -> float:
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            return probe.measure(batch, probe_s)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+
+    pairs = []
+    before = probe_paused()
+    for _ in range(segments):
+        resumed = time.time()
+        # The second publication after resuming: a network call the pause cut in two has ended
+        # by then, so the pause is in no counter of the window.
+        first = next_publish(redis, stats_key, after=resumed)
+        start = next_publish(redis, stats_key, after=first["time"])
+        time.sleep(max(0.0, run_s - (time.time() - resumed)))
+        end = next_publish(redis, stats_key, after=time.time())
+        after = probe_paused()
+        elapsed = end["time"] - start["time"]
+        rows = end["rows_total"] - start["rows_total"]
+        calls = end["network_calls"] - start["network_calls"]
+        pairs.append(
+            {
+                "seconds": elapsed,
+                "rows_steps_per_s": rows / elapsed,
+                "ceiling_before": before,
+                "ceiling_after": after,
+                "ratio": rows / elapsed / max(before, after),
+                "occupancy": rows / (calls * end.get("max_rows", 1)) if calls else 0.0,
+                "network_share": (end["network_s"] - start["network_s"]) / elapsed,
+            }
+        )
+        print(f"segment: {json.dumps(pairs[-1])}", flush=True)
+        before = after
+    return pairs
+
+
+def run_paired(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    workdir: Path,
+    served: tuple[Path, str],
+    worker_cpus: set[int] | None,
+    redis: Redis,
+    base_url: str,
+    requests: list[dict],
+    rate: float,
+) -> dict[str, Any]:
+    """A continuous-batching worker kept saturated by the open-loop client while
+    `paired_segments` alternates its running segments with ceiling probes."""
+    zoo, model = served
+    name = f"{env['DDSERVE_KEY_PREFIX']}-paired"
+    worker = start(
+        ["worker", "--models", model, "--batching", "continuous", "--name", name],
+        env,
+        workdir / "worker-paired.log",
+        worker_cpus,
+    )
+    stats_key = f"{env['DDSERVE_KEY_PREFIX']}:worker-stats:{name}"
+    probe = CeilingProbe(zoo, model, worker_cpus, args.threads)
+    done = threading.Event()
+    found: list[dict[str, float]] = []
+    failed: list[BaseException] = []
+
+    def segments() -> None:
+        try:
+            time.sleep(args.warmup)  # let the queue build up first
+            found.extend(
+                paired_segments(
+                    worker,
+                    probe,
+                    redis,
+                    stats_key,
+                    args.max_batch,
+                    args.paired_segments,
+                    args.segment,
+                    1.5,
+                )
+            )
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            done.set()
+
+    try:
+        wait_for(lambda: redis.exists(stats_key), 120, f"worker {name}")
+        thread = threading.Thread(target=segments, name="paired-segments", daemon=True)
+        thread.start()
+        longest = args.warmup + args.paired_segments * (args.segment + 30.0)
+        asyncio.run(
+            open_loop(
+                base_url,
+                requests,
+                rate,
+                longest,
+                args.warmup,
+                0.0,
+                redis,
+                stats_key,
+                args.seed + 7,
+                args.poll,
+                until=done,
+            )
+        )
+        thread.join()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGCONT)
+        stop(worker)
+        probe.close()
+    if failed:
+        raise failed[0]
+    # Only segments the client kept saturated say what the worker sustains (a slow first ceiling
+    # makes the offered load too light for a machine that then speeds up).
+    saturated = [pair for pair in found if pair["occupancy"] >= SATURATED]
+    ratios = sorted(pair["ratio"] for pair in saturated) or [float("nan")]
+    return {
+        "batch": args.max_batch,
+        "segment_s": args.segment,
+        "pairs": found,
+        "saturated": len(saturated),
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": ratios[0],
+        "max_ratio": ratios[-1],
+    }
+
+
+def paired_summary(paired: dict[str, Any]) -> str:
+    pairs = [p for p in paired["pairs"] if p["occupancy"] >= SATURATED] or paired["pairs"]
+    shares = [p["network_share"] for p in pairs]
+    occupancy = [p["occupancy"] for p in pairs]
+    return (
+        f"paired: {paired['saturated']} of {len(paired['pairs'])} segments of "
+        f"{paired['segment_s']:g} s at load {paired['load']:.2f} saturated "
+        f"(occupancy >= {SATURATED}): sustained / ceiling (the higher probe around each segment, batch {paired['batch']}) "
+        f"median {100 * paired['median_ratio']:.0f} %, range {100 * paired['min_ratio']:.0f}–"
+        f"{100 * paired['max_ratio']:.0f} %; occupancy {min(occupancy):.3f}–{max(occupancy):.3f}; "
+        f"network share {100 * min(shares):.0f}–{100 * max(shares):.0f} %"
+    )
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -296,7 +519,10 @@ async def open_loop(
     stats_key: str,
     seed: int,
     poll_s: float = 0.5,
+    until: threading.Event | None = None,
 ) -> tuple[list[JobRecord], dict[str, float], dict[str, float], float, float]:
+    """Send `requests` at Poisson times for `duration` s (or until `until` is set), wait up to
+    `drain` s for them, cancel what is left; the worker's counters at `warmup` and at the end."""
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
@@ -304,7 +530,7 @@ async def open_loop(
         records: list[JobRecord] = []
         start = time.time()
         at, index, counters_start, t_start = 0.0, 0, {}, start
-        while at < duration:
+        while at < duration and not (until is not None and until.is_set()):
             now = time.time() - start
             if at > now:
                 await asyncio.sleep(at - now)
@@ -403,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo", default=str(ROOT / "models" / "zoo"))
     parser.add_argument("--synthetic", action="store_true", help="random-weight digits-ddpm U-Net")
     parser.add_argument("--unet", default=None, help="JSON overrides of the synthetic U-Net")
-    parser.add_argument("--loads", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument("--loads", type=float, nargs="*", default=[0.3, 0.6, 0.9])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--duration", type=float, default=90.0, help="arrival window per point, s")
     parser.add_argument("--warmup", type=float, default=15.0, help="not measured, s")
@@ -421,6 +647,16 @@ def main(argv: list[str] | None = None) -> int:
         "--redis-url", default=None, help="use this Redis (default: a private redis-server)"
     )
     parser.add_argument("--ceiling-only", action="store_true", help="print the ceiling's JSON")
+    parser.add_argument("--ceiling-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paired-segments",
+        type=int,
+        default=0,
+        help="then: this many segments of a saturated continuous worker, each between two "
+        "ceiling probes taken seconds apart (the worker paused meanwhile)",
+    )
+    parser.add_argument("--paired-load", type=float, default=1.3)
+    parser.add_argument("--segment", type=float, default=12.0, help="running segment, s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "continuous.json"))
     parser.add_argument(
@@ -443,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling_only:
         entry = load_catalog(Path(args.zoo))[args.model]
         print(json.dumps(measure_ceiling(entry, args.max_batch)), flush=True)
+        return 0
+    if args.ceiling_server:
+        serve_ceiling(load_catalog(Path(args.zoo))[args.model])
         return 0
 
     worker_cpus, other_cpus = split_cpus(args.worker_cpus)
@@ -503,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     base_url = f"http://127.0.0.1:{port}"
     gateway = start(["serve", "--port", str(port)], env, workdir / "gateway.log")
     points: list[Point] = []
+    paired: dict[str, Any] | None = None
     try:
         wait_for(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, 60, "the gateway")
         for load in args.loads:
@@ -541,6 +781,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(asdict(point)), flush=True)
                 finally:
                     stop(worker)
+        if args.paired_segments:
+            ceilings.append(ceiling_now())  # after the last point
+            rate = args.paired_load * capacity
+            print(f"paired segments at load {args.paired_load:.2f} ({rate:.3f} req/s) …")
+            paired = run_paired(
+                args, env, workdir, (zoo, model), worker_cpus, redis, base_url, requests, rate
+            )
+            paired |= {"load": args.paired_load, "offered_req_s": rate}
+            print(paired_summary(paired), flush=True)
     finally:
         stop(gateway)
         for key in redis.scan_iter(match=f"*{prefix}*", count=1000):
@@ -548,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
         if redis_server is not None:
             stop(redis_server)
 
-    ceilings.append(ceiling_now())
+    if not args.paired_segments:
+        ceilings.append(ceiling_now())
     for i, point in enumerate(points):
         before, after = ceilings[i]["ceiling"], ceilings[i + 1]["ceiling"]
         point.ceiling = max(before, after)
@@ -571,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": ceiling,
         "ceiling_after": ceiling_after,
         "ceilings": [c["ceiling"] for c in ceilings],
+        "paired": paired,
         "mean_request_rows_steps": mean_work,
         "capacity_req_s": capacity,
         "points": [asdict(p) for p in points],

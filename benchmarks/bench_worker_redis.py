@@ -6,7 +6,9 @@ writes sent one by one, in one run.
 as the gateway enqueues them, on the real Redis server, and one batching worker (in a thread of this
 process, continuous batching, `--progress-every` as `DDSERVE_PROGRESS_EVERY`) drains them. Every
 Redis round trip is counted on the client side (one `send_packed_command` per command or pipeline)
-per thread: the worker's loop (dequeue, start, progress, finish) and its heartbeat thread. The
+per thread: the worker's stepping thread (dequeue, start, and whatever it still waits for), its
+round I/O thread (a round's writes and the cancel-set read, sent while the network steps:
+`BatchingWorker.run_round`) and its heartbeat thread. The
 network is a tiny random U-Net (8×8 images), so that Redis, not the network, is what the drain
 time measures. Keys live under a private prefix and are deleted afterwards.
 
@@ -232,13 +234,13 @@ def one_run(
         if mode == "one-by-one":
             worker.writes = one_by_one_writes(worker)
         rounds = [0]
-        run_once = worker.engine.run_once
+        step = worker.engine.step  # once per scheduling round (`BatchingWorker.run_round`)
 
         def counted_round() -> None:
             rounds[0] += 1
-            run_once()
+            step()
 
-        worker.engine.run_once = counted_round  # type: ignore[method-assign]
+        worker.engine.step = counted_round  # type: ignore[method-assign]
         time.sleep(1.5)  # the worker is now in its blocking dequeue
         with counted_round_trips(added_latency_s) as use:
             pipe = connection.pipeline()
@@ -262,8 +264,10 @@ def one_run(
                     break
                 time.sleep(0.005)
             elapsed = time.perf_counter() - started
-            worker_trips = use.trips["ddserve-worker"]
-            worker_redis_s = use.seconds["ddserve-worker"]
+            io_threads = [k for k in use.trips if k.startswith("round-io-")]
+            worker_trips = use.trips["ddserve-worker"] + sum(use.trips[k] for k in io_threads)
+            stepping_redis_s = use.seconds["ddserve-worker"]
+            worker_redis_s = stepping_redis_s + sum(use.seconds[k] for k in io_threads)
             heartbeat_trips = sum(v for k, v in use.trips.items() if k.startswith("heartbeat-"))
         handle.stop(60)
         if any(s != "finished" for s in statuses):
@@ -276,6 +280,7 @@ def one_run(
             "worker_round_trips_per_job": worker_trips / jobs,
             "worker_round_trips_per_round": worker_trips / max(1, rounds[0]),
             "worker_redis_ms_per_round": 1000 * worker_redis_s / max(1, rounds[0]),
+            "stepping_redis_ms_per_round": 1000 * stepping_redis_s / max(1, rounds[0]),
             "heartbeat_round_trips": heartbeat_trips,
         }
     finally:
@@ -337,6 +342,7 @@ def main() -> None:
         ("worker round trips per round", "worker_round_trips_per_round", "{:.1f}"),
         ("scheduling rounds", "rounds", "{:.0f}"),
         ("worker's Redis I/O, ms per round", "worker_redis_ms_per_round", "{:.2f}"),
+        ("… of it on the stepping thread", "stepping_redis_ms_per_round", "{:.2f}"),
         ("ms per round", "ms_per_round", "{:.1f}"),
         ("drain time (s)", "drain_s", "{:.2f}"),
         ("jobs/s", "jobs_per_s", "{:.1f}"),
