@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,10 @@ def latents(seed: int, n: int) -> list:
     return np.random.default_rng(seed).normal(0, 1, (n, 2, 4, 4)).round(4).tolist()
 
 
-def counting(model: CodecModel, calls: list[tuple[str, int]]) -> dict[str, Callable[..., Any]]:
-    """Wrap the codec's methods so that each ONNX Runtime call is recorded (method, rows)."""
+@contextmanager
+def counted_calls(model: CodecModel) -> Iterator[list[tuple[str, int]]]:
+    """While the block runs, record each ONNX Runtime call of the codec as (method, rows)."""
+    calls: list[tuple[str, int]] = []
     originals = {name: getattr(model.codec, name) for name in ("encode", "decode")}
 
     def wrap(name: str) -> Callable[..., Any]:
@@ -58,7 +61,11 @@ def counting(model: CodecModel, calls: list[tuple[str, int]]) -> dict[str, Calla
 
     for name in originals:
         setattr(model.codec, name, wrap(name))
-    return originals
+    try:
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(model.codec, name, method)
 
 
 def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
@@ -79,13 +86,8 @@ def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
     engine = codec_engine(pool, feed)
     lane = engine.lanes[CODEC]
     assert isinstance(lane, CodecLane)
-    calls: list[tuple[str, int]] = []
-    originals = counting(model, calls)
-    try:
+    with counted_calls(model) as calls:
         engine.run_until_idle()
-    finally:
-        for name, method in originals.items():
-            setattr(model.codec, name, method)
 
     # encode: one call over the 4 images of three jobs; decode: the bad job's latents cannot be
     # stacked with the others, so each decode job ran alone (2 rows, 1 row, and the refused 1).
@@ -119,13 +121,8 @@ def test_decode_jobs_share_a_call(pool: ModelPool) -> None:  # noqa: F811
         for seed in range(3)
     ]
     engine = codec_engine(pool, feed)
-    calls: list[tuple[str, int]] = []
-    originals = counting(model, calls)
-    try:
+    with counted_calls(model) as calls:
         engine.run_until_idle()
-    finally:
-        for name, method in originals.items():
-            setattr(model.codec, name, method)
     assert calls == [("decode", 6)]
     assert [len(t.output["images"]) for t in tickets] == [1, 2, 3]
 
