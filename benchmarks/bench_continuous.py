@@ -7,8 +7,8 @@ What it measures (issue: continuous batching), in one run on this machine:
   each batching mode (`none`, `request`, `continuous`): throughput (images/s), p50 and p99 latency
   (POST to finished job, seen by the client), the mean batch occupancy (rows per network call over
   `max_batch`, from the worker's published counters) and the rows·steps/s the worker sustained;
-- with `--paired-segments N`, afterwards: a saturated continuous-batching worker's rows·steps/s over N
-  running segments, each compared with ceiling probes taken just before and just after it on the
+- with `--paired-segments N`, afterwards: a saturated continuous-batching worker's rows·steps/s
+  over N running segments, each compared with ceiling probes taken just before and just after it on the
   worker's CPUs, the worker paused meanwhile (seconds apart, so the machine's drift cancels);
 
 Set-up: a Redis server, one gateway process (`ddserve serve`, auth off) and one worker process per
@@ -136,16 +136,19 @@ def serve_ceiling(entry: Any) -> None:
         print(rows_per_second(net, entry, int(batch), float(seconds)), flush=True)
 
 
+def ceiling_command(mode: str, zoo: Path, model: str, threads: int) -> list[str]:
+    """This module as a ceiling process (`--ceiling-only` or `--ceiling-server`)."""
+    command = [sys.executable, "-m", "benchmarks.bench_continuous", mode]
+    return [*command, "--zoo", str(zoo), "--model", model, "--threads", str(threads)]
+
+
 def measure_ceiling_pinned(
     zoo: Path, model: str, max_batch: int, cpus: set[int] | None, threads: int
 ) -> dict[str, Any]:
     """`measure_ceiling` in a fresh process on the worker's CPUs with its thread count (what the
     worker's network calls could do there, with nothing else on those CPUs)."""
-    command = [sys.executable, "-m", "benchmarks.bench_continuous", "--ceiling-only"]
-    command += ["--zoo", str(zoo), "--model", model, "--max-batch", str(max_batch)]
-    command += ["--threads", str(threads)]
     done = subprocess.run(
-        command,
+        [*ceiling_command("--ceiling-only", zoo, model, threads), "--max-batch", str(max_batch)],
         cwd=ROOT,
         env=os.environ | thread_env(threads),
         preexec_fn=pinning(cpus),
@@ -156,16 +159,14 @@ def measure_ceiling_pinned(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# --- sustained throughput against the ceiling, seconds apart ---------------------------------------
+# --- sustained throughput against the ceiling, seconds apart -------------------------------------
 class CeilingProbe:
     """A process on the worker's CPUs that times the bare network when asked and otherwise sleeps
     on its stdin, so that the ceiling can be measured within seconds of the worker's own rate."""
 
     def __init__(self, zoo: Path, model: str, cpus: set[int] | None, threads: int) -> None:
-        command = [sys.executable, "-m", "benchmarks.bench_continuous", "--ceiling-server"]
-        command += ["--zoo", str(zoo), "--model", model, "--threads", str(threads)]
         self.process = subprocess.Popen(
-            command,
+            ceiling_command("--ceiling-server", zoo, model, threads),
             cwd=ROOT,
             env=os.environ | thread_env(threads),
             preexec_fn=pinning(cpus),
@@ -349,7 +350,8 @@ def paired_summary(paired: dict[str, Any]) -> str:
     return (
         f"paired: {paired['saturated']} of {len(paired['pairs'])} segments of "
         f"{paired['segment_s']:g} s at load {paired['load']:.2f} saturated "
-        f"(occupancy >= {SATURATED}): sustained / ceiling (the higher probe around each segment, batch {paired['batch']}) "
+        f"(occupancy >= {SATURATED}): sustained / ceiling (the higher probe around each "
+        f"segment, batch {paired['batch']}) "
         f"median {100 * paired['median_ratio']:.0f} %, range {100 * paired['min_ratio']:.0f}–"
         f"{100 * paired['max_ratio']:.0f} %; occupancy {min(occupancy):.3f}–{max(occupancy):.3f}; "
         f"network share {100 * min(shares):.0f}–{100 * max(shares):.0f} %"

@@ -425,7 +425,7 @@ class BatchingWorker(SimpleWorker):
         return sent
 
     def _send(self, taken: Round) -> RoundSent:
-        """Write a round (see `flush_step`); safe off the loop's thread, which settles the result."""
+        """Write a round (see `flush_step`); safe off the loop's thread, which settles it."""
         with self._lock:
             # A success's meta travels with the success (its transaction, or its deferred finish).
             for job_id in taken.successes:
