@@ -2,7 +2,8 @@
 
 What it measures (issue: continuous batching), in one run on this machine:
 - the ceiling: the bare network's rows·steps/s (rows per second of network calls) at its best batch
-  size, measured in a process on the worker's CPUs with the worker's thread count;
+  size, measured in a process on the worker's CPUs with the worker's thread count and allocator
+  setting (`DDSERVE_RETAIN_FREED_MEMORY`);
 - for each offered load (a fraction of the capacity that ceiling implies for the request mix) and
   each batching mode (`none`, `request`, `continuous`): throughput (images/s), p50 and p99 latency
   (POST to finished job, seen by the client), the mean batch occupancy (rows per network call over
@@ -62,6 +63,9 @@ from typing import Any
 import httpx
 import torch
 from redis import Redis
+
+from ddserve.settings import Settings
+from workers.allocator import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -678,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from models.catalog import load_catalog
 
+    if (args.ceiling_only or args.ceiling_server) and Settings().retain_freed_memory:
+        # The worker's allocator setting (DDSERVE_RETAIN_FREED_MEMORY, inherited from this
+        # environment): the ceiling times the same network code on the same heap policy.
+        retain_freed_memory()
     if args.ceiling_only:
         entry = load_catalog(Path(args.zoo))[args.model]
         print(json.dumps(measure_ceiling(entry, args.max_batch)), flush=True)
@@ -811,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         "synthetic": args.synthetic,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "retain_freed_memory": Settings().retain_freed_memory,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "worker_cpus": sorted(worker_cpus) if worker_cpus else None,

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         description="send a round's Redis writes and cancel read beside the next network call "
         "(a second thread); false: before it, on the stepping thread",
     )
+    retain_freed_memory: bool = Field(
+        True,
+        description="keep memory freed by network calls in the worker's heap (glibc); false: "
+        "return it to the OS, and page-fault it in again on the next call",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of workers")
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"

@@ -125,10 +125,13 @@ def run_embedded(settings: Settings, threads: int) -> int:
     from service.app import create_app
 
     try:
+        from workers.allocator import retain_freed_memory
         from workers.embedded import start_worker_thread
     except ImportError as e:
         log.error("the embedded mode needs the worker package (workers.embedded): %s", e)
         return 1
+    if settings.retain_freed_memory:
+        retain_freed_memory()  # this process runs the networks too
     settings.auth_enabled = False
     ensure_signing_secret(settings)  # shared by the gateway and the worker threads (one object)
     log.warning(

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
+    if settings.retain_freed_memory:
+        from workers.allocator import retain_freed_memory
+
+        retain_freed_memory()  # before the models load: the process is the worker's alone
     if settings.redis_url is None:
         raise SystemExit(
             "ddserve worker needs DDSERVE_REDIS_URL; without Redis, `ddserve serve` runs its own "
