@@ -10,7 +10,8 @@ What it measures (issue: continuous batching), in one run on this machine:
   `max_batch`, from the worker's published counters) and the rows·steps/s the worker sustained;
 - with `--paired-segments N`, afterwards: a saturated continuous-batching worker's rows·steps/s
   over N running segments, each compared with ceiling probes taken just before and just after it on the
-  worker's CPUs, the worker paused meanwhile (seconds apart, so the machine's drift cancels);
+  worker's CPUs, the worker paused meanwhile (seconds apart, so the machine's drift cancels), and
+  pooled over the run (`pooled`);
 
 Set-up: a Redis server, one gateway process (`ddserve serve`, auth off) and one worker process per
 (load, mode) point (`ddserve worker --batching MODE`), all on this machine. The client sends
@@ -43,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -357,24 +359,15 @@ def pooled(pairs: list[dict[str, float]]) -> dict[str, float]:
     the ratio of the two means has no bias from it. Each segment against the higher of its two
     probes (`ratio`) is the stricter figure: on a machine whose speed wanders by ±15 % within
     seconds, the higher of two short probes lies above the speed the segment ran at."""
-    readings = (
-        [pairs[0]["ceiling_before"], *(pair["ceiling_after"] for pair in pairs)] if pairs else []
-    )
-    used = sorted(
-        {j for i, pair in enumerate(pairs) if pair["occupancy"] >= SATURATED for j in (i, i + 1)}
-    )
-    seconds = sum(pair["seconds"] for pair in pairs if pair["occupancy"] >= SATURATED)
-    if not used or not seconds:
-        return {
-            "pooled_sustained": float("nan"),
-            "pooled_ceiling": float("nan"),
-            "pooled_ratio": float("nan"),
-        }
-    sustained = (
-        sum(p["rows_steps_per_s"] * p["seconds"] for p in pairs if p["occupancy"] >= SATURATED)
-        / seconds
-    )
-    ceiling = statistics.fmean(readings[j] for j in used)
+    saturated = [i for i, pair in enumerate(pairs) if pair["occupancy"] >= SATURATED]
+    if not saturated:
+        return {"pooled_sustained": math.nan, "pooled_ceiling": math.nan, "pooled_ratio": math.nan}
+    # Probe k was taken before segment k (and after segment k - 1).
+    readings = [pairs[0]["ceiling_before"], *(pair["ceiling_after"] for pair in pairs)]
+    used = sorted({k for i in saturated for k in (i, i + 1)})
+    seconds = sum(pairs[i]["seconds"] for i in saturated)
+    sustained = sum(pairs[i]["rows_steps_per_s"] * pairs[i]["seconds"] for i in saturated) / seconds
+    ceiling = statistics.fmean(readings[k] for k in used)
     return {
         "pooled_sustained": sustained,
         "pooled_ceiling": ceiling,
@@ -384,7 +377,7 @@ def pooled(pairs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def paired_summary(paired: dict[str, Any]) -> str:
-    nan = float("nan")  # results written before the pooled figures existed
+    nan = math.nan  # results written before the pooled figures existed
     pairs = [p for p in paired["pairs"] if p["occupancy"] >= SATURATED] or paired["pairs"]
     shares = [p["network_share"] for p in pairs]
     occupancy = [p["occupancy"] for p in pairs]

@@ -49,8 +49,11 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert retained < 200
 
 
-def test_elsewhere_it_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     from workers import allocator
 
-    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    class Musl:  # no gnu_get_libc_version, no mallopt: nothing to call
+        pass
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _name: Musl())
     assert allocator.retain_freed_memory() is False
