@@ -3,9 +3,10 @@
 glibc's malloc hands large freed blocks back to the kernel: a block above the *mmap threshold* is
 unmapped when freed, and free space above the *trim threshold* at the top of the heap is released.
 A U-Net forward on the CPU allocates its activations and frees them again in every call, so every
-call faults the same pages in again, each one zeroed by the kernel. Measured on this project's CI
-machine (2 vCPUs, one torch thread, the benchmark's small U-Net at 32 rows): ~20 % of a busy
-worker's time in the kernel, and the network call 1.3–1.5× slower than with the memory kept.
+call faults the same pages in again, each one zeroed by the kernel. `benchmarks/bench_allocator.py`
+measures it side by side (on this project's 2-vCPU CI machine, one torch thread, the benchmark's
+small U-Net at 32 rows: 17–24 % of the CPU time in the kernel, and a median 1.2–1.4× slower than
+with the memory kept).
 
 `retain_freed_memory` raises both thresholds through `mallopt(3)`: blocks up to 32 MiB (glibc's
 largest mmap threshold on 64-bit) come from the heap, and the heap is never trimmed. It is the CPU
