@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="send a round's Redis writes and cancel read beside the next network call "
         "(a second thread); false: before it, on the stepping thread",
     )
+    redis_interval_ms: float = Field(
+        50.0,
+        ge=0.0,
+        description="a busy worker exchanges with Redis (progress, outcomes, the cancel-set read) "
+        "at most this often; the rounds between merge their writes (0 = every round)",
+    )
     retain_freed_memory: bool = Field(
         True,
         description="keep memory freed by network calls in the worker's heap (glibc); false: "

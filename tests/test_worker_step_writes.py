@@ -17,6 +17,7 @@ import pytest
 import redis
 import torch
 from redis.connection import AbstractConnection
+from rq.job import Job
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
 from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS, cancel_set_key
@@ -74,6 +75,12 @@ def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTi
 
 def _output(ticket: RQTicket) -> dict[str, Any]:
     return {"images": [{"key": f"{ticket.id}/{i}.png", "seed": i} for i in range(2)]}
+
+
+def _stored_progress(box: RedisSandbox, ticket: RQTicket) -> dict[str, int] | None:
+    """The job's progress as Redis holds it (a copy of the job: refreshing the worker's own would
+    drop the progress it has not sent yet)."""
+    return Job.fetch(ticket.id, connection=box.connection).meta.get(META_PROGRESS)
 
 
 def _metrics(box: RedisSandbox):
@@ -201,8 +208,8 @@ def round_trips_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_steps(
     box: RedisSandbox, pool: ModelPool, round_trips_by_thread: list[str]
 ) -> None:
-    # Two jobs of two images fill max_batch = 4: no round reads the queue after the first.
-    worker = _worker(box, pool, max_batch=4, progress_every=1)
+    # Two jobs of two images fill max_batch = 4: no round reads the queue. An exchange every round.
+    worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=0)
     kept, canceled = _tickets(box, worker, 2)
     for ticket in (kept, canceled):
         worker.engine.offer(MODEL, ticket)
@@ -233,9 +240,10 @@ def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_ste
         return round_trips_by_thread[round_start[0] :]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-io") as io:
-        assert me in run_round(io)  # the first round asks the cancel set itself: none prefetched
-        for _ in range(2):
-            assert me not in run_round(io)  # writes and cancel-set read: the other thread
+        # The first round has nothing to write: it only reads the cancel set.
+        assert run_round(io) == ["round-io_0"]
+        for _ in range(2):  # the previous round's progress and the cancel read: one transaction
+            assert run_round(io) == ["round-io_0"]
         progress = kept.job.get_meta(refresh=True)[META_PROGRESS]
         assert progress == {"step": 2, "total": 10}  # round 2's progress went during round 3
         box.connection.sadd(cancel_set_key(box.prefix), canceled.id)
@@ -258,27 +266,64 @@ def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_ste
     assert len(overlapped) == 10 and all(overlapped), overlapped
 
 
+def test_rounds_within_the_redis_interval_send_nothing_and_merge_their_writes(
+    box: RedisSandbox, pool: ModelPool, round_trips_by_thread: list[str]
+) -> None:
+    worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=60_000)
+    kept, canceled = _tickets(box, worker, 2)
+    for ticket in (kept, canceled):
+        worker.engine.offer(MODEL, ticket)
+
+    def worker_round_trips() -> int:  # the test's own reads and writes are not counted
+        return len(round_trips_by_thread) - round_trips_by_thread.count("MainThread")
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-io") as io:
+        worker.run_round(io)  # the first exchange: the cancel set, beside the first step
+        assert worker_round_trips() == 1
+        box.connection.sadd(cancel_set_key(box.prefix), canceled.id)
+        main = round_trips_by_thread.count("MainThread")
+        for _ in range(3):  # within the interval: no round trip at all, nothing seen
+            worker.run_round(io)
+        assert len(round_trips_by_thread) == 1 + main
+        assert _stored_progress(box, kept) is None
+        assert Job.fetch(canceled.id, box.connection).get_status() == "started"
+        worker._next_exchange_at = 0.0  # the interval is over
+        worker.run_round(io)  # one transaction: four rounds' progress, merged; the cancel read
+        assert worker_round_trips() == 2
+        assert _stored_progress(box, kept) == {"step": 4, "total": 10}
+        assert _stored_progress(box, canceled) == {"step": 4, "total": 10}
+        worker.run_round(io)  # the sweep ends the canceled job before its sixth step
+        assert Job.fetch(canceled.id, box.connection).get_status() == "stopped"
+        while not worker.engine.idle:
+            worker.run_round(io)
+    worker.flush_step()
+    assert kept.job.get_status(refresh=True) == "finished"
+    assert _stored_progress(box, kept) == {"step": 10, "total": 10}
+    assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1}
+
+
 def test_a_round_whose_cancel_read_fails_keeps_its_writes_sent_once(
     box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker = _worker(box, pool, max_batch=4, progress_every=1)
-    (ticket,) = _tickets(box, worker, 1)
-    worker.engine.offer(MODEL, ticket)
+    # A round with a success reads the cancel set on its own, after the success's transaction.
+    worker = _worker(box, pool, max_batch=4, redis_interval_ms=0)
+    done, held = _tickets(box, worker, 2)
+    worker.engine.offer(MODEL, held)
     read = worker.feed.cancel_requests
+    done.progress(10, 10, 2)
+    done.succeed(_output(done), 2)
     with ThreadPoolExecutor(max_workers=1) as io:
-        worker.run_round(io)
         monkeypatch.setattr(worker.feed, "cancel_requests", _refuse)
         with pytest.raises(redis.ConnectionError):
-            worker.run_round(io)  # round 1's progress went; the cancel set did not answer
-        assert ticket.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 1, "total": 10}
-        with pytest.raises(redis.ConnectionError):
-            worker.run_round(io)  # no prefetched answer: the sweep asks itself, and fails
+            worker.run_round(io)  # the success went; the cancel set did not answer
+        assert done.job.get_status(refresh=True) == "finished"
+        assert _metrics(box).outcomes == {"succeeded": 1}
         monkeypatch.setattr(worker.feed, "cancel_requests", read)
         while not worker.engine.idle:
             worker.run_round(io)
     worker.flush_step()
-    assert ticket.job.get_status(refresh=True) == "finished"
-    assert _metrics(box).outcomes == {"succeeded": 1}  # counted once
+    assert held.job.get_status(refresh=True) == "finished"
+    assert _metrics(box).outcomes == {"succeeded": 2}  # each counted once
 
 
 def _refuse(*_args: Any) -> dict[str, bool]:

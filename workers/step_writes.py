@@ -9,8 +9,10 @@ EXISTS, MULTI/EXEC) that also carries the progress writes and every job outcome 
 (`ddserve.job_metrics`: the metrics the gateway renders). Failures and cancellations still finish
 at once, through RQ's own paths; only their outcome counts wait for the round's write.
 
-A round's writes are sent while the next round's network calls run (`BatchingWorker.run_round`), or
-at once when no round follows: a success is recorded about one step after its last image is stored.
+The writes wait for the worker's next exchange with Redis, which runs beside a round's network calls
+at most every `redis_interval_ms` (`BatchingWorker.run_round`), or at once when no round follows:
+a success is recorded at most about that interval and one step after its last image is stored, and
+the rounds between merge (a job's meta is written once, with its latest progress).
 """
 
 from __future__ import annotations

@@ -24,11 +24,12 @@ continuous-batching engine instead of performing one job at a time.
   finishing a job that fails on a Redis error is retried once Redis answers again (the job stays
   heartbeated meanwhile), so no outcome is lost and no job is left `running`.
 - Round trips: the progress writes, successes and job outcome counts (`ddserve.job_metrics`, what
-  the gateway's /metrics renders) of one scheduling round are sent together (`workers.step_writes`):
-  one pipeline, or with successes one ownership check and one transaction, instead of a round trip
-  per progress write and about four per finished job. They are sent, and the cancel set read, by a
-  second thread while the next round's network calls run (`run_round`), so the stepping thread
-  does not wait for Redis at every step; an idle worker sends them at once (`flush_step`).
+  the gateway's /metrics renders) of the scheduling rounds since the last exchange with Redis are
+  sent together (`workers.step_writes`): with the cancel-set read in one transaction, or with
+  successes one ownership check and one transaction, instead of a round trip per progress write and
+  about four per finished job. They are sent, and the cancel set read, by a second thread while a
+  round's network calls run (`run_round`), at most every `redis_interval_ms`, so the stepping
+  thread does not wait for Redis at every step; an idle worker sends them at once (`flush_step`).
 """
 
 from __future__ import annotations
@@ -194,14 +195,15 @@ def _queue_seconds(job: Job) -> float | None:
 class RQFeed:
     """The engine's job source: non-blocking pops of one model's queue, and the cancel set.
 
-    The cancel set is read once per round. While a round's network calls run, the worker asks it
-    in the background for the jobs held then (`prefetch_canceled`); the next round's sweep uses
-    that answer, so the check costs the stepping thread no round trip. A job taken since is
-    checked from the round after."""
+    With `overlap_redis`, the cancel set is read by the worker's Redis exchanges (`run_round`),
+    beside a network call and at most every `redis_interval_ms`, for the jobs held then; the
+    next round's sweep uses that answer (`deliver`), so the check costs the stepping thread no
+    round trip, and the rounds between find nothing new. A job taken since is checked by the next
+    exchange. Without `overlap_redis`, every round's sweep reads the cancel set itself."""
 
     def __init__(self, worker: BatchingWorker) -> None:
         self.worker = worker
-        self._cancel_flags: dict[str, bool] | None = None  # the prefetched answer, used once
+        self._cancel_flags: dict[str, bool] | None = None  # the latest exchange's, used once
 
     def take(self, model: str) -> RQTicket | None:
         if self.worker.stopping:
@@ -221,14 +223,14 @@ class RQFeed:
         """Jobs to stop: cancel requests, and jobs this worker no longer owns (declared abandoned
         while it was frozen or cut off; their ticket's cancel then only forgets them)."""
         flags, self._cancel_flags = self._cancel_flags, None
-        if flags is None:  # nothing prefetched (the first round after idling, or an error)
+        if not self.worker.settings.overlap_redis:
             flags = self.cancel_requests(job_ids)
         lost = self.worker.lost_jobs()
-        return {job_id for job_id in job_ids if flags.get(job_id) or job_id in lost}
+        return {job_id for job_id in job_ids if (flags and flags.get(job_id)) or job_id in lost}
 
-    def prefetch_canceled(self, job_ids: list[str]) -> None:
-        """Ask the cancel set now for the next round (from the worker's round I/O thread)."""
-        self._cancel_flags = self.cancel_requests(job_ids)
+    def deliver(self, flags: dict[str, bool]) -> None:
+        """An exchange's answer from the cancel set, for the next round's sweep."""
+        self._cancel_flags = flags
 
     def cancel_requests(self, job_ids: list[str]) -> dict[str, bool]:
         if not job_ids:
@@ -250,6 +252,7 @@ class RoundSent:
 
     mine: list[Success] = field(default_factory=list)  # recorded
     held: list[Success] = field(default_factory=list)  # to retry one by one if the write failed
+    cancel_flags: dict[str, bool] | None = None  # job id → in the cancel set (when it was read)
     write_error: BaseException | None = None
     cancel_error: BaseException | None = None  # the cancel set could not be read (writes went)
 
@@ -304,6 +307,7 @@ class BatchingWorker(SimpleWorker):
         self._stop_requested_at: float | None = None
         self._loop_done = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._next_exchange_at = 0.0  # time.monotonic() before which run_round sends nothing
 
     # --- queues and jobs ------------------------------------------------------------------------
     def queue_for(self, model: str) -> Queue | None:
@@ -396,43 +400,63 @@ class BatchingWorker(SimpleWorker):
     def run_round(self, io: ThreadPoolExecutor) -> None:
         """One scheduling round whose Redis traffic overlaps its network calls.
 
-        The engine admits (the cancel set as prefetched, queue reads), then steps; while it steps,
-        `io` sends the writes made so far (the previous round's progress and successes, this
-        round's cancellations) and reads the cancel set for the next round. A Redis round trip is
-        then hidden behind the network instead of added to every step. The writes are settled here
-        once both are done, so a failed write is handled exactly as `flush_step` handles it."""
+        The engine admits (cancellations as last read, queue reads), then steps. When the last
+        exchange with Redis began at least `redis_interval_ms` ago, `io` runs the next one while
+        the engine steps: it sends the writes made since (progress, successes, cancellations) and
+        reads the cancel set for the jobs held now, in one transaction when no job succeeded. A
+        Redis round trip is then hidden behind the network instead of added to every step.
+
+        Why not every round: the exchange runs Python (redis-py, RQ's serializers) that holds the
+        GIL while the network runs, and a network call waits for the GIL between its operators,
+        so every exchange slows the step it overlaps by about its own CPU time, whichever CPU
+        the I/O thread runs on. With steps of ~10 ms, one exchange per round took ~6 % of the
+        worker's CPU. Merging rounds also merges their writes: a job's progress is written once
+        per exchange, at its latest step.
+
+        The exchange is settled at the end of the round, so a failed write is handled exactly as
+        `flush_step` handles it."""
         self.engine.admit()
-        taken = self.writes.take()
-        held = self.engine.held_job_ids()
-        pending = io.submit(self._send_round, taken, held)
+        exchange = None
+        started = time.monotonic()
+        if started >= self._next_exchange_at:
+            held = self.engine.held_job_ids()
+            taken = self.writes.take()
+            if taken or held:
+                self._next_exchange_at = started + self.settings.redis_interval_ms / 1000.0
+                exchange = (taken, io.submit(self._send_round, taken, held))
         try:
             self.engine.step()
         except BaseException:
-            sent = pending.result()
-            with contextlib.suppress(Exception):
-                self._settle(taken, sent)
+            if exchange is not None:
+                sent = exchange[1].result()
+                with contextlib.suppress(Exception):
+                    self._settle(exchange[0], sent)
             raise
-        self._settle(taken, pending.result())
+        if exchange is not None:
+            self._settle(exchange[0], exchange[1].result())
 
     def _send_round(self, taken: Round, held: list[str]) -> RoundSent:
-        """The round I/O thread's part: the writes, then the cancel set (never raises)."""
-        sent = self._send(taken) if taken else RoundSent()
-        if sent.write_error is None and held:
+        """The Redis I/O thread's part: the writes and the cancel set (never raises)."""
+        sent = self._send(taken, held) if taken else RoundSent()
+        if sent.write_error is None and held and sent.cancel_flags is None:
             try:
-                self.feed.prefetch_canceled(held)
+                sent.cancel_flags = self.feed.cancel_requests(held)
             except Exception as exc:
                 sent.cancel_error = exc
         return sent
 
-    def _send(self, taken: Round) -> RoundSent:
-        """Write a round (see `flush_step`); safe off the loop's thread, which settles it."""
+    def _send(self, taken: Round, held: list[str] | None = None) -> RoundSent:
+        """Write a round (see `flush_step`), and read the cancel set for `held` in the same
+        transaction when no success needs its own; safe off the loop's thread, which settles
+        it."""
+        flags = None
         with self._lock:
             # A success's meta travels with the success (its transaction, or its deferred finish).
             for job_id in taken.successes:
                 taken.metas.pop(job_id, None)
-            held = [s for s in taken.successes.values() if s.job.id in self._running]
+            succeeded = [s for s in taken.successes.values() if s.job.id in self._running]
             try:
-                mine = self._still_owned(held)
+                mine = self._still_owned(succeeded)
                 if mine:
                     rq_bridge.finish_successes(
                         self,
@@ -442,12 +466,16 @@ class BatchingWorker(SimpleWorker):
                 else:  # MULTI/EXEC: counts are applied all or not at all, so a retry adds once
                     pipe = self.connection.pipeline(transaction=True)
                     self.writes.queue_writes(pipe, taken, [])
-                    pipe.execute()
+                    if held:
+                        pipe.smismember(cancel_set_key(self.settings.key_prefix), held)
+                    replies = pipe.execute()
+                    if held:
+                        flags = dict(zip(held, map(bool, replies[-1]), strict=True))
             except Exception as exc:
-                return RoundSent(held=held, write_error=exc)
+                return RoundSent(held=succeeded, write_error=exc)
             for success in mine:
                 self._forget(success.job.id)
-        return RoundSent(mine=mine, held=held)
+        return RoundSent(mine=mine, held=succeeded, cancel_flags=flags)
 
     def _settle(self, taken: Round, sent: RoundSent) -> None:
         """On the loop's thread: log the recorded successes, or, when the write failed, keep its
@@ -475,6 +503,8 @@ class BatchingWorker(SimpleWorker):
             raise error
         if sent.cancel_error is not None:
             raise sent.cancel_error
+        if sent.cancel_flags is not None:
+            self.feed.deliver(sent.cancel_flags)
 
     def _still_owned(self, successes: list[Success]) -> list[Success]:
         """The successes of jobs this worker still owns (one round trip); the others are dropped."""
