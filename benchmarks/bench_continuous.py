@@ -134,6 +134,16 @@ def measure_ceiling(entry: Any, max_batch: int, seconds: float = 1.5) -> dict[st
     return {"rows_per_s": per_batch, "best_batch": best, "ceiling": per_batch[best]}
 
 
+def best_batch(ceilings: list[dict[str, Any]]) -> int:
+    """The batch size with the highest mean rate over the ceilings measured so far (one noisy
+    ceiling alone may crown a neighbour of the true best)."""
+    sizes = [str(size) for size in ceilings[0]["rows_per_s"]]  # keys are str after JSON
+    mean = {
+        size: statistics.fmean(float(c["rows_per_s"][size]) for c in ceilings) for size in sizes
+    }
+    return int(max(mean, key=mean.__getitem__))
+
+
 def serve_ceiling(entry: Any) -> None:
     """`--ceiling-server`: answer each stdin line "BATCH SECONDS" with the rows/s of bare calls."""
     net = bare_network(entry)
@@ -269,9 +279,11 @@ def run_paired(
     base_url: str,
     requests: list[dict],
     rate: float,
+    probe_batch: int,
 ) -> dict[str, Any]:
     """A continuous-batching worker kept saturated by the open-loop client while
-    `paired_segments` alternates its running segments with ceiling probes."""
+    `paired_segments` alternates its running segments with ceiling probes at `probe_batch` rows
+    (the bare network's best batch size)."""
     zoo, model = served
     name = f"{env['DDSERVE_KEY_PREFIX']}-paired"
     worker = start(
@@ -295,7 +307,7 @@ def run_paired(
                     probe,
                     redis,
                     stats_key,
-                    args.max_batch,
+                    probe_batch,
                     args.paired_segments,
                     args.segment,
                     args.probe,
@@ -339,7 +351,8 @@ def run_paired(
     saturated = [pair for pair in found if pair["occupancy"] >= SATURATED]
     ratios = sorted(pair["ratio"] for pair in saturated) or [float("nan")]
     return {
-        "batch": args.max_batch,
+        "batch": probe_batch,
+        "max_batch": args.max_batch,
         "segment_s": args.segment,
         "probe_s": args.probe,
         "pairs": found,
@@ -829,8 +842,18 @@ def main(argv: list[str] | None = None) -> int:
             ceilings.append(ceiling_now())  # after the last point
             rate = args.paired_load * capacity
             print(f"paired segments at load {args.paired_load:.2f} ({rate:.3f} req/s) …")
+            probe_batch = best_batch(ceilings)
             paired = run_paired(
-                args, env, workdir, (zoo, model), worker_cpus, redis, base_url, requests, rate
+                args,
+                env,
+                workdir,
+                (zoo, model),
+                worker_cpus,
+                redis,
+                base_url,
+                requests,
+                rate,
+                probe_batch,
             )
             paired |= {"load": args.paired_load, "offered_req_s": rate}
             print(paired_summary(paired), flush=True)
