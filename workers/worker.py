@@ -409,9 +409,9 @@ class BatchingWorker(SimpleWorker):
         Why not every round: the exchange runs Python (redis-py, RQ's serializers) that holds the
         GIL while the network runs, and a network call waits for the GIL between its operators,
         so every exchange slows the step it overlaps by about its own CPU time, whichever CPU
-        the I/O thread runs on. With steps of ~10 ms, one exchange per round took ~6 % of the
-        worker's CPU. Merging rounds also merges their writes: a job's progress is written once
-        per exchange, at its latest step.
+        the I/O thread runs on (the README's paired benchmark compares it with an exchange every
+        round). Merging rounds also merges their writes: a job's progress is written once per
+        exchange, at its latest step.
 
         The exchange is settled at the end of the round, so a failed write is handled exactly as
         `flush_step` handles it."""
