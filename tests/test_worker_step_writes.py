@@ -73,6 +73,14 @@ def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTi
     return tickets
 
 
+def _held(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicket]:
+    """`_tickets`, handed to the engine (as the worker's own dequeue hands them)."""
+    tickets = _tickets(box, worker, count)
+    for ticket in tickets:
+        worker.engine.offer(MODEL, ticket)
+    return tickets
+
+
 def _output(ticket: RQTicket) -> dict[str, Any]:
     return {"images": [{"key": f"{ticket.id}/{i}.png", "seed": i} for i in range(2)]}
 
@@ -210,9 +218,7 @@ def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_ste
 ) -> None:
     # Two jobs of two images fill max_batch = 4: no round reads the queue. An exchange every round.
     worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=0)
-    kept, canceled = _tickets(box, worker, 2)
-    for ticket in (kept, canceled):
-        worker.engine.offer(MODEL, ticket)
+    kept, canceled = _held(box, worker, 2)
     me = threading.current_thread().name
     overlapped: list[bool] = []
     round_start = [0]  # index of the current round's first round trip
@@ -270,9 +276,7 @@ def test_rounds_within_the_redis_interval_send_nothing_and_merge_their_writes(
     box: RedisSandbox, pool: ModelPool, round_trips_by_thread: list[str]
 ) -> None:
     worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=60_000)
-    kept, canceled = _tickets(box, worker, 2)
-    for ticket in (kept, canceled):
-        worker.engine.offer(MODEL, ticket)
+    kept, canceled = _held(box, worker, 2)
 
     def worker_round_trips() -> int:  # the test's own reads and writes are not counted
         return len(round_trips_by_thread) - round_trips_by_thread.count("MainThread")
