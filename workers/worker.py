@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import redis.exceptions
 from redis import Redis
+from redis.client import Pipeline
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
@@ -233,11 +234,19 @@ class RQFeed:
         self._cancel_flags = flags
 
     def cancel_requests(self, job_ids: list[str]) -> dict[str, bool]:
+        """Which of `job_ids` are in the cancel set (one round trip)."""
         if not job_ids:
             return {}
-        key = cancel_set_key(self.worker.settings.key_prefix)
-        flags = self.worker.connection.smismember(key, job_ids)
-        return {job_id: bool(flag) for job_id, flag in zip(job_ids, flags, strict=True)}
+        return self.cancel_flags(job_ids, self.read_cancel_set(self.worker.connection, job_ids))
+
+    def read_cancel_set(self, redis: Redis | Pipeline, job_ids: list[str]) -> Any:
+        """SMISMEMBER of the cancel set for `job_ids`: the reply, or queued on a pipeline (whose
+        reply `cancel_flags` reads the same way)."""
+        return redis.smismember(cancel_set_key(self.worker.settings.key_prefix), job_ids)
+
+    @staticmethod
+    def cancel_flags(job_ids: list[str], reply: list[Any]) -> dict[str, bool]:
+        return {job_id: bool(flag) for job_id, flag in zip(job_ids, reply, strict=True)}
 
 
 @dataclass
@@ -467,10 +476,10 @@ class BatchingWorker(SimpleWorker):
                     pipe = self.connection.pipeline(transaction=True)
                     self.writes.queue_writes(pipe, taken, [])
                     if held:
-                        pipe.smismember(cancel_set_key(self.settings.key_prefix), held)
+                        self.feed.read_cancel_set(pipe, held)
                     replies = pipe.execute()
                     if held:
-                        flags = dict(zip(held, map(bool, replies[-1]), strict=True))
+                        flags = self.feed.cancel_flags(held, replies[-1])
             except Exception as exc:
                 return RoundSent(held=succeeded, write_error=exc)
             for success in mine:
