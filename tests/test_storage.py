@@ -4,6 +4,7 @@ against a real S3-compatible server (moto's server mode) started on a loopback p
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +126,23 @@ def test_s3_put_get_presigned_and_cleanup(moto_endpoint: str) -> None:
     assert store.delete_expired(-60) == 1  # every object is older than "60 s in the future"
     with pytest.raises(ObjectNotFoundError):
         store.get("j1/0.png")
+
+
+def test_local_put_makes_missing_folders_overwrites_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStorage(tmp_path / "images", "k", link_ttl_s=60)
+    store.put("j1/0.png", PNG, "image/png")
+    shutil.rmtree(tmp_path / "images" / "j1")  # a cleanup removed the job's folder meanwhile
+    store.put("j1/1.png", PNG, "image/png")
+    store.put("j1/1.png", PNG + b"new", "image/png")
+    assert store.get("j1/1.png") == PNG + b"new"
+    assert sorted(p.name for p in (tmp_path / "images" / "j1").iterdir()) == ["1.png"]
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        store.put("j1/2.png", PNG, "image/png")
+    assert sorted(p.name for p in (tmp_path / "images" / "j1").iterdir()) == ["1.png"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +16,11 @@ from ddserve.storage.signing import LinkSigner
 
 class LocalStorage:
     """Objects are files `root/<key>`; writes are atomic (temporary file + rename) so a reader
-    never sees half an image."""
+    never sees half an image.
+
+    A put costs three system calls (create, write, rename; a fourth, mkdir, for a job's first
+    image): the worker stores every finished image, so paths are built without touching the file
+    system (no `resolve`) and folders are made only when the create finds none."""
 
     serves_links = True
 
@@ -33,27 +37,30 @@ class LocalStorage:
         self._clock = clock
 
     def _path(self, key: str) -> Path:
-        path = (self.root / validate_key(key)).resolve()
-        if not path.is_relative_to(self.root):  # defence in depth: validate_key already forbids it
+        # validate_key forbids ".", "..", absolute paths and backslashes; normpath (no system call)
+        # and the prefix check are defence in depth. The root itself was resolved once.
+        path = Path(os.path.normpath(os.path.join(self.root, validate_key(key))))
+        if not path.is_relative_to(self.root):
             raise StorageError(f"key {key!r} escapes the storage root")
         return path
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        for attempt in range(3):  # a concurrent delete_expired may remove an empty folder
-            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"  # hidden: never a valid key
+        for attempt in range(3):
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 break
-            except FileNotFoundError:
+            except FileNotFoundError:  # the job's first image, or delete_expired removed it
                 if attempt == 2:
                     raise
+                path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def get(self, key: str) -> bytes:
