@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="a busy worker exchanges with Redis (progress, outcomes, the cancel-set read) "
         "at most this often; the rounds between merge their writes (0 = every round)",
     )
+    store_threads: int = Field(
+        2,
+        ge=0,
+        description="threads that encode and write a worker's finished images while its next "
+        "denoising steps run (0 = on the stepping thread)",
+    )
     retain_freed_memory: bool = Field(
         True,
         description="keep memory freed by network calls in the worker's heap (glibc); false: "

@@ -216,8 +216,9 @@ def round_trips_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_steps(
     box: RedisSandbox, pool: ModelPool, round_trips_by_thread: list[str]
 ) -> None:
-    # Two jobs of two images fill max_batch = 4: no round reads the queue. An exchange every round.
-    worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=0)
+    # Two jobs of two images fill max_batch = 4: no round reads the queue. An exchange every round;
+    # images stored on the stepping thread, so that a job completes in its last step's round.
+    worker = _worker(box, pool, max_batch=4, progress_every=1, redis_interval_ms=0, store_threads=0)
     kept, canceled = _held(box, worker, 2)
     me = threading.current_thread().name
     overlapped: list[bool] = []

@@ -12,9 +12,16 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
    (`max_rows`, a guided sample counting two rows for its unconditional copy) and while the job
    stays within its share of the call (`max_job_share`); the queue is read only while there is room;
 3. per model, one network call over all running samples at their own timesteps; finished samples
-   leave, their images are decoded (latent diffusion) and stored at once, and a job completes as
+   leave and their images are decoded (latent diffusion, one call per step); a job completes as
    soon as its last image is stored; progress is written every `progress_every` steps and once
    more (step = total) when the job completes.
+
+Storing (PNG encoding and the storage backend's write: a file, or an HTTP request to S3) runs on
+the engine's store threads (`store_threads`) while the next steps run, so a step boundary never
+waits for storage: with S3 a write costs milliseconds, which the whole running set would otherwise
+wait out for every finished image. Each step ends by collecting the writes that are done; a
+failed write fails only its job. Without store threads (`store_threads=0`), images are stored on
+the stepping thread at once.
 
 A failing network call fails only its own jobs: the call is split and retried without the rows that
 fail on their own (`workers.isolation`: out of memory, an error, NaN/±inf), and only the jobs whose
@@ -42,12 +49,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
-from ddserve.jobs import JobKind, JobOutput
+from ddserve.jobs import ImageRecord, JobKind, JobOutput
 from ddserve.settings import Settings
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
@@ -66,10 +74,14 @@ from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 log = logging.getLogger(__name__)
 
 BatchingMode = Literal["continuous", "request", "none"]
+StoreFuture = Future[dict[int, ImageRecord]]  # image index → record, once written
 REQUEST_POLL_S = 0.001  # request mode: how often the queue is polled while gathering
 RECENT_CALLS = 10_000  # rows of this many recent calls are kept for inspection
 # Autoencoder jobs run per round, so that a flood of them cannot stall denoising steps.
 CODEC_JOBS_PER_ROUND = 8
+# A lane with nothing to step but images being written waits this long at most for one write
+# (then the round ends, and the next one admits newcomers).
+STORE_WAIT_S = 0.01
 
 
 class Ticket(Protocol):
@@ -193,6 +205,26 @@ class TimedNetwork:
             self.stats.network_s += time.perf_counter() - started
 
 
+class StoreThreads:
+    """The threads that write finished images (`DenoiseWork.write_images`), started on the first
+    write and again after `close` (a worker may run its loop more than once)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., dict[int, ImageRecord]], *args: Any) -> StoreFuture:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="store")
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Wait for the writes under way; cancel those not started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 @dataclass(eq=False)
 class JobState:
     """A job held by a lane: its samples not yet admitted, and its bookkeeping."""
@@ -201,6 +233,7 @@ class JobState:
     work: DenoiseWork
     seq: int  # order of arrival at this worker (tie-breaker after priority and age)
     pending: list[Sample]
+    storing: list[StoreFuture] = field(default_factory=list)  # its images being written
     running_rows: int = 0
     max_batch_rows: int = 0
     steps_since_progress: int = 0
@@ -234,6 +267,7 @@ class DenoiseLane:
         stats: EngineStats,
         clock: Callable[[], float],
         sleep: Callable[[float], None],
+        store_threads: StoreThreads | None = None,
     ) -> None:
         self.model = model
         self.feed = feed
@@ -242,6 +276,7 @@ class DenoiseLane:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
+        self.store_threads = store_threads  # None: images are stored on the stepping thread
         self.batch = self._new_batch()
         self.jobs: dict[str, JobState] = {}
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
@@ -364,6 +399,7 @@ class DenoiseLane:
     def step(self) -> None:
         """One network call over the running set; store finished images; complete finished jobs."""
         if not len(self.batch):
+            self._collect_stores(block=True)
             return
         rows = self.batch.rows
         row_samples = network_row_samples(self.batch)
@@ -398,6 +434,7 @@ class DenoiseLane:
             elif job.steps_since_progress >= self.policy.progress_every:
                 job.steps_since_progress = 0
                 _report(job)
+        self._collect_stores(block=False)
 
     def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
         """Fail the jobs with a sample whose x_t is no longer finite after the step (a row that
@@ -457,13 +494,44 @@ class DenoiseLane:
             return
         index = {id(s): i for i, s in enumerate(finished)}
         for job, samples in by_job.values():
+            rows = torch.stack([pixels[index[id(s)]] for s in samples])  # [k, C, H, W]
+            if self.store_threads is not None:
+                job.storing.append(
+                    self.store_threads.submit(job.work.write_images, samples, rows, self.storage)
+                )
+                continue
             try:
-                rows = torch.stack([pixels[index[id(s)]] for s in samples])
                 job.work.store(samples, rows, self.storage)
                 self.stats.images_done += len(samples)
             except Exception as exc:
                 self._drop(job)
                 _end(job.ticket.fail, exc, self.stats, "failed")
+
+    def _collect_stores(self, block: bool) -> None:
+        """Take in the image writes that are done (with `block`, wait up to STORE_WAIT_S for one):
+        a job whose write failed fails, a job with every image stored completes."""
+        writing = [job for job in self.jobs.values() if job.storing]
+        if not writing:
+            return
+        if block:
+            futures = [future for job in writing for future in job.storing]
+            wait(futures, timeout=STORE_WAIT_S, return_when=FIRST_COMPLETED)
+        for job in writing:
+            done = [future for future in job.storing if future.done()]
+            if not done:
+                continue
+            job.storing = [future for future in job.storing if not future.done()]
+            try:
+                for future in done:
+                    records = future.result()
+                    job.work.records.update(records)
+                    self.stats.images_done += len(records)
+            except Exception as exc:
+                self._drop(job)
+                _end(job.ticket.fail, exc, self.stats, "failed")
+                continue
+            if job.work.done:
+                self._complete(job)
 
     def _complete(self, job: JobState) -> None:
         self._forget(job)
@@ -484,11 +552,15 @@ class DenoiseLane:
         self.jobs.pop(job.id, None)
 
     def _drop(self, job: JobState) -> None:
-        """Take a job's samples out of the running set and forget the job."""
+        """Take a job's samples out of the running set and forget the job (writes of its images
+        not yet started are canceled; the files of those already written expire with the rest)."""
         self.batch.remove(lambda s: self._owner.get(id(s)) is not job)
         for key in [k for k, owner in self._owner.items() if owner is job]:
             del self._owner[key]
         job.pending.clear()
+        for future in job.storing:
+            future.cancel()
+        job.storing.clear()
         self._forget(job)
 
     def sweep(self, canceled: set[str], now: float) -> None:
@@ -621,17 +693,21 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        store_threads: int = 0,
     ) -> None:
+        """`store_threads`: threads that encode and write finished images while the next steps
+        run (0: on the stepping thread, at once); `close()` stops them."""
         self.feed = feed
         self.policy = policy
         self.stats = EngineStats()
         self.clock = clock
+        self._store_threads = StoreThreads(store_threads) if store_threads > 0 else None
         self.lanes: dict[str, Lane] = {}
         for name in models:
             model = pool.get(name)
             if isinstance(model, DiffusionModel):
                 self.lanes[name] = DenoiseLane(
-                    model, feed, storage, policy, self.stats, clock, sleep
+                    model, feed, storage, policy, self.stats, clock, sleep, self._store_threads
                 )
             else:
                 self.lanes[name] = CodecLane(model, feed, storage, self.stats)
@@ -692,3 +768,9 @@ class Engine:
         failure = error or WorkerStopped("the worker stopped before the job finished")
         for lane in self.lanes.values():
             lane.abort(failure)
+
+    def close(self) -> None:
+        """Stop the store threads once the writes they started are done (the held jobs, if any,
+        are the caller's to end first: `run_until_idle` or `abort`)."""
+        if self._store_threads is not None:
+            self._store_threads.close()

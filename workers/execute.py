@@ -5,7 +5,8 @@ alone (the reference the batching engine must reproduce). The engine uses the sa
 - `prepare_denoise(request, model, job_id)` turns a generate/inpaint request into `Sample`s — image i
   draws all its noise from `sample_generator(seed, i)`, so its pixels do not depend on its batch;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
-  first), and `DenoiseWork.complete(...)` builds the `JobOutput` (plus the trajectory GIF);
+  first; `write_images` is the same write for another thread), and `DenoiseWork.complete(...)`
+  builds the `JobOutput` (plus the trajectory GIF);
 - `prepare_codec(...)` and `run_codec_calls(model, calls)` run the encode / decode / reconstruct
   jobs of a round in one ONNX Runtime call per kind of input; `run_codec(...)` runs one alone.
 """
@@ -175,11 +176,20 @@ class DenoiseWork:
 
     def store(self, finished: list[Sample], pixels: torch.Tensor, storage: Storage) -> None:
         """Write the images of finished samples (pixels [k, C, H, W] in [−1, 1], same order)."""
-        for sample, image in zip(finished, pixels, strict=True):
-            index = int(sample.tag)
-            self.records[index] = store_image(
-                storage, self.job_id, index, image, self.spec, self.seed
+        self.records.update(self.write_images(finished, pixels, storage))
+
+    def write_images(
+        self, finished: list[Sample], pixels: torch.Tensor, storage: Storage
+    ) -> dict[int, ImageRecord]:
+        """Encode and write the images of finished samples; return their records by image index
+        without adding them to the work, so that it can run on another thread (the engine's
+        store threads) while the samples' job goes on."""
+        return {
+            int(sample.tag): store_image(
+                storage, self.job_id, int(sample.tag), image, self.spec, self.seed
             )
+            for sample, image in zip(finished, pixels, strict=True)
+        }
 
     def complete(self, storage: Storage) -> JobOutput:
         """The job's output once every image is stored (and the trajectory GIF when asked for)."""

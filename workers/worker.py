@@ -305,6 +305,7 @@ class BatchingWorker(SimpleWorker):
             self.feed,
             self.storage,
             BatchingPolicy.from_settings(settings),
+            store_threads=settings.store_threads,
         )
         self._running: dict[str, _Running] = {}
         self.writes = StepWrites(settings.key_prefix)  # the current round's writes
@@ -708,6 +709,7 @@ class BatchingWorker(SimpleWorker):
             raise
         finally:
             io.shutdown(wait=True)
+            self.engine.close()
             with contextlib.suppress(Exception):
                 self.flush_step()
             self._stop.set()
