@@ -7,7 +7,13 @@ The network is a stub (one multiply), so the time per step is the bookkeeping ev
 pays on top of its network call: stacking timesteps and coefficients, the guided rows, noise from
 each sample's own generator, the update, retiring finished samples.
 
+With `--engine`, the same for a whole scheduling round of the worker's engine
+(`benchmarks.saturated_engine`: jobs of that mix, n images each, admission, the non-finite checks,
+progress, finished images handed to the store threads and written to local files), still with the
+stub network: the fixed CPU cost a saturated worker adds to every network call.
+
     .venv/bin/python benchmarks/bench_running_set.py [--rows 64] [--steps 2000] [--repeats 5]
+    .venv/bin/python benchmarks/bench_running_set.py --engine [--store-threads 2]
 
 Prints the median µs per step over the repeats. Not a test: run it by hand.
 """
@@ -17,11 +23,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.bench_continuous import sample_request
+from benchmarks.saturated_engine import SaturatedEngine, stand_in_pool
+from ddserve.storage.local import LocalStorage
 from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import DenoisingBatch, Sample, SamplerSettings
 from models.diffusion.schedule import NoiseSchedule
@@ -71,14 +81,43 @@ def microseconds_per_step(rows: int, steps: int, seed: int) -> tuple[float, int]
     return (time.perf_counter() - start) / steps * 1e6, len(batch)
 
 
+def engine_microseconds_per_round(rows: int, rounds: int, seed: int, store_threads: int) -> float:
+    """µs per round of a saturated engine over the stand-in model whose network is the stub."""
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        pool, model = stand_in_pool(Path(tmp))
+        pool.get(model).denoiser.network = stub_network  # type: ignore[union-attr]
+        storage = LocalStorage(Path(tmp) / "images", "bench", 60)
+        engine = SaturatedEngine(
+            pool, model, storage, max_rows=rows, store_threads=store_threads, seed=seed
+        )
+        try:
+            engine.run(rounds // 4)  # warm-up: the long DDPM jobs accumulate, as in the worker
+            return engine.run(rounds)["us_per_round"]
+        finally:
+            engine.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", action="store_true", help="whole engine rounds")
+    parser.add_argument("--store-threads", type=int, default=2, help="with --engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine:
+        rounds = [
+            engine_microseconds_per_round(args.rows, args.steps, seed, args.store_threads)
+            for seed in range(args.repeats)
+        ]
+        print(
+            f"engine rounds of up to {args.rows} rows, {args.store_threads} store threads, stub "
+            f"network: {statistics.median(rounds):.0f} µs per round (median of {args.repeats}; "
+            f"range {min(rounds):.0f}–{max(rounds):.0f})"
+        )
+        return 0
     runs = [microseconds_per_step(args.rows, args.steps, seed) for seed in range(args.repeats)]
     per_step = [us for us, _ in runs]
     print(
