@@ -494,15 +494,16 @@ class DenoiseLane:
             return
         index = {id(s): i for i, s in enumerate(finished)}
         for job, samples in by_job.values():
-            rows = torch.stack([pixels[index[id(s)]] for s in samples])  # [k, C, H, W]
-            if self.store_threads is not None:
-                job.storing.append(
-                    self.store_threads.submit(job.work.write_images, samples, rows, self.storage)
-                )
-                continue
             try:
-                job.work.store(samples, rows, self.storage)
-                self.stats.images_done += len(samples)
+                rows = torch.stack([pixels[index[id(s)]] for s in samples])  # [k, C, H, W]
+                if self.store_threads is not None:
+                    write = self.store_threads.submit(
+                        job.work.write_images, samples, rows, self.storage
+                    )
+                    job.storing.append(write)
+                else:
+                    job.work.store(samples, rows, self.storage)
+                    self.stats.images_done += len(samples)
             except Exception as exc:
                 self._drop(job)
                 _end(job.ticket.fail, exc, self.stats, "failed")
