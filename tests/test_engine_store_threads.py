@@ -6,6 +6,8 @@ thread would have written itself."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ddserve.storage.base import StorageError
@@ -39,10 +41,13 @@ class GatedStorage(MemoryStorage):
         super().put(key, data, content_type)
 
 
-def engine_with(
-    model_pool: ModelPool, feed: MemoryFeed, storage: MemoryStorage, store_threads: int
-) -> Engine:
-    return Engine(
+@contextmanager
+def engine_over(
+    model_pool: ModelPool, storage: MemoryStorage, store_threads: int
+) -> Iterator[tuple[Engine, MemoryFeed]]:
+    """An engine over a fresh feed; on leaving, held writes are released and its threads closed."""
+    feed = MemoryFeed()
+    engine = Engine(
         model_pool,
         [MODEL],
         feed,
@@ -52,6 +57,12 @@ def engine_with(
         sleep=lambda _s: None,
         store_threads=store_threads,
     )
+    try:
+        yield engine, feed
+    finally:
+        if isinstance(storage, GatedStorage):
+            storage.released.set()
+        engine.close()
 
 
 def request(seed: int, **fields: Any) -> dict[str, Any]:
@@ -64,10 +75,8 @@ def run_rounds(engine: Engine, rounds: int) -> None:
 
 
 def test_a_held_write_delays_only_its_own_job(pool: ModelPool) -> None:  # noqa: F811
-    feed = MemoryFeed()
     storage = GatedStorage(held_job="job0")
-    engine = engine_with(pool, feed, storage, store_threads=2)
-    try:
+    with engine_over(pool, storage, store_threads=2) as (engine, feed):
         slow = feed.submit(request(1, n=2, num_inference_steps=3))
         run_rounds(engine, 3)  # its two samples finish: their write is held
         assert not slow.finished and not engine.idle
@@ -84,9 +93,6 @@ def test_a_held_write_delays_only_its_own_job(pool: ModelPool) -> None:  # noqa:
         assert [step for step, _, _ in quick.progress_log][-1] == 4
         storage.released.set()
         engine.run_until_idle()
-    finally:
-        storage.released.set()
-        engine.close()
     assert slow.ends == 1 and slow.error is None
     keys = [record["key"] for record in slow.output["images"]]
     assert keys == ["job0/0.png", "job0/1.png"] and all(k in storage.objects for k in keys)
@@ -96,15 +102,11 @@ def test_a_held_write_delays_only_its_own_job(pool: ModelPool) -> None:  # noqa:
 
 
 def test_a_failed_write_fails_only_its_job(pool: ModelPool) -> None:  # noqa: F811
-    feed = MemoryFeed()
     storage = GatedStorage(failing_job="job0")
-    engine = engine_with(pool, feed, storage, store_threads=1)
-    try:
+    with engine_over(pool, storage, store_threads=1) as (engine, feed):
         broken = feed.submit(request(1, n=2, num_inference_steps=3))
         fine = feed.submit(request(2, n=2, num_inference_steps=5))
         engine.run_until_idle()
-    finally:
-        engine.close()
     assert broken.ends == 1 and isinstance(broken.error, StorageError)
     assert "bucket unavailable" in str(broken.error)
     assert fine.ends == 1 and fine.error is None and len(fine.output["images"]) == 2
@@ -112,10 +114,8 @@ def test_a_failed_write_fails_only_its_job(pool: ModelPool) -> None:  # noqa: F8
 
 
 def test_a_job_canceled_while_its_images_are_written_ends_once(pool: ModelPool) -> None:  # noqa: F811
-    feed = MemoryFeed()
     storage = GatedStorage(held_job="job0")
-    engine = engine_with(pool, feed, storage, store_threads=1)
-    try:
+    with engine_over(pool, storage, store_threads=1) as (engine, feed):
         ticket = feed.submit(request(1, n=2, num_inference_steps=3))
         run_rounds(engine, 3)
         feed.cancel_set.add(ticket.id)
@@ -123,20 +123,15 @@ def test_a_job_canceled_while_its_images_are_written_ends_once(pool: ModelPool) 
         assert ticket.canceled and engine.idle
         storage.released.set()
         engine.run_until_idle()
-    finally:
-        storage.released.set()
-        engine.close()
     assert ticket.ends == 1 and ticket.output is None
 
 
 def test_store_threads_write_what_the_stepping_thread_writes(pool: ModelPool) -> None:  # noqa: F811
     stored = []
     for threads in (0, 2):
-        feed = MemoryFeed()
         storage = MemoryStorage()
-        engine = engine_with(pool, feed, storage, store_threads=threads)
         tickets = []
-        try:
+        with engine_over(pool, storage, store_threads=threads) as (engine, feed):
             for seeds in ((0, 1, 2), (3, 4)):  # closed store threads start again when needed
                 tickets += [
                     feed.submit(request(seed, n=1 + seed % 3, num_inference_steps=2 + seed))
@@ -144,8 +139,6 @@ def test_store_threads_write_what_the_stepping_thread_writes(pool: ModelPool) ->
                 ]
                 engine.run_until_idle()
                 engine.close()
-        finally:
-            engine.close()
         assert all(t.ends == 1 and t.error is None for t in tickets)
         stored.append((storage.objects, [t.output for t in tickets]))
     assert stored[0] == stored[1]
