@@ -88,20 +88,21 @@ def compare(
 
 def main() -> int:
     args = parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-store-"))
     torch.set_num_threads(args.threads)
-    pool, model = stand_in_pool(workdir, args.unet)
     results = []
-    for latency in args.put_latency_ms:
-        result = compare(pool, model, latency, workdir, args)
-        results.append(result)
-        print(
-            f"put latency {latency:g} ms: store threads / inline, rows·steps/s: median "
-            f"{result['median_ratio']:.2f}× (windows {result['min_ratio']:.2f}–"
-            f"{result['max_ratio']:.2f}×); images/s {result['images_per_s_inline']:.1f} inline, "
-            f"{result['images_per_s_threads']:.1f} with store threads",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        workdir = Path(tmp)
+        pool, model = stand_in_pool(workdir, args.unet)
+        for latency in args.put_latency_ms:
+            result = compare(pool, model, latency, workdir, args)
+            results.append(result)
+            print(
+                f"put latency {latency:g} ms: store threads / inline, rows·steps/s: median "
+                f"{result['median_ratio']:.2f}× (windows {result['min_ratio']:.2f}–"
+                f"{result['max_ratio']:.2f}×); images/s {result['images_per_s_inline']:.1f} "
+                f"inline, {result['images_per_s_threads']:.1f} with store threads",
+                flush=True,
+            )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
