@@ -37,6 +37,7 @@ serve: $(STAMP)
 test: $(STAMP) redis browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP) redis browser
@@ -45,6 +46,7 @@ test-all: $(STAMP) redis browser
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

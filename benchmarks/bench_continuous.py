@@ -28,8 +28,9 @@ compared with the ceilings measured just before and just after it (the higher of
 machine's speed drifts during a run).
 
 The request mix ("realistic"): num_inference_steps uniform in [10, 100], with probability 5 % 1000
-(DDPM); n uniform in 1..8; half of the requests with classifier-free guidance (w = 3, two rows per
-image); classes uniform.
+(DDPM); n uniform in 1..8; half of the requests with classifier-free guidance (guidance_scale s = 4,
+i.e. the sampling library's w = 3; two rows per image), the others with s = 1 (none); classes
+uniform.
 
     .venv/bin/python benchmarks/bench_continuous.py --synthetic            # random-weight U-Net
     .venv/bin/python benchmarks/bench_continuous.py --model digits-ddpm    # a zoo model
@@ -66,7 +67,9 @@ import httpx
 import torch
 from redis import Redis
 
+from ddserve.params import NO_GUIDANCE
 from ddserve.settings import Settings
+from ddserve.spec import GenerateSpec
 from workers.allocator import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +81,7 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 # --- the request mix ----------------------------------------------------------------------------
 def sample_request(rng: random.Random, model: str, classes: int, long_fraction: float) -> dict:
+    """One request body of the mix (`POST /generate`); guidance_scale is the public s."""
     long = rng.random() < long_fraction
     guided = rng.random() < 0.5
     return {
@@ -86,15 +90,33 @@ def sample_request(rng: random.Random, model: str, classes: int, long_fraction: 
         "sampler": "ddpm" if long else "ddim",
         "num_inference_steps": 1000 if long else rng.randint(10, 100),
         "class_label": rng.randrange(classes),
-        "guidance_scale": 3.0 if guided else 0.0,
+        "guidance_scale": 4.0 if guided else 1.0,  # s: 1 = no guidance
         "seed": rng.randrange(2**31),
     }
 
 
 def work_of(request: dict) -> float:
     """Rows·steps a request costs: n · (2 if guided) · steps."""
-    rows = request["n"] * (2 if request["guidance_scale"] else 1)
+    rows = request["n"] * (2 if request["guidance_scale"] > NO_GUIDANCE else 1)
     return float(rows * request["num_inference_steps"])
+
+
+def job_spec(request: dict) -> GenerateSpec:
+    """The job spec the gateway would queue for a request of the mix (every field resolved as
+    `service.normalize` resolves it for the digits-ddpm card), for benchmarks that feed an engine
+    directly."""
+    return GenerateSpec(
+        model=request["model"],
+        n=request["n"],
+        sampler=request["sampler"],
+        num_inference_steps=request["num_inference_steps"],
+        eta=0.0,
+        class_label=request["class_label"],
+        guidance_scale=request["guidance_scale"],
+        classifier_scale=0.0,
+        clip_denoised=True,
+        seed=request["seed"],
+    )
 
 
 # --- the ceiling --------------------------------------------------------------------------------

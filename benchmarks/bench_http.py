@@ -128,7 +128,7 @@ async def http_round(url: str, concurrency: int, rounds: int, steps: int) -> dic
                 "sampler": "ddim",
                 "num_inference_steps": steps,
                 "class_label": i % 10,
-                "guidance_scale": 0.0,
+                "guidance_scale": 1.0,  # s = 1: no guidance
                 "seed": i,
             }
             start = time.perf_counter()

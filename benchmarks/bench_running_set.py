@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.bench_continuous import sample_request
 from benchmarks.saturated_engine import SaturatedEngine, stand_in_pool
+from ddserve.params import guidance_weight
 from ddserve.storage.local import LocalStorage
 from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import DenoisingBatch, Sample, SamplerSettings
@@ -49,7 +50,7 @@ def new_sample(rng: random.Random) -> Sample:
     settings = SamplerSettings(
         sampler=request["sampler"],
         num_inference_steps=request["num_inference_steps"],
-        guidance_scale=request["guidance_scale"],
+        guidance_scale=guidance_weight(request["guidance_scale"]),  # the library's w = s − 1
         clip_denoised=True,
     )
     return Sample(

@@ -110,7 +110,7 @@ def write_zoo(root: Path) -> Path:
             "conditioning": {"type": "class", "classes": [str(i) for i in range(10)]},
             "schedule": {"kind": "linear", "num_timesteps": 1000},
             "samplers": ["ddim"],
-            "defaults": {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 0.0},
+            "defaults": {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 1.0},
             "network": {"unet": net.config.to_dict()},
             "files": {"weights": WEIGHTS_FILE},
         },
@@ -171,21 +171,21 @@ def counted_round_trips(added_latency_s: float = 0.0) -> Iterator[RedisUse]:
 
 
 def request(seed: int, steps: int) -> dict[str, Any]:
-    return {
-        "kind": "generate",
-        "model": MODEL,
-        "n": 1,
-        "sampler": "ddim",
-        "num_inference_steps": steps,
-        "eta": 0.0,
-        "class_label": seed % 10,
-        "prompt": None,
-        "guidance_scale": 0.0,
-        "classifier_scale": 0.0,
-        "clip_denoised": True,
-        "seed": seed,
-        "output": {"format": "png", "return": "url", "trajectory": False},
-    }
+    """The job spec's JSON form, as the gateway enqueues it (every field resolved)."""
+    from ddserve.spec import GenerateSpec
+
+    return GenerateSpec(
+        model=MODEL,
+        n=1,
+        sampler="ddim",
+        num_inference_steps=steps,
+        eta=0.0,
+        class_label=seed % 10,
+        guidance_scale=1.0,  # s = 1: no guidance
+        classifier_scale=0.0,
+        clip_denoised=True,
+        seed=seed,
+    ).to_json()
 
 
 def one_run(

@@ -15,11 +15,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from benchmarks.bench_continuous import prepare_zoo, sample_request
+from benchmarks.bench_continuous import job_spec, prepare_zoo, sample_request
 from ddserve.jobs import JobOutput
 from ddserve.settings import Settings
+from ddserve.spec import JobSpec
 from ddserve.storage import Storage
 from workers.engine import BatchingPolicy, Engine
 from workers.model_pool import ModelPool
@@ -42,7 +42,7 @@ class Ticket:
     """A job as the engine sees it (`workers.engine.Ticket`); its outcome is not kept."""
 
     id: str
-    request: dict[str, Any]
+    spec: JobSpec  # the parsed job spec, as the worker's RQTicket holds it
     priority: float = 0.0
     arrived_at: float = 0.0
     deadline: float = float("inf")
@@ -99,7 +99,7 @@ class SaturatedEngine:
         for _ in range(rounds):
             while len(self.queue) < WAITING:
                 request = sample_request(self.rng, self.model, CLASSES, LONG_FRACTION)
-                self.queue.append(Ticket(f"job{next(self.ids)}", request))
+                self.queue.append(Ticket(f"job{next(self.ids)}", job_spec(request)))
             self.engine.run_once()
         seconds = time.perf_counter() - started
         if stats.jobs_failed:

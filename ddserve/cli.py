@@ -13,9 +13,9 @@ COMMANDS = {
     "eval": ("models.evaluation.cli", "measure a zoo model: FID, precision/recall, accuracy"),
     "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
-    "serve": ("service.cli", "run the gateway (embedded with a worker thread when no Redis URL)"),
+    "serve": ("ddserve.serve", "run the gateway (embedded with a worker thread when no Redis URL)"),
     "generate": (
-        "ddserve.client.cli",
+        "ddserve.generate",
         "sample images into a PNG grid (a server URL or in-process)",
     ),
 }

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
         description="keep memory freed by network calls in the worker's heap (glibc); false: "
         "return it to the OS, and page-fault it in again on the next call",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of a worker (`ddserve worker --threads`); unset: every "
+        "core for `ddserve worker`, every core but one (the gateway's) for the embedded `ddserve "
+        "serve`. torch's own default oversubscribes a loaded machine",
+    )
+    ort_threads: int | None = Field(
+        None,
+        ge=1,
+        description="ONNX Runtime intra-op threads of the autoencoders; unset: as torch's",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of workers")
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"

@@ -13,6 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ddserve.params import (
+    NO_GUIDANCE,
+    ClassifierScale,
+    Eta,
+    GuidanceScale,
+    InferenceSteps,
+    SamplerName,
+)
+
 DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
 
 ModelKind = Literal[
@@ -52,11 +61,14 @@ class ScheduleSpec(BaseModel):
 
 
 class SamplingDefaults(BaseModel):
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    num_inference_steps: int = 50
-    eta: float = 0.0
-    guidance_scale: float = 0.0
-    classifier_scale: float = 0.0
+    """A model's defaults for the parameters a request leaves out (`ddserve.params` declares them);
+    `guidance_scale` is diffusers' s (1 = no guidance), applied only when a condition is given."""
+
+    sampler: SamplerName = "ddim"
+    num_inference_steps: InferenceSteps = 50
+    eta: Eta = 0.0
+    guidance_scale: GuidanceScale = NO_GUIDANCE
+    classifier_scale: ClassifierScale = 0.0
     clip_denoised: bool = True
     jump_length: int = 10
     jump_n_sample: int = 1

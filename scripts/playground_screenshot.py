@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from playwright.sync_api import Page
 
-from ddserve.client.local import LocalServer
+from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.catalog import load_catalog
 

@@ -22,6 +22,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from ddserve.logs import configure_logging
 from ddserve.settings import Settings
 from ddserve.storage import Storage, create_storage
 from models.catalog import load_catalog
@@ -31,11 +32,19 @@ from service.errors import install_error_handlers
 from service.idempotency import IdempotencyStore
 from service.janitor import Janitor
 from service.jobstore import JobStore
-from service.logs import configure_logging
 from service.middleware import RequestContextMiddleware
 from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
-from service.routers import autoencoder, generate, health, images, jobs, metrics, models, playground
+from service.routers import (
+    autoencoder,
+    generate,
+    health,
+    images,
+    jobs,
+    metrics,
+    models,
+    playground,
+)
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 from service.waiter import JobWaiter

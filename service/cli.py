@@ -1,13 +1,10 @@
-"""`ddserve serve`: the gateway, embedded (no Redis needed) or in front of a real Redis.
+"""The gateway's server: uvicorn options, the startup banner, and the gateway mode of `ddserve serve`.
 
-- `DDSERVE_REDIS_URL` unset — the embedded mode: an in-process fakeredis server shared by the
-  gateway and `--workers` worker threads (`workers.embedded.start_worker_thread`), local image
-  storage under `./var`, auth off (logged), every zoo model. The same code paths as production, in
-  one process: `make serve`.
-- `DDSERVE_REDIS_URL` set — the gateway only (workers run apart: `ddserve worker`); `--workers N`
-  starts N gateway processes (uvicorn), which then share one signing secret.
-
-Either way the log prints the URL and a curl command to paste once the server listens.
+`ddserve serve` itself is `ddserve.serve` (above the gateway and the workers, since its embedded
+mode runs both). With `DDSERVE_REDIS_URL` set it calls `run_gateway` here: the gateway only
+(workers run apart: `ddserve worker`); `--workers N` starts N gateway processes (uvicorn), which
+then share one signing secret. Either way the log prints the URL and a curl command to paste once
+the server listens (`serve_and_announce`).
 """
 
 from __future__ import annotations
@@ -24,9 +21,7 @@ from typing import Any
 import uvicorn
 
 from ddserve.settings import Settings
-from ddserve.storage import ensure_signing_secret
 from models.catalog import ModelEntry, load_catalog
-from service.logs import configure_logging
 
 log = logging.getLogger("ddserve.serve")
 
@@ -113,46 +108,10 @@ async def _serve(server: uvicorn.Server, settings: Settings) -> None:
     await task
 
 
-def _run(config: uvicorn.Config, settings: Settings) -> None:
+def serve_and_announce(config: uvicorn.Config, settings: Settings) -> None:
     """Serve on uvicorn's event loop of choice (uvloop when installed), as `Server.run` would."""
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(_serve(uvicorn.Server(config), settings))
-
-
-def run_embedded(settings: Settings, threads: int) -> int:
-    import fakeredis
-
-    from service.app import create_app
-
-    try:
-        from workers.allocator import retain_freed_memory
-        from workers.embedded import start_worker_thread
-    except ImportError as e:
-        log.error("the embedded mode needs the worker package (workers.embedded): %s", e)
-        return 1
-    if settings.retain_freed_memory:
-        retain_freed_memory()  # this process runs the networks too
-    settings.auth_enabled = False
-    ensure_signing_secret(settings)  # shared by the gateway and the worker threads (one object)
-    log.warning(
-        "embedded mode (no DDSERVE_REDIS_URL): in-process Redis, %d worker thread(s), images under "
-        "%s, auth is OFF — do not expose this port",
-        threads,
-        settings.storage_dir,
-    )
-    server_state = fakeredis.FakeServer()
-    handles = [
-        start_worker_thread(settings, fakeredis.FakeRedis(server=server_state))
-        for _ in range(max(1, threads))
-    ]
-    try:
-        app = create_app(settings, fakeredis.FakeRedis(server=server_state))
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
-        _run(config, settings)
-    finally:
-        for handle in handles:
-            handle.stop()
-    return 0
 
 
 def run_gateway(settings: Settings, processes: int) -> int:
@@ -179,7 +138,7 @@ def run_gateway(settings: Settings, processes: int) -> int:
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, **UVICORN_OPTIONS
     )
-    _run(config, settings)
+    serve_and_announce(config, settings)
     return 0
 
 
@@ -194,15 +153,3 @@ def _redact(settings: Settings) -> str:
         )
         parts = parts._replace(netloc=netloc)
     return urlunsplit(parts)
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = Settings()
-    if args.host is not None:
-        settings.host = args.host
-    if args.port is not None:
-        settings.port = args.port
-    configure_logging(settings.log_level, settings.log_json)
-    if settings.embedded:
-        return run_embedded(settings, args.workers)
-    return run_gateway(settings, args.workers)

@@ -15,8 +15,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ddserve.logs import REQUEST_ID, request_id_from
 from service.errors import ApiError
-from service.logs import REQUEST_ID, request_id_from
 from service.telemetry import Telemetry
 
 access_log = logging.getLogger("ddserve.access")

@@ -1,11 +1,11 @@
-"""Requests checked against the model's catalog entry and turned into the job's normalized request.
+"""Requests checked against the model's catalog entry and turned into the job's spec.
 
 This is where model-dependent limits live: the model exists (404) and does the task (400); the
 sampler is one of the model's; num_inference_steps ≤ T; class_label < number of classes; a prompt
 only has words from the vocabulary (the message lists it); guidance needs a condition; images have
 the model's size; latents the model's shape. Every failure is an `ApiError` naming the field. The
-result follows `ddserve.jobs` (GenerateRequest, InpaintRequest, …): every default filled from the
-catalog, a seed always drawn, images in canonical PNG.
+result is a `ddserve.spec` job spec: every default applied from the model's card (here, and only
+here), a seed always drawn, the prompt tokenized once, images in canonical PNG.
 """
 
 from __future__ import annotations
@@ -14,18 +14,25 @@ import math
 import secrets
 from typing import Any
 
-from ddserve.jobs import JobKind
-from models.catalog import ModelEntry, SamplingDefaults
-from models.data.text import encode_prompt
-from service.errors import ApiError
-from service.schemas import (
+from ddserve.params import NO_GUIDANCE
+from ddserve.requests import (
     DecodeBody,
     EncodeBody,
     GenerateBody,
     InpaintBody,
-    OutputOptions,
     ReconstructBody,
 )
+from ddserve.spec import (
+    DecodeSpec,
+    EncodeSpec,
+    GenerateSpec,
+    InpaintSpec,
+    PriorSampleSpec,
+    ReconstructSpec,
+)
+from models.catalog import ModelEntry, SamplingDefaults
+from models.data.text import encode_prompt
+from service.errors import ApiError
 from service.uploads import UploadLimits, canonical_image, canonical_mask
 
 RANDOM_SEED_BOUND = 2**31  # seeds the gateway draws stay small enough to read and retype
@@ -75,10 +82,6 @@ class RequestNormalizer:
     @staticmethod
     def _seed(seed: int | None) -> int:
         return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
-
-    @staticmethod
-    def _output(output: OutputOptions) -> dict[str, Any]:
-        return output.model_dump(by_alias=True)
 
     def _sampling(
         self, entry: ModelEntry, sampler: str | None, steps: int | None, eta: float | None
@@ -148,15 +151,15 @@ class RequestNormalizer:
             except ValueError as e:
                 raise _invalid("invalid_prompt", str(e), "prompt") from None
         conditioned = class_label is not None or prompt is not None
-        if guidance_scale is not None and guidance_scale > 0 and not conditioned:
+        if guidance_scale is not None and guidance_scale != NO_GUIDANCE and not conditioned:
             raise _invalid(
                 "guidance_needs_condition",
                 "classifier-free guidance mixes a conditional and an unconditional prediction: "
-                "give a class_label or prompt, or guidance_scale 0",
+                "give a class_label or prompt, or guidance_scale 1 (none)",
                 "guidance_scale",
             )
         if guidance_scale is None:
-            guidance_scale = self._defaults(entry).guidance_scale if conditioned else 0.0
+            guidance_scale = self._defaults(entry).guidance_scale if conditioned else NO_GUIDANCE
         return {
             "class_label": class_label,
             "prompt": prompt,
@@ -170,18 +173,20 @@ class RequestNormalizer:
         scale = requested if requested is not None else self._defaults(entry).classifier_scale
         if scale <= 0:
             return 0.0
-        if class_label is None:
-            if requested is None:
-                return 0.0  # a default classifier scale only applies to class-conditional requests
-            raise _invalid(
-                "classifier_guidance_needs_class",
-                "classifier guidance steers towards a class: give a class_label",
-                "classifier_scale",
-            )
+        if class_label is None and requested is None:
+            return 0.0  # a default classifier scale only applies to class-conditional requests
+        # The model's lack of a classifier is the first thing to say: asking a text model for a
+        # class_label would send the user the wrong way.
         if not entry.classifier or entry.classifier not in self.catalog:
             raise _invalid(
                 "no_classifier",
                 f"model {entry.name!r} has no noisy classifier for classifier guidance",
+                "classifier_scale",
+            )
+        if class_label is None:
+            raise _invalid(
+                "classifier_guidance_needs_class",
+                "classifier guidance steers towards a class: give a class_label",
                 "classifier_scale",
             )
         return scale
@@ -196,35 +201,30 @@ class RequestNormalizer:
 
     # --- per route ---
 
-    def generate(self, body: GenerateBody) -> dict[str, Any]:
+    def generate(self, body: GenerateBody) -> GenerateSpec | PriorSampleSpec:
         entry = self.entry(body.model, "generate")
         if entry.schedule is None:  # no diffusion: a VAE or AAE samples its prior, then decodes
             return self._prior_sample(entry, body)
-        d = self._defaults(entry)
-        return {
-            "kind": JobKind.GENERATE.value,
-            "model": entry.name,
-            "n": body.n,
+        return GenerateSpec(
+            model=entry.name,
+            n=body.n,
             **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
             **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
-            "classifier_scale": self._classifier_scale(
-                entry, body.classifier_scale, body.class_label
-            ),
-            "clip_denoised": d.clip_denoised,
-            "seed": self._seed(body.seed),
-            "output": self._output(body.output),
-        }
+            classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
+            clip_denoised=self._defaults(entry).clip_denoised,
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
 
-    def _prior_sample(self, entry: ModelEntry, body: GenerateBody) -> dict[str, Any]:
+    def _prior_sample(self, entry: ModelEntry, body: GenerateBody) -> PriorSampleSpec:
         """`generate` on an autoencoder with a prior (VAE, AAE): z ~ N(0, I) of the latent shape,
-        decoded. Only n, class_label (a conditional model), seed and output apply; the request
-        keeps just those (see `ddserve.jobs.PriorSampleRequest`)."""
+        decoded. Only n, class_label (a conditional model), seed and output apply."""
         diffusion_only = {
             "sampler": body.sampler,
             "num_inference_steps": body.num_inference_steps,
             "eta": body.eta,
             "prompt": body.prompt,
-            "guidance_scale": body.guidance_scale or None,
+            "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
             "output.trajectory": body.output.trajectory or None,
         }
@@ -237,16 +237,15 @@ class RequestNormalizer:
                     name,
                 )
         cond = self._condition(entry, body.class_label, None, None)
-        return {
-            "kind": JobKind.GENERATE.value,
-            "model": entry.name,
-            "n": body.n,
-            "class_label": cond["class_label"],
-            "seed": self._seed(body.seed),
-            "output": self._output(body.output),
-        }
+        return PriorSampleSpec(
+            model=entry.name,
+            n=body.n,
+            class_label=cond["class_label"],
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
 
-    def inpaint(self, body: InpaintBody) -> dict[str, Any]:
+    def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
         d = self._defaults(entry)
         sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
@@ -255,62 +254,55 @@ class RequestNormalizer:
         jump_length = (
             body.jump_length if body.jump_length is not None else min(d.jump_length, steps)
         )
-        if jump_length > sampling["num_inference_steps"]:
+        if jump_length > steps:
             raise _invalid(
                 "jump_too_long",
-                f"jump_length {jump_length} exceeds num_inference_steps "
-                f"{sampling['num_inference_steps']}",
+                f"jump_length {jump_length} exceeds num_inference_steps {steps}",
                 "jump_length",
             )
-        return {
-            "kind": JobKind.INPAINT.value,
-            "model": entry.name,
-            "image": canonical_image(
+        return InpaintSpec(
+            model=entry.name,
+            image=canonical_image(
                 body.image, "image", self.limits, self._size(entry), entry.image.channels
             ),
-            "mask": canonical_mask(body.mask, "mask", self.limits, self._size(entry)),
-            "n": body.n,
+            mask=canonical_mask(body.mask, "mask", self.limits, self._size(entry)),
+            n=body.n,
             **sampling,
-            "jump_length": jump_length,
-            "jump_n_sample": body.jump_n_sample
-            if body.jump_n_sample is not None
-            else d.jump_n_sample,
+            jump_length=jump_length,
+            jump_n_sample=(
+                body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
+            ),
             **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
-            "clip_denoised": d.clip_denoised,
-            "seed": self._seed(body.seed),
-            "output": self._output(body.output),
-        }
+            clip_denoised=d.clip_denoised,
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
 
-    def encode(self, body: EncodeBody) -> dict[str, Any]:
+    def encode(self, body: EncodeBody) -> EncodeSpec:
         entry = self.entry(body.model, "encode")
-        return {
-            "kind": JobKind.ENCODE.value,
-            "model": entry.name,
-            "images": self._images(entry, body.images, "images"),
-            "output": self._output(body.output),
-        }
+        return EncodeSpec(
+            model=entry.name,
+            images=self._images(entry, body.images, "images"),
+            output=body.output,
+        )
 
-    def reconstruct(self, body: ReconstructBody) -> dict[str, Any]:
+    def reconstruct(self, body: ReconstructBody) -> ReconstructSpec:
         entry = self.entry(body.model, "reconstruct")
-        noise = None
-        if body.noise is not None:
-            if body.noise.kind != "gaussian" and body.noise.amount > 1.0:
-                raise _invalid(
-                    "invalid_noise_amount",
-                    f"{body.noise.kind} noise takes a pixel fraction in [0, 1]",
-                    "noise.amount",
-                )
-            noise = {"kind": body.noise.kind, "amount": body.noise.amount}
-        return {
-            "kind": JobKind.RECONSTRUCT.value,
-            "model": entry.name,
-            "images": self._images(entry, body.images, "images"),
-            "noise": noise,
-            "seed": self._seed(body.seed),
-            "output": self._output(body.output),
-        }
+        if body.noise is not None and body.noise.kind != "gaussian" and body.noise.amount > 1.0:
+            raise _invalid(
+                "invalid_noise_amount",
+                f"{body.noise.kind} noise takes a pixel fraction in [0, 1]",
+                "noise.amount",
+            )
+        return ReconstructSpec(
+            model=entry.name,
+            images=self._images(entry, body.images, "images"),
+            noise=body.noise,
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
 
-    def decode(self, body: DecodeBody) -> dict[str, Any]:
+    def decode(self, body: DecodeBody) -> DecodeSpec:
         """Latents [n, *latent_shape] → images; for a VQ-VAE also code indices [n, *code_shape]
         (as `codes`, or as `latents` when their shape says so)."""
         entry = self.entry(body.model, "decode")
@@ -339,13 +331,7 @@ class RequestNormalizer:
             codes = self._check_codes(entry, body.latents, "latents")
         else:
             latents = self._check_latents(entry, body.latents)
-        return {
-            "kind": JobKind.DECODE.value,
-            "model": entry.name,
-            "latents": latents,
-            "codes": codes,
-            "output": self._output(body.output),
-        }
+        return DecodeSpec(model=entry.name, latents=latents, codes=codes, output=body.output)
 
     @staticmethod
     def _shape(value: Any) -> list[int] | None:

@@ -18,9 +18,10 @@ from typing import Any
 from anyio import to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID
+from ddserve.spec import JobSpec
 from service.dependencies import AppState, Caller, base_url
 from service.errors import ApiError
 from service.idempotency import check_key, fingerprint
@@ -46,7 +47,7 @@ def _create(
     caller: Caller,
     kind: str,
     body: BaseModel,
-    normalize: Callable[[Any], dict[str, Any]],
+    normalize: Callable[[Any], JobSpec],
     idempotency_key: str | None,
     request_id: str,
 ) -> tuple[JobSnapshot, bool]:
@@ -60,8 +61,8 @@ def _create(
             f"more than {state.settings.rate_limit_per_minute} requests per minute for this key",
             headers={"Retry-After": str(retry_after)},
         )
-    request = normalize(body)
-    model = request["model"]
+    spec = _spec(normalize, body)
+    model = spec.model
     job_id = str(uuid.uuid4())
     if idempotency_key is not None:
         held = state.idempotency.claim(
@@ -81,7 +82,7 @@ def _create(
     }
     limit = state.settings.max_queue_length
     try:
-        done = state.store.enqueue(model, request, job_id, meta, max_load=limit)
+        done = state.store.enqueue(model, spec.to_json(), job_id, meta, max_load=limit)
     except BaseException:
         if idempotency_key is not None:
             state.idempotency.release(caller.owner, idempotency_key, job_id)
@@ -96,6 +97,19 @@ def _create(
             headers={"Retry-After": "5"},
         )
     return state.store.fresh_snapshot(done.job, done.ahead), False
+
+
+def _spec(normalize: Callable[[Any], JobSpec], body: BaseModel) -> JobSpec:
+    """The body's job spec. The checks before it make a spec that does not validate a bug in
+    them; it is still the request's fault-free 422 rather than a 500 (naming the field)."""
+    try:
+        return normalize(body)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        param = ".".join(str(p) for p in error["loc"]) or None
+        raise ApiError(
+            422, "invalid_value", f"{param or 'request'}: {error['msg']}", param
+        ) from None
 
 
 def _replay(state: AppState, job_id: str) -> JobSnapshot:
@@ -126,7 +140,7 @@ async def submit(
     caller: Caller,
     kind: str,
     body: BaseModel,
-    normalize: Callable[[Any], dict[str, Any]],
+    normalize: Callable[[Any], JobSpec],
     prefer: str | None,
     idempotency_key: str | None,
 ) -> JSONResponse:
@@ -148,3 +162,32 @@ async def submit(
     status = 200 if snap.terminal and (wait is not None or replayed) else 202
     view = job_view(snap, state.storage, base_url(request, state.settings))
     return JSONResponse(view, status_code=status, headers=headers)
+
+
+async def submit_and_wait(
+    request: Request,
+    state: AppState,
+    caller: Caller,
+    kind: str,
+    body: BaseModel,
+    normalize: Callable[[Any], JobSpec],
+    seconds: float,
+) -> JobSnapshot:
+    """Create the job and wait for its end, for APIs whose clients do not poll (the OpenAI Images
+    API): the finished job's snapshot, or a 503 with `Retry-After` naming the job when it is not
+    done within `seconds` (it goes on; nothing is lost: `GET /jobs/{id}` has it)."""
+    request_id = request.scope.get("state", {}).get("request_id") or ""
+    snap, _ = await to_thread.run_sync(
+        _create, state, caller, kind, body, normalize, None, request_id
+    )
+    if not snap.terminal:
+        snap = await wait_for(state, snap.id, seconds) or snap
+    if not snap.terminal:
+        raise ApiError(
+            503,
+            "job_not_finished",
+            f"job {snap.id} did not finish within {seconds:g} s; it is still {snap.status.value}: "
+            f"GET /jobs/{snap.id} follows it",
+            headers={"Retry-After": "10", "Location": f"/jobs/{snap.id}"},
+        )
+    return snap

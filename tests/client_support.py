@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ddserve.client.local import LocalServer
+from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from service.auth import hash_key
 from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder

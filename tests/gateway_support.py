@@ -34,7 +34,7 @@ def write_config_zoo(root: Path) -> Path:
             "conditioning": {"type": "class", "classes": CLASSES},
             "schedule": {"kind": "linear", "num_timesteps": 100},
             "samplers": ["ddpm", "ddim"],
-            "defaults": {"num_inference_steps": 10, "guidance_scale": 2.0, "jump_length": 5},
+            "defaults": {"num_inference_steps": 10, "guidance_scale": 3.0, "jump_length": 5},
             "classifier": "tiny-clf",
         },
         {
@@ -56,7 +56,7 @@ def write_config_zoo(root: Path) -> Path:
             },
             "schedule": {"kind": "cosine", "num_timesteps": 50},
             "samplers": ["ddim"],
-            "defaults": {"num_inference_steps": 20, "guidance_scale": 1.5},
+            "defaults": {"num_inference_steps": 20, "guidance_scale": 2.5},
         },
         {
             "name": "tiny-ae",

@@ -36,7 +36,7 @@ from ddserve.client import (
     ValidationError,
     WaitTimeout,
 )
-from ddserve.client.local import LocalServer
+from ddserve.embedded import LocalServer
 from tests.client_support import CODEC, DIFFUSION, start_stack
 
 API_KEY = "client-" + uuid.uuid4().hex

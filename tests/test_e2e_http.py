@@ -172,9 +172,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     "options",
     [
         {"sampler": "ddpm", "num_inference_steps": 4},
-        {"sampler": "ddpm", "num_inference_steps": 4, "class_label": 3, "guidance_scale": 2.0},
+        {"sampler": "ddpm", "num_inference_steps": 4, "class_label": 3, "guidance_scale": 3.0},
         {"sampler": "ddim", "num_inference_steps": 4, "eta": 0.5},
-        {"sampler": "ddim", "num_inference_steps": 4, "class_label": 7, "guidance_scale": 3.0},
+        {"sampler": "ddim", "num_inference_steps": 4, "class_label": 7, "guidance_scale": 4.0},
     ],
     ids=["ddpm", "ddpm-guided", "ddim-eta", "ddim-guided"],
 )

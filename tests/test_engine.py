@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from ddserve.settings import Settings
+from ddserve.spec import parse_job_spec
 from models.diffusion.sampler import DenoisingBatch
+from tests import specs
 from tests.tiny_zoo import write_diffusion_model, write_noisy_classifier, write_onnx_autoencoder
 from tests.worker_doubles import MemoryFeed, MemoryStorage, MemoryTicket
 from workers.engine import BatchingPolicy, DenoiseLane, Engine
@@ -63,22 +65,17 @@ class Clock:
 
 
 def generate(seed: int, **fields: Any) -> dict[str, Any]:
-    request = {
-        "kind": "generate",
-        "model": MODEL,
-        "n": 1,
-        "sampler": "ddim",
+    """A full generate spec (the JSON form the gateway enqueues) on the tiny class model."""
+    base: dict[str, Any] = {
         "num_inference_steps": 6,
-        "eta": 0.0,
         "class_label": seed % 10,
-        "guidance_scale": 0.0,
         "seed": seed,
         # Keep every x_t: final pixels of an untrained model saturate at ±1 under clipping, the
         # intermediate x_t do not, so comparing trajectories keeps the checks sensitive.
         "output": {"trajectory": True},
     }
-    request.update(fields)
-    return request
+    fields = {**base, **fields}
+    return specs.generate(fields.pop("model", MODEL), **fields)
 
 
 def make_engine(
@@ -116,7 +113,7 @@ def run_alone(pool: ModelPool, request: dict[str, Any]) -> DenoiseWork:
     """The request's samples, run by themselves to the end."""
     model = pool.get(request["model"])
     assert isinstance(model, DiffusionModel)
-    work = prepare_denoise(request, model, "alone")
+    work = prepare_denoise(parse_job_spec(request), model, "alone")
     batch = model.new_batch()
     batch.add(work.samples)
     while len(batch):
@@ -161,8 +158,8 @@ def test_sixteen_mixed_jobs_share_calls_and_equal_alone(pool: ModelPool) -> None
                 sampler="ddpm" if seed % 3 == 0 else "ddim",
                 num_inference_steps=4 + seed % 5,
                 eta=0.5 if seed % 4 == 1 else 0.0,
-                guidance_scale=2.5 if seed % 2 else 0.0,
-                class_label=None if seed == 5 else seed % 10,
+                guidance_scale=3.5 if seed % 2 else 1.0,  # s (w = 2.5) on the odd seeds
+                class_label=None if seed == 4 else seed % 10,  # guidance needs a condition
             )
         )
         for seed in range(16)
@@ -186,7 +183,7 @@ def test_newcomer_joins_running_batch_between_steps(pool: ModelPool) -> None:
     engine, works = make_engine(pool, feed, max_rows=8)
     for _ in range(5):
         engine.run_once()
-    short_job = feed.submit(generate(2, num_inference_steps=6, guidance_scale=1.5))
+    short_job = feed.submit(generate(2, num_inference_steps=6, guidance_scale=2.5))
     for _ in range(6):
         engine.run_once()
     assert short_job.output is not None and long_job.output is None  # done while the long one runs
@@ -294,7 +291,7 @@ def test_guided_sample_is_not_overtaken_forever(pool: ModelPool) -> None:
     """Head-of-line: a two-row sample waits for room instead of letting one-row samples pass."""
     feed = MemoryFeed()
     first = feed.submit(generate(0, num_inference_steps=3))
-    guided = feed.submit(generate(1, num_inference_steps=3, guidance_scale=2.0))
+    guided = feed.submit(generate(1, num_inference_steps=3, guidance_scale=3.0))
     engine, _ = make_engine(pool, feed, max_rows=2)
     engine.run_once()  # first (1 row) runs; guided (2 rows) waits for room
     for s in range(2, 8):
@@ -313,7 +310,7 @@ def test_classifier_guidance_batches_with_other_jobs(pool: ModelPool) -> None:
     assert isinstance(model, DiffusionModel) and model.classifier is not None
     feed = MemoryFeed()
     steered = feed.submit(generate(1, n=2, classifier_scale=5.0, class_label=3))
-    both = feed.submit(generate(2, classifier_scale=2.0, guidance_scale=1.5, sampler="ddpm"))
+    both = feed.submit(generate(2, classifier_scale=2.0, guidance_scale=2.5, sampler="ddpm"))
     plain = feed.submit(generate(3))
     engine, works = make_engine(pool, feed)
     engine.run_until_idle()
@@ -346,7 +343,7 @@ def test_cancel_running_and_waiting_jobs(pool: ModelPool) -> None:
 def test_deadline_fails_only_that_job(pool: ModelPool) -> None:
     feed, clock = MemoryFeed(), Clock()
     late = feed.submit(generate(1, num_inference_steps=10), deadline=2.5)
-    on_time = feed.submit(generate(2, num_inference_steps=10, guidance_scale=1.0))
+    on_time = feed.submit(generate(2, num_inference_steps=10, guidance_scale=2.0))
     engine, works = make_engine(pool, feed, clock=clock, max_rows=8)
     while not engine.idle or feed.queues[MODEL]:
         engine.run_once()
@@ -396,21 +393,19 @@ def test_inpainting_with_repaint_jumps_batches_with_generation(pool: ModelPool) 
         Image.fromarray(array).save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode()
 
-    inpaint = {
-        "kind": "inpaint",
-        "model": MODEL,
-        "image": b64png(image),
-        "mask": b64png(mask),
-        "n": 2,
-        "sampler": "ddim",
-        "num_inference_steps": 6,
-        "jump_length": 2,
-        "jump_n_sample": 2,
-        "class_label": 4,  # conditional, guided inpainting
-        "guidance_scale": 1.5,
-        "seed": 7,
-        "output": {"trajectory": True},
-    }
+    inpaint = specs.inpaint(
+        MODEL,
+        b64png(image),
+        b64png(mask),
+        n=2,
+        num_inference_steps=6,
+        jump_length=2,
+        jump_n_sample=2,
+        class_label=4,  # conditional, guided inpainting
+        guidance_scale=2.5,
+        seed=7,
+        output={"trajectory": True},
+    )
     feed = MemoryFeed()
     painted = feed.submit(inpaint)
     others = [feed.submit(generate(s, num_inference_steps=5 + s)) for s in range(3)]
@@ -443,7 +438,7 @@ def test_latent_diffusion_decodes_each_sample_as_it_finishes(pool: ModelPool) ->
         no_trajectory = {"output": {"trajectory": False}}  # count only the images' decodes
         quick = feed.submit(generate(1, model=LATENT, n=2, num_inference_steps=3, **no_trajectory))
         slow = feed.submit(
-            generate(2, model=LATENT, num_inference_steps=6, guidance_scale=2.0, **no_trajectory)
+            generate(2, model=LATENT, num_inference_steps=6, guidance_scale=3.0, **no_trajectory)
         )
         pixel = feed.submit(generate(3, num_inference_steps=4))
         engine, works = make_engine(pool, feed, models=(LATENT, MODEL))

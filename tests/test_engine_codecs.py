@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddserve.spec import parse_job_spec
+from tests import specs
 from tests.test_engine import Clock, png_pixels, pool, zoo  # noqa: F401
 from tests.worker_doubles import MemoryFeed, MemoryStorage
 from workers.engine import BatchingPolicy, CodecLane, Engine
@@ -74,12 +76,12 @@ def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
     model = pool.get(CODEC)
     assert isinstance(model, CodecModel)
     requests = [
-        {"kind": "encode", "model": CODEC, "images": [png(1), png(2)]},
-        {"kind": "encode", "model": CODEC, "images": [png(3)]},
-        {"kind": "decode", "model": CODEC, "latents": latents(4, 2)},
-        {"kind": "decode", "model": CODEC, "latents": latents(5, 1)},
-        {"kind": "decode", "model": CODEC, "latents": [[[0.0] * 3] * 3]},  # wrong shape
-        {"kind": "encode", "model": CODEC, "images": [png(6)]},
+        specs.codec("encode", CODEC, images=[png(1), png(2)]),
+        specs.codec("encode", CODEC, images=[png(3)]),
+        specs.codec("decode", CODEC, latents=latents(4, 2)),
+        specs.codec("decode", CODEC, latents=latents(5, 1)),
+        specs.codec("decode", CODEC, latents=[[[0.0] * 3] * 3]),  # wrong shape
+        specs.codec("encode", CODEC, images=[png(6)]),
     ]
     feed = MemoryFeed()
     tickets = [feed.submit(r) for r in requests]
@@ -100,7 +102,7 @@ def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
         if i == 4:
             continue
         assert ticket.ends == 1 and ticket.output is not None, ticket.error
-        reference = run_codec(ticket.request, model, f"alone-{i}", storage)
+        reference = run_codec(parse_job_spec(ticket.request), model, f"alone-{i}", storage)
         if ticket.request["kind"] == "encode":
             assert np.allclose(ticket.output["latents"], reference["latents"], atol=1e-6)
         else:
@@ -117,7 +119,7 @@ def test_decode_jobs_share_a_call(pool: ModelPool) -> None:  # noqa: F811
     assert isinstance(model, CodecModel)
     feed = MemoryFeed()
     tickets = [
-        feed.submit({"kind": "decode", "model": CODEC, "latents": latents(seed, 1 + seed)})
+        feed.submit(specs.codec("decode", CODEC, latents=latents(seed, 1 + seed)))
         for seed in range(3)
     ]
     engine = codec_engine(pool, feed)
@@ -130,8 +132,8 @@ def test_decode_jobs_share_a_call(pool: ModelPool) -> None:  # noqa: F811
 @pytest.mark.parametrize("kind", ["encode", "reconstruct"])
 def test_a_job_with_a_bad_image_fails_alone(pool: ModelPool, kind: str) -> None:  # noqa: F811
     feed = MemoryFeed()
-    good = feed.submit({"kind": kind, "model": CODEC, "images": [png(1)]})
-    bad = feed.submit({"kind": kind, "model": CODEC, "images": ["not a png"]})
+    good = feed.submit(specs.codec(kind, CODEC, images=[png(1)]))
+    bad = feed.submit(specs.codec(kind, CODEC, images=["not a png"]))
     engine = codec_engine(pool, feed)
     engine.run_until_idle()
     assert good.ends == 1 and good.output is not None

@@ -71,12 +71,12 @@ def mixed_jobs(feed: MemoryFeed) -> tuple[MemoryTicket, list[MemoryTicket]]:
                 seed,
                 n=1 + seed % 2,
                 num_inference_steps=4 + seed % 3,
-                guidance_scale=1.5 if seed % 3 == 0 else 0.0,
+                guidance_scale=2.5 if seed % 3 == 0 else 1.0,  # s (w = 1.5)
             )
         )
         for seed in (0, 1, 2)
     ]
-    poison = feed.submit(generate(POISON, n=2, num_inference_steps=5, guidance_scale=2.0))
+    poison = feed.submit(generate(POISON, n=2, num_inference_steps=5, guidance_scale=3.0))
     innocent += [feed.submit(generate(seed, num_inference_steps=5)) for seed in (3, 4, 5, 6)]
     return poison, innocent
 
@@ -109,7 +109,7 @@ def test_a_poisoned_job_fails_alone_and_the_rest_of_its_batch_succeeds(
     # The poisoned job shared the first call with everyone, then left the running set.
     first_call = engine.stats.rows_per_call[0]
     assert first_call == sum(
-        len(works[t.id].samples) * (2 if t.request["guidance_scale"] else 1)
+        len(works[t.id].samples) * (2 if t.request["guidance_scale"] > 1 else 1)
         for t in [poison, *innocent]
     )
     assert poison.ends == 1 and isinstance(poison.error, error_type), poison.error
@@ -169,7 +169,7 @@ def test_a_failing_guidance_classifier_fails_only_its_own_job(
     feed = MemoryFeed()
     innocent = [
         feed.submit(generate(1, n=2, classifier_scale=5.0, class_label=3)),
-        feed.submit(generate(2, classifier_scale=2.0, guidance_scale=1.5, sampler="ddpm")),
+        feed.submit(generate(2, classifier_scale=2.0, guidance_scale=2.5, sampler="ddpm")),
         feed.submit(generate(3)),
     ]
     poison = feed.submit(generate(4, num_inference_steps=5, classifier_scale=3.0))

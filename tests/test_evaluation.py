@@ -272,7 +272,8 @@ def _tiny_zoo(root: Path) -> None:
             "image": image,
             "conditioning": {"type": "class", "classes": [str(d) for d in range(10)]},
             "schedule": {"kind": "linear", "num_timesteps": 100},
-            "defaults": {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 1.0},
+            # the card's s = 2 is the library's (and `ddserve eval --guidance`'s) w = 1
+            "defaults": {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 2.0},
             "classifier": "tiny-classifier",
             "network": {"unet": unet_config.to_dict()},
             "files": {"weights": WEIGHTS_FILE},
@@ -412,7 +413,7 @@ def test_eval_latent_diffusion_with_prompts(tmp_path: Path) -> None:
             "defaults": {
                 "sampler": "ddim",
                 "num_inference_steps": 2,
-                "guidance_scale": 2.0,
+                "guidance_scale": 3.0,  # s = 3: w = 2 (the metrics key's w2)
                 "clip_denoised": False,
             },
             "network": {"unet": unet_config.to_dict(), "latent_scale": 2.0},

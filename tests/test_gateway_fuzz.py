@@ -37,7 +37,9 @@ ERROR_FIELDS = {"type", "code", "message", "param"}
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     root = tmp_path_factory.mktemp("fuzz")
     zoo = write_config_zoo(root / "zoo")
-    gateway, _ = make_app(zoo, root)
+    # No worker runs here: the synchronous OpenAI Images routes answer their 503 (Retry-After)
+    # after a short wait instead of holding each example for the default 120 s.
+    gateway, _ = make_app(zoo, root, openai_wait_s=0.2)
     return gateway
 
 

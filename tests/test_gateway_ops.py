@@ -22,10 +22,10 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
 from ddserve.job_metrics import JobOutcome, record_outcome
+from ddserve.logs import JsonFormatter, RequestIdFilter
 from ddserve.settings import Settings
 from models.catalog import load_catalog
 from service.cli import banner, example_request
-from service.logs import JsonFormatter, RequestIdFilter
 from service.submission import prefer_wait
 from tests.gateway_support import assert_error, make_app, png_b64, write_config_zoo
 
@@ -244,7 +244,8 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
     gen = schemas["GenerateBody"]["properties"]
     assert gen["n"]["maximum"] == 16 and gen["n"]["minimum"] == 1
     assert gen["eta"]["anyOf"][0]["maximum"] == 1.0
-    assert gen["guidance_scale"]["anyOf"][0]["maximum"] == 20.0
+    guidance = gen["guidance_scale"]["anyOf"][0]
+    assert guidance["minimum"] == 1.0 and guidance["maximum"] == 21.0  # s, as in diffusers
     assert "return" in schemas["OutputOptions"]["properties"]
     job = schemas["Job"]["properties"]
     for field in ("id", "status", "queue_position", "progress", "input", "output", "metrics"):

@@ -27,14 +27,15 @@ from PIL import Image, ImageFile
 from rq.job import Job
 from rq.results import Result
 
+import ddserve.embedded
 import service.auth
 import service.cli
+from ddserve.logs import JsonFormatter, PlainFormatter
 from ddserve.settings import Settings
 from ddserve.storage import signing
 from ddserve.storage.local import LocalStorage
 from service.app import create_app
 from service.auth import KeyConfigError, KeyRing, hash_key, load_keys
-from service.logs import JsonFormatter, PlainFormatter
 from service.ratelimit import RateLimiter
 from tests.gateway_support import assert_error, png_b64, write_config_zoo
 
@@ -157,7 +158,9 @@ def test_the_gateway_mode_keeps_auth_on_and_the_embedded_mode_turns_it_off_and_s
     zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     served: list[FastAPI] = []
-    monkeypatch.setattr(service.cli, "_run", lambda config, settings: served.append(config.app))
+    monkeypatch.setattr(
+        service.cli, "serve_and_announce", lambda config, settings: served.append(config.app)
+    )
     monkeypatch.setenv("DDSERVE_SIGNING_SECRET", "")  # run_gateway writes it: restored after
     caplog.set_level(logging.INFO)
     gateway_settings = Settings(
@@ -180,7 +183,7 @@ def test_the_gateway_mode_keeps_auth_on_and_the_embedded_mode_turns_it_off_and_s
 
     monkeypatch.setattr(workers.embedded, "start_worker_thread", lambda *_: Handle())
     embedded_settings = Settings(zoo_dir=zoo, storage_dir=tmp_path / "img2", auth_enabled=True)
-    assert service.cli.run_embedded(embedded_settings, 1) == 0
+    assert ddserve.embedded.serve_embedded(embedded_settings, 1) == 0
     assert not served[-1].state.ddserve.settings.auth_enabled
     assert "auth is OFF" in caplog.text
     assert TestClient(served[-1]).get("/models").status_code == 200

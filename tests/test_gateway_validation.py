@@ -56,7 +56,7 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
         "class_label": 2,
         "prompt": None,
         "prompt_tokens": None,
-        "guidance_scale": 2.0,  # the model's default, since a class is given
+        "guidance_scale": 3.0,  # the model's default (s), since a class is given
         "classifier_scale": 0.0,
         "clip_denoised": True,
         "output": {"format": "png", "return": "url", "trajectory": False},
@@ -67,7 +67,7 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
     assert job["input"]["seed"] is not None
     second = client.post("/generate", json={"model": "tiny-ddpm"}).json()
     assert second["queue_position"] == 1
-    assert second["input"]["guidance_scale"] == 0.0  # no condition: no guidance by default
+    assert second["input"]["guidance_scale"] == 1.0  # no condition: no guidance (s = 1)
 
 
 def test_prompt_is_tokenized_and_checked(client: TestClient) -> None:
@@ -110,7 +110,13 @@ def test_prompt_is_tokenized_and_checked(client: TestClient) -> None:
         ({"model": "tiny-ddpm", "num_inference_steps": 0}, 422, "invalid_value", None),
         ({"model": "tiny-ddpm", "eta": 1.5}, 422, "invalid_value", "eta"),
         (
-            {"model": "tiny-ddpm", "class_label": 1, "guidance_scale": 21},
+            {"model": "tiny-ddpm", "class_label": 1, "guidance_scale": 21.5},  # s ≤ 21
+            422,
+            "invalid_value",
+            None,
+        ),
+        (
+            {"model": "tiny-ddpm", "class_label": 1, "guidance_scale": 0.5},  # s ≥ 1
             422,
             "invalid_value",
             None,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ddserve.cli import main
 from ddserve.client.grid import image_grid
-from ddserve.client.local import LocalServer
+from ddserve.embedded import LocalServer
 from tests.client_support import DIFFUSION, start_stack, write_zoo
 
 API_KEY = "cli-" + uuid.uuid4().hex

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddserve.client.local import LocalServer
+from ddserve.embedded import LocalServer
 from tests.client_support import CODEC, DIFFUSION, start_stack
 
 API_KEY = "playground-" + uuid.uuid4().hex

@@ -19,6 +19,8 @@ from rq.registry import StartedJobRegistry
 
 from ddserve.jobs import META_BATCH_SIZE, META_ERROR, META_PROGRESS, cancel_set_key
 from ddserve.settings import Settings
+from ddserve.spec import parse_job_spec
+from tests import specs
 from tests.redis_sandbox import RedisSandbox, sandbox, status, wait_terminal, wait_until
 from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
 from tests.worker_doubles import MemoryStorage
@@ -94,24 +96,19 @@ def running(box: RedisSandbox, pool: ModelPool, request: pytest.FixtureRequest) 
 
 
 def generate(seed: int, **fields: Any) -> dict[str, Any]:
-    request = {
-        "kind": "generate",
-        "model": MODEL,
-        "n": 1,
-        "sampler": "ddim",
+    """A full generate spec, as the gateway enqueues it; guided (s = 3) on the odd seeds."""
+    base: dict[str, Any] = {
         "num_inference_steps": 8,
-        "eta": 0.0,
         "class_label": seed % 10,
-        "guidance_scale": 2.0 if seed % 2 else 0.0,
+        "guidance_scale": 3.0 if seed % 2 else 1.0,
         "seed": seed,
     }
-    request.update(fields)
-    return request
+    return specs.generate(MODEL, **{**base, **fields})
 
 
 def alone_pixels(pool: ModelPool, request: dict[str, Any]) -> np.ndarray:
     storage = MemoryStorage()
-    output = run_alone(request, pool, storage, "alone")
+    output = run_alone(parse_job_spec(request), pool, storage, "alone")
     key = output["images"][0]["key"]
     return np.asarray(Image.open(io.BytesIO(storage.get(key))), dtype=np.int16)
 
@@ -200,7 +197,7 @@ def test_deadline_fails_only_that_job_and_is_not_retried(box: RedisSandbox, runn
     running()
     late = box.enqueue(
         MODEL,
-        generate(1, n=8, sampler="ddpm", num_inference_steps=1000, guidance_scale=3.0),
+        generate(1, n=8, sampler="ddpm", num_inference_steps=1000, guidance_scale=4.0),
         timeout=1,
         retry=Retry(max=1),
     )
@@ -232,20 +229,20 @@ def test_autoencoder_jobs_run_through_onnx_runtime(box: RedisSandbox, running: A
     worker = running()
     rng = np.random.default_rng(0)
     images = [_b64png(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(3)]
-    encode = box.enqueue(CODEC, {"kind": "encode", "model": CODEC, "images": images})
+    encode = box.enqueue(CODEC, specs.codec("encode", CODEC, images=images))
     wait_terminal([encode])
     latents = encode.return_value()["latents"]
     assert np.asarray(latents).shape == (3, 2, 4, 4)
-    decode = box.enqueue(CODEC, {"kind": "decode", "model": CODEC, "latents": latents})
+    decode = box.enqueue(CODEC, specs.codec("decode", CODEC, latents=latents))
     rebuild = box.enqueue(
         CODEC,
-        {
-            "kind": "reconstruct",
-            "model": CODEC,
-            "images": images,
-            "noise": {"kind": "masking", "amount": 0.5},
-            "seed": 3,
-        },
+        specs.codec(
+            "reconstruct",
+            CODEC,
+            images=images,
+            noise={"kind": "masking", "amount": 0.5},
+            seed=3,
+        ),
     )
     wait_terminal([decode, rebuild])
     assert status(decode) == "finished" and status(rebuild) == "finished"
@@ -258,18 +255,16 @@ def test_autoencoder_jobs_run_through_onnx_runtime(box: RedisSandbox, running: A
     # Corruption noise of image i comes from its own stream: the same with fewer images.
     alone = box.enqueue(
         CODEC,
-        {
-            "kind": "reconstruct",
-            "model": CODEC,
-            "images": images[:1],
-            "noise": {"kind": "masking", "amount": 0.5},
-            "seed": 3,
-        },
+        specs.codec(
+            "reconstruct",
+            CODEC,
+            images=images[:1],
+            noise={"kind": "masking", "amount": 0.5},
+            seed=3,
+        ),
     )
     # `generate` on an autoencoder decodes samples of its latent prior, image i from (seed, i).
-    prior = [
-        box.enqueue(CODEC, {"kind": "generate", "model": CODEC, "n": n, "seed": 11}) for n in (3, 1)
-    ]
+    prior = [box.enqueue(CODEC, specs.prior_sample(CODEC, n=n, seed=11)) for n in (3, 1)]
     wait_terminal([alone, *prior])
 
     def stored(job: Job, record: str, index: int) -> bytes:

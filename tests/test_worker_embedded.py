@@ -14,6 +14,7 @@ from rq.timeouts import TimerDeathPenalty
 from ddserve.jobs import JOB_FUNCTION, queue_name
 from ddserve.settings import Settings
 from models.registry import write_entry
+from tests import specs
 from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
 from workers.embedded import start_worker_thread
@@ -44,7 +45,7 @@ def test_worker_thread_on_fakeredis_runs_jobs_and_stops(tmp_path: Path) -> None:
     assert handle.worker is not None and handle.worker.death_penalty_class is TimerDeathPenalty
     assert handle.worker.models == ["tiny-ddpm"]  # every zoo model with a task
     queue = Queue(queue_name("emb", "tiny-ddpm"), connection=gateway_side)
-    request = {"kind": "generate", "model": "tiny-ddpm", "n": 2, "num_inference_steps": 5}
+    request = specs.generate("tiny-ddpm", n=2, num_inference_steps=5)
     jobs = [
         queue.enqueue_call(JOB_FUNCTION, kwargs={"request": request | {"seed": s}})
         for s in range(3)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ddserve.jobs import META_PROGRESS
+from tests import specs
 from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, status, wait_terminal, wait_until
 from tests.tiny_zoo import write_diffusion_model
 
@@ -48,7 +49,7 @@ def worker_process(box: RedisSandbox, tmp_path: Path, *extra: str) -> subprocess
 
 
 def request(seed: int, steps: int) -> dict:
-    return {"kind": "generate", "model": MODEL, "n": 2, "num_inference_steps": steps, "seed": seed}
+    return specs.generate(MODEL, n=2, num_inference_steps=steps, seed=seed)
 
 
 def test_burst_worker_drains_the_queue_and_exits(box: RedisSandbox, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from rq.results import Result
 
 from ddserve.jobs import META_ERROR, META_PROGRESS
 from ddserve.settings import Settings
+from tests import specs
 from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, status, wait_until
 from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
@@ -124,14 +125,7 @@ def workers(box: RedisSandbox, zoo: Path, tmp_path: Path) -> Iterator[Workers]:
 
 def long_request(seed: int) -> dict[str, Any]:
     """A job of a few seconds on the tiny model: 1000 DDPM steps."""
-    return {
-        "kind": "generate",
-        "model": MODEL,
-        "n": 2,
-        "sampler": "ddpm",
-        "num_inference_steps": 1000,
-        "seed": seed,
-    }
+    return specs.generate(MODEL, n=2, sampler="ddpm", num_inference_steps=1000, seed=seed)
 
 
 def running_in(job: Job, worker_name: str) -> bool:

@@ -22,6 +22,7 @@ from rq.job import Job
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
 from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS, cancel_set_key
 from ddserve.settings import Settings
+from tests import specs
 from tests.redis_sandbox import RedisSandbox, sandbox
 from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
@@ -60,7 +61,7 @@ def _worker(box: RedisSandbox, pool: ModelPool, **settings_: Any) -> BatchingWor
 
 def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicket]:
     """`count` generate jobs (n = 2, 10 steps), dequeued and started by the worker."""
-    request = {"kind": "generate", "model": MODEL, "n": 2, "num_inference_steps": 10}
+    request = specs.generate(MODEL, n=2, num_inference_steps=10)
     for seed in range(count):
         box.enqueue(MODEL, request | {"seed": seed})
     tickets = []

@@ -74,7 +74,7 @@ def write_diffusion_model(
         "defaults": {
             "sampler": "ddim",
             "num_inference_steps": 10,
-            "guidance_scale": 0.0,
+            "guidance_scale": 1.0,
             "clip_denoised": kind == "diffusion",
         },
         "network": network,

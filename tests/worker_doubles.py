@@ -9,11 +9,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddserve.spec import parse_job_spec
+
 
 @dataclass
 class MemoryTicket:
     id: str
-    request: dict[str, Any]
+    request: dict[str, Any]  # the JSON form, as Redis carries it
     priority: float = 0.0
     arrived_at: float = 0.0
     deadline: float = float("inf")
@@ -23,6 +25,9 @@ class MemoryTicket:
     error: BaseException | None = None
     canceled: bool = False
     ends: int = 0  # how many times the engine ended this ticket (must be exactly 1)
+
+    def __post_init__(self) -> None:
+        self.spec = parse_job_spec(self.request)  # as RQTicket: parsed once, when taken
 
     def progress(self, step: int, total: int, batch_rows: int) -> None:
         self.progress_log.append((step, total, batch_rows))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ddserve.logs import configure_logging  # torch-free; the gateway's format and request ids
 from ddserve.settings import Settings
-from service.logs import configure_logging  # torch-free; the gateway's format and request ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batching mode (default: DDSERVE_BATCHING)",
     )
     parser.add_argument("--max-batch", type=int, default=None, help="rows per network call")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: DDSERVE_TORCH_THREADS, else every core)",
+    )
     parser.add_argument("--name", default=None, help="worker name (default: random)")
     parser.add_argument("--burst", action="store_true", help="quit once the queues are empty")
 
@@ -26,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from redis import Redis
 
+    from workers.threads import apply_threads
     from workers.worker import BatchingWorker
 
     overrides = {
@@ -34,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
             ("models", args.models),
             ("batching", args.batching),
             ("max_batch", args.max_batch),
+            ("torch_threads", args.threads),
         )
         if value is not None
     }
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             "ddserve worker needs DDSERVE_REDIS_URL; without Redis, `ddserve serve` runs its own "
             "worker thread (embedded mode)"
         )
+    apply_threads(settings, embedded=False)
     worker = BatchingWorker(settings, Redis.from_url(settings.redis_url), name=args.name)
     worker.work(burst=args.burst)
     return 0

@@ -55,8 +55,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from ddserve.jobs import ImageRecord, JobKind, JobOutput
+from ddserve.jobs import ImageRecord, JobOutput
 from ddserve.settings import Settings
+from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
@@ -89,7 +90,7 @@ class Ticket(Protocol):
     cancel for every ticket it was given."""
 
     id: str
-    request: dict[str, Any]
+    spec: JobSpec  # parsed once, when the job was taken
     priority: float  # higher first
     arrived_at: float  # when it was queued (seconds since the epoch)
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
@@ -306,7 +307,7 @@ class DenoiseLane:
     def accept(self, ticket: Ticket) -> None:
         """Turn a ticket into samples; a request that cannot run fails at once (only itself)."""
         try:
-            work = prepare_denoise(ticket.request, self.model, ticket.id)
+            work = prepare_denoise(ticket.spec, self.model, ticket.id)
         except Exception as exc:
             _end(ticket.fail, exc, self.stats, "failed")
             return
@@ -623,11 +624,11 @@ class CodecLane:
         batched: list[tuple[Ticket, CodecCall]] = []
         for ticket in tickets:
             try:
-                if ticket.request.get("kind") == JobKind.GENERATE.value:
-                    output = run_codec(ticket.request, self.model, ticket.id, self.storage)
+                if isinstance(ticket.spec, GenerateSpec | PriorSampleSpec):
+                    output = run_codec(ticket.spec, self.model, ticket.id, self.storage)
                     self._succeed(ticket, output, len(output.get("images") or []) or 1)
                 else:
-                    call = prepare_codec(ticket.request, self.model, ticket.id, self.storage)
+                    call = prepare_codec(ticket.spec, self.model, ticket.id, self.storage)
                     batched.append((ticket, call))
             except Exception as exc:
                 _end(ticket.fail, exc, self.stats, "failed")

@@ -1,8 +1,10 @@
-"""From a normalized request to images: the job function and the pieces the engine shares with it.
+"""From a job spec to images: the job function and the pieces the engine shares with it.
 
 `run_job(request)` is `ddserve.jobs.JOB_FUNCTION`: a plain RQ worker can run it, and it runs a job
-alone (the reference the batching engine must reproduce). The engine uses the same pieces:
-- `prepare_denoise(request, model, job_id)` turns a generate/inpaint request into `Sample`s — image i
+alone (the reference the batching engine must reproduce). Every piece takes the job's parsed spec
+(`ddserve.spec`: typed, every default already applied by the gateway); the checks here are the
+ones only the loaded model can make. The engine uses the same pieces:
+- `prepare_denoise(spec, model, job_id)` turns a generate/inpaint spec into `Sample`s — image i
   draws all its noise from `sample_generator(seed, i)`, so its pixels do not depend on its batch;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
   first; `write_images` is the same write for another thread), and `DenoiseWork.complete(...)`
@@ -16,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,20 @@ import torch
 from PIL import Image
 
 from ddserve.jobs import ImageRecord, JobKind, JobOutput
+from ddserve.params import guidance_weight
+from ddserve.requests import NoiseOptions, OutputOptions
 from ddserve.settings import Settings
+from ddserve.spec import (
+    DecodeSpec,
+    DenoiseSpec,
+    EncodeSpec,
+    GenerateSpec,
+    InpaintSpec,
+    JobSpec,
+    PriorSampleSpec,
+    ReconstructSpec,
+    parse_job_spec,
+)
 from ddserve.storage import Storage, content_type_for, image_key, trajectory_key
 from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import Sample, SamplerSettings
@@ -116,17 +130,8 @@ class OutputSpec:
     trajectory: bool = False
 
     @classmethod
-    def from_request(cls, request: dict[str, Any]) -> OutputSpec:
-        output = request.get("output") or {}
-        image_format = str(output.get("format", "png")).lower()
-        if image_format not in IMAGE_FORMATS:
-            raise InvalidJobRequest(
-                f"output.format {image_format!r} is not supported; use one of {sorted(IMAGE_FORMATS)}"
-            )
-        returned = str(output.get("return", "url"))
-        if returned not in ("url", "b64"):
-            raise InvalidJobRequest(f"output.return must be 'url' or 'b64', got {returned!r}")
-        return cls(image_format, returned == "b64", bool(output.get("trajectory", False)))
+    def from_options(cls, output: OutputOptions) -> OutputSpec:
+        return cls(output.format, output.return_ == "b64", output.trajectory)
 
 
 def store_image(
@@ -217,143 +222,113 @@ class DenoiseWork:
         return key
 
 
-def _request_seed(request: dict[str, Any]) -> int:
-    seed = request.get("seed")
-    return secrets.randbits(31) if seed is None else int(seed)
-
-
-def _condition(request: dict[str, Any], model: DiffusionModel) -> torch.Tensor | None:
-    """The conditioning row of a request: a class id, token ids of a prompt, or None (∅)."""
+def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
+    """The conditioning row of a spec: a class id, the prompt's token ids, or None (∅)."""
     conditioning = model.entry.conditioning
-    label, prompt = request.get("class_label"), request.get("prompt")
+    if spec.class_label is None and spec.prompt_tokens is None:
+        return None
     if conditioning is None:
-        if label is not None or prompt:
-            raise InvalidJobRequest(f"model {model.name!r} is unconditional")
-        return None
+        raise InvalidJobRequest(f"model {model.name!r} is unconditional")
     if conditioning.type == "class":
-        if prompt:
+        if spec.prompt_tokens is not None:
             raise InvalidJobRequest(f"model {model.name!r} takes class_label, not prompt")
-        if label is None:
-            return None
         classes = conditioning.classes or []
-        if not 0 <= int(label) < len(classes):
-            raise InvalidJobRequest(f"class_label must be in [0, {len(classes) - 1}], got {label}")
-        return torch.tensor(int(label), dtype=torch.long)
-    if label is not None:
+        if spec.class_label is None or not 0 <= spec.class_label < len(classes):
+            raise InvalidJobRequest(
+                f"class_label must be in [0, {len(classes) - 1}], got {spec.class_label}"
+            )
+        return torch.tensor(spec.class_label, dtype=torch.long)
+    if spec.prompt_tokens is None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
-    if request.get("prompt_tokens") is not None:  # tokenized by the gateway
-        return torch.tensor([int(i) for i in request["prompt_tokens"]], dtype=torch.long)
-    if not prompt:
-        return None
-    from models.data.text import encode_prompt
-
-    tokens = encode_prompt(
-        str(prompt), conditioning.vocabulary or [], int(conditioning.context_len or 0)
-    )
-    return torch.tensor(tokens, dtype=torch.long)
+    vocabulary = len(conditioning.vocabulary or [])
+    if any(token >= vocabulary for token in spec.prompt_tokens):  # tokenized by the gateway
+        raise InvalidJobRequest(f"prompt_tokens must be < {vocabulary} (the vocabulary's size)")
+    return torch.tensor(spec.prompt_tokens, dtype=torch.long)
 
 
-def _sampler_settings(request: dict[str, Any], model: DiffusionModel) -> SamplerSettings:
-    defaults = model.entry.defaults
-    steps = int(
-        request.get("num_inference_steps") or (defaults.num_inference_steps if defaults else 50)
-    )
+def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettings:
     T = model.schedule.num_timesteps
-    if not 1 <= steps <= T:
-        raise InvalidJobRequest(f"num_inference_steps must be in [1, {T}], got {steps}")
-    sampler = str(request.get("sampler") or (defaults.sampler if defaults else "ddim"))
-    if model.entry.samplers and sampler not in model.entry.samplers:
+    if spec.num_inference_steps > T:
         raise InvalidJobRequest(
-            f"sampler {sampler!r} not offered; use one of {model.entry.samplers}"
+            f"num_inference_steps must be in [1, {T}], got {spec.num_inference_steps}"
         )
-    guidance = float(request.get("guidance_scale") or 0.0)
-    classifier_scale = float(request.get("classifier_scale") or 0.0)
-    if guidance != 0.0 and model.null_condition is None:
-        raise InvalidJobRequest(f"model {model.name!r} is unconditional: guidance_scale must be 0")
-    if classifier_scale != 0.0:
-        if model.classifier is None:
-            raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
-        if request.get("class_label") is None:
-            raise InvalidJobRequest("classifier_scale needs a class_label")
-    inpaint = request.get("kind") == JobKind.INPAINT
+    if model.entry.samplers and spec.sampler not in model.entry.samplers:
+        raise InvalidJobRequest(
+            f"sampler {spec.sampler!r} not offered; use one of {model.entry.samplers}"
+        )
+    if spec.guided and model.null_condition is None:
+        raise InvalidJobRequest(f"model {model.name!r} is unconditional: guidance_scale must be 1")
+    classifier_scale = spec.classifier_scale if isinstance(spec, GenerateSpec) else 0.0
+    if classifier_scale != 0.0 and model.classifier is None:
+        raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
+    inpaint = isinstance(spec, InpaintSpec)
     try:
         return SamplerSettings(
-            sampler=sampler,  # type: ignore[arg-type]
-            num_inference_steps=steps,
-            eta=float(request.get("eta") or 0.0),
-            guidance_scale=guidance,
+            sampler=spec.sampler,
+            num_inference_steps=spec.num_inference_steps,
+            eta=spec.eta,
+            guidance_scale=guidance_weight(spec.guidance_scale),
             classifier_scale=classifier_scale,
-            clip_denoised=bool(request.get("clip_denoised", model.clip_denoised)),
-            jump_length=int(request.get("jump_length") or 1) if inpaint else 1,
-            jump_n_sample=int(request.get("jump_n_sample") or 1) if inpaint else 1,
+            clip_denoised=spec.clip_denoised,
+            jump_length=spec.jump_length if inpaint else 1,
+            jump_n_sample=spec.jump_n_sample if inpaint else 1,
         )
     except ValueError as exc:
         raise InvalidJobRequest(str(exc)) from exc
 
 
-def _inpaint_inputs(
-    request: dict[str, Any], model: DiffusionModel
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The known image [C, H, W] in [−1, 1] and the mask [1, H, W] (1 = keep, white in the PNG)."""
     if model.is_latent:
         raise InvalidJobRequest(f"model {model.name!r} (latent diffusion) does not inpaint")
     c, h, w = model.sample_shape
-    if not request.get("image") or not request.get("mask"):
-        raise InvalidJobRequest("inpaint needs both image and mask")
-    known = decode_images([request["image"]], c, h, w, "image")[0]
-    mask_pixels = decode_image(request["mask"], 1, h, w, "mask")
+    known = decode_images([spec.image], c, h, w, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, h, w, "mask")
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
     return known, mask
 
 
-def prepare_denoise(request: dict[str, Any], model: DiffusionModel, job_id: str) -> DenoiseWork:
-    """The samples of a generate/inpaint request; image i uses noise stream (seed, i)."""
-    kind = JobKind(request.get("kind", JobKind.GENERATE))
-    if kind not in DENOISE_KINDS:
-        raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {kind}")
-    n = int(request.get("n") or 1)
-    if n < 1:
-        raise InvalidJobRequest(f"n must be ≥ 1, got {n}")
-    seed = _request_seed(request)
-    spec = OutputSpec.from_request(request)
-    settings = _sampler_settings(request, model)
-    cond = _condition(request, model)  # inpainting may be conditional (and guided) too
-    label = request.get("class_label")
-    known, mask = _inpaint_inputs(request, model) if kind == JobKind.INPAINT else (None, None)
+def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
+    """The samples of a generate/inpaint spec; image i uses noise stream (seed, i)."""
+    if not isinstance(spec, GenerateSpec | InpaintSpec):
+        raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {spec.kind}")
+    output = OutputSpec.from_options(spec.output)
+    settings = _sampler_settings(spec, model)
+    cond = _condition(spec, model)  # inpainting may be conditional (and guided) too
+    known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
     samples = [
         Sample(
             settings=settings,
-            generator=sample_generator(seed, i),
+            generator=sample_generator(spec.seed, i),
             cond=cond,
-            class_label=None if label is None else int(label),
+            class_label=spec.class_label,
             known=known,
             mask=mask,
-            keep_trajectory=spec.trajectory,
+            keep_trajectory=output.trajectory,
             tag=i,
         )
-        for i in range(n)
+        for i in range(spec.n)
     ]
     # Counted once per job, from the shared plan: progress reports it every few steps, and
     # counting a 1000-step plan each time cost about 1 % of a saturated worker's time.
     plan = model.plan_cache.transitions(settings)
     steps = sum(1 for transition in plan if transition.is_reverse)
-    return DenoiseWork(job_id, kind, model, samples, seed, spec, steps)
+    return DenoiseWork(job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps)
 
 
 # --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------
 def _corrupt(
     images: torch.Tensor,  # [N, C, H, W]
-    noise: dict[str, Any],
+    noise: NoiseOptions,
     seed: int,
 ) -> torch.Tensor:
     """The denoising autoencoder's input corruption; image i draws from sample_generator(seed, i)."""
     from models.autoencoders import corrupt
 
-    kind, amount = str(noise["kind"]), float(noise["amount"])
     try:
         return torch.cat(
             [
-                corrupt(images[i : i + 1], kind, amount, sample_generator(seed, i))
+                corrupt(images[i : i + 1], noise.kind, noise.amount, sample_generator(seed, i))
                 for i in range(images.shape[0])
             ]
         )
@@ -362,23 +337,24 @@ def _corrupt(
 
 
 def _prior_sample(
-    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage, spec: OutputSpec
+    spec: PriorSampleSpec, model: CodecModel, job_id: str, storage: Storage
 ) -> JobOutput:
     """`generate` on a VAE or AAE: image i decodes z_i ~ N(0, I) of the latent shape, drawn from
     sample_generator(seed, i) (so the same seed gives the same images in any batch)."""
     shape = model.entry.latent_shape
     if not shape:
         raise InvalidJobRequest(f"model {model.name!r} has no latent prior to sample")
-    if request.get("class_label") is not None:
+    if spec.class_label is not None:
         raise InvalidJobRequest(f"model {model.name!r} is not class-conditional")
-    n = int(request.get("n") or 1)
-    seed = _request_seed(request)
     z = torch.stack(
-        [torch.randn(tuple(shape), generator=sample_generator(seed, i)) for i in range(n)]
+        [torch.randn(tuple(shape), generator=sample_generator(spec.seed, i)) for i in range(spec.n)]
     )  # [n, *latent_shape]
     decoded = model.codec.decode(latents=z.numpy())
     pixels = torch.from_numpy(np.asarray(decoded, dtype=np.float32))  # [n, C, H, W]
-    records = [store_image(storage, job_id, i, img, spec, seed) for i, img in enumerate(pixels)]
+    output = OutputSpec.from_options(spec.output)
+    records = [
+        store_image(storage, job_id, i, img, output, spec.seed) for i, img in enumerate(pixels)
+    ]
     return {"images": records, "latents": None}
 
 
@@ -397,27 +373,22 @@ class CodecCall:
         return self.method, self.argument
 
 
-def prepare_codec(
-    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
-) -> CodecCall:
+def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storage) -> CodecCall:
     """encode: images → latents (and VQ codes); decode: latents or codes → images; reconstruct:
     images (optionally corrupted first, for denoising autoencoders) → reconstructions. Input errors
     raise here, for this job alone."""
-    kind = JobKind(request.get("kind"))
     image = model.entry.image
-    spec = OutputSpec.from_request(request)
+    output_spec = OutputSpec.from_options(spec.output)
 
     def store_all(pixels: np.ndarray, start: int = 0) -> list[ImageRecord]:
         tensor = torch.from_numpy(np.asarray(pixels, dtype=np.float32))
         return [
-            store_image(storage, job_id, i, img, spec, None)
+            store_image(storage, job_id, i, img, output_spec, None)
             for i, img in enumerate(tensor, start=start)
         ]
 
-    if kind == JobKind.ENCODE:
-        x = decode_images(
-            request.get("images") or [], image.channels, image.height, image.width, "images"
-        )
+    if isinstance(spec, EncodeSpec):
+        x = decode_images(spec.images, image.channels, image.height, image.width, "images")
 
         def encoded_output(encoded: dict[str, np.ndarray | None]) -> JobOutput:
             latents, codes = encoded.get("latents"), encoded.get("codes")
@@ -428,41 +399,37 @@ def prepare_codec(
             }
 
         return CodecCall("encode", "images", x.numpy(), encoded_output)
-    if kind == JobKind.DECODE:
-        latents, codes = request.get("latents"), request.get("codes")
-        if latents is None and codes is None:
-            raise InvalidJobRequest("decode needs latents (or codes for a VQ-VAE)")
-        if latents is not None:
-            rows = np.asarray(latents, dtype=np.float32)
+    if isinstance(spec, DecodeSpec):
+        if spec.latents is not None:
+            rows = np.asarray(spec.latents, dtype=np.float32)
             return CodecCall(
                 "decode", "latents", rows, lambda px: {"images": store_all(px), "latents": None}
             )
-        rows = np.asarray(codes, dtype=np.int64)
+        rows = np.asarray(spec.codes, dtype=np.int64)
         return CodecCall(
             "decode", "codes", rows, lambda px: {"images": store_all(px), "latents": None}
         )
-    if kind == JobKind.RECONSTRUCT:
-        x = decode_images(
-            request.get("images") or [], image.channels, image.height, image.width, "images"
-        )
-        noise, seed = request.get("noise"), None
-        if noise:
-            seed = _request_seed(request)
+    if isinstance(spec, ReconstructSpec):
+        x = decode_images(spec.images, image.channels, image.height, image.width, "images")
+        noise, seed = spec.noise, spec.seed
+        if noise is not None:
             x = _corrupt(x, noise, seed)
         corrupted = x
 
         def reconstruction(pixels: np.ndarray) -> JobOutput:
             output: JobOutput = {"images": [], "latents": None, "corrupted": None}
-            if noise:
+            if noise is not None:
                 output["corrupted"] = [
-                    store_image(storage, job_id, i, img, spec, seed)
+                    store_image(storage, job_id, i, img, output_spec, seed)
                     for i, img in enumerate(corrupted, start=len(corrupted))
                 ]
             output["images"] = store_all(pixels)
             return output
 
         return CodecCall("reconstruct", "images", x.numpy(), reconstruction)
-    raise InvalidJobRequest(f"model {model.name!r} serves encode/decode/reconstruct, not {kind}")
+    raise InvalidJobRequest(
+        f"model {model.name!r} serves encode/decode/reconstruct, not {spec.kind}"
+    )
 
 
 def _codec_call(model: CodecModel, method: str, argument: str, rows: np.ndarray) -> Any:
@@ -511,25 +478,25 @@ def run_codec_calls(
     return [r for r in results if r is not None]
 
 
-def run_codec(
-    request: dict[str, Any], model: CodecModel, job_id: str, storage: Storage
-) -> JobOutput:
+def run_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storage) -> JobOutput:
     """One autoencoder job by itself; generate on a VAE/AAE decodes samples of its latent prior."""
-    if JobKind(request.get("kind")) == JobKind.GENERATE:
-        return _prior_sample(request, model, job_id, storage, OutputSpec.from_request(request))
-    output, _ = run_codec_calls(model, [prepare_codec(request, model, job_id, storage)])[0]
+    if isinstance(spec, PriorSampleSpec):
+        return _prior_sample(spec, model, job_id, storage)
+    if isinstance(spec, GenerateSpec):
+        raise InvalidJobRequest(f"model {model.name!r} has no diffusion schedule to sample")
+    output, _ = run_codec_calls(model, [prepare_codec(spec, model, job_id, storage)])[0]
     if isinstance(output, Exception):
         raise output
     return output
 
 
 # --- one job alone ----------------------------------------------------------------------------
-def run_alone(request: dict[str, Any], pool: ModelPool, storage: Storage, job_id: str) -> JobOutput:
+def run_alone(spec: JobSpec, pool: ModelPool, storage: Storage, job_id: str) -> JobOutput:
     """Run one job by itself: all of its images in one running set, stepped to the end."""
-    model = pool.get(str(request.get("model")))
+    model = pool.get(spec.model)
     if isinstance(model, CodecModel):
-        return run_codec(request, model, job_id, storage)
-    work = prepare_denoise(request, model, job_id)
+        return run_codec(spec, model, job_id, storage)
+    work = prepare_denoise(spec, model, job_id)
     batch = model.new_batch()
     batch.add(work.samples)
     while len(batch):
@@ -541,8 +508,8 @@ def run_alone(request: dict[str, Any], pool: ModelPool, storage: Storage, job_id
 
 
 def run_job(request: dict[str, Any]) -> JobOutput:
-    """The RQ job function (`ddserve.jobs.JOB_FUNCTION`) for a worker without batching: loads the
-    model, runs the job alone, stores the images, returns the `JobOutput`."""
+    """The RQ job function (`ddserve.jobs.JOB_FUNCTION`) for a worker without batching: parses the
+    spec, loads the model, runs the job alone, stores the images, returns the `JobOutput`."""
     from rq import get_current_job
 
     from ddserve.storage import create_storage
@@ -550,4 +517,5 @@ def run_job(request: dict[str, Any]) -> JobOutput:
     settings = Settings()
     job = get_current_job()
     job_id = job.id if job is not None else uuid.uuid4().hex
-    return run_alone(request, ModelPool(settings), create_storage(settings), job_id)
+    spec = parse_job_spec(request)
+    return run_alone(spec, ModelPool(settings), create_storage(settings), job_id)

@@ -9,6 +9,8 @@ encoding and decoding run in ONNX Runtime.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,12 +56,13 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def _default_codec_loader(
-    entry: ModelEntry, providers: list[str] | None, device: torch.device
+    entry: ModelEntry, providers: list[str] | None, device: torch.device, threads: int | None = None
 ) -> Codec:
-    """ONNX Runtime on the model's exported graphs (PyTorch only if it has none, with a warning)."""
+    """ONNX Runtime on the model's exported graphs (PyTorch only if it has none, with a warning),
+    with `threads` intra-op threads (None: ONNX Runtime's default)."""
     from models.onnx.runtime import load_codec
 
-    return load_codec(entry, providers, device=str(device))
+    return load_codec(entry, providers, device=str(device), threads=threads)
 
 
 class Denoiser:
@@ -167,7 +170,9 @@ class ModelPool:
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self._codec_loader = codec_loader or _default_codec_loader
+        self._codec_loader = codec_loader or functools.partial(
+            _default_codec_loader, threads=settings.ort_threads
+        )
         self._catalog = catalog if catalog is not None else load_catalog(Path(settings.zoo_dir))
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}

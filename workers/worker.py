@@ -67,6 +67,7 @@ from ddserve.jobs import (
     queue_name,
 )
 from ddserve.settings import Settings
+from ddserve.spec import JobSpec, parse_job_spec
 from ddserve.storage import Storage, create_storage
 from workers import rq_bridge
 from workers.engine import BatchingPolicy, Engine
@@ -110,7 +111,7 @@ class RQTicket:
         self.queue = queue
         self.execution = execution
         self.id: str = job.id
-        self.request: dict[str, Any] = dict(job.kwargs["request"])
+        self.spec: JobSpec = parse_job_spec(job.kwargs.get("request"))  # parsed once, here
         self.model = worker.model_of(queue)
         self.queue_s = _queue_seconds(job)
         self.priority = float(job.meta.get(META_PRIORITY, 0) or 0)
@@ -123,7 +124,7 @@ class RQTicket:
         self.log_fields = {
             "request_id": job.meta.get(META_REQUEST_ID),
             "job_id": job.id,
-            "model": self.request.get("model"),
+            "model": self.spec.model,
         }
         log.info("job %s started", self.id, extra=self.log_fields)
 
@@ -340,8 +341,6 @@ class BatchingWorker(SimpleWorker):
                 raise JobExpired(waited, self.settings.job_ttl_s)
             if job.func_name != JOB_FUNCTION:
                 raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
-            if not isinstance(job.kwargs.get("request"), dict):
-                raise ValueError("the job has no request")
             return RQTicket(self, job, queue, execution)
         except Exception as exc:
             job.meta[META_ERROR] = error_meta(exc)

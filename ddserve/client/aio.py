@@ -31,6 +31,7 @@ from ddserve.client.base import (
 from ddserve.client.bodies import ImageInput, ReturnMode
 from ddserve.client.operations import Done, Effect, Operation, Send, Sleep, Waiting, resume
 from ddserve.client.types import Image, Job, Model, Readiness
+from ddserve.requests import GenerateBody, InpaintBody
 
 T = TypeVar("T")
 ProgressCallback = Callable[[Job], None] | Callable[[Job], Awaitable[None]]
@@ -118,15 +119,6 @@ class AsyncClient:
         self,
         model: str,
         *,
-        n: int = 1,
-        sampler: str | None = None,
-        num_inference_steps: int | None = None,
-        eta: float | None = None,
-        class_label: int | None = None,
-        prompt: str | None = None,
-        guidance_scale: float | None = None,
-        classifier_scale: float | None = None,
-        seed: int | None = None,
         trajectory: bool = False,
         return_: ReturnMode = "url",
         wait: bool = True,
@@ -134,23 +126,12 @@ class AsyncClient:
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         on_progress: ProgressCallback | None = None,
         idempotency_key: str | None = None,
+        **parameters: Any,
     ) -> Job:
-        """`POST /generate`: sample n images (DDPM/DDIM, classifier-free w / classifier s guidance).
-        `None` fields take the model's defaults."""
-        body = bodies.generate_body(
-            model,
-            n=n,
-            sampler=sampler,
-            num_inference_steps=num_inference_steps,
-            eta=eta,
-            class_label=class_label,
-            prompt=prompt,
-            guidance_scale=guidance_scale,
-            classifier_scale=classifier_scale,
-            seed=seed,
-            trajectory=trajectory,
-            return_=return_,
-        )
+        """`POST /generate`: sample n images (DDPM/DDIM; classifier-free `guidance_scale` s as in
+        diffusers, 1 = none; classifier guidance `classifier_scale`). `parameters` are the body's
+        (listed below); a name it does not have is a TypeError."""
+        body = bodies.generate_body(model, trajectory=trajectory, return_=return_, **parameters)
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return await self._run(operations.submit(self.config, "/generate", body, waiting))
 
@@ -160,40 +141,17 @@ class AsyncClient:
         image: ImageInput,
         mask: ImageInput,
         *,
-        n: int = 1,
-        sampler: str | None = None,
-        num_inference_steps: int | None = None,
-        eta: float | None = None,
-        jump_length: int | None = None,
-        jump_n_sample: int | None = None,
-        class_label: int | None = None,
-        prompt: str | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
         return_: ReturnMode = "url",
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         on_progress: ProgressCallback | None = None,
         idempotency_key: str | None = None,
+        **parameters: Any,
     ) -> Job:
-        """`POST /inpaint` (RePaint): fill the mask's black (0) region; white (255) is kept."""
-        body = bodies.inpaint_body(
-            model,
-            image,
-            mask,
-            n=n,
-            sampler=sampler,
-            num_inference_steps=num_inference_steps,
-            eta=eta,
-            jump_length=jump_length,
-            jump_n_sample=jump_n_sample,
-            class_label=class_label,
-            prompt=prompt,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            return_=return_,
-        )
+        """`POST /inpaint` (RePaint): fill the mask's black (0) region; white (255) is kept.
+        `parameters` are the body's (listed below); a name it does not have is a TypeError."""
+        body = bodies.inpaint_body(model, image, mask, return_=return_, **parameters)
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return await self._run(operations.submit(self.config, "/inpaint", body, waiting))
 
@@ -291,3 +249,12 @@ class AsyncClient:
     async def download_images(self, job: Job) -> list[bytes]:
         """The PNG bytes of every output image of a finished job, in order."""
         return list(await asyncio.gather(*(self.download(image) for image in job.images)))
+
+
+# The parameters each job method forwards, listed from their one declaration (ddserve.params).
+AsyncClient.generate.__doc__ = (AsyncClient.generate.__doc__ or "") + bodies.parameters_doc(
+    GenerateBody
+)
+AsyncClient.inpaint.__doc__ = (AsyncClient.inpaint.__doc__ or "") + bodies.parameters_doc(
+    InpaintBody
+)

@@ -16,7 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from ddserve.requests import GenerateBody, InpaintBody, JobBody
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_FIELDS = ("image", "mask", "images")  # taken as any ImageInput, sent as base64 PNG
 
 ImageInput = Any  # bytes | str | os.PathLike | PIL.Image.Image | numpy.ndarray
 ReturnMode = Literal["url", "b64"]
@@ -81,75 +84,51 @@ def _without_none(fields: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
+def _sampling_fields(body: type[JobBody], fields: dict[str, Any]) -> dict[str, Any]:
+    """The request's own parameters (`ddserve.params`, as `body` declares them), passed through:
+    a name the body does not have is a TypeError here, before anything is sent; values are checked
+    by the gateway, whose errors name the field."""
+    taken = set(body.model_fields) - {"model", "output", *IMAGE_FIELDS}
+    unknown = sorted(set(fields) - taken)
+    if unknown:
+        raise TypeError(
+            f"{body.__name__} has no field {', '.join(unknown)}; it takes {', '.join(sorted(taken))}"
+        )
+    return _without_none(fields)
+
+
+def parameters_doc(body: type[JobBody]) -> str:
+    """The body's parameters as a docstring section, from their declarations."""
+    lines = ["", "Parameters (`ddserve.params`; omitted or None = the model's default):"]
+    for name, field in body.model_fields.items():
+        if name not in {"model", "output", *IMAGE_FIELDS}:
+            lines.append(f"    {name}: {field.description}")
+    return "\n".join(lines)
+
+
 def generate_body(
-    model: str,
-    *,
-    n: int = 1,
-    sampler: str | None = None,
-    num_inference_steps: int | None = None,
-    eta: float | None = None,
-    class_label: int | None = None,
-    prompt: str | None = None,
-    guidance_scale: float | None = None,
-    classifier_scale: float | None = None,
-    seed: int | None = None,
-    trajectory: bool = False,
-    return_: ReturnMode = "url",
+    model: str, *, trajectory: bool = False, return_: ReturnMode = "url", **fields: Any
 ) -> dict[str, Any]:
-    """`POST /generate`."""
-    return _without_none(
-        {
-            "model": model,
-            "n": n,
-            "sampler": sampler,
-            "num_inference_steps": num_inference_steps,
-            "eta": eta,
-            "class_label": class_label,
-            "prompt": prompt,
-            "guidance_scale": guidance_scale,
-            "classifier_scale": classifier_scale,
-            "seed": seed,
-            "output": _output(return_, trajectory),
-        }
-    )
+    """`POST /generate`; `fields` are `GenerateBody`'s parameters (n, sampler, guidance_scale, …)."""
+    return {
+        "model": model,
+        **_sampling_fields(GenerateBody, fields),
+        "output": _output(return_, trajectory),
+    }
 
 
 def inpaint_body(
-    model: str,
-    image: ImageInput,
-    mask: ImageInput,
-    *,
-    n: int = 1,
-    sampler: str | None = None,
-    num_inference_steps: int | None = None,
-    eta: float | None = None,
-    jump_length: int | None = None,
-    jump_n_sample: int | None = None,
-    class_label: int | None = None,
-    prompt: str | None = None,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    return_: ReturnMode = "url",
+    model: str, image: ImageInput, mask: ImageInput, *, return_: ReturnMode = "url", **fields: Any
 ) -> dict[str, Any]:
-    """`POST /inpaint` (RePaint): mask white (255) = keep, black (0) = generate."""
-    return _without_none(
-        {
-            "model": model,
-            "image": encode_image(image),
-            "mask": encode_image(mask),
-            "n": n,
-            "sampler": sampler,
-            "num_inference_steps": num_inference_steps,
-            "eta": eta,
-            "jump_length": jump_length,
-            "jump_n_sample": jump_n_sample,
-            "class_label": class_label,
-            "prompt": prompt,
-            "guidance_scale": guidance_scale,
-            "seed": seed,
-            "output": _output(return_),
-        }
-    )
+    """`POST /inpaint` (RePaint): mask white (255) = keep, black (0) = generate; `fields` are
+    `InpaintBody`'s parameters."""
+    return {
+        "model": model,
+        "image": encode_image(image),
+        "mask": encode_image(mask),
+        **_sampling_fields(InpaintBody, fields),
+        "output": _output(return_),
+    }
 
 
 def encode_body(

@@ -139,7 +139,7 @@ class SamplingDefaults(BaseModel):
     sampler: str = "ddim"
     num_inference_steps: int = 50
     eta: float = 0.0
-    guidance_scale: float = 0.0
+    guidance_scale: float = 1.0  # diffusers' s; 1 = no guidance
     classifier_scale: float = 0.0
     clip_denoised: bool = True
     jump_length: int = 10

@@ -10,6 +10,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ddserve.params import guidance_weight
 from models.catalog import DEFAULT_ZOO
 
 
@@ -18,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the model's")
     parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM η (default: the model's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance w")
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance w = guidance_scale − 1 (0 = none)"
+    )
     parser.add_argument("--classifier-scale", type=float, help="classifier guidance s")
     parser.add_argument("--n", type=int, default=500, help="samples (or real images) to measure")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--n must be at least 4 (precision/recall uses k = 3 neighbours)")
     entry = find_entry(args.model, args.zoo_dir)
     defaults = entry.defaults
-    guidance_default = 0.0 if args.inpaint or defaults is None else defaults.guidance_scale
+    guidance_default = (
+        0.0 if args.inpaint or defaults is None else guidance_weight(defaults.guidance_scale)
+    )
     setting = GenerationSetting(
         sampler=args.sampler or (defaults.sampler if defaults else "ddim"),
         steps=args.steps or (defaults.num_inference_steps if defaults else 50),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddserve.params import guidance_weight
 from models.catalog import ModelEntry
 from models.data import ImageDataset, load_dataset
 from models.diffusion.forward import q_sample
@@ -223,7 +224,7 @@ def is_default_setting(entry: ModelEntry, setting: GenerationSetting) -> bool:
     d = entry.defaults
     return (
         d is not None
-        and (d.sampler, d.num_inference_steps, d.eta, d.guidance_scale)
+        and (d.sampler, d.num_inference_steps, d.eta, guidance_weight(d.guidance_scale))
         == (
             setting.sampler,
             setting.steps,

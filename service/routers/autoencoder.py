@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ddserve.jobs import JobKind
+from ddserve.requests import DecodeBody, EncodeBody, ReconstructBody
 from service.normalize import RequestNormalizer
 from service.routers.job_route import add_job_route
-from service.schemas import DecodeBody, EncodeBody, ReconstructBody
 
 router = APIRouter(tags=["autoencoders"])
 

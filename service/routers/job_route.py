@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ddserve.jobs import JobKind
+from ddserve.spec import JobSpec
 from service.dependencies import CallerDep, State
 from service.errors import ERROR_RESPONSES
 from service.normalize import RequestNormalizer
@@ -41,7 +42,7 @@ JOB_RESPONSES = {
     200: {"model": Job, "description": "the finished job (Prefer: wait, or a replay)"},
 }
 
-Normalize = Callable[[RequestNormalizer, Any], dict[str, Any]]
+Normalize = Callable[[RequestNormalizer, Any], JobSpec]
 
 
 def add_job_route(

@@ -1,10 +1,12 @@
-"""`LocalServer`: the whole ddserve stack inside this process, for `ddserve generate` without
-`--url`, notebooks and tests.
+"""The whole ddserve stack inside this process: the gateway and worker threads on one in-process
+fakeredis server. With the `ddserve` command's modules this is the one place above both the gateway
+(`service`) and the workers (`workers`), which never import each other.
 
-The same pieces as `ddserve serve`'s embedded mode (`service/cli.py`): an in-process fakeredis
-server shared by the gateway app (`service.app.create_app`) and batching worker thread(s)
-(`workers.embedded.start_worker_thread`), plus a uvicorn server on a free loopback port in a thread,
-so a `Client(server.url)` talks to it over real HTTP and the signed image links resolve.
+- `serve_embedded(settings, threads)`: `ddserve serve` without `DDSERVE_REDIS_URL` (`make serve`).
+- `LocalServer`: for `ddserve generate` without `--url`, notebooks and tests: the gateway app
+  (`service.app.create_app`) and batching worker thread(s) (`workers.embedded.start_worker_thread`)
+  plus a uvicorn server on a free loopback port in a thread, so a `Client(server.url)` talks to it
+  over real HTTP and the signed image links resolve.
 
     with LocalServer(Settings(models="digits-ddpm")) as server, Client(server.url) as client:
         job = client.generate("digits-ddpm", n=4)
@@ -15,11 +17,14 @@ Images go to `settings.storage_dir` (local storage); auth follows `settings.auth
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
 from ddserve.settings import Settings
+
+log = logging.getLogger("ddserve.serve")
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -109,3 +114,45 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve_embedded(settings: Settings, threads: int) -> int:
+    """`ddserve serve` in one process: the gateway on uvicorn, `threads` worker threads."""
+    import fakeredis
+    import uvicorn
+
+    from ddserve.storage import ensure_signing_secret
+    from service.app import create_app
+    from service.cli import UVICORN_OPTIONS, serve_and_announce
+
+    try:
+        from workers.allocator import retain_freed_memory
+        from workers.embedded import start_worker_thread
+        from workers.threads import apply_threads
+    except ImportError as e:
+        log.error("the embedded mode needs the worker package (workers.embedded): %s", e)
+        return 1
+    if settings.retain_freed_memory:
+        retain_freed_memory()  # this process runs the networks too
+    apply_threads(settings, embedded=True)
+    settings.auth_enabled = False
+    ensure_signing_secret(settings)  # shared by the gateway and the worker threads (one object)
+    log.warning(
+        "embedded mode (no DDSERVE_REDIS_URL): in-process Redis, %d worker thread(s), images under "
+        "%s, auth is OFF — do not expose this port",
+        threads,
+        settings.storage_dir,
+    )
+    server_state = fakeredis.FakeServer()
+    handles = [
+        start_worker_thread(settings, fakeredis.FakeRedis(server=server_state))
+        for _ in range(max(1, threads))
+    ]
+    try:
+        app = create_app(settings, fakeredis.FakeRedis(server=server_state))
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
+        serve_and_announce(config, settings)
+    finally:
+        for handle in handles:
+            handle.stop()
+    return 0

@@ -4,7 +4,7 @@
     ddserve generate --model digits-ddpm --url http://127.0.0.1:8000 --api-key KEY --steps 100
 
 With `--url` (or DDSERVE_URL) it calls that gateway (API key: `--api-key` or DDSERVE_API_KEY); without,
-it starts the stack in this process (`ddserve.client.local.LocalServer`: the gateway, a worker
+it starts the stack in this process (`ddserve.embedded.LocalServer`: the gateway, a worker
 thread with the model loaded, fakeredis, images in a temporary folder) and talks to it through the
 same client. The bar follows the job's progress (`GET /jobs/{id}`); Ctrl-C cancels the job.
 """
@@ -19,15 +19,66 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import TypeAdapter, ValidationError
 
 from ddserve.client.errors import DdserveError
 from ddserve.client.grid import image_grid
 from ddserve.client.sync import Client
 from ddserve.client.types import Job
+from ddserve.requests import GenerateBody
 
 URL_ENV = "DDSERVE_URL"
 API_KEY_ENV = "DDSERVE_API_KEY"
+
+
+# Sampling options, derived from the request body's own fields (`ddserve.requests.GenerateBody`):
+# their type, limits, choices and help text are declared once, in `ddserve.params`.
+BODY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "prompt": ("--prompt",),
+    "n": ("--n",),
+    "sampler": ("--sampler",),
+    "num_inference_steps": ("--num-inference-steps", "--steps"),
+    "eta": ("--eta",),
+    "guidance_scale": ("--guidance-scale", "--guidance"),
+    "classifier_scale": ("--classifier-scale",),
+    "seed": ("--seed",),
+}
+CLI_DEFAULTS = {"n": 16}  # a grid; the HTTP default is 1
+
+
+def body_option(parser: argparse.ArgumentParser, name: str, flags: tuple[str, ...]) -> None:
+    """`--flag` for the body field `name`: parsed and checked by the field's own type."""
+    field = GenerateBody.model_fields[name]
+    checked = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(checked)
+    choices = _literal_choices(field.annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text, strict=False)
+        except ValidationError as exc:
+            message = exc.errors(include_url=False)[0]["msg"]
+            raise argparse.ArgumentTypeError(f"{text!r}: {message}") from None
+
+    default = CLI_DEFAULTS.get(name)
+    help_text = field.description or ""
+    if default is not None:
+        help_text += f" (default {default})"
+    parser.add_argument(
+        *flags, dest=name, type=parse, default=default, choices=choices, help=help_text
+    )
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    """The values of a Literal inside `annotation` (e.g. `Annotated[Literal[...], ...] | None`)."""
+    for arg in get_args(annotation) or (annotation,):
+        if get_origin(arg) is Annotated:
+            arg = get_args(arg)[0]
+        if get_origin(arg) is Literal:
+            return [str(v) for v in get_args(arg)]
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,14 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="class index or name (class-conditional models); default: unconditional",
     )
-    parser.add_argument("--prompt", default=None, help="text prompt (text-conditioned models)")
-    parser.add_argument("--n", type=int, default=16, help="number of images (≤ 16; default 16)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM's η")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free w")
-    parser.add_argument("--classifier-scale", type=float, default=None, help="classifier s")
-    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random)")
+    for name, flags in BODY_OPTIONS.items():
+        body_option(parser, name, flags)
     parser.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG grid to write")
     parser.add_argument("--trajectory", type=Path, default=None, help="also write x_t as a GIF")
     parser.add_argument("--columns", type=int, default=None, help="images per row (default √n)")
@@ -106,9 +151,9 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
         with Client(args.url, api_key=args.api_key) as client:
             yield client
         return
-    from ddserve.client.local import LocalServer
+    from ddserve.embedded import LocalServer
+    from ddserve.logs import configure_logging
     from ddserve.settings import Settings
-    from service.logs import configure_logging
 
     with tempfile.TemporaryDirectory(prefix="ddserve-generate-") as scratch:
         settings = Settings(redis_url=None, models=args.model, auth_enabled=False, storage="local")
@@ -116,6 +161,9 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
         settings.progress_every = 1  # a smooth bar; the cost is one Redis write per step
         settings.log_level = "WARNING"  # the worker's own lines would break the bar
         configure_logging(settings.log_level, False)
+        from workers.threads import apply_threads
+
+        apply_threads(settings, embedded=True)  # the gateway shares this process
         print(f"no --url: loading {args.model} in this process …", file=sys.stderr)
         with LocalServer(settings) as server, Client(server.url) as client:
             yield client
@@ -134,18 +182,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def generate(client: Client, args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {
-        "n": args.n,
-        "sampler": args.sampler,
-        "num_inference_steps": args.steps,
-        "eta": args.eta,
-        "class_label": resolve_class(client, args.model, args.class_label),
-        "prompt": args.prompt,
-        "guidance_scale": args.guidance,
-        "classifier_scale": args.classifier_scale,
-        "seed": args.seed,
-        "trajectory": args.trajectory is not None,
-    }
+    options: dict[str, Any] = {name: getattr(args, name) for name in BODY_OPTIONS}
+    options["class_label"] = resolve_class(client, args.model, args.class_label)
+    options["trajectory"] = args.trajectory is not None
     started = time.perf_counter()
     job = client.generate(args.model, wait=False, **options)
     bar = ProgressBar(args.model, enabled=not args.quiet)

@@ -1,0 +1,168 @@
+"""Every request parameter, declared once: its type, limits and description.
+
+The HTTP bodies (`ddserve.requests`), the job specs the workers run (`ddserve.spec`), the Python
+client's keyword arguments (checked against the bodies by a test) and the `ddserve generate` options
+(derived from the bodies) all take their fields from the `Annotated` types below, so a parameter's
+limit or wording changes here and nowhere else. Model-dependent limits (steps ≤ T, class_label <
+number of classes, prompt words, image size) are checked against the model's card by the gateway
+(`service.normalize`); per-model defaults come from the card's `defaults`, applied in one function
+(`service.normalize.RequestNormalizer`).
+
+Classifier-free guidance follows diffusers (Ho & Salimans 2022, eq. 6 written as diffusers does):
+
+    ε̃(x_t, y) = ε(x_t, ∅) + s · (ε(x_t, y) − ε(x_t, ∅))
+
+so `guidance_scale` s = 1 is the plain conditional model (no unconditional rows are computed) and
+s = 7.5 means what it means in diffusers, A1111 and ComfyUI. The sampling library writes the same
+rule as ε̃ = (1 + w)·ε_c − w·ε_∅ with w = s − 1 (`models.diffusion.guidance.guidance_weight`).
+
+This module is torch-free: the gateway and the client import it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
+
+MAX_IMAGES = 16  # images one job may ask for (n, or the images of an encode/reconstruct)
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000
+NO_GUIDANCE = 1.0  # guidance_scale s = 1: the conditional prediction alone
+MAX_GUIDANCE = 21.0  # the first version allowed w ≤ 20, i.e. s ≤ 21
+
+SAMPLERS = ("ddpm", "ddim")
+
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="a model of `GET /models`",
+        examples=["digits-ddpm"],
+    ),
+]
+ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES, description="number of images")]
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_SEED,
+        description="noise seed; image i uses the noise stream (seed, i). Omitted: a random seed, "
+        "reported in the job's input",
+    ),
+]
+SamplerName = Annotated[
+    Literal["ddpm", "ddim"],
+    Field(description="ddpm (ancestral) or ddim (strided, with eta); omitted: the model's default"),
+]
+InferenceSteps = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_STEPS,
+        description="denoising steps, ≤ the model's T; omitted: the model's default",
+    ),
+]
+Eta = Annotated[
+    float, Field(ge=0.0, le=1.0, description="DDIM's η (0 = deterministic); omitted: default")
+]
+ClassLabel = Annotated[
+    int,
+    Field(
+        ge=0, description="class index (< the model's number of classes); omitted: unconditional"
+    ),
+]
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=256,
+        description="words from the model's vocabulary (text-conditioned models); omitted: "
+        "unconditional",
+    ),
+]
+PromptTokens = Annotated[
+    list[Annotated[int, Field(ge=0)]],
+    Field(max_length=256, description="the prompt's token ids, padded to the context length"),
+]
+GuidanceScale = Annotated[
+    float,
+    Field(
+        ge=NO_GUIDANCE,
+        le=MAX_GUIDANCE,
+        description="classifier-free guidance s, as in diffusers: ε̃ = ε(x, t, ∅) + "
+        "s·(ε(x, t, y) − ε(x, t, ∅)); 1 = none; omitted: the model's default when a condition is "
+        "given, else 1",
+    ),
+]
+ClassifierScale = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        le=100.0,
+        description="classifier guidance s with the model's noisy classifier (needs class_label); "
+        "0 = none; omitted: the model's default",
+    ),
+]
+JumpLength = Annotated[
+    int, Field(ge=1, le=1000, description="RePaint's jump length j; omitted: default")
+]
+JumpNSample = Annotated[
+    int, Field(ge=1, le=20, description="RePaint's resampling count r (1 = none); omitted: default")
+]
+ImagePng = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="base64 PNG of the model's size (grayscale or RGB; alpha is composited on "
+        "white)",
+    ),
+]
+MaskPng = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="base64 PNG of the image's size: white (255) = keep, black (0) = generate",
+    ),
+]
+ImageList = Annotated[
+    list[ImagePng], Field(min_length=1, max_length=MAX_IMAGES, description="base64 PNGs")
+]
+NoiseKind = Annotated[
+    Literal["gaussian", "masking", "salt_pepper"],
+    Field(
+        description="gaussian: x + σ·ε; masking: a fraction of pixels set to 0; salt_pepper: a "
+        "fraction set to min or max"
+    ),
+]
+NoiseAmount = Annotated[
+    float,
+    Field(ge=0.0, le=2.0, description="σ for gaussian (≤ 2); the pixel fraction (≤ 1) otherwise"),
+]
+ImageFormat = Annotated[Literal["png"], Field(description="image format of the outputs")]
+ReturnMode = Annotated[
+    Literal["url", "b64"],
+    Field(description="url: signed, expiring links; b64: inline base64 PNG"),
+]
+Trajectory = Annotated[bool, Field(description="also return an animated GIF of x_t")]
+
+
+def guidance_weight(scale: float) -> float:
+    """The sampling library's classifier-free guidance weight w for the public scale s: w = s − 1
+    (ε̃ = (1 + w)·ε_c − w·ε_∅ = ε_∅ + s·(ε_c − ε_∅)). The one place the two meet."""
+    return scale - NO_GUIDANCE
+
+
+def description_of(annotation: Any) -> str | None:
+    """The description declared above for a parameter type, also when it is wrapped in
+    `X | None` (an optional body field), where pydantic does not lift it to the field."""
+    candidates = [annotation, *get_args(annotation)]
+    for candidate in candidates:
+        if get_origin(candidate) is Annotated:
+            for meta in get_args(candidate)[1:]:
+                if isinstance(meta, FieldInfo) and meta.description:
+                    return meta.description
+    return None

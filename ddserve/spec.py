@@ -1,0 +1,202 @@
+"""The job spec: what a worker runs, fully resolved, typed and validated once on each side.
+
+The gateway builds one spec per accepted request (`service.normalize`: every default applied from the
+model's card, a seed always drawn, the prompt tokenized, images re-encoded as canonical PNG). Redis
+carries its JSON form (`spec.model_dump(mode="json", by_alias=True)`, the RQ job's `request`
+argument, also shown as the job's `input`); the worker parses it once when it takes the job
+(`parse_job_spec`). A spec that does not parse fails its own job with `InvalidJobSpec`'s message;
+nothing on the worker side reads a parameter with a fallback default.
+
+Kinds (`ddserve.jobs.JobKind`): `generate` on a diffusion model (`GenerateSpec`) or on an
+autoencoder with a prior — VAE, AAE — (`PriorSampleSpec`: z_i ~ N(0, I) decoded; told apart by the
+absence of sampling fields), `inpaint`, `encode`, `decode`, `reconstruct`.
+
+Torch-free: the gateway imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from ddserve.params import (
+    NO_GUIDANCE,
+    ClassifierScale,
+    ClassLabel,
+    Eta,
+    GuidanceScale,
+    ImageCount,
+    ImageList,
+    ImagePng,
+    InferenceSteps,
+    JumpLength,
+    JumpNSample,
+    MaskPng,
+    ModelName,
+    Prompt,
+    PromptTokens,
+    SamplerName,
+    Seed,
+)
+from ddserve.requests import NoiseOptions, OutputOptions
+
+_SPEC_CONFIG = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+
+class InvalidJobSpec(ValueError):
+    """A job's spec does not parse: the job fails with this message, the worker goes on."""
+
+
+class _Spec(BaseModel):
+    model_config = _SPEC_CONFIG
+
+    model: ModelName
+    output: OutputOptions = Field(default_factory=OutputOptions)
+
+    def to_json(self) -> dict[str, Any]:
+        """The form Redis carries and the job's `input` shows."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class _Conditioned(_Spec):
+    class_label: ClassLabel | None = None
+    prompt: Prompt | None = None
+    prompt_tokens: PromptTokens | None = None  # tokenized once, by the gateway
+    guidance_scale: GuidanceScale = NO_GUIDANCE  # s, diffusers' meaning (ddserve.params)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> _Conditioned:
+        if self.class_label is not None and self.prompt is not None:
+            raise ValueError("give class_label or prompt, not both")
+        if (self.prompt is None) != (self.prompt_tokens is None):
+            raise ValueError("prompt and prompt_tokens go together (the gateway tokenizes)")
+        if self.guided and self.class_label is None and self.prompt is None:
+            raise ValueError("classifier-free guidance (guidance_scale > 1) needs a condition")
+        return self
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on: the sample takes a second, unconditional row."""
+        return self.guidance_scale != NO_GUIDANCE
+
+
+class _Sampling(_Conditioned):
+    n: ImageCount
+    sampler: SamplerName
+    num_inference_steps: InferenceSteps
+    eta: Eta
+    clip_denoised: bool
+    seed: Seed
+
+
+class GenerateSpec(_Sampling):
+    kind: Literal["generate"] = "generate"
+    classifier_scale: ClassifierScale = 0.0
+
+    @model_validator(mode="after")
+    def _classifier_needs_class(self) -> GenerateSpec:
+        if self.classifier_scale > 0 and self.class_label is None:
+            raise ValueError("classifier_scale needs a class_label")
+        return self
+
+
+class InpaintSpec(_Sampling):
+    kind: Literal["inpaint"] = "inpaint"
+    image: ImagePng  # canonical PNG of the model's size and channels
+    mask: MaskPng  # canonical mode "L" PNG: 255 = keep, 0 = generate
+    jump_length: JumpLength
+    jump_n_sample: JumpNSample
+
+
+class PriorSampleSpec(_Spec):
+    """`generate` on a VAE or AAE: image i decodes z_i ~ N(0, I) drawn from the stream (seed, i)."""
+
+    kind: Literal["generate"] = "generate"
+    n: ImageCount
+    class_label: ClassLabel | None = None
+    seed: Seed
+
+
+class EncodeSpec(_Spec):
+    kind: Literal["encode"] = "encode"
+    images: ImageList
+
+
+class DecodeSpec(_Spec):
+    kind: Literal["decode"] = "decode"
+    latents: list[Any] | None = None  # [n, *latent_shape] floats, checked by the gateway
+    codes: list[Any] | None = None  # [n, *code_shape] int code indices (VQ-VAE)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> DecodeSpec:
+        if (self.latents is None) == (self.codes is None):
+            raise ValueError("decode takes latents or codes (one of them)")
+        return self
+
+
+class ReconstructSpec(_Spec):
+    kind: Literal["reconstruct"] = "reconstruct"
+    images: ImageList
+    noise: NoiseOptions | None = None
+    seed: Seed  # the corruption noise of image i comes from the stream (seed, i)
+
+
+SAMPLING_FIELDS = frozenset(GenerateSpec.model_fields) - frozenset(PriorSampleSpec.model_fields)
+
+
+def _spec_tag(value: Any) -> str | None:
+    """Which spec a JSON object is: its kind, and `prior_sample` for a generate with no sampler."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(by_alias=True)
+    if not isinstance(value, dict):
+        return None
+    kind = value.get("kind")
+    if kind == "generate" and not SAMPLING_FIELDS & value.keys():
+        return "prior_sample"  # none of a diffusion spec's fields: a missing one is named instead
+    return kind if isinstance(kind, str) else None
+
+
+JobSpec = Annotated[
+    Annotated[GenerateSpec, Tag("generate")]
+    | Annotated[PriorSampleSpec, Tag("prior_sample")]
+    | Annotated[InpaintSpec, Tag("inpaint")]
+    | Annotated[EncodeSpec, Tag("encode")]
+    | Annotated[DecodeSpec, Tag("decode")]
+    | Annotated[ReconstructSpec, Tag("reconstruct")],
+    Discriminator(
+        _spec_tag,
+        custom_error_type="unknown_job_kind",
+        custom_error_message="kind must be one of generate, inpaint, encode, decode, reconstruct",
+    ),
+]
+DenoiseSpec = GenerateSpec | InpaintSpec  # the kinds that run in a denoising running set
+
+_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+MAX_REPORTED_ERRORS = 5
+
+
+def parse_job_spec(data: Any) -> JobSpec:
+    """The spec of a job's `request` argument; `InvalidJobSpec` naming the bad fields if it does
+    not parse."""
+    try:
+        return _ADAPTER.validate_python(data, strict=True)  # JSON types, as the bodies
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        shown = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}"
+            for e in errors[:MAX_REPORTED_ERRORS]
+        )
+        more = len(errors) - MAX_REPORTED_ERRORS
+        raise InvalidJobSpec(
+            f"invalid job spec: {shown}" + (f" (and {more} more)" if more > 0 else "")
+        ) from None
