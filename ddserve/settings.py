@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="file of API key hashes, one per line")
     max_wait_s: float = Field(60.0, description="largest `Prefer: wait=N` honoured")
+    openai_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="how long an OpenAI Images API call (`/v1/images/*`, synchronous for its "
+        "clients) waits for its job before a 503 naming the job",
+    )
+    openai_default_model: str | None = Field(
+        None,
+        description="the model of `/v1/images/*` calls that name none (default: the first served "
+        "diffusion model)",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, description="largest request body (413 above)")
     max_image_bytes: int = Field(
         1024 * 1024, description="largest decoded upload image (413 above)"

@@ -43,6 +43,7 @@ from service.routers import (
     jobs,
     metrics,
     models,
+    openai_images,
     playground,
 )
 from service.telemetry import Telemetry
@@ -199,7 +200,7 @@ def create_app(
     app.state.ddserve = state
     app.state.janitor = janitor
     install_error_handlers(app)
-    for module in (generate, autoencoder, jobs, images, models, health, metrics):
+    for module in (generate, autoencoder, jobs, images, models, health, metrics, openai_images):
         app.include_router(module.router)
     app.include_router(playground.router)  # GET / and its files, outside the OpenAPI document
     app.add_middleware(

@@ -1,0 +1,132 @@
+"""The OpenAI Images API's request fields, and how they become ddserve's own request bodies.
+
+Clients written for OpenAI (the official `openai` SDK and everything built on it) call
+`POST /v1/images/generations` and `POST /v1/images/edits`; these map onto ddserve's `/generate` and
+`/inpaint` bodies (`ddserve.requests`), so the same checks, specs and batching apply. ddserve's own
+parameters (seed, steps, guidance, sampler, class_label, eta) come as extra fields, the way the SDK
+sends `extra_body=`; their types are `ddserve.params`', declared once.
+
+The prompt is read according to the model's conditioning: a text model takes it as its prompt; a
+class-conditional model takes a class name or index ("7", "seven" …) or an explicit `class_label`;
+an unconditional model takes the empty prompt only (anything else would be silently dropped).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ddserve.params import (
+    ClassLabel,
+    Eta,
+    GuidanceScale,
+    ImageCount,
+    InferenceSteps,
+    ModelName,
+    SamplerName,
+    Seed,
+)
+from models.catalog import ModelEntry
+from service.errors import ApiError
+
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_PROMPT_CHARS = 32_000  # OpenAI's own limit; the model's vocabulary limits what is usable
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, code, message, param)
+
+
+class DdserveExtras(BaseModel):
+    """ddserve's sampling parameters, sent through the SDK's `extra_body`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    seed: Seed | None = None
+    num_inference_steps: InferenceSteps | None = None
+    guidance_scale: GuidanceScale | None = None
+    sampler: SamplerName | None = None
+    eta: Eta | None = None
+    class_label: ClassLabel | None = None
+
+
+class ImageGenerationBody(DdserveExtras):
+    """`POST /v1/images/generations`, as OpenAI documents it."""
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="the prompt (see module doc)")
+    model: ModelName | None = Field(None, description="a model of `GET /v1/models`")
+    n: ImageCount = 1
+    size: str | None = Field(None, description='"auto" or "WxH", the model\'s own size')
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="url (signed, expiring link) or b64_json"
+    )
+    output_format: Literal["png"] | None = Field(None, description="png (the one format served)")
+    quality: Literal["auto", "standard"] | None = Field(None, description="auto only")
+    style: None = Field(None, description="not supported")
+    background: Literal["auto", "opaque"] | None = Field(None, description="auto or opaque only")
+    moderation: Literal["auto", "low"] | None = Field(None, description="accepted, not applied")
+    user: str | None = Field(None, max_length=256, description="the end user, for the logs")
+
+
+def check_size(size: str | None, entry: ModelEntry) -> None:
+    """`size` must be "auto" or the model's own "WxH" (ddserve models have one size)."""
+    if size is None or size == "auto":
+        return
+    own = f"{entry.image.width}x{entry.image.height}"
+    match = SIZE.match(size)
+    if match is None:
+        raise _bad(f'size must be "auto" or "WxH" (model {entry.name!r}: "{own}")', "size")
+    if size != own:
+        raise _bad(
+            f"size {size} is not served by model {entry.name!r}; it makes {own} images",
+            "size",
+            "unsupported_size",
+        )
+
+
+def condition_of(
+    prompt: str, class_label: int | None, entry: ModelEntry
+) -> tuple[str | None, int | None]:
+    """The (prompt, class_label) of ddserve's body for an OpenAI prompt on `entry`."""
+    text = prompt.strip()
+    cond = entry.conditioning
+    if cond is not None and cond.type == "text":
+        return (text or None), class_label
+    if cond is not None and cond.type == "class" and cond.classes:
+        if not text:
+            return None, class_label
+        names = {name.lower(): i for i, name in enumerate(cond.classes)}
+        index = int(text) if text.isdigit() else names.get(text.lower())
+        if index is None or index >= len(cond.classes):
+            listed = ", ".join(f"{i}={c}" for i, c in enumerate(cond.classes))
+            raise _bad(
+                f"model {entry.name!r} is class-conditional: the prompt must be a class name or "
+                f"index ({listed}), or empty with class_label",
+                "prompt",
+            )
+        if class_label is not None and class_label != index:
+            raise _bad("the prompt and class_label name different classes", "class_label")
+        return None, index
+    if text:
+        raise _bad(
+            f"model {entry.name!r} is unconditional: send an empty prompt",
+            "prompt",
+            "not_text_conditional",
+        )
+    return None, class_label
+
+
+def generate_body(body: ImageGenerationBody, entry: ModelEntry, b64: bool) -> dict[str, Any]:
+    """ddserve's `/generate` body for an OpenAI generation request on `entry`."""
+    check_size(body.size, entry)
+    prompt, class_label = condition_of(body.prompt, body.class_label, entry)
+    extras = body.model_dump(include=set(DdserveExtras.model_fields), exclude_none=True)
+    extras.update(prompt=prompt, class_label=class_label)
+    return {
+        "model": entry.name,
+        "n": body.n,
+        **{k: v for k, v in extras.items() if v is not None},
+        "output": {"format": "png", "return": "b64" if b64 else "url"},
+    }
