@@ -122,6 +122,7 @@ class JobStore:
         pipe.multi()  # explicit, as RQ expects of a caller's pipeline
         pipe.llen(queue.key)
         pipe.zcard(StartedJobRegistry(queue=queue).key)
+        self._index(pipe, meta.get(META_OWNER), job_id)
         job = queue.enqueue_call(
             JOB_FUNCTION,
             kwargs={"request": request},
@@ -140,6 +141,7 @@ class JobStore:
         over = max_load is not None and queued + started >= max_load
         if over and self.connection.lrem(queue.key, 0, job.id):
             job.delete(remove_from_queue=False)
+            self.connection.zrem(self.index_key(meta.get(META_OWNER)), job.id)
             return Enqueued(None, queued, queued + started)
         return Enqueued(job, queued, queued + started)
 
@@ -164,6 +166,92 @@ class JobStore:
             input=request,
             output=None,
         )
+
+    # --- each caller's jobs (GET /jobs) ---
+
+    def index_key(self, owner: str | None) -> str:
+        """The sorted set of an owner's job ids, scored by creation time (ms); auth off: one."""
+        return f"{self.prefix}:jobs-of:{owner or '-'}"
+
+    def _retention_ms(self) -> int:
+        s = self.settings
+        return int(1000 * max(s.result_ttl_s, s.failure_ttl_s, s.job_ttl_s + s.job_deadline_s))
+
+    def _index(self, pipe: Any, owner: str | None, job_id: str) -> None:
+        """Add a new job to its owner's index (in the enqueue's transaction); entries older than
+        any job record can be are trimmed here, and the key expires with its newest job."""
+        now_ms = int(rq_now().timestamp() * 1000)
+        key = self.index_key(owner)
+        pipe.zadd(key, {job_id: now_ms})
+        pipe.zremrangebyscore(key, "-inf", now_ms - self._retention_ms())
+        pipe.pexpire(key, self._retention_ms())
+
+    def list_ids(
+        self,
+        owner: str | None,
+        *,
+        before: tuple[int, str] | None,
+        limit: int,
+        status: JobStatus | None,
+        model: str | None,
+        scan_budget: int,
+    ) -> tuple[list[str], tuple[int, str] | None]:
+        """An owner's job ids, newest first, strictly after the cursor `before` (score, id), that
+        match `status` and `model`: at most `limit` of them, reading at most `scan_budget` index
+        entries. Returns them and the cursor to continue from (None when the index is done).
+        Ids whose job has expired are dropped from the index as they are met."""
+        key = self.index_key(owner)
+        found: list[str] = []
+        cursor = before
+        scanned = 0
+        page = max(limit, 32)
+        while len(found) < limit and scanned < scan_budget:
+            entries = self._entries_after(key, cursor, page)
+            if not entries:
+                return found, None
+            pipe = self.connection.pipeline(transaction=False)
+            for member, _ in entries:
+                pipe.hmget(Job.key_for(member.decode()), "status", "origin")
+            gone = []
+            for (member, score), (raw_status, origin) in zip(entries, pipe.execute(), strict=True):
+                job_id = member.decode()
+                cursor = (int(score), job_id)
+                scanned += 1
+                if raw_status is None:
+                    gone.append(job_id)
+                    continue
+                if status is not None and public_status(raw_status.decode()) != status:
+                    continue
+                if model is not None and origin != queue_name(self.prefix, model).encode():
+                    continue
+                found.append(job_id)
+                if len(found) == limit or scanned >= scan_budget:
+                    break
+            if gone:
+                self.connection.zrem(key, *gone)
+        return found, cursor
+
+    def _entries_after(
+        self, key: str, cursor: tuple[int, str] | None, page: int
+    ) -> list[tuple[bytes, float]]:
+        """Up to `page` index entries strictly after `cursor` in (score desc, id desc) order: the
+        order ZREVRANGEBYSCORE gives. Entries sharing the cursor's score are skipped by id."""
+        top: float | str = "+inf" if cursor is None else cursor[0]
+        offset = 0
+        while True:
+            entries = self.connection.zrevrangebyscore(
+                key, top, "-inf", start=offset, num=page, withscores=True
+            )
+            if not entries or cursor is None:
+                return entries
+            fresh = [
+                (member, score)
+                for member, score in entries
+                if int(score) < cursor[0] or member.decode() < cursor[1]
+            ]
+            if fresh:
+                return fresh
+            offset += len(entries)  # all at the cursor's score, already returned
 
     # --- read ---
 

@@ -74,6 +74,15 @@ class Job(BaseModel):
     metrics: JobMetrics = Field(default_factory=JobMetrics)
 
 
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    data: list[Job]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null when there are no more"
+    )
+
+
 class ModelInfo(BaseModel):
     """One model of `GET /models` (its catalog entry without architecture and files)."""
 

@@ -1,4 +1,4 @@
-"""`GET /jobs/{id}` and `POST /jobs/{id}/cancel`."""
+"""`GET /jobs` (the caller's own jobs), `GET /jobs/{id}` and `POST /jobs/{id}/cancel`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import re
 from typing import Annotated
 
 from anyio import to_thread
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from rq.job import Job as RQJob
 
-from ddserve.jobs import META_OWNER, TERMINAL
+from ddserve.jobs import META_OWNER, TERMINAL, JobStatus
+from ddserve.params import ModelName
 from service.dependencies import AppState, Caller, CallerDep, State, base_url
 from service.errors import ERROR_RESPONSES, ApiError
 from service.jobstore import JobSnapshot
 from service.presenter import job_view
-from service.schemas import Job
+from service.schemas import Job, JobList
 
 router = APIRouter(tags=["jobs"])
 
@@ -24,6 +25,74 @@ CANCEL_WAIT_S = 3.0  # how long a cancel of a running job waits for the worker t
 
 JobId = Annotated[str, Path(description="the job's id")]
 RESPONSES = {k: v for k, v in ERROR_RESPONSES.items() if k in (401, 404, 503)}
+
+
+MAX_PAGE = 100
+SCAN_PER_ITEM = 20  # index entries read per wanted job before a filtered page ends early
+
+
+def _encode_cursor(cursor: tuple[int, str] | None) -> str | None:
+    return None if cursor is None else f"{cursor[0]}_{cursor[1]}"
+
+
+def _decode_cursor(text: str | None) -> tuple[int, str] | None:
+    if text is None:
+        return None
+    score, _, job_id = text.partition("_")
+    if not score.isdigit() or not _JOB_ID.match(job_id):
+        raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor of GET /jobs", "cursor")
+    return int(score), job_id
+
+
+def _list(
+    state: AppState,
+    caller: Caller,
+    cursor: str | None,
+    limit: int,
+    status: JobStatus | None,
+    model: str | None,
+) -> tuple[list[JobSnapshot], str | None]:
+    ids, after = state.store.list_ids(
+        caller.owner,
+        before=_decode_cursor(cursor),
+        limit=limit,
+        status=status,
+        model=model,
+        scan_budget=limit * SCAN_PER_ITEM,
+    )
+    snaps = []
+    for job_id in ids:
+        job = state.store.fetch(job_id)
+        if job is not None and (caller.owner is None or job.meta.get(META_OWNER) == caller.owner):
+            snaps.append(state.store.snapshot(job))
+    return snaps, _encode_cursor(after)
+
+
+@router.get(
+    "/jobs",
+    response_model=JobList,
+    responses={k: v for k, v in ERROR_RESPONSES.items() if k in (400, 401, 422, 503)},
+    summary="The caller's jobs, newest first",
+    description="Only the calling API key's jobs (with auth off, every job). Pages of `limit`; "
+    "pass `next_cursor` back as `cursor` for the next page (null: no more). A filtered page may "
+    "hold fewer than `limit` jobs and still have a next_cursor.",
+)
+async def list_jobs(
+    request: Request,
+    state: State,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = 20,
+    cursor: Annotated[str | None, Query(max_length=128, description="next_cursor")] = None,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+    model: Annotated[ModelName | None, Query(description="only jobs of this model")] = None,
+) -> JSONResponse:
+    snaps, next_cursor = await to_thread.run_sync(
+        _list, state, caller, cursor, limit, status, model
+    )
+    url = base_url(request, state.settings)
+    return JSONResponse(
+        {"data": [job_view(s, state.storage, url) for s in snaps], "next_cursor": next_cursor}
+    )
 
 
 def _owned_job(state: AppState, caller: Caller, job_id: str) -> RQJob:
