@@ -115,7 +115,29 @@ class Settings(BaseSettings):
         ge=1,
         description="ONNX Runtime intra-op threads of the autoencoders; unset: as torch's",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of workers")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="torch device of a worker: auto (CUDA when present), cpu, cuda or cuda:N "
+        "(`ddserve worker --device`; `--devices all` runs one worker process per GPU)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="precision of every diffusion network (weights and activations; the sampler's "
+        "arithmetic and the autoencoders stay float32); unset: each model card's `dtype`, else "
+        "float32. float16 needs CUDA",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the diffusion networks, one graph per batch-size bucket, "
+        "compiled and warmed up before the worker takes jobs",
+    )
+    compile_buckets: str = Field(
+        "",
+        description="comma-separated batch sizes (rows) a network call is padded up to, so that "
+        "continuous batching does not recompile for every new batch size; empty: powers of two "
+        "up to max_batch (with compile on)",
+    )
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
     )

@@ -38,6 +38,7 @@ ModelKind = Literal[
     "classifier",  # evaluation classifier (features for FID, accuracy)
 ]
 Task = Literal["generate", "inpaint", "encode", "decode", "reconstruct"]
+Precision = Literal["float32", "bfloat16", "float16"]
 
 
 class ImageSpec(BaseModel):
@@ -91,6 +92,7 @@ class ModelEntry(BaseModel):
     conditioning: Conditioning | None = None
     schedule: ScheduleSpec | None = None
     prediction_type: Literal["epsilon", "v"] = "epsilon"
+    dtype: Precision | None = None  # the denoiser's weights and activations (None: float32)
     samplers: list[str] = Field(default_factory=list)
     defaults: SamplingDefaults | None = None
     classifier: str | None = None  # the noisy classifier used for classifier guidance

@@ -26,10 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: DDSERVE_TORCH_THREADS, else every core)",
     )
     parser.add_argument("--name", default=None, help="worker name (default: random)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: DDSERVE_DEVICE, else auto)"
+    )
+    parser.add_argument(
+        "--devices",
+        choices=["all"],
+        default=None,
+        help="all: one worker process per CUDA device (cuda:0 … cuda:N-1), each named NAME-gpuI",
+    )
     parser.add_argument("--burst", action="store_true", help="quit once the queues are empty")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.devices == "all":
+        from workers.per_device import run_per_device
+
+        return run_per_device(args)
     from redis import Redis
 
     from workers.threads import apply_threads
@@ -42,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             ("batching", args.batching),
             ("max_batch", args.max_batch),
             ("torch_threads", args.threads),
+            ("device", args.device),
         )
         if value is not None
     }

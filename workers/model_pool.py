@@ -10,8 +10,8 @@ encoding and decoding run in ONNX Runtime.
 from __future__ import annotations
 
 import functools
-
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +47,21 @@ CodecLoader = Callable[[ModelEntry, list[str] | None, torch.device], Codec]
 
 
 def resolve_device(setting: str) -> torch.device:
-    """`auto` → CUDA when present, else CPU."""
+    """`auto` → CUDA when present, else CPU; `cuda` / `cuda:N` must exist (a clear error, never a
+    silent fall back to the CPU)."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DDSERVE_DEVICE=cuda but no CUDA device is available")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"DDSERVE_DEVICE={setting} but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(
+                f"DDSERVE_DEVICE={setting} but this machine has {count} CUDA device(s): "
+                f"cuda:0 … cuda:{count - 1}"
+            )
+    return device
 
 
 def _default_codec_loader(
@@ -65,20 +74,68 @@ def _default_codec_loader(
     return load_codec(entry, providers, device=str(device), threads=threads)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def batch_buckets(setting: str, max_batch: int) -> tuple[int, ...]:
+    """The batch sizes network calls are padded up to: the setting's, or powers of two up to
+    `max_batch` (and `max_batch` itself)."""
+    if setting.strip():
+        sizes = {int(part) for part in setting.split(",") if part.strip()}
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"DDSERVE_COMPILE_BUCKETS must list sizes ≥ 1, got {setting!r}")
+        return tuple(sorted(sizes))
+    sizes = {1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch}
+    return tuple(sorted(sizes | {max_batch}))
+
+
+def _pad_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """`value` [n, ...] grown to [rows, ...] by repeating its last row."""
+    extra = rows - value.shape[0]
+    return torch.cat([value, value[-1:].expand(extra, *value.shape[1:])]) if extra > 0 else value
+
+
 class Denoiser:
-    """ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W] on the model's device.
+    """ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W] float32 on the model's device.
 
-    Inputs go channels_last to match the weights' memory format (faster convolutions on CUDA)."""
+    - Inputs go channels_last to match the weights' memory format (faster convolutions on CUDA).
+    - `dtype`: the network's precision (bfloat16 / float16 weights and activations); x is cast to it
+      on the way in and the output back to float32, so the sampler's arithmetic is unchanged.
+    - `buckets`: a call of N rows is padded to the smallest bucket ≥ N (its last row repeated) and
+      cut back after, so a compiled network sees a few fixed shapes instead of one per batch size.
+      Rows are independent in the U-Net (group norm and attention act within a sample), so the
+      padding never changes the real rows' results.
+    """
 
-    def __init__(self, network: nn.Module, channels_last: bool) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        channels_last: bool,
+        *,
+        dtype: torch.dtype = torch.float32,
+        buckets: tuple[int, ...] = (),
+    ) -> None:
         self.network = network
         self.channels_last = channels_last
+        self.dtype = dtype
+        self.buckets = tuple(sorted(buckets))
+
+    def bucket(self, rows: int) -> int:
+        """The padded size of a call of `rows` rows (itself beyond the largest bucket)."""
+        return next((size for size in self.buckets if size >= rows), rows)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        rows = x.shape[0]
+        padded = self.bucket(rows)
+        if padded != rows:
+            x, t = _pad_rows(x, padded), _pad_rows(t, padded)
+            cond = None if cond is None else _pad_rows(cond, padded)
+        x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            return self.network(x, t, cond).contiguous()
+            out = self.network(x, t, cond)
+        return out[:rows].float().contiguous()
 
 
 @dataclass
@@ -217,9 +274,15 @@ class ModelPool:
         from models.registry import load_network
 
         network = load_network(entry, self.device).eval().requires_grad_(False)
+        dtype = self._precision(entry)
+        network = network.to(dtype)
         channels_last = self.device.type == "cuda"
         if channels_last:
             network = network.to(memory_format=torch.channels_last)
+        buckets: tuple[int, ...] = ()
+        if self.settings.compile:
+            buckets = batch_buckets(self.settings.compile_buckets, self.settings.max_batch)
+            network = torch.compile(network, dynamic=False, backend="inductor")
         unet = entry.network.get("unet", {})
         size = int(unet.get("image_size", entry.image.height))
         shape = (int(unet.get("in_channels", entry.image.channels)), size, size)
@@ -231,12 +294,14 @@ class ModelPool:
         )
         model = DiffusionModel(
             entry=entry,
-            denoiser=Denoiser(network, channels_last),
+            denoiser=Denoiser(network, channels_last, dtype=dtype, buckets=buckets),
             schedule=schedule,
             sample_shape=shape,
             device=self.device,
             null_condition=null,
         )
+        if self.settings.compile:
+            warm_up(model)
         if entry.classifier and entry.classifier in self._catalog:
             model.classifier = self._load_classifier(self._catalog[entry.classifier])
         if entry.kind == "latent-diffusion":
@@ -245,6 +310,15 @@ class ModelPool:
             model.first_stage = self.codec(entry.first_stage)
             model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
         return model
+
+    def _precision(self, entry: ModelEntry) -> torch.dtype:
+        """The denoiser's dtype: the setting, else the card's, else float32."""
+        name = self.settings.dtype or entry.dtype or "float32"
+        if name == "float16" and self.device.type != "cuda":
+            raise ValueError(
+                f"model {entry.name!r}: float16 needs a CUDA device; use bfloat16 on the CPU"
+            )
+        return DTYPES[name]
 
     def _load_classifier(self, entry: ModelEntry) -> nn.Module | None:
         """The noisy classifier f_φ(y | x_t, t) for classifier guidance, or None if it cannot load
@@ -256,6 +330,26 @@ class ModelPool:
         except (KeyError, FileNotFoundError) as exc:
             log.warning("classifier %s not loaded: %s", entry.name, exc)
             return None
+
+
+def warm_up(model: DiffusionModel) -> None:
+    """Compile the denoiser for each of its buckets before the worker takes jobs (a first call
+    would otherwise stall a running batch for the compile), one log line per bucket."""
+    denoiser = model.denoiser
+    for rows in denoiser.buckets:
+        started = time.perf_counter()
+        x = torch.zeros((rows, *model.sample_shape), device=model.device)
+        t = torch.zeros(rows, dtype=torch.long, device=model.device)
+        cond = None
+        if model.null_condition is not None:
+            cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)
+        denoiser(x, t, cond)
+        log.info(
+            "model %s: compiled for batch %d in %.1f s",
+            model.name,
+            rows,
+            time.perf_counter() - started,
+        )
 
 
 def latent_scale(entry: ModelEntry, first_stage: ModelEntry) -> float:

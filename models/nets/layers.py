@@ -39,13 +39,19 @@ class SinusoidalEmbedding(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        half = dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.half = dim // 2
+        # Its dtype follows the module's (`.to(torch.bfloat16)`) and is the output's; the angles
+        # are always computed in float32: in bfloat16, t·freq for t ~ 1000 would be off by radians.
+        self.register_buffer("freqs", self._freqs(torch.device("cpu")), persistent=False)
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:  # [dim/2] float32
+        steps = torch.arange(self.half, dtype=torch.float32, device=device)
+        return torch.exp(-math.log(10000.0) * steps / self.half)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # [B] → [B, dim]
-        angles = t.float()[:, None] * self.freqs[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+        freqs = self.freqs if self.freqs.dtype == torch.float32 else self._freqs(t.device)
+        angles = t.float()[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.freqs.dtype)
 
 
 def time_embedding(channels: int, emb_dim: int) -> nn.Sequential:

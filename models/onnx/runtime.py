@@ -36,15 +36,31 @@ def parse_providers(setting: str | None) -> list[str] | None:
     return names or None
 
 
-def resolve_providers(providers: list[str] | None = None) -> list[str]:
-    """The providers to ask for, in order: those requested that this onnxruntime has (the rest
-    dropped with a warning), or by default CUDA first when available, then CPU."""
+class ProviderUnavailable(RuntimeError):
+    """A CUDA execution provider was asked for (by name, or by a CUDA device) and cannot run: the
+    worker must not fall back to the CPU in silence."""
+
+
+def resolve_providers(
+    providers: list[str] | None = None, *, require_cuda: bool = False
+) -> list[str]:
+    """The providers to ask for, in order.
+
+    - named (`DDSERVE_ONNX_PROVIDERS`): those this onnxruntime has; a named CUDA provider it lacks
+      is an error (`ProviderUnavailable`), any other missing one is dropped with a warning;
+    - none named: CUDA first when available, then CPU; with `require_cuda` (the worker runs on a
+      CUDA device) CUDA must be available.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if not providers:
+        if require_cuda and CUDA not in available:
+            raise ProviderUnavailable(_no_cuda_message(available, "the worker's device is CUDA"))
         return [p for p in (CUDA, CPU) if p in available]
     missing = [p for p in providers if p not in available]
+    if CUDA in missing:
+        raise ProviderUnavailable(_no_cuda_message(available, "DDSERVE_ONNX_PROVIDERS names it"))
     if missing:
         log.warning(
             "ONNX Runtime providers %s are not available here (available: %s); skipping them",
@@ -53,6 +69,27 @@ def resolve_providers(providers: list[str] | None = None) -> list[str]:
         )
     chosen = [p for p in providers if p in available]
     return chosen or [CPU]
+
+
+def _no_cuda_message(available: list[str], why: str) -> str:
+    return (
+        f"ONNX Runtime's {CUDA} is needed ({why}) but this onnxruntime offers only "
+        f"{', '.join(available)}: install the `gpu` extra (onnxruntime-gpu built for this CUDA "
+        "major, see docs/gpu.md), or run the autoencoders on the CPU with "
+        f"DDSERVE_ONNX_PROVIDERS={CPU}"
+    )
+
+
+def check_session_providers(session: Any, chosen: list[str], name: str) -> None:
+    """ONNX Runtime falls back to the CPU in silence when the CUDA provider fails to load (a
+    missing libcudnn / libcublas of the wrong CUDA major): make that an error."""
+    if CUDA in chosen and CUDA not in session.get_providers():
+        raise ProviderUnavailable(
+            f"{name}: ONNX Runtime's {CUDA} failed to load (ONNX Runtime's log above names the "
+            "missing library, e.g. libcudnn.so.9 or libcublasLt.so.12): onnxruntime-gpu and the "
+            "CUDA libraries must share one CUDA major; or set "
+            f"DDSERVE_ONNX_PROVIDERS={CPU}"
+        )
 
 
 class Codec(ABC):
@@ -146,7 +183,12 @@ class OnnxCodec(Codec):
     backend = "onnxruntime"
 
     def __init__(
-        self, entry: ModelEntry, providers: list[str] | None = None, threads: int | None = None
+        self,
+        entry: ModelEntry,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        *,
+        require_cuda: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -154,13 +196,15 @@ class OnnxCodec(Codec):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        chosen = resolve_providers(providers)
+        chosen = resolve_providers(providers, require_cuda=require_cuda)
         self.encoder = ort.InferenceSession(
             str(entry.file("encoder_onnx")), options, providers=chosen
         )
         self.decoder = ort.InferenceSession(
             str(entry.file("decoder_onnx")), options, providers=chosen
         )
+        for session in (self.encoder, self.decoder):
+            check_session_providers(session, chosen, entry.name)
         self.providers = self.encoder.get_providers()
         self._output_names = [o.name for o in self.encoder.get_outputs()]
         self._decoder_input = self.decoder.get_inputs()[0].name
@@ -235,10 +279,11 @@ def load_codec(
 
     providers: ONNX Runtime execution providers in order of preference (None: CUDA first when
     available, then CPU); threads: ONNX Runtime intra-op threads (None: its default);
-    device: the torch device of the fallback."""
+    device: the worker's torch device (a CUDA device requires ONNX Runtime's CUDA provider) and the
+    device of the fallback."""
     missing = [role for role in ("encoder_onnx", "decoder_onnx") if entry.file(role) is None]
     if not missing:
-        return OnnxCodec(entry, providers, threads)
+        return OnnxCodec(entry, providers, threads, require_cuda=device.startswith("cuda"))
     log.warning(
         "model %s has no ONNX file (%s missing in %s): using PyTorch instead of ONNX Runtime "
         "(run `ddserve export %s` to create them)",
