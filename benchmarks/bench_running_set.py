@@ -12,8 +12,8 @@ With `--engine`, the same for a whole scheduling round of the worker's engine
 progress, finished images handed to the store threads and written to local files), still with the
 stub network: the fixed CPU cost a saturated worker adds to every network call.
 
-    .venv/bin/python benchmarks/bench_running_set.py [--rows 64] [--steps 2000] [--repeats 5]
-    .venv/bin/python benchmarks/bench_running_set.py --engine [--store-threads 2]
+    .venv/bin/python -m benchmarks.bench_running_set [--rows 64] [--steps 2000] [--repeats 5]
+    .venv/bin/python -m benchmarks.bench_running_set --engine [--store-threads 2]
 
 Prints the median µs per step over the repeats. Not a test: run it by hand.
 """
