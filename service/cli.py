@@ -26,17 +26,29 @@ import uvicorn
 from ddserve.settings import Settings
 from ddserve.storage import ensure_signing_secret
 from models.catalog import ModelEntry, load_catalog
+from service.http_protocol import guarded_protocol
 from service.logs import configure_logging
 
 log = logging.getLogger("ddserve.serve")
 
-# Our access log (with request ids) replaces uvicorn's; keep-alive outlives a client's or load
-# balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too).
-UVICORN_OPTIONS: dict[str, Any] = {
-    "log_config": None,
-    "access_log": False,
-    "timeout_keep_alive": 75,
-}
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the gateway, with the connection limits of `settings`.
+
+    Our access log (with request ids) replaces uvicorn's. Keep-alive outlives a client's or load
+    balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too). The
+    HTTP protocol is uvicorn's httptools one with a header deadline and size cap
+    (`service.http_protocol`): uvicorn has neither, so a slowloris client held its connection for
+    ever. `h11_max_incomplete_event_size` bounds the same when h11 is chosen instead.
+    """
+    return {
+        "log_config": None,
+        "access_log": False,
+        "http": guarded_protocol(settings),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "limit_concurrency": settings.max_concurrency or None,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +159,9 @@ def run_embedded(settings: Settings, threads: int) -> int:
     ]
     try:
         app = create_app(settings, fakeredis.FakeRedis(server=server_state))
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, **uvicorn_options(settings)
+        )
         _run(config, settings)
     finally:
         for handle in handles:
@@ -173,11 +187,11 @@ def run_gateway(settings: Settings, processes: int) -> int:
             host=settings.host,
             port=settings.port,
             workers=processes,
-            **UVICORN_OPTIONS,
+            **uvicorn_options(settings),
         )
         return 0
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, **UVICORN_OPTIONS
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
     )
     _run(config, settings)
     return 0
