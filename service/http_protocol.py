@@ -10,6 +10,10 @@ finished its headers within `header_timeout_s` of its first byte (or of the conn
 first request) with `408`, and answers `431` once the headers of one request exceed
 `max_header_bytes` (measured per received chunk, so the bound is that plus one read).
 
+Past uvicorn's `limit_concurrency` (open connections or running requests of the process) its own
+503 is plain text without `Retry-After`; here it is the contract's error body (`overloaded`) with
+`Retry-After: 1`, which clients (ours included) honour.
+
 `guarded_protocol(settings)` is what `service.cli` passes as uvicorn's `http=`: a `functools.partial`
 of the class (picklable, for `uvicorn.run(..., workers=N)`).
 """
@@ -20,11 +24,31 @@ import asyncio
 import functools
 from typing import Any
 
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from ddserve.settings import Settings
+from service.errors import error_response
+
+OVERLOADED_RETRY_AFTER_S = 1
+
+
+async def overloaded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """uvicorn's over-the-limit answer in the contract's shape, closing the connection."""
+    response = error_response(
+        503,
+        "overloaded",
+        "this gateway process has too many open connections or running requests; retry shortly",
+        headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S), "Connection": "close"},
+    )
+    await response(scope, receive, send)  # type: ignore[arg-type]
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -83,6 +107,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._awaiting_headers = True  # what comes next is the next request's start line
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn picked its plain-text 503 (limit_concurrency reached): answer ours instead.
+        super()._start_asgi_task(cycle, overloaded if app is service_unavailable else app)
 
     # --- the deadline ---
     def _arm_header_timer(self) -> None:

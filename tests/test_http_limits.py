@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,12 +28,10 @@ HEADER_TIMEOUT_S = 2.0
 MAX_HEADER_BYTES = 8 * 1024
 
 
-@pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+@contextlib.contextmanager
+def serving(root: Path, settings: Settings) -> Iterator[int]:
     """The gateway app served by uvicorn with the entry point's options, on a free port."""
-    root = tmp_path_factory.mktemp("limits")
     app, _ = make_app(write_config_zoo(root / "zoo"), root)
-    settings = Settings(header_timeout_s=HEADER_TIMEOUT_S, max_header_bytes=MAX_HEADER_BYTES)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, **uvicorn_options(settings))
     )
@@ -47,6 +46,13 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    settings = Settings(header_timeout_s=HEADER_TIMEOUT_S, max_header_bytes=MAX_HEADER_BYTES)
+    with serving(tmp_path_factory.mktemp("limits"), settings) as number:
+        yield number
 
 
 def _closed_after(sock: socket.socket, send: bytes, limit_s: float) -> tuple[float, bytes]:
@@ -111,6 +117,19 @@ def test_normal_clients_are_served_and_keep_alive_outlives_the_header_timeout(po
         time.sleep(HEADER_TIMEOUT_S + 0.5)
         assert client.get("/models").status_code == 200
         assert client.post("/generate", json={"model": "tiny-ddpm"}).status_code == 202
+
+
+def test_past_the_concurrency_limit_the_answer_is_the_contracts_503(tmp_path: Path) -> None:
+    # uvicorn counts the asking connection too: with a limit of 2, one idle connection fills it.
+    with serving(tmp_path, Settings(max_concurrency=2)) as number:
+        url = f"http://127.0.0.1:{number}/healthz"
+        with socket.create_connection(("127.0.0.1", number)):
+            time.sleep(0.2)  # the server has registered the idle connection
+            answer = httpx.get(url)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.headers["connection"] == "close"
+        assert answer.json()["error"]["code"] == "overloaded"
+        assert httpx.get(url).status_code == 200  # the idle connection is gone
 
 
 def test_the_entry_point_applies_the_settings() -> None:
