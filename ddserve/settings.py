@@ -54,6 +54,27 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(1024 * 1024, description="largest pixel count before decoding")
     max_queue_length: int = Field(1000, description="queued + running jobs per model before 429")
     rate_limit_per_minute: int = Field(600, description="requests per API key per minute (0 = off)")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="a connection whose request headers are not complete this long after their "
+        "first byte (or after connecting) is closed with 408 (slow clients, slowloris)",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="largest request line + headers of one request (431 above)"
+    )
+    keep_alive_s: int = Field(
+        75,
+        gt=0,
+        description="an idle keep-alive connection is closed after this; longer than the idle "
+        "timeout of the clients' and load balancer's pools, so they close first",
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=0,
+        description="open connections or running requests per gateway process before uvicorn "
+        "answers 503 (0 = no limit)",
+    )
 
     # --- jobs ---
     job_ttl_s: int = Field(3600, description="a queued job not started within this is dropped")

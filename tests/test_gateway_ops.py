@@ -49,34 +49,49 @@ def client(app_server) -> Iterator[TestClient]:
         yield c
 
 
-def test_readiness_follows_redis_and_workers(client: TestClient, app_server) -> None:
+def _availability(client: TestClient) -> dict[str, tuple[int | None, bool | None]]:
+    models = client.get("/models").json()["models"]
+    return {m["name"]: (m["workers"], m["available"]) for m in models}
+
+
+def test_readiness_follows_redis_only_and_models_report_their_workers(
+    client: TestClient, app_server
+) -> None:
+    """A gateway with Redis is ready even when no worker serves some model (its jobs wait in the
+    queue): a 503 there would take every gateway pod out of the Kubernetes Service. Which models
+    have workers is in /models (and /metrics)."""
     _, server = app_server
+    served = {"tiny-ddpm", "tiny-text", "tiny-ae", "tiny-vae", "tiny-vq"}
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 503 and r.headers["retry-after"]
-    assert r.json()["redis"] is True and set(r.json()["missing"]) == {
-        "tiny-ddpm",
-        "tiny-text",
-        "tiny-ae",
-        "tiny-vae",
-        "tiny-vq",
-    }
+    assert r.status_code == 200, r.json()
+    assert r.json()["ready"] is True and r.json()["redis"] is True
+    assert set(r.json()["missing"]) == served  # reported, not acted on
+    assert _availability(client) == dict.fromkeys(served, (0, False))
+    assert client.post("/generate", json=GEN).status_code == 202  # ready means: accepts jobs
     conn = client.app.state.ddserve.connection
     queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ddpm", "tiny-text")]
     Worker(queues, connection=conn, name="w-diffusion").register_birth()
-    partial = client.get("/readyz").json()
-    assert partial["workers"]["tiny-ddpm"] == 1
-    assert set(partial["missing"]) == {"tiny-ae", "tiny-vae", "tiny-vq"}
+    partial = client.get("/readyz")
+    assert partial.status_code == 200 and partial.json()["workers"]["tiny-ddpm"] == 1
+    assert set(partial.json()["missing"]) == {"tiny-ae", "tiny-vae", "tiny-vq"}
+    availability = _availability(client)
+    assert availability["tiny-ddpm"] == (1, True) and availability["tiny-text"] == (1, True)
+    assert availability["tiny-ae"] == (0, False)
     queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ae", "tiny-vae", "tiny-vq")]
     worker = Worker(queues, connection=conn, name="w-codec")
     worker.register_birth()
-    assert client.get("/readyz").status_code == 200
+    assert client.get("/readyz").json()["missing"] == []
+    assert _availability(client)["tiny-vq"] == (1, True)
     worker.register_death()
-    assert client.get("/readyz").status_code == 503
+    assert client.get("/readyz").status_code == 200
+    assert _availability(client)["tiny-vq"] == (0, False)
     server.connected = False
     down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["redis"] is False
+    assert down.json()["ready"] is False and down.headers["retry-after"]
     assert client.get("/healthz").status_code == 200  # liveness does not need Redis
+    assert _availability(client) == dict.fromkeys(served, (None, None))  # unknown, still 200
 
 
 def test_redis_down_is_503_never_500(client: TestClient, app_server) -> None:
