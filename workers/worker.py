@@ -86,7 +86,6 @@ def worker_stats_key(prefix: str, worker_name: str) -> str:
     return f"{prefix}:worker-stats:{worker_name}"
 
 
-META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
 IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
 MAX_BACKOFF_S = 5.0  # longest wait between attempts to reach Redis (bounds recovery after it)
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -113,7 +112,6 @@ class RQTicket:
         self.request: dict[str, Any] = dict(job.kwargs["request"])
         self.model = worker.model_of(queue)
         self.queue_s = _queue_seconds(job)
-        self.priority = float(job.meta.get(META_PRIORITY, 0) or 0)
         self.arrived_at = job.enqueued_at.timestamp() if job.enqueued_at else time.time()
         limit = float(worker.settings.job_deadline_s)
         if job.timeout is not None and float(job.timeout) > 0:
@@ -754,11 +752,11 @@ class BatchingWorker(SimpleWorker):
 
     def publish_stats(self) -> None:
         """The engine's counters in the hash `worker_stats_key(prefix, name)` (for the benchmark
-        and dashboards: mean occupancy = rows_total / (network_calls · max_rows))."""
+        and dashboards: mean occupancy = rows_total / (network_calls · max_batch))."""
         key = worker_stats_key(self.settings.key_prefix, self.name)
         fields: dict[str, Any] = {
             **self.engine.stats.as_dict(),
-            "max_rows": self.engine.policy.max_rows,
+            "max_batch": self.engine.policy.max_batch,
             "mode": self.engine.policy.mode,
             "time": time.time(),
         }
