@@ -86,10 +86,12 @@ STORE_WAIT_S = 0.01
 
 class Ticket(Protocol):
     """One accepted job as the engine sees it. The engine calls exactly one of succeed, fail and
-    cancel for every ticket it was given."""
+    cancel for every ticket it was given (the worker's is `workers.rq_adaptor.WorkerJob`)."""
 
-    id: str
-    request: dict[str, Any]
+    @property
+    def id(self) -> str: ...
+
+    request: dict[str, Any]  # passed through to `workers.execute` untouched
     arrived_at: float  # when it was queued (seconds since the epoch): older is admitted first
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
 
