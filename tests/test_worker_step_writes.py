@@ -28,7 +28,7 @@ from tests.worker_doubles import MemoryStorage
 from workers import rq_bridge
 from workers.model_pool import ModelPool
 from workers.rq_adaptor import WorkerJob
-from workers.worker import BatchingWorker
+from workers.worker import BatchingWorker, worker_stats_key
 
 pytestmark = pytest.mark.redis
 MODEL = "tiny-ddpm"
@@ -334,3 +334,12 @@ def test_a_round_whose_cancel_read_fails_keeps_its_writes_sent_once(
 
 def _refuse(*_args: Any) -> dict[str, bool]:
     raise redis.ConnectionError("Redis is down")
+
+
+def test_worker_stats_name_the_batch_limit_max_batch(box: RedisSandbox, pool: ModelPool) -> None:
+    """The counters hash names the limit as the setting does (`max_batch`, in network rows)."""
+    worker = _worker(box, pool, max_batch=6)
+    worker.publish_stats()
+    stats = box.connection.hgetall(worker_stats_key(box.prefix, worker.name))
+    assert stats[b"max_batch"] == b"6" and b"max_rows" not in stats
+    assert stats[b"mode"] == b"continuous"
