@@ -69,7 +69,7 @@ from workers.execute import (
     run_codec,
     run_codec_calls,
 )
-from workers.isolation import IsolatingClassifier, IsolatingNetwork, finite_rows
+from workers.isolation import IsolatingClassifier, IsolatingNetwork, non_finite_samples
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 log = logging.getLogger(__name__)
@@ -419,36 +419,21 @@ class DenoiseLane:
         self._collect_stores(block=False)
 
     def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
-        """Fail the jobs with a sample whose x_t is no longer finite after the step (a row that
-        failed on its own gets NaN output, which the update carries into x_t), with the cause the
-        isolating network recorded for its row (NaN output, out of memory, an error); return the
-        finished samples of the other jobs. The rest of the running set goes on untouched."""
-        bad: set[int] = set()  # id(sample)
-        if len(self.batch) and not bool(torch.isfinite(self.batch.x).all()):
-            running_ok = finite_rows(self.batch.x).tolist()  # [B]
-            bad.update(
-                id(s) for s, ok in zip(self.batch.samples, running_ok, strict=True) if not ok
-            )
-        for sample in finished:
-            if not bool(torch.isfinite(sample.x).all()):
-                bad.add(id(sample))
+        """Fail the jobs with a sample whose x_t is no longer finite after the step, with the
+        cause the isolating network recorded for its row (NaN output, out of memory, an error:
+        `isolation.non_finite_samples`); return the finished samples of the other jobs. The rest
+        of the running set goes on untouched."""
+        bad = non_finite_samples(
+            self.batch, row_samples, finished, self.isolation, self.classifier_isolation
+        )
         if not bad:
             return finished
-        causes: dict[int, BaseException] = {}  # id(sample) → why its row failed
-        for row, cause in self.isolation.failures.items():
-            causes.setdefault(id(row_samples[row]), cause)
-        if self.classifier_isolation is not None and self.classifier_isolation.failures:
-            # The classifier's rows: the step's samples with classifier guidance, in batch order.
-            samples = list({id(s): s for s in row_samples}.values())
-            steered = [s for s in samples if s.settings.classifier_scale != 0.0]
-            for row, cause in self.classifier_isolation.failures.items():
-                causes.setdefault(id(steered[row]), cause)
         failed: dict[int, tuple[JobState, BaseException]] = {}
         for sample in row_samples:  # every sample of the step, finished ones included
             job = self._owner.get(id(sample))
             if id(sample) not in bad or job is None or id(job) in failed:
                 continue
-            cause = causes.get(id(sample)) or NonFiniteOutput(
+            cause = bad[id(sample)] or NonFiniteOutput(
                 f"the model produced NaN or infinite values for job {job.id}'s sample; the rest "
                 "of its batch went on without it"
             )
