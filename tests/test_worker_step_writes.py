@@ -17,10 +17,10 @@ import pytest
 import redis
 import torch
 from redis.connection import AbstractConnection
-from rq.job import Job
+from rq.job import Job, Retry
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
-from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS, cancel_set_key
+from ddserve.jobs import JOB_FUNCTION, META_BATCH_SIZE, META_ERROR, META_PROGRESS, cancel_set_key
 from ddserve.settings import Settings
 from tests.redis_sandbox import RedisSandbox, sandbox
 from tests.tiny_zoo import write_diffusion_model
@@ -343,3 +343,26 @@ def test_worker_stats_name_the_batch_limit_max_batch(box: RedisSandbox, pool: Mo
     stats = box.connection.hgetall(worker_stats_key(box.prefix, worker.name))
     assert stats[b"max_batch"] == b"6" and b"max_rows" not in stats
     assert stats[b"mode"] == b"continuous"
+
+
+@pytest.mark.parametrize(
+    ("function", "kwargs", "message"),
+    [
+        ("os.getcwd", {}, "runs only"),
+        (JOB_FUNCTION, {"request": "not a dict"}, "no request"),
+    ],
+)
+def test_a_job_this_worker_cannot_run_fails_at_once_without_retry(
+    box: RedisSandbox, pool: ModelPool, function: str, kwargs: dict[str, Any], message: str
+) -> None:
+    worker = _worker(box, pool)
+    job = box.track(box.queue(MODEL).enqueue_call(function, kwargs=kwargs, retry=Retry(max=2)))
+    got = rq_bridge.dequeue(worker, [box.queue(MODEL)], None)
+    assert got is not None
+    assert worker.jobs.start(*got) is None
+    assert job.get_status(refresh=True) == "failed"  # not queued again despite its retries
+    error = job.get_meta(refresh=True)[META_ERROR]
+    assert error["code"] == "invalid_request" and message in error["message"]
+    assert worker.jobs.held == {}
+    worker.flush_step()
+    assert _metrics(box).outcomes == {"failed": 1}

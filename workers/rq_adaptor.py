@@ -56,6 +56,17 @@ def queue_seconds(job: Job) -> float | None:
     return max(0.0, (job.started_at - job.enqueued_at).total_seconds())
 
 
+def request_of(job: Job) -> Any:
+    """The request of a job of the job contract (`ddserve.jobs`), as the engine passes it to
+    `workers.execute`: the one place where the worker reads it from the RQ job. Raises ValueError
+    for a job this worker cannot run (it then fails at once, without retry)."""
+    if job.func_name != JOB_FUNCTION:
+        raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
+    if not isinstance(job.kwargs.get("request"), dict):
+        raise ValueError("the job has no request")
+    return dict(job.kwargs["request"])
+
+
 @dataclass(eq=False)
 class WorkerJob:
     """One RQ job held by this worker, and its ticket for the engine: the engine's calls
@@ -66,7 +77,7 @@ class WorkerJob:
     queue: Queue
     execution: Execution
     model: str
-    # The job's request, taken from the RQ job in exactly one place (`RQJobs.start`) and passed
+    # The job's request, read from the RQ job in exactly one place (`request_of`) and passed
     # through to `workers.execute` untouched.
     request: Any
     queue_s: float | None
@@ -129,11 +140,7 @@ class RQJobs:
             waited = (now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
             if waited > self.settings.job_ttl_s:
                 raise JobExpired(waited, self.settings.job_ttl_s)
-            if job.func_name != JOB_FUNCTION:
-                raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
-            if not isinstance(job.kwargs.get("request"), dict):
-                raise ValueError("the job has no request")
-            request = dict(job.kwargs["request"])
+            request = request_of(job)
         except Exception as exc:
             self._refuse(job, queue, execution, model, exc)
             return None
@@ -153,7 +160,7 @@ class RQJobs:
             log_fields={
                 "request_id": job.meta.get(META_REQUEST_ID),
                 "job_id": job.id,
-                "model": request.get("model"),
+                "model": model,
             },
         )
         with self.lock:
