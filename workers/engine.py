@@ -231,7 +231,7 @@ class JobState:
     pending: list[Sample]
     storing: list[StoreFuture] = field(default_factory=list)  # its images being written
     running_rows: int = 0
-    max_batch_rows: int = 0
+    largest_call_rows: int = 0  # rows of the largest network call it shared (its batch_size)
     steps_since_progress: int = 0
     image_steps: int = 0  # network calls made for this job's images, summed over its images
 
@@ -403,7 +403,7 @@ class DenoiseLane:
         self.stats.step_s += time.perf_counter() - started
         self.stats.record_call(rows)
         for job in running.values():
-            job.max_batch_rows = max(job.max_batch_rows, rows)
+            job.largest_call_rows = max(job.largest_call_rows, rows)
             job.steps_since_progress += 1
         finished = self._fail_non_finite(row_samples, finished)
         if finished:
@@ -510,7 +510,7 @@ class DenoiseLane:
             return
         _report(job)  # the last progress, step = total: also for jobs shorter than progress_every
         try:
-            job.ticket.succeed(output, job.max_batch_rows)
+            job.ticket.succeed(output, job.largest_call_rows)
             self.stats.jobs_succeeded += 1
         except Exception:
             log.exception("job %s: could not record its success", job.id)
@@ -629,7 +629,7 @@ Lane = DenoiseLane | CodecLane
 
 def _report(job: JobState) -> None:
     try:
-        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.max_batch_rows)
+        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.largest_call_rows)
     except Exception:
         log.exception("job %s: could not write progress", job.id)
 
