@@ -43,7 +43,6 @@ class Ticket:
 
     id: str
     request: dict[str, Any]
-    priority: float = 0.0
     arrived_at: float = 0.0
     deadline: float = float("inf")
 
@@ -69,7 +68,7 @@ class SaturatedEngine:
         model: str,
         storage: Storage,
         *,
-        max_rows: int = 64,
+        max_batch: int = 64,
         store_threads: int = 0,
         seed: int = 0,
     ) -> None:
@@ -82,7 +81,7 @@ class SaturatedEngine:
             [model],
             self,
             storage,
-            BatchingPolicy(max_rows=max_rows),
+            BatchingPolicy(max_batch=max_batch),
             store_threads=store_threads,
         )
 

@@ -14,7 +14,6 @@ from typing import Any
 class MemoryTicket:
     id: str
     request: dict[str, Any]
-    priority: float = 0.0
     arrived_at: float = 0.0
     deadline: float = float("inf")
     progress_log: list[tuple[int, int, int]] = field(default_factory=list)
