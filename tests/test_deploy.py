@@ -493,3 +493,28 @@ def test_prometheus_sends_an_api_key_the_gateway_accepts() -> None:
     dotenv = read_env_file(ENV_EXAMPLE)
     digest = hashlib.sha256(dotenv[variable].encode()).hexdigest()
     assert digest in [e.rsplit(":", 1)[-1] for e in dotenv["DDSERVE_API_KEYS"].split(",")]
+
+
+# --- packaging --------------------------------------------------------------------------------------
+
+
+def test_pyproject_license_is_an_spdx_expression_setuptools_accepts() -> None:
+    """PEP 639: `license` is an SPDX string (the `{text = ...}` table is deprecated by setuptools),
+    which setuptools reads from version 77 on: the build requirement must say so."""
+    import tomllib
+
+    from packaging.licenses import canonicalize_license_expression
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from setuptools.config.pyprojecttoml import validate
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    license_ = config["project"]["license"]
+    assert isinstance(license_, str), "license must be an SPDX string, not a table"
+    assert canonicalize_license_expression(license_) == license_ == "MIT"
+    assert validate(config, str(ROOT / "pyproject.toml"))
+    (setuptools,) = [
+        Requirement(r) for r in config["build-system"]["requires"] if r.startswith("setuptools")
+    ]
+    assert not setuptools.specifier.contains(Version("76.1")), setuptools
+    assert setuptools.specifier.contains(Version("77.0.0"))
