@@ -272,7 +272,7 @@ def test_metrics_name_what_the_issue_asks_for(stack: Stack) -> None:
     assert answer.status_code == 200
     families = {line.split()[2] for line in answer.text.splitlines() if line.startswith("# TYPE")}
     expected = {
-        "ddserve_request_count",  # requests by route and status
+        "ddserve_requests_total",  # requests by route and status
         "ddserve_jobs",  # jobs by status
         "ddserve_queue_depth",  # queue depth per model
         "ddserve_workers_alive",  # worker liveness
