@@ -46,6 +46,7 @@ from tests.compose import (
 )
 
 DEPLOY = ROOT / "deploy"
+STORE_CLIENTS = ("gateway", "worker", "worker-cpu")
 K8S = DEPLOY / "k8s"
 DOCKERFILES = sorted(DEPLOY.glob("*.Dockerfile"))
 WORKER_ONLY_PROBES = {"torch", "onnxruntime", "onnx", "scikit-learn"}
@@ -182,10 +183,119 @@ def test_env_example_documents_every_compose_variable() -> None:
     for name in documented:
         if name.startswith("DDSERVE_"):
             assert name in settings, f"{name} is not a setting of ddserve/settings.py"
-        else:
-            assert name in used | COMPOSE_BUILTINS, f"{name} is not used by docker-compose.yml"
+        # No env_file: a variable docker-compose.yml does not name reaches no container.
+        assert name in used | COMPOSE_BUILTINS, f"{name} is not used by docker-compose.yml"
     for name, service in load_compose()["services"].items():
-        assert env_file_paths(service) in ([], [".env"]), name
+        assert env_file_paths(service) == [], f"{name}: env_file passes all of .env on"
+
+
+STORES = {  # what the gateway and every worker need to reach Redis and the image store
+    "DDSERVE_REDIS_URL",
+    "DDSERVE_STORAGE",
+    "DDSERVE_S3_ENDPOINT_URL",
+    "DDSERVE_S3_PUBLIC_URL",
+    "DDSERVE_S3_BUCKET",
+    "DDSERVE_S3_ACCESS_KEY_ID",
+    "DDSERVE_S3_SECRET_ACCESS_KEY",
+    "DDSERVE_MODELS",
+    "DDSERVE_LOG_JSON",
+    "DDSERVE_LOG_LEVEL",
+}
+WORKER_ENV = STORES | {
+    "DDSERVE_BATCHING",
+    "DDSERVE_MAX_BATCH",
+    "DDSERVE_SHUTDOWN_GRACE_S",
+    "DDSERVE_DEVICE",
+}
+SERVICE_ENV = {  # each service's container environment: exactly what it uses
+    "redis": {"REDISCLI_AUTH"},
+    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+    "minio-init": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "BUCKET"},
+    "gateway": STORES
+    | {
+        "DDSERVE_HOST",
+        "DDSERVE_PORT",
+        "DDSERVE_API_KEYS",
+        "DDSERVE_PUBLIC_URL",
+        "DDSERVE_RATE_LIMIT_PER_MINUTE",
+        "DDSERVE_MAX_QUEUE_LENGTH",
+        "DDSERVE_MAX_WAIT_S",
+        "DDSERVE_GRACEFUL_SHUTDOWN_S",
+    },
+    "worker": WORKER_ENV,
+    "worker-cpu": WORKER_ENV,
+    "prometheus": set(),
+    "rq-dashboard": {"RQ_DASHBOARD_REDIS_URL"},
+}
+
+
+def test_compose_gives_each_service_only_its_own_variables() -> None:
+    """No env_file: the MinIO root password, the Redis password and the Prometheus key are in the
+    environment of the services that use them and nowhere else."""
+    dotenv = read_env_file(ENV_EXAMPLE)
+    services = _compose()["services"]
+    assert services.keys() == SERVICE_ENV.keys()
+    for name, service in services.items():
+        environment = service_environment(service, {".env": dotenv})
+        assert set(environment) == SERVICE_ENV[name], name
+    secrets = {
+        "MINIO_ROOT_PASSWORD": {"minio", "minio-init", "gateway", "worker", "worker-cpu"},
+        "REDIS_PASSWORD": {"redis", "gateway", "worker", "worker-cpu", "rq-dashboard"},
+        "PROMETHEUS_API_KEY": set(),  # a compose secret file of the prometheus service only
+    }
+    for variable, holders in secrets.items():
+        value = re.compile(
+            rf"(?<![\w-]){re.escape(dotenv[variable])}(?![\w-])"
+        )  # alone or in a URL
+        seen = {
+            name
+            for name, service in services.items()
+            if any(value.search(v) for v in service_environment(service, {}).values())
+        }
+        assert seen == holders, variable
+    (secret,) = services["prometheus"]["secrets"]
+    assert _compose()["secrets"][secret] == {"environment": "PROMETHEUS_API_KEY"}
+
+
+def test_compose_s3_and_redis_settings_of_dotenv_win_over_the_defaults() -> None:
+    """An external store set in .env reaches the gateway and workers as set (the compose defaults
+    only fill in what .env leaves out)."""
+    external = {
+        "DDSERVE_S3_ACCESS_KEY_ID": "external-id",
+        "DDSERVE_S3_SECRET_ACCESS_KEY": "external-secret",
+        "DDSERVE_S3_ENDPOINT_URL": "https://s3.example.com",
+        "DDSERVE_REDIS_URL": "redis://:pw@redis.example.com:6380/2",
+    }
+    services = load_compose(read_env_file(ENV_EXAMPLE) | external)["services"]
+    for name in ("gateway", "worker", "worker-cpu"):
+        environment = service_environment(services[name], {})
+        assert {k: environment[k] for k in external} == external, name
+    dotenv = read_env_file(ENV_EXAMPLE)
+    environment = service_environment(_compose()["services"]["gateway"], {})
+    assert environment["DDSERVE_S3_ACCESS_KEY_ID"] == dotenv["MINIO_ROOT_USER"]
+    assert environment["DDSERVE_S3_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]
+
+
+def test_compose_redis_requires_the_password_every_client_url_carries() -> None:
+    from redis import Redis
+
+    dotenv = read_env_file(ENV_EXAMPLE)
+    password = dotenv["REDIS_PASSWORD"]
+    services = _compose()["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == password
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password  # its health check
+    urls = [service_environment(services[n], {})["DDSERVE_REDIS_URL"] for n in STORE_CLIENTS]
+    urls.append(services["rq-dashboard"]["environment"]["RQ_DASHBOARD_REDIS_URL"])
+    for url in urls:
+        assert urlparse(url).password == password, url
+        # what ddserve's settings hand redis-py: the password reaches the connection
+        settings = Settings(redis_url=url)
+        kwargs = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+        assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis", 6379, 0)
+        assert kwargs["password"] == password
+    with pytest.raises(Exception, match="REDIS_PASSWORD"):  # compose refuses to start without
+        load_compose({k: v for k, v in dotenv.items() if k != "REDIS_PASSWORD"})
 
 
 def test_env_example_demo_key_is_the_documented_one() -> None:
