@@ -30,13 +30,24 @@ from service.logs import configure_logging
 
 log = logging.getLogger("ddserve.serve")
 
-# Our access log (with request ids) replaces uvicorn's; keep-alive outlives a client's or load
-# balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too).
-UVICORN_OPTIONS: dict[str, Any] = {
-    "log_config": None,
-    "access_log": False,
-    "timeout_keep_alive": 75,
-}
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the gateway.
+
+    Our access log (with request ids) replaces uvicorn's. Keep-alive outlives a client's or load
+    balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too).
+    On SIGTERM uvicorn stops listening, closes idle connections and waits for the requests in
+    flight: by default for ever (`timeout_graceful_shutdown=None`), so a stuck request would hold
+    the process until the orchestrator kills it and every held `Prefer: wait` with it. Bounded by
+    `graceful_shutdown_s` (above `max_wait_s`), the held waits are answered and the process exits
+    before Docker's stop_grace_period or Kubernetes' terminationGracePeriodSeconds run out.
+    """
+    return {
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": 75,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +158,9 @@ def run_embedded(settings: Settings, threads: int) -> int:
     ]
     try:
         app = create_app(settings, fakeredis.FakeRedis(server=server_state))
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, **uvicorn_options(settings)
+        )
         _run(config, settings)
     finally:
         for handle in handles:
@@ -173,11 +186,11 @@ def run_gateway(settings: Settings, processes: int) -> int:
             host=settings.host,
             port=settings.port,
             workers=processes,
-            **UVICORN_OPTIONS,
+            **uvicorn_options(settings),
         )
         return 0
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, **UVICORN_OPTIONS
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
     )
     _run(config, settings)
     return 0
