@@ -483,12 +483,15 @@ def test_k8s_manifests_match_the_kubernetes_schemas(version: str) -> None:
 
 
 def test_keda_scaled_object_follows_the_keda_crd() -> None:
-    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 
-    (document,) = [d for _, d in _k8s_documents() if d["kind"] == "ScaledObject"]
-    parsed = ScaledObject.model_validate(document)
-    # pydantic drops unknown fields: a round trip that loses nothing has none (strict, as above).
-    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
+    models = {"ScaledObject": ScaledObject, "TriggerAuthentication": TriggerAuthentication}
+    keda = [d for _, d in _k8s_documents() if d["apiVersion"].startswith("keda.sh/")]
+    assert sorted(d["kind"] for d in keda) == sorted(models)
+    for document in keda:
+        parsed = models[document["kind"]].model_validate(document)
+        # pydantic drops unknown fields: a round trip that loses nothing has none (strict, as above).
+        assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
 
 
 def _keda_module() -> ModuleType:
@@ -514,13 +517,18 @@ def test_keda_scales_the_worker_on_the_rq_list_of_every_model() -> None:
     assert scaled["minReplicaCount"] >= 1  # a warm worker: cold starts load every model
     config = _resource("ConfigMap", "ddserve-config")["data"]
     redis_service = _resource("Service", "ddserve-redis")
-    namespace = _resource("Namespace", "ddserve")["metadata"]["name"]
-    redis_url = urlparse(config["DDSERVE_REDIS_URL"])
+    namespace = _kustomization()["namespace"]
+    redis_url = urlparse(_env(_container("Deployment", "ddserve-worker"))["DDSERVE_REDIS_URL"])
     assert redis_url.hostname == redis_service["metadata"]["name"]
+    authentication = _resource("TriggerAuthentication", "ddserve-redis")["spec"]
+    (password,) = authentication["secretTargetRef"]
+    assert password["parameter"] == "password"
+    assert (password["name"], password["key"]) == _redis_password_secret("ddserve-worker")
     connection = FakeRedis()
     models = set()
     for trigger in scaled["triggers"]:
         assert trigger["type"] == "redis"
+        assert trigger["authenticationRef"] == {"name": "ddserve-redis"}
         meta = trigger["metadata"]
         host, port = meta["address"].rsplit(":", 1)
         assert host == f"{redis_service['metadata']['name']}.{namespace}.svc.cluster.local"
@@ -566,11 +574,220 @@ def test_k8s_redis_persists_with_aof_on_a_volume() -> None:
     assert mount["name"] in claims
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def _kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def test_kustomization_lists_every_manifest_and_alone_names_the_namespace() -> None:
+    kustomization = _kustomization()
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     assert set(kustomization["resources"]) == manifests
-    assert kustomization["namespace"] == _resource("Namespace", "ddserve")["metadata"]["name"]
+    assert kustomization["namespace"]
+    for name, document in _k8s_documents():
+        assert "namespace" not in document["metadata"], name
+        assert document["kind"] != "Namespace", name
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's literal env values (valueFrom ones left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _redis_password_secret(deployment: str) -> tuple[str, str]:
+    """(Secret, key) the Deployment's REDIS_PASSWORD comes from."""
+    container = _container("Deployment", deployment)
+    (entry,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_k8s_redis_requires_the_password_every_client_url_carries() -> None:
+    container = _container("StatefulSet", "ddserve-redis")
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    names = [e["name"] for e in container["env"]]
+    for variable in ("REDIS_PASSWORD", "REDISCLI_AUTH"):  # the server's, and its probes'
+        (entry,) = [e for e in container["env"] if e["name"] == variable]
+        assert entry["valueFrom"]["secretKeyRef"] == {"name": "ddserve-redis", "key": "password"}
+    assert names.index("REDIS_PASSWORD") >= 0
+    example = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
+    }
+    assert "password" in example["ddserve-redis"]["stringData"]
+    for deployment in ("ddserve-gateway", "ddserve-worker"):
+        container = _container("Deployment", deployment)
+        assert _redis_password_secret(deployment) == ("ddserve-redis", "password")
+        names = [e["name"] for e in container["env"]]
+        # $(REDIS_PASSWORD) is expanded only from variables defined before it.
+        assert names.index("REDIS_PASSWORD") < names.index("DDSERVE_REDIS_URL")
+        url = _env(container)["DDSERVE_REDIS_URL"]
+        assert urlparse(url).password == "$(REDIS_PASSWORD)", deployment
+        # Kubernetes expands it; a URL-safe password then parses back out of the URL.
+        expanded = url.replace("$(REDIS_PASSWORD)", "s3cret-Pass_1.2~3")
+        settings = Settings(redis_url=expanded)
+        from redis import Redis
+
+        kwargs = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+        assert kwargs["password"] == "s3cret-Pass_1.2~3"
+        assert kwargs["host"] == _resource("Service", "ddserve-redis")["metadata"]["name"]
+    assert "DDSERVE_REDIS_URL" not in _resource("ConfigMap", "ddserve-config")["data"]
+
+
+def test_k8s_only_the_gateway_and_workers_reach_redis() -> None:
+    policy = _resource("NetworkPolicy", "ddserve-redis")["spec"]
+    redis_labels = _resource("StatefulSet", "ddserve-redis")["spec"]["template"]["metadata"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    pods = [peer["podSelector"] for peer in rule["from"] if "podSelector" in peer]
+    (selector,) = pods
+    (expression,) = selector["matchExpressions"]
+    assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In"
+    assert sorted(expression["values"]) == ["ddserve-gateway", "ddserve-worker"]
+    for name in expression["values"]:
+        labels = _resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name
+    namespaces = [peer["namespaceSelector"] for peer in rule["from"] if "namespaceSelector" in peer]
+    assert namespaces == [{"matchLabels": {"kubernetes.io/metadata.name": "keda"}}]
+    assert rule["ports"] == [{"port": 6379}]
+
+
+def test_k8s_disruption_budgets_cover_the_gateway_and_the_workers() -> None:
+    for name in ("ddserve-gateway", "ddserve-worker"):
+        budget = _resource("PodDisruptionBudget", name)["spec"]
+        labels = _resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert budget["selector"]["matchLabels"].items() <= labels.items()
+        assert budget.get("minAvailable", 0) >= 1 or budget.get("maxUnavailable") == 1
+
+
+def test_k8s_worker_replicas_are_left_to_keda() -> None:
+    assert "replicas" not in _resource("Deployment", "ddserve-worker")["spec"]
+    scaled = _resource("ScaledObject", "ddserve-worker")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "ddserve-worker"
+
+
+def test_k8s_worker_probes_run_the_worker_healthcheck() -> None:
+    """Each probe runs `python -m ddserve.healthcheck --worker <pod name>` (the worker's RQ name);
+    only liveness tolerates a Redis outage."""
+    import shlex
+
+    from ddserve.healthcheck import main as healthcheck_main
+
+    worker = _container("Deployment", "ddserve-worker")
+    assert worker["command"][-2:] == ["--name", "$(POD_NAME)"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        shell, flag, script = worker[probe]["exec"]["command"]
+        assert (shell, flag) == ("sh", "-c")
+        argv = shlex.split(script)
+        assert argv[:4] == ["exec", "python", "-m", "ddserve.healthcheck"], probe
+        assert argv[4:6] == ["--worker", "$POD_NAME"], probe
+        assert ("--liveness" in argv) == (probe == "livenessProbe"), probe
+        with pytest.raises(SystemExit) as parsed:  # the flags are the module's own
+            healthcheck_main([*argv[4:], "--help"])
+        assert parsed.value.code == 0
+    # a worker loads every model before it registers: its startup probe waits long enough
+    startup = worker["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+GRACE_MARGIN_S = 10  # SIGKILL no earlier than this after the process should have ended
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("80s", "2m", "1m30s") in seconds."""
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", duration):
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+    assert total > 0, duration
+    return total
+
+
+def test_stop_grace_periods_cover_the_waits_and_the_worker_grace() -> None:
+    """Docker and Kubernetes send SIGKILL after their grace period: the gateway's must cover its
+    graceful shutdown (itself above the longest `Prefer: wait`) and any preStop pause; the
+    workers' must cover DDSERVE_SHUTDOWN_GRACE_S, after which a worker hands its jobs back."""
+    config = _resource("ConfigMap", "ddserve-config")["data"]
+    compose = _compose()["services"]
+
+    def setting(name: str, environment: dict[str, str]) -> float:
+        variable = f"DDSERVE_{name.upper()}"
+        return float(environment.get(variable, Settings.model_fields[name].default))
+
+    gateway_env = service_environment(compose["gateway"], {})
+    for environment, grace, pre_stop in (
+        (gateway_env, _seconds(compose["gateway"]["stop_grace_period"]), 0.0),
+        (
+            config | _env(_container("Deployment", "ddserve-gateway")),
+            _resource("Deployment", "ddserve-gateway")["spec"]["template"]["spec"][
+                "terminationGracePeriodSeconds"
+            ],
+            float(
+                _container("Deployment", "ddserve-gateway")["lifecycle"]["preStop"]["exec"][
+                    "command"
+                ][1]
+            ),
+        ),
+    ):
+        drain = setting("graceful_shutdown_s", environment)
+        assert drain > setting("max_wait_s", environment)
+        assert grace >= pre_stop + drain + GRACE_MARGIN_S
+    for environment, grace in (
+        (
+            service_environment(compose["worker"], {}),
+            _seconds(compose["worker"]["stop_grace_period"]),
+        ),
+        (
+            service_environment(compose["worker-cpu"], {}),
+            _seconds(compose["worker-cpu"]["stop_grace_period"]),
+        ),
+        (
+            config | _env(_container("Deployment", "ddserve-worker")),
+            _resource("Deployment", "ddserve-worker")["spec"]["template"]["spec"][
+                "terminationGracePeriodSeconds"
+            ],
+        ),
+    ):
+        assert grace >= setting("shutdown_grace_s", environment) + GRACE_MARGIN_S
+
+
+# An explicit version: major.minor.patch (or MinIO's RELEASE.<date>; Ubuntu's releases are YY.MM),
+# never `latest` nor a moving major.minor. Digests (`@sha256:...`) are not knowable offline: the
+# release pipeline pins them when it builds (deploy/README.md).
+_VERSIONED_TAG = re.compile(r"^(v?\d+\.\d+\.\d+([.\-][\w.\-]+)?|RELEASE\.[\w.\-]+)$")
+_UBUNTU_RELEASE = re.compile(r"^ubuntu:\d\d\.(04|10)$")
+
+
+def _image_references() -> list[tuple[str, str]]:
+    """(where, image) of every image compose, Kubernetes and the Dockerfiles name."""
+    found = [
+        (f"compose {name}", service["image"])
+        for name, service in _compose()["services"].items()
+        if "image" in service and "build" not in service  # built ones are ours, tagged IMAGE_TAG
+    ]
+    for name, service in _compose()["services"].items():
+        for arg, value in service.get("build", {}).get("args", {}).items():
+            if arg.endswith("IMAGE"):
+                found.append((f"compose {name} build {arg}", value))
+    for name, document in _k8s_documents():
+        template = document.get("spec", {}).get("template", {}).get("spec", {})
+        for container in template.get("containers", []):
+            found.append((f"{name} {container['name']}", container["image"]))
+    for dockerfile in DOCKERFILES:
+        for keyword, arguments in _instructions(dockerfile):
+            if keyword == "ARG" and re.match(r"^\w*IMAGE=", arguments):
+                found.append((dockerfile.name, arguments.split("=", 1)[1]))
+    return found
+
+
+def test_every_image_reference_has_an_explicit_version() -> None:
+    references = _image_references()
+    assert len(references) >= 8
+    for where, image in references:
+        name, _, digest = image.partition("@")
+        _, _, tag = name.rpartition(":")
+        explicit = _VERSIONED_TAG.match(tag) or _UBUNTU_RELEASE.match(name)
+        assert digest.startswith("sha256:") or explicit, f"{where}: {image}"
 
 
 # --- Prometheus -------------------------------------------------------------------------------------
@@ -628,3 +845,57 @@ def test_pyproject_license_is_an_spdx_expression_setuptools_accepts() -> None:
     ]
     assert not setuptools.specifier.contains(Version("76.1")), setuptools
     assert setuptools.specifier.contains(Version("77.0.0"))
+
+
+PROMETHEUS_CONFIGS = [DEPLOY / "prometheus.yml", DEPLOY / "prometheus-k8s.yml"]
+
+
+@pytest.mark.parametrize("path", PROMETHEUS_CONFIGS, ids=lambda p: p.name)
+def test_prometheus_config_passes_promtool_check_config(path: Path, tmp_path: Path) -> None:
+    """`promtool check config` in full: it also opens the API key's credentials_file, which only
+    the Prometheus container has, so a copy points it at a stand-in file."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: `make promtool` (Debian's prometheus package)")
+    config = yaml.safe_load(path.read_text())
+    key = tmp_path / "api-key"
+    key.write_text("change-me")
+    for job in config["scrape_configs"]:
+        assert job["authorization"]["type"] == "Bearer", job["job_name"]
+        job["authorization"]["credentials_file"] = str(key)
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [promtool, "check", "config", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_k8s_scrapes_every_gateway_pod_with_an_api_key() -> None:
+    """Annotation-based scraping sends no API key (401): the gateway pods carry no prometheus.io
+    annotations, and deploy/prometheus-k8s.yml finds them through their headless Service's DNS
+    records and sends a bearer key from a mounted secret."""
+    gateway = _resource("Deployment", "ddserve-gateway")["spec"]["template"]
+    annotations = gateway["metadata"].get("annotations", {})
+    assert not [a for a in annotations if a.startswith("prometheus.io/")]
+    config = yaml.safe_load((DEPLOY / "prometheus-k8s.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"].startswith("/etc/prometheus/secrets/")
+    pods = _resource("Service", "ddserve-gateway-pods")["spec"]
+    assert pods["clusterIP"] == "None"  # headless: one A record per ready pod
+    assert pods["selector"].items() <= gateway["metadata"]["labels"].items()
+    (port,) = [
+        p for p in _container("Deployment", "ddserve-gateway")["ports"] if p["name"] == "http"
+    ]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["type"] == "A"
+    assert discovery["names"] == [
+        f"ddserve-gateway-pods.{_kustomization()['namespace']}.svc.cluster.local"
+    ]
+    assert (
+        discovery["port"]
+        == port["containerPort"]
+        == int(_env(_container("Deployment", "ddserve-gateway"))["DDSERVE_PORT"])
+    )
