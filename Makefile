@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 TORCH_VERSION := 2.13.0
 
-.PHONY: serve test test-all lint format venv redis browser clean bench
+.PHONY: serve test test-all lint format venv redis browser promtool clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,15 +38,29 @@ browser:
 	    echo "make browser: no apt-get as root here; install chromium to run the playground browser test (skipped meanwhile)"; \
 	  fi; }
 
+# Prometheus's promtool (Debian's prometheus package, the same apt-get path as `browser`): the
+# test that lints a real /metrics scrape (`promtool check metrics`) and checks deploy/'s Prometheus
+# configs (`promtool check config`). A no-op when present; without apt-get those tests are skipped.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "make promtool: installing Debian's prometheus (log: $(VENV)/promtool-install.log)"; \
+	    mkdir -p $(VENV); \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } >$(VENV)/promtool-install.log 2>&1 \
+	      || echo "make promtool: apt-get failed (see $(VENV)/promtool-install.log); the promtool tests will be skipped"; \
+	  else \
+	    echo "make promtool: no apt-get as root here; install promtool to run the Prometheus lint tests (skipped meanwhile)"; \
+	  fi; }
+
 serve: $(STAMP)
 	$(BIN)/ddserve serve
 
-test: $(DEV_STAMP) redis browser
+test: $(DEV_STAMP) redis browser promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-all: $(DEV_STAMP) redis browser
+test-all: $(DEV_STAMP) redis browser promtool
 	$(BIN)/python -m pytest -m ""
 
 lint: $(DEV_STAMP)

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="file of API key hashes, one per line")
     max_wait_s: float = Field(60.0, description="largest `Prefer: wait=N` honoured")
+    graceful_shutdown_s: float = Field(
+        65.0,
+        gt=0.0,
+        description="on SIGTERM the gateway stops accepting connections and gives the requests it "
+        "holds (`Prefer: wait` included) this long to finish; keep it above max_wait_s, and the "
+        "pod's or container's stop grace period above it",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, description="largest request body (413 above)")
     max_image_bytes: int = Field(
         1024 * 1024, description="largest decoded upload image (413 above)"

@@ -44,6 +44,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     HTTP protocol is uvicorn's httptools one with a header deadline and size cap
     (`service.http_protocol`): uvicorn has neither, so a slowloris client held its connection for
     ever. `h11_max_incomplete_event_size` bounds the same when h11 is chosen instead.
+    On SIGTERM uvicorn stops listening, closes idle connections and waits for the requests in
+    flight: by default for ever (`timeout_graceful_shutdown=None`), so a stuck request would hold
+    the process until the orchestrator kills it and every held `Prefer: wait` with it. Bounded by
+    `graceful_shutdown_s` (above `max_wait_s`), the held waits are answered and the process exits
+    before Docker's stop_grace_period or Kubernetes' terminationGracePeriodSeconds run out.
     """
     return {
         "log_config": None,
@@ -52,6 +57,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": settings.keep_alive_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "limit_concurrency": settings.max_concurrency or None,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
     }
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue, Worker
 from rq.job import Job
-from rq.registry import FinishedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from ddserve.job_metrics import JobOutcome, record_outcome
 from ddserve.settings import Settings
@@ -140,9 +141,9 @@ def test_metrics(client: TestClient) -> None:
     pipe.execute()
     text = client.get("/metrics").text
     lines = set(text.splitlines())
-    assert "# TYPE ddserve_request_count counter" in lines
-    assert 'ddserve_request_count{method="POST",route="/generate",status="202"} 2.0' in lines
-    assert 'ddserve_request_count{method="POST",route="/generate",status="404"} 1.0' in lines
+    assert "# TYPE ddserve_requests_total counter" in lines
+    assert 'ddserve_requests_total{method="POST",route="/generate",status="202"} 2.0' in lines
+    assert 'ddserve_requests_total{method="POST",route="/generate",status="404"} 1.0' in lines
     assert 'ddserve_request_duration_seconds_count{route="/generate"} 3.0' in lines
     assert 'ddserve_queue_depth{model="tiny-ddpm"} 1.0' in lines
     assert 'ddserve_jobs{status="queued"} 1.0' in lines
@@ -165,7 +166,51 @@ def test_metrics(client: TestClient) -> None:
     assert again['ddserve_jobs{status="succeeded"}'] == 0
     assert again['ddserve_images_generated_total{model="tiny-ddpm"}'] == 3
     assert again['ddserve_compute_duration_seconds_count{model="tiny-ddpm"}'] == 2
-    assert again['ddserve_request_count{method="GET",route="/metrics",status="200"}'] == 1
+    assert again['ddserve_requests_total{method="GET",route="/metrics",status="200"}'] == 1
+
+
+def test_metrics_count_a_canceled_running_job_as_canceled(client: TestClient) -> None:
+    """A job canceled while it ran ends as RQ's stop-job path leaves it (status `stopped`, in the
+    failed-job registry): ddserve_jobs shows it as canceled, and a failed job as failed."""
+    conn = client.app.state.ddserve.connection
+    queue = Queue("gwtest:tiny-ddpm", connection=conn)
+    failed = FailedJobRegistry(queue=queue)
+    for status in ("stopped", "failed"):
+        job_id = client.post("/generate", json=GEN).json()["id"]
+        job = Job.fetch(job_id, connection=conn)
+        conn.lrem(queue.key, 0, job.id)
+        job.set_status(status)
+        failed.add(job, 3600)
+    lines = set(client.get("/metrics").text.splitlines())
+    assert 'ddserve_jobs{status="canceled"} 1.0' in lines
+    assert 'ddserve_jobs{status="failed"} 1.0' in lines
+
+
+def test_metrics_scrape_passes_promtool_check_metrics(client: TestClient) -> None:
+    """Prometheus's own linter on a real scrape with every family filled in (counters end in
+    `_total`, units in base units, HELP on every family). promtool: `make promtool` (Debian's
+    prometheus package)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: `make promtool` (Debian's prometheus package)")
+    conn = client.app.state.ddserve.connection
+    client.post("/generate", json=GEN)
+    client.post("/generate", json={"model": "nope"})
+    pipe = conn.pipeline()
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "succeeded", 0.5, 2.0, 3, 24, 50))
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "canceled", 0.1, 0.2))
+    pipe.execute()
+    client.get("/healthz")
+    scrape = client.get("/metrics")
+    assert scrape.status_code == 200 and "ddserve_requests_total{" in scrape.text
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape.text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_every_gateway_process_shows_the_same_totals(zoo: Path, tmp_path: Path) -> None:
@@ -178,7 +223,7 @@ def test_every_gateway_process_shows_the_same_totals(zoo: Path, tmp_path: Path) 
         ca.get("/healthz")
         cb.get("/healthz")
         b.state.ddserve.telemetry.flush()  # what b's once-a-second write does
-        line = 'ddserve_request_count{method="GET",route="/healthz",status="200"}'
+        line = 'ddserve_requests_total{method="GET",route="/healthz",status="200"}'
         assert _samples(ca.get("/metrics").text)[line] == 3
         assert _samples(cb.get("/metrics").text)[line] == 3
 
@@ -199,7 +244,7 @@ def test_request_counts_are_written_every_second_and_survive_an_outage(
     assert "ddserve_redis_up 0.0" in client.get("/metrics").text
     server.connected = True
     samples = _samples(client.get("/metrics").text)
-    assert samples['ddserve_request_count{method="GET",route="/healthz",status="200"}'] == 3
+    assert samples['ddserve_requests_total{method="GET",route="/healthz",status="200"}'] == 3
     assert samples['ddserve_request_duration_seconds_count{route="/healthz"}'] == 3
 
 
