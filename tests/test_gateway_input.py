@@ -51,3 +51,19 @@ def test_storage_keys_and_request_ids_are_matched_whole() -> None:
             validate_key(key)
     assert request_id_from("req-1") == "req-1"
     assert request_id_from("req-1\n") != "req-1\n"  # a fresh id, never the header's newline
+
+
+def _deep_json(depth: int, leaf: str = "0.5") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [40, 600, 900])
+@pytest.mark.parametrize(
+    ("model", "field"), [("tiny-ae", "latents"), ("tiny-vq", "latents"), ("tiny-vq", "codes")]
+)
+def test_deeply_nested_latents_and_codes_are_a_422(
+    client: TestClient, depth: int, model: str, field: str
+) -> None:
+    body = f'{{"model": "{model}", "{field}": {_deep_json(depth)}}}'
+    r = client.post("/decode", content=body, headers={"content-type": "application/json"})
+    assert_error(r, 422, "nesting_too_deep", field)
