@@ -9,13 +9,14 @@ import functools
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ddserve.jobs import JobKind
 from service.dependencies import CallerDep, State
 from service.errors import ERROR_RESPONSES
+from service.json_body import BoundedJsonRoute, known_fields_only
 from service.normalize import RequestNormalizer
 from service.schemas import Job
 from service.submission import submit
@@ -87,4 +88,7 @@ def add_job_route(
         responses=JOB_RESPONSES,
         summary=summary,
         description=description,
+        # the body is parsed and its keys checked at a bounded cost (service/json_body.py)
+        dependencies=[Depends(known_fields_only(body_model))],
+        route_class_override=BoundedJsonRoute,
     )
