@@ -58,12 +58,16 @@ def add_job_route(
     `RequestNormalizer` method), queued as a `kind` job; the route (and its operation id) is named
     after the kind."""
 
+    KnownFields = Annotated[None, Depends(known_fields_only(body_model))]
+
     # No docstring: FastAPI would show it as the description of routes that have none.
     async def create_job(
         body: body_model,  # type: ignore[valid-type]
         request: Request,
         state: State,
         caller: CallerDep,
+        # after the key check, before the body's validation: unknown keys in one pass
+        _known_fields: KnownFields,
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> JSONResponse:
@@ -88,7 +92,5 @@ def add_job_route(
         responses=JOB_RESPONSES,
         summary=summary,
         description=description,
-        # the body is parsed and its keys checked at a bounded cost (service/json_body.py)
-        dependencies=[Depends(known_fields_only(body_model))],
-        route_class_override=BoundedJsonRoute,
+        route_class_override=BoundedJsonRoute,  # the body parsed at a bounded cost
     )
