@@ -189,3 +189,21 @@ def test_healthz_stays_fast_while_hostile_bodies_arrive(client: TestClient) -> N
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     print(f"/healthz under attack: p50 {latencies[len(latencies) // 2]:.4f} s, p99 {p99:.4f} s")
     assert p99 < 0.2, latencies[-5:]
+
+
+def test_chunked_hostile_bodies_are_counted_as_they_arrive(client: TestClient) -> None:
+    """No Content-Length: the gateway counts the chunks (413 past max_body_bytes), and a body under
+    the limit is refused by its value count like any other."""
+    body = _hostile_keys(330_000)
+
+    def chunks(data: bytes, repeat: int = 1) -> Iterator[bytes]:
+        for _ in range(repeat):
+            for start in range(0, len(data), 65536):
+                yield data[start : start + 65536]
+
+    r = client.post("/generate", content=chunks(body), headers=JSON)
+    assert "content-length" not in r.request.headers
+    assert_error(r, 422, "too_many_values")
+    assert_error(
+        client.post("/generate", content=chunks(body, 2), headers=JSON), 413, "body_too_large"
+    )
