@@ -54,7 +54,20 @@ class Settings(BaseSettings):
         "holds (`Prefer: wait` included) this long to finish; keep it above max_wait_s, and the "
         "pod's or container's stop grace period above it",
     )
-    max_body_bytes: int = Field(4 * 1024 * 1024, description="largest request body (413 above)")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        description="largest request body, Content-Length or counted as a chunked body arrives "
+        "(413 above). The other limits allow 16 images of max_image_bytes (16 x 1.40 MB base64 = "
+        "22.4 MB); the default is well under that: it holds the largest one-image request (inpaint: "
+        "image and mask at max_image_bytes, 2 x 1.40 MB) with room to spare, while 16 images of a "
+        "model's own size are small (the zoo's largest, 32x32 RGB, is <= 4.3 KB base64: 68 KB)",
+    )
+    max_body_values: int = Field(
+        65536,
+        description="most JSON values in a request body, counted as its commas before it is "
+        "parsed (422 above): the parse of a body of many small values costs far more than its "
+        "size. The default is 16 latents of 4096 numbers (4x32x32), 16x the zoo's largest decode",
+    )
     max_image_bytes: int = Field(
         1024 * 1024, description="largest decoded upload image (413 above)"
     )
