@@ -306,6 +306,26 @@ def test_a_canceled_job_shows_as_canceled_not_as_an_error(page: Any) -> None:
     assert json.loads(page.text_content("#gen-job"))["status"] == "canceled"
 
 
+def test_a_job_in_flight_stays_off_the_next_models_outputs(page: Any) -> None:
+    """Switching models while a job runs: its progress and result are no longer shown (the
+    Cancel button still stops it)."""
+    page.select_option("#gen-model", DIFFUSION)
+    page.select_option("#gen-sampler", "ddpm")
+    page.fill("#gen-steps", "1000")
+    page.fill("#gen-n", "16")
+    page.click("#gen-submit")
+    running = "document.querySelector('#gen-progress .label').textContent.startsWith('step')"
+    page.wait_for_function(running)
+    page.select_option("#gen-model", RGB_DIFFUSION)
+    assert page.get_attribute("#gen-progress", "data-state") == "idle"
+    page.wait_for_timeout(1000)  # several polls (every 150 ms) of the running job
+    assert page.inner_text("#gen-progress") == "idle" and page.text_content("#gen-job") == ""
+    page.click("#gen-cancel")
+    page.wait_for_function("!document.getElementById('gen-submit').disabled")
+    assert page.inner_text("#gen-progress") == "idle" and page.is_hidden("#gen-error")
+    assert page.locator("#gen-grid img").count() == 0
+
+
 # The header's text items: each must be one line, side by side.
 HEADER_LAYOUT = """(() => {
   const header = document.querySelector('header');

@@ -328,10 +328,12 @@ class Panel {
     if (cancel) {
       cancel.addEventListener("click", async () => {
         if (!this.control.jobId) return;
+        const outputs = this.control.outputs;
         try {
-          this.progress.show(await api(`jobs/${this.control.jobId}/cancel`, { method: "POST" }));
+          const job = await api(`jobs/${this.control.jobId}/cancel`, { method: "POST" });
+          if (outputs === this.outputs) this.progress.show(job); // else: a previous model's job
         } catch (error) {
-          showError(this.errorBox, error);
+          if (outputs === this.outputs) showError(this.errorBox, error);
         }
       });
     }
@@ -395,6 +397,7 @@ class Panel {
     const cancel = $(`${this.prefix}-cancel`);
     const outputs = this.outputs;
     const current = () => outputs === this.outputs;
+    this.control.outputs = outputs;
     for (const button of busyButtons) button.disabled = true;
     if (cancel) cancel.disabled = false;
     this.progress.set(0, "submitting…");
