@@ -481,6 +481,6 @@ def test_the_guidance_slider_is_diffusers_s_from_the_models_default(page: Any) -
     assert page.get_attribute("#gen-progress", "data-state") == "done"
     set_guidance(page, 0)  # below the range: the slider holds at 1, no guidance
     assert slider.input_value() == "1" and page.inner_text("#gen-guidance-value") == "1 · none"
-    # another model: its own default (0 here, the old meaning) is held at the slider's minimum
+    # another model: its own default (0 in the old meaning w, 1 in s) shows as the minimum, 1
     page.select_option("#gen-model", RGB_DIFFUSION)
     assert slider.input_value() == "1"
