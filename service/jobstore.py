@@ -41,6 +41,7 @@ from ddserve.jobs import (
     public_status,
     queue_name,
 )
+from ddserve.notifications import publish_finished
 from ddserve.settings import Settings
 
 
@@ -244,7 +245,11 @@ class JobStore:
             with contextlib.suppress(InvalidJobOperation):  # canceled concurrently
                 job.cancel()
                 # RQ's cancel leaves ended_at empty; the job's completed_at is the cancel time.
-                self.connection.hset(job.key, "ended_at", utcformat(rq_now()))
+                # Held requests on the job (Prefer: wait) wake on the notification sent with it.
+                pipe = self.connection.pipeline(transaction=False)
+                pipe.hset(job.key, "ended_at", utcformat(rq_now()))
+                publish_finished(pipe, self.prefix, job.id)
+                pipe.execute()
 
     # --- counts ---
 
