@@ -3,8 +3,8 @@
 One trip to a worker thread (`anyio.to_thread`) does the synchronous part — rate limit, model
 checks and normalization (image decoding included), idempotency claim, then the queue-length check
 and the enqueue together in one Redis round trip — so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
-with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (within 10 ms)
-or after N seconds: `200` with the finished job, else `202`.
+with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (on its
+job-finished notification) or after N seconds: `200` with the finished job, else `202`.
 """
 
 from __future__ import annotations
