@@ -1,8 +1,9 @@
 """Held `Prefer: wait` requests wake on job-finished notifications (`service.waiter`,
 `ddserve.notifications`): from a worker's success, failure and stop, the recovery sweeps, and the
 gateway's cancel; a lost notification is caught by the safety poll, and the subscription survives
-its connection being killed. Real Redis at 127.0.0.1:6379 under a test prefix (fakeredis has no
-CLIENT KILL), except the embedded-mode test.
+its connection being killed and Redis restarting. Real Redis at 127.0.0.1:6379 under a test prefix
+(fakeredis has no CLIENT KILL), a private redis-server for the restart, fakeredis for the embedded
+mode.
 
 The safety poll is set to 30 s wherever a test times the answer, so that only a notification can
 answer within the 1 s these tests allow."""
@@ -27,9 +28,10 @@ from rq.registry import StartedJobRegistry
 from ddserve import recovery
 from ddserve.notifications import JobEvent, channel, decode_message, encode_message
 from ddserve.settings import Settings
-from service.app import create_app
+from service.app import connect, create_app
 from tests.gateway_support import make_app, write_config_zoo
 from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, wait_until
+from tests.redis_server import RedisServer, redis_server_available
 from workers import rq_bridge
 
 GEN = {"model": "tiny-ddpm", "class_label": 1, "seed": 1}
@@ -343,3 +345,44 @@ def test_the_subscription_survives_a_killed_connection(
             held, lambda: rq_bridge.finish_successes(worker, [item])
         )
     assert response.json()["status"] == "succeeded" and delay < ANSWER_WITHIN_S
+
+
+@pytest.mark.skipif(not redis_server_available(), reason="needs redis-server")
+def test_the_subscription_comes_back_after_a_redis_restart(zoo: Path, tmp_path: Path) -> None:
+    """A private redis-server crashes (SIGKILL) with a request held, and comes back: the waiter
+    resubscribes by itself and the next notification answers the request."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        connection = Redis.from_url(server.url)
+        box = RedisSandbox(connection)
+        settings = Settings(
+            zoo_dir=zoo,
+            storage_dir=tmp_path / "images",
+            auth_enabled=False,
+            signing_secret="test-secret",
+            key_prefix=box.prefix,
+            redis_url=server.url,
+            max_retries=0,
+            wait_poll_s=30.0,
+        )
+        app = create_app(settings, connect(settings))
+        waiter = app.state.ddserve.waiter
+        with TestClient(app) as client:
+            wait_until(lambda: waiter.subscribed, 10)
+            (held,), _ = hold(client, box)
+            server.kill()
+            wait_until(lambda: not waiter.subscribed, 10)
+            time.sleep(1.0)  # a few failed attempts: the backoff grows
+            server.start()  # same port, same AOF: the job is still there
+            wait_until(lambda: waiter.subscribed, 15)
+            worker = worker_for(box)
+            job, queue, execution = start_job(box, worker)
+            item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
+            response, delay = answered_after_finish(
+                held, lambda: rq_bridge.finish_successes(worker, [item])
+            )
+        assert response.status_code == 200 and response.json()["status"] == "succeeded"
+        assert delay < ANSWER_WITHIN_S
+    finally:
+        server.kill()
