@@ -260,6 +260,27 @@ def test_embedded_mode_notifications_on_fakeredis(zoo: Path, tmp_path: Path) -> 
 # --- without notifications ---------------------------------------------------------------------
 
 
+def test_the_safety_poll_reads_many_statuses_at_once() -> None:
+    """`JobStore.statuses`: one round trip of Lua chunks, in order, None for a missing job."""
+    import fakeredis
+
+    from service.jobstore import STATUS_CHUNK, JobStore
+
+    connection = fakeredis.FakeRedis()
+    store = JobStore(connection, Settings(redis_url=None), [])
+    ids = [f"job-{i}" for i in range(2 * STATUS_CHUNK + 5)]
+    written = {1: "finished", STATUS_CHUNK: "started", 2 * STATUS_CHUNK + 4: "stopped"}
+    for index, status in written.items():
+        connection.hset(Job.key_for(ids[index]), "status", status)
+    got = store.statuses(ids)
+    assert len(got) == len(ids) and store.statuses([]) == []
+    assert {i: s for i, s in enumerate(got) if s is not None} == {
+        1: "succeeded",
+        STATUS_CHUNK: "running",
+        2 * STATUS_CHUNK + 4: "canceled",
+    }
+
+
 @pytest.mark.redis
 def test_held_waits_cost_no_polling_until_the_safety_poll(
     box: RedisSandbox, zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
