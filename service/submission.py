@@ -113,11 +113,16 @@ def _replay(state: AppState, job_id: str) -> JobSnapshot:
     )
 
 
+def _read(state: AppState, job_id: str) -> JobSnapshot | None:
+    job = state.store.fetch(job_id)
+    return None if job is None else state.store.snapshot(job)
+
+
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
-    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished)."""
+    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished),
+    read in one thread hop: when thousands of held requests wake together, each hop counts."""
     await state.waiter.wait(job_id, seconds)
-    job = await to_thread.run_sync(state.store.fetch, job_id)
-    return None if job is None else await to_thread.run_sync(state.store.snapshot, job)
+    return await to_thread.run_sync(_read, state, job_id)
 
 
 async def submit(
