@@ -407,3 +407,51 @@ def test_the_subscription_comes_back_after_a_redis_restart(zoo: Path, tmp_path: 
         assert delay < ANSWER_WITHIN_S
     finally:
         server.kill()
+
+
+def test_the_batching_worker_publishes_what_it_finishes(tmp_path: Path) -> None:
+    """End to end on the embedded mode's fakeredis: the real worker (a thread) finishes a held
+    request's job, its finishing transaction publishes the job id, and the request is answered
+    long before the 30 s safety poll."""
+    import fakeredis
+    import torch
+
+    from tests.tiny_zoo import write_diffusion_model
+    from workers.embedded import start_worker_thread
+
+    torch.set_num_threads(1)
+    write_diffusion_model(tmp_path / "zoo", "tiny-ddpm")
+    settings = Settings(
+        zoo_dir=tmp_path / "zoo",
+        storage_dir=tmp_path / "images",
+        key_prefix="emb-wait",
+        auth_enabled=False,
+        signing_secret="test-secret",
+        heartbeat_s=0.2,
+        wait_poll_s=30.0,
+    )
+    server = fakeredis.FakeServer()
+    listener = fakeredis.FakeRedis(server=server).pubsub()
+    listener.subscribe(channel("emb-wait", JobEvent.FINISHED))
+    handle = start_worker_thread(settings, fakeredis.FakeRedis(server=server))
+    try:
+        assert handle.ready.wait(60) and handle.error is None, handle.error
+        app = create_app(settings, fakeredis.FakeRedis(server=server))
+        with TestClient(app) as client:
+            wait_until(lambda: app.state.ddserve.waiter.subscribed, 10)
+            started = time.monotonic()
+            body = {"model": "tiny-ddpm", "class_label": 1, "num_inference_steps": 20, "seed": 3}
+            response = client.post("/generate", json=body, headers={"Prefer": "wait=25"})
+            elapsed = time.monotonic() - started
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "succeeded"
+        assert elapsed < 20
+        # the subscribe confirmation, the job's message, then nothing more
+        messages = [listener.get_message(timeout=0.5) for _ in range(3)]
+        published = [
+            decode_message(m["data"]).job_id for m in messages if m and m["type"] == "message"
+        ]
+        assert published == [response.json()["id"]]
+    finally:
+        assert handle.stop(timeout=30)
+        listener.close()
