@@ -311,6 +311,26 @@ def test_held_waits_cost_no_polling_until_the_safety_poll(
 
 
 @pytest.mark.redis
+def test_a_job_that_ended_before_its_wait_began_is_read_at_once(
+    box: RedisSandbox, zoo: Path, tmp_path: Path
+) -> None:
+    """The race between a submission and its registration: a job that ended (its message sent
+    before anyone held it) is found by the read of newly held ids, not 30 s later."""
+    with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
+        job_id = client.post("/generate", json=GEN).json()["id"]
+        box.job_ids.append(job_id)
+        Job.fetch(job_id, connection=box.connection).set_status("finished")
+        waiter = client.app.state.ddserve.waiter
+        started = time.monotonic()
+        assert client.portal.call(waiter.wait, job_id, 10.0) is True
+        assert time.monotonic() - started < ANSWER_WITHIN_S
+        missing = time.monotonic()  # a job that does not exist (any more) ends the wait too
+        assert client.portal.call(waiter.wait, "no-such-job", 10.0) is True
+        assert time.monotonic() - missing < ANSWER_WITHIN_S
+        assert waiter.held == 0
+
+
+@pytest.mark.redis
 def test_a_lost_notification_is_caught_by_the_safety_poll(
     box: RedisSandbox, zoo: Path, tmp_path: Path
 ) -> None:
