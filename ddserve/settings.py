@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="file of API key hashes, one per line")
     max_wait_s: float = Field(60.0, description="largest `Prefer: wait=N` honoured")
+    wait_poll_s: float = Field(
+        2.0,
+        gt=0.0,
+        description="held `Prefer: wait` requests wake on job-finished notifications; this safety "
+        "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
+        "unreachable",
+    )
     graceful_shutdown_s: float = Field(
         65.0,
         gt=0.0,

@@ -105,7 +105,7 @@ def build_state(
         limiter=RateLimiter(connection, settings.key_prefix, settings.rate_limit_per_minute),
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
         telemetry=Telemetry(store),
-        waiter=JobWaiter(store),
+        waiter=JobWaiter(store, connection, settings.wait_poll_s),
     )
 
 
