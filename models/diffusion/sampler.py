@@ -199,9 +199,14 @@ class PlanCache:
             karras=settings.use_karras_sigmas,
         )
         sigmas = levels.sigmas
+        levels_name = (
+            "Karras levels"
+            if settings.use_karras_sigmas
+            else f"{settings.timestep_spacing!r} spacing"
+        )
         if settings.multistep and any(b >= a for a, b in itertools.pairwise(sigmas)):
             raise ValueError(
-                f"{settings.num_inference_steps} steps with {settings.timestep_spacing!r} spacing "
+                f"{settings.num_inference_steps} steps ({levels_name}) "
                 f"repeat a noise level of this {self.schedule.num_timesteps}-step schedule, which "
                 f"{settings.sampler} cannot step over; use fewer steps"
             )

@@ -59,6 +59,8 @@ def interpolate(table: list[float], t: float) -> float:
 
 def sigma_to_timestep(sigma: float, log_table: list[float]) -> float:
     """The fractional t whose log σ(t) is log σ, interpolating in log σ (clamped to [0, T − 1])."""
+    if len(log_table) < 2:  # a one-step schedule: there is only t = 0
+        return 0.0
     log_sigma = math.log(max(sigma, 1e-10))
     k = bisect.bisect_right(log_table, log_sigma) - 1
     k = min(max(k, 0), len(log_table) - 2)
@@ -92,11 +94,11 @@ def noise_levels(
         if karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
             times = [sigma_to_timestep(s, log_table) for s in sigmas]
+    elif karras:  # the whole schedule's range; the spacing plays no part
+        sigmas = karras_sigmas(table[0], table[-1], num_steps)
+        times = [sigma_to_timestep(s, log_table) for s in sigmas]
     else:
         steps = multistep_timesteps(T, num_steps, spacing)
         times = [float(t) for t in steps]
         sigmas = [table[t] for t in steps]
-        if karras:
-            sigmas = karras_sigmas(table[0], table[-1], num_steps)
-            times = [sigma_to_timestep(s, log_table) for s in sigmas]
     return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0))
