@@ -13,11 +13,15 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 
 
-def _check(num_train_steps: int, num_steps: int, spacing: str, most: int | None = None) -> None:
+def _check(
+    num_train_steps: int, num_steps: int, spacing: str, most: int | None = None, who: str = ""
+) -> None:
+    """Reject step counts the spacing cannot lay out, naming the valid range."""
     most = num_train_steps if most is None else most
     if not 1 <= num_steps <= most:
         raise ValueError(
-            f"num_steps must be in [1, {most}] for {spacing!r} spacing, got {num_steps}"
+            f"num_steps must be in [1, {most}]{who} for {spacing!r} spacing of a "
+            f"{num_train_steps}-step schedule, got {num_steps}"
         )
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(
@@ -62,7 +66,7 @@ def multistep_timesteps(
     rounded, less 0; ``trailing`` is the same as `timestep_sequence`'s. This is diffusers'
     DPMSolverMultistepScheduler / UniPCMultistepScheduler convention with `steps_offset=0`.
     """
-    _check(num_train_steps, num_steps, spacing, num_train_steps - 1)
+    _check(num_train_steps, num_steps, spacing, num_train_steps - 1, " (multistep solvers)")
     if spacing == "leading":
         ratio = num_train_steps // (num_steps + 1)
         return [i * ratio for i in range(num_steps, 0, -1)]
