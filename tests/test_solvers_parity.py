@@ -199,3 +199,23 @@ def test_x0_prediction_matches_diffusers(sampler: str) -> None:
     """The "sample" (x_0) prediction type (EulerAncestralDiscreteScheduler does not implement it;
     ddserve's euler_ancestral converts it in the same code as euler)."""
     _check(sampler, "linear", "sample", "leading", False, 10)
+
+
+def test_timestep_conventions_match_each_scheduler_class() -> None:
+    """DDIM lays S points, the multistep solvers S + 1 less the last, Euler S fractional ones."""
+    from models.diffusion.timesteps import euler_timesteps, multistep_timesteps, timestep_sequence
+
+    for spacing in ("leading", "trailing", "linspace"):
+        for steps in (1, 7, 10, 25, 50, 333):
+            ddim = diffusers.DDIMScheduler(timestep_spacing=spacing)
+            ddim.set_timesteps(steps)
+            assert ddim.timesteps.tolist() == timestep_sequence(1000, steps, spacing)
+            for cls in (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler):
+                multistep = cls(timestep_spacing=spacing)
+                multistep.set_timesteps(steps)
+                assert multistep.timesteps.tolist() == multistep_timesteps(1000, steps, spacing)
+            euler = diffusers.EulerDiscreteScheduler(timestep_spacing=spacing)
+            euler.set_timesteps(steps)
+            assert euler.timesteps.tolist() == pytest.approx(
+                euler_timesteps(1000, steps, spacing), abs=1e-3
+            )
