@@ -350,3 +350,22 @@ def test_cuda_gives_the_cpu_result_for_every_sampler(linear_schedule, tiny_class
     tiny_class_unet.to("cpu")
     difference = (results["cuda"] - results["cpu"]).abs().max()
     assert difference < 1e-3, difference
+
+
+def test_a_rejected_sample_leaves_the_running_set_as_it_was(linear_schedule) -> None:
+    """Regression: `add` appended the samples before a bad one to the list but not their rows to x
+    (and drew their x_T), so the next step failed on mismatched shapes."""
+    eps = GaussianOptimalEps(linear_schedule, 0.0, 1.0)
+    batch = DenoisingBatch(eps, linear_schedule, (1, 4, 4))
+    running = Sample(SamplerSettings("unipc", 6), sample_generator(0, 0))
+    batch.add([running])
+    batch.step()
+    good = Sample(SamplerSettings("dpmpp_2m", 5), sample_generator(1, 0))
+    bad = Sample(SamplerSettings("ddim", 1001), sample_generator(2, 0))
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
+        batch.add([good, bad])
+    assert len(batch) == 1 and batch.x.shape[0] == 1 and batch.history.shape[1] == 1
+    assert good.x is None  # nothing drawn from its stream
+    while len(batch):
+        batch.step()
+    assert running.done and torch.isfinite(running.x).all()

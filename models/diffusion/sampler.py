@@ -391,11 +391,18 @@ class DenoisingBatch:
 
     # --- membership -----------------------------------------------------------------------------
     def add(self, samples: Sequence[Sample]) -> None:
-        """Admit samples between steps: validate, draw x_T from each one's own stream, append."""
-        new_rows = []
+        """Admit samples between steps: validate, draw x_T from each one's own stream, append.
+
+        All or nothing: every sample is validated and planned before any joins or draws, so a
+        ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
+        set — and the samples' noise streams — as they were."""
+        plans = []
         for sample in samples:
             self._validate(sample)
-            sample.transitions = self.plans.transitions(sample.settings)
+            plans.append(self.plans.transitions(sample.settings))
+        new_rows = []
+        for sample, transitions in zip(samples, plans, strict=True):
+            sample.transitions = transitions
             sample.position = 0
             if sample.x is None:
                 sample.x = torch.randn(self.sample_shape, generator=sample.generator)
