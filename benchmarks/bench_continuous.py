@@ -282,7 +282,7 @@ def paired_segments(
                 "ceiling_before": before,
                 "ceiling_after": after,
                 "ratio": rows / elapsed / max(before, after),
-                "occupancy": rows / (calls * end.get("max_rows", 1)) if calls else 0.0,
+                "occupancy": rows / (calls * end.get("max_batch", 1)) if calls else 0.0,
                 "network_share": (end["network_s"] - start["network_s"]) / elapsed,
             }
         )
@@ -651,8 +651,8 @@ def summarise(
         point.p99_lower_bound = point.incomplete > 0
     calls = c1.get("network_calls", 0) - c0.get("network_calls", 0)
     rows = c1.get("rows_total", 0) - c0.get("rows_total", 0)
-    max_rows = c1.get("max_rows", 1) or 1
-    point.occupancy = rows / (calls * max_rows) if calls else 0.0
+    max_batch = c1.get("max_batch", 1) or 1
+    point.occupancy = rows / (calls * max_batch) if calls else 0.0
     elapsed = (c1.get("time", 0) - c0.get("time", 0)) or (t1 - t0)
     point.rows_steps_per_s = rows / elapsed if elapsed > 0 else 0.0
     network_s = c1.get("network_s", 0) - c0.get("network_s", 0)

@@ -89,7 +89,7 @@ def engine_microseconds_per_round(rows: int, rounds: int, seed: int, store_threa
         pool.get(model).denoiser.network = stub_network  # type: ignore[union-attr]
         storage = LocalStorage(Path(tmp) / "images", "bench", 60)
         engine = SaturatedEngine(
-            pool, model, storage, max_rows=rows, store_threads=store_threads, seed=seed
+            pool, model, storage, max_batch=rows, store_threads=store_threads, seed=seed
         )
         try:
             engine.run(rounds // 4)  # warm-up: the long DDPM jobs accumulate, as in the worker

@@ -51,7 +51,7 @@ def compare(
             pool,
             model,
             SlowStorage(workdir / f"{latency_ms}-{threads}", latency_ms / 1000.0),
-            max_rows=args.max_batch,
+            max_batch=args.max_batch,
             store_threads=threads,
             seed=args.seed,
         )

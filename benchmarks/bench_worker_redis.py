@@ -61,11 +61,11 @@ def one_by_one_writes(worker: BatchingWorker) -> Any:
             job.save_meta()
 
         def succeed(self, success: Success) -> None:
-            item = success.item  # its meta was saved just before (`RQTicket.succeed`)
+            item = success.item  # its meta was saved just before (`RQJobs.succeed`)
             finish = lambda: rq_bridge.finish_success(  # noqa: E731
                 worker, item.job, item.queue, item.execution, item.value
             )
-            if worker.finish_job(success.job.id, finish) == "done":
+            if worker.jobs.finish(success.job.id, finish) == "done":
                 self.count(success.outcome())
 
         def count(self, outcome: JobOutcome) -> None:
@@ -233,7 +233,8 @@ def one_run(
         worker = handle.worker
         assert worker is not None
         if mode == "one-by-one":
-            worker.writes = one_by_one_writes(worker)
+            # The jobs write into it and the exchange sends it: both get the one-by-one buffer.
+            worker.jobs.writes = worker.exchange.writes = one_by_one_writes(worker)
         rounds = [0]
         step = worker.engine.step  # once per scheduling round (`BatchingWorker.run_round`)
 

@@ -42,8 +42,7 @@ class Ticket:
     """A job as the engine sees it (`workers.engine.Ticket`); its outcome is not kept."""
 
     id: str
-    spec: JobSpec  # the parsed job spec, as the worker's RQTicket holds it
-    priority: float = 0.0
+    spec: JobSpec  # the parsed job spec, as the worker's WorkerJob holds it
     arrived_at: float = 0.0
     deadline: float = float("inf")
 
@@ -69,7 +68,7 @@ class SaturatedEngine:
         model: str,
         storage: Storage,
         *,
-        max_rows: int = 64,
+        max_batch: int = 64,
         store_threads: int = 0,
         seed: int = 0,
     ) -> None:
@@ -82,7 +81,7 @@ class SaturatedEngine:
             [model],
             self,
             storage,
-            BatchingPolicy(max_rows=max_rows),
+            BatchingPolicy(max_batch=max_batch),
             store_threads=store_threads,
         )
 

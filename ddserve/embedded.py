@@ -123,7 +123,7 @@ def serve_embedded(settings: Settings, threads: int) -> int:
 
     from ddserve.storage import ensure_signing_secret
     from service.app import create_app
-    from service.cli import UVICORN_OPTIONS, serve_and_announce
+    from service.cli import serve_and_announce, uvicorn_options
 
     try:
         from workers.allocator import retain_freed_memory
@@ -150,8 +150,10 @@ def serve_embedded(settings: Settings, threads: int) -> int:
     ]
     try:
         app = create_app(settings, fakeredis.FakeRedis(server=server_state))
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, **UVICORN_OPTIONS)
-        serve_and_announce(config, settings)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, **uvicorn_options(settings)
+        )
+        serve_and_announce(config, settings, handles)
     finally:
         for handle in handles:
             handle.stop()

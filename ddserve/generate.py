@@ -3,10 +3,11 @@
     ddserve generate --model digits-ddpm --class 7 --n 16 --out grid.png
     ddserve generate --model digits-ddpm --url http://127.0.0.1:8000 --api-key KEY --steps 100
 
-With `--url` (or DDSERVE_URL) it calls that gateway (API key: `--api-key` or DDSERVE_API_KEY); without,
-it starts the stack in this process (`ddserve.embedded.LocalServer`: the gateway, a worker
-thread with the model loaded, fakeredis, images in a temporary folder) and talks to it through the
-same client. The bar follows the job's progress (`GET /jobs/{id}`); Ctrl-C cancels the job.
+With `--url` (or DDSERVE_URL) it calls that gateway (API key: `--api-key` or DDSERVE_API_KEY; an
+empty one counts as none, with a note); without, it starts the stack in this process
+(`ddserve.embedded.LocalServer`: the gateway, a worker thread with the model loaded, fakeredis,
+images in a temporary folder) and talks to it through the same client.
+The bar follows the job's progress (`GET /jobs/{id}`); Ctrl-C cancels the job.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -101,7 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"gateway URL (or {URL_ENV}); without one, the stack runs in this process",
     )
     parser.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key (or {API_KEY_ENV})"
+        "--api-key",
+        nargs="?",
+        const="",  # `--api-key $KEY` with an empty $KEY: the shell drops the value
+        default=None,
+        help=f"API key (or {API_KEY_ENV}); an empty one counts as not given",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,6 +137,29 @@ class ProgressBar:
         self.bar.close()
 
 
+def resolve_api_key(given: str | None, environ: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """The API key to send, from `--api-key` else DDSERVE_API_KEY, and what to tell the user.
+
+    An empty key (an unset shell variable in `--api-key "$KEY"`, or `--api-key $KEY` whose value
+    the shell dropped) counts as not given, with a note saying so: sent as is, it meant no
+    Authorization header and a bare 401 from the gateway, with nothing pointing at the empty
+    variable. Surrounding whitespace (a key read from a file) is removed.
+    """
+    notes: list[str] = []
+    for source, value in (("--api-key", given), (API_KEY_ENV, environ.get(API_KEY_ENV))):
+        if value is None:
+            continue
+        if value.strip():
+            return value.strip(), notes
+        notes.append(f"{source} is empty (an unset shell variable?): ignored")
+    if notes:
+        notes.append(
+            f"sending no API key: a gateway with auth on answers 401 "
+            f"(pass --api-key KEY or set {API_KEY_ENV})"
+        )
+    return None, notes
+
+
 def resolve_class(client: Client, model: str, given: str | None) -> int | None:
     """A class index from `--class`: an index, or a name of the model's classes."""
     if given is None:
@@ -148,7 +176,10 @@ def resolve_class(client: Client, model: str, given: str | None) -> int | None:
 def connect(args: argparse.Namespace) -> Iterator[Client]:
     """A client of `--url`, or of a `LocalServer` started here for the one model."""
     if args.url:
-        with Client(args.url, api_key=args.api_key) as client:
+        key, notes = resolve_api_key(args.api_key, os.environ)
+        for note in notes:
+            print(f"ddserve generate: {note}", file=sys.stderr)
+        with Client(args.url, api_key=key) as client:
             yield client
         return
     from ddserve.embedded import LocalServer

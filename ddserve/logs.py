@@ -17,12 +17,12 @@ import uuid
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("ddserve_request_id", default=None)
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # fullmatch: `$` allows a final "\n"
 
 
 def request_id_from(header: str | None) -> str:
     """The client's X-Request-ID if it is a safe token, else a fresh one (never echo junk)."""
-    if header and _SAFE_ID.match(header):
+    if header and _SAFE_ID.fullmatch(header):
         return header
     return uuid.uuid4().hex
 

@@ -19,6 +19,10 @@ ends otherwise — torch-free, so that both the gateway's janitor and the worker
   `started` by this worker); a worker that lost a job drops its outcome, so no job is finished twice.
 - **handed back**: a worker stopping before it could finish a job puts it back at the head of its
   queue (`requeue`), without using one of the job's retries.
+
+A job failed here is also published as finished (`ddserve.notifications`), so that a gateway
+holding a request on it answers at once: an expired job in the transaction that fails it, an
+abandoned one (failed inside RQ's registry cleanup) right after that cleanup committed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -42,6 +47,7 @@ from rq.utils import now, utcparse
 from rq.worker_registration import clean_worker_registry
 
 from ddserve.jobs import META_ERROR
+from ddserve.notifications import prefix_of_queue, publish_finished
 
 log = logging.getLogger("ddserve.recovery")
 
@@ -100,18 +106,55 @@ def maintenance_lock(queue: Queue, lock_s: float) -> Iterator[bool]:
             queue.connection.delete(queue.registry_cleaning_key)
 
 
+class AbandonedFailures:
+    """An RQ exception handler that notes the abandoned jobs RQ's registry cleanup is about to fail
+    (no retries left; it calls its handlers before queuing the failure), so that they can be
+    published as finished once the cleanup's pipeline has run (`publish`)."""
+
+    def __init__(self) -> None:
+        self.job_ids: list[str] = []
+
+    def __call__(self, job: Job, exc_type: type, exc_value: BaseException, traceback: Any) -> None:
+        abandoned = isinstance(exc_type, type) and issubclass(exc_type, AbandonedJobError)
+        if abandoned and not job.retries_left:  # what cleanup checks before failing it
+            self.job_ids.append(job.id)
+        return None
+
+    def publish(self, queue: Queue) -> None:
+        """One pipeline for all of them. A Redis error is only logged: the failures are written,
+        and the gateways' safety poll finds them without the message."""
+        if not self.job_ids:
+            return
+        prefix = prefix_of_queue(queue.name)
+        pipe = queue.connection.pipeline(transaction=False)
+        for job_id in self.job_ids:
+            publish_finished(pipe, prefix, job_id)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            log.warning(
+                "could not publish %d lost jobs (%s)", len(self.job_ids), type(exc).__name__
+            )
+        self.job_ids.clear()
+
+
 def recover_abandoned(queue: Queue, handlers: list[ExceptionHandler] | None = None) -> None:
     """Retry or fail the queue's jobs whose started-registry entry expired (their worker died).
     Call it holding `maintenance_lock`. The timer death penalty lets it run in any thread."""
     registry = StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty)
-    registry.cleanup(exception_handlers=handlers if handlers is not None else [record_abandoned])
+    failed = AbandonedFailures()
+    handlers = handlers if handlers is not None else [record_abandoned]
+    registry.cleanup(exception_handlers=[*handlers, failed])
+    failed.publish(queue)
 
 
 def clean_queue(worker: Any, queue: Queue) -> None:
     """A worker's maintenance of one queue, as RQ's `clean_registries` does it (call it holding
     `maintenance_lock`): expired registry entries — abandoned jobs retried or failed with a clear
     error —, dead workers' registrations, and jobs stuck between dequeue and start."""
-    rq_clean_registries(queue, [record_abandoned])
+    failed = AbandonedFailures()
+    rq_clean_registries(queue, [record_abandoned, failed])
+    failed.publish(queue)
     clean_worker_registry(queue)
     queue.intermediate_queue.cleanup(worker, queue)
 
@@ -145,6 +188,7 @@ def fail_expired(queue: Queue, ttl_s: float, limit: int = 10_000) -> list[str]:
         job.ended_at = now()  # saved with the job by the failed-job registry
         with connection.pipeline() as pipeline:
             record_job_failure(job, f"expired after {waited:.0f} s in the queue", pipeline)
+            publish_finished(pipeline, prefix_of_queue(queue.name), job_id)
             pipeline.execute()
         failed.append(job_id)
         log.warning("job %s: expired after %.0f s in queue %s", job_id, waited, queue.name)

@@ -58,13 +58,61 @@ class Settings(BaseSettings):
         description="the model of `/v1/images/*` calls that name none (default: the first served "
         "diffusion model)",
     )
-    max_body_bytes: int = Field(4 * 1024 * 1024, description="largest request body (413 above)")
+    wait_poll_s: float = Field(
+        2.0,
+        gt=0.0,
+        description="held `Prefer: wait` requests wake on job-finished notifications; this safety "
+        "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
+        "unreachable",
+    )
+    graceful_shutdown_s: float = Field(
+        65.0,
+        gt=0.0,
+        description="on SIGTERM the gateway stops accepting connections and gives the requests it "
+        "holds (`Prefer: wait` included) this long to finish; keep it above max_wait_s, and the "
+        "pod's or container's stop grace period above it",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        description="largest request body, Content-Length or counted as a chunked body arrives "
+        "(413 above). The other limits allow 16 images of max_image_bytes (16 x 1.40 MB base64 = "
+        "22.4 MB); the default is well under that: it holds the largest one-image request (inpaint: "
+        "image and mask at max_image_bytes, 2 x 1.40 MB) with room to spare, while 16 images of a "
+        "model's own size are small (the zoo's largest, 32x32 RGB, is <= 4.3 KB base64: 68 KB)",
+    )
+    max_body_values: int = Field(
+        65536,
+        description="most JSON values in a request body, counted as its commas before it is "
+        "parsed (422 above): the parse of a body of many small values costs far more than its "
+        "size. The default is 16 latents of 4096 numbers (4x32x32), 16x the zoo's largest decode",
+    )
     max_image_bytes: int = Field(
         1024 * 1024, description="largest decoded upload image (413 above)"
     )
     max_image_pixels: int = Field(1024 * 1024, description="largest pixel count before decoding")
     max_queue_length: int = Field(1000, description="queued + running jobs per model before 429")
     rate_limit_per_minute: int = Field(600, description="requests per API key per minute (0 = off)")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="a connection whose request headers are not complete this long after their "
+        "first byte (or after connecting) is closed with 408 (slow clients, slowloris)",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="largest request line + headers of one request (431 above)"
+    )
+    keep_alive_s: int = Field(
+        75,
+        gt=0,
+        description="an idle keep-alive connection is closed after this; longer than the idle "
+        "timeout of the clients' and load balancer's pools, so they close first",
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=0,
+        description="open connections or running requests per gateway process before uvicorn "
+        "answers 503 (0 = no limit)",
+    )
 
     # --- jobs ---
     job_ttl_s: int = Field(3600, description="a queued job not started within this is dropped")

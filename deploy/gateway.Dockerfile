@@ -4,7 +4,7 @@
 # Its requirements are pyproject.toml's dependencies minus the worker-only ones
 # (deploy/requirements.py); the project itself is installed with --no-deps on top.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1

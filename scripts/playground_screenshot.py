@@ -1,7 +1,7 @@
 """Take the README's screenshot of the playground (`docs/playground.png`) in headless Chromium.
 
-Starts the stack in this process (`LocalServer`) on a zoo (default: the shipped one), opens the
-page and runs one panel: `generate` (a diffusion model: a class-conditional grid and its trajectory)
+Starts the stack in this process (`LocalServer`) on a zoo (default: the shipped one, every model
+served, so the header shows its full readiness line), opens the page at 1280 px and runs one panel: `generate` (a diffusion model: a class-conditional grid and its trajectory)
 or `autoencoder` (a VAE: reconstructions and a latent interpolation strip). `auto` picks generate
 when the zoo has a pixel diffusion model, else autoencoder.
 
@@ -80,20 +80,21 @@ def main() -> None:
         settings = Settings(
             redis_url=None,
             zoo_dir=args.zoo,
-            models=model,
             storage_dir=Path(scratch),
             auth_enabled=False,
             log_level="WARNING",
         )
         with LocalServer(settings) as server, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1180, "height": 720})
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
             page.set_default_timeout(120_000)
             page.goto(server.url + "/")
             page.wait_for_selector("body[data-ready=true]")
             shot = None
             if panel == "generate":
+                page.select_option("#gen-model", model)
                 page.select_option("#gen-class", "7")
+                page.fill("#gen-steps", "20")  # DDIM: enough for clean digits, quick on a CPU
                 page.fill("#gen-seed", "1234")
                 page.click("#gen-submit")
                 page.wait_for_function(f"{LOADED}('#gen-grid img')")
@@ -101,6 +102,7 @@ def main() -> None:
                 shot = settled_frame(page, "#gen-trajectory-img")
             else:
                 page.click("button[data-tab=autoencoder]")
+                page.select_option("#ae-model", model)
                 page.wait_for_function("document.getElementById('ae-b').width > 0")
                 for file, modifiers in (("digits-3.png", []), ("digits-8.png", ["Shift"])):
                     page.click(f"#ae-picker img[data-file='{file}']", modifiers=modifiers)

@@ -21,6 +21,7 @@ import redis
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from ddserve.logs import configure_logging
 from ddserve.settings import Settings
@@ -52,6 +53,7 @@ from service.waiter import JobWaiter
 
 log = logging.getLogger("ddserve.service")
 METRICS_FLUSH_S = 1.0  # how often each process adds its request counts to Redis
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's JavaScript, CSS and icon
 
 DESCRIPTION = """Generative image models behind a job queue.
 
@@ -113,7 +115,7 @@ def build_state(
         limiter=RateLimiter(connection, settings.key_prefix, settings.rate_limit_per_minute),
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
         telemetry=Telemetry(store),
-        waiter=JobWaiter(store),
+        waiter=JobWaiter(store, connection, settings.wait_poll_s),
     )
 
 
@@ -196,7 +198,18 @@ def create_app(
                 await to_thread.run_sync(state.telemetry.flush)
             await state.waiter.stop()
 
-    app = FastAPI(title="ddserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from DOCS_ASSETS (FastAPI's own
+    # pages load them from a CDN: blank offline). fastapi-offline bundles them and builds the pages
+    # with FastAPI's get_swagger_ui_html / get_redoc_html (no Google fonts); the validator badge,
+    # an online call of Swagger UI's, is off.
+    app = FastAPIOffline(
+        title="ddserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.ddserve = state
     app.state.janitor = janitor
     install_error_handlers(app)

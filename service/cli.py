@@ -16,22 +16,51 @@ import logging
 import os
 import secrets
 import shlex
-from typing import Any
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import uvicorn
 
 from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
+from service.http_protocol import guarded_protocol
+
+
+class StartingWorker(Protocol):
+    """A worker loading its models beside the gateway (the embedded mode's threads): `ready` is
+    set once it has loaded them or failed, `error` says why it failed."""
+
+    ready: threading.Event
+    error: BaseException | None
+
 
 log = logging.getLogger("ddserve.serve")
 
-# Our access log (with request ids) replaces uvicorn's; keep-alive outlives a client's or load
-# balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too).
-UVICORN_OPTIONS: dict[str, Any] = {
-    "log_config": None,
-    "access_log": False,
-    "timeout_keep_alive": 75,
-}
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the gateway, with the connection limits of `settings`.
+
+    Our access log (with request ids) replaces uvicorn's. Keep-alive outlives a client's or load
+    balancer's idle pool (uvicorn's 5 s default races clients that expire theirs at 5 s too). The
+    HTTP protocol is uvicorn's httptools one with a header deadline and size cap
+    (`service.http_protocol`): uvicorn has neither, so a slowloris client held its connection for
+    ever. `h11_max_incomplete_event_size` bounds the same when h11 is chosen instead.
+    On SIGTERM uvicorn stops listening, closes idle connections and waits for the requests in
+    flight: by default for ever (`timeout_graceful_shutdown=None`), so a stuck request would hold
+    the process until the orchestrator kills it and every held `Prefer: wait` with it. Bounded by
+    `graceful_shutdown_s` (above `max_wait_s`), the held waits are answered and the process exits
+    before Docker's stop_grace_period or Kubernetes' terminationGracePeriodSeconds run out.
+    """
+    return {
+        "log_config": None,
+        "access_log": False,
+        "http": guarded_protocol(settings),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "limit_concurrency": settings.max_concurrency or None,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def example_request(
     catalog: dict[str, ModelEntry], served: list[str]
 ) -> tuple[str, dict[str, Any]]:
-    """A request that works on the served models: (route, body)."""
-    for name in served:
+    """A request that works on the served models: (route, body). A diffusion model's if one is
+    served (the zoo's first generating model is an adversarial autoencoder, a less telling demo)."""
+    generating = [name for name in served if "generate" in catalog[name].tasks]
+    generating.sort(key=lambda name: catalog[name].schedule is None)  # stable: diffusion first
+    for name in generating:
         entry = catalog[name]
-        if "generate" not in entry.tasks:
-            continue
         body: dict[str, Any] = {"model": name, "n": 4, "seed": 1234}
         cond = entry.conditioning
         if cond is not None and cond.type == "class" and cond.classes:
@@ -94,12 +124,25 @@ def _served(settings: Settings) -> tuple[dict[str, ModelEntry], list[str]]:
     return catalog, served_models(settings, catalog)
 
 
-async def _serve(server: uvicorn.Server, settings: Settings) -> None:
-    """Run uvicorn and log the banner once its socket is bound (the real port when --port 0)."""
+async def _serve(
+    server: uvicorn.Server, settings: Settings, workers: Sequence[StartingWorker] = ()
+) -> None:
+    """Run uvicorn and log the banner once its socket is bound (the real port when --port 0) and
+    the embedded `workers` have loaded their models: a request pasted from the banner then starts
+    at once, instead of waiting in the queue for the models (seconds; more on a cold disk)."""
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
-    if server.started:
+    if server.started and workers:
+        log.info("loading the models in %d worker thread(s) …", len(workers))
+        for handle in workers:
+            await asyncio.to_thread(handle.ready.wait)
+        failed = [handle.error for handle in workers if handle.error is not None]
+        if failed:
+            log.error(
+                "a worker thread could not start (%s): jobs will wait in their queues", failed[0]
+            )
+    if server.started and not task.done():
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         catalog, served = _served(settings)
@@ -108,10 +151,12 @@ async def _serve(server: uvicorn.Server, settings: Settings) -> None:
     await task
 
 
-def serve_and_announce(config: uvicorn.Config, settings: Settings) -> None:
+def serve_and_announce(
+    config: uvicorn.Config, settings: Settings, workers: Sequence[StartingWorker] = ()
+) -> None:
     """Serve on uvicorn's event loop of choice (uvloop when installed), as `Server.run` would."""
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(_serve(uvicorn.Server(config), settings))
+        runner.run(_serve(uvicorn.Server(config), settings, workers))
 
 
 def run_gateway(settings: Settings, processes: int) -> int:
@@ -132,11 +177,11 @@ def run_gateway(settings: Settings, processes: int) -> int:
             host=settings.host,
             port=settings.port,
             workers=processes,
-            **UVICORN_OPTIONS,
+            **uvicorn_options(settings),
         )
         return 0
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, **UVICORN_OPTIONS
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
     )
     serve_and_announce(config, settings)
     return 0

@@ -40,6 +40,20 @@ _TYPES = {
 
 REDIS_RETRY_AFTER_S = 5
 
+# The code of each HTTP error FastAPI or Starlette raise themselves (routing; a body FastAPI could
+# not read is a 400); any other status of theirs answers FRAMEWORK_DEFAULT_CODE. Every code the
+# gateway answers is in docs/errors.md (tests/test_error_codes.py compares the two).
+FRAMEWORK_CODES = {
+    400: "invalid_body",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+FRAMEWORK_DEFAULT_CODE = "http_error"
+# pydantic's error type → the code of a body's 422; any other type is VALIDATION_DEFAULT_CODE
+VALIDATION_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+VALIDATION_DEFAULT_CODE = "invalid_value"
+
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="error class: invalid_request_error, authentication_error, …")
@@ -138,20 +152,18 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
             "invalid_body",
             "the body must be a JSON object (send Content-Type: application/json)",
         )
-    code = {"missing": "missing_field", "extra_forbidden": "unknown_field"}.get(
-        str(kind), "invalid_value"
-    )
+    code = VALIDATION_CODES.get(str(kind), VALIDATION_DEFAULT_CODE)
     return error_response(422, code, _validation_message(errors), _param(loc))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    code = FRAMEWORK_CODES.get(status, FRAMEWORK_DEFAULT_CODE)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if status == 404 and message == "Not Found":
         message = "no such route; see /docs for the API"
-    return error_response(status, codes.get(status, f"http_{status}"), message, None, exc.headers)
+    return error_response(status, code, message, None, exc.headers)
 
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,7 @@ from ddserve.spec import (
 )
 from models.catalog import ModelEntry, SamplingDefaults
 from models.data.text import encode_prompt
+from service import nested
 from service.errors import ApiError
 from service.uploads import UploadLimits, canonical_image, canonical_mask
 
@@ -326,7 +327,7 @@ class RequestNormalizer:
         elif (
             entry.code_shape is not None
             and entry.latent_shape != entry.code_shape
-            and (self._shape(body.latents) or [])[1:] == list(entry.code_shape)
+            and (self._shape(body.latents, "latents") or [])[1:] == list(entry.code_shape)
         ):
             codes = self._check_codes(entry, body.latents, "latents")
         else:
@@ -334,23 +335,19 @@ class RequestNormalizer:
         return DecodeSpec(model=entry.name, latents=latents, codes=codes, output=body.output)
 
     @staticmethod
-    def _shape(value: Any) -> list[int] | None:
-        """The shape of a rectangular nested list, else None (ragged)."""
-        if not isinstance(value, list):
-            return []
-        if not value:
-            return [0]
-        shapes = [RequestNormalizer._shape(v) for v in value]
-        first = shapes[0]
-        if first is None or any(s != first for s in shapes):
-            return None
-        return [len(value), *first]
+    def _shape(value: Any, param: str) -> list[int] | None:
+        """The shape of a rectangular nested list, else None (ragged); a 422 past nested.MAX_DEPTH
+        (walked without recursion: a deep list was a RecursionError)."""
+        try:
+            return nested.shape(value)
+        except nested.TooDeepError as exc:
+            raise _invalid("nesting_too_deep", f"{param} is {exc}", param) from None
 
     def _check_latents(self, entry: ModelEntry, latents: list[Any]) -> list[Any]:
         expected = entry.latent_shape
         if expected is None:
             raise _invalid("no_latent_shape", f"model {entry.name!r} has no latent shape", "model")
-        shape = self._shape(latents)
+        shape = self._shape(latents, "latents")
         if shape is None or shape[1:] != list(expected):
             raise _invalid(
                 "wrong_latent_shape",
@@ -358,16 +355,16 @@ class RequestNormalizer:
                 f"got {shape if shape is not None else 'a ragged list'}",
                 "latents",
             )
-        values = _flatten(latents)
+        values = nested.flatten(latents)
         if not all(_is_number(v) and math.isfinite(v) and abs(v) <= 1e6 for v in values):
             raise _invalid(
                 "invalid_latents", "latents must be finite numbers, |value| ≤ 1e6", "latents"
             )
-        return _to_float(latents)
+        return nested.convert(latents, float)
 
     def _check_codes(self, entry: ModelEntry, codes: list[Any], param: str) -> list[Any]:
         expected = list(entry.code_shape or [])
-        shape = self._shape(codes)
+        shape = self._shape(codes, param)
         if shape is None or shape[1:] != expected:
             raise _invalid(
                 "wrong_code_shape",
@@ -376,31 +373,13 @@ class RequestNormalizer:
                 param,
             )
         size = entry.codebook_size or 0
-        values = _flatten(codes)
+        values = nested.flatten(codes)
         if not all(_is_number(v) and float(v).is_integer() and 0 <= v < size for v in values):
             raise _invalid(
                 "code_out_of_range", f"code indices must be integers in [0, {size})", param
             )
-        return _to_int(codes)
+        return nested.convert(codes, int)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _to_int(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_to_int(v) for v in value]
-    return int(value)
-
-
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, list):
-        return [x for v in value for x in _flatten(v)]
-    return [value]
-
-
-def _to_float(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_to_float(v) for v in value]
-    return float(value)

@@ -10,7 +10,7 @@ Why Redis and not prometheus_client's multiprocess mode: the job metrics are in 
 (`ddserve.job_metrics`: workers count jobs there), and multiprocess mode would add a second
 mechanism with its own constraints — an environment variable read at import time (global state),
 a shared directory to wipe before each start and per-process files to mark dead, no custom
-collectors (which `ddserve_request_count`'s Triton name needs), and it still sums only the
+collectors (which read the job metrics from Redis at scrape time), and it still sums only the
 processes of one host, while gateway replicas on several hosts share one Redis. A per-request
 HINCRBY would have cost a round trip on routes that make none (health checks, validation errors,
 image links); batching costs one round trip per process and second.

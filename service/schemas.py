@@ -103,6 +103,14 @@ class ModelInfo(BaseModel):
     defaults: SamplingDefaults | None = None
     classifier: str | None = None
     first_stage: str | None = None
+    workers: int | None = Field(
+        None, description="live workers serving this model now; null = Redis did not answer"
+    )
+    available: bool | None = Field(
+        None,
+        description="a live worker serves this model (jobs are accepted either way and wait in "
+        "its queue); null = Redis did not answer",
+    )
 
 
 class ModelList(BaseModel):
@@ -114,7 +122,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    ready: bool
+    ready: bool = Field(description="the gateway accepts jobs: Redis answers")
     redis: bool = Field(description="Redis answers")
     workers: dict[str, int] = Field(
         default_factory=dict, description="live workers listening per model"

@@ -3,8 +3,8 @@
 One trip to a worker thread (`anyio.to_thread`) does the synchronous part — rate limit, model
 checks and normalization (image decoding included), idempotency claim, then the queue-length check
 and the enqueue together in one Redis round trip — so the event loop never waits on Redis or Pillow. Then the answer: `202` + `Location` at once, or,
-with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (within 10 ms)
-or after N seconds: `200` with the finished job, else `202`.
+with `Prefer: wait=N`, the app's `JobWaiter` wakes the request when the job finishes (on its
+job-finished notification) or after N seconds: `200` with the finished job, else `202`.
 """
 
 from __future__ import annotations
@@ -127,11 +127,16 @@ def _replay(state: AppState, job_id: str) -> JobSnapshot:
     )
 
 
+def _read(state: AppState, job_id: str) -> JobSnapshot | None:
+    job = state.store.fetch(job_id)
+    return None if job is None else state.store.snapshot(job)
+
+
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
-    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished)."""
+    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished),
+    read in one thread hop: when thousands of held requests wake together, each hop counts."""
     await state.waiter.wait(job_id, seconds)
-    job = await to_thread.run_sync(state.store.fetch, job_id)
-    return None if job is None else await to_thread.run_sync(state.store.snapshot, job)
+    return await to_thread.run_sync(_read, state, job_id)
 
 
 async def submit(

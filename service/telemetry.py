@@ -4,7 +4,8 @@
 Every number comes from Redis, so every gateway process (`ddserve serve --workers N`, replicas on
 several hosts) answers a scrape with the same totals, and no job goes uncounted:
 
-- `ddserve_request_count{route,method,status}` (counter; Triton's name, without `_total`) and
+- `ddserve_requests_total{route,method,status}` (counter: Prometheus names counters `*_total`,
+  which `promtool check metrics` enforces) and
   `ddserve_request_duration_seconds{route}` (histogram): the HTTP requests of every gateway
   process, which each adds to Redis once a second and before it answers a scrape
   (`service.request_metrics`);
@@ -135,13 +136,13 @@ class DeploymentCollector:
 
     @staticmethod
     def _request_families(totals: RequestTotals) -> Iterator[Metric]:
-        counts = Metric("ddserve_request_count", "HTTP requests by route and status", "counter")
+        counts = CounterMetricFamily(
+            "ddserve_requests",
+            "HTTP requests by route and status",
+            labels=["route", "method", "status"],
+        )
         for (method, status, route), value in sorted(totals.counts.items()):
-            counts.add_sample(
-                "ddserve_request_count",
-                {"route": route, "method": method, "status": status},
-                value,
-            )
+            counts.add_metric([route, method, status], value)
         yield counts
         durations = HistogramMetricFamily(
             "ddserve_request_duration_seconds",
@@ -224,8 +225,6 @@ class Telemetry:
             raise
 
     def render(self) -> bytes:
-        """Prometheus text format (blocking: reads Redis). prometheus_client names every counter
-        family `<name>_total`; Triton-style `ddserve_request_count` keeps its name, so its
-        HELP/TYPE lines are renamed to match its samples."""
-        text = generate_latest(self.registry)
-        return text.replace(b" ddserve_request_count_total ", b" ddserve_request_count ")
+        """Prometheus text format (blocking: reads Redis); every counter's samples end in
+        `_total`, as prometheus_client writes them."""
+        return generate_latest(self.registry)

@@ -3,7 +3,7 @@ services' commands locally (no Docker engine on the test machines).
 
 - `interpolate`: the Compose Specification's `${VAR}`, `${VAR:-default}`, `${VAR-default}`,
   `${VAR:?error}`, `${VAR?error}`, `${VAR:+alt}`, `${VAR+alt}`, `$VAR` and `$$` (a literal `$`);
-  defaults are not nested.
+  defaults may nest (`${A:-${B:-b}}`).
 - `read_env_file`: the `.env` format (KEY=VALUE lines, `#` comments, optional quotes).
 - `load_compose`: the file with YAML merge keys resolved and every string interpolated.
 - `service_environment`: what a container gets: its env_file, then its `environment`.
@@ -12,7 +12,7 @@ services' commands locally (no Docker engine on the test machines).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
-_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_]\w*))")
+_NAME = re.compile(r"[A-Za-z_]\w*")
 _BRACED = re.compile(r"(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>.*))?", re.DOTALL)
 
 
@@ -30,45 +30,80 @@ class InterpolationError(ValueError):
     """A `${VAR:?message}` whose variable is unset (or empty), or a malformed reference."""
 
 
+def _references(text: str) -> Iterator[tuple[int, int, str | None, str | None]]:
+    """(start, end, name, braced body) of each reference in `text`; a `$$` has name None and
+    body None. A braced body may hold nested references (`${A:-${B}}`), as docker compose allows."""
+    i = 0
+    while (i := text.find("$", i)) != -1:
+        following = text[i + 1 : i + 2]
+        if following == "$":
+            yield i, i + 2, None, None
+            i += 2
+        elif following == "{":
+            depth, j = 1, i + 2
+            while j < len(text) and depth:
+                if text.startswith("${", j):
+                    depth, j = depth + 1, j + 2
+                    continue
+                depth -= text[j] == "}"
+                j += 1
+            if depth:
+                raise InterpolationError(f"unclosed interpolation {text[i:]!r}")
+            body = text[i + 2 : j - 1]
+            braced = _BRACED.fullmatch(body)
+            if braced is None:
+                raise InterpolationError(f"invalid interpolation {text[i:j]!r}")
+            yield i, j, braced.group("name"), body
+            i = j
+        elif named := _NAME.match(text, i + 1):
+            yield i, named.end(), named.group(0), None
+            i = named.end()
+        else:
+            i += 1
+
+
+def _substitute(name: str, body: str | None, env: Mapping[str, str]) -> str:
+    if body is None:
+        return env.get(name, "")
+    braced = _BRACED.fullmatch(body)
+    assert braced is not None
+    op, arg = braced.group("op"), braced.group("arg") or ""
+    value = env.get(name)
+    is_set, is_nonempty = value is not None, bool(value)
+    present = is_nonempty if op and op.startswith(":") else is_set
+    if op is None:
+        return value or ""
+    if op.endswith("-"):
+        return value if present else interpolate(arg, env)  # type: ignore[return-value]
+    if op.endswith("+"):
+        return interpolate(arg, env) if present else ""
+    if not present:  # `?`: required
+        raise InterpolationError(f"{name}: {arg or 'required variable is missing'}")
+    return value  # type: ignore[return-value]
+
+
 def interpolate(text: str, env: Mapping[str, str]) -> str:
     """`text` with every variable reference replaced from `env`, as docker compose does."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group("escaped"):
-            return "$"
-        if match.group("named"):
-            return env.get(match.group("named"), "")
-        braced = _BRACED.fullmatch(match.group("braced"))
-        if braced is None:
-            raise InterpolationError(f"invalid interpolation {match.group(0)!r}")
-        name, op, arg = braced.group("name"), braced.group("op"), braced.group("arg") or ""
-        value = env.get(name)
-        is_set, is_nonempty = value is not None, bool(value)
-        present = is_nonempty if op and op.startswith(":") else is_set
-        if op is None:
-            return value or ""
-        if op.endswith("-"):
-            return value if present else interpolate(arg, env)  # type: ignore[return-value]
-        if op.endswith("+"):
-            return interpolate(arg, env) if present else ""
-        if not present:  # `?`: required
-            raise InterpolationError(f"{name}: {arg or 'required variable is missing'}")
-        return value  # type: ignore[return-value]
-
-    return _REFERENCE.sub(replace, text)
+    parts, last = [], 0
+    for start, end, name, body in _references(text):
+        parts.append(text[last:start])
+        parts.append("$" if name is None else _substitute(name, body, env))
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 def referenced_variables(text: str) -> set[str]:
-    """Names of the variables `text` refers to (`$$` is not a reference)."""
+    """Names of the variables `text` refers to, nested ones included (`$$` is not a reference)."""
     names = set()
-    for match in _REFERENCE.finditer(text):
-        if match.group("named"):
-            names.add(match.group("named"))
-        elif match.group("braced") is not None:
-            braced = _BRACED.fullmatch(match.group("braced"))
-            if braced is not None:
-                names.add(braced.group("name"))
-                names |= referenced_variables(braced.group("arg") or "")
+    for _start, _end, name, body in _references(text):
+        if name is None:
+            continue
+        names.add(name)
+        if body is not None:
+            braced = _BRACED.fullmatch(body)
+            assert braced is not None
+            names |= referenced_variables(braced.group("arg") or "")
     return names
 
 

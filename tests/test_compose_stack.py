@@ -3,7 +3,7 @@ request end to end: the compose file's commands are the ones that work.
 
 The services are started from the compose file as docker compose would start them, with
 .env.example as the `.env`, except for what only containers have:
-- every compose address becomes a loopback one (`redis:6379`, `minio:9000`, the published
+- every compose address becomes a loopback one (`@redis:6379`, `minio:9000`, the published
   `localhost:9000`, the gateway's bind address and port);
 - MinIO and its bucket-creating one-shot are replaced by moto's S3 server and the same bucket;
 - the zoo is a temporary one with a tiny model, mounted as the README says (DDSERVE_ZOO_DIR);
@@ -145,7 +145,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s3_address = f"127.0.0.1:{s3.get_host_and_port()[1]}"
     redis_port, gateway_port = _free_port(), _free_port()
     addresses = {
-        "//redis:6379": f"//127.0.0.1:{redis_port}",
+        "@redis:6379": f"@127.0.0.1:{redis_port}",  # redis://:<REDIS_PASSWORD>@redis:6379/0
         "//minio:9000": f"//{s3_address}",
         "//localhost:9000": f"//{s3_address}",  # MinIO's published port: the image links
         "0.0.0.0": "127.0.0.1",
@@ -155,7 +155,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # redis: the compose command, on a loopback port and a directory of its own.
         argv = [*services["redis"]["command"], "--port", str(redis_port), "--bind", "127.0.0.1"]
         stack.start("redis", [*argv, "--dir", str(root)], {"PATH": "/usr/bin:/bin"})
-        connection = Redis(port=redis_port)
+        connection = Redis(port=redis_port, password=dotenv["REDIS_PASSWORD"])
 
         def redis_answers() -> bool:
             try:
@@ -165,6 +165,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         _wait_until(redis_answers, "redis", stack)
         assert connection.config_get("appendonly") == {"appendonly": "yes"}
+        assert connection.config_get("requirepass")["requirepass"]  # no client gets in without
 
         # minio-init: the bucket the compose one-shot creates, with its credentials.
         init = service_environment(services["minio-init"], {})
@@ -272,7 +273,7 @@ def test_metrics_name_what_the_issue_asks_for(stack: Stack) -> None:
     assert answer.status_code == 200
     families = {line.split()[2] for line in answer.text.splitlines() if line.startswith("# TYPE")}
     expected = {
-        "ddserve_request_count",  # requests by route and status
+        "ddserve_requests_total",  # requests by route and status
         "ddserve_jobs",  # jobs by status
         "ddserve_queue_depth",  # queue depth per model
         "ddserve_workers_alive",  # worker liveness

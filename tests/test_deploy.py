@@ -46,6 +46,7 @@ from tests.compose import (
 )
 
 DEPLOY = ROOT / "deploy"
+STORE_CLIENTS = ("gateway", "worker", "worker-cpu")
 K8S = DEPLOY / "k8s"
 DOCKERFILES = sorted(DEPLOY.glob("*.Dockerfile"))
 WORKER_ONLY_PROBES = {"torch", "onnxruntime", "onnx", "scikit-learn"}
@@ -182,10 +183,119 @@ def test_env_example_documents_every_compose_variable() -> None:
     for name in documented:
         if name.startswith("DDSERVE_"):
             assert name in settings, f"{name} is not a setting of ddserve/settings.py"
-        else:
-            assert name in used | COMPOSE_BUILTINS, f"{name} is not used by docker-compose.yml"
+        # No env_file: a variable docker-compose.yml does not name reaches no container.
+        assert name in used | COMPOSE_BUILTINS, f"{name} is not used by docker-compose.yml"
     for name, service in load_compose()["services"].items():
-        assert env_file_paths(service) in ([], [".env"]), name
+        assert env_file_paths(service) == [], f"{name}: env_file passes all of .env on"
+
+
+STORES = {  # what the gateway and every worker need to reach Redis and the image store
+    "DDSERVE_REDIS_URL",
+    "DDSERVE_STORAGE",
+    "DDSERVE_S3_ENDPOINT_URL",
+    "DDSERVE_S3_PUBLIC_URL",
+    "DDSERVE_S3_BUCKET",
+    "DDSERVE_S3_ACCESS_KEY_ID",
+    "DDSERVE_S3_SECRET_ACCESS_KEY",
+    "DDSERVE_MODELS",
+    "DDSERVE_LOG_JSON",
+    "DDSERVE_LOG_LEVEL",
+}
+WORKER_ENV = STORES | {
+    "DDSERVE_BATCHING",
+    "DDSERVE_MAX_BATCH",
+    "DDSERVE_SHUTDOWN_GRACE_S",
+    "DDSERVE_DEVICE",
+}
+SERVICE_ENV = {  # each service's container environment: exactly what it uses
+    "redis": {"REDISCLI_AUTH"},
+    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+    "minio-init": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "BUCKET"},
+    "gateway": STORES
+    | {
+        "DDSERVE_HOST",
+        "DDSERVE_PORT",
+        "DDSERVE_API_KEYS",
+        "DDSERVE_PUBLIC_URL",
+        "DDSERVE_RATE_LIMIT_PER_MINUTE",
+        "DDSERVE_MAX_QUEUE_LENGTH",
+        "DDSERVE_MAX_WAIT_S",
+        "DDSERVE_GRACEFUL_SHUTDOWN_S",
+    },
+    "worker": WORKER_ENV,
+    "worker-cpu": WORKER_ENV,
+    "prometheus": set(),
+    "rq-dashboard": {"RQ_DASHBOARD_REDIS_URL"},
+}
+
+
+def test_compose_gives_each_service_only_its_own_variables() -> None:
+    """No env_file: the MinIO root password, the Redis password and the Prometheus key are in the
+    environment of the services that use them and nowhere else."""
+    dotenv = read_env_file(ENV_EXAMPLE)
+    services = _compose()["services"]
+    assert services.keys() == SERVICE_ENV.keys()
+    for name, service in services.items():
+        environment = service_environment(service, {".env": dotenv})
+        assert set(environment) == SERVICE_ENV[name], name
+    secrets = {
+        "MINIO_ROOT_PASSWORD": {"minio", "minio-init", "gateway", "worker", "worker-cpu"},
+        "REDIS_PASSWORD": {"redis", "gateway", "worker", "worker-cpu", "rq-dashboard"},
+        "PROMETHEUS_API_KEY": set(),  # a compose secret file of the prometheus service only
+    }
+    for variable, holders in secrets.items():
+        value = re.compile(
+            rf"(?<![\w-]){re.escape(dotenv[variable])}(?![\w-])"
+        )  # alone or in a URL
+        seen = {
+            name
+            for name, service in services.items()
+            if any(value.search(v) for v in service_environment(service, {}).values())
+        }
+        assert seen == holders, variable
+    (secret,) = services["prometheus"]["secrets"]
+    assert _compose()["secrets"][secret] == {"environment": "PROMETHEUS_API_KEY"}
+
+
+def test_compose_s3_and_redis_settings_of_dotenv_win_over_the_defaults() -> None:
+    """An external store set in .env reaches the gateway and workers as set (the compose defaults
+    only fill in what .env leaves out)."""
+    external = {
+        "DDSERVE_S3_ACCESS_KEY_ID": "external-id",
+        "DDSERVE_S3_SECRET_ACCESS_KEY": "external-secret",
+        "DDSERVE_S3_ENDPOINT_URL": "https://s3.example.com",
+        "DDSERVE_REDIS_URL": "redis://:pw@redis.example.com:6380/2",
+    }
+    services = load_compose(read_env_file(ENV_EXAMPLE) | external)["services"]
+    for name in ("gateway", "worker", "worker-cpu"):
+        environment = service_environment(services[name], {})
+        assert {k: environment[k] for k in external} == external, name
+    dotenv = read_env_file(ENV_EXAMPLE)
+    environment = service_environment(_compose()["services"]["gateway"], {})
+    assert environment["DDSERVE_S3_ACCESS_KEY_ID"] == dotenv["MINIO_ROOT_USER"]
+    assert environment["DDSERVE_S3_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]
+
+
+def test_compose_redis_requires_the_password_every_client_url_carries() -> None:
+    from redis import Redis
+
+    dotenv = read_env_file(ENV_EXAMPLE)
+    password = dotenv["REDIS_PASSWORD"]
+    services = _compose()["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == password
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password  # its health check
+    urls = [service_environment(services[n], {})["DDSERVE_REDIS_URL"] for n in STORE_CLIENTS]
+    urls.append(services["rq-dashboard"]["environment"]["RQ_DASHBOARD_REDIS_URL"])
+    for url in urls:
+        assert urlparse(url).password == password, url
+        # what ddserve's settings hand redis-py: the password reaches the connection
+        settings = Settings(redis_url=url)
+        kwargs = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+        assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis", 6379, 0)
+        assert kwargs["password"] == password
+    with pytest.raises(Exception, match="REDIS_PASSWORD"):  # compose refuses to start without
+        load_compose({k: v for k, v in dotenv.items() if k != "REDIS_PASSWORD"})
 
 
 def test_env_example_demo_key_is_the_documented_one() -> None:
@@ -373,12 +483,15 @@ def test_k8s_manifests_match_the_kubernetes_schemas(version: str) -> None:
 
 
 def test_keda_scaled_object_follows_the_keda_crd() -> None:
-    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 
-    (document,) = [d for _, d in _k8s_documents() if d["kind"] == "ScaledObject"]
-    parsed = ScaledObject.model_validate(document)
-    # pydantic drops unknown fields: a round trip that loses nothing has none (strict, as above).
-    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
+    models = {"ScaledObject": ScaledObject, "TriggerAuthentication": TriggerAuthentication}
+    keda = [d for _, d in _k8s_documents() if d["apiVersion"].startswith("keda.sh/")]
+    assert sorted(d["kind"] for d in keda) == sorted(models)
+    for document in keda:
+        parsed = models[document["kind"]].model_validate(document)
+        # pydantic drops unknown fields: a round trip that loses nothing has none (strict, as above).
+        assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
 
 
 def _keda_module() -> ModuleType:
@@ -404,13 +517,18 @@ def test_keda_scales_the_worker_on_the_rq_list_of_every_model() -> None:
     assert scaled["minReplicaCount"] >= 1  # a warm worker: cold starts load every model
     config = _resource("ConfigMap", "ddserve-config")["data"]
     redis_service = _resource("Service", "ddserve-redis")
-    namespace = _resource("Namespace", "ddserve")["metadata"]["name"]
-    redis_url = urlparse(config["DDSERVE_REDIS_URL"])
+    namespace = _kustomization()["namespace"]
+    redis_url = urlparse(_env(_container("Deployment", "ddserve-worker"))["DDSERVE_REDIS_URL"])
     assert redis_url.hostname == redis_service["metadata"]["name"]
+    authentication = _resource("TriggerAuthentication", "ddserve-redis")["spec"]
+    (password,) = authentication["secretTargetRef"]
+    assert password["parameter"] == "password"
+    assert (password["name"], password["key"]) == _redis_password_secret("ddserve-worker")
     connection = FakeRedis()
     models = set()
     for trigger in scaled["triggers"]:
         assert trigger["type"] == "redis"
+        assert trigger["authenticationRef"] == {"name": "ddserve-redis"}
         meta = trigger["metadata"]
         host, port = meta["address"].rsplit(":", 1)
         assert host == f"{redis_service['metadata']['name']}.{namespace}.svc.cluster.local"
@@ -456,11 +574,220 @@ def test_k8s_redis_persists_with_aof_on_a_volume() -> None:
     assert mount["name"] in claims
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def _kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def test_kustomization_lists_every_manifest_and_alone_names_the_namespace() -> None:
+    kustomization = _kustomization()
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     assert set(kustomization["resources"]) == manifests
-    assert kustomization["namespace"] == _resource("Namespace", "ddserve")["metadata"]["name"]
+    assert kustomization["namespace"]
+    for name, document in _k8s_documents():
+        assert "namespace" not in document["metadata"], name
+        assert document["kind"] != "Namespace", name
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's literal env values (valueFrom ones left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _redis_password_secret(deployment: str) -> tuple[str, str]:
+    """(Secret, key) the Deployment's REDIS_PASSWORD comes from."""
+    container = _container("Deployment", deployment)
+    (entry,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_k8s_redis_requires_the_password_every_client_url_carries() -> None:
+    container = _container("StatefulSet", "ddserve-redis")
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    names = [e["name"] for e in container["env"]]
+    for variable in ("REDIS_PASSWORD", "REDISCLI_AUTH"):  # the server's, and its probes'
+        (entry,) = [e for e in container["env"] if e["name"] == variable]
+        assert entry["valueFrom"]["secretKeyRef"] == {"name": "ddserve-redis", "key": "password"}
+    assert names.index("REDIS_PASSWORD") >= 0
+    example = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
+    }
+    assert "password" in example["ddserve-redis"]["stringData"]
+    for deployment in ("ddserve-gateway", "ddserve-worker"):
+        container = _container("Deployment", deployment)
+        assert _redis_password_secret(deployment) == ("ddserve-redis", "password")
+        names = [e["name"] for e in container["env"]]
+        # $(REDIS_PASSWORD) is expanded only from variables defined before it.
+        assert names.index("REDIS_PASSWORD") < names.index("DDSERVE_REDIS_URL")
+        url = _env(container)["DDSERVE_REDIS_URL"]
+        assert urlparse(url).password == "$(REDIS_PASSWORD)", deployment
+        # Kubernetes expands it; a URL-safe password then parses back out of the URL.
+        expanded = url.replace("$(REDIS_PASSWORD)", "s3cret-Pass_1.2~3")
+        settings = Settings(redis_url=expanded)
+        from redis import Redis
+
+        kwargs = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+        assert kwargs["password"] == "s3cret-Pass_1.2~3"
+        assert kwargs["host"] == _resource("Service", "ddserve-redis")["metadata"]["name"]
+    assert "DDSERVE_REDIS_URL" not in _resource("ConfigMap", "ddserve-config")["data"]
+
+
+def test_k8s_only_the_gateway_and_workers_reach_redis() -> None:
+    policy = _resource("NetworkPolicy", "ddserve-redis")["spec"]
+    redis_labels = _resource("StatefulSet", "ddserve-redis")["spec"]["template"]["metadata"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    pods = [peer["podSelector"] for peer in rule["from"] if "podSelector" in peer]
+    (selector,) = pods
+    (expression,) = selector["matchExpressions"]
+    assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In"
+    assert sorted(expression["values"]) == ["ddserve-gateway", "ddserve-worker"]
+    for name in expression["values"]:
+        labels = _resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name
+    namespaces = [peer["namespaceSelector"] for peer in rule["from"] if "namespaceSelector" in peer]
+    assert namespaces == [{"matchLabels": {"kubernetes.io/metadata.name": "keda"}}]
+    assert rule["ports"] == [{"port": 6379}]
+
+
+def test_k8s_disruption_budgets_cover_the_gateway_and_the_workers() -> None:
+    for name in ("ddserve-gateway", "ddserve-worker"):
+        budget = _resource("PodDisruptionBudget", name)["spec"]
+        labels = _resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert budget["selector"]["matchLabels"].items() <= labels.items()
+        assert budget.get("minAvailable", 0) >= 1 or budget.get("maxUnavailable") == 1
+
+
+def test_k8s_worker_replicas_are_left_to_keda() -> None:
+    assert "replicas" not in _resource("Deployment", "ddserve-worker")["spec"]
+    scaled = _resource("ScaledObject", "ddserve-worker")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "ddserve-worker"
+
+
+def test_k8s_worker_probes_run_the_worker_healthcheck() -> None:
+    """Each probe runs `python -m ddserve.healthcheck --worker <pod name>` (the worker's RQ name);
+    only liveness tolerates a Redis outage."""
+    import shlex
+
+    from ddserve.healthcheck import main as healthcheck_main
+
+    worker = _container("Deployment", "ddserve-worker")
+    assert worker["command"][-2:] == ["--name", "$(POD_NAME)"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        shell, flag, script = worker[probe]["exec"]["command"]
+        assert (shell, flag) == ("sh", "-c")
+        argv = shlex.split(script)
+        assert argv[:4] == ["exec", "python", "-m", "ddserve.healthcheck"], probe
+        assert argv[4:6] == ["--worker", "$POD_NAME"], probe
+        assert ("--liveness" in argv) == (probe == "livenessProbe"), probe
+        with pytest.raises(SystemExit) as parsed:  # the flags are the module's own
+            healthcheck_main([*argv[4:], "--help"])
+        assert parsed.value.code == 0
+    # a worker loads every model before it registers: its startup probe waits long enough
+    startup = worker["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+GRACE_MARGIN_S = 10  # SIGKILL no earlier than this after the process should have ended
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("80s", "2m", "1m30s") in seconds."""
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", duration):
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+    assert total > 0, duration
+    return total
+
+
+def test_stop_grace_periods_cover_the_waits_and_the_worker_grace() -> None:
+    """Docker and Kubernetes send SIGKILL after their grace period: the gateway's must cover its
+    graceful shutdown (itself above the longest `Prefer: wait`) and any preStop pause; the
+    workers' must cover DDSERVE_SHUTDOWN_GRACE_S, after which a worker hands its jobs back."""
+    config = _resource("ConfigMap", "ddserve-config")["data"]
+    compose = _compose()["services"]
+
+    def setting(name: str, environment: dict[str, str]) -> float:
+        variable = f"DDSERVE_{name.upper()}"
+        return float(environment.get(variable, Settings.model_fields[name].default))
+
+    gateway_env = service_environment(compose["gateway"], {})
+    for environment, grace, pre_stop in (
+        (gateway_env, _seconds(compose["gateway"]["stop_grace_period"]), 0.0),
+        (
+            config | _env(_container("Deployment", "ddserve-gateway")),
+            _resource("Deployment", "ddserve-gateway")["spec"]["template"]["spec"][
+                "terminationGracePeriodSeconds"
+            ],
+            float(
+                _container("Deployment", "ddserve-gateway")["lifecycle"]["preStop"]["exec"][
+                    "command"
+                ][1]
+            ),
+        ),
+    ):
+        drain = setting("graceful_shutdown_s", environment)
+        assert drain > setting("max_wait_s", environment)
+        assert grace >= pre_stop + drain + GRACE_MARGIN_S
+    for environment, grace in (
+        (
+            service_environment(compose["worker"], {}),
+            _seconds(compose["worker"]["stop_grace_period"]),
+        ),
+        (
+            service_environment(compose["worker-cpu"], {}),
+            _seconds(compose["worker-cpu"]["stop_grace_period"]),
+        ),
+        (
+            config | _env(_container("Deployment", "ddserve-worker")),
+            _resource("Deployment", "ddserve-worker")["spec"]["template"]["spec"][
+                "terminationGracePeriodSeconds"
+            ],
+        ),
+    ):
+        assert grace >= setting("shutdown_grace_s", environment) + GRACE_MARGIN_S
+
+
+# An explicit version: major.minor.patch (or MinIO's RELEASE.<date>; Ubuntu's releases are YY.MM),
+# never `latest` nor a moving major.minor. Digests (`@sha256:...`) are not knowable offline: the
+# release pipeline pins them when it builds (deploy/README.md).
+_VERSIONED_TAG = re.compile(r"^(v?\d+\.\d+\.\d+([.\-][\w.\-]+)?|RELEASE\.[\w.\-]+)$")
+_UBUNTU_RELEASE = re.compile(r"^ubuntu:\d\d\.(04|10)$")
+
+
+def _image_references() -> list[tuple[str, str]]:
+    """(where, image) of every image compose, Kubernetes and the Dockerfiles name."""
+    found = [
+        (f"compose {name}", service["image"])
+        for name, service in _compose()["services"].items()
+        if "image" in service and "build" not in service  # built ones are ours, tagged IMAGE_TAG
+    ]
+    for name, service in _compose()["services"].items():
+        for arg, value in service.get("build", {}).get("args", {}).items():
+            if arg.endswith("IMAGE"):
+                found.append((f"compose {name} build {arg}", value))
+    for name, document in _k8s_documents():
+        template = document.get("spec", {}).get("template", {}).get("spec", {})
+        for container in template.get("containers", []):
+            found.append((f"{name} {container['name']}", container["image"]))
+    for dockerfile in DOCKERFILES:
+        for keyword, arguments in _instructions(dockerfile):
+            if keyword == "ARG" and re.match(r"^\w*IMAGE=", arguments):
+                found.append((dockerfile.name, arguments.split("=", 1)[1]))
+    return found
+
+
+def test_every_image_reference_has_an_explicit_version() -> None:
+    references = _image_references()
+    assert len(references) >= 8
+    for where, image in references:
+        name, _, digest = image.partition("@")
+        _, _, tag = name.rpartition(":")
+        explicit = _VERSIONED_TAG.match(tag) or _UBUNTU_RELEASE.match(name)
+        assert digest.startswith("sha256:") or explicit, f"{where}: {image}"
 
 
 # --- Prometheus -------------------------------------------------------------------------------------
@@ -493,3 +820,82 @@ def test_prometheus_sends_an_api_key_the_gateway_accepts() -> None:
     dotenv = read_env_file(ENV_EXAMPLE)
     digest = hashlib.sha256(dotenv[variable].encode()).hexdigest()
     assert digest in [e.rsplit(":", 1)[-1] for e in dotenv["DDSERVE_API_KEYS"].split(",")]
+
+
+# --- packaging --------------------------------------------------------------------------------------
+
+
+def test_pyproject_license_is_an_spdx_expression_setuptools_accepts() -> None:
+    """PEP 639: `license` is an SPDX string (the `{text = ...}` table is deprecated by setuptools),
+    which setuptools reads from version 77 on: the build requirement must say so."""
+    import tomllib
+
+    from packaging.licenses import canonicalize_license_expression
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from setuptools.config.pyprojecttoml import validate
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    license_ = config["project"]["license"]
+    assert isinstance(license_, str), "license must be an SPDX string, not a table"
+    assert canonicalize_license_expression(license_) == license_ == "MIT"
+    assert validate(config, str(ROOT / "pyproject.toml"))
+    (setuptools,) = [
+        Requirement(r) for r in config["build-system"]["requires"] if r.startswith("setuptools")
+    ]
+    assert not setuptools.specifier.contains(Version("76.1")), setuptools
+    assert setuptools.specifier.contains(Version("77.0.0"))
+
+
+PROMETHEUS_CONFIGS = [DEPLOY / "prometheus.yml", DEPLOY / "prometheus-k8s.yml"]
+
+
+@pytest.mark.parametrize("path", PROMETHEUS_CONFIGS, ids=lambda p: p.name)
+def test_prometheus_config_passes_promtool_check_config(path: Path, tmp_path: Path) -> None:
+    """`promtool check config` in full: it also opens the API key's credentials_file, which only
+    the Prometheus container has, so a copy points it at a stand-in file."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: `make promtool` (Debian's prometheus package)")
+    config = yaml.safe_load(path.read_text())
+    key = tmp_path / "api-key"
+    key.write_text("change-me")
+    for job in config["scrape_configs"]:
+        assert job["authorization"]["type"] == "Bearer", job["job_name"]
+        job["authorization"]["credentials_file"] = str(key)
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [promtool, "check", "config", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_k8s_scrapes_every_gateway_pod_with_an_api_key() -> None:
+    """Annotation-based scraping sends no API key (401): the gateway pods carry no prometheus.io
+    annotations, and deploy/prometheus-k8s.yml finds them through their headless Service's DNS
+    records and sends a bearer key from a mounted secret."""
+    gateway = _resource("Deployment", "ddserve-gateway")["spec"]["template"]
+    annotations = gateway["metadata"].get("annotations", {})
+    assert not [a for a in annotations if a.startswith("prometheus.io/")]
+    config = yaml.safe_load((DEPLOY / "prometheus-k8s.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"].startswith("/etc/prometheus/secrets/")
+    pods = _resource("Service", "ddserve-gateway-pods")["spec"]
+    assert pods["clusterIP"] == "None"  # headless: one A record per ready pod
+    assert pods["selector"].items() <= gateway["metadata"]["labels"].items()
+    (port,) = [
+        p for p in _container("Deployment", "ddserve-gateway")["ports"] if p["name"] == "http"
+    ]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["type"] == "A"
+    assert discovery["names"] == [
+        f"ddserve-gateway-pods.{_kustomization()['namespace']}.svc.cluster.local"
+    ]
+    assert (
+        discovery["port"]
+        == port["containerPort"]
+        == int(_env(_container("Deployment", "ddserve-gateway"))["DDSERVE_PORT"])
+    )

@@ -90,7 +90,7 @@ def test_a_workers_jobs_show_in_every_gateways_metrics(
         assert seen[f"ddserve_compute_duration_seconds_count{{{label}}}"] == 3
         assert seen[f"ddserve_batch_size_count{{{label}}}"] == 2
         assert seen[f"ddserve_steps_per_second_count{{{label}}}"] == 2
-        assert seen['ddserve_request_count{method="POST",route="/generate",status="202"}'] == 2
+        assert seen['ddserve_requests_total{method="POST",route="/generate",status="202"}'] == 2
         assert seen[f"ddserve_workers_alive{{{label}}}"] == 1
         assert seen["ddserve_redis_up"] == 1
     # Whichever gateway answers, the totals are the same (a's scrape itself may be flushed by

@@ -164,7 +164,7 @@ def test_sixteen_mixed_jobs_share_calls_and_equal_alone(pool: ModelPool) -> None
         )
         for seed in range(16)
     ]
-    engine, works = make_engine(pool, feed, max_rows=64)
+    engine, works = make_engine(pool, feed, max_batch=64)
     engine.run_until_idle()
     assert engine.stats.network_calls == 8  # the longest job's steps: everyone shared every call
     assert engine.stats.network_calls < 16
@@ -180,7 +180,7 @@ def test_sixteen_mixed_jobs_share_calls_and_equal_alone(pool: ModelPool) -> None
 def test_newcomer_joins_running_batch_between_steps(pool: ModelPool) -> None:
     feed = MemoryFeed()
     long_job = feed.submit(generate(1, num_inference_steps=20))
-    engine, works = make_engine(pool, feed, max_rows=8)
+    engine, works = make_engine(pool, feed, max_batch=8)
     for _ in range(5):
         engine.run_once()
     short_job = feed.submit(generate(2, num_inference_steps=6, guidance_scale=2.5))
@@ -196,7 +196,7 @@ def test_newcomer_joins_running_batch_between_steps(pool: ModelPool) -> None:
 def test_request_batching_makes_a_newcomer_wait_for_the_whole_batch(pool: ModelPool) -> None:
     feed = MemoryFeed()
     long_job = feed.submit(generate(1, num_inference_steps=20))
-    engine, works = make_engine(pool, feed, mode="request", max_rows=8)
+    engine, works = make_engine(pool, feed, mode="request", max_batch=8)
     for _ in range(5):
         engine.run_once()
     short_job = feed.submit(generate(2, num_inference_steps=6))
@@ -209,7 +209,7 @@ def test_request_batching_makes_a_newcomer_wait_for_the_whole_batch(pool: ModelP
 def test_request_batching_gathers_waiting_jobs_into_one_batch(pool: ModelPool) -> None:
     feed = MemoryFeed()
     tickets = [feed.submit(generate(s, num_inference_steps=3 + s)) for s in range(4)]
-    engine, _ = make_engine(pool, feed, mode="request", max_rows=8)
+    engine, _ = make_engine(pool, feed, mode="request", max_batch=8)
     engine.run_until_idle()
     assert engine.stats.rows_per_call == [4, 4, 4, 3, 2, 1]
     assert all(t.output is not None for t in tickets)
@@ -218,7 +218,7 @@ def test_request_batching_gathers_waiting_jobs_into_one_batch(pool: ModelPool) -
 def test_no_batching_runs_one_job_at_a_time(pool: ModelPool) -> None:
     feed = MemoryFeed()
     tickets = [feed.submit(generate(s, n=2, num_inference_steps=3)) for s in range(3)]
-    engine, works = make_engine(pool, feed, mode="none", max_rows=64)
+    engine, works = make_engine(pool, feed, mode="none", max_batch=64)
     engine.run_until_idle()
     assert engine.stats.rows_per_call == [2] * 9
     for ticket in tickets:
@@ -230,7 +230,7 @@ def test_share_cap_leaves_room_for_the_next_job(pool: ModelPool) -> None:
         feed = MemoryFeed()
         big = feed.submit(generate(1, n=8, num_inference_steps=4))
         small = feed.submit(generate(2, n=2, num_inference_steps=4))
-        engine, works = make_engine(pool, feed, max_rows=8, max_job_share=share)
+        engine, works = make_engine(pool, feed, max_batch=8, max_job_share=share)
         rounds = 0
         while small.output is None:
             engine.run_once()
@@ -248,51 +248,12 @@ def test_share_cap_leaves_room_for_the_next_job(pool: ModelPool) -> None:
     assert uncapped_rounds == 8  # it had to wait for the big job
 
 
-def test_admission_by_priority_then_age(pool: ModelPool) -> None:
-    feed = MemoryFeed()
-    running = feed.submit(generate(0, n=2, num_inference_steps=2))
-    old_low = feed.submit(generate(1, n=2, num_inference_steps=2), priority=0)
-    young_high = feed.submit(generate(2, n=2, num_inference_steps=2), priority=5)
-    young_low = feed.submit(generate(3, n=2, num_inference_steps=2), priority=0)
-    engine, _ = make_engine(pool, feed, max_rows=2, lookahead_rows=6)
-    finished_order: list[str] = []
-    while not engine.idle or feed.queues[MODEL]:
-        engine.run_once()
-        for t in (running, old_low, young_high, young_low):
-            if t.output is not None and t.id not in finished_order:
-                finished_order.append(t.id)
-    assert finished_order == [running.id, young_high.id, old_low.id, young_low.id]
-
-
-def test_aging_prevents_starvation_by_higher_priority_arrivals(pool: ModelPool) -> None:
-    def rounds_until_low_done(aging_s: float, limit: int = 30) -> int | None:
-        feed, clock = MemoryFeed(), Clock()
-        feed.submit(generate(9, n=2, num_inference_steps=1), arrived_at=-1.0)  # runs first
-        low = feed.submit(generate(0, n=2, num_inference_steps=1), priority=0, arrived_at=0.0)
-        engine, _ = make_engine(
-            pool, feed, clock=clock, max_rows=2, lookahead_rows=4, priority_aging_s=aging_s
-        )
-        for round_ in range(1, limit + 1):
-            feed.submit(
-                generate(round_, n=2, num_inference_steps=1), priority=1, arrived_at=clock.now
-            )
-            engine.run_once()
-            clock.now = float(round_)
-            if low.output is not None:
-                return round_
-        return None
-
-    assert rounds_until_low_done(aging_s=1e9) is None  # strict priority: starved
-    done = rounds_until_low_done(aging_s=3.0)
-    assert done is not None and done <= 6
-
-
 def test_guided_sample_is_not_overtaken_forever(pool: ModelPool) -> None:
     """Head-of-line: a two-row sample waits for room instead of letting one-row samples pass."""
     feed = MemoryFeed()
     first = feed.submit(generate(0, num_inference_steps=3))
     guided = feed.submit(generate(1, num_inference_steps=3, guidance_scale=3.0))
-    engine, _ = make_engine(pool, feed, max_rows=2)
+    engine, _ = make_engine(pool, feed, max_batch=2)
     engine.run_once()  # first (1 row) runs; guided (2 rows) waits for room
     for s in range(2, 8):
         feed.submit(generate(s, num_inference_steps=3))
@@ -326,8 +287,9 @@ def test_cancel_running_and_waiting_jobs(pool: ModelPool) -> None:
     feed = MemoryFeed()
     keep = feed.submit(generate(1, num_inference_steps=8))
     doomed = feed.submit(generate(2, num_inference_steps=8))
-    waiting = feed.submit(generate(3, n=4, num_inference_steps=8))
-    engine, works = make_engine(pool, feed, max_rows=2, lookahead_rows=4)
+    # Guided: its two-row samples find one free row, so it is taken but waits (head of line).
+    waiting = feed.submit(generate(3, n=4, num_inference_steps=8, guidance_scale=2.0))
+    engine, works = make_engine(pool, feed, max_batch=3)
     for _ in range(3):
         engine.run_once()
     assert engine.stats.rows_per_call == [2, 2, 2]
@@ -344,7 +306,7 @@ def test_deadline_fails_only_that_job(pool: ModelPool) -> None:
     feed, clock = MemoryFeed(), Clock()
     late = feed.submit(generate(1, num_inference_steps=10), deadline=2.5)
     on_time = feed.submit(generate(2, num_inference_steps=10, guidance_scale=2.0))
-    engine, works = make_engine(pool, feed, clock=clock, max_rows=8)
+    engine, works = make_engine(pool, feed, clock=clock, max_batch=8)
     while not engine.idle or feed.queues[MODEL]:
         engine.run_once()
         clock.now += 1.0

@@ -100,7 +100,7 @@ def test_a_poisoned_job_fails_alone_and_the_rest_of_its_batch_succeeds(
 ) -> None:
     feed = MemoryFeed()
     poison, innocent = mixed_jobs(feed)
-    engine, works = make_engine(pool, feed, mode=mode, max_rows=32)
+    engine, works = make_engine(pool, feed, mode=mode, max_batch=32)
     lane = engine.lanes[MODEL]
     assert isinstance(lane, DenoiseLane)
     real = lane.isolation.network
@@ -134,7 +134,7 @@ def test_a_call_too_large_for_memory_is_split_and_nobody_fails(
 ) -> None:
     feed = MemoryFeed()
     poison, innocent = mixed_jobs(feed)
-    engine, works = make_engine(pool, feed, max_rows=32)
+    engine, works = make_engine(pool, feed, max_batch=32)
     lane = engine.lanes[MODEL]
     assert isinstance(lane, DenoiseLane)
     real = lane.isolation.network

@@ -52,7 +52,7 @@ def engine_over(
         [MODEL],
         feed,
         storage,
-        BatchingPolicy(max_rows=8),
+        BatchingPolicy(max_batch=8),
         clock=Clock(),
         sleep=lambda _s: None,
         store_threads=store_threads,

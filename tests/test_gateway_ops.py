@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue, Worker
 from rq.job import Job
-from rq.registry import FinishedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from ddserve.job_metrics import JobOutcome, record_outcome
 from ddserve.logs import JsonFormatter, RequestIdFilter
@@ -49,34 +50,49 @@ def client(app_server) -> Iterator[TestClient]:
         yield c
 
 
-def test_readiness_follows_redis_and_workers(client: TestClient, app_server) -> None:
+def _availability(client: TestClient) -> dict[str, tuple[int | None, bool | None]]:
+    models = client.get("/models").json()["models"]
+    return {m["name"]: (m["workers"], m["available"]) for m in models}
+
+
+def test_readiness_follows_redis_only_and_models_report_their_workers(
+    client: TestClient, app_server
+) -> None:
+    """A gateway with Redis is ready even when no worker serves some model (its jobs wait in the
+    queue): a 503 there would take every gateway pod out of the Kubernetes Service. Which models
+    have workers is in /models (and /metrics)."""
     _, server = app_server
+    served = {"tiny-ddpm", "tiny-text", "tiny-ae", "tiny-vae", "tiny-vq"}
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 503 and r.headers["retry-after"]
-    assert r.json()["redis"] is True and set(r.json()["missing"]) == {
-        "tiny-ddpm",
-        "tiny-text",
-        "tiny-ae",
-        "tiny-vae",
-        "tiny-vq",
-    }
+    assert r.status_code == 200, r.json()
+    assert r.json()["ready"] is True and r.json()["redis"] is True
+    assert set(r.json()["missing"]) == served  # reported, not acted on
+    assert _availability(client) == dict.fromkeys(served, (0, False))
+    assert client.post("/generate", json=GEN).status_code == 202  # ready means: accepts jobs
     conn = client.app.state.ddserve.connection
     queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ddpm", "tiny-text")]
     Worker(queues, connection=conn, name="w-diffusion").register_birth()
-    partial = client.get("/readyz").json()
-    assert partial["workers"]["tiny-ddpm"] == 1
-    assert set(partial["missing"]) == {"tiny-ae", "tiny-vae", "tiny-vq"}
+    partial = client.get("/readyz")
+    assert partial.status_code == 200 and partial.json()["workers"]["tiny-ddpm"] == 1
+    assert set(partial.json()["missing"]) == {"tiny-ae", "tiny-vae", "tiny-vq"}
+    availability = _availability(client)
+    assert availability["tiny-ddpm"] == (1, True) and availability["tiny-text"] == (1, True)
+    assert availability["tiny-ae"] == (0, False)
     queues = [Queue(f"gwtest:{m}", connection=conn) for m in ("tiny-ae", "tiny-vae", "tiny-vq")]
     worker = Worker(queues, connection=conn, name="w-codec")
     worker.register_birth()
-    assert client.get("/readyz").status_code == 200
+    assert client.get("/readyz").json()["missing"] == []
+    assert _availability(client)["tiny-vq"] == (1, True)
     worker.register_death()
-    assert client.get("/readyz").status_code == 503
+    assert client.get("/readyz").status_code == 200
+    assert _availability(client)["tiny-vq"] == (0, False)
     server.connected = False
     down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["redis"] is False
+    assert down.json()["ready"] is False and down.headers["retry-after"]
     assert client.get("/healthz").status_code == 200  # liveness does not need Redis
+    assert _availability(client) == dict.fromkeys(served, (None, None))  # unknown, still 200
 
 
 def test_redis_down_is_503_never_500(client: TestClient, app_server) -> None:
@@ -125,9 +141,9 @@ def test_metrics(client: TestClient) -> None:
     pipe.execute()
     text = client.get("/metrics").text
     lines = set(text.splitlines())
-    assert "# TYPE ddserve_request_count counter" in lines
-    assert 'ddserve_request_count{method="POST",route="/generate",status="202"} 2.0' in lines
-    assert 'ddserve_request_count{method="POST",route="/generate",status="404"} 1.0' in lines
+    assert "# TYPE ddserve_requests_total counter" in lines
+    assert 'ddserve_requests_total{method="POST",route="/generate",status="202"} 2.0' in lines
+    assert 'ddserve_requests_total{method="POST",route="/generate",status="404"} 1.0' in lines
     assert 'ddserve_request_duration_seconds_count{route="/generate"} 3.0' in lines
     assert 'ddserve_queue_depth{model="tiny-ddpm"} 1.0' in lines
     assert 'ddserve_jobs{status="queued"} 1.0' in lines
@@ -150,7 +166,51 @@ def test_metrics(client: TestClient) -> None:
     assert again['ddserve_jobs{status="succeeded"}'] == 0
     assert again['ddserve_images_generated_total{model="tiny-ddpm"}'] == 3
     assert again['ddserve_compute_duration_seconds_count{model="tiny-ddpm"}'] == 2
-    assert again['ddserve_request_count{method="GET",route="/metrics",status="200"}'] == 1
+    assert again['ddserve_requests_total{method="GET",route="/metrics",status="200"}'] == 1
+
+
+def test_metrics_count_a_canceled_running_job_as_canceled(client: TestClient) -> None:
+    """A job canceled while it ran ends as RQ's stop-job path leaves it (status `stopped`, in the
+    failed-job registry): ddserve_jobs shows it as canceled, and a failed job as failed."""
+    conn = client.app.state.ddserve.connection
+    queue = Queue("gwtest:tiny-ddpm", connection=conn)
+    failed = FailedJobRegistry(queue=queue)
+    for status in ("stopped", "failed"):
+        job_id = client.post("/generate", json=GEN).json()["id"]
+        job = Job.fetch(job_id, connection=conn)
+        conn.lrem(queue.key, 0, job.id)
+        job.set_status(status)
+        failed.add(job, 3600)
+    lines = set(client.get("/metrics").text.splitlines())
+    assert 'ddserve_jobs{status="canceled"} 1.0' in lines
+    assert 'ddserve_jobs{status="failed"} 1.0' in lines
+
+
+def test_metrics_scrape_passes_promtool_check_metrics(client: TestClient) -> None:
+    """Prometheus's own linter on a real scrape with every family filled in (counters end in
+    `_total`, units in base units, HELP on every family). promtool: `make promtool` (Debian's
+    prometheus package)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: `make promtool` (Debian's prometheus package)")
+    conn = client.app.state.ddserve.connection
+    client.post("/generate", json=GEN)
+    client.post("/generate", json={"model": "nope"})
+    pipe = conn.pipeline()
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "succeeded", 0.5, 2.0, 3, 24, 50))
+    record_outcome(pipe, "gwtest", JobOutcome("tiny-ddpm", "canceled", 0.1, 0.2))
+    pipe.execute()
+    client.get("/healthz")
+    scrape = client.get("/metrics")
+    assert scrape.status_code == 200 and "ddserve_requests_total{" in scrape.text
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape.text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_every_gateway_process_shows_the_same_totals(zoo: Path, tmp_path: Path) -> None:
@@ -163,7 +223,7 @@ def test_every_gateway_process_shows_the_same_totals(zoo: Path, tmp_path: Path) 
         ca.get("/healthz")
         cb.get("/healthz")
         b.state.ddserve.telemetry.flush()  # what b's once-a-second write does
-        line = 'ddserve_request_count{method="GET",route="/healthz",status="200"}'
+        line = 'ddserve_requests_total{method="GET",route="/healthz",status="200"}'
         assert _samples(ca.get("/metrics").text)[line] == 3
         assert _samples(cb.get("/metrics").text)[line] == 3
 
@@ -184,7 +244,7 @@ def test_request_counts_are_written_every_second_and_survive_an_outage(
     assert "ddserve_redis_up 0.0" in client.get("/metrics").text
     server.connected = True
     samples = _samples(client.get("/metrics").text)
-    assert samples['ddserve_request_count{method="GET",route="/healthz",status="200"}'] == 3
+    assert samples['ddserve_requests_total{method="GET",route="/healthz",status="200"}'] == 3
     assert samples['ddserve_request_duration_seconds_count{route="/healthz"}'] == 3
 
 

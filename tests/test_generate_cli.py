@@ -16,6 +16,7 @@ from PIL import Image
 from ddserve.cli import main
 from ddserve.client.grid import image_grid
 from ddserve.embedded import LocalServer
+from ddserve.generate import resolve_api_key
 from tests.client_support import DIFFUSION, start_stack, write_zoo
 
 API_KEY = "cli-" + uuid.uuid4().hex
@@ -86,6 +87,42 @@ def test_errors_exit_with_a_message(
     assert main([*base, "--api-key", API_KEY, "--class", "seven"]) == 1  # not a class name
     assert "has the classes 0, 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_empty_api_key_counts_as_not_given_with_a_note(
+    server: LocalServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "grid.png"
+    base = ["generate", "--model", DIFFUSION, "--url", server.url, "--out", str(out), "--quiet"]
+    fast = ["--n", "1", "--steps", "2"]
+    # `--api-key "$KEY"` with KEY unset: the key of the environment is used, and the user told.
+    monkeypatch.setenv("DDSERVE_API_KEY", API_KEY)
+    assert main([*base, *fast, "--api-key", ""]) == 0
+    err = capsys.readouterr().err
+    assert "--api-key is empty (an unset shell variable?): ignored" in err
+    assert "sending no API key" not in err and out.exists()
+    # `--api-key $KEY` unquoted: the shell drops the value; no key anywhere: a note, then the 401.
+    monkeypatch.setenv("DDSERVE_API_KEY", "  ")
+    assert main([*base[:-1], "--api-key", "--quiet", *fast]) == 1
+    err = capsys.readouterr().err
+    assert "--api-key is empty" in err and "DDSERVE_API_KEY is empty" in err
+    assert "sending no API key: a gateway with auth on answers 401" in err
+    assert "Unauthorized" in err
+
+
+def test_api_key_resolution() -> None:
+    env = {"DDSERVE_API_KEY": "from-env"}
+    assert resolve_api_key("flag", env) == ("flag", [])
+    assert resolve_api_key(None, env) == ("from-env", [])
+    assert resolve_api_key(" key-from-a-file\n", {}) == ("key-from-a-file", [])
+    assert resolve_api_key(None, {}) == (None, [])  # no key and no empty one: nothing to say
+    key, notes = resolve_api_key(None, {"DDSERVE_API_KEY": ""})
+    assert (
+        key is None and notes[0] == "DDSERVE_API_KEY is empty (an unset shell variable?): ignored"
+    )
 
 
 def test_image_grid_layout() -> None:

@@ -63,3 +63,39 @@ def test_command_exit_status(server: http.server.ThreadingHTTPServer) -> None:
         env["DDSERVE_PORT"] = str(probe.getsockname()[1])
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 1 and "refused" in refused.stderr.lower()
+
+
+def test_worker_probe_follows_the_workers_heartbeat() -> None:
+    """`--worker NAME` (the worker pods' exec probes): healthy while the worker's RQ registration
+    has a recent heartbeat; not when it is old or gone; a Redis that does not answer fails the
+    readiness probe but not the liveness one."""
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from rq import Queue, Worker
+    from rq.utils import utcformat
+
+    from ddserve.healthcheck import check_worker
+    from tests.redis_sandbox import REDIS_URL, redis_or_skip
+
+    connection = redis_or_skip()
+    name = f"ddtest-probe-{uuid.uuid4().hex[:10]}"
+    queue = Queue(f"ddtest-probe-{name}", connection=connection)
+    worker = Worker([queue], connection=connection, name=name)
+    worker.register_birth()
+    try:
+        worker.heartbeat()
+        assert check_worker(REDIS_URL, name, 60, 3, liveness=False)[0]
+        stale = utcformat(datetime.now(UTC) - timedelta(seconds=120))
+        connection.hset(worker.key, "last_heartbeat", stale)
+        healthy, seen = check_worker(REDIS_URL, name, 60, 3, liveness=True)
+        assert not healthy and "last heartbeat 1" in seen
+        assert not check_worker(REDIS_URL, "no-such-worker-" + name, 60, 3, liveness=True)[0]
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            down = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+        assert check_worker(down, name, 60, 1, liveness=True)[0]
+        assert not check_worker(down, name, 60, 1, liveness=False)[0]
+    finally:
+        worker.register_death()
+        connection.delete(worker.key)

@@ -296,7 +296,7 @@ def test_guidance_scale_one_adds_no_unconditional_rows(
     assert parse_job_spec(spec).guided == (scale > 1.0)
     feed = MemoryFeed()
     ticket = feed.submit(spec)
-    engine, _ = make_engine(pool, feed, models=(MODEL,), max_rows=16)
+    engine, _ = make_engine(pool, feed, models=(MODEL,), max_batch=16)
     lane = engine.lanes[MODEL]
     assert isinstance(lane, DenoiseLane)
     real, calls = lane.isolation.network, []

@@ -341,7 +341,7 @@ def test_repaint_plan_structure() -> None:
 
 def test_invalid_settings_are_rejected() -> None:
     with pytest.raises(ValueError):
-        SamplerSettings("euler")  # type: ignore[arg-type]
+        SamplerSettings("heun")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         SamplerSettings("ddim", eta=1.5)
     with pytest.raises(ValueError):

@@ -17,10 +17,10 @@ import pytest
 import redis
 import torch
 from redis.connection import AbstractConnection
-from rq.job import Job
+from rq.job import Job, Retry
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
-from ddserve.jobs import META_BATCH_SIZE, META_PROGRESS, cancel_set_key
+from ddserve.jobs import JOB_FUNCTION, META_BATCH_SIZE, META_ERROR, META_PROGRESS, cancel_set_key
 from ddserve.settings import Settings
 from tests import specs
 from tests.redis_sandbox import RedisSandbox, sandbox
@@ -28,7 +28,8 @@ from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
 from workers import rq_bridge
 from workers.model_pool import ModelPool
-from workers.worker import BatchingWorker, RQTicket
+from workers.rq_adaptor import WorkerJob
+from workers.worker import BatchingWorker, worker_stats_key
 
 pytestmark = pytest.mark.redis
 MODEL = "tiny-ddpm"
@@ -59,7 +60,7 @@ def _worker(box: RedisSandbox, pool: ModelPool, **settings_: Any) -> BatchingWor
     return worker
 
 
-def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicket]:
+def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[WorkerJob]:
     """`count` generate jobs (n = 2, 10 steps), dequeued and started by the worker."""
     request = specs.generate(MODEL, n=2, num_inference_steps=10)
     for seed in range(count):
@@ -68,13 +69,13 @@ def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTi
     for _ in range(count):
         got = rq_bridge.dequeue(worker, [box.queue(MODEL)], None)
         assert got is not None
-        ticket = worker.start(*got)
+        ticket = worker.jobs.start(*got)
         assert ticket is not None
         tickets.append(ticket)
     return tickets
 
 
-def _held(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicket]:
+def _held(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[WorkerJob]:
     """`_tickets`, handed to the engine (as the worker's own dequeue hands them)."""
     tickets = _tickets(box, worker, count)
     for ticket in tickets:
@@ -82,11 +83,11 @@ def _held(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[RQTicke
     return tickets
 
 
-def _output(ticket: RQTicket) -> dict[str, Any]:
+def _output(ticket: WorkerJob) -> dict[str, Any]:
     return {"images": [{"key": f"{ticket.id}/{i}.png", "seed": i} for i in range(2)]}
 
 
-def _stored_progress(box: RedisSandbox, ticket: RQTicket) -> dict[str, int] | None:
+def _stored_progress(box: RedisSandbox, ticket: WorkerJob) -> dict[str, int] | None:
     """The job's progress as Redis holds it (a copy of the job: refreshing the worker's own would
     drop the progress it has not sent yet)."""
     return Job.fetch(ticket.id, connection=box.connection).meta.get(META_PROGRESS)
@@ -123,7 +124,7 @@ def test_a_round_costs_one_round_trip_or_one_check_and_one_transaction(
         meta = ticket.job.get_meta(refresh=True)
         assert meta[META_PROGRESS] == {"step": 10, "total": 10} and meta[META_BATCH_SIZE] == 6
     assert tickets[3].job.get_meta(refresh=True)[META_PROGRESS] == {"step": 7, "total": 10}
-    assert set(worker._running) == {tickets[3].id}  # the others are forgotten
+    assert set(worker.jobs.held) == {tickets[3].id}  # the others are forgotten
     metrics = _metrics(box)
     assert metrics.outcomes == {"succeeded": 3} and metrics.images == 6
     assert metrics.histograms[BATCH].count == 3 and metrics.histograms[BATCH].sum == 18
@@ -162,12 +163,12 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     with pytest.raises(redis.ConnectionError):
         worker.flush_step()
     assert done.job.get_status(refresh=True) == "started"  # held, to be finished later
-    assert done.id in worker._running
+    assert done.id in worker.jobs.held
     assert _metrics(box).outcomes == {}
 
     monkeypatch.setattr(rq_bridge, "finish_successes", real_finish)
     monkeypatch.setattr(rq_bridge, "finish_failure", real_failure)
-    worker._finish_deferred()  # what the loop does first once Redis answers
+    worker.jobs.finish_deferred()  # what the loop does first once Redis answers
     worker.flush_step()
     assert done.job.get_status(refresh=True) == "finished"
     meta = done.job.get_meta(refresh=True)
@@ -178,10 +179,10 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     metrics = _metrics(box)
     assert metrics.outcomes == {"succeeded": 1, "canceled": 1, "failed": 1}
     assert metrics.images == 2
-    worker._finish_deferred()
+    worker.jobs.finish_deferred()
     worker.flush_step()  # nothing is written twice
     assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1, "failed": 1}
-    assert set(worker._running) == {running.id}
+    assert set(worker.jobs.held) == {running.id}
 
 
 def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
@@ -197,7 +198,7 @@ def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
     assert ticket.job.get_status(refresh=True) == "started"
     assert ticket.job.get_meta(refresh=True).get(META_PROGRESS) is None  # its meta left alone
     assert _metrics(box).outcomes == {}
-    assert ticket.id not in worker._running
+    assert ticket.id not in worker.jobs.held
 
 
 @pytest.fixture
@@ -270,7 +271,7 @@ def test_a_round_sends_its_writes_and_reads_the_cancel_set_while_the_network_ste
     assert kept.job.get_status(refresh=True) == "finished"
     assert kept.job.get_meta(refresh=True)[META_PROGRESS] == {"step": 10, "total": 10}
     assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1}
-    assert worker._running == {}
+    assert worker.jobs.held == {}
     assert len(overlapped) == 10 and all(overlapped), overlapped
 
 
@@ -293,7 +294,7 @@ def test_rounds_within_the_redis_interval_send_nothing_and_merge_their_writes(
         assert len(round_trips_by_thread) == 1 + main
         assert _stored_progress(box, kept) is None
         assert Job.fetch(canceled.id, box.connection).get_status() == "started"
-        worker._next_exchange_at = 0.0  # the interval is over
+        worker.exchange.next_at = 0.0  # the interval is over
         worker.run_round(io)  # one transaction: four rounds' progress, merged; the cancel read
         assert worker_round_trips() == 2
         assert _stored_progress(box, kept) == {"step": 4, "total": 10}
@@ -315,16 +316,16 @@ def test_a_round_whose_cancel_read_fails_keeps_its_writes_sent_once(
     worker = _worker(box, pool, max_batch=4, redis_interval_ms=0)
     done, held = _tickets(box, worker, 2)
     worker.engine.offer(MODEL, held)
-    read = worker.feed.cancel_requests
+    read = worker.exchange.cancel_requests
     done.progress(10, 10, 2)
     done.succeed(_output(done), 2)
     with ThreadPoolExecutor(max_workers=1) as io:
-        monkeypatch.setattr(worker.feed, "cancel_requests", _refuse)
+        monkeypatch.setattr(worker.exchange, "cancel_requests", _refuse)
         with pytest.raises(redis.ConnectionError):
             worker.run_round(io)  # the success went; the cancel set did not answer
         assert done.job.get_status(refresh=True) == "finished"
         assert _metrics(box).outcomes == {"succeeded": 1}
-        monkeypatch.setattr(worker.feed, "cancel_requests", read)
+        monkeypatch.setattr(worker.exchange, "cancel_requests", read)
         while not worker.engine.idle:
             worker.run_round(io)
     worker.flush_step()
@@ -334,3 +335,35 @@ def test_a_round_whose_cancel_read_fails_keeps_its_writes_sent_once(
 
 def _refuse(*_args: Any) -> dict[str, bool]:
     raise redis.ConnectionError("Redis is down")
+
+
+def test_worker_stats_name_the_batch_limit_max_batch(box: RedisSandbox, pool: ModelPool) -> None:
+    """The counters hash names the limit as the setting does (`max_batch`, in network rows)."""
+    worker = _worker(box, pool, max_batch=6)
+    worker.publish_stats()
+    stats = box.connection.hgetall(worker_stats_key(box.prefix, worker.name))
+    assert stats[b"max_batch"] == b"6" and b"max_rows" not in stats
+    assert stats[b"mode"] == b"continuous"
+
+
+@pytest.mark.parametrize(
+    ("function", "kwargs", "message"),
+    [
+        ("os.getcwd", {}, "runs only"),
+        (JOB_FUNCTION, {"request": "not a dict"}, "no request"),
+    ],
+)
+def test_a_job_this_worker_cannot_run_fails_at_once_without_retry(
+    box: RedisSandbox, pool: ModelPool, function: str, kwargs: dict[str, Any], message: str
+) -> None:
+    worker = _worker(box, pool)
+    job = box.track(box.queue(MODEL).enqueue_call(function, kwargs=kwargs, retry=Retry(max=2)))
+    got = rq_bridge.dequeue(worker, [box.queue(MODEL)], None)
+    assert got is not None
+    assert worker.jobs.start(*got) is None
+    assert job.get_status(refresh=True) == "failed"  # not queued again despite its retries
+    error = job.get_meta(refresh=True)[META_ERROR]
+    assert error["code"] == "invalid_request" and message in error["message"]
+    assert worker.jobs.held == {}
+    worker.flush_step()
+    assert _metrics(box).outcomes == {"failed": 1}

@@ -16,7 +16,6 @@ from ddserve.spec import parse_job_spec
 class MemoryTicket:
     id: str
     request: dict[str, Any]  # the JSON form, as Redis carries it
-    priority: float = 0.0
     arrived_at: float = 0.0
     deadline: float = float("inf")
     progress_log: list[tuple[int, int, int]] = field(default_factory=list)
@@ -27,7 +26,7 @@ class MemoryTicket:
     ends: int = 0  # how many times the engine ended this ticket (must be exactly 1)
 
     def __post_init__(self) -> None:
-        self.spec = parse_job_spec(self.request)  # as RQTicket: parsed once, when taken
+        self.spec = parse_job_spec(self.request)  # as WorkerJob: parsed once, when taken
 
     def progress(self, step: int, total: int, batch_rows: int) -> None:
         self.progress_log.append((step, total, batch_rows))

@@ -18,7 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="batching mode (default: DDSERVE_BATCHING)",
     )
-    parser.add_argument("--max-batch", type=int, default=None, help="rows per network call")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="network rows per call (a guided image counts two)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

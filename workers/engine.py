@@ -7,10 +7,10 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
 
 1. one check of the cancel set and of the per-job deadlines: a canceled or late job leaves the
    running set (its samples are dropped) and only that job ends;
-2. per model, admission at the step boundary: waiting samples join the running set, ranked by
-   priority (aged, so that nothing starves) then age, while the next network call has room
-   (`max_rows`, a guided sample counting two rows for its unconditional copy) and while the job
-   stays within its share of the call (`max_job_share`); the queue is read only while there is room;
+2. per model, admission at the step boundary (`workers.admission`, a pure policy): waiting
+   samples join the running set by age, while the next network call has room (`max_batch` rows, a
+   guided sample counting two rows for its unconditional copy) and while the job stays within its
+   share of the call (`max_job_share`); the queue is read only while there is room;
 3. per model, one network call over all running samples at their own timesteps; finished samples
    leave and their images are decoded (latent diffusion, one call per step); a job completes as
    soon as its last image is stored; progress is written every `progress_every` steps and once
@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -60,6 +60,7 @@ from ddserve.settings import Settings
 from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
+from workers.admission import AdmissionPolicy, BatchingMode, WaitingJob
 from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
 from workers.execute import (
     CodecCall,
@@ -69,12 +70,11 @@ from workers.execute import (
     run_codec,
     run_codec_calls,
 )
-from workers.isolation import IsolatingClassifier, IsolatingNetwork, finite_rows
+from workers.isolation import IsolatingClassifier, IsolatingNetwork, non_finite_samples
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 log = logging.getLogger(__name__)
 
-BatchingMode = Literal["continuous", "request", "none"]
 StoreFuture = Future[dict[int, ImageRecord]]  # image index → record, once written
 REQUEST_POLL_S = 0.001  # request mode: how often the queue is polled while gathering
 RECENT_CALLS = 10_000  # rows of this many recent calls are kept for inspection
@@ -87,12 +87,13 @@ STORE_WAIT_S = 0.01
 
 class Ticket(Protocol):
     """One accepted job as the engine sees it. The engine calls exactly one of succeed, fail and
-    cancel for every ticket it was given."""
+    cancel for every ticket it was given (the worker's is `workers.rq_adaptor.WorkerJob`)."""
 
-    id: str
-    spec: JobSpec  # parsed once, when the job was taken
-    priority: float  # higher first
-    arrived_at: float  # when it was queued (seconds since the epoch)
+    @property
+    def id(self) -> str: ...
+
+    spec: JobSpec  # parsed once, when the job was taken (`workers.rq_adaptor.spec_of`)
+    arrived_at: float  # when it was queued (seconds since the epoch): older is admitted first
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
 
     def progress(self, step: int, total: int, batch_rows: int) -> None: ...
@@ -114,19 +115,16 @@ class JobFeed(Protocol):
 
 @dataclass(frozen=True)
 class BatchingPolicy:
+    """The engine's settings: the admission limits (`admission`) and how it runs and reports."""
+
     mode: BatchingMode = "continuous"
-    max_rows: int = 64  # rows of one network call (classifier-free guidance: 2 per sample)
+    max_batch: int = 64  # network rows of one call (classifier-free guidance: 2 per sample)
     max_wait_s: float = 0.005  # request mode: how long to gather jobs into an empty set
-    max_job_share: float = 1.0  # largest fraction of max_rows one job may hold
+    max_job_share: float = 1.0  # largest fraction of max_batch one job may hold
     progress_every: int = 5  # write progress every N steps
-    priority_aging_s: float = 30.0  # waiting this long is worth one priority level
-    lookahead_rows: int = 0  # continuous: rows of taken-but-waiting jobs to rank by priority
 
     def __post_init__(self) -> None:
-        if self.max_rows < 2:
-            raise ValueError("max_batch must be ≥ 2 (a guided sample takes two rows)")
-        if not 0.0 < self.max_job_share <= 1.0:
-            raise ValueError("max_job_share must be in (0, 1]")
+        self.admission  # noqa: B018 -- validates max_batch and max_job_share
         if self.progress_every < 1:
             raise ValueError("progress_every must be ≥ 1")
 
@@ -134,23 +132,21 @@ class BatchingPolicy:
     def from_settings(cls, settings: Settings) -> BatchingPolicy:
         return cls(
             mode=settings.batching,
-            max_rows=settings.max_batch,
+            max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_job_share=settings.max_job_share,
             progress_every=settings.progress_every,
         )
 
     @property
-    def job_cap_rows(self) -> int:
-        """Rows one job may hold in a call: its share of max_rows, at least one guided sample."""
-        if self.mode == "none":
-            return self.max_rows
-        return max(2, math.floor(self.max_job_share * self.max_rows))
+    def admission(self) -> AdmissionPolicy:
+        """The pure admission policy of these limits (`workers.admission`)."""
+        return AdmissionPolicy(self.mode, self.max_batch, self.max_job_share)
 
 
 @dataclass
 class EngineStats:
-    """Counters for tests, logs and the benchmark (occupancy = rows per call / max_rows)."""
+    """Counters for tests, logs and the benchmark (occupancy = rows per call / max_batch)."""
 
     network_calls: int = 0
     rows_total: int = 0
@@ -184,8 +180,8 @@ class EngineStats:
             "jobs_canceled": self.jobs_canceled,
         }
 
-    def occupancy(self, max_rows: int) -> float:
-        return self.rows_total / (self.network_calls * max_rows) if self.network_calls else 0.0
+    def occupancy(self, max_batch: int) -> float:
+        return self.rows_total / (self.network_calls * max_batch) if self.network_calls else 0.0
 
 
 class TimedNetwork:
@@ -232,11 +228,11 @@ class JobState:
 
     ticket: Ticket
     work: DenoiseWork
-    seq: int  # order of arrival at this worker (tie-breaker after priority and age)
+    seq: int  # order of arrival at this worker (tie-breaker after age)
     pending: list[Sample]
     storing: list[StoreFuture] = field(default_factory=list)  # its images being written
     running_rows: int = 0
-    max_batch_rows: int = 0
+    largest_call_rows: int = 0  # rows of the largest network call it shared (its batch_size)
     steps_since_progress: int = 0
     image_steps: int = 0  # network calls made for this job's images, summed over its images
 
@@ -274,6 +270,7 @@ class DenoiseLane:
         self.feed = feed
         self.storage = storage
         self.policy = policy
+        self.admission = policy.admission
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
@@ -322,61 +319,48 @@ class DenoiseLane:
         return True
 
     # --- admission ------------------------------------------------------------------------------
-    def _rank(self, job: JobState, now: float) -> tuple[float, float, int]:
-        waited = max(0.0, now - job.ticket.arrived_at)
-        effective = job.ticket.priority + waited / self.policy.priority_aging_s
-        return (-effective, job.ticket.arrived_at, job.seq)
-
-    def _admit(self, first_job_only: bool = False) -> bool:
-        """Move waiting samples into the running set; True if it stopped for lack of rows.
-
-        A job that does not fit blocks the younger ones behind it (head-of-line), so that a guided
-        sample needing two rows is never overtaken forever by single-row ones."""
-        free = self.policy.max_rows - self.batch.rows
-        cap = self.policy.job_cap_rows
-        now = self.clock()
-        waiting = sorted(
-            (j for j in self.jobs.values() if j.pending), key=lambda j: self._rank(j, now)
-        )
+    def _admit(self) -> bool:
+        """Move the waiting samples that `workers.admission` lets in into the running set; True
+        if the lane should read its queue no further this round (the call is full, or a waiting
+        sample found no room)."""
+        waiting = [
+            WaitingJob(
+                job.id,
+                job.ticket.arrived_at,
+                job.seq,
+                tuple(s.rows for s in job.pending),
+                job.running_rows,
+            )
+            for job in self.jobs.values()
+            if job.pending
+        ]
+        running_rows = self.batch.rows
+        decision = self.admission.admit(waiting, running_rows)
         admitted: list[Sample] = []
-        blocked = False
-        for job in waiting:
-            while job.pending:
-                sample = job.pending[0]
-                if sample.rows > free:
-                    blocked = True
-                    break
-                if job.running_rows + sample.rows > cap:
-                    break
-                job.pending.pop(0)
+        for job_id, count in decision.counts.items():
+            job = self.jobs[job_id]
+            joining, job.pending = job.pending[:count], job.pending[count:]
+            for sample in joining:
                 job.running_rows += sample.rows
-                free -= sample.rows
                 self._owner[id(sample)] = job
-                admitted.append(sample)
-            if blocked or first_job_only:
-                break
+            admitted.extend(joining)
         if admitted:
             self.batch.add(admitted)
-        return blocked
+        return self.admission.is_full(running_rows, decision)
 
     def _pending_rows(self) -> int:
         return sum(s.rows for j in self.jobs.values() for s in j.pending)
 
     def fill(self) -> None:
-        """Admission at a step boundary, as the batching mode says."""
+        """Admission at a step boundary, reading the queue as the batching mode says."""
         mode = self.policy.mode
         if mode == "continuous":
-            # Take from the queue only while the running set has room the held jobs cannot use
-            # (or to hold `lookahead_rows` waiting rows, so that priority can reorder them).
-            while True:
-                blocked = self._admit()
-                full = blocked or self.batch.rows >= self.policy.max_rows
-                if full and self._pending_rows() >= self.policy.lookahead_rows:
-                    break
+            # Take from the queue only while the running set has room the held jobs cannot use.
+            while not self._admit():
                 if not self._take_one():
                     break
             return
-        if len(self.batch):
+        if not self.admission.admits_into(self.batch.rows):
             return  # request / none: the running set runs to its end first
         if not any(j.pending for j in self.jobs.values()) and not self._take_one():
             return
@@ -384,7 +368,7 @@ class DenoiseLane:
             # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
             polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
-            while self._pending_rows() < self.policy.max_rows:
+            while self._pending_rows() < self.policy.max_batch:
                 if self._take_one():
                     continue
                 remaining = give_up - self.clock()
@@ -392,9 +376,7 @@ class DenoiseLane:
                     break
                 polls_left -= 1
                 self.sleep(min(REQUEST_POLL_S, remaining))
-            self._admit()
-        else:
-            self._admit(first_job_only=True)
+        self._admit()
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -422,7 +404,7 @@ class DenoiseLane:
         self.stats.step_s += time.perf_counter() - started
         self.stats.record_call(rows)
         for job in running.values():
-            job.max_batch_rows = max(job.max_batch_rows, rows)
+            job.largest_call_rows = max(job.largest_call_rows, rows)
             job.steps_since_progress += 1
         finished = self._fail_non_finite(row_samples, finished)
         if finished:
@@ -438,36 +420,21 @@ class DenoiseLane:
         self._collect_stores(block=False)
 
     def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
-        """Fail the jobs with a sample whose x_t is no longer finite after the step (a row that
-        failed on its own gets NaN output, which the update carries into x_t), with the cause the
-        isolating network recorded for its row (NaN output, out of memory, an error); return the
-        finished samples of the other jobs. The rest of the running set goes on untouched."""
-        bad: set[int] = set()  # id(sample)
-        if len(self.batch) and not bool(torch.isfinite(self.batch.x).all()):
-            running_ok = finite_rows(self.batch.x).tolist()  # [B]
-            bad.update(
-                id(s) for s, ok in zip(self.batch.samples, running_ok, strict=True) if not ok
-            )
-        for sample in finished:
-            if not bool(torch.isfinite(sample.x).all()):
-                bad.add(id(sample))
+        """Fail the jobs with a sample whose x_t is no longer finite after the step, with the
+        cause the isolating network recorded for its row (NaN output, out of memory, an error:
+        `isolation.non_finite_samples`); return the finished samples of the other jobs. The rest
+        of the running set goes on untouched."""
+        bad = non_finite_samples(
+            self.batch, row_samples, finished, self.isolation, self.classifier_isolation
+        )
         if not bad:
             return finished
-        causes: dict[int, BaseException] = {}  # id(sample) → why its row failed
-        for row, cause in self.isolation.failures.items():
-            causes.setdefault(id(row_samples[row]), cause)
-        if self.classifier_isolation is not None and self.classifier_isolation.failures:
-            # The classifier's rows: the step's samples with classifier guidance, in batch order.
-            samples = list({id(s): s for s in row_samples}.values())
-            steered = [s for s in samples if s.settings.classifier_scale != 0.0]
-            for row, cause in self.classifier_isolation.failures.items():
-                causes.setdefault(id(steered[row]), cause)
         failed: dict[int, tuple[JobState, BaseException]] = {}
         for sample in row_samples:  # every sample of the step, finished ones included
             job = self._owner.get(id(sample))
             if id(sample) not in bad or job is None or id(job) in failed:
                 continue
-            cause = causes.get(id(sample)) or NonFiniteOutput(
+            cause = bad[id(sample)] or NonFiniteOutput(
                 f"the model produced NaN or infinite values for job {job.id}'s sample; the rest "
                 "of its batch went on without it"
             )
@@ -544,7 +511,7 @@ class DenoiseLane:
             return
         _report(job)  # the last progress, step = total: also for jobs shorter than progress_every
         try:
-            job.ticket.succeed(output, job.max_batch_rows)
+            job.ticket.succeed(output, job.largest_call_rows)
             self.stats.jobs_succeeded += 1
         except Exception:
             log.exception("job %s: could not record its success", job.id)
@@ -663,7 +630,7 @@ Lane = DenoiseLane | CodecLane
 
 def _report(job: JobState) -> None:
     try:
-        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.max_batch_rows)
+        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.largest_call_rows)
     except Exception:
         log.exception("job %s: could not write progress", job.id)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.diffusion.sampler import NetworkFn
+from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.errors import ModelCallFailed, ModelOutOfMemory, NonFiniteOutput
 
 log = logging.getLogger(__name__)
@@ -172,3 +172,37 @@ def row_error(exc: BaseException, t: torch.Tensor, component: str) -> BaseExcept
         f"the {component} failed on this job's sample at timestep t={int(t[0])} even when run "
         f"alone ({type(exc).__name__}: {exc}); the rest of its batch went on without it"
     )
+
+
+def non_finite_samples(
+    batch: DenoisingBatch,
+    row_samples: list[Sample],
+    finished: list[Sample],
+    network: IsolatingNetwork,
+    classifier: IsolatingClassifier | None,
+) -> dict[int, BaseException | None]:
+    """After a step: the samples whose x_t is no longer finite (by `id(sample)`; running ones in
+    `batch`, and `finished` ones), each with the cause the isolating wrappers recorded for its row
+    (None: the output was NaN/±inf without a recorded cause). A row that failed on its own gets
+    NaN output, which the sampler's update carries into x_t.
+
+    `row_samples` is the sample behind each row of the step's network call; the classifier's rows
+    are the step's samples with classifier guidance, in batch order."""
+    bad: set[int] = set()
+    if len(batch) and not bool(torch.isfinite(batch.x).all()):
+        running_ok = finite_rows(batch.x).tolist()  # [B]
+        bad.update(id(s) for s, ok in zip(batch.samples, running_ok, strict=True) if not ok)
+    for sample in finished:
+        if not bool(torch.isfinite(sample.x).all()):
+            bad.add(id(sample))
+    if not bad:
+        return {}
+    causes: dict[int, BaseException] = {}  # id(sample) → why its row failed
+    for row, cause in network.failures.items():
+        causes.setdefault(id(row_samples[row]), cause)
+    if classifier is not None and classifier.failures:
+        samples = list({id(s): s for s in row_samples}.values())
+        steered = [s for s in samples if s.settings.classifier_scale != 0.0]
+        for row, cause in classifier.failures.items():
+            causes.setdefault(id(steered[row]), cause)
+    return {key: causes.get(key) for key in bad}

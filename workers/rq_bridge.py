@@ -21,6 +21,10 @@ same internals a `SimpleWorker` uses:
 - stop (a canceled running job): RQ's own stop-job path — `_stopped_job_id` then
   `handle_job_failure`, which marks it `stopped` and never retries it.
 
+Every path that ends a job also publishes it (`ddserve.notifications.publish_finished`, waking the
+gateways' held `Prefer: wait` requests): inside the transaction of `finish_successes`, and right
+after RQ's own paths (which build and execute their pipelines themselves) for the others.
+
 These names changed between RQ 2.x and 3.0; `check_rq_internals()` verifies every one of them (and
 their parameters) and `tests/test_worker_rq_bridge.py` fails loudly on an RQ upgrade that breaks them
 — including one that changes what RQ writes when it starts or finishes a job, which the merged start
@@ -30,6 +34,7 @@ and `finish_successes` reproduce (the tests compare the Redis state both leave).
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +42,7 @@ from typing import Any
 
 import rq
 from redis.client import Pipeline
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus, Retry
@@ -45,7 +50,12 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
+from ddserve.notifications import prefix_of_queue, publish_finished
+
+log = logging.getLogger(__name__)
 SUPPORTED_RQ_MAJOR = 3
+# RQ statuses in which a job has ended (a retried job is queued or scheduled again instead).
+ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
 
 # name → the parameters (after self) it must accept, in order.
 REQUIRED_WORKER_METHODS: dict[str, tuple[str, ...]] = {
@@ -196,6 +206,20 @@ def finish_success(
 ) -> None:
     """Store `value` as the job's result and run RQ's success path (callbacks, dependents, TTLs)."""
     worker._finalize_success(job, queue, execution, value)
+    announce_end(worker, job)
+
+
+def announce_end(worker: BaseWorker, job: Job) -> None:
+    """Publish that the job ended, after one of RQ's own finishing paths wrote it (one PUBLISH:
+    those paths execute their pipelines themselves) — unless RQ queued it again for a retry. A
+    failed publish is only logged: the gateways' safety poll finds the job ended anyway, and
+    raising would make the worker run RQ's finishing path a second time."""
+    if job.get_status(refresh=False) not in ENDED:
+        return
+    try:
+        publish_finished(worker.connection, prefix_of_queue(job.origin), job.id)
+    except RedisError as exc:
+        log.warning("job %s: could not publish its end (%s)", job.id, type(exc).__name__)
 
 
 @dataclass
@@ -274,6 +298,7 @@ def finish_successes(
                 pipe.multi()
                 for item in fast:
                     _success_writes(worker, item, pipe)
+                    publish_finished(pipe, prefix_of_queue(item.job.origin), item.job.id)
                 if extra is not None:
                     extra(pipe)
                 pipe.execute()
@@ -305,6 +330,7 @@ def finish_failure(
         except BaseException:
             exc_info = sys.exc_info()
     worker._finalize_failure(job, queue, execution, exc_info)
+    announce_end(worker, job)
 
 
 def finish_stopped(
@@ -322,6 +348,7 @@ def finish_stopped(
         worker.log.exception("stopped callback of job %s raised", job.id)
     worker._stopped_job_id = job.id
     worker.handle_job_failure(job, queue=queue, exc_string=reason, execution=execution)
+    announce_end(worker, job)
 
 
 def set_idle(worker: BaseWorker) -> None:

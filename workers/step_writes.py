@@ -1,5 +1,5 @@
 """What a batching worker's jobs write to Redis during one scheduling round, held until the round
-ends and then sent together (`BatchingWorker.flush_step`).
+ends and then sent together (`workers.exchange.RedisExchange`).
 
 A round steps every model once; dozens of jobs may report progress in it and several may finish.
 Written one by one, that is a round trip per progress write (`job.meta`) and about four per
@@ -18,7 +18,7 @@ the rounds between merge (a job's meta is written once, with its latest progress
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from redis.client import Pipeline
 from rq.job import Job
@@ -27,6 +27,9 @@ from rq.utils import now
 from ddserve.job_metrics import JobOutcome, Outcome, record_outcome
 from ddserve.jobs import META_PROGRESS, JobOutput
 from workers import rq_bridge
+
+if TYPE_CHECKING:
+    from workers.rq_adaptor import WorkerJob
 
 
 def job_outcome(
@@ -59,24 +62,26 @@ def job_outcome(
 class Success:
     """A job that succeeded during the round, waiting for the round's transaction."""
 
-    item: rq_bridge.Succeeded
-    model: str
-    queue_s: float | None
+    held: WorkerJob
+    output: JobOutput
     batch_rows: int
-    log_fields: dict[str, Any]
 
     @property
     def job(self) -> Job:
-        return self.item.job
+        return self.held.job
+
+    @property
+    def item(self) -> rq_bridge.Succeeded:
+        """What `rq_bridge.finish_successes` finishes."""
+        return rq_bridge.Succeeded(self.job, self.held.queue, self.held.execution, self.output)
 
     def outcome(self) -> JobOutcome:
-        output: JobOutput = self.item.value
         return job_outcome(
             self.job,
-            self.model,
+            self.held.model,
             "succeeded",
-            self.queue_s,
-            images=len(output.get("images") or []),
+            self.held.queue_s,
+            images=len(self.output.get("images") or []),
             batch_rows=self.batch_rows,
         )
 

@@ -4,9 +4,10 @@ continuous-batching engine instead of performing one job at a time.
 - Idle, it blocks on its queues (one per model) for at most a second at a time, so that a stop
   request is noticed; busy, it lets the engine read the queues without blocking at every step
   boundary, and only while the running set has room.
-- Each dequeued job is marked started, heartbeated and finished through `workers.rq_bridge`, i.e.
-  through RQ's own handlers: results, registries, TTLs, callbacks and retries behave as for a plain
-  job. A heartbeat thread refreshes every running job's started-registry entry.
+- Each dequeued job becomes one `workers.rq_adaptor.WorkerJob` (its ticket for the engine), which
+  `RQJobs` marks started, heartbeats and finishes through `workers.rq_bridge`, i.e. through RQ's
+  own handlers: results, registries, TTLs, callbacks and retries behave as for a plain job. A
+  heartbeat thread refreshes every running job's started-registry entry.
 - Cancellation (the Redis set `cancel_set_key(prefix)`) and per-job deadlines are checked once per
   step for all held jobs; a canceled running job ends as RQ's stop-job command ends it (`stopped`).
 - Warm shutdown (SIGTERM/SIGINT, or `request_shutdown()` from another thread) stops taking jobs and
@@ -28,8 +29,14 @@ continuous-batching engine instead of performing one job at a time.
   sent together (`workers.step_writes`): with the cancel-set read in one transaction, or with
   successes one ownership check and one transaction, instead of a round trip per progress write and
   about four per finished job. They are sent, and the cancel set read, by a second thread while a
-  round's network calls run (`run_round`), at most every `redis_interval_ms`, so the stepping
-  thread does not wait for Redis at every step; an idle worker sends them at once (`flush_step`).
+  round's network calls run (`run_round`, `workers.exchange`), at most every `redis_interval_ms`,
+  so the stepping thread does not wait for Redis at every step; an idle worker sends them at once
+  (`flush_step`).
+
+Who does what: this module is the loop (idle dequeue, rounds, backoff, stopping, heartbeat
+thread, maintenance); `workers.rq_adaptor` the jobs' RQ side (start, heartbeat, finish, requeue);
+`workers.exchange` the Redis I/O of the rounds; `workers.engine` the batching, with admission
+decided by `workers.admission`.
 """
 
 from __future__ import annotations
@@ -39,16 +46,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import redis.exceptions
 from redis import Redis
-from redis.client import Pipeline
 from rq.exceptions import StopRequested
-from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import TimerDeathPenalty
@@ -56,24 +58,16 @@ from rq.utils import now
 from rq.worker import SimpleWorker
 
 from ddserve import recovery
-from ddserve.jobs import (
-    JOB_FUNCTION,
-    META_BATCH_SIZE,
-    META_ERROR,
-    META_PROGRESS,
-    META_REQUEST_ID,
-    JobOutput,
-    cancel_set_key,
-    queue_name,
-)
+from ddserve.jobs import queue_name
 from ddserve.settings import Settings
-from ddserve.spec import JobSpec, parse_job_spec
 from ddserve.storage import Storage, create_storage
 from workers import rq_bridge
 from workers.engine import BatchingPolicy, Engine
-from workers.errors import JobExpired, WorkerStopped, error_meta, is_retryable
+from workers.errors import WorkerStopped
+from workers.exchange import RedisExchange
 from workers.model_pool import ModelPool
-from workers.step_writes import Round, StepWrites, Success, job_outcome
+from workers.rq_adaptor import REDIS_ERRORS, RQJobs, WorkerJob
+from workers.step_writes import StepWrites
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +81,8 @@ def worker_stats_key(prefix: str, worker_name: str) -> str:
     return f"{prefix}:worker-stats:{worker_name}"
 
 
-META_PRIORITY = "priority"  # optional job.meta entry: higher is admitted first (default 0)
 IDLE_POLL_S = 1  # longest blocking dequeue; bounds how late a stop request is noticed
 MAX_BACKOFF_S = 5.0  # longest wait between attempts to reach Redis (bounds recovery after it)
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def maintenance_interval_s(settings: Settings) -> int:
@@ -100,114 +92,20 @@ def maintenance_interval_s(settings: Settings) -> int:
     return max(1, math.ceil(settings.abandoned_after_s / 4))
 
 
-class RQTicket:
-    """A dequeued RQ job as the engine sees it (`workers.engine.Ticket`)."""
-
-    def __init__(
-        self, worker: BatchingWorker, job: Job, queue: Queue, execution: Execution
-    ) -> None:
-        self.worker = worker
-        self.job = job
-        self.queue = queue
-        self.execution = execution
-        self.id: str = job.id
-        self.spec: JobSpec = parse_job_spec(job.kwargs.get("request"))  # parsed once, here
-        self.model = worker.model_of(queue)
-        self.queue_s = _queue_seconds(job)
-        self.priority = float(job.meta.get(META_PRIORITY, 0) or 0)
-        self.arrived_at = job.enqueued_at.timestamp() if job.enqueued_at else time.time()
-        limit = float(worker.settings.job_deadline_s)
-        if job.timeout is not None and float(job.timeout) > 0:
-            limit = min(limit, float(job.timeout))
-        self.deadline = time.time() + limit
-        # Every log line about this job carries the id of the request that made it.
-        self.log_fields = {
-            "request_id": job.meta.get(META_REQUEST_ID),
-            "job_id": job.id,
-            "model": self.spec.model,
-        }
-        log.info("job %s started", self.id, extra=self.log_fields)
-
-    def progress(self, step: int, total: int, batch_rows: int) -> None:
-        if self.worker.is_lost(self.id):  # another worker owns the job now: leave its meta alone
-            return
-        self.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
-        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.worker.writes.save_meta(self.job)  # sent when the round ends, with the others
-
-    def succeed(self, output: JobOutput, batch_rows: int) -> None:
-        """Recorded when the round ends (`BatchingWorker.flush_step`), with the round's other
-        successes; the last progress (step = total) came from the engine just before."""
-        self.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.worker.writes.save_meta(self.job)
-        item = rq_bridge.Succeeded(self.job, self.queue, self.execution, output)
-        self.worker.writes.succeed(
-            Success(item, self.model, self.queue_s, int(batch_rows), self.log_fields)
-        )
-
-    def fail(self, error: BaseException) -> None:
-        self.worker.writes.discard(self.id)
-        if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
-            if self.worker.finish_job(self.id, lambda: recovery.requeue(*self._rq())) == "done":
-                log.warning("job %s handed back to its queue", self.id, extra=self.log_fields)
-            return
-        retry = is_retryable(error)
-        retried = retry and self.job.should_retry
-
-        def record() -> None:
-            if not retried:  # a retried job is queued again, not failed
-                self.job.meta[META_ERROR] = error_meta(error)
-                self.job.save_meta()
-            rq_bridge.finish_failure(*self._rq(), error, retry=retry)
-            # Counted once it ended (here, or when a finish deferred by an outage runs).
-            outcome = "retried" if retried else "failed"
-            self.worker.writes.count(job_outcome(self.job, self.model, outcome, self.queue_s))
-
-        if self.worker.finish_job(self.id, record) == "done":
-            log.warning(
-                "job %s failed: %s: %s",
-                self.id,
-                type(error).__name__,
-                error,
-                extra=self.log_fields,
-            )
-
-    def cancel(self) -> None:
-        reason = "Job canceled by request."
-
-        def finish() -> None:
-            rq_bridge.finish_stopped(*self._rq(), reason)
-            self.worker.writes.count(job_outcome(self.job, self.model, "canceled", self.queue_s))
-
-        self.worker.writes.discard(self.id)
-        if self.worker.finish_job(self.id, finish) == "done":
-            log.info("job %s canceled", self.id, extra=self.log_fields)
-
-    def _rq(self) -> tuple[BatchingWorker, Job, Queue, Execution]:
-        return self.worker, self.job, self.queue, self.execution
-
-
-def _queue_seconds(job: Job) -> float | None:
-    """How long a just-started job waited in its queue (enqueued → started)."""
-    if job.enqueued_at is None or job.started_at is None:
-        return None
-    return max(0.0, (job.started_at - job.enqueued_at).total_seconds())
-
-
 class RQFeed:
-    """The engine's job source: non-blocking pops of one model's queue, and the cancel set.
+    """The engine's job source (`workers.engine.JobFeed`): non-blocking pops of one model's queue,
+    and the jobs to stop.
 
-    With `overlap_redis`, the cancel set is read by the worker's Redis exchanges (`run_round`),
-    beside a network call and at most every `redis_interval_ms`, for the jobs held then; the
-    next round's sweep uses that answer (`deliver`), so the check costs the stepping thread no
-    round trip, and the rounds between find nothing new. A job taken since is checked by the next
-    exchange. Without `overlap_redis`, every round's sweep reads the cancel set itself."""
+    With `overlap_redis`, the cancel set is read by the worker's exchanges with Redis
+    (`workers.exchange`), beside a network call and at most every `redis_interval_ms`, for the
+    jobs held then; the next round's sweep uses that answer, so the check costs the stepping
+    thread no round trip, and the rounds between find nothing new. A job taken since is checked by
+    the next exchange. Without `overlap_redis`, every round's sweep reads the cancel set itself."""
 
     def __init__(self, worker: BatchingWorker) -> None:
         self.worker = worker
-        self._cancel_flags: dict[str, bool] | None = None  # the latest exchange's, used once
 
-    def take(self, model: str) -> RQTicket | None:
+    def take(self, model: str) -> WorkerJob | None:
         if self.worker.stopping:
             return None
         queue = self.worker.queue_for(model)
@@ -217,54 +115,18 @@ class RQFeed:
             got = rq_bridge.dequeue(self.worker, [queue], None)
             if got is None:
                 return None
-            ticket = self.worker.start(*got)
-            if ticket is not None:
-                return ticket
+            held = self.worker.jobs.start(*got)
+            if held is not None:
+                return held
 
     def canceled(self, job_ids: list[str]) -> set[str]:
         """Jobs to stop: cancel requests, and jobs this worker no longer owns (declared abandoned
         while it was frozen or cut off; their ticket's cancel then only forgets them)."""
-        flags, self._cancel_flags = self._cancel_flags, None
+        flags = self.worker.exchange.take_cancel_flags()
         if not self.worker.settings.overlap_redis:
-            flags = self.cancel_requests(job_ids)
-        lost = self.worker.lost_jobs()
+            flags = self.worker.exchange.cancel_requests(job_ids)
+        lost = self.worker.jobs.lost_ids()
         return {job_id for job_id in job_ids if (flags and flags.get(job_id)) or job_id in lost}
-
-    def deliver(self, flags: dict[str, bool]) -> None:
-        """An exchange's answer from the cancel set, for the next round's sweep."""
-        self._cancel_flags = flags
-
-    def cancel_requests(self, job_ids: list[str]) -> dict[str, bool]:
-        """Which of `job_ids` are in the cancel set (one round trip)."""
-        if not job_ids:
-            return {}
-        return self.cancel_flags(job_ids, self.read_cancel_set(self.worker.connection, job_ids))
-
-    def read_cancel_set(self, redis: Redis | Pipeline, job_ids: list[str]) -> Any:
-        """SMISMEMBER of the cancel set for `job_ids`: the reply, or queued on a pipeline (whose
-        reply `cancel_flags` reads the same way)."""
-        return redis.smismember(cancel_set_key(self.worker.settings.key_prefix), job_ids)
-
-    @staticmethod
-    def cancel_flags(job_ids: list[str], reply: list[Any]) -> dict[str, bool]:
-        return {job_id: bool(flag) for job_id, flag in zip(job_ids, reply, strict=True)}
-
-
-@dataclass
-class _Running:
-    job: Job
-    execution: Execution
-
-
-@dataclass
-class RoundSent:
-    """What sending a round's writes did (`BatchingWorker._send`), settled by the loop's thread."""
-
-    mine: list[Success] = field(default_factory=list)  # recorded
-    held: list[Success] = field(default_factory=list)  # to retry one by one if the write failed
-    cancel_flags: dict[str, bool] | None = None  # job id → in the cancel set (when it was read)
-    write_error: BaseException | None = None
-    cancel_error: BaseException | None = None  # the cancel set could not be read (writes went)
 
 
 class BatchingWorker(SimpleWorker):
@@ -296,9 +158,12 @@ class BatchingWorker(SimpleWorker):
             default_result_ttl=settings.result_ttl_s,
             maintenance_interval=maintenance_interval_s(settings),
         )
-        self._model_of_queue = {q: m for m, q in self._queues_by_model.items()}
         self.pool.warm(self.models)
         self.storage = storage or create_storage(settings)
+        writes = StepWrites(settings.key_prefix)  # the current round's writes
+        model_of_queue = {q: m for m, q in self._queues_by_model.items()}
+        self.jobs = RQJobs(self, settings, writes, model_of_queue)
+        self.exchange = RedisExchange(self, settings, self.jobs, writes)
         self.feed = RQFeed(self)
         self.engine = Engine(
             self.pool,
@@ -308,270 +173,37 @@ class BatchingWorker(SimpleWorker):
             BatchingPolicy.from_settings(settings),
             store_threads=settings.store_threads,
         )
-        self._running: dict[str, _Running] = {}
-        self.writes = StepWrites(settings.key_prefix)  # the current round's writes
-        # Finishes that hit a Redis error, retried by the loop: job id → the finishing action.
-        self._unfinished: dict[str, Callable[[], None]] = {}
-        self._lost: set[str] = set()  # held jobs another worker owns now (seen by the heartbeat)
-        self._lock = threading.RLock()  # RQ bookkeeping: main loop vs heartbeat thread
         self._stop = threading.Event()
         self._stop_requested_at: float | None = None
         self._loop_done = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
-        self._next_exchange_at = 0.0  # time.monotonic() before which run_round sends nothing
 
     # --- queues and jobs ------------------------------------------------------------------------
     def queue_for(self, model: str) -> Queue | None:
         name = self._queues_by_model.get(model)
         return next((q for q in self.queues if q.name == name), None)
 
-    def model_of(self, queue: Queue) -> str:
-        return self._model_of_queue.get(queue.name, queue.name)
-
-    def start(self, job: Job, queue: Queue) -> RQTicket | None:
-        """Mark a dequeued job started; a job this worker cannot run, or one that waited in its
-        queue longer than `job_ttl_s`, fails at once (None)."""
-        with self._lock:
-            execution = rq_bridge.mark_started(self, job)
-            self._running[job.id] = _Running(job, execution)
-            self._lost.discard(job.id)
-        try:
-            waited = (now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
-            if waited > self.settings.job_ttl_s:
-                raise JobExpired(waited, self.settings.job_ttl_s)
-            if job.func_name != JOB_FUNCTION:
-                raise ValueError(f"this worker runs only {JOB_FUNCTION}, not {job.func_name}")
-            return RQTicket(self, job, queue, execution)
-        except Exception as exc:
-            job.meta[META_ERROR] = error_meta(exc)
-            job.save_meta()
-
-            def finish(error: Exception = exc) -> None:
-                rq_bridge.finish_failure(self, job, queue, execution, error, retry=False)
-                model = self.model_of(queue)
-                self.writes.count(job_outcome(job, model, "failed", _queue_seconds(job)))
-
-            self.finish_job(job.id, finish)
-            return None
-
-    def finish_job(
-        self, job_id: str, action: Callable[[], None]
-    ) -> Literal["done", "deferred", "lost"]:
-        """Run one of the finishers under the bookkeeping lock, if this worker still owns the job.
-
-        - "done": the job ended here; the worker forgets it;
-        - "lost": the job was declared abandoned (this worker was frozen or cut off) and belongs to
-          the queue or another worker now: its outcome here is dropped, so it is never finished
-          twice;
-        - "deferred": Redis did not answer; the finisher is kept and retried by the loop, and the
-          job stays held (heartbeated) until then."""
-        with self._lock:
-            running = self._running.get(job_id)
-            if running is None:
-                return "lost"
-            try:
-                if not recovery.owned(
-                    self.connection, self.name, [(running.job, running.execution)]
-                )[0]:
-                    log.warning(
-                        "job %s: no longer owned by worker %s (declared abandoned while it was "
-                        "frozen or cut off from Redis); its outcome here is dropped",
-                        job_id,
-                        self.name,
-                    )
-                    self._forget(job_id)
-                    return "lost"
-                action()
-            except REDIS_ERRORS as exc:
-                self._unfinished[job_id] = action
-                log.warning(
-                    "job %s: Redis unavailable while finishing it (%s); retrying when it is back",
-                    job_id,
-                    type(exc).__name__,
-                )
-                return "deferred"
-            except BaseException:
-                self._forget(job_id)
-                raise
-            self._forget(job_id)
-            return "done"
-
     def flush_step(self) -> None:
-        """Send the round's writes (`workers.step_writes`) now: its progress and outcome counts in
-        one pipeline, or, when jobs succeeded, with those successes this worker still owns in one
-        transaction (`rq_bridge.finish_successes`). On a Redis error the progress and counts go
-        with the next round, each success waits as a deferred finish (retried by the loop, meta
-        and count included), and the error is raised."""
-        taken = self.writes.take()
-        if taken:
-            self._settle(taken, self._send(taken))
+        """Send the round's writes now (`RedisExchange.flush`): what an idle loop does, since no
+        round follows to carry them."""
+        self.exchange.flush()
 
     def run_round(self, io: ThreadPoolExecutor) -> None:
-        """One scheduling round whose Redis traffic overlaps its network calls.
-
-        The engine admits (cancellations as last read, queue reads), then steps. When the last
-        exchange with Redis began at least `redis_interval_ms` ago, `io` runs the next one while
-        the engine steps: it sends the writes made since (progress, successes, cancellations) and
-        reads the cancel set for the jobs held now, in one transaction when no job succeeded. A
-        Redis round trip is then hidden behind the network instead of added to every step.
-
-        Why not every round: the exchange runs Python (redis-py, RQ's serializers) that holds the
-        GIL while the network runs, and a network call waits for the GIL between its operators,
-        so every exchange slows the step it overlaps by about its own CPU time, whichever CPU
-        the I/O thread runs on (the README's paired benchmark compares it with an exchange every
-        round). Merging rounds also merges their writes: a job's progress is written once per
-        exchange, at its latest step.
-
-        The exchange is settled at the end of the round, so a failed write is handled exactly as
-        `flush_step` handles it."""
+        """One scheduling round whose Redis traffic overlaps its network calls: the engine admits
+        (cancellations as last read, queue reads), then steps while `io` runs the exchange with
+        Redis (`RedisExchange.begin`, at most every `redis_interval_ms`); the exchange is settled
+        once the step is done, so a failed write is handled as `flush_step` handles it."""
         self.engine.admit()
-        exchange = None
-        started = time.monotonic()
-        if started >= self._next_exchange_at:
-            held = self.engine.held_job_ids()
-            taken = self.writes.take()
-            if taken or held:
-                self._next_exchange_at = started + self.settings.redis_interval_ms / 1000.0
-                exchange = (taken, io.submit(self._send_round, taken, held))
+        exchange = self.exchange.begin(io, self.engine.held_job_ids())
         try:
             self.engine.step()
         except BaseException:
             if exchange is not None:
-                sent = exchange[1].result()
                 with contextlib.suppress(Exception):
-                    self._settle(exchange[0], sent)
+                    self.exchange.settle(exchange)
             raise
         if exchange is not None:
-            self._settle(exchange[0], exchange[1].result())
-
-    def _send_round(self, taken: Round, held: list[str]) -> RoundSent:
-        """The Redis I/O thread's part: the writes and the cancel set (never raises)."""
-        sent = self._send(taken, held) if taken else RoundSent()
-        if sent.write_error is None and held and sent.cancel_flags is None:
-            try:
-                sent.cancel_flags = self.feed.cancel_requests(held)
-            except Exception as exc:
-                sent.cancel_error = exc
-        return sent
-
-    def _send(self, taken: Round, held: list[str] | None = None) -> RoundSent:
-        """Write a round (see `flush_step`), and read the cancel set for `held` in the same
-        transaction when no success needs its own; safe off the loop's thread, which settles
-        it."""
-        flags = None
-        with self._lock:
-            # A success's meta travels with the success (its transaction, or its deferred finish).
-            for job_id in taken.successes:
-                taken.metas.pop(job_id, None)
-            succeeded = [s for s in taken.successes.values() if s.job.id in self._running]
-            try:
-                mine = self._still_owned(succeeded)
-                if mine:
-                    rq_bridge.finish_successes(
-                        self,
-                        [success.item for success in mine],
-                        lambda pipe: self.writes.queue_writes(pipe, taken, mine),
-                    )
-                else:  # MULTI/EXEC: counts are applied all or not at all, so a retry adds once
-                    pipe = self.connection.pipeline(transaction=True)
-                    self.writes.queue_writes(pipe, taken, [])
-                    if held:
-                        self.feed.read_cancel_set(pipe, held)
-                    replies = pipe.execute()
-                    if held:
-                        flags = self.feed.cancel_flags(held, replies[-1])
-            except Exception as exc:
-                return RoundSent(held=succeeded, write_error=exc)
-            for success in mine:
-                self._forget(success.job.id)
-        return RoundSent(mine=mine, held=succeeded, cancel_flags=flags)
-
-    def _settle(self, taken: Round, sent: RoundSent) -> None:
-        """On the loop's thread: log the recorded successes, or, when the write failed, keep its
-        progress and counts for the next round and each success as a deferred finish, and raise
-        the error (the loop backs off on a Redis error)."""
-        for success in sent.mine:
-            self._log_success(success)
-        error = sent.write_error
-        if error is not None:
-            if not isinstance(error, REDIS_ERRORS):
-                raise error
-            with self._lock:
-                self.writes.give_back(taken)
-                for success in sent.held:
-                    if success.job.id in self._running:
-                        self._unfinished[success.job.id] = lambda s=success: self._finish_one(s)
-            log.warning(
-                "worker %s: Redis unavailable while writing a round (%d successes, %d progress "
-                "writes) (%s); retrying when it is back",
-                self.name,
-                len(sent.held),
-                len(taken.metas),
-                type(error).__name__,
-            )
-            raise error
-        if sent.cancel_error is not None:
-            raise sent.cancel_error
-        if sent.cancel_flags is not None:
-            self.feed.deliver(sent.cancel_flags)
-
-    def _still_owned(self, successes: list[Success]) -> list[Success]:
-        """The successes of jobs this worker still owns (one round trip); the others are dropped."""
-        if not successes:
-            return []
-        pairs = [(success.job, success.item.execution) for success in successes]
-        mine = []
-        for success, owned in zip(
-            successes, recovery.owned(self.connection, self.name, pairs), strict=True
-        ):
-            if owned:
-                mine.append(success)
-                continue
-            log.warning(
-                "job %s: no longer owned by worker %s (declared abandoned while it was frozen or "
-                "cut off from Redis); its outcome here is dropped",
-                success.job.id,
-                self.name,
-            )
-            self._forget(success.job.id)
-        return mine
-
-    def _finish_one(self, success: Success) -> None:
-        """A success whose round could not be written, recorded alone (a deferred finish)."""
-        rq_bridge.finish_successes(
-            self,
-            [success.item],
-            lambda pipe: self.writes.queue_writes(pipe, Round(), [success]),
-        )
-        self._log_success(success)
-
-    @staticmethod
-    def _log_success(success: Success) -> None:
-        extra = success.log_fields | {"batch_size": success.batch_rows}
-        log.info("job %s succeeded", success.job.id, extra=extra)
-
-    def _forget(self, job_id: str) -> None:
-        running = self._running.pop(job_id, None)
-        self._unfinished.pop(job_id, None)
-        self._lost.discard(job_id)
-        if running is not None:
-            self.executions.pop(running.execution.id, None)
-
-    def _finish_deferred(self) -> None:
-        """Retry the finishers that Redis refused (raises a Redis error while it still refuses)."""
-        for job_id, action in list(self._unfinished.items()):
-            self.finish_job(job_id, action)
-            if job_id in self._unfinished:  # still refused: Redis is down, try again later
-                raise redis.exceptions.ConnectionError("Redis still unavailable")
-
-    def is_lost(self, job_id: str) -> bool:
-        """Whether another worker owns this held job now (found by the heartbeat); no Redis call."""
-        return job_id in self._lost
-
-    def lost_jobs(self) -> set[str]:
-        """Held jobs that another worker owns now (found by the heartbeat)."""
-        with self._lock:
-            return set(self._lost)
+            self.exchange.settle(exchange)
 
     def clean_registries(self) -> None:
         """RQ's maintenance of each queue (abandoned jobs retried or failed, dead workers and stuck
@@ -651,8 +283,8 @@ class BatchingWorker(SimpleWorker):
                     )
                     self.engine.abort(WorkerStopped("the worker stopped before the job finished"))
                 try:
-                    if self._unfinished:
-                        self._finish_deferred()
+                    if self.jobs.has_deferred:
+                        self.jobs.finish_deferred()
                     if self.should_run_maintenance_tasks:
                         self.run_maintenance_tasks()
                     if self.engine.idle:
@@ -668,10 +300,10 @@ class BatchingWorker(SimpleWorker):
                             if burst:
                                 break
                             continue
-                        ticket = self.start(*got)
-                        if ticket is None:
+                        held = self.jobs.start(*got)
+                        if held is None:
                             continue
-                        self.engine.offer(self._model_of_queue[got[1].name], ticket)
+                        self.engine.offer(held.model, held)
                     if self.settings.overlap_redis:
                         self.run_round(io)
                     else:
@@ -687,7 +319,7 @@ class BatchingWorker(SimpleWorker):
                             "worker %s: Redis unavailable while stopping; leaving %d jobs to "
                             "recovery (abandoned after %g s)",
                             self.name,
-                            len(self._running),
+                            len(self.jobs.held),
                             self.settings.abandoned_after_s,
                         )
                         break
@@ -695,7 +327,7 @@ class BatchingWorker(SimpleWorker):
                         "worker %s: Redis unavailable (%s); holding %d jobs, retrying in %.1f s",
                         self.name,
                         type(exc).__name__,
-                        len(self._running),
+                        len(self.jobs.held),
                         backoff,
                     )
                     time.sleep(backoff)
@@ -726,25 +358,7 @@ class BatchingWorker(SimpleWorker):
     def _heartbeat_loop(self) -> None:
         while not self._loop_done.wait(self.settings.heartbeat_s):
             try:
-                with self._lock:
-                    running = [
-                        item for job_id, item in self._running.items() if job_id not in self._lost
-                    ]
-                    for item in running:
-                        rq_bridge.heartbeat(self, item.job, item.execution)
-                    if not running:
-                        self.heartbeat()
-                    pairs = [(item.job, item.execution) for item in running]
-                    for item, mine in zip(
-                        running, recovery.owned(self.connection, self.name, pairs), strict=True
-                    ):
-                        if not mine and item.job.id not in self._lost:
-                            log.warning(
-                                "job %s: another worker owns it now; worker %s drops it",
-                                item.job.id,
-                                self.name,
-                            )
-                            self._lost.add(item.job.id)
+                self.jobs.heartbeat()
                 self.publish_stats()
             except REDIS_ERRORS as exc:
                 log.warning("worker %s: heartbeat failed: Redis unavailable (%s)", self.name, exc)
@@ -753,11 +367,11 @@ class BatchingWorker(SimpleWorker):
 
     def publish_stats(self) -> None:
         """The engine's counters in the hash `worker_stats_key(prefix, name)` (for the benchmark
-        and dashboards: mean occupancy = rows_total / (network_calls · max_rows))."""
+        and dashboards: mean occupancy = rows_total / (network_calls · max_batch))."""
         key = worker_stats_key(self.settings.key_prefix, self.name)
         fields: dict[str, Any] = {
             **self.engine.stats.as_dict(),
-            "max_rows": self.engine.policy.max_rows,
+            "max_batch": self.engine.policy.max_batch,
             "mode": self.engine.policy.mode,
             "time": time.time(),
         }

@@ -12,7 +12,7 @@ import re
 
 MAX_KEY_LENGTH = 512
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
-_KEY = re.compile(rf"^{_SEGMENT}(?:/{_SEGMENT}){{0,7}}$")
+_KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT}){{0,7}}")  # fullmatch: `$` allows a final "\n"
 
 CONTENT_TYPES = {
     ".png": "image/png",
@@ -28,7 +28,7 @@ class InvalidKeyError(ValueError):
 
 def validate_key(key: str) -> str:
     """Return `key` unchanged if it is a safe storage key, else raise InvalidKeyError."""
-    if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY.match(key):
+    if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
         raise InvalidKeyError(f"invalid storage key {key!r}")
     if any(segment in {".", ".."} for segment in key.split("/")):  # unreachable by the regex
         raise InvalidKeyError(f"invalid storage key {key!r}")

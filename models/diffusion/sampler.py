@@ -8,7 +8,18 @@ guidance appended to the same call — and advances each one by its own sampler;
 (see `noise.py`), never on its neighbours.
 
 The network is any callable ε_θ(x [N, C, H, W], t [N] long, cond [N, ...] | None) → [N, C, H, W]
-predicting ε (or v, with `prediction_type="v"`).
+predicting ε (or v, with `prediction_type="v"`, or x_0 with `"sample"`).
+
+Samplers: DDPM and DDIM (`steps.py`) on the timestep sub-sequence of `timesteps.py`; Euler, Euler
+ancestral, DPM-Solver++(2M), DPM-Solver++(2M) SDE and UniPC on the σ-levels of `sigmas.py` with the
+coefficient rows of `solvers.py`. The multistep solvers keep a per-sample history (their last data
+predictions and, for UniPC, the sample they last stepped from) as rows of one [3, B, C, H, W] tensor
+next to x, so a mixed batch is still one network call and one elementwise update.
+
+Inpainting: every sampler keeps the known region (replaced by q(x_s | x_0) after each step). RePaint's
+forward jumps (`jump_n_sample > 1`) need a single-step sampler (ddpm, ddim, euler, euler_ancestral):
+a jump back to more noise would leave a multistep solver's history on another trajectory, so
+`SamplerSettings` rejects it for dpmpp_2m, dpmpp_2m_sde and unipc.
 """
 
 from __future__ import annotations
@@ -16,11 +27,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from models.diffusion.forward import PredictionType, model_output_to_eps
+from models.diffusion.forward import PredictionType
 from models.diffusion.guidance import (
     ClassifierFn,
     classifier_free_guidance,
@@ -28,20 +39,31 @@ from models.diffusion.guidance import (
 )
 from models.diffusion.noise import sample_generator
 from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.sigmas import noise_levels
+from models.diffusion.solvers import dpmpp_2m_rows, euler_rows, unipc_rows
 from models.diffusion.steps import (
+    COEFFICIENT_NAMES,
+    MULTISTEP_SAMPLERS,
+    SAMPLER_NAMES,
+    SIGMA_SAMPLERS,
     DdpmVariance,
     SamplerName,
+    StepCoefficients,
     forward_jump,
     reverse_step,
+    solver_update,
     step_coefficients,
 )
 from models.diffusion.timesteps import (
+    TIMESTEP_SPACINGS,
     TimestepSpacing,
     denoising_plan,
     repaint_plan,
     timestep_sequence,
 )
 
+# What the network predicts: ε, v (`forward.py`) or x_0 itself ("sample", diffusers' name).
+SamplerPrediction = PredictionType | Literal["sample"]
 NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -59,14 +81,43 @@ class SamplerSettings:
     clip_denoised: bool = False  # clamp x̂_0 to [−1, 1] (pixel-space models)
     jump_length: int = 1  # RePaint resampling (inpainting only)
     jump_n_sample: int = 1
+    # σ-space samplers only (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc); the defaults
+    # are those of diffusers' scheduler classes.
+    use_karras_sigmas: bool = False  # Karras et al. 2022 levels instead of the spaced timesteps
+    solver_order: int = 2  # dpmpp_2m, dpmpp_2m_sde, unipc: 1 or 2
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected 'ddpm' or 'ddim'")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(
+                f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}"
+            )
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.num_inference_steps < 1:
             raise ValueError("num_inference_steps must be ≥ 1")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"unknown timestep spacing {self.timestep_spacing!r}; expected one of "
+                f"{', '.join(TIMESTEP_SPACINGS)}"
+            )
+        if self.use_karras_sigmas and self.sampler not in SIGMA_SAMPLERS:
+            raise ValueError(
+                f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not {self.sampler!r}"
+            )
+        if self.solver_order not in (1, 2):
+            raise ValueError(f"solver_order must be 1 or 2, got {self.solver_order}")
+        if self.jump_n_sample > 1 and self.sampler in MULTISTEP_SAMPLERS:
+            single = [name for name in SAMPLER_NAMES if name not in MULTISTEP_SAMPLERS]
+            raise ValueError(
+                f"RePaint resampling (jump_n_sample > 1) needs a single-step sampler "
+                f"({', '.join(single)}); {self.sampler!r} keeps a history of model outputs that "
+                "a jump back to more noise would invalidate"
+            )
+
+    @property
+    def multistep(self) -> bool:
+        """Whether this sample keeps a history of model outputs (`solvers.py`)."""
+        return self.sampler in MULTISTEP_SAMPLERS
 
     def plan(self, num_train_steps: int) -> list[int]:
         """The timesteps this sample visits, ending with −1 (see `timesteps.py`)."""
@@ -80,7 +131,9 @@ class SamplerSettings:
 
 @dataclass(frozen=True)
 class Transition:
-    """One move of a plan: a reverse step t → s (s < t, one network call) or a forward jump (s > t)."""
+    """One move of a plan: a reverse step (one network call at timestep t, towards s; s = −1 is the
+    clean image) or a forward jump (RePaint, s > t). For σ-space samplers t is the network's
+    timestep, and consecutive steps may share it (Karras levels rounded): `jump` tells them apart."""
 
     t: int
     s: int
@@ -88,10 +141,11 @@ class Transition:
     alpha_bar_t: float
     alpha_bar_s: float
     sigma: float = 0.0  # noise scale of a reverse step: z is drawn only when σ > 0
+    jump: bool = False
 
     @property
     def is_reverse(self) -> bool:
-        return self.s < self.t
+        return not self.jump
 
 
 class PlanCache:
@@ -112,6 +166,8 @@ class PlanCache:
         return cached
 
     def _build(self, settings: SamplerSettings) -> tuple[Transition, ...]:
+        if settings.sampler in SIGMA_SAMPLERS:
+            return self._build_sigma_plan(settings)
         plan = settings.plan(self.schedule.num_timesteps)
         alpha_bar = self.schedule.alphas_cumprod_padded.tolist()  # index t + 1
         transitions = []
@@ -130,7 +186,81 @@ class PlanCache:
                 )
                 coefficients = torch.tensor(step.as_row(), dtype=torch.float32)
                 sigma = step.sigma
-            transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma))
+            transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t))
+        return tuple(transitions)
+
+    def _build_sigma_plan(self, settings: SamplerSettings) -> tuple[Transition, ...]:
+        """The σ-space samplers' plans: levels (`sigmas.py`), rows (`solvers.py`), RePaint jumps."""
+        levels = noise_levels(
+            self.schedule,
+            settings.num_inference_steps,
+            settings.timestep_spacing,
+            euler=not settings.multistep,
+            karras=settings.use_karras_sigmas,
+        )
+        sigmas = levels.sigmas
+        levels_name = (
+            "Karras levels"
+            if settings.use_karras_sigmas
+            else f"{settings.timestep_spacing!r} spacing"
+        )
+        if settings.multistep and any(b >= a for a, b in itertools.pairwise(sigmas)):
+            raise ValueError(
+                f"{settings.num_inference_steps} steps ({levels_name}) "
+                f"repeat a noise level of this {self.schedule.num_timesteps}-step schedule, which "
+                f"{settings.sampler} cannot step over; use fewer steps"
+            )
+        scale = settings.classifier_scale
+        rows: list[StepCoefficients]
+        if settings.sampler in ("euler", "euler_ancestral"):
+            rows = euler_rows(
+                levels, ancestral=settings.sampler == "euler_ancestral", classifier_scale=scale
+            )
+        elif settings.sampler == "unipc":
+            rows = unipc_rows(levels, order=settings.solver_order, classifier_scale=scale)
+        else:
+            rows = dpmpp_2m_rows(
+                levels,
+                order=settings.solver_order,
+                sde=settings.sampler == "dpmpp_2m_sde",
+                classifier_scale=scale,
+            )
+        n = len(levels.timesteps)
+        reverse = [
+            Transition(
+                t=levels.timesteps[i],
+                s=levels.timesteps[i + 1] if i + 1 < n else -1,
+                coefficients=torch.tensor(rows[i].as_row(), dtype=torch.float32),
+                alpha_bar_t=levels.alpha_bar(i),
+                alpha_bar_s=levels.alpha_bar(i + 1),
+                sigma=rows[i].sigma,
+            )
+            for i in range(n)
+        ]
+        if settings.jump_n_sample == 1:
+            return tuple(reverse)
+        # RePaint (single-step samplers only) over the levels' ranks r = n − 1 − i (descending
+        # in noise like timesteps; −1 is level n, the clean image): a reverse pair repeats step i's
+        # row, an upward pair is a forward jump from level i to a noisier level.
+        walk = repaint_plan(
+            list(range(n - 1, -1, -1)), settings.jump_length, settings.jump_n_sample
+        )
+        transitions = []
+        for a, b in itertools.pairwise(walk):
+            i, j = n - 1 - a, n - 1 - b
+            if b < a:
+                transitions.append(reverse[i])
+            else:
+                transitions.append(
+                    Transition(
+                        t=levels.timesteps[i],
+                        s=levels.timesteps[j],
+                        coefficients=None,
+                        alpha_bar_t=levels.alpha_bar(i),
+                        alpha_bar_s=levels.alpha_bar(j),
+                        jump=True,
+                    )
+                )
         return tuple(transitions)
 
 
@@ -201,7 +331,7 @@ class DenoisingBatch:
         schedule: NoiseSchedule,
         sample_shape: tuple[int, ...],  # (C, H, W)
         *,
-        prediction_type: PredictionType = "epsilon",
+        prediction_type: SamplerPrediction = "epsilon",
         null_condition: torch.Tensor | None = None,  # the ∅ row of a conditional network
         classifier: ClassifierFn | None = None,
         device: torch.device | str = "cpu",
@@ -220,6 +350,8 @@ class DenoisingBatch:
         self.samples: list[Sample] = []
         self.x = torch.empty((0, *self.sample_shape), device=self.device, dtype=dtype)
         self.network_calls = 0
+        # [3, B, C, H, W] x_last, m_{i−1}, m_{i−2} per row while some sample is multistep; else None.
+        self.history: torch.Tensor | None = None
         self._layout: RowLayout | None = None  # None: membership changed since it was built
 
     def __len__(self) -> int:
@@ -259,11 +391,18 @@ class DenoisingBatch:
 
     # --- membership -----------------------------------------------------------------------------
     def add(self, samples: Sequence[Sample]) -> None:
-        """Admit samples between steps: validate, draw x_T from each one's own stream, append."""
-        new_rows = []
+        """Admit samples between steps: validate, draw x_T from each one's own stream, append.
+
+        All or nothing: every sample is validated and planned before any joins or draws, so a
+        ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
+        set — and the samples' noise streams — as they were."""
+        plans = []
         for sample in samples:
             self._validate(sample)
-            sample.transitions = self.plans.transitions(sample.settings)
+            plans.append(self.plans.transitions(sample.settings))
+        new_rows = []
+        for sample, transitions in zip(samples, plans, strict=True):
+            sample.transitions = transitions
             sample.position = 0
             if sample.x is None:
                 sample.x = torch.randn(self.sample_shape, generator=sample.generator)
@@ -275,6 +414,17 @@ class DenoisingBatch:
         if new_rows:
             self.x = torch.cat([self.x, torch.stack(new_rows)])
             self._layout = None
+            self._sync_history(len(new_rows))
+
+    def _sync_history(self, added: int) -> None:
+        """Zero history rows for `added` new samples; none at all while no sample is multistep."""
+        if not any(s.settings.multistep for s in self.samples):
+            self.history = None
+        elif self.history is None:
+            self.history = torch.zeros((3, *self.x.shape), device=self.device, dtype=self.dtype)
+        elif added:
+            pad = self.history.new_zeros((3, added, *self.sample_shape))
+            self.history = torch.cat([self.history, pad], dim=1)
 
     def remove(self, keep: Callable[[Sample], bool]) -> list[Sample]:
         """Drop the samples for which keep(sample) is False (canceled, past deadline); return them."""
@@ -292,8 +442,11 @@ class DenoisingBatch:
                 sample.x = self.x[i].detach().cpu()
         index = torch.tensor([i for i, k in enumerate(flags) if k], dtype=torch.long)
         self.x = self.x.index_select(0, index.to(self.device))
+        if self.history is not None:
+            self.history = self.history.index_select(1, index.to(self.device))
         self.samples = [s for s, k in zip(self.samples, flags, strict=True) if k]
         self._layout = None
+        self._sync_history(0)
 
     def _validate(self, sample: Sample) -> None:
         if sample.guided and self.null_condition is None:
@@ -317,13 +470,15 @@ class DenoisingBatch:
         self._apply_forward_jumps()
         transitions = [s.transitions[s.position] for s in self.samples]
         t = torch.tensor([tr.t for tr in transitions], dtype=torch.long, device=self.device)  # [B]
-        eps = self._guided_eps(t)  # [B, C, H, W]
-        grad = self._classifier_gradient(t)
         coefficients = torch.stack([tr.coefficients for tr in transitions])  # [B, K]
         coefficients = coefficients.to(device=self.device, dtype=self.dtype)
+        eps, x0 = self._guided_prediction(t, coefficients)  # [B, C, H, W] each; x0 None for ε
+        grad = self._classifier_gradient(t)
         clip = self.layout.clip
         noise = self._noise([tr.sigma > 0 for tr in transitions])
-        x_prev, _ = reverse_step(self.x, eps, coefficients, noise, grad, clip)
+        x_prev, x0, _ = reverse_step(self.x, eps, coefficients, noise, grad, clip, x0)
+        if self.history is not None:
+            x_prev, self.history = solver_update(self.x, x_prev, x0, coefficients, self.history)
         x_prev = self._merge_known_region(x_prev, transitions)
         self.x = x_prev
         for i, sample in enumerate(self.samples):
@@ -344,7 +499,29 @@ class DenoisingBatch:
                 self.x[i] = forward_jump(self.x[i], tr.alpha_bar_t, tr.alpha_bar_s, z)
                 sample.position += 1
 
-    def _guided_eps(self, t: torch.Tensor) -> torch.Tensor:
+    def _guided_prediction(
+        self, t: torch.Tensor, coefficients: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ε and, for v / x_0 predictions, x̂_0 straight from the guided output (else None).
+
+        Classifier-free guidance is linear, so it is applied to the network's output whatever it
+        predicts; the conversions use each row's exact ᾱ_t from its coefficients (a σ-space
+        sampler's level may lie between the table's timesteps)."""
+        output = self._guided_output(t)
+        if self.prediction_type == "epsilon":
+            return output, None
+        n = output.dim()
+        sqrt_a = coefficients[:, COEFFICIENT_NAMES.index("sqrt_alpha_bar_t")]
+        sqrt_1ma = coefficients[:, COEFFICIENT_NAMES.index("sqrt_one_minus_alpha_bar_t")]
+        sqrt_a = sqrt_a.reshape(-1, *([1] * (n - 1)))
+        sqrt_1ma = sqrt_1ma.reshape(-1, *([1] * (n - 1)))
+        if self.prediction_type == "v":  # v = √ᾱ ε − √(1 − ᾱ) x_0
+            return sqrt_1ma * self.x + sqrt_a * output, sqrt_a * self.x - sqrt_1ma * output
+        if self.prediction_type == "sample":
+            return (self.x - sqrt_a * output) / sqrt_1ma, output
+        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+
+    def _guided_output(self, t: torch.Tensor) -> torch.Tensor:
         """One network call over all rows plus an unconditional copy of each guided row."""
         layout = self.layout
         index, cond = layout.guided, layout.cond
@@ -358,18 +535,13 @@ class DenoisingBatch:
             cond_in = torch.cat([cond, null])
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
-        eps_all = output
-        if self.prediction_type != "epsilon":  # ᾱ_t only where the conversion needs it
-            alpha_bar = self.schedule.alpha_bar_at(t_in.cpu()).to(output)
-            eps_all = model_output_to_eps(output, x_in, alpha_bar, self.prediction_type)
-        eps = eps_all[: len(self.samples)]
+        out = output[: len(self.samples)]
         if index is not None:
-            eps_cond = eps.index_select(0, index)
-            eps_guided = classifier_free_guidance(
-                eps_cond, eps_all[len(self.samples) :], layout.guidance_scale
+            guided = classifier_free_guidance(
+                out.index_select(0, index), output[len(self.samples) :], layout.guidance_scale
             )
-            eps = eps.index_copy(0, index, eps_guided)
-        return eps
+            out = out.index_copy(0, index, guided)
+        return out
 
     def _classifier_gradient(self, t: torch.Tensor) -> torch.Tensor | None:
         rows = [i for i, s in enumerate(self.samples) if s.settings.classifier_scale != 0.0]
@@ -430,7 +602,7 @@ def sample(
     *,
     cond: torch.Tensor | None = None,  # [B, ...] conditioning rows (None = unconditional network)
     null_condition: torch.Tensor | None = None,  # the ∅ row, for classifier-free guidance
-    prediction_type: PredictionType = "epsilon",
+    prediction_type: SamplerPrediction = "epsilon",
     classifier: ClassifierFn | None = None,
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
     known: torch.Tensor | None = None,  # [B, C, H, W] images to inpaint

@@ -1,7 +1,9 @@
 """Noise schedules: the variances β_1..β_T of the forward process and everything derived from them.
 
-Ho et al. 2020 (DDPM) use a linear schedule β_t from 1e-4 to 0.02 over T = 1000 steps; Nichol &
-Dhariwal 2021 (Improved DDPM) define the cosine schedule through ᾱ directly:
+Ho et al. 2020 (DDPM) use a linear schedule β_t from 1e-4 to 0.02 over T = 1000 steps; latent diffusion
+(Rombach et al. 2022, Stable Diffusion) a "scaled linear" one, linear in √β from √0.00085 to √0.012
+(diffusers' `scaled_linear`); Nichol & Dhariwal 2021 (Improved DDPM) define the cosine schedule
+(diffusers' `squaredcos_cap_v2`) through ᾱ directly:
 
     ᾱ(t) = f(t) / f(0),   f(t) = cos²( (t/T + s) / (1 + s) · π/2 ),   s = 0.008
     β_t  = min(1 − ᾱ(t) / ᾱ(t − 1), 0.999)
@@ -20,7 +22,7 @@ from typing import Literal
 
 import torch
 
-ScheduleKind = Literal["linear", "cosine"]
+ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
 
 
 def linear_betas(
@@ -29,6 +31,15 @@ def linear_betas(
     """β_t evenly spaced from β_start to β_end, scaled by 1000/T so that other T keep ᾱ_T alike."""
     scale = 1000.0 / num_timesteps
     return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(
+    num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """β_t = (√β_start + (√β_end − √β_start) · t/(T − 1))², Stable Diffusion's schedule (unscaled in T,
+    as in diffusers)."""
+    root = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64)
+    return root**2
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -56,10 +67,14 @@ class NoiseSchedule:
             raise ValueError(f"num_timesteps must be ≥ 1, got {num_timesteps}")
         if kind == "linear":
             betas = linear_betas(num_timesteps)
+        elif kind == "scaled_linear":
+            betas = scaled_linear_betas(num_timesteps)
         elif kind == "cosine":
             betas = cosine_betas(num_timesteps)
         else:
-            raise ValueError(f"unknown schedule {kind!r}; expected 'linear' or 'cosine'")
+            raise ValueError(
+                f"unknown schedule {kind!r}; expected 'linear', 'scaled_linear' or 'cosine'"
+            )
         return cls(kind=kind, betas=betas)
 
     @property

@@ -18,6 +18,15 @@ Classifier guidance (Dhariwal & Nichol 2021), g = ∇_{x_t} log f_φ(y | x_t, t)
 
 Because every coefficient is a per-sample number, one batch can mix timesteps, step counts,
 samplers, η, variances and guidance scales: the update below is elementwise in them.
+
+The σ-space samplers (see `sigmas.py` and `solvers.py`) use the same row. Euler and Euler ancestral
+are this update on their own levels; the multistep solvers (DPM-Solver++, UniPC) add a per-sample
+history — the data predictions m_{i−1}, m_{i−2} of the sample's previous steps and the sample x_c it
+last stepped from — through two more linear maps (`solver_update`), with coefficients that are zero
+for the samplers without history:
+
+    x_c = k_x · x_t + k_last · x_last + k_x0 · x̂_0 + k_h1 · m_{i−1} + k_h2 · m_{i−2}   (UniPC corrector)
+    x_s = [the update above] + p_x · x_c + p_h1 · m_{i−1}                            (multistep)
 """
 
 from __future__ import annotations
@@ -28,7 +37,22 @@ from typing import Literal
 
 import torch
 
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal[
+    "ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc"
+]
+SAMPLER_NAMES: tuple[str, ...] = (
+    "ddpm",
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "unipc",
+)
+# Samplers that work on σ-levels (`sigmas.py`) rather than the DDIM timestep sub-sequence.
+SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# Samplers that keep a history of model outputs per sample (`solvers.py`).
+MULTISTEP_SAMPLERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 DdpmVariance = Literal["beta", "beta_tilde"]
 
 # Column order of the per-sample coefficient rows gathered for a batch.
@@ -42,6 +66,14 @@ COEFFICIENT_NAMES = (
     "c_eps_grad",  # s · √(1 − ᾱ_t) (DDIM classifier guidance)
     "sqrt_alpha_bar_s",  # √ᾱ_s, for the known region of inpainting
     "sqrt_one_minus_alpha_bar_s",  # √(1 − ᾱ_s)
+    # Multistep solvers (zero for the others, and k_x = 1): see the module docstring.
+    "k_x",
+    "k_last",
+    "k_x0",
+    "k_h1",
+    "k_h2",
+    "p_x",
+    "p_h1",
 )
 _COLUMN = {name: i for i, name in enumerate(COEFFICIENT_NAMES)}
 
@@ -59,6 +91,13 @@ class StepCoefficients:
     c_eps_grad: float
     sqrt_alpha_bar_s: float
     sqrt_one_minus_alpha_bar_s: float
+    k_x: float = 1.0
+    k_last: float = 0.0
+    k_x0: float = 0.0
+    k_h1: float = 0.0
+    k_h2: float = 0.0
+    p_x: float = 0.0
+    p_h1: float = 0.0
 
     def as_row(self) -> tuple[float, ...]:
         return tuple(getattr(self, name) for name in COEFFICIENT_NAMES)
@@ -88,7 +127,7 @@ def step_coefficients(
         c_mean_grad = classifier_scale * variance
         c_eps_grad = 0.0
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'")
+        raise ValueError(f"step_coefficients covers 'ddpm' and 'ddim', not {sampler!r}")
     return StepCoefficients(
         sqrt_alpha_bar_t=math.sqrt(alpha_bar_t),
         sqrt_one_minus_alpha_bar_t=math.sqrt(1.0 - alpha_bar_t),
@@ -114,14 +153,22 @@ def reverse_step(
     noise: torch.Tensor | None,  # [B, C, H, W] z, or None when every σ is 0
     grad: torch.Tensor | None = None,  # [B, C, H, W] ∇ log f_φ(y | x_t), or None without guidance
     clip_denoised: torch.Tensor | None = None,  # [B] bool: clamp x̂_0 to [−1, 1] for these rows
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_s for every row, and the prediction x̂_0 it went through. Pure: no state, no randomness."""
+    x0: torch.Tensor | None = None,  # [B, C, H, W] x̂_0 straight from a v / x_0 prediction, or None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_s for every row, the prediction x̂_0 it went through and the ε consistent with it.
+
+    Pure: no state, no randomness. Without `x0`, x̂_0 is computed from ε; a given `x0` avoids the
+    cancellation of (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t where ᾱ_t is tiny (v-prediction at high noise)."""
     n = x_t.dim()
     sqrt_a = _col(coefficients, "sqrt_alpha_bar_t", n)
     sqrt_1ma = _col(coefficients, "sqrt_one_minus_alpha_bar_t", n)
     if grad is not None:
-        eps = eps - _col(coefficients, "c_eps_grad", n) * grad
-    x0 = (x_t - sqrt_1ma * eps) / sqrt_a
+        shift = _col(coefficients, "c_eps_grad", n) * grad
+        eps = eps - shift
+        if x0 is not None:  # the x̂_0 of the shifted ε; rows without guidance add exactly 0
+            x0 = x0 + sqrt_1ma / sqrt_a * shift
+    if x0 is None:
+        x0 = (x_t - sqrt_1ma * eps) / sqrt_a
     if clip_denoised is not None and bool(clip_denoised.any()):
         # DDIM with a clipped x̂_0 must use the ε consistent with it (as in diffusers' DDIMScheduler).
         clip = clip_denoised.reshape(-1, *([1] * (n - 1)))
@@ -132,7 +179,31 @@ def reverse_step(
         x_s = x_s + _col(coefficients, "sigma", n) * noise
     if grad is not None:
         x_s = x_s + _col(coefficients, "c_mean_grad", n) * grad
-    return x_s, x0
+    return x_s, x0, eps
+
+
+def solver_update(
+    x_t: torch.Tensor,  # [B, C, H, W] the rows' x_t before the step
+    x_s: torch.Tensor,  # [B, C, H, W] `reverse_step`'s result
+    x0: torch.Tensor,  # [B, C, H, W] this step's data prediction m_i
+    coefficients: torch.Tensor,  # [B, K]
+    history: torch.Tensor,  # [3, B, C, H, W]: x_last, m_{i−1}, m_{i−2}
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The multistep terms (module docstring): x_s with them, and the new history [3, B, C, H, W].
+
+    For a row without history (k_x = 1, the rest 0) x_s is unchanged bit for bit, so a sample's result
+    does not depend on whether its batch holds multistep samples."""
+    n = x_t.dim()
+    last, h1, h2 = history[0], history[1], history[2]
+    x_c = (
+        _col(coefficients, "k_x", n) * x_t
+        + _col(coefficients, "k_last", n) * last
+        + _col(coefficients, "k_x0", n) * x0
+        + _col(coefficients, "k_h1", n) * h1
+        + _col(coefficients, "k_h2", n) * h2
+    )
+    x_s = x_s + (_col(coefficients, "p_x", n) * x_c + _col(coefficients, "p_h1", n) * h1)
+    return x_s, torch.stack([x_c, x0, h1])
 
 
 def forward_jump(

@@ -9,7 +9,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-TimestepSpacing = Literal["leading", "trailing"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+
+
+def _check(
+    num_train_steps: int, num_steps: int, spacing: str, most: int | None = None, who: str = ""
+) -> None:
+    """Reject step counts the spacing cannot lay out, naming the valid range."""
+    most = num_train_steps if most is None else most
+    if not 1 <= num_steps <= most:
+        raise ValueError(
+            f"num_steps must be in [1, {most}]{who} for {spacing!r} spacing of a "
+            f"{num_train_steps}-step schedule, got {num_steps}"
+        )
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}"
+        )
 
 
 def timestep_sequence(num_train_steps: int, num_steps: int, spacing: TimestepSpacing) -> list[int]:
@@ -17,17 +34,56 @@ def timestep_sequence(num_train_steps: int, num_steps: int, spacing: TimestepSpa
 
     - ``leading`` (DDIM, Song et al. 2021): τ_i = i·⌊T/S⌋ for i = 0..S−1; never starts at T − 1.
     - ``trailing`` (Lin et al. 2024): τ_i = round(T − i·T/S) − 1; starts at T − 1.
-    Both match diffusers' DDIMScheduler for the same `timestep_spacing`.
+    - ``linspace``: S points evenly spaced over [0, T − 1], rounded.
+    All three match diffusers' DDIMScheduler (and, for the first two, EulerDiscreteScheduler) for the
+    same `timestep_spacing`.
     """
-    if not 1 <= num_steps <= num_train_steps:
-        raise ValueError(f"num_steps must be in [1, {num_train_steps}], got {num_steps}")
+    _check(num_train_steps, num_steps, spacing)
     if spacing == "leading":
         ratio = num_train_steps // num_steps
         return [i * ratio for i in range(num_steps - 1, -1, -1)]
     if spacing == "trailing":
         ratio = num_train_steps / num_steps
         return [round(num_train_steps - i * ratio) - 1 for i in range(num_steps)]
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected 'leading' or 'trailing'")
+    return [round(t) for t in linspace_timesteps(num_train_steps, num_steps)]
+
+
+def linspace_timesteps(num_train_steps: int, num_steps: int) -> list[float]:
+    """S points evenly spaced over [0, T − 1], descending, not rounded (Euler's fractional t)."""
+    if num_steps == 1:
+        return [0.0]
+    last = num_train_steps - 1
+    return [last * (num_steps - 1 - i) / (num_steps - 1) for i in range(num_steps)]
+
+
+def multistep_timesteps(
+    num_train_steps: int, num_steps: int, spacing: TimestepSpacing
+) -> list[int]:
+    """The S timesteps of the multistep solvers (DPM-Solver, UniPC), descending.
+
+    These lay S + 1 points and drop the last (t = 0), then take their last step to σ = 0; so
+    ``leading`` is τ_i = i·⌊T/(S + 1)⌋ for i = S..1 and ``linspace`` the S + 1 points of [0, T − 1]
+    rounded, less 0; ``trailing`` is the same as `timestep_sequence`'s. This is diffusers'
+    DPMSolverMultistepScheduler / UniPCMultistepScheduler convention with `steps_offset=0`.
+    """
+    _check(num_train_steps, num_steps, spacing, num_train_steps - 1, " (multistep solvers)")
+    if spacing == "leading":
+        ratio = num_train_steps // (num_steps + 1)
+        return [i * ratio for i in range(num_steps, 0, -1)]
+    if spacing == "linspace":
+        last = num_train_steps - 1
+        return [round(last * i / num_steps) for i in range(num_steps, 0, -1)]
+    return timestep_sequence(num_train_steps, num_steps, spacing)
+
+
+def euler_timesteps(num_train_steps: int, num_steps: int, spacing: TimestepSpacing) -> list[float]:
+    """The S timesteps of the Euler samplers, descending: `timestep_sequence` for ``leading`` and
+    ``trailing``, and for ``linspace`` the fractional points of [0, T − 1] (diffusers'
+    EulerDiscreteScheduler / EulerAncestralDiscreteScheduler interpolate σ between table entries)."""
+    _check(num_train_steps, num_steps, spacing)
+    if spacing == "linspace":
+        return linspace_timesteps(num_train_steps, num_steps)
+    return [float(t) for t in timestep_sequence(num_train_steps, num_steps, spacing)]
 
 
 def denoising_plan(sequence: list[int]) -> list[int]:

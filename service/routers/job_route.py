@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -17,6 +17,7 @@ from ddserve.jobs import JobKind
 from ddserve.spec import JobSpec
 from service.dependencies import CallerDep, State
 from service.errors import ERROR_RESPONSES
+from service.json_body import BoundedJsonRoute, known_fields_only
 from service.normalize import RequestNormalizer
 from service.schemas import Job
 from service.submission import submit
@@ -58,12 +59,16 @@ def add_job_route(
     `RequestNormalizer` method), queued as a `kind` job; the route (and its operation id) is named
     after the kind."""
 
+    KnownFields = Annotated[None, Depends(known_fields_only(body_model))]
+
     # No docstring: FastAPI would show it as the description of routes that have none.
     async def create_job(
         body: body_model,  # type: ignore[valid-type]
         request: Request,
         state: State,
         caller: CallerDep,
+        # after the key check, before the body's validation: unknown keys in one pass
+        _known_fields: KnownFields,
         prefer: PreferHeader = None,
         idempotency_key: IdempotencyHeader = None,
     ) -> JSONResponse:
@@ -88,4 +93,5 @@ def add_job_route(
         responses=JOB_RESPONSES,
         summary=summary,
         description=description,
+        route_class_override=BoundedJsonRoute,  # the body parsed at a bounded cost
     )

@@ -20,7 +20,10 @@ from service.schemas import Job, JobList
 
 router = APIRouter(tags=["jobs"])
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9\-]{1,64}$")
+# Stricter than RQ's own id check (letters, digits, `_`, `-`; a `:` selects an execution), so any id
+# RQ would refuse is a 404 here before RQ sees it. Always `fullmatch`: `$` also matches before a
+# trailing newline, and `abc\n` then reached RQ, whose ValueError was a 500.
+_JOB_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 CANCEL_WAIT_S = 3.0  # how long a cancel of a running job waits for the worker to stop it
 
 JobId = Annotated[str, Path(description="the job's id")]
@@ -97,7 +100,7 @@ async def list_jobs(
 
 def _owned_job(state: AppState, caller: Caller, job_id: str) -> RQJob:
     """The job, if it exists, is ours and the caller's (another key's job is a 404 too)."""
-    job = state.store.fetch(job_id) if _JOB_ID.match(job_id) else None
+    job = state.store.fetch(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or (caller.owner is not None and job.meta.get(META_OWNER) != caller.owner):
         raise ApiError(404, "job_not_found", f"no job {job_id!r}", "id")
     return job

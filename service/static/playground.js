@@ -48,8 +48,8 @@ async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
-// One job from submission to a terminal state; `onUpdate(job)` sees every state polled.
-// `control.cancel()` asks the server to cancel it.
+// One job from submission to a terminal state (succeeded, failed or canceled), which it returns;
+// `onUpdate(job)` sees every state polled. `control.jobId` is the job's id, for the cancel button.
 async function runJob(route, body, onUpdate, control) {
   let job = await api(route, { method: "POST", body });
   control.jobId = job.id;
@@ -58,10 +58,6 @@ async function runJob(route, body, onUpdate, control) {
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     job = await api(`jobs/${job.id}`);
     onUpdate(job);
-  }
-  if (job.status !== "succeeded") {
-    const reason = job.error ? `${job.error.code}: ${job.error.message}` : job.status;
-    throw new Error(`job ${job.status} (${reason})`);
   }
   return job;
 }
@@ -74,12 +70,16 @@ class ProgressView {
     this.bar = element.querySelector(".bar");
     this.label = element.querySelector(".label");
   }
+  // `state`: "" while a job is on its way, else idle, done, failed or canceled (the CSS class).
   set(fraction, text, state = "") {
-    this.element.classList.remove("done", "failed");
+    this.element.classList.remove("idle", "done", "failed", "canceled");
     if (state) this.element.classList.add(state);
     this.bar.style.width = `${Math.round(Math.max(0, Math.min(1, fraction)) * 100)}%`;
     this.label.textContent = text;
     this.element.dataset.state = state || "running";
+  }
+  reset() {
+    this.set(0, "idle", "idle");
   }
   show(job) {
     const p = job.progress;
@@ -93,6 +93,9 @@ class ProgressView {
       const took = seconds != null ? ` in ${seconds.toFixed(2)} s` : "";
       const batch = job.metrics && job.metrics.batch_size ? `, batch ${job.metrics.batch_size}` : "";
       this.set(1, `succeeded${took}${batch}`, "done");
+    } else if (job.status === "canceled") {
+      // the user asked for it: a neutral state, not an error; the bar stays where the job stopped
+      this.set(p ? p.fraction : 0, p ? `canceled at step ${p.step} / ${p.total}` : "canceled", "canceled");
     } else {
       this.set(1, job.status, "failed");
     }
@@ -196,7 +199,18 @@ function canvasBase64(canvas) {
   return canvas.toDataURL("image/png").split(",", 2)[1];
 }
 
-// Thumbnails of the shipped test images; those of the model's dataset first.
+// The shipped test images that suit a model, chosen by its image spec (not its name or dataset):
+// those with its channels and size; else those with its channels, any size (drawn at the model's
+// size); else all of them. Within the choice, the model's own dataset comes first.
+function samplesFor(samples, image, dataset) {
+  const sameChannels = samples.filter((s) => s.channels === image.channels);
+  const sameSize = sameChannels.filter((s) => s.width === image.width && s.height === image.height);
+  const chosen = sameSize.length ? sameSize : sameChannels.length ? sameChannels : samples;
+  const rank = (s) => (s.dataset === dataset ? 0 : 1);
+  return [...chosen].sort((a, b) => rank(a) - rank(b));
+}
+
+// Thumbnails of the test images for the selected model.
 class SamplePicker {
   constructor(container, samples, onPick) {
     this.container = container;
@@ -204,8 +218,8 @@ class SamplePicker {
     this.onPick = onPick;
   }
   render(model) {
-    const same = this.samples.filter((s) => s.dataset === model.dataset);
-    const chosen = same.length ? same : this.samples;
+    const chosen = samplesFor(this.samples, model.image, model.dataset);
+    this.container.dataset.spec = `${model.image.width}x${model.image.height}x${model.image.channels}`;
     this.container.replaceChildren(
       ...chosen.map((sample) => {
         const img = pictureOf(`playground/samples/${sample.file}`, `${sample.dataset}: ${sample.label}`);
@@ -292,6 +306,7 @@ class Playground {
       status.textContent = `unreachable (${error.message})`;
       status.className = "status bad";
     }
+    status.title = `GET /readyz: ${status.textContent}`; // the header shows one line, cut to fit
   }
 }
 
@@ -305,16 +320,20 @@ class Panel {
     this.jobView = $(`${prefix}-job`);
     this.models = [];
     this.configuredFor = null; // the model description the form was last built for
+    this.shownFor = null; // the model whose outputs are on show
+    this.outputs = 0; // counts clearOutput() calls: a job's result is shown only if none came since
     this.control = { jobId: null };
     this.select.addEventListener("change", () => this.modelChanged());
     const cancel = $(`${prefix}-cancel`);
     if (cancel) {
       cancel.addEventListener("click", async () => {
         if (!this.control.jobId) return;
+        const outputs = this.control.outputs;
         try {
-          this.progress.show(await api(`jobs/${this.control.jobId}/cancel`, { method: "POST" }));
+          const job = await api(`jobs/${this.control.jobId}/cancel`, { method: "POST" });
+          if (outputs === this.outputs) this.progress.show(job); // else: a previous model's job
         } catch (error) {
-          showError(this.errorBox, error);
+          if (outputs === this.outputs) showError(this.errorBox, error);
         }
       });
     }
@@ -324,10 +343,17 @@ class Panel {
     return this.models.find((m) => m.name === this.select.value);
   }
 
+  // The model to start on when the user has not chosen one (or it is no longer served).
+  preferred(models) {
+    return models[0];
+  }
+
   setModels(models) {
     const previous = this.select.value;
     this.models = models;
-    fillSelect(this.select, models.map((m) => [m.name, m.name]), previous);
+    const kept = models.some((m) => m.name === previous);
+    const start = kept ? previous : this.preferred(models)?.name;
+    fillSelect(this.select, models.map((m) => [m.name, m.name]), start);
     const info = $(`${this.prefix}-model-info`);
     if (!models.length) {
       info.textContent = "no served model does this";
@@ -338,6 +364,9 @@ class Panel {
   modelChanged() {
     const model = this.model;
     $(`${this.prefix}-model-info`).textContent = model ? describe(model) : "";
+    // Another model: the previous one's images, progress and errors no longer describe the form.
+    if (model && this.shownFor !== null && model.name !== this.shownFor) this.clearOutput();
+    this.shownFor = model ? model.name : null;
     // Reloading the model list (a new API key, say) must not reset what the user chose or
     // painted: the form is rebuilt only when the chosen model, or what it says of itself, changed.
     const shape = model ? JSON.stringify(model) : null;
@@ -349,24 +378,49 @@ class Panel {
 
   configure() {}
 
-  // Run one job with this panel's progress bar, buttons and error box; the finished job or null.
+  // Empty the output side (the panel's results, progress, error and job view).
+  clearOutput() {
+    this.outputs += 1;
+    this.progress.reset();
+    showError(this.errorBox, null);
+    this.jobView.textContent = "";
+    this.clearResults();
+  }
+
+  clearResults() {}
+
+  // Run one job with this panel's progress bar, buttons and error box: the succeeded job, or null
+  // when it failed (the error box says why), was canceled (the progress bar says so: the user's
+  // choice, not an error) or the model was switched meanwhile (its result would be out of place).
   async run(route, body, busyButtons) {
     showError(this.errorBox, null);
     const cancel = $(`${this.prefix}-cancel`);
+    const outputs = this.outputs;
+    const current = () => outputs === this.outputs;
+    this.control.outputs = outputs;
     for (const button of busyButtons) button.disabled = true;
     if (cancel) cancel.disabled = false;
     this.progress.set(0, "submitting…");
     try {
-      return await runJob(
+      const job = await runJob(
         route,
         body,
-        (job) => {
-          this.progress.show(job);
-          this.jobView.textContent = JSON.stringify(job, null, 2);
+        (update) => {
+          if (!current()) return;
+          this.progress.show(update);
+          this.jobView.textContent = JSON.stringify(update, null, 2);
         },
         this.control,
       );
+      if (!current() || job.status === "canceled") return null;
+      if (job.status !== "succeeded") {
+        const reason = job.error ? `${job.error.code}: ${job.error.message}` : job.status;
+        showError(this.errorBox, { message: `job ${job.status} (${reason})` });
+        return null;
+      }
+      return job;
     } catch (error) {
+      if (!current()) return null;
       showError(this.errorBox, error);
       if (this.progress.element.dataset.state !== "failed") this.progress.set(1, "failed", "failed");
       return null;
@@ -388,15 +442,44 @@ function setVisible(root, selector, visible) {
   for (const element of root.querySelectorAll(selector)) element.hidden = !visible;
 }
 
+// The guidance slider's range: diffusers' s, 1 = no guidance (the API's own limits).
+const GUIDANCE_MIN = 1;
+const GUIDANCE_MAX = 21;
+
 class GeneratePanel extends Panel {
   constructor(page) {
     super("gen");
     this.page = page;
     this.form = $("gen-form");
+    this.guidance = $("gen-guidance");
+    // Until the user moves the slider it shows the model's default and the request leaves
+    // guidance_scale out, so the server's default applies whatever it is.
+    this.guidance.addEventListener("input", () => {
+      this.guidance.dataset.touched = "true";
+      this.showGuidance();
+    });
     this.form.addEventListener("submit", (event) => {
       event.preventDefault();
       this.submit();
     });
+  }
+
+  // The headline model: the first that generates with a diffusion schedule (an autoencoder's
+  // decoded noise is a poor first impression), else the first that generates.
+  preferred(models) {
+    return models.find((m) => m.schedule && m.tasks.includes("generate")) || models[0];
+  }
+
+  clearResults() {
+    $("gen-grid").replaceChildren();
+    $("gen-caption").textContent = "";
+    $("gen-trajectory-figure").hidden = true;
+    $("gen-trajectory-img").removeAttribute("src");
+  }
+
+  showGuidance() {
+    const value = Number(this.guidance.value);
+    $("gen-guidance-value").textContent = value === 1 ? "1 · none" : String(value);
   }
 
   configure(model) {
@@ -413,7 +496,13 @@ class GeneratePanel extends Panel {
     $("gen-steps").placeholder = d.num_inference_steps ?? "";
     $("gen-steps").max = model.schedule ? model.schedule.num_timesteps : 10000;
     $("gen-eta").placeholder = d.eta ?? "";
-    $("gen-guidance").placeholder = d.guidance_scale ?? "";
+    const guidance = Math.min(GUIDANCE_MAX, Math.max(GUIDANCE_MIN, Number(d.guidance_scale ?? GUIDANCE_MIN)));
+    this.guidance.min = String(GUIDANCE_MIN);
+    this.guidance.max = String(GUIDANCE_MAX);
+    this.guidance.value = String(guidance);
+    delete this.guidance.dataset.touched;
+    this.showGuidance();
+    $("gen-guidance-default").textContent = d.guidance_scale != null ? `, s = ${d.guidance_scale}` : "";
     $("gen-classifier").placeholder = d.classifier_scale ?? "";
     const vocabulary = (cond && cond.vocabulary) || [];
     $("gen-vocabulary").replaceChildren(
@@ -435,8 +524,8 @@ class GeneratePanel extends Panel {
       eta: diffusion ? numberOrNull($("gen-eta")) : null,
       class_label: classLabel,
       prompt,
-      // guidance needs a condition: without one the model's default (or 0) applies
-      guidance_scale: diffusion && conditioned ? numberOrNull($("gen-guidance")) : null,
+      // guidance needs a condition; an untouched slider leaves the model's default to the server
+      guidance_scale: diffusion && conditioned && this.guidance.dataset.touched ? Number(this.guidance.value) : null,
       classifier_scale: diffusion && classLabel !== null && model.classifier ? numberOrNull($("gen-classifier")) : null,
       seed: numberOrNull($("gen-seed")),
       output: { return: "url", trajectory: diffusion && $("gen-trajectory").checked },
@@ -446,8 +535,7 @@ class GeneratePanel extends Panel {
   async submit() {
     const model = this.model;
     if (!model) return;
-    $("gen-grid").replaceChildren();
-    $("gen-trajectory-figure").hidden = true;
+    this.clearResults();
     const job = await this.run("generate", this.body(model), [$("gen-submit")]);
     if (!job) return;
     const images = job.output.images;
@@ -559,9 +647,10 @@ class InpaintPanel extends Panel {
     this.form = $("inp-form");
     this.editor = new MaskEditor($("inp-image"), $("inp-mask"));
     this.source = null; // the chosen picture (HTMLImageElement), redrawn at the model's size
+    this.sourceFile = null; // its test image's file name; null for an upload
     this.picker = new SamplePicker($("inp-picker"), page.samples, (sample, img) => {
       this.picker.mark(img, "selected");
-      this.useImage(`playground/samples/${sample.file}`);
+      this.useImage(`playground/samples/${sample.file}`, sample.file);
     });
     $("inp-brush").addEventListener("input", () => {
       this.editor.brush = Number($("inp-brush").value);
@@ -593,18 +682,27 @@ class InpaintPanel extends Panel {
     $("inp-brush").max = String(Math.max(2, Math.round(model.image.width / 3)));
     const shown = this.picker.render(model);
     this.editor.reset(model.image.width, model.image.height);
-    if (this.source) {
+    // An upload, or a test image this model is offered, stays; else its first test image.
+    const offered = shown.some((s) => s.file === this.sourceFile);
+    if (this.source && (this.sourceFile === null || offered)) {
       drawForModel(this.editor.imageCanvas, this.source, model);
+      if (offered) this.picker.mark(this.picker.container.querySelector(`img[data-file="${this.sourceFile}"]`), "selected");
     } else if (shown.length) {
       const first = this.picker.container.querySelector("img");
       this.picker.mark(first, "selected");
-      this.useImage(`playground/samples/${shown[0].file}`);
+      this.useImage(`playground/samples/${shown[0].file}`, shown[0].file);
     }
   }
 
-  async useImage(src) {
+  clearResults() {
+    $("inp-grid").replaceChildren();
+    $("inp-caption").textContent = "";
+  }
+
+  async useImage(src, file = null) {
     try {
       this.source = await loadImage(src);
+      this.sourceFile = file;
       const model = this.model;
       if (model) {
         drawForModel(this.editor.imageCanvas, this.source, model);
@@ -627,7 +725,7 @@ class InpaintPanel extends Panel {
       showError(this.errorBox, { message: "paint the region to generate on the image first" });
       return;
     }
-    $("inp-grid").replaceChildren();
+    this.clearResults();
     const classLabel = this.form.querySelector(".class-only").hidden ? null : numberOrNull($("inp-class"));
     const body = withoutNulls({
       model: model.name,
@@ -657,10 +755,11 @@ class AutoencoderPanel extends Panel {
     this.page = page;
     this.form = $("ae-form");
     this.sources = { a: null, b: null };
+    this.files = { a: null, b: null }; // the test images' file names; null for uploads
     this.picker = new SamplePicker($("ae-picker"), page.samples, (sample, img, event) => {
       const slot = event.shiftKey ? "b" : "a";
       this.picker.mark(img, slot === "a" ? "selected" : "selected-b");
-      this.useImage(slot, `playground/samples/${sample.file}`);
+      this.useImage(slot, `playground/samples/${sample.file}`, sample.file);
     });
     for (const slot of ["a", "b"]) {
       $(`ae-upload-${slot}`).addEventListener("change", async () => {
@@ -682,18 +781,29 @@ class AutoencoderPanel extends Panel {
     $("ae-noise").value = model.kind === "denoising-autoencoder" ? "gaussian" : "";
     const shown = this.picker.render(model);
     for (const [slot, index, mark] of [["a", 0, "selected"], ["b", 1, "selected-b"]]) {
-      if (this.sources[slot]) {
+      const file = this.files[slot];
+      const offered = shown.some((s) => s.file === file);
+      if (this.sources[slot] && (file === null || offered)) {
         drawForModel($(`ae-${slot}`), this.sources[slot], model);
+        if (offered) this.picker.mark(this.picker.container.querySelector(`img[data-file="${file}"]`), mark);
       } else if (shown[index]) {
         this.picker.mark(this.picker.container.querySelectorAll("img")[index], mark);
-        this.useImage(slot, `playground/samples/${shown[index].file}`);
+        this.useImage(slot, `playground/samples/${shown[index].file}`, shown[index].file);
       }
     }
   }
 
-  async useImage(slot, src) {
+  clearResults() {
+    for (const id of ["ae-inputs", "ae-corrupted", "ae-outputs", "ae-strip"]) $(id).replaceChildren();
+    $("ae-rows").hidden = true;
+    $("ae-corrupted-row").hidden = true;
+    $("ae-interpolation-figure").hidden = true;
+  }
+
+  async useImage(slot, src, file = null) {
     try {
       this.sources[slot] = await loadImage(src);
+      this.files[slot] = file;
       if (this.model) drawForModel($(`ae-${slot}`), this.sources[slot], this.model);
     } catch (error) {
       showError(this.errorBox, error);

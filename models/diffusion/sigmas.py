@@ -1,0 +1,104 @@
+"""Noise levels of the σ-space samplers (Euler, DPM-Solver++, UniPC): which σ each step visits.
+
+Karras et al. 2022 (EDM) write the variance-preserving process x_t = α_t x_0 + σ_t ε (α_t = √ᾱ_t,
+σ_t = √(1 − ᾱ_t)) in terms of its noise-to-signal ratio alone,
+
+    σ(t) = σ_t / α_t = √((1 − ᾱ_t) / ᾱ_t),      x̃ = x / α_t = x_0 + σ ε,                 (EDM eq. 1)
+
+so that ᾱ = 1 / (1 + σ²) and the half-log-SNR of DPM-Solver (Lu et al. 2022, §3.1) is λ = −log σ. A
+plan of S steps is S network timesteps t_0 > … > t_{S−1} with their levels σ_0 > … > σ_{S−1}, and
+σ_S = 0 (the clean image, diffusers' `final_sigmas_type="zero"`).
+
+- Euler samplers: σ_i is σ(t) linearly interpolated at fractional t (``linspace`` spacing);
+- multistep solvers: σ_i = σ(t_i) at the integer timesteps of `timesteps.multistep_timesteps`;
+- Karras sigmas (EDM eq. 5, ρ = 7): σ_i = (σ_max^{1/ρ} + i/(S − 1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, and
+  the network timestep is σ's position in the log-σ table (linear interpolation). The range is the
+  whole schedule's for the multistep solvers and the spaced levels' for Euler, as in diffusers.
+
+The network is called with integer timesteps (ddserve's network contract): a fractional t (Euler
+``linspace``, Karras) is rounded to the nearest integer for the call; the update uses the exact σ.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.timesteps import TimestepSpacing, euler_timesteps, multistep_timesteps
+
+KARRAS_RHO = 7.0
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """The σ-plan of one sample: S network timesteps and S + 1 levels (the last one 0)."""
+
+    timesteps: tuple[int, ...]  # [S] what the network is called with
+    sigmas: tuple[float, ...]  # [S + 1] σ_0 > … > σ_S = 0
+
+    def alpha_bar(self, i: int) -> float:
+        """ᾱ at level i: 1 / (1 + σ_i²)."""
+        return 1.0 / (1.0 + self.sigmas[i] ** 2)
+
+
+def sigma_table(schedule: NoiseSchedule) -> list[float]:
+    """σ(t) for t = 0..T − 1, ascending in t."""
+    return [math.sqrt((1.0 - a) / a) for a in schedule.alphas_cumprod.tolist()]
+
+
+def interpolate(table: list[float], t: float) -> float:
+    """table at fractional index t, linearly between its neighbours."""
+    low = min(math.floor(t), len(table) - 1)
+    if low >= len(table) - 1:
+        return table[-1]
+    w = t - low
+    return (1.0 - w) * table[low] + w * table[low + 1]
+
+
+def sigma_to_timestep(sigma: float, log_table: list[float]) -> float:
+    """The fractional t whose log σ(t) is log σ, interpolating in log σ (clamped to [0, T − 1])."""
+    if len(log_table) < 2:  # a one-step schedule: there is only t = 0
+        return 0.0
+    log_sigma = math.log(max(sigma, 1e-10))
+    k = bisect.bisect_right(log_table, log_sigma) - 1
+    k = min(max(k, 0), len(log_table) - 2)
+    low, high = log_table[k], log_table[k + 1]
+    w = min(max((low - log_sigma) / (low - high), 0.0), 1.0)
+    return k + w
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> list[float]:
+    """EDM eq. 5: S levels from σ_max to σ_min, evenly spaced in σ^{1/ρ}."""
+    lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    ramp = [i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [0.0]
+    return [(hi + r * (lo - hi)) ** KARRAS_RHO for r in ramp]
+
+
+def noise_levels(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    spacing: TimestepSpacing,
+    *,
+    euler: bool,
+    karras: bool,
+) -> NoiseLevels:
+    """The σ-plan of a σ-space sampler: Euler's convention (`euler`) or the multistep solvers'."""
+    table = sigma_table(schedule)
+    log_table = [math.log(s) for s in table]
+    T = len(table)
+    if euler:
+        times = euler_timesteps(T, num_steps, spacing)
+        sigmas = [interpolate(table, t) for t in times]
+        if karras:
+            sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+            times = [sigma_to_timestep(s, log_table) for s in sigmas]
+    elif karras:  # the whole schedule's range; the spacing plays no part
+        sigmas = karras_sigmas(table[0], table[-1], num_steps)
+        times = [sigma_to_timestep(s, log_table) for s in sigmas]
+    else:
+        steps = multistep_timesteps(T, num_steps, spacing)
+        times = [float(t) for t in steps]
+        sigmas = [table[t] for t in steps]
+    return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0))
