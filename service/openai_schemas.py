@@ -35,7 +35,7 @@ SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_PROMPT_CHARS = 32_000  # OpenAI's own limit; the model's vocabulary limits what is usable
 
 
-def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
+def _bad(message: str, param: str, code: str) -> ApiError:
     return ApiError(400, code, message, param)
 
 
@@ -77,7 +77,9 @@ def check_size(size: str | None, entry: ModelEntry) -> None:
     own = f"{entry.image.width}x{entry.image.height}"
     match = SIZE.match(size)
     if match is None:
-        raise _bad(f'size must be "auto" or "WxH" (model {entry.name!r}: "{own}")', "size")
+        raise _bad(
+            f'size must be "auto" or "WxH" (model {entry.name!r}: "{own}")', "size", "invalid_size"
+        )
     if size != own:
         raise _bad(
             f"size {size} is not served by model {entry.name!r}; it makes {own} images",
@@ -105,9 +107,14 @@ def condition_of(
                 f"model {entry.name!r} is class-conditional: the prompt must be a class name or "
                 f"index ({listed}), or empty with class_label",
                 "prompt",
+                "invalid_prompt",
             )
         if class_label is not None and class_label != index:
-            raise _bad("the prompt and class_label name different classes", "class_label")
+            raise _bad(
+                "the prompt and class_label name different classes",
+                "class_label",
+                "conflicting_condition",
+            )
         return None, index
     if text:
         raise _bad(

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ddserve.logs import request_id_from
+from ddserve.requests import GenerateBody
 from ddserve.storage import InvalidKeyError, validate_key
 from service.json_body import unknown_fields
-from service.schemas import GenerateBody
 from tests.gateway_support import assert_error, make_app, write_config_zoo
 
 

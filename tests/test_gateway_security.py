@@ -13,6 +13,7 @@ import base64
 import hmac
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,7 @@ def test_the_gateway_mode_keeps_auth_on_and_the_embedded_mode_turns_it_off_and_s
 ) -> None:
     served: list[FastAPI] = []
     monkeypatch.setattr(
-        service.cli, "serve_and_announce", lambda config, settings: served.append(config.app)
+        service.cli, "serve_and_announce", lambda config, settings, *_: served.append(config.app)
     )
     monkeypatch.setenv("DDSERVE_SIGNING_SECRET", "")  # run_gateway writes it: restored after
     caplog.set_level(logging.INFO)
@@ -178,8 +179,13 @@ def test_the_gateway_mode_keeps_auth_on_and_the_embedded_mode_turns_it_off_and_s
     import workers.embedded
 
     class Handle:
+        ready = threading.Event()
+        error = None
+
         def stop(self) -> None:
             pass
+
+    Handle.ready.set()
 
     monkeypatch.setattr(workers.embedded, "start_worker_thread", lambda *_: Handle())
     embedded_settings = Settings(zoo_dir=zoo, storage_dir=tmp_path / "img2", auth_enabled=True)

@@ -350,7 +350,7 @@ def test_worker_stats_name_the_batch_limit_max_batch(box: RedisSandbox, pool: Mo
     ("function", "kwargs", "message"),
     [
         ("os.getcwd", {}, "runs only"),
-        (JOB_FUNCTION, {"request": "not a dict"}, "no request"),
+        (JOB_FUNCTION, {"request": "not a dict"}, "invalid job spec"),
     ],
 )
 def test_a_job_this_worker_cannot_run_fails_at_once_without_retry(

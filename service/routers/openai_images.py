@@ -79,13 +79,10 @@ def _images_answer(snap: Any, state: AppState, request: Request, b64: bool) -> d
         raise ApiError(409, "job_canceled", f"job {snap.id} was canceled")
     if snap.status != JobStatus.SUCCEEDED:
         error = snap.error or {}
-        invalid = error.get("type") == "invalid_request_error"
-        raise ApiError(
-            400 if invalid else 500,
-            str(error.get("code") or "job_failed"),
-            f"job {snap.id} failed: {error.get('message') or 'no reason recorded'}",
-            type_=error.get("type"),
-        )
+        reason = f"{error.get('code') or 'failed'}: {error.get('message') or 'no reason recorded'}"
+        if error.get("type") == "invalid_request_error":  # the request could not run as given
+            raise ApiError(400, "job_invalid", f"job {snap.id} failed: {reason}")
+        raise ApiError(500, "job_failed", f"job {snap.id} failed: {reason}")
     output = output_view(snap.output or {}, state.storage, base_url(request, state.settings))
     data = [
         {"b64_json": image["b64"]} if b64 else {"url": image["url"]} for image in output["images"]
