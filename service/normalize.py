@@ -14,7 +14,7 @@ import math
 import secrets
 from typing import Any
 
-from ddserve.params import NO_GUIDANCE
+from ddserve.params import NO_GUIDANCE, REPAINT_SAMPLERS
 from ddserve.requests import (
     DecodeBody,
     EncodeBody,
@@ -255,6 +255,15 @@ class RequestNormalizer:
         jump_length = (
             body.jump_length if body.jump_length is not None else min(d.jump_length, steps)
         )
+        jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
+        if jump_n_sample > 1 and sampling["sampler"] not in REPAINT_SAMPLERS:
+            raise _invalid(
+                "sampler_cannot_resample",
+                f"sampler {sampling['sampler']!r} keeps a history of model outputs, which RePaint's "
+                f"jumps back to more noise would invalidate: with jump_n_sample > 1 use one of "
+                f"{', '.join(REPAINT_SAMPLERS)}",
+                "sampler",
+            )
         if jump_length > steps:
             raise _invalid(
                 "jump_too_long",
@@ -270,9 +279,7 @@ class RequestNormalizer:
             n=body.n,
             **sampling,
             jump_length=jump_length,
-            jump_n_sample=(
-                body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
-            ),
+            jump_n_sample=jump_n_sample,
             **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
             clip_denoised=d.clip_denoised,
             seed=self._seed(body.seed),
