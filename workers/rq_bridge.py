@@ -47,7 +47,7 @@ from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
-from rq.utils import now
+from rq.utils import now, utcformat, utcparse
 from rq.worker import BaseWorker, WorkerStatus
 
 from ddserve.notifications import prefix_of_queue, publish_finished
@@ -359,3 +359,37 @@ def set_idle(worker: BaseWorker) -> None:
 def active_executions(worker: BaseWorker) -> dict[str, Execution]:
     """The worker's executions now in progress, by execution id (RQ 3 keeps several)."""
     return dict(worker.executions)
+
+
+class WorkerNameTaken(RuntimeError):
+    """A live worker (recent heartbeat) is registered under this worker's name."""
+
+
+def clear_stale_registration(worker: BaseWorker, stale_after_s: float) -> bool:
+    """Before `register_birth`: a registration of this worker's name that never registered its death
+    (the process was killed: OOM, SIGKILL, a node lost) blocks RQ's `register_birth` until its key
+    expires (worker_ttl + 60 s, ~8 minutes), so a Kubernetes pod restarted under `$(POD_NAME)`
+    crash-looped meanwhile. A registration whose last heartbeat is older than `stale_after_s` is
+    marked dead here (the recovery sweep deals with the jobs it held) and True is returned; one
+    with a recent heartbeat is a live worker of the same name: `WorkerNameTaken`."""
+    key = worker.key
+    fields = worker.connection.hmget(key, ["death", "last_heartbeat", "birth"])
+    death, last_heartbeat, birth = fields
+    if not worker.connection.exists(key) or death is not None:
+        return False
+    stamp = last_heartbeat or birth
+    age = None if stamp is None else (now() - utcparse(stamp.decode())).total_seconds()
+    if age is not None and age < stale_after_s:
+        raise WorkerNameTaken(
+            f"a worker named {worker.name!r} heartbeated {age:.0f} s ago and is still registered: "
+            "worker names must be unique (Kubernetes: one pod name each); a killed worker's name "
+            f"is free again {stale_after_s:.0f} s after its last heartbeat"
+        )
+    worker.connection.hset(key, "death", utcformat(now()))
+    log.warning(
+        "worker %s: took over the registration of a dead worker of the same name (last heartbeat "
+        "%s s ago)",
+        worker.name,
+        "?" if age is None else f"{age:.0f}",
+    )
+    return True

@@ -355,6 +355,12 @@ class BatchingWorker(SimpleWorker):
                 log.warning("worker %s: Redis unavailable; could not record its exit", self.name)
         return worked
 
+    def register_birth(self) -> None:
+        """RQ's, after taking over a dead registration of this name (a killed pod restarted under
+        its name), instead of refusing to start until it expires."""
+        rq_bridge.clear_stale_registration(self, 3 * self.settings.heartbeat_s)
+        super().register_birth()
+
     def _heartbeat_loop(self) -> None:
         while not self._loop_done.wait(self.settings.heartbeat_s):
             try:
