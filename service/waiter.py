@@ -45,6 +45,7 @@ log = logging.getLogger("ddserve.waiter")
 
 RECONNECT_MIN_S = 0.1  # first backoff after the subscription failed; doubles up to the max
 RECONNECT_MAX_S = 5.0
+STOP_TIMEOUT_S = 2.0  # the longest the app's shutdown waits for the waiter's tasks
 LISTEN_TIMEOUT_S = 5.0  # a quiet subscription wakes this often (its health-check PING)
 HEALTH_CHECK_S = 30.0  # redis-py pings a subscription idle this long, to find a dead connection
 
@@ -148,13 +149,16 @@ class JobWaiter:
         their job as it is)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a subscription whose close never completes (seen with fakeredis's asyncio
+            # pub/sub under load) must not hold the app's shutdown for ever.
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
+            if stuck:
+                log.warning("waiter: %d task(s) did not stop in time; left behind", len(stuck))
         self._tasks = []
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                await asyncio.wait_for(self._client.aclose(), STOP_TIMEOUT_S)
             self._client = None
         self._subscribed = False
         for job_id in list(self._waiters):

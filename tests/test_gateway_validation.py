@@ -129,7 +129,7 @@ def test_prompt_is_tokenized_and_checked(client: TestClient) -> None:
             None,
         ),
         ({"model": "tiny-text", "sampler": "ddpm"}, 422, "unsupported_sampler", "sampler"),
-        ({"model": "tiny-ddpm", "sampler": "euler"}, 422, "invalid_value", "sampler"),
+        ({"model": "tiny-ddpm", "sampler": "heun"}, 422, "invalid_value", "sampler"),
         ({"model": "tiny-ddpm", "steps": 5}, 422, "unknown_field", "steps"),
         ({"n": 2}, 422, "missing_field", "model"),
         ({"model": "tiny-ddpm", "seed": -1}, 422, "invalid_value", "seed"),

@@ -19,8 +19,18 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 
 def planned(folder: Path, target: str) -> str:
+    # Run as a top-level make (this test runs under `make test` in CI, whose MAKEFLAGS and
+    # MAKELEVEL would make it a sub-make that prints "Entering/Leaving directory" lines).
+    environment = {
+        k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS"}
+    }
     result = subprocess.run(
-        ["make", "-n", target], cwd=folder, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", target],
+        cwd=folder,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return result.stdout
 

@@ -132,7 +132,7 @@ def test_generate_cli_options_are_derived_from_the_body() -> None:
     assert args.num_inference_steps == 20 and args.guidance_scale == 7.5
     help_text = parser.format_help()
     assert "as in diffusers" in help_text  # the guidance description, from ddserve.params
-    for bad in (["--guidance", "0.5"], ["--steps", "0"], ["--sampler", "euler"], ["--n", "99"]):
+    for bad in (["--guidance", "0.5"], ["--steps", "0"], ["--sampler", "heun"], ["--n", "99"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "m", *bad])
 
