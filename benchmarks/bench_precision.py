@@ -37,10 +37,11 @@ MODES = {
 }
 
 
-def denoisers(name: str, device: torch.device) -> dict[str, Denoiser]:
+def denoisers(name: str, device: torch.device, modes: list[str]) -> dict[str, Denoiser]:
     entry = load_catalog()[name]
     out = {}
-    for mode, (dtype, compiled) in MODES.items():
+    for mode in modes:
+        dtype, compiled = MODES[mode]
         network = load_network(entry, device).eval().requires_grad_(False).to(dtype)
         if compiled:
             network = torch.compile(network, dynamic=False)
@@ -80,13 +81,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per image (images/s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    for name in MODELS:
-        modes = denoisers(name, device)
+    for name in args.models:
+        modes = denoisers(name, device, ["fp32", *[m for m in args.modes if m != "fp32"]])
         for batch in args.batches:
             x = inputs(name, batch, device)
             reference = modes["fp32"](*x)
