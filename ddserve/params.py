@@ -27,7 +27,7 @@ from pydantic import Field
 from pydantic.fields import FieldInfo
 
 MAX_IMAGES = 16  # images one job may ask for (n, or the images of an encode/reconstruct)
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - MAX_IMAGES  # image i of a job uses seed + i, itself a valid seed
 MAX_STEPS = 10_000
 NO_GUIDANCE = 1.0  # guidance_scale s = 1: the conditional prediction alone
 MAX_GUIDANCE = 21.0  # the first version allowed w ≤ 20, i.e. s ≤ 21
@@ -55,8 +55,9 @@ Seed = Annotated[
     Field(
         ge=0,
         le=MAX_SEED,
-        description="noise seed; image i uses the noise stream (seed, i). Omitted: a random seed, "
-        "reported in the job's input",
+        description="noise seed; image i uses seed + i (each output reports its own), so one image "
+        "of a batch is regenerated alone with n = 1 and its seed. Omitted: a random seed, reported "
+        "in the job's input",
     ),
 ]
 SamplerName = Annotated[
@@ -175,3 +176,10 @@ def description_of(annotation: Any) -> str | None:
                 if isinstance(meta, FieldInfo) and meta.description:
                     return meta.description
     return None
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a job seeded with `seed`: seed + index. Image i draws all its
+    noise from the stream of its own seed (`models.diffusion.noise.sample_generator(seed + i, 0)`),
+    so the same image comes out of a job of n = 1 with that seed, in any batch."""
+    return seed + index

@@ -183,7 +183,7 @@ def test_generate(gateway: Gateway, options: dict[str, Any]) -> None:
     assert job["status"] == "succeeded", job
     assert job["input"]["sampler"] == options["sampler"]
     images = job["output"]["images"]
-    assert len(images) == 2 and all(im["seed"] == 11 for im in images)
+    assert len(images) == 2 and [im["seed"] for im in images] == [11, 12]  # image i: seed + i
     first, second = (gateway.pixels(im) for im in images)
     assert first.shape == (8, 8) and not np.array_equal(
         first, second

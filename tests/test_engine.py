@@ -435,3 +435,17 @@ def test_denoising_batch_is_the_engine_running_set(pool: ModelPool) -> None:
     engine, _ = make_engine(pool, MemoryFeed())
     assert isinstance(engine.lanes[MODEL].batch, DenoisingBatch)
     assert engine.idle
+
+
+def test_one_image_of_a_batch_is_regenerated_alone_by_its_own_seed(pool: ModelPool) -> None:
+    """Image i of a job seeded s reports seed s + i, and a job of n = 1 with that seed gives the
+    same image (#20: per-image seeds)."""
+    feed = MemoryFeed()
+    batch = feed.submit(generate(5, n=3))
+    engine, works = make_engine(pool, feed)
+    engine.run_until_idle()
+    assert batch.output is not None
+    assert [image["seed"] for image in batch.output["images"]] == [5, 6, 7]
+    third = x0(works[batch.id])[2]
+    alone_seeded = alone(pool, generate(7, n=1, class_label=5 % 10))
+    assert torch.allclose(third, alone_seeded[0], atol=1e-5)

@@ -348,8 +348,8 @@ def test_scale_four_on_the_zoo_model_reproduces_weight_three_exactly() -> None:
 
     def library(weight: float) -> torch.Tensor:
         """The sampling library driven directly: x_T and every noise draw of image i from the
-        stream (seed, i), classifier-free guidance weight w."""
-        generators = [sample_generator(seed, i) for i in range(n)]
+        stream of its seed, seed + i; classifier-free guidance weight w."""
+        generators = [sample_generator(seed + i, 0) for i in range(n)]
         x_T = torch.stack([torch.randn(model.sample_shape, generator=g) for g in generators])
         settings = SamplerSettings(
             sampler="ddim",

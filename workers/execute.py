@@ -5,7 +5,8 @@ alone (the reference the batching engine must reproduce). Every piece takes the 
 (`ddserve.spec`: typed, every default already applied by the gateway); the checks here are the
 ones only the loaded model can make. The engine uses the same pieces:
 - `prepare_denoise(spec, model, job_id)` turns a generate/inpaint spec into `Sample`s — image i
-  draws all its noise from `sample_generator(seed, i)`, so its pixels do not depend on its batch;
+  draws all its noise from the stream of its own seed, `image_seed(seed, i)` = seed + i, so its
+  pixels do not depend on its batch, and a job of n = 1 with that seed gives the same image;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
   first; `write_images` is the same write for another thread), and `DenoiseWork.complete(...)`
   builds the `JobOutput` (plus the trajectory GIF);
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from ddserve.jobs import ImageRecord, JobKind, JobOutput
-from ddserve.params import guidance_weight
+from ddserve.params import guidance_weight, image_seed
 from ddserve.requests import NoiseOptions, OutputOptions
 from ddserve.settings import Settings
 from ddserve.spec import (
@@ -53,6 +54,11 @@ DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT})
 MAX_TRAJECTORY_FRAMES = 32
 MIN_GIF_WIDTH = 128  # small images are upscaled (nearest) so the animation is visible
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The noise stream of image `index` of a job seeded with `seed` (`ddserve.params.image_seed`)."""
+    return sample_generator(image_seed(seed, index), 0)
 
 
 # --- images in and out ------------------------------------------------------------------------
@@ -191,7 +197,12 @@ class DenoiseWork:
         store threads) while the samples' job goes on."""
         return {
             int(sample.tag): store_image(
-                storage, self.job_id, int(sample.tag), image, self.spec, self.seed
+                storage,
+                self.job_id,
+                int(sample.tag),
+                image,
+                self.spec,
+                image_seed(self.seed, int(sample.tag)),
             )
             for sample, image in zip(finished, pixels, strict=True)
         }
@@ -289,7 +300,7 @@ def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Ten
 
 
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
-    """The samples of a generate/inpaint spec; image i uses noise stream (seed, i)."""
+    """The samples of a generate/inpaint spec; image i draws from the stream of seed + i."""
     if not isinstance(spec, GenerateSpec | InpaintSpec):
         raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {spec.kind}")
     output = OutputSpec.from_options(spec.output)
@@ -299,7 +310,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
     samples = [
         Sample(
             settings=settings,
-            generator=sample_generator(spec.seed, i),
+            generator=image_generator(spec.seed, i),
             cond=cond,
             class_label=spec.class_label,
             known=known,
@@ -322,13 +333,13 @@ def _corrupt(
     noise: NoiseOptions,
     seed: int,
 ) -> torch.Tensor:
-    """The denoising autoencoder's input corruption; image i draws from sample_generator(seed, i)."""
+    """The denoising autoencoder's input corruption; image i draws from the stream of seed + i."""
     from models.autoencoders import corrupt
 
     try:
         return torch.cat(
             [
-                corrupt(images[i : i + 1], noise.kind, noise.amount, sample_generator(seed, i))
+                corrupt(images[i : i + 1], noise.kind, noise.amount, image_generator(seed, i))
                 for i in range(images.shape[0])
             ]
         )
@@ -340,20 +351,21 @@ def _prior_sample(
     spec: PriorSampleSpec, model: CodecModel, job_id: str, storage: Storage
 ) -> JobOutput:
     """`generate` on a VAE or AAE: image i decodes z_i ~ N(0, I) of the latent shape, drawn from
-    sample_generator(seed, i) (so the same seed gives the same images in any batch)."""
+    the stream of seed + i (so the same seed gives the same images in any batch)."""
     shape = model.entry.latent_shape
     if not shape:
         raise InvalidJobRequest(f"model {model.name!r} has no latent prior to sample")
     if spec.class_label is not None:
         raise InvalidJobRequest(f"model {model.name!r} is not class-conditional")
     z = torch.stack(
-        [torch.randn(tuple(shape), generator=sample_generator(spec.seed, i)) for i in range(spec.n)]
+        [torch.randn(tuple(shape), generator=image_generator(spec.seed, i)) for i in range(spec.n)]
     )  # [n, *latent_shape]
     decoded = model.codec.decode(latents=z.numpy())
     pixels = torch.from_numpy(np.asarray(decoded, dtype=np.float32))  # [n, C, H, W]
     output = OutputSpec.from_options(spec.output)
     records = [
-        store_image(storage, job_id, i, img, output, spec.seed) for i, img in enumerate(pixels)
+        store_image(storage, job_id, i, img, output, image_seed(spec.seed, i))
+        for i, img in enumerate(pixels)
     ]
     return {"images": records, "latents": None}
 
@@ -420,7 +432,9 @@ def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storag
             output: JobOutput = {"images": [], "latents": None, "corrupted": None}
             if noise is not None:
                 output["corrupted"] = [
-                    store_image(storage, job_id, i, img, output_spec, seed)
+                    store_image(
+                        storage, job_id, i, img, output_spec, image_seed(seed, i - len(corrupted))
+                    )
                     for i, img in enumerate(corrupted, start=len(corrupted))
                 ]
             output["images"] = store_all(pixels)
