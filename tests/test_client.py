@@ -82,7 +82,10 @@ def test_generate_waits_and_downloads(client: Client) -> None:
     job = client.generate(DIFFUSION, n=2, num_inference_steps=4, class_label=3, seed=5)
     assert isinstance(job, Job) and job.succeeded and job.done
     assert job.input["seed"] == 5 and job.input["class_label"] == 3
-    assert [(im.width, im.height, im.seed) for im in job.images] == [(8, 8, 5), (8, 8, 5)]
+    assert [(im.width, im.height, im.seed) for im in job.images] == [
+        (8, 8, 5),
+        (8, 8, 6),
+    ]  # image i: seed + i
     first, second = (pixels(data) for data in client.download_images(job))
     assert first.shape == (8, 8) and not np.array_equal(first, second)  # streams (5, 0), (5, 1)
     again = client.generate(
