@@ -408,9 +408,6 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--gateway-root", type=Path, default=ROOT, help="checkout to serve from")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument(
-        "--profile", type=Path, default=None, help="run the gateway under cProfile, stats here"
-    )
     parser.add_argument("--finisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -446,10 +443,8 @@ def main() -> None:
         "DDSERVE_SIGNING_SECRET": "bench",
         "DDSERVE_LOG_LEVEL": "WARNING",
     }
-    profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
     command = [
         sys.executable,
-        *profile,
         "-m",
         "uvicorn",
         "--factory",
