@@ -25,6 +25,7 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
+from workers.memory_budget import gauge_for, measure_row_limit
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class DiffusionModel:
     classifier: nn.Module | None = None
     first_stage: Codec | None = None  # latent diffusion: decodes x_0 latents to pixels
     latent_scale: float = 1.0
+    row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -302,6 +304,13 @@ class ModelPool:
         )
         if self.settings.compile:
             warm_up(model)
+        model.row_limit = measure_row_limit(
+            entry.name,
+            functools.partial(call_rows, model),
+            gauge_for(self.device),
+            self.settings.memory_fraction,
+            self.settings.max_batch,
+        )
         if entry.classifier and entry.classifier in self._catalog:
             model.classifier = self._load_classifier(self._catalog[entry.classifier])
         if entry.kind == "latent-diffusion":
@@ -332,18 +341,23 @@ class ModelPool:
             return None
 
 
+def call_rows(model: DiffusionModel, rows: int) -> torch.Tensor:
+    """One network call of the model over `rows` rows of zeros (∅-conditioned): the warm-up's and
+    the memory probe's call."""
+    x = torch.zeros((rows, *model.sample_shape), device=model.device)
+    t = torch.zeros(rows, dtype=torch.long, device=model.device)
+    cond = None
+    if model.null_condition is not None:
+        cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)
+    return model.denoiser(x, t, cond)
+
+
 def warm_up(model: DiffusionModel) -> None:
     """Compile the denoiser for each of its buckets before the worker takes jobs (a first call
     would otherwise stall a running batch for the compile), one log line per bucket."""
-    denoiser = model.denoiser
-    for rows in denoiser.buckets:
+    for rows in model.denoiser.buckets:
         started = time.perf_counter()
-        x = torch.zeros((rows, *model.sample_shape), device=model.device)
-        t = torch.zeros(rows, dtype=torch.long, device=model.device)
-        cond = None
-        if model.null_condition is not None:
-            cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)
-        denoiser(x, t, cond)
+        call_rows(model, rows)
         log.info(
             "model %s: compiled for batch %d in %.1f s",
             model.name,
