@@ -5,10 +5,13 @@ call that fits in the given share of free memory."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from ddserve.settings import Settings
+from tests.test_engine import MODEL, zoo  # noqa: F401
 from workers.memory_budget import (
     RowMemory,
     gauge_for,
@@ -16,6 +19,7 @@ from workers.memory_budget import (
     probe_row_memory,
     row_limit,
 )
+from workers.model_pool import DiffusionModel, ModelPool
 
 MIB = 2**20
 
@@ -81,3 +85,36 @@ def test_probe_sizes_must_grow() -> None:
     gauge = FakeGauge(free=MIB, fixed=0, per_row=1)
     with pytest.raises(ValueError, match="0 < N1 < N2"):
         probe_row_memory(gauge.call, gauge, rows=(4, 4))
+
+
+def test_the_pool_probes_each_diffusion_model_at_load(
+    zoo: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wiring: loading a diffusion model runs the probe with real calls of the model (1 and 4
+    rows of its sample shape) and keeps the limit on the model, where its lane reads it."""
+    import workers.model_pool as model_pool
+
+    gauge = FakeGauge(free=1_000 * MIB, fixed=300 * MIB, per_row=25 * MIB)
+    shapes: list[tuple[int, ...]] = []
+
+    def peak_of(call: Callable[[], object]) -> int:
+        out = call()
+        assert isinstance(out, torch.Tensor)
+        shapes.append(tuple(out.shape))
+        return gauge.fixed + out.shape[0] * gauge.per_row
+
+    gauge.peak_of = peak_of  # type: ignore[method-assign]
+    monkeypatch.setattr(model_pool, "gauge_for", lambda device: gauge)
+    pool = ModelPool(Settings(zoo_dir=zoo, device="cpu", onnx_providers="CPUExecutionProvider"))
+    model = pool.get(MODEL)
+    assert isinstance(model, DiffusionModel)
+    assert [s[0] for s in shapes] == [1, 4]
+    assert all(s[1:] == model.sample_shape for s in shapes)
+    assert model.row_limit == 22
+    off = ModelPool(
+        Settings(
+            zoo_dir=zoo, device="cpu", onnx_providers="CPUExecutionProvider", memory_fraction=0
+        )
+    )
+    assert off.get(MODEL).row_limit is None  # type: ignore[union-attr]
