@@ -43,6 +43,8 @@ class Codec(Protocol):
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray: ...
 
+    def decode_tensor(self, latents: torch.Tensor, out: torch.Tensor | None = None) -> Any: ...
+
 
 CodecLoader = Callable[[ModelEntry, list[str] | None, torch.device], Codec]
 
@@ -188,15 +190,14 @@ class DiffusionModel:
         """Finished samples [N, C, h, w] → images [N, C, H, W] in [−1, 1] on the CPU.
 
         Latent diffusion models z = s·E(x) (s = `latent_scale`, Rombach et al. 2022 §4.3.2), so the
-        image is D(z / s); the decoder runs in ONNX Runtime."""
-        x0 = x0.detach().float().cpu()
+        image is D(z / s); the decoder runs in ONNX Runtime, reading the latents on the model's
+        device (IO binding: no host round trip on a GPU) — only the images come to the host."""
         if not self.is_latent:
-            return x0.clamp(-1.0, 1.0)
+            return x0.detach().float().cpu().clamp(-1.0, 1.0)
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage decoder loaded")
-        latents = (x0 / self.latent_scale).numpy().astype(np.float32)
-        pixels = self.first_stage.decode(latents=latents)
-        return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
+        latents = x0.detach().float() / self.latent_scale  # [N, *latent_shape] on the device
+        return self.first_stage.decode_tensor(latents).cpu().clamp(-1.0, 1.0)
 
 
 @dataclass
