@@ -21,6 +21,12 @@ Steps are Flawed", Algorithm 1), √ᾱ is shifted and scaled so that the last t
 
     √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),   so ᾱ'_0 = ᾱ_0 and ᾱ'_{T−1} = 0.
 
+x̂_0 is bounded as diffusers does: `thresholding` (dynamic thresholding, Saharia et al. 2022,
+`steps.DynamicThreshold`) for the classes that have it (DDPM, DDIM, DPM-Solver, UniPC), else
+`clip_sample` to [−`clip_sample_range`, `clip_sample_range`] (DDPM and DDIM only). DDIM's last step
+lands on ᾱ = 1, or on ᾱ_0 with `set_alpha_to_one=False`; `steps_offset` shifts ``leading``
+timesteps. The DDPM/DDIM steps follow diffusers' `step` (`sampler.StepConvention`).
+
 A request may run another sampler than the config's class (DDPM or DDIM on a DPM-Solver model, …):
 its settings are then those of diffusers' class for that sampler built with `from_config` of the
 same dict — the config's values where it has them (spacing, `steps_offset`, `set_alpha_to_one`,
@@ -64,10 +70,11 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpmpp_2m_sde": {"timestep_spacing": "linspace"},
     "unipc": {"timestep_spacing": "linspace"},
 }
+# The samplers whose diffusers class has `thresholding` (the Euler classes have not).
+THRESHOLDING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 # Options of diffusers' classes that ddserve does not reproduce, with the value that it does
 # (`None`: absent or null). A config that sets one otherwise is rejected by name.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "thresholding": (False, None),
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),
     "solver_type": ("midpoint", "bh2", None),  # DPM-Solver's "heun", UniPC's "bh1"
     "predict_x0": (True, None),  # UniPC
@@ -104,6 +111,9 @@ class SchedulerOptions:
     set_alpha_to_one: bool | None = None  # DDIM: last step to ᾱ = 1, else to ᾱ_0
     clip_sample: bool | None = None  # DDPM / DDIM: clamp x̂_0 to [−clip_sample_range, range]
     clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding of x̂_0 (Saharia et al. 2022), not clipping
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     ddpm_variance: DdpmVariance = "beta_tilde"  # DDPM's variance_type: fixed_small → β̃, large → β
     use_karras_sigmas: bool = False  # euler, dpmpp_2m(_sde), unipc: Karras et al. 2022 levels
     solver_order: int = 2  # dpmpp_2m(_sde), unipc
@@ -136,6 +146,10 @@ class SchedulerOptions:
             clip = self.clip_sample if self.clip_sample is not None else defaults.get("clip_sample")
             values["clip_denoised"] = bool(clip)
             values["clip_sample_range"] = self.clip_sample_range
+            if name in THRESHOLDING_SAMPLERS:
+                values["thresholding"] = self.thresholding
+                values["dynamic_thresholding_ratio"] = self.dynamic_thresholding_ratio
+                values["sample_max_value"] = self.sample_max_value
         if name == "ddim":
             alpha_to_one = self.set_alpha_to_one
             values["set_alpha_to_one"] = True if alpha_to_one is None else alpha_to_one
@@ -228,6 +242,9 @@ def from_diffusers(config: dict[str, Any]) -> tuple[NoiseSchedule, SchedulerOpti
         set_alpha_to_one=config.get("set_alpha_to_one"),
         clip_sample=config.get("clip_sample"),
         clip_sample_range=clip_range,
+        thresholding=bool(config.get("thresholding", False)),
+        dynamic_thresholding_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
+        sample_max_value=float(config.get("sample_max_value", 1.0)),
         ddpm_variance=DDPM_VARIANCES[variance or "fixed_small"],
         use_karras_sigmas=bool(config.get("use_karras_sigmas", False)),
         solver_order=order,
