@@ -175,10 +175,13 @@ def test_stable_diffusion_1_config_matches_diffusers(sampler: str) -> None:
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
 @pytest.mark.parametrize("clip_range", [1.0, 0.5])
-def test_clip_sample_matches_diffusers(sampler: str, eta: float, clip_range: float) -> None:
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_clip_sample_matches_diffusers(
+    sampler: str, eta: float, clip_range: float, prediction: str
+) -> None:
     """`clip_sample` (the DDPM/DDIM default) with `clip_sample_range`: DDPM's posterior mean uses the
     clipped x̂_0; diffusers' DDIM keeps the network's ε (`use_clipped_model_output=False`)."""
-    config = _config(sampler, "linear", "epsilon", clip_sample=True, clip_sample_range=clip_range)
+    config = _config(sampler, "linear", prediction, clip_sample=True, clip_sample_range=clip_range)
     for steps, spacing in ((10, "leading"), (48, "trailing")):
         _check({**config, "timestep_spacing": spacing}, steps, eta)
 
@@ -336,6 +339,9 @@ def test_default_sampler_per_class(config: dict, sampler: str) -> None:
         ({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 1.5]}, "trained_betas"),
         ({"_class_name": "DDIMScheduler", "clip_sample_range": 0}, "clip_sample_range"),
         ({"_class_name": "DDIMScheduler", "steps_offset": -1}, "steps_offset"),
+        ({"_class_name": "UniPCMultistepScheduler", "lower_order_final": False}, "lower_order"),
+        ({"_class_name": "UniPCMultistepScheduler", "solver_p": {}}, "solver_p"),
+        ({"_class_name": "DDIMScheduler", "dynamic_thresholding_ratio": 1.5}, "thresholding"),
     ],
 )
 def test_unsupported_configs_are_refused_by_name(config: dict, message: str) -> None:

@@ -88,6 +88,7 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "use_dynamic_shifting": (False, None),
     "interpolation_type": ("linear", None),  # Euler's "log_linear"
     "timestep_type": ("discrete", None),  # Euler's "continuous" (EDM)
+    "solver_p": (None,),  # UniPC with another scheduler as its predictor
     "sigma_min": (None,),
     "sigma_max": (None,),
     "shift_terminal": (None,),
@@ -117,6 +118,9 @@ class SchedulerOptions:
     ddpm_variance: DdpmVariance = "beta_tilde"  # DDPM's variance_type: fixed_small → β̃, large → β
     use_karras_sigmas: bool = False  # euler, dpmpp_2m(_sde), unipc: Karras et al. 2022 levels
     solver_order: int = 2  # dpmpp_2m(_sde), unipc
+    # UniPC's last step is first order (ddserve always does this); False (order 2 there) is refused
+    # when a request runs unipc. DPM-Solver++ steps into σ = 0 at first order either way.
+    lower_order_final: bool = True
     rescale_betas_zero_snr: bool = False  # already applied to the schedule; kept for the record
     from_diffusers: bool = False  # steps follow diffusers' `StepConvention` (sampler.py)
 
@@ -132,8 +136,14 @@ class SchedulerOptions:
 
         Raises ValueError for settings the sampler rejects (see `SamplerSettings`)."""
         name = sampler or self.sampler
-        defaults = CLASS_DEFAULTS[name]
+        # A sampler without a row (a new one) takes the modern classes' default spacing; an unknown
+        # name is refused by SamplerSettings below.
+        defaults = CLASS_DEFAULTS.get(name, {"timestep_spacing": "linspace"})
         spacing = self.timestep_spacing or defaults["timestep_spacing"]
+        if name == "unipc" and not self.lower_order_final:
+            raise ValueError(
+                "unipc with lower_order_final=False (a second-order last step) is not supported"
+            )
         values: dict[str, Any] = dict(
             sampler=name,
             num_inference_steps=num_inference_steps,
@@ -248,6 +258,7 @@ def from_diffusers(config: dict[str, Any]) -> tuple[NoiseSchedule, SchedulerOpti
         ddpm_variance=DDPM_VARIANCES[variance or "fixed_small"],
         use_karras_sigmas=bool(config.get("use_karras_sigmas", False)),
         solver_order=order,
+        lower_order_final=bool(config.get("lower_order_final", True)),
         rescale_betas_zero_snr=rescale,
         from_diffusers=True,
     )
