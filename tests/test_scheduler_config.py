@@ -391,8 +391,10 @@ def test_request_may_choose_another_sampler() -> None:
 def test_zoo_defaults_are_ddserve_conventions() -> None:
     """Models without a scheduler config keep ddserve's own settings."""
     from models.diffusion.sampler import SamplerSettings
+    from models.diffusion.steps import SAMPLER_NAMES
 
-    assert SchedulerOptions().settings("ddim", 50) == SamplerSettings("ddim", 50)
+    for name in SAMPLER_NAMES:
+        assert SchedulerOptions().settings(name, 50) == SamplerSettings(name, 50)  # type: ignore[arg-type]
     assert SchedulerOptions().settings("ddpm", 10, clip_denoised=True) == SamplerSettings(
         "ddpm", 10, clip_denoised=True
     )

@@ -103,7 +103,8 @@ class SchedulerOptions:
 
     `None` means the config does not set the field: the class of the sampler a request runs takes
     its own default (`CLASS_DEFAULTS`), as `<Class>.from_config(config)` would. `SchedulerOptions()`
-    are ddserve's own conventions (the zoo's models)."""
+    are ddserve's own conventions (the zoo's models: ``leading`` spacing for every sampler, clipping
+    as the request or card says)."""
 
     sampler: SamplerName = "ddim"  # the default sampler (`default_sampler`)
     prediction_type: SamplerPrediction = "epsilon"  # what the network predicts
@@ -136,21 +137,20 @@ class SchedulerOptions:
 
         Raises ValueError for settings the sampler rejects (see `SamplerSettings`)."""
         name = sampler or self.sampler
-        # A sampler without a row (a new one) takes the modern classes' default spacing; an unknown
-        # name is refused by SamplerSettings below.
-        defaults = CLASS_DEFAULTS.get(name, {"timestep_spacing": "linspace"})
-        spacing = self.timestep_spacing or defaults["timestep_spacing"]
         if name == "unipc" and not self.lower_order_final:
             raise ValueError(
                 "unipc with lower_order_final=False (a second-order last step) is not supported"
             )
         values: dict[str, Any] = dict(
-            sampler=name,
-            num_inference_steps=num_inference_steps,
-            timestep_spacing=spacing,
-            steps_offset=self.steps_offset,
+            sampler=name, num_inference_steps=num_inference_steps, steps_offset=self.steps_offset
         )
+        if self.timestep_spacing is not None:
+            values["timestep_spacing"] = self.timestep_spacing
         if self.from_diffusers:
+            # A sampler without a row (a new one) takes the modern classes' default spacing; an
+            # unknown name is refused by SamplerSettings below.
+            defaults = CLASS_DEFAULTS.get(name, {"timestep_spacing": "linspace"})
+            values.setdefault("timestep_spacing", defaults["timestep_spacing"])
             values["convention"] = "diffusers"
             # Only DDPM and DDIM clip in diffusers; the σ-space classes never do.
             clip = self.clip_sample if self.clip_sample is not None else defaults.get("clip_sample")
