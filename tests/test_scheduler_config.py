@@ -366,7 +366,8 @@ def test_gateway_fields_need_no_torch() -> None:
 
 def test_request_may_choose_another_sampler() -> None:
     """A DPM-Solver model sampled with DDIM: the config's spacing and offset, DDIM's own defaults
-    for what the config lacks (set_alpha_to_one, clip_sample), the request's values over both."""
+    for what the config lacks (set_alpha_to_one) but no clipping (DPM-Solver has no clip_sample, and
+    DDIM's default True would clamp a latent model's x̂_0), the request's values over both."""
     _, options = from_diffusers(
         {
             "_class_name": "DPMSolverMultistepScheduler",
@@ -381,8 +382,12 @@ def test_request_may_choose_another_sampler() -> None:
         1,
         True,
     )
-    assert ddim.clip_denoised and ddim.eta == 0.5 and not ddim.use_karras_sigmas
-    assert not options.settings("ddim", 20, clip_denoised=False).clip_denoised
+    assert not ddim.clip_denoised and ddim.eta == 0.5 and not ddim.use_karras_sigmas
+    assert options.settings("ddim", 20, clip_denoised=True).clip_denoised
+    # A DDIM config without clip_sample clips (the class default), in DDIM and DDPM only.
+    _, ddim_options = from_diffusers({"_class_name": "DDIMScheduler"})
+    assert ddim_options.settings("ddpm", 20).clip_denoised
+    assert not ddim_options.settings("euler", 20).clip_denoised
     default = options.settings(num_inference_steps=20)
     assert default.sampler == "dpmpp_2m" and default.use_karras_sigmas
     assert not default.clip_denoised  # the σ-space classes never clip

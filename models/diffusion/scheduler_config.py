@@ -30,7 +30,8 @@ timesteps. The DDPM/DDIM steps follow diffusers' `step` (`sampler.StepConvention
 A request may run another sampler than the config's class (DDPM or DDIM on a DPM-Solver model, …):
 its settings are then those of diffusers' class for that sampler built with `from_config` of the
 same dict — the config's values where it has them (spacing, `steps_offset`, `set_alpha_to_one`,
-`clip_sample`, …) and that class's defaults where it has not (`CLASS_DEFAULTS`).
+`clip_sample`, …) and that class's defaults where it has not (`CLASS_DEFAULTS`) — except that a
+config of a class without `clip_sample` never clips (`CLIPPING_CLASSES`).
 """
 
 from __future__ import annotations
@@ -60,16 +61,22 @@ DDPM_VARIANCES: dict[str, DdpmVariance] = {
     "fixed_large": "beta",
 }
 # The defaults of diffusers' scheduler class for each ddserve sampler, for the fields a config may
-# omit (diffusers 0.42). Only DDPM and DDIM clip x̂_0; every class starts with steps_offset = 0.
+# omit (diffusers 0.42; every class starts with steps_offset = 0). clip_sample: see `CLIPPING_CLASSES`.
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ddpm": {"timestep_spacing": "leading", "clip_sample": True},
-    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "ddpm": {"timestep_spacing": "leading"},
+    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True},
     "euler": {"timestep_spacing": "linspace"},
     "euler_ancestral": {"timestep_spacing": "linspace"},
     "dpmpp_2m": {"timestep_spacing": "linspace"},
     "dpmpp_2m_sde": {"timestep_spacing": "linspace"},
     "unipc": {"timestep_spacing": "linspace"},
 }
+# The classes with a `clip_sample` option (default True), and the samplers that apply it. A config
+# of another class that does not mention clip_sample does not clip: diffusers' DDIMScheduler /
+# DDPMScheduler.from_config of it would take their default True and clamp x̂_0 to [−1, 1] — a latent
+# model's x̂_0 too, which is the known pitfall of switching an SD pipeline's scheduler to DDIM.
+CLIPPING_CLASSES: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler")
+CLIPPING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 # The samplers whose diffusers class has `thresholding` (the Euler classes have not).
 THRESHOLDING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 # Options of diffusers' classes that ddserve does not reproduce, with the value that it does
@@ -112,6 +119,7 @@ class SchedulerOptions:
     steps_offset: int = 0  # added to ``leading`` timesteps (SD 1.x: 1)
     set_alpha_to_one: bool | None = None  # DDIM: last step to ᾱ = 1, else to ᾱ_0
     clip_sample: bool | None = None  # DDPM / DDIM: clamp x̂_0 to [−clip_sample_range, range]
+    # (from_diffusers: the config's value, else True for a DDPM / DDIM config, else False)
     clip_sample_range: float = 1.0
     thresholding: bool = False  # dynamic thresholding of x̂_0 (Saharia et al. 2022), not clipping
     dynamic_thresholding_ratio: float = 0.995
@@ -153,8 +161,7 @@ class SchedulerOptions:
             values.setdefault("timestep_spacing", defaults["timestep_spacing"])
             values["convention"] = "diffusers"
             # Only DDPM and DDIM clip in diffusers; the σ-space classes never do.
-            clip = self.clip_sample if self.clip_sample is not None else defaults.get("clip_sample")
-            values["clip_denoised"] = bool(clip)
+            values["clip_denoised"] = bool(self.clip_sample) and name in CLIPPING_SAMPLERS
             values["clip_sample_range"] = self.clip_sample_range
             if name in THRESHOLDING_SAMPLERS:
                 values["thresholding"] = self.thresholding
@@ -250,7 +257,7 @@ def from_diffusers(config: dict[str, Any]) -> tuple[NoiseSchedule, SchedulerOpti
         timestep_spacing=spacing,
         steps_offset=steps_offset,
         set_alpha_to_one=config.get("set_alpha_to_one"),
-        clip_sample=config.get("clip_sample"),
+        clip_sample=bool(config.get("clip_sample", name in CLIPPING_CLASSES)),
         clip_sample_range=clip_range,
         thresholding=bool(config.get("thresholding", False)),
         dynamic_thresholding_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
