@@ -220,6 +220,16 @@ def test_thresholding_bound_is_the_quantile() -> None:
     assert torch.equal(out[1], torch.tensor([0.5, 0.5, -0.5, 0.5]))  # s = 1: unchanged
 
 
+def test_upper_quantile_equals_torch_quantile() -> None:
+    from models.diffusion.steps import upper_quantile
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 4096, 3 * 8 * 8):
+        values = torch.randn(5, n, generator=generator).abs() * 3
+        for q in (0.995, 0.9, 0.5, 1.0, 0.01, 0.0):
+            assert torch.equal(upper_quantile(values, q), torch.quantile(values, q, dim=1)), (n, q)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_fixed_large_variance_and_trailing_last_step(sampler: str) -> None:
     """DDPM `variance_type="fixed_large"` (σ² = β') draws noise on its last step from t = 20 > 0 in
