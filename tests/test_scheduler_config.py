@@ -359,6 +359,15 @@ def test_unsupported_configs_are_refused_by_name(config: dict, message: str) -> 
         from_diffusers(config)
 
 
+def test_trained_betas_from_a_live_scheduler_config() -> None:
+    """`dict(scheduler.config)` may hold trained_betas as a tuple or an array, not a list."""
+    for betas in (tuple(TRAINED_BETAS), np.array(TRAINED_BETAS)):
+        schedule, _ = from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": betas})
+        assert torch.allclose(schedule.betas, torch.tensor(TRAINED_BETAS, dtype=torch.float64))
+    with pytest.raises(ValueError, match="trained_betas"):
+        from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": "0.1"})
+
+
 def test_gateway_fields_need_no_torch() -> None:
     fields = read_fields(
         {
