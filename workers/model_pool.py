@@ -25,6 +25,7 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.scheduler_config import SchedulerOptions
 from workers.memory_budget import gauge_for, measure_row_limit
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,9 @@ class DiffusionModel:
     first_stage: Codec | None = None  # latent diffusion: decodes x_0 latents to pixels
     latent_scale: float = 1.0
     row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
+    # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
+    # none and keep ddserve's defaults.
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
