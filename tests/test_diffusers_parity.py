@@ -183,3 +183,33 @@ def test_a_network_without_null_takes_conditioned_samples_only_all_or_none(
     with pytest.raises(ValueError, match="all conditioned or all unconditioned"):
         batch.add([Sample(SamplerSettings("ddpm", 3), sample_generator(2, 0))])
     assert len(batch) == 1
+
+
+def test_latent_mask_keeps_only_whole_patches() -> None:
+    from workers.execute import latent_mask
+
+    mask = torch.ones((1, 16, 16))
+    mask[:, 4:11, 4:11] = 0.0  # generate a 7×7 square not aligned to the 2×2 patches
+    grid = latent_mask(mask, (8, 8))
+    assert grid.shape == (1, 8, 8)
+    expected = torch.ones((1, 8, 8))
+    expected[:, 2:6, 2:6] = 0.0  # every patch touching the square is generated
+    assert torch.equal(grid, expected)
+
+
+def test_latent_inpainting_keeps_the_known_latents(pool: ModelPool) -> None:
+    """RePaint in latent space: the known region's latents z_0 = s·E(x) are the result's there."""
+    model = pool.get("ldm")
+    image = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    known = model.to_latents(image)[0]  # [4, 8, 8]
+    assert known.shape == (4, 8, 8)
+    mask = torch.ones((1, 8, 8))
+    mask[:, 2:6, 2:6] = 0.0
+    batch = model.new_batch()
+    sample = Sample(SamplerSettings("ddim", 5), sample_generator(1, 0), known=known, mask=mask)
+    batch.add([sample])
+    while len(batch):
+        batch.step()
+    kept = mask.bool().expand(4, 8, 8)
+    assert torch.allclose(sample.x[kept], known[kept], atol=1e-6)
+    assert not torch.allclose(sample.x[~kept], known[~kept], atol=1e-2)

@@ -197,6 +197,15 @@ class DiffusionModel:
         pixels = self.first_stage.decode(latents=latents)
         return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
 
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [−1, 1] → the latents the model samples, z = s·(E(x) − b)
+        [N, c, h, w] (the inverse of `to_pixels` up to the autoencoder's reconstruction)."""
+        if self.first_stage is None:
+            raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
+        encoded = self.first_stage.encode(images.detach().float().cpu().numpy())
+        latents = torch.from_numpy(np.asarray(encoded["latents"], dtype=np.float32))
+        return (latents - self.latent_shift) * self.latent_scale
+
 
 @dataclass
 class CodecModel:
