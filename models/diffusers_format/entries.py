@@ -52,7 +52,10 @@ LATENT_PIPELINES = {"LDMPipeline": 50}
 # served: their entries have no tasks until a worker can load their text encoder.
 TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
 SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES)
-SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "RePaintScheduler": "ddpm"}
+# RePaintScheduler's η weighs each step's noise, 0 = DDIM (RePaintPipeline's default) … 1 = DDPM.
+SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "RePaintScheduler": "ddim"}
+# Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
+RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
 FIRST_STAGES = {"VQModel": ("vqvae", "vqvae"), "AutoencoderKL": ("kl-autoencoder", "vae")}
 BETA_SCHEDULES = {
     "linear": "linear",
@@ -141,7 +144,9 @@ def read_license(folder: Path) -> str | None:
     return None
 
 
-def schedule_fields(scheduler: dict[str, Any], steps: int) -> dict[str, Any]:
+def schedule_fields(
+    scheduler: dict[str, Any], steps: int, resampling: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The entry's schedule, prediction type, samplers and defaults from the scheduler config."""
     beta = str(scheduler.get("beta_schedule", "linear"))
     if scheduler.get("trained_betas") is None and beta not in BETA_SCHEDULES:
@@ -164,6 +169,7 @@ def schedule_fields(scheduler: dict[str, Any], steps: int) -> dict[str, Any]:
             sampler=sampler,
             num_inference_steps=min(steps, total),
             clip_denoised=bool(scheduler.get("clip_sample", False)),
+            **(resampling or {}),
         ),
         "scheduler": scheduler,
     }
@@ -211,7 +217,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         "name": name,
         "component": "unet",
         "conditioning": conditioning,
-        **schedule_fields(scheduler, steps),
+        **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
     }
     if stage is None:
         return [
