@@ -24,6 +24,7 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.scheduler_config import SchedulerOptions
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ class DiffusionModel:
     first_stage: Codec | None = None  # latent diffusion: decodes x_0 latents to pixels
     latent_scale: float = 1.0
     latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
+    # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
+    # none and keep ddserve's defaults.
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -283,7 +287,7 @@ class ModelPool:
         return CodecModel(entry=entry, codec=self.codec(entry.name))
 
     def _load_diffusion(self, entry: ModelEntry) -> DiffusionModel:
-        network, schedule, shape, null = self._denoiser_parts(entry)
+        network, schedule, options, shape, null = self._denoiser_parts(entry)
         dtype = self._precision(entry)
         network = network.to(dtype)
         channels_last = self.device.type == "cuda"
@@ -300,6 +304,7 @@ class ModelPool:
             sample_shape=shape,
             device=self.device,
             null_condition=null,
+            scheduler=options,
         )
         if self.settings.compile:
             warm_up(model)
@@ -315,21 +320,26 @@ class ModelPool:
 
     def _denoiser_parts(
         self, entry: ModelEntry
-    ) -> tuple[nn.Module, NoiseSchedule, tuple[int, int, int], torch.Tensor | None]:
-        """The network (ddserve's signature, eval, on the device), its noise schedule, the shape
-        of x_t and the ∅ condition (None: unconditional, or no ∅) of a zoo card or a diffusers
-        pipeline (`models.diffusers_format.loading`)."""
+    ) -> tuple[
+        nn.Module, NoiseSchedule, SchedulerOptions, tuple[int, int, int], torch.Tensor | None
+    ]:
+        """The network (ddserve's signature, eval, on the device), its noise schedule and sampling
+        options, the shape of x_t and the ∅ condition (None: unconditional, or no ∅) of a zoo card
+        or a diffusers pipeline (`models.diffusers_format.loading`; the schedule and options from
+        its scheduler config, `scheduler_config.from_diffusers`)."""
         if entry.format == "diffusers":
-            from models.diffusers_format.loading import load_unet, schedule_from_config
+            from models.diffusers_format.entries import scheduler_config
+            from models.diffusers_format.loading import load_unet
+            from models.diffusion.scheduler_config import from_diffusers
 
             network = load_unet(entry, self.device)
-            schedule = schedule_from_config(entry.scheduler or {})
+            schedule, options = from_diffusers(scheduler_config(entry.scheduler or {}))
             c, h, w = entry.latent_shape or (
                 entry.image.channels,
                 entry.image.height,
                 entry.image.width,
             )
-            return network, schedule, (int(c), int(h), int(w)), None
+            return network, schedule, options, (int(c), int(h), int(w)), None
         from models.registry import load_network
 
         network = load_network(entry, self.device).eval().requires_grad_(False)
@@ -342,7 +352,7 @@ class ModelPool:
             schedule_spec.kind if schedule_spec else "linear",
             schedule_spec.num_timesteps if schedule_spec else 1000,
         )
-        return network, schedule, shape, null
+        return network, schedule, SchedulerOptions(), shape, null
 
     def _precision(self, entry: ModelEntry) -> torch.dtype:
         """The denoiser's dtype: the setting, else the card's, else float32."""
