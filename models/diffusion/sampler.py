@@ -454,7 +454,10 @@ class DenoisingBatch:
                 ),
             )
         cond = None
-        if self.null_condition is not None and samples:
+        # A network without a ∅ row (a diffusers class-conditional UNet) still takes its samples'
+        # conditions: `add` admits such samples only all conditioned or all not.
+        conditioned = any(s.cond is not None for s in samples)
+        if samples and (self.null_condition is not None or conditioned):
             rows = [self.null_condition if s.cond is None else s.cond for s in samples]
             cond = torch.stack(rows).to(self.device)
         return RowLayout(
@@ -485,6 +488,13 @@ class DenoisingBatch:
         ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
         set — and the samples' noise streams — as they were."""
         plans = []
+        if self.null_condition is None:
+            mixed = {s.cond is None for s in [*self.samples, *samples]}
+            if len(mixed) > 1:
+                raise ValueError(
+                    "this network has no ∅ condition: a batch's samples are all conditioned or "
+                    "all unconditioned"
+                )
         for sample in samples:
             self._validate(sample)
             plans.append(self.plans.transitions(sample.settings))
