@@ -94,6 +94,17 @@ Prompt = Annotated[
         "unconditional",
     ),
 ]
+NegativePrompt = Annotated[
+    str,
+    Field(
+        max_length=256,
+        description="what to steer away from (text-conditioned models, as diffusers' "
+        "negative_prompt): words from the model's vocabulary that replace the empty prompt ∅ in "
+        "classifier-free guidance, ε̃ = ε(x, t, n) + s·(ε(x, t, y) − ε(x, t, n)); needs a prompt "
+        'and guidance_scale > 1 (refused otherwise, never ignored); "" is the empty prompt ∅ '
+        "itself; omitted: ∅",
+    ),
+]
 PromptTokens = Annotated[
     list[Annotated[int, Field(ge=0)]],
     Field(max_length=256, description="the prompt's token ids, padded to the context length"),

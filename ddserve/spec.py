@@ -43,6 +43,7 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     Prompt,
     PromptTokens,
     SamplerName,
@@ -72,6 +73,8 @@ class _Conditioned(_Spec):
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     prompt_tokens: PromptTokens | None = None  # tokenized once, by the gateway
+    negative_prompt: NegativePrompt | None = None  # the unconditional row's prompt (∅ if None)
+    negative_prompt_tokens: PromptTokens | None = None  # tokenized with the prompt
     guidance_scale: GuidanceScale = NO_GUIDANCE  # s, diffusers' meaning (ddserve.params)
 
     @model_validator(mode="after")
@@ -82,6 +85,12 @@ class _Conditioned(_Spec):
             raise ValueError("prompt and prompt_tokens go together (the gateway tokenizes)")
         if self.guided and self.class_label is None and self.prompt is None:
             raise ValueError("classifier-free guidance (guidance_scale > 1) needs a condition")
+        if (self.negative_prompt is None) != (self.negative_prompt_tokens is None):
+            raise ValueError(
+                "negative_prompt and negative_prompt_tokens go together (the gateway tokenizes)"
+            )
+        if self.negative_prompt is not None and (self.prompt is None or not self.guided):
+            raise ValueError("negative_prompt needs a prompt and guidance_scale > 1")
         return self
 
     @property

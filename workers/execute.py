@@ -251,10 +251,31 @@ def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
         return torch.tensor(spec.class_label, dtype=torch.long)
     if spec.prompt_tokens is None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
-    vocabulary = len(conditioning.vocabulary or [])
-    if any(token >= vocabulary for token in spec.prompt_tokens):  # tokenized by the gateway
-        raise InvalidJobRequest(f"prompt_tokens must be < {vocabulary} (the vocabulary's size)")
-    return torch.tensor(spec.prompt_tokens, dtype=torch.long)
+    return _token_row(spec.prompt_tokens, model, "prompt_tokens")
+
+
+def _token_row(tokens: list[int], model: DiffusionModel, name: str) -> torch.Tensor:
+    """A prompt's token ids (tokenized by the gateway) as a conditioning row [L], checked against
+    the model's vocabulary and ∅'s length."""
+    conditioning = model.entry.conditioning
+    vocabulary = len(conditioning.vocabulary or []) if conditioning is not None else 0
+    if any(token >= vocabulary for token in tokens):
+        raise InvalidJobRequest(f"{name} must be < {vocabulary} (the vocabulary's size)")
+    null = model.null_condition
+    if null is not None and len(tokens) != null.shape[0]:
+        raise InvalidJobRequest(f"{name} must hold {null.shape[0]} tokens, got {len(tokens)}")
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _uncondition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
+    """The unconditional row of classifier-free guidance: the negative prompt's tokens, or None
+    (the model's ∅). The spec already ties it to a prompt and guidance_scale > 1."""
+    if spec.negative_prompt_tokens is None:
+        return None
+    conditioning = model.entry.conditioning
+    if conditioning is None or conditioning.type != "text":
+        raise InvalidJobRequest(f"model {model.name!r} takes no negative_prompt")
+    return _token_row(spec.negative_prompt_tokens, model, "negative_prompt_tokens")
 
 
 def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettings:
@@ -306,12 +327,14 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
     cond = _condition(spec, model)  # inpainting may be conditional (and guided) too
+    uncond = _uncondition(spec, model)
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
     samples = [
         Sample(
             settings=settings,
             generator=image_generator(spec.seed, i),
             cond=cond,
+            uncond=uncond,
             class_label=spec.class_label,
             known=known,
             mask=mask,
