@@ -65,6 +65,17 @@ from models.diffusion.timesteps import (
 
 # What the network predicts: ε, v (`forward.py`) or x_0 itself ("sample", diffusers' name).
 SamplerPrediction = PredictionType | Literal["sample"]
+# How DDPM and DDIM steps are taken: ddserve's textbook form (its zoo), or the form of diffusers'
+# DDPMScheduler / DDIMScheduler `step`, reproduced for models served from a diffusers config:
+# 1. a DDIM step from t lands on ᾱ at t − ⌊T/S⌋, which is not the plan's next timestep for
+#    ``trailing`` / ``linspace`` spacing when S does not divide T (the next network call is still at
+#    the plan's next timestep);
+# 2. DDIM keeps the network's ε after clipping x̂_0 (the pipelines' `use_clipped_model_output=False`)
+#    instead of re-deriving it from the clipped x̂_0;
+# 3. DDPM adds noise on every step from t > 0, the last one included (σ² = β' there with
+#    `variance_type="fixed_large"`; β̃' = 0 with "fixed_small").
+StepConvention = Literal["ddserve", "diffusers"]
+STEP_CONVENTIONS: tuple[str, ...] = ("ddserve", "diffusers")
 NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -86,6 +97,12 @@ class SamplerSettings:
     # are those of diffusers' scheduler classes.
     use_karras_sigmas: bool = False  # Karras et al. 2022 levels instead of the spaced timesteps
     solver_order: int = 2  # dpmpp_2m, dpmpp_2m_sde, unipc: 1 or 2
+    # A model's scheduler options (`scheduler_config.SchedulerOptions`, from its diffusers
+    # `scheduler_config.json`); the defaults are ddserve's own zoo conventions.
+    steps_offset: int = 0  # added to ``leading`` timesteps (Stable Diffusion 1.x: 1)
+    set_alpha_to_one: bool = True  # DDIM: the last step goes to ᾱ = 1 (else to ᾱ_0, diffusers)
+    clip_sample_range: float = 1.0  # with clip_denoised: clamp x̂_0 to [−range, range]
+    convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLER_NAMES:
@@ -105,6 +122,15 @@ class SamplerSettings:
             raise ValueError(
                 f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not {self.sampler!r}"
             )
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be ≥ 0, got {self.steps_offset}")
+        if self.convention not in STEP_CONVENTIONS:
+            raise ValueError(
+                f"unknown step convention {self.convention!r}; expected one of "
+                f"{', '.join(STEP_CONVENTIONS)}"
+            )
+        if not self.clip_sample_range > 0.0:
+            raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         if self.solver_order not in (1, 2):
             raise ValueError(f"solver_order must be 1 or 2, got {self.solver_order}")
         if self.jump_n_sample > 1 and self.sampler in MULTISTEP_SAMPLERS:
@@ -123,7 +149,7 @@ class SamplerSettings:
     def plan(self, num_train_steps: int) -> list[int]:
         """The timesteps this sample visits, ending with −1 (see `timesteps.py`)."""
         sequence = timestep_sequence(
-            num_train_steps, self.num_inference_steps, self.timestep_spacing
+            num_train_steps, self.num_inference_steps, self.timestep_spacing, self.steps_offset
         )
         if self.jump_n_sample > 1:
             return repaint_plan(sequence, self.jump_length, self.jump_n_sample)
@@ -176,6 +202,7 @@ class PlanCache:
             a_t, a_s = alpha_bar[t + 1], alpha_bar[s + 1]
             coefficients, sigma = None, 0.0
             if s < t:
+                a_s = self._ddim_target_alpha_bar(settings, t, s, a_s)
                 step = step_coefficients(
                     a_t,
                     a_s,
@@ -183,12 +210,29 @@ class PlanCache:
                     eta=settings.eta,
                     ddpm_variance=settings.ddpm_variance,
                     classifier_scale=settings.classifier_scale,
-                    is_last=s == -1,
+                    # diffusers' DDPM adds noise on every step from t > 0 (`StepConvention`, 3).
+                    is_last=s == -1 and (settings.convention == "ddserve" or t == 0),
                 )
                 coefficients = torch.tensor(step.as_row(), dtype=torch.float32)
                 sigma = step.sigma
             transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t))
         return tuple(transitions)
+
+    def _ddim_target_alpha_bar(
+        self, settings: SamplerSettings, t: int, s: int, alpha_bar_s: float
+    ) -> float:
+        """ᾱ where a reverse step t → s lands. DDPM and ddserve's DDIM: ᾱ_s. Diffusers' DDIM
+        (`convention="diffusers"`): ᾱ at t − ⌊T/S⌋, whatever the plan's next timestep. Either DDIM
+        form's last step (below t = 0) lands on ᾱ = 1, or on ᾱ_0 with `set_alpha_to_one=False`
+        (DDIMScheduler's `final_alpha_cumprod`)."""
+        if settings.sampler != "ddim":
+            return alpha_bar_s
+        T = self.schedule.num_timesteps
+        if settings.convention == "diffusers":
+            s = t - T // settings.num_inference_steps
+        if s >= 0:
+            return float(self.schedule.alphas_cumprod[s])
+        return 1.0 if settings.set_alpha_to_one else float(self.schedule.alphas_cumprod[0])
 
     def _build_sigma_plan(self, settings: SamplerSettings) -> tuple[Transition, ...]:
         """The σ-space samplers' plans: levels (`sigmas.py`), rows (`solvers.py`), RePaint jumps."""
@@ -198,6 +242,7 @@ class PlanCache:
             settings.timestep_spacing,
             euler=not settings.multistep,
             karras=settings.use_karras_sigmas,
+            steps_offset=settings.steps_offset,
         )
         sigmas = levels.sigmas
         levels_name = (
@@ -319,7 +364,9 @@ class RowLayout:
     guided: torch.Tensor | None  # [G] long: samples with classifier-free guidance
     uncond: torch.Tensor | None  # [G, ...] their unconditional rows (each ∅ or its own negative)
     guidance_scale: torch.Tensor | None  # [G] their w
-    clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1]
+    clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
+    clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
+    keep_eps: torch.Tensor | None  # [B] bool: clipped rows keeping the network's ε (diffusers DDIM)
     jumps: bool  # some sample's plan has RePaint's forward jumps
 
 
@@ -377,6 +424,13 @@ class DenoisingBatch:
         samples = self.samples
         guided = [i for i, s in enumerate(samples) if s.guided]
         clip = [s.settings.clip_denoised for s in samples]
+        clip_range = [s.settings.clip_sample_range for s in samples]
+        keep_eps = [
+            s.settings.clip_denoised
+            and s.settings.sampler == "ddim"
+            and s.settings.convention == "diffusers"
+            for s in samples
+        ]
         cond = uncond = None
         null = self.null_condition
         if null is not None and samples:
@@ -397,6 +451,12 @@ class DenoisingBatch:
                 else None
             ),
             clip=torch.tensor(clip, device=self.device) if any(clip) else None,
+            clip_range=(
+                torch.tensor(clip_range, dtype=torch.float64, device=self.device)
+                if any(r != 1.0 for r in clip_range)
+                else None
+            ),
+            keep_eps=torch.tensor(keep_eps, device=self.device) if any(keep_eps) else None,
             jumps=any(s.settings.jump_n_sample > 1 for s in samples),
         )
 
@@ -497,9 +557,19 @@ class DenoisingBatch:
         coefficients = coefficients.to(device=self.device, dtype=self.dtype)
         eps, x0 = self._guided_prediction(t, coefficients)  # [B, C, H, W] each; x0 None for ε
         grad = self._classifier_gradient(t)
-        clip = self.layout.clip
+        layout = self.layout
         noise = self._noise([tr.sigma > 0 for tr in transitions])
-        x_prev, x0, _ = reverse_step(self.x, eps, coefficients, noise, grad, clip, x0)
+        x_prev, x0, _ = reverse_step(
+            self.x,
+            eps,
+            coefficients,
+            noise,
+            grad,
+            layout.clip,
+            x0,
+            layout.clip_range,
+            layout.keep_eps,
+        )
         if self.history is not None:
             x_prev, self.history = solver_update(self.x, x_prev, x0, coefficients, self.history)
         x_prev = self._merge_known_region(x_prev, transitions)

@@ -83,13 +83,14 @@ def noise_levels(
     *,
     euler: bool,
     karras: bool,
+    steps_offset: int = 0,
 ) -> NoiseLevels:
     """The σ-plan of a σ-space sampler: Euler's convention (`euler`) or the multistep solvers'."""
     table = sigma_table(schedule)
     log_table = [math.log(s) for s in table]
     T = len(table)
     if euler:
-        times = euler_timesteps(T, num_steps, spacing)
+        times = euler_timesteps(T, num_steps, spacing, steps_offset)
         sigmas = [interpolate(table, t) for t in times]
         if karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
@@ -98,7 +99,7 @@ def noise_levels(
         sigmas = karras_sigmas(table[0], table[-1], num_steps)
         times = [sigma_to_timestep(s, log_table) for s in sigmas]
     else:
-        steps = multistep_timesteps(T, num_steps, spacing)
+        steps = multistep_timesteps(T, num_steps, spacing, steps_offset)
         times = [float(t) for t in steps]
         sigmas = [table[t] for t in steps]
     return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0))

@@ -154,11 +154,15 @@ def reverse_step(
     grad: torch.Tensor | None = None,  # [B, C, H, W] ∇ log f_φ(y | x_t), or None without guidance
     clip_denoised: torch.Tensor | None = None,  # [B] bool: clamp x̂_0 to [−1, 1] for these rows
     x0: torch.Tensor | None = None,  # [B, C, H, W] x̂_0 straight from a v / x_0 prediction, or None
+    clip_range: torch.Tensor | None = None,  # [B] the clamp's bound per row (None: 1 for all)
+    keep_eps: torch.Tensor | None = None,  # [B] bool: clipped rows that keep the network's ε
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_s for every row, the prediction x̂_0 it went through and the ε consistent with it.
+    """x_s for every row, the prediction x̂_0 it went through and the ε it used.
 
     Pure: no state, no randomness. Without `x0`, x̂_0 is computed from ε; a given `x0` avoids the
-    cancellation of (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t where ᾱ_t is tiny (v-prediction at high noise)."""
+    cancellation of (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t where ᾱ_t is tiny (v-prediction at high noise).
+    A clipped row uses the ε consistent with its clipped x̂_0, unless `keep_eps` marks it (diffusers'
+    DDIMScheduler with `use_clipped_model_output=False`)."""
     n = x_t.dim()
     sqrt_a = _col(coefficients, "sqrt_alpha_bar_t", n)
     sqrt_1ma = _col(coefficients, "sqrt_one_minus_alpha_bar_t", n)
@@ -172,8 +176,14 @@ def reverse_step(
     if clip_denoised is not None and bool(clip_denoised.any()):
         # DDIM with a clipped x̂_0 must use the ε consistent with it (as in diffusers' DDIMScheduler).
         clip = clip_denoised.reshape(-1, *([1] * (n - 1)))
-        x0 = torch.where(clip, x0.clamp(-1.0, 1.0), x0)
-        eps = torch.where(clip, (x_t - sqrt_a * x0) / sqrt_1ma, eps)
+        if clip_range is None:
+            clamped = x0.clamp(-1.0, 1.0)
+        else:
+            bound = clip_range.reshape(-1, *([1] * (n - 1))).to(x0)
+            clamped = torch.minimum(torch.maximum(x0, -bound), bound)
+        x0 = torch.where(clip, clamped, x0)
+        rederive = clip if keep_eps is None else clip & ~keep_eps.reshape(clip.shape)
+        eps = torch.where(rederive, (x_t - sqrt_a * x0) / sqrt_1ma, eps)
     x_s = _col(coefficients, "c_x0", n) * x0 + _col(coefficients, "c_eps", n) * eps
     if noise is not None:
         x_s = x_s + _col(coefficients, "sigma", n) * noise
