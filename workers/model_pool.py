@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from models.diffusers_format.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,9 @@ class DiffusionModel:
     classifier: nn.Module | None = None
     first_stage: Codec | None = None  # latent diffusion: decodes x_0 latents to pixels
     latent_scale: float = 1.0
+    # A text pipeline's tokenizer + text encoder (`models.diffusers_format.text`): conditioning
+    # rows are its hidden states, encoded by the worker; None where the gateway tokenizes.
+    prompt_encoder: PromptEncoder | None = None
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
