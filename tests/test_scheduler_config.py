@@ -51,15 +51,17 @@ class FakeNetwork:
     with t, and the output is that prediction as ε, v or x_0 (with ddserve's float64 ᾱ table, on both
     sides). Defined through x̂_0, it stays finite where ᾱ_t = 0 (zero terminal SNR)."""
 
-    def __init__(self, schedule: NoiseSchedule, prediction: str) -> None:
+    def __init__(self, schedule: NoiseSchedule, prediction: str, x0_scale: float = 1.0) -> None:
         self.alpha_bar = schedule.alphas_cumprod
         self.prediction = prediction
+        self.x0_scale = x0_scale
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]).long()
         a = self.alpha_bar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         angle = t.to(x.dtype).reshape(a.shape) / 150
         x0 = 0.3 + 0.6 * torch.tanh(x) * torch.cos(angle) + 0.1 * torch.sin(3 * x)
+        x0 = self.x0_scale * x0
         if self.prediction == "sample":
             return x0
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -80,10 +82,12 @@ def _config(sampler: str, betas: str, prediction: str, **extra) -> dict:
     return config
 
 
-def _ours(config: dict, steps: int, x_T: torch.Tensor, **request) -> torch.Tensor:
+def _ours(
+    config: dict, steps: int, x_T: torch.Tensor, x0_scale: float = 1.0, **request
+) -> torch.Tensor:
     schedule, options = from_diffusers(config)
     return sample(
-        FakeNetwork(schedule, config.get("prediction_type", "epsilon")),
+        FakeNetwork(schedule, config.get("prediction_type", "epsilon"), x0_scale),
         schedule,
         x_T,
         options.settings(num_inference_steps=steps, **request),
@@ -92,10 +96,13 @@ def _ours(config: dict, steps: int, x_T: torch.Tensor, **request) -> torch.Tenso
     )
 
 
-def _theirs(config: dict, steps: int, x_T: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+def _theirs(
+    config: dict, steps: int, x_T: torch.Tensor, eta: float = 0.0, x0_scale: float = 1.0
+) -> torch.Tensor:
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     scheduler.set_timesteps(steps)
-    network = FakeNetwork(from_diffusers(config)[0], config.get("prediction_type", "epsilon"))
+    prediction = config.get("prediction_type", "epsilon")
+    network = FakeNetwork(from_diffusers(config)[0], prediction, x0_scale)
     generators = [sample_generator(SEED, i) for i in range(x_T.shape[0])]
     T = scheduler.config.num_train_timesteps
     x = x_T.clone()
@@ -114,10 +121,16 @@ def _theirs(config: dict, steps: int, x_T: torch.Tensor, eta: float = 0.0) -> to
     return x
 
 
-def _check(config: dict, steps: int, eta: float = 0.0, tolerance: float = TOLERANCE) -> None:
+def _check(
+    config: dict,
+    steps: int,
+    eta: float = 0.0,
+    tolerance: float = TOLERANCE,
+    x0_scale: float = 1.0,
+) -> None:
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
-    theirs = _theirs(config, steps, x_T, eta)
-    ours = _ours(config, steps, x_T, eta=eta)
+    theirs = _theirs(config, steps, x_T, eta, x0_scale)
+    ours = _ours(config, steps, x_T, x0_scale, eta=eta)
     assert torch.isfinite(ours).all()
     difference = (ours - theirs).abs().max().item()
     assert difference <= tolerance, difference
@@ -162,12 +175,49 @@ def test_stable_diffusion_1_config_matches_diffusers(sampler: str) -> None:
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
 @pytest.mark.parametrize("clip_range", [1.0, 0.5])
-def test_clip_sample_matches_diffusers(sampler: str, eta: float, clip_range: float) -> None:
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_clip_sample_matches_diffusers(
+    sampler: str, eta: float, clip_range: float, prediction: str
+) -> None:
     """`clip_sample` (the DDPM/DDIM default) with `clip_sample_range`: DDPM's posterior mean uses the
     clipped x̂_0; diffusers' DDIM keeps the network's ε (`use_clipped_model_output=False`)."""
-    config = _config(sampler, "linear", "epsilon", clip_sample=True, clip_sample_range=clip_range)
+    config = _config(sampler, "linear", prediction, clip_sample=True, clip_sample_range=clip_range)
     for steps, spacing in ((10, "leading"), (48, "trailing")):
         _check({**config, "timestep_spacing": spacing}, steps, eta)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dynamic_thresholding_matches_diffusers(sampler: str, eta: float, prediction: str) -> None:
+    """`thresholding` (Saharia et al. 2022) overrides clip_sample; the fake network's x̂_0 reaches
+    ±1.5 after the scaling below, so the bound s lies strictly inside [1, sample_max_value]."""
+    config = _config(
+        sampler,
+        "scaled_linear",
+        prediction,
+        clip_sample=True,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=1.3,
+    )
+    for steps, spacing in ((10, "leading"), (48, "trailing")):
+        _check({**config, "timestep_spacing": spacing}, steps, eta, x0_scale=2.0)
+
+
+def test_thresholding_bound_is_the_quantile() -> None:
+    """s = the ratio-quantile of |x̂_0| clamped to [1, max]: here 2 of 4 values exceed 1."""
+    from models.diffusion.steps import DynamicThreshold
+
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 0.25], [0.5, 0.5, -0.5, 0.5]]).reshape(2, 1, 2, 2)
+    threshold = DynamicThreshold(
+        rows=torch.tensor([0, 1]),
+        ratio=torch.tensor([0.75, 0.75], dtype=torch.float64),
+        max_value=torch.tensor([10.0, 10.0], dtype=torch.float64),
+    )
+    out = threshold.apply(x0).reshape(2, 4)
+    s = torch.quantile(torch.tensor([0.5, 3.0, 2.0, 0.25]), 0.75).item()  # 2.25
+    assert torch.allclose(out[0], torch.tensor([0.5, -s, 2.0, 0.25]) / s)
+    assert torch.equal(out[1], torch.tensor([0.5, 0.5, -0.5, 0.5]))  # s = 1: unchanged
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -289,6 +339,9 @@ def test_default_sampler_per_class(config: dict, sampler: str) -> None:
         ({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 1.5]}, "trained_betas"),
         ({"_class_name": "DDIMScheduler", "clip_sample_range": 0}, "clip_sample_range"),
         ({"_class_name": "DDIMScheduler", "steps_offset": -1}, "steps_offset"),
+        ({"_class_name": "UniPCMultistepScheduler", "lower_order_final": False}, "lower_order"),
+        ({"_class_name": "UniPCMultistepScheduler", "solver_p": {}}, "solver_p"),
+        ({"_class_name": "DDIMScheduler", "dynamic_thresholding_ratio": 1.5}, "thresholding"),
     ],
 )
 def test_unsupported_configs_are_refused_by_name(config: dict, message: str) -> None:
@@ -313,7 +366,8 @@ def test_gateway_fields_need_no_torch() -> None:
 
 def test_request_may_choose_another_sampler() -> None:
     """A DPM-Solver model sampled with DDIM: the config's spacing and offset, DDIM's own defaults
-    for what the config lacks (set_alpha_to_one, clip_sample), the request's values over both."""
+    for what the config lacks (set_alpha_to_one) but no clipping (DPM-Solver has no clip_sample, and
+    DDIM's default True would clamp a latent model's x̂_0), the request's values over both."""
     _, options = from_diffusers(
         {
             "_class_name": "DPMSolverMultistepScheduler",
@@ -328,8 +382,12 @@ def test_request_may_choose_another_sampler() -> None:
         1,
         True,
     )
-    assert ddim.clip_denoised and ddim.eta == 0.5 and not ddim.use_karras_sigmas
-    assert not options.settings("ddim", 20, clip_denoised=False).clip_denoised
+    assert not ddim.clip_denoised and ddim.eta == 0.5 and not ddim.use_karras_sigmas
+    assert options.settings("ddim", 20, clip_denoised=True).clip_denoised
+    # A DDIM config without clip_sample clips (the class default), in DDIM and DDPM only.
+    _, ddim_options = from_diffusers({"_class_name": "DDIMScheduler"})
+    assert ddim_options.settings("ddpm", 20).clip_denoised
+    assert not ddim_options.settings("euler", 20).clip_denoised
     default = options.settings(num_inference_steps=20)
     assert default.sampler == "dpmpp_2m" and default.use_karras_sigmas
     assert not default.clip_denoised  # the σ-space classes never clip
@@ -338,8 +396,10 @@ def test_request_may_choose_another_sampler() -> None:
 def test_zoo_defaults_are_ddserve_conventions() -> None:
     """Models without a scheduler config keep ddserve's own settings."""
     from models.diffusion.sampler import SamplerSettings
+    from models.diffusion.steps import SAMPLER_NAMES
 
-    assert SchedulerOptions().settings("ddim", 50) == SamplerSettings("ddim", 50)
+    for name in SAMPLER_NAMES:
+        assert SchedulerOptions().settings(name, 50) == SamplerSettings(name, 50)  # type: ignore[arg-type]
     assert SchedulerOptions().settings("ddpm", 10, clip_denoised=True) == SamplerSettings(
         "ddpm", 10, clip_denoised=True
     )

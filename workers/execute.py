@@ -321,17 +321,19 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
     if classifier_scale != 0.0 and model.classifier is None:
         raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
     inpaint = isinstance(spec, InpaintSpec)
+    request: dict[str, Any] = dict(
+        eta=spec.eta,
+        guidance_scale=guidance_weight(spec.guidance_scale),
+        classifier_scale=classifier_scale,
+        jump_length=spec.jump_length if inpaint else 1,
+        jump_n_sample=spec.jump_n_sample if inpaint else 1,
+    )
+    if not model.scheduler.from_diffusers:
+        # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
+        # config decides it per sampler class (`SchedulerOptions.settings`).
+        request["clip_denoised"] = spec.clip_denoised
     try:
-        return SamplerSettings(
-            sampler=spec.sampler,
-            num_inference_steps=spec.num_inference_steps,
-            eta=spec.eta,
-            guidance_scale=guidance_weight(spec.guidance_scale),
-            classifier_scale=classifier_scale,
-            clip_denoised=spec.clip_denoised,
-            jump_length=spec.jump_length if inpaint else 1,
-            jump_n_sample=spec.jump_n_sample if inpaint else 1,
-        )
+        return model.scheduler.settings(spec.sampler, spec.num_inference_steps, **request)
     except ValueError as exc:
         raise InvalidJobRequest(str(exc)) from exc
 

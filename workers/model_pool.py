@@ -25,6 +25,7 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.scheduler_config import SchedulerOptions
 
 if TYPE_CHECKING:
     from models.diffusers_format.text import PromptEncoder
@@ -157,6 +158,9 @@ class DiffusionModel:
     # A text pipeline's tokenizer + text encoder (`models.diffusers_format.text`): conditioning
     # rows are its hidden states, encoded by the worker; None where the gateway tokenizes.
     prompt_encoder: PromptEncoder | None = None
+    # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
+    # none and keep ddserve's defaults.
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:

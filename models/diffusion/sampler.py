@@ -48,6 +48,7 @@ from models.diffusion.steps import (
     SAMPLER_NAMES,
     SIGMA_SAMPLERS,
     DdpmVariance,
+    DynamicThreshold,
     SamplerName,
     StepCoefficients,
     forward_jump,
@@ -102,6 +103,10 @@ class SamplerSettings:
     steps_offset: int = 0  # added to ``leading`` timesteps (Stable Diffusion 1.x: 1)
     set_alpha_to_one: bool = True  # DDIM: the last step goes to ᾱ = 1 (else to ᾱ_0, diffusers)
     clip_sample_range: float = 1.0  # with clip_denoised: clamp x̂_0 to [−range, range]
+    # Dynamic thresholding of x̂_0 instead of clipping (`steps.DynamicThreshold`, Saharia et al. 2022).
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x̂_0| taken as the bound s
+    sample_max_value: float = 1.0  # the largest s
     convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
 
     def __post_init__(self) -> None:
@@ -131,6 +136,12 @@ class SamplerSettings:
             )
         if not self.clip_sample_range > 0.0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(
+                f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}"
+            )
+        if not self.sample_max_value > 0.0:
+            raise ValueError(f"sample_max_value must be > 0, got {self.sample_max_value}")
         if self.solver_order not in (1, 2):
             raise ValueError(f"solver_order must be 1 or 2, got {self.solver_order}")
         if self.jump_n_sample > 1 and self.sampler in MULTISTEP_SAMPLERS:
@@ -366,7 +377,8 @@ class RowLayout:
     guidance_scale: torch.Tensor | None  # [G] their w
     clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
     clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
-    keep_eps: torch.Tensor | None  # [B] bool: clipped rows keeping the network's ε (diffusers DDIM)
+    keep_eps: torch.Tensor | None  # [B] bool: bounded rows keeping the network's ε (diffusers DDIM)
+    threshold: DynamicThreshold | None  # rows with dynamic thresholding (they are not clipped)
     jumps: bool  # some sample's plan has RePaint's forward jumps
 
 
@@ -423,14 +435,29 @@ class DenoisingBatch:
     def _build_layout(self) -> RowLayout:
         samples = self.samples
         guided = [i for i, s in enumerate(samples) if s.guided]
-        clip = [s.settings.clip_denoised for s in samples]
+        thresholded = [i for i, s in enumerate(samples) if s.settings.thresholding]
+        clip = [s.settings.clip_denoised and not s.settings.thresholding for s in samples]
         clip_range = [s.settings.clip_sample_range for s in samples]
         keep_eps = [
-            s.settings.clip_denoised
+            (s.settings.clip_denoised or s.settings.thresholding)
             and s.settings.sampler == "ddim"
             and s.settings.convention == "diffusers"
             for s in samples
         ]
+        threshold = None
+        if thresholded:
+            threshold = DynamicThreshold(
+                rows=torch.tensor(thresholded, dtype=torch.long, device=self.device),
+                ratio=torch.tensor(
+                    [samples[i].settings.dynamic_thresholding_ratio for i in thresholded],
+                    dtype=torch.float64,
+                ),
+                max_value=torch.tensor(
+                    [samples[i].settings.sample_max_value for i in thresholded],
+                    dtype=torch.float64,
+                    device=self.device,
+                ),
+            )
         cond = uncond = None
         null = self.null_condition
         if null is not None and samples:
@@ -457,6 +484,7 @@ class DenoisingBatch:
                 else None
             ),
             keep_eps=torch.tensor(keep_eps, device=self.device) if any(keep_eps) else None,
+            threshold=threshold,
             jumps=any(s.settings.jump_n_sample > 1 for s in samples),
         )
 
@@ -569,6 +597,7 @@ class DenoisingBatch:
             x0,
             layout.clip_range,
             layout.keep_eps,
+            layout.threshold,
         )
         if self.history is not None:
             x_prev, self.history = solver_update(self.x, x_prev, x0, coefficients, self.history)

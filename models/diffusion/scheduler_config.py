@@ -21,10 +21,17 @@ Steps are Flawed", Algorithm 1), √ᾱ is shifted and scaled so that the last t
 
     √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),   so ᾱ'_0 = ᾱ_0 and ᾱ'_{T−1} = 0.
 
+x̂_0 is bounded as diffusers does: `thresholding` (dynamic thresholding, Saharia et al. 2022,
+`steps.DynamicThreshold`) for the classes that have it (DDPM, DDIM, DPM-Solver, UniPC), else
+`clip_sample` to [−`clip_sample_range`, `clip_sample_range`] (DDPM and DDIM only). DDIM's last step
+lands on ᾱ = 1, or on ᾱ_0 with `set_alpha_to_one=False`; `steps_offset` shifts ``leading``
+timesteps. The DDPM/DDIM steps follow diffusers' `step` (`sampler.StepConvention`).
+
 A request may run another sampler than the config's class (DDPM or DDIM on a DPM-Solver model, …):
 its settings are then those of diffusers' class for that sampler built with `from_config` of the
 same dict — the config's values where it has them (spacing, `steps_offset`, `set_alpha_to_one`,
-`clip_sample`, …) and that class's defaults where it has not (`CLASS_DEFAULTS`).
+`clip_sample`, …) and that class's defaults where it has not (`CLASS_DEFAULTS`) — except that a
+config of a class without `clip_sample` never clips (`CLIPPING_CLASSES`).
 """
 
 from __future__ import annotations
@@ -54,20 +61,27 @@ DDPM_VARIANCES: dict[str, DdpmVariance] = {
     "fixed_large": "beta",
 }
 # The defaults of diffusers' scheduler class for each ddserve sampler, for the fields a config may
-# omit (diffusers 0.42). Only DDPM and DDIM clip x̂_0; every class starts with steps_offset = 0.
+# omit (diffusers 0.42; every class starts with steps_offset = 0). clip_sample: see `CLIPPING_CLASSES`.
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ddpm": {"timestep_spacing": "leading", "clip_sample": True},
-    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "ddpm": {"timestep_spacing": "leading"},
+    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True},
     "euler": {"timestep_spacing": "linspace"},
     "euler_ancestral": {"timestep_spacing": "linspace"},
     "dpmpp_2m": {"timestep_spacing": "linspace"},
     "dpmpp_2m_sde": {"timestep_spacing": "linspace"},
     "unipc": {"timestep_spacing": "linspace"},
 }
+# The classes with a `clip_sample` option (default True), and the samplers that apply it. A config
+# of another class that does not mention clip_sample does not clip: diffusers' DDIMScheduler /
+# DDPMScheduler.from_config of it would take their default True and clamp x̂_0 to [−1, 1] — a latent
+# model's x̂_0 too, which is the known pitfall of switching an SD pipeline's scheduler to DDIM.
+CLIPPING_CLASSES: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler")
+CLIPPING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# The samplers whose diffusers class has `thresholding` (the Euler classes have not).
+THRESHOLDING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 # Options of diffusers' classes that ddserve does not reproduce, with the value that it does
 # (`None`: absent or null). A config that sets one otherwise is rejected by name.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "thresholding": (False, None),
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),
     "solver_type": ("midpoint", "bh2", None),  # DPM-Solver's "heun", UniPC's "bh1"
     "predict_x0": (True, None),  # UniPC
@@ -81,6 +95,7 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "use_dynamic_shifting": (False, None),
     "interpolation_type": ("linear", None),  # Euler's "log_linear"
     "timestep_type": ("discrete", None),  # Euler's "continuous" (EDM)
+    "solver_p": (None,),  # UniPC with another scheduler as its predictor
     "sigma_min": (None,),
     "sigma_max": (None,),
     "shift_terminal": (None,),
@@ -95,7 +110,8 @@ class SchedulerOptions:
 
     `None` means the config does not set the field: the class of the sampler a request runs takes
     its own default (`CLASS_DEFAULTS`), as `<Class>.from_config(config)` would. `SchedulerOptions()`
-    are ddserve's own conventions (the zoo's models)."""
+    are ddserve's own conventions (the zoo's models: ``leading`` spacing for every sampler, clipping
+    as the request or card says)."""
 
     sampler: SamplerName = "ddim"  # the default sampler (`default_sampler`)
     prediction_type: SamplerPrediction = "epsilon"  # what the network predicts
@@ -103,10 +119,17 @@ class SchedulerOptions:
     steps_offset: int = 0  # added to ``leading`` timesteps (SD 1.x: 1)
     set_alpha_to_one: bool | None = None  # DDIM: last step to ᾱ = 1, else to ᾱ_0
     clip_sample: bool | None = None  # DDPM / DDIM: clamp x̂_0 to [−clip_sample_range, range]
+    # (from_diffusers: the config's value, else True for a DDPM / DDIM config, else False)
     clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding of x̂_0 (Saharia et al. 2022), not clipping
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     ddpm_variance: DdpmVariance = "beta_tilde"  # DDPM's variance_type: fixed_small → β̃, large → β
     use_karras_sigmas: bool = False  # euler, dpmpp_2m(_sde), unipc: Karras et al. 2022 levels
     solver_order: int = 2  # dpmpp_2m(_sde), unipc
+    # UniPC's last step is first order (ddserve always does this); False (order 2 there) is refused
+    # when a request runs unipc. DPM-Solver++ steps into σ = 0 at first order either way.
+    lower_order_final: bool = True
     rescale_betas_zero_snr: bool = False  # already applied to the schedule; kept for the record
     from_diffusers: bool = False  # steps follow diffusers' `StepConvention` (sampler.py)
 
@@ -122,20 +145,28 @@ class SchedulerOptions:
 
         Raises ValueError for settings the sampler rejects (see `SamplerSettings`)."""
         name = sampler or self.sampler
-        defaults = CLASS_DEFAULTS[name]
-        spacing = self.timestep_spacing or defaults["timestep_spacing"]
+        if name == "unipc" and not self.lower_order_final:
+            raise ValueError(
+                "unipc with lower_order_final=False (a second-order last step) is not supported"
+            )
         values: dict[str, Any] = dict(
-            sampler=name,
-            num_inference_steps=num_inference_steps,
-            timestep_spacing=spacing,
-            steps_offset=self.steps_offset,
+            sampler=name, num_inference_steps=num_inference_steps, steps_offset=self.steps_offset
         )
+        if self.timestep_spacing is not None:
+            values["timestep_spacing"] = self.timestep_spacing
         if self.from_diffusers:
+            # A sampler without a row (a new one) takes the modern classes' default spacing; an
+            # unknown name is refused by SamplerSettings below.
+            defaults = CLASS_DEFAULTS.get(name, {"timestep_spacing": "linspace"})
+            values.setdefault("timestep_spacing", defaults["timestep_spacing"])
             values["convention"] = "diffusers"
             # Only DDPM and DDIM clip in diffusers; the σ-space classes never do.
-            clip = self.clip_sample if self.clip_sample is not None else defaults.get("clip_sample")
-            values["clip_denoised"] = bool(clip)
+            values["clip_denoised"] = bool(self.clip_sample) and name in CLIPPING_SAMPLERS
             values["clip_sample_range"] = self.clip_sample_range
+            if name in THRESHOLDING_SAMPLERS:
+                values["thresholding"] = self.thresholding
+                values["dynamic_thresholding_ratio"] = self.dynamic_thresholding_ratio
+                values["sample_max_value"] = self.sample_max_value
         if name == "ddim":
             alpha_to_one = self.set_alpha_to_one
             values["set_alpha_to_one"] = True if alpha_to_one is None else alpha_to_one
@@ -226,11 +257,15 @@ def from_diffusers(config: dict[str, Any]) -> tuple[NoiseSchedule, SchedulerOpti
         timestep_spacing=spacing,
         steps_offset=steps_offset,
         set_alpha_to_one=config.get("set_alpha_to_one"),
-        clip_sample=config.get("clip_sample"),
+        clip_sample=bool(config.get("clip_sample", name in CLIPPING_CLASSES)),
         clip_sample_range=clip_range,
+        thresholding=bool(config.get("thresholding", False)),
+        dynamic_thresholding_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
+        sample_max_value=float(config.get("sample_max_value", 1.0)),
         ddpm_variance=DDPM_VARIANCES[variance or "fixed_small"],
         use_karras_sigmas=bool(config.get("use_karras_sigmas", False)),
         solver_order=order,
+        lower_order_final=bool(config.get("lower_order_final", True)),
         rescale_betas_zero_snr=rescale,
         from_diffusers=True,
     )

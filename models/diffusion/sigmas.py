@@ -43,9 +43,15 @@ class NoiseLevels:
         return 1.0 / (1.0 + self.sigmas[i] ** 2)
 
 
+# ᾱ taken for a timestep whose ᾱ is 0 (zero terminal SNR, `rescale_betas_zero_snr`): σ = 4096
+# instead of ∞, as diffusers' σ-space schedulers set `alphas_cumprod[-1] = 2**-24`.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
 def sigma_table(schedule: NoiseSchedule) -> list[float]:
-    """σ(t) for t = 0..T − 1, ascending in t."""
-    return [math.sqrt((1.0 - a) / a) for a in schedule.alphas_cumprod.tolist()]
+    """σ(t) for t = 0..T − 1, ascending in t (ᾱ = 0 read as `ZERO_SNR_ALPHA_BAR`)."""
+    table = schedule.alphas_cumprod.tolist()
+    return [math.sqrt((1.0 - a) / a) for a in (a if a > 0 else ZERO_SNR_ALPHA_BAR for a in table)]
 
 
 def interpolate(table: list[float], t: float) -> float:
