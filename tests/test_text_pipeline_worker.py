@@ -1,5 +1,6 @@
 """The worker's side of a text pipeline: a job's prompt and negative prompt become its samples'
-conditioning rows through the model's own text encoder, once per distinct prompt (LRU cache)."""
+conditioning rows through the model's own text encoder, once per distinct prompt (LRU cache), and a
+job runs as diffusers' `StableDiffusionPipeline` runs the same inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from ddserve.spec import GenerateSpec, parse_job_spec
 from models.catalog import Conditioning, ImageSpec, ModelEntry
-from models.diffusers_format.text import CrossAttentionUNet, PromptEncoder
+from models.diffusers_format.text import CrossAttentionUNet, PromptEncoder, decode_latents
 from models.diffusion.scheduler_config import from_diffusers
 from tests import specs
 from tests.tiny_sd import tiny_sd_pipeline
@@ -51,6 +52,7 @@ def text_model(pipe: Any, cache_size: int = 8) -> DiffusionModel:
         device=torch.device("cpu"),
         null_condition=encoder.null_condition(),
         prompt_encoder=encoder,
+        scheduler=options,
     )
 
 
@@ -78,6 +80,31 @@ def test_each_distinct_prompt_costs_one_text_encoder_call(pipe: Any) -> None:
     assert empty.samples[0].uncond is model.null_condition  # "" is ∅ itself
     prepare_denoise(spec(prompt="a blue dog", negative_prompt="green"), model, "j5")
     assert encoder.encoder_calls == 3  # only the new prompt
+
+
+def test_a_job_runs_as_the_pipeline_does(pipe: Any) -> None:
+    """The worker's samples of one job, stepped to the end and decoded, equal the pipeline's
+    images from the same x_T (each sample's own, drawn from its seed's stream)."""
+    model = text_model(pipe)
+    job = spec(negative_prompt="photo of a cat", num_inference_steps=6, seed=4)
+    work = prepare_denoise(job, model, "j")
+    batch = model.new_batch()
+    batch.add(work.samples)
+    start = torch.stack([s.x for s in work.samples if s.x is not None]).clone()  # [2, 4, 8, 8]
+    with torch.no_grad():
+        while len(batch):
+            batch.step()
+    latents = torch.stack([s.x for s in work.samples if s.x is not None])
+    images = pipe(
+        prompt=[job.prompt] * 2,
+        negative_prompt=[job.negative_prompt] * 2,
+        guidance_scale=7.5,
+        num_inference_steps=6,
+        latents=start,
+        output_type="pt",
+    ).images  # [2, 3, 16, 16] in [0, 1]
+    decoded = decode_latents(pipe.vae, latents, pipe.vae.config.scaling_factor)
+    assert ((decoded / 2 + 0.5).clamp(0, 1) - images).abs().max().item() <= 1e-4
 
 
 def test_a_word_model_without_prompt_tokens_fails_the_job_clearly(pipe: Any) -> None:
