@@ -153,6 +153,23 @@ class RequestNormalizer:
             except ValueError as e:
                 raise _invalid("invalid_prompt", str(e), "prompt") from None
         negative_tokens = self._negative_prompt(entry, prompt, negative_prompt)
+        if cond is not None and cond.type == "class" and not cond.has_null:
+            # A class-conditional network without a ∅ class (a diffusers UNet2DModel with
+            # num_class_embeds) cannot sample without a label nor guide towards one.
+            if class_label is None and prompt is None:
+                raise _invalid(
+                    "class_label_required",
+                    f"model {entry.name!r} is class-conditional and has no unconditional mode: "
+                    f"give a class_label, 0 ≤ class_label < {len(cond.classes or [])}",
+                    "class_label",
+                )
+            if guidance_scale is not None and guidance_scale != NO_GUIDANCE:
+                raise _invalid(
+                    "guidance_unsupported",
+                    f"model {entry.name!r} has no unconditional prediction to guide away from "
+                    "(no ∅ class): classifier-free guidance needs one; use guidance_scale 1",
+                    "guidance_scale",
+                )
         conditioned = class_label is not None or prompt is not None
         if guidance_scale is not None and guidance_scale != NO_GUIDANCE and not conditioned:
             raise _invalid(

@@ -256,6 +256,8 @@ def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
     """The conditioning row of a spec: a class id, the prompt's token ids, or None (∅)."""
     conditioning = model.entry.conditioning
     if spec.class_label is None and spec.prompt is None:
+        if conditioning is not None and not conditioning.has_null:
+            raise InvalidJobRequest(f"model {model.name!r} needs a class_label (it has no ∅ class)")
         return None
     if conditioning is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional")

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -161,6 +160,7 @@ class DiffusionModel:
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
     # none and keep ddserve's defaults.
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+    latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -195,14 +195,15 @@ class DiffusionModel:
     def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
         """Finished samples [N, C, h, w] → images [N, C, H, W] in [−1, 1] on the CPU.
 
-        Latent diffusion models z = s·E(x) (s = `latent_scale`, Rombach et al. 2022 §4.3.2), so the
-        image is D(z / s); the decoder runs in ONNX Runtime."""
+        Latent diffusion models z = s·(E(x) − b) (s = `latent_scale`, Rombach et al. 2022 §4.3.2;
+        b = `latent_shift`, diffusers' `shift_factor`, 0 for most models), so the image is
+        D(z / s + b); the decoder runs in ONNX Runtime (zoo) or PyTorch (diffusers pipelines)."""
         x0 = x0.detach().float().cpu()
         if not self.is_latent:
             return x0.clamp(-1.0, 1.0)
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage decoder loaded")
-        latents = (x0 / self.latent_scale).numpy().astype(np.float32)
+        latents = (x0 / self.latent_scale + self.latent_shift).numpy().astype(np.float32)
         pixels = self.first_stage.decode(latents=latents)
         return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
 
@@ -226,7 +227,7 @@ class ModelPool:
     """Loads each model at most once per worker and keeps it.
 
     `codec_loader` defaults to `models.onnx.runtime.load_codec`; `catalog` to the zoo of
-    `settings.zoo_dir` (both injectable so that tests can build a zoo of tiny models)."""
+    `settings.model_repository()` (both injectable so that tests can build a zoo of tiny models)."""
 
     def __init__(
         self,
@@ -240,7 +241,9 @@ class ModelPool:
         self._codec_loader = codec_loader or functools.partial(
             _default_codec_loader, threads=settings.ort_threads
         )
-        self._catalog = catalog if catalog is not None else load_catalog(Path(settings.zoo_dir))
+        self._catalog = (
+            catalog if catalog is not None else load_catalog(settings.model_repository())
+        )
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}
 
@@ -281,9 +284,7 @@ class ModelPool:
         return CodecModel(entry=entry, codec=self.codec(entry.name))
 
     def _load_diffusion(self, entry: ModelEntry) -> DiffusionModel:
-        from models.registry import load_network
-
-        network = load_network(entry, self.device).eval().requires_grad_(False)
+        network, schedule, shape, null = self._denoiser_parts(entry)
         dtype = self._precision(entry)
         network = network.to(dtype)
         channels_last = self.device.type == "cuda"
@@ -293,15 +294,6 @@ class ModelPool:
         if self.settings.compile:
             buckets = batch_buckets(self.settings.compile_buckets, self.settings.max_batch)
             network = torch.compile(network, dynamic=False, backend="inductor")
-        unet = entry.network.get("unet", {})
-        size = int(unet.get("image_size", entry.image.height))
-        shape = (int(unet.get("in_channels", entry.image.channels)), size, size)
-        null = network.null_condition() if hasattr(network, "null_condition") else None
-        schedule_spec = entry.schedule
-        schedule = NoiseSchedule.create(
-            schedule_spec.kind if schedule_spec else "linear",
-            schedule_spec.num_timesteps if schedule_spec else 1000,
-        )
         model = DiffusionModel(
             entry=entry,
             denoiser=Denoiser(network, channels_last, dtype=dtype, buckets=buckets),
@@ -319,7 +311,39 @@ class ModelPool:
                 raise ValueError(f"latent model {entry.name!r} names no first_stage autoencoder")
             model.first_stage = self.codec(entry.first_stage)
             model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
+            model.latent_shift = float(entry.network.get("latent_shift", 0.0))
         return model
+
+    def _denoiser_parts(
+        self, entry: ModelEntry
+    ) -> tuple[nn.Module, NoiseSchedule, tuple[int, int, int], torch.Tensor | None]:
+        """The network (ddserve's signature, eval, on the device), its noise schedule, the shape
+        of x_t and the ∅ condition (None: unconditional, or no ∅) of a zoo card or a diffusers
+        pipeline (`models.diffusers_format.loading`)."""
+        if entry.format == "diffusers":
+            from models.diffusers_format.loading import load_unet, schedule_from_config
+
+            network = load_unet(entry, self.device)
+            schedule = schedule_from_config(entry.scheduler or {})
+            c, h, w = entry.latent_shape or (
+                entry.image.channels,
+                entry.image.height,
+                entry.image.width,
+            )
+            return network, schedule, (int(c), int(h), int(w)), None
+        from models.registry import load_network
+
+        network = load_network(entry, self.device).eval().requires_grad_(False)
+        unet = entry.network.get("unet", {})
+        size = int(unet.get("image_size", entry.image.height))
+        shape = (int(unet.get("in_channels", entry.image.channels)), size, size)
+        null = network.null_condition() if hasattr(network, "null_condition") else None
+        schedule_spec = entry.schedule
+        schedule = NoiseSchedule.create(
+            schedule_spec.kind if schedule_spec else "linear",
+            schedule_spec.num_timesteps if schedule_spec else 1000,
+        )
+        return network, schedule, shape, null
 
     def _precision(self, entry: ModelEntry) -> torch.dtype:
         """The denoiser's dtype: the setting, else the card's, else float32."""

@@ -460,7 +460,10 @@ class DenoisingBatch:
             )
         cond = uncond = None
         null = self.null_condition
-        if null is not None and samples:
+        # A network without a ∅ row (a diffusers class-conditional UNet) still takes its samples'
+        # conditions: `add` admits such samples only all conditioned or all not.
+        conditioned = any(s.cond is not None for s in samples)
+        if samples and (null is not None or conditioned):
             rows = [null if s.cond is None else s.cond for s in samples]
             cond = torch.stack(rows).to(self.device)
         if null is not None and guided:
@@ -496,6 +499,13 @@ class DenoisingBatch:
         ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
         set — and the samples' noise streams — as they were."""
         plans = []
+        if self.null_condition is None:
+            mixed = {s.cond is None for s in [*self.samples, *samples]}
+            if len(mixed) > 1:
+                raise ValueError(
+                    "this network has no ∅ condition: a batch's samples are all conditioned or "
+                    "all unconditioned"
+                )
         for sample in samples:
             self._validate(sample)
             plans.append(self.plans.transitions(sample.settings))

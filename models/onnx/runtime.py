@@ -281,6 +281,10 @@ def load_codec(
     available, then CPU); threads: ONNX Runtime intra-op threads (None: its default);
     device: the worker's torch device (a CUDA device requires ONNX Runtime's CUDA provider) and the
     device of the fallback."""
+    if entry.format == "diffusers":  # an imported pipeline's first stage: diffusers' module
+        from models.diffusers_format.loading import DiffusersCodec
+
+        return DiffusersCodec(entry, device)
     missing = [role for role in ("encoder_onnx", "decoder_onnx") if entry.file(role) is None]
     if not missing:
         return OnnxCodec(entry, providers, threads, require_cuda=device.startswith("cuda"))

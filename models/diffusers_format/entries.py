@@ -1,0 +1,277 @@
+"""Catalog entries of diffusers pipelines, read from their JSON files only (no torch, no diffusers).
+
+A diffusers pipeline folder (what `save_pretrained` writes, or a Hub snapshot) is
+`model_index.json` — `{"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+"scheduler": ["diffusers", "DDPMScheduler"], …}` — plus one sub-folder per component with its
+`config.json` (`scheduler/scheduler_config.json` for the scheduler). The gateway learns from these
+alone what a model accepts:
+
+- image size: the UNet's `sample_size`, times the first stage's down-sampling factor
+  f = 2^(len(block_out_channels) − 1) for a latent pipeline (Rombach et al. 2022, §3: z = E(x) has
+  H/f × W/f positions);
+- channels: the UNet's `in_channels` (pixel), the first stage's `in_channels` (latent);
+- conditioning: `num_class_embeds` → class labels 0 … n − 1 (no ∅ class: always required);
+  a text encoder + tokenizer → a prompt, tokenized by the worker with the model's CLIP tokenizer;
+- schedule and defaults: the scheduler config (`num_train_timesteps`, `beta_schedule`,
+  `prediction_type`, `clip_sample`) and the scheduler class (DDPM → ddpm, DDIM → ddim);
+- licence: the `license:` of the folder's README.md front matter (the Hub's model card), else the
+  first line of a LICENSE file.
+
+A latent pipeline gives two entries: the denoiser `<name>` (kind `latent-diffusion`, whose
+`first_stage` is the second) and its first stage `<name>-vqvae` / `<name>-vae` (kind `vqvae` /
+`kl-autoencoder`), which serves `/encode`, `/decode` and `/reconstruct`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ddserve.params import SAMPLERS
+from models.catalog import (
+    PIPELINE_INDEX,
+    Conditioning,
+    ImageSpec,
+    ModelEntry,
+    SamplingDefaults,
+    ScheduleSpec,
+)
+
+
+class PipelineError(ValueError):
+    """A pipeline folder that ddserve cannot serve; the message says why, for a person."""
+
+
+# Pipeline class → the sampler its scheduler stands for and the pipeline's default step count
+# (its `__call__` default). Pixel-space UNet2DModel pipelines and LDMPipeline (VQ or KL first stage).
+PIXEL_PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "RePaintPipeline": 250}
+LATENT_PIPELINES = {"LDMPipeline": 50}
+# Text-conditioned pipelines are representable (conditioning "text", tokenizer "clip") but not yet
+# served: their entries have no tasks until a worker can load their text encoder.
+TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
+SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES)
+SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "RePaintScheduler": "ddpm"}
+FIRST_STAGES = {"VQModel": ("vqvae", "vqvae"), "AutoencoderKL": ("kl-autoencoder", "vae")}
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "squaredcos_cap_v2": "cosine",
+}
+PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A component's JSON file; a missing or unreadable one is a `PipelineError` naming it."""
+    if not path.is_file():
+        raise PipelineError(f"missing {path.parent.name}/{path.name} in {path.parent.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is not a JSON object")
+    return data
+
+
+def pipeline_index(folder: Path) -> dict[str, Any]:
+    """`model_index.json`: the pipeline class and its components (name → [library, class])."""
+    index_file = folder / PIPELINE_INDEX
+    if not index_file.is_file():
+        raise PipelineError(
+            f"{folder} has no {PIPELINE_INDEX}: not a diffusers pipeline folder "
+            "(save one with `pipeline.save_pretrained(folder)`)"
+        )
+    return read_json(index_file)
+
+
+def components(index: dict[str, Any]) -> dict[str, str]:
+    """Component name → class name, for the components the pipeline has (null entries skipped)."""
+    found = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        if value[1] is not None:
+            found[name] = str(value[1])
+    return found
+
+
+def first_stage_of(parts: dict[str, str]) -> tuple[str, str] | None:
+    """(component folder, class) of the pipeline's autoencoder, if it has one."""
+    for name in ("vqvae", "vae"):
+        if name in parts:
+            return name, parts[name]
+    return None
+
+
+def sample_size(config: dict[str, Any], component: str) -> tuple[int, int]:
+    """(height, width) from a `sample_size` that is an int or a [height, width] pair."""
+    size = config.get("sample_size")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    raise PipelineError(f"{component}/config.json has no usable sample_size (got {size!r})")
+
+
+def down_factor(config: dict[str, Any]) -> int:
+    """An autoencoder's spatial down-sampling factor: every encoder block but the last halves."""
+    return 2 ** (len(config.get("block_out_channels", [64])) - 1)
+
+
+def read_license(folder: Path) -> str | None:
+    """The `license:` of README.md's YAML front matter (Hub model cards), else LICENSE's first
+    non-empty line."""
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        front = re.match(r"^---\s*\n(.*?)\n---", text, re.DOTALL)
+        if front:
+            found = re.search(r"^licen[sc]e:\s*(.+)$", front.group(1), re.MULTILINE)
+            if found:
+                return found.group(1).strip().strip("\"'")
+    for name in ("LICENSE", "LICENSE.md", "LICENSE.txt"):
+        path = folder / name
+        if path.is_file():
+            lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+            first = next((line for line in lines if line), None)
+            if first:
+                return first
+    return None
+
+
+def schedule_fields(scheduler: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The entry's schedule, prediction type, samplers and defaults from the scheduler config."""
+    beta = str(scheduler.get("beta_schedule", "linear"))
+    if scheduler.get("trained_betas") is None and beta not in BETA_SCHEDULES:
+        raise PipelineError(
+            f"beta_schedule {beta!r} is not supported; supported: {', '.join(BETA_SCHEDULES)} "
+            "(or trained_betas)"
+        )
+    prediction = str(scheduler.get("prediction_type", "epsilon"))
+    if prediction not in PREDICTIONS:
+        raise PipelineError(
+            f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTIONS)}"
+        )
+    total = int(scheduler.get("num_train_timesteps", 1000))
+    sampler = SCHEDULER_SAMPLERS.get(str(scheduler.get("_class_name")), "ddim")
+    return {
+        "schedule": ScheduleSpec(kind=BETA_SCHEDULES.get(beta, "linear"), num_timesteps=total),
+        "prediction_type": PREDICTIONS[prediction],
+        "samplers": list(SAMPLERS),
+        "defaults": SamplingDefaults(
+            sampler=sampler,
+            num_inference_steps=min(steps, total),
+            clip_denoised=bool(scheduler.get("clip_sample", False)),
+        ),
+        "scheduler": scheduler,
+    }
+
+
+def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
+    """The catalog entries of the pipeline in `folder` (see the module docstring), named `name`
+    (default: the folder's name). Raises `PipelineError` for a folder ddserve cannot serve."""
+    name = name or folder.name
+    index = pipeline_index(folder)
+    pipeline = str(index.get("_class_name", ""))
+    parts = components(index)
+    steps = {**PIXEL_PIPELINES, **LATENT_PIPELINES, **TEXT_PIPELINES}.get(pipeline)
+    if steps is None:
+        raise PipelineError(
+            f"pipeline class {pipeline or '(none)'!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_PIPELINES)}"
+        )
+    for needed in ("unet", "scheduler"):
+        if needed not in parts:
+            raise PipelineError(f"{pipeline} in {folder} has no {needed!r} component")
+    unet = read_json(folder / "unet" / "config.json")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    common: dict[str, Any] = {
+        "dataset": "",
+        "format": "diffusers",
+        "pipeline": pipeline,
+        "license": read_license(folder),
+    }
+    stage = first_stage_of(parts)
+    conditioning = None
+    if unet.get("num_class_embeds"):
+        count = int(unet["num_class_embeds"])
+        conditioning = Conditioning(
+            type="class", classes=[str(i) for i in range(count)], has_null=False
+        )
+    if pipeline in TEXT_PIPELINES:
+        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+        length = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
+        conditioning = Conditioning(type="text", tokenizer="clip", context_len=int(length))
+    height, width = sample_size(unet, "unet")
+    channels = int(unet.get("in_channels", 3))
+    denoiser = {
+        **common,
+        "name": name,
+        "component": "unet",
+        "conditioning": conditioning,
+        **schedule_fields(scheduler, steps),
+    }
+    if stage is None:
+        return [
+            ModelEntry(
+                **denoiser,
+                kind="diffusion",
+                tasks=["generate", "inpaint"],
+                description=f"{pipeline} (diffusers), {channels}×{height}×{width} pixels",
+                image=ImageSpec(channels=channels, height=height, width=width),
+                path=folder,
+            )
+        ]
+    component, stage_class = stage
+    if stage_class not in FIRST_STAGES:
+        raise PipelineError(
+            f"first stage {component!r} is a {stage_class}; supported: {', '.join(FIRST_STAGES)}"
+        )
+    stage_kind, suffix = FIRST_STAGES[stage_class]
+    vae = read_json(folder / component / "config.json")
+    factor = down_factor(vae)
+    image = ImageSpec(
+        channels=int(vae.get("in_channels", 3)), height=height * factor, width=width * factor
+    )
+    latent_channels = int(vae.get("latent_channels", 4))
+    if stage_kind == "vqvae":
+        latent_channels = int(vae.get("vq_embed_dim") or latent_channels)
+    latent_shape = [latent_channels, height, width]
+    stage_name = f"{name}-{suffix}"
+    scaling = {
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+        "shift_factor": float(vae.get("shift_factor") or 0.0),
+    }
+    first = ModelEntry(
+        **common,
+        name=stage_name,
+        kind=stage_kind,
+        tasks=["encode", "decode", "reconstruct"],
+        description=f"the {stage_class} first stage of {name} ({pipeline}, diffusers)",
+        image=image,
+        latent_shape=latent_shape,
+        code_shape=[height, width] if stage_kind == "vqvae" else None,
+        codebook_size=int(vae.get("num_vq_embeddings", 256)) if stage_kind == "vqvae" else None,
+        component=component,
+        network=scaling,
+        path=folder,
+    )
+    served = pipeline not in TEXT_PIPELINES  # text pipelines: representable, not yet served
+    main = ModelEntry(
+        **denoiser,
+        kind="latent-diffusion",
+        tasks=["generate", "inpaint"] if served else [],
+        description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
+        f"{image.channels}×{image.height}×{image.width} images",
+        image=image,
+        latent_shape=latent_shape,
+        first_stage=stage_name,
+        network={
+            "latent_scale": scaling["scaling_factor"],
+            "latent_shift": scaling["shift_factor"],
+        },
+        path=folder,
+    )
+    return [main, first]
