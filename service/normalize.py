@@ -139,7 +139,7 @@ class RequestNormalizer:
                     f"0 ≤ class_label < {len(cond.classes)} ({listed})",
                     "class_label",
                 )
-        if prompt is not None:
+        if prompt is not None and not _own_tokenizer(entry):
             if cond is None or cond.type != "text" or not cond.vocabulary:
                 raise _invalid(
                     "not_text_conditional",
@@ -208,7 +208,8 @@ class RequestNormalizer:
         if negative_prompt is None:
             return None
         cond = entry.conditioning
-        if cond is None or cond.type != "text" or not cond.vocabulary:
+        own = _own_tokenizer(entry)
+        if cond is None or cond.type != "text" or not (cond.vocabulary or own):
             raise _invalid(
                 "not_text_conditional",
                 f"model {entry.name!r} takes no negative_prompt (it has no text conditioning)",
@@ -220,6 +221,8 @@ class RequestNormalizer:
                 "negative_prompt steers a prompted image away from it: give a prompt too",
                 "negative_prompt",
             )
+        if own or not cond.vocabulary:
+            return None  # the worker encodes the text (and "" is its ∅ too)
         context_len = cond.context_len or len(cond.vocabulary)
         if not tokenize(negative_prompt):
             return null_tokens(context_len)
@@ -451,6 +454,14 @@ class RequestNormalizer:
                 "code_out_of_range", f"code indices must be integers in [0, {size})", param
             )
         return nested.convert(codes, int)
+
+
+def _own_tokenizer(entry: ModelEntry) -> bool:
+    """A text model whose worker tokenizes and encodes prompts itself (a diffusers pipeline's
+    CLIP tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
+    are the tokenizer's: a prompt past `context_len` tokens is truncated, as diffusers does."""
+    cond = entry.conditioning
+    return cond is not None and cond.type == "text" and cond.tokenizer == "clip"
 
 
 def _is_number(value: Any) -> bool:

@@ -284,7 +284,11 @@ class ModelPool:
         return CodecModel(entry=entry, codec=self.codec(entry.name))
 
     def _load_diffusion(self, entry: ModelEntry) -> DiffusionModel:
-        network, schedule, shape, null = self._denoiser_parts(entry)
+        text = self._text_pipeline(entry) if is_text_pipeline(entry) else None
+        if text is not None:
+            network, schedule, shape, null = text.network, text.schedule, text.shape, text.null
+        else:
+            network, schedule, shape, null = self._denoiser_parts(entry)
         dtype = self._precision(entry)
         network = network.to(dtype)
         channels_last = self.device.type == "cuda"
@@ -302,6 +306,8 @@ class ModelPool:
             device=self.device,
             null_condition=null,
         )
+        if text is not None:
+            model.prompt_encoder, model.scheduler = text.encoder, text.options
         if self.settings.compile:
             warm_up(model)
         if entry.classifier and entry.classifier in self._catalog:
@@ -313,6 +319,28 @@ class ModelPool:
             model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
             model.latent_shift = float(entry.network.get("latent_shift", 0.0))
         return model
+
+    def _text_pipeline(self, entry: ModelEntry) -> TextPipelineParts:
+        """A text pipeline's (`StableDiffusionPipeline` layout) cross-attention UNet, prompt
+        encoder (its CLIP tokenizer and text encoder, with an LRU of `text_cache_size` prompts),
+        ∅ = the encoding of "", and the schedule and sampling options of its scheduler config."""
+        from models.diffusers_format.text import PromptEncoder, load_cross_attention_unet
+        from models.diffusion.scheduler_config import from_diffusers
+
+        if entry.path is None:
+            raise ValueError(f"model {entry.name!r} has no folder")
+        encoder = PromptEncoder.from_folder(entry.path, self.device, self.settings.text_cache_size)
+        network = load_cross_attention_unet(entry.path, self.device, entry.component or "unet")
+        schedule, options = from_diffusers(entry.scheduler or {})
+        c, h, w = entry.latent_shape or (
+            entry.image.channels,
+            entry.image.height,
+            entry.image.width,
+        )
+        null = encoder.null_condition()  # [L, D]
+        return TextPipelineParts(
+            network, schedule, options, (int(c), int(h), int(w)), null, encoder
+        )
 
     def _denoiser_parts(
         self, entry: ModelEntry
@@ -364,6 +392,29 @@ class ModelPool:
         except (KeyError, FileNotFoundError) as exc:
             log.warning("classifier %s not loaded: %s", entry.name, exc)
             return None
+
+
+def is_text_pipeline(entry: ModelEntry) -> bool:
+    """A diffusers pipeline conditioned on text through its own CLIP tokenizer and encoder."""
+    cond = entry.conditioning
+    return (
+        entry.format == "diffusers"
+        and cond is not None
+        and cond.type == "text"
+        and cond.tokenizer == "clip"
+    )
+
+
+@dataclass
+class TextPipelineParts:
+    """What `ModelPool._text_pipeline` loads for a text pipeline."""
+
+    network: nn.Module  # CrossAttentionUNet: (z, t, hidden states [N, L, D]) → prediction
+    schedule: NoiseSchedule
+    options: SchedulerOptions
+    shape: tuple[int, int, int]  # (C, h, w) of the latents
+    null: torch.Tensor  # [L, D] ∅ = τ("")
+    encoder: PromptEncoder
 
 
 def warm_up(model: DiffusionModel) -> None:
