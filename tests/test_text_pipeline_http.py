@@ -83,7 +83,7 @@ def generate(client: Client, **options: Any) -> Job:
 
 def test_the_model_is_listed_as_a_text_model(client: Client) -> None:
     model = client.model(NAME)
-    assert model.tasks == ["generate", "inpaint"] and model.defaults is not None
+    assert model.tasks == ["generate"] and model.defaults is not None
     assert model.defaults.guidance_scale == 7.5  # the pipeline's own default
     assert (model.image.height, model.image.width) == (16, 16)
 
@@ -171,3 +171,9 @@ def test_a_text_pipeline_ddserve_cannot_encode_for_is_refused_by_name(
     settings = Settings(zoo_dir=tmp_path / "none", model_dirs=str(tmp_path / "models"))
     with pytest.raises(ImportFailed, match=message):
         import_pipeline(str(folder), name="edited", settings=settings)
+
+
+def test_inpainting_is_not_offered_until_the_worker_inpaints_latents(client: Client) -> None:
+    with pytest.raises(ApiError) as caught:
+        client.inpaint(NAME, np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool))
+    assert caught.value.status_code == 400 and caught.value.code == "unsupported_task"
