@@ -152,6 +152,40 @@ def test_karras_config(sampler: str) -> None:
     _check(config, 20)
 
 
+def test_solver_timesteps_equal_diffusers_with_offsets() -> None:
+    """Every 23rd step count S < 1000 and the tie / overshoot counts of ``trailing``, each spacing, steps_offset 0 and 1: DPM-Solver / UniPC lay
+    S + 1 points less the last, Euler S fractional ones (diffusers' −1 artefact of ``trailing``
+    dropped, as for DDIM; a ``leading`` offset past timestep 999 refused)."""
+    from models.diffusion.timesteps import euler_timesteps, multistep_timesteps
+
+    for spacing in ("leading", "trailing", "linspace"):
+        for offset in (0, 1):
+            config = dict(timestep_spacing=spacing, steps_offset=offset)
+            multistep = [
+                diffusers.DPMSolverMultistepScheduler(**config),
+                diffusers.UniPCMultistepScheduler(**config),
+            ]
+            euler = diffusers.EulerDiscreteScheduler(**config)
+            for steps in [*range(1, 1000, 23), 48, 61, 96, 103, 999]:
+                for scheduler in multistep:
+                    scheduler.set_timesteps(steps)
+                    theirs = [t for t in scheduler.timesteps.tolist() if t >= 0]
+                    if theirs[0] >= 1000:  # diffusers would call timestep 1000; ddserve refuses
+                        with pytest.raises(ValueError, match="steps_offset"):
+                            multistep_timesteps(1000, steps, spacing, offset)
+                        continue
+                    ours = multistep_timesteps(1000, steps, spacing, offset)
+                    assert ours == theirs, (type(scheduler).__name__, spacing, offset, steps)
+                euler.set_timesteps(steps)
+                theirs = [t for t in euler.timesteps.tolist() if t >= 0]
+                if theirs[0] >= 1000:
+                    with pytest.raises(ValueError, match="steps_offset"):
+                        euler_timesteps(1000, steps, spacing, offset)
+                    continue
+                ours = euler_timesteps(1000, steps, spacing, offset)
+                assert ours == pytest.approx(theirs, abs=1e-3), (spacing, offset, steps)
+
+
 def test_mixed_batch_equals_each_sample_alone() -> None:
     """Samples of one model (a non-default config: scaled_linear, v, trailing, steps_offset,
     set_alpha_to_one=False, thresholding) with different samplers, step counts, η and
