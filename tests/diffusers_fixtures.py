@@ -65,6 +65,15 @@ def ddim_pipeline(folder: Path, **scheduler: object):
     return pipe
 
 
+def repaint_pipeline(folder: Path):
+    """RePaintPipeline(unet, RePaintScheduler) saved to `folder`."""
+    from diffusers import RePaintPipeline, RePaintScheduler
+
+    pipe = RePaintPipeline(unet=tiny_unet(seed=6), scheduler=RePaintScheduler())
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def tiny_vqvae(seed: int = 3):
     """A VQModel with one down-sampling (f = 2): 3×16×16 images ↔ 4×8×8 latents, 64 codes."""
     from diffusers import VQModel
@@ -125,6 +134,7 @@ BUILDERS = {
     "ddpm-class": lambda folder: ddpm_pipeline(folder, num_class_embeds=4),
     "ddim": lambda folder: ddim_pipeline(folder, clip_sample=False),
     "ddim-clip": lambda folder: ddim_pipeline(folder),  # DDIMScheduler's default clip_sample=True
+    "repaint": repaint_pipeline,
     "ldm": lambda folder: ldm_pipeline(folder),
     "ldm-kl": lambda folder: ldm_pipeline(folder, first_stage="kl"),
 }

@@ -35,6 +35,15 @@ def test_pixel_pipelines(pipelines_dir: Path) -> None:
     assert not ddim.defaults.clip_denoised
 
 
+def test_repaint_pipeline_defaults_to_its_resampling(pipelines_dir: Path) -> None:
+    """RePaintPipeline's own defaults: 250 steps, η = 0 (DDIM-like), jumps of 10, 10 resamplings."""
+    (entry,) = read_pipeline(pipelines_dir / "repaint")
+    assert entry.pipeline == "RePaintPipeline" and entry.defaults is not None
+    d = entry.defaults
+    assert (d.sampler, d.num_inference_steps, d.eta) == ("ddim", 250, 0.0)
+    assert (d.jump_length, d.jump_n_sample) == (10, 10)
+
+
 def test_class_conditional_unet_has_labels_and_no_null(pipelines_dir: Path) -> None:
     (entry,) = read_pipeline(pipelines_dir / "ddpm-class")
     assert entry.conditioning is not None

@@ -1,8 +1,9 @@
 """Imported diffusers pipelines sampled by ddserve's own engine give diffusers' images.
 
 Each test loads a tiny saved pipeline (`tests/diffusers_fixtures.py`) twice: through the worker's
-`ModelPool` (the UNet behind `UNetAdapter`, ddserve's `DenoisingBatch`, the first stage behind
-`DiffusersCodec`) and through diffusers' own pipeline class, and compares the final images.
+`ModelPool` (the UNet behind `UNetAdapter`, ddserve's `DenoisingBatch` with the settings the
+worker gives a request, `model.scheduler.settings(...)` from the scheduler config, the first stage
+behind `DiffusersCodec`) and through diffusers' own pipeline class, and compares the final images.
 
 Same noise: ddserve's sample draws x_T and then every stochastic step's z from its own generator
 `noise.sample_generator(seed, 0)`, in that order, each as `randn` of the sample's shape. The
@@ -60,7 +61,7 @@ def test_ddpm_pipeline(pool: ModelPool, pipelines_dir: Path, steps: int) -> None
     ).images
     model = pool.get("ddpm")
     assert isinstance(model, DiffusionModel)
-    settings = SamplerSettings("ddpm", steps, clip_denoised=model.clip_denoised)
+    settings = model.scheduler.settings("ddpm", steps)
     assert np.abs(ddserve_image(model, settings) - expected).max() <= TOLERANCE
 
 
@@ -75,24 +76,19 @@ def test_ddim_pipeline(pool: ModelPool, pipelines_dir: Path, steps: int, eta: fl
         output_type="np",
     ).images
     model = pool.get("ddim")
-    settings = SamplerSettings("ddim", steps, eta=eta, clip_denoised=model.clip_denoised)
+    settings = model.scheduler.settings("ddim", steps, eta=eta)
     assert np.abs(ddserve_image(model, settings) - expected).max() <= TOLERANCE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DDIMScheduler with clip_sample=True clamps x̂_0 but keeps the network's ε "
-    "(use_clipped_model_output=False, DDIMPipeline's default); ddserve's DDIM recomputes ε from "
-    "the clamped x̂_0 (models/diffusion/steps.reverse_step). The scheduler-config work (h-sched) "
-    "makes this a per-model option.",
-)
 def test_ddim_pipeline_with_clip_sample(pool: ModelPool, pipelines_dir: Path) -> None:
+    """DDIMScheduler's default clip_sample=True clamps x̂_0 but keeps the network's ε
+    (use_clipped_model_output=False): the model's options (`from_diffusers`) do the same."""
     pipe = diffusers.DDIMPipeline.from_pretrained(pipelines_dir / "ddim-clip")
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(generator=sample_generator(SEED, 0), num_inference_steps=5, output_type="np")
     model = pool.get("ddim-clip")
     assert model.clip_denoised
-    got = ddserve_image(model, SamplerSettings("ddim", 5, clip_denoised=True))
+    got = ddserve_image(model, model.scheduler.settings("ddim", 5))
     assert np.abs(got - expected.images).max() <= TOLERANCE
 
 
@@ -108,7 +104,7 @@ def test_ldm_pipeline(pool: ModelPool, pipelines_dir: Path, name: str, steps: in
     ).images
     model = pool.get(name)
     assert model.is_latent and model.latent_scale == pipe.vqvae.config.scaling_factor
-    settings = SamplerSettings("ddim", steps, clip_denoised=model.clip_denoised)
+    settings = model.scheduler.settings("ddim", steps)
     assert np.abs(ddserve_image(model, settings) - expected).max() <= TOLERANCE
 
 
@@ -131,7 +127,7 @@ def test_class_conditional_unet(pool: ModelPool, pipelines_dir: Path) -> None:
             x = scheduler.step(output, t, x, generator=generator).prev_sample
     expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     model = pool.get("ddpm-class")
-    settings = SamplerSettings("ddpm", steps, clip_denoised=model.clip_denoised)
+    settings = model.scheduler.settings("ddpm", steps)
     got = ddserve_image(model, settings, cond=torch.tensor(label))
     assert np.abs(got - expected).max() <= TOLERANCE
     other = ddserve_image(model, settings, cond=torch.tensor(0))
@@ -143,10 +139,10 @@ def test_mixed_batch_gives_each_sample_its_solo_image(pool: ModelPool) -> None:
     seeds, joining at different steps, end as they do alone."""
     model = pool.get("ddim")
     plans = [
-        (SamplerSettings("ddim", 6), 1),
-        (SamplerSettings("ddpm", 4, clip_denoised=True), 2),
-        (SamplerSettings("dpmpp_2m", 5), 3),
-        (SamplerSettings("ddim", 3, eta=1.0), 4),
+        (model.scheduler.settings("ddim", 6), 1),
+        (model.scheduler.settings("ddpm", 4), 2),
+        (model.scheduler.settings("dpmpp_2m", 5), 3),
+        (model.scheduler.settings("ddim", 3, eta=1.0), 4),
     ]
 
     def solo(settings: SamplerSettings, seed: int) -> torch.Tensor:
@@ -183,3 +179,33 @@ def test_a_network_without_null_takes_conditioned_samples_only_all_or_none(
     with pytest.raises(ValueError, match="all conditioned or all unconditioned"):
         batch.add([Sample(SamplerSettings("ddpm", 3), sample_generator(2, 0))])
     assert len(batch) == 1
+
+
+def test_latent_mask_keeps_only_whole_patches() -> None:
+    from workers.execute import latent_mask
+
+    mask = torch.ones((1, 16, 16))
+    mask[:, 4:11, 4:11] = 0.0  # generate a 7×7 square not aligned to the 2×2 patches
+    grid = latent_mask(mask, (8, 8))
+    assert grid.shape == (1, 8, 8)
+    expected = torch.ones((1, 8, 8))
+    expected[:, 2:6, 2:6] = 0.0  # every patch touching the square is generated
+    assert torch.equal(grid, expected)
+
+
+def test_latent_inpainting_keeps_the_known_latents(pool: ModelPool) -> None:
+    """RePaint in latent space: the known region's latents z_0 = s·E(x) are the result's there."""
+    model = pool.get("ldm")
+    image = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    known = model.to_latents(image)[0]  # [4, 8, 8]
+    assert known.shape == (4, 8, 8)
+    mask = torch.ones((1, 8, 8))
+    mask[:, 2:6, 2:6] = 0.0
+    batch = model.new_batch()
+    sample = Sample(SamplerSettings("ddim", 5), sample_generator(1, 0), known=known, mask=mask)
+    batch.add([sample])
+    while len(batch):
+        batch.step()
+    kept = mask.bool().expand(4, 8, 8)
+    assert torch.allclose(sample.x[kept], known[kept], atol=1e-6)
+    assert not torch.allclose(sample.x[~kept], known[~kept], atol=1e-2)

@@ -341,14 +341,28 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
 
 
 def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The known image [C, H, W] in [−1, 1] and the mask [1, H, W] (1 = keep, white in the PNG)."""
-    if model.is_latent:
-        raise InvalidJobRequest(f"model {model.name!r} (latent diffusion) does not inpaint")
-    c, h, w = model.sample_shape
-    known = decode_images([spec.image], c, h, w, "image")[0]
-    mask_pixels = decode_image(spec.mask, 1, h, w, "mask")
+    """The known image and the mask (1 = keep, white in the PNG) where the model samples: pixels
+    [C, H, W] in [−1, 1] and [1, H, W]; for a latent model the image's latents z_0 = s·(E(x) − b)
+    [c, h, w] and the mask on the latent grid [1, h, w] (`latent_mask`)."""
+    image = model.entry.image
+    known = decode_images([spec.image], image.channels, image.height, image.width, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, image.height, image.width, "mask")
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
-    return known, mask
+    if not model.is_latent:
+        return known, mask
+    latents = model.to_latents(known[None])[0]  # [c, h, w]
+    return latents, latent_mask(mask, tuple(latents.shape[-2:]))
+
+
+def latent_mask(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A pixel mask [1, H, W] (1 = keep) on a latent grid [1, h, w]: a latent position is kept only
+    if every pixel of its f×f patch is (f = H / h, a min-pool), so everything asked to be
+    generated is, and the kept region shrinks to whole patches — a pixel edge within a patch is
+    generated too, and RePaint's known-region replacement acts at patch resolution."""
+    h, w = grid
+    factor_h, factor_w = mask.shape[-2] // h, mask.shape[-1] // w
+    pooled = -torch.nn.functional.max_pool2d(-mask[None], (factor_h, factor_w))  # [1, 1, h, w]
+    return pooled[0]
 
 
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:

@@ -157,10 +157,10 @@ class DiffusionModel:
     # A text pipeline's tokenizer + text encoder (`models.diffusers_format.text`): conditioning
     # rows are its hidden states, encoded by the worker; None where the gateway tokenizes.
     prompt_encoder: PromptEncoder | None = None
+    latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
     # none and keep ddserve's defaults.
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
-    latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     plan_cache: PlanCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +206,15 @@ class DiffusionModel:
         latents = (x0 / self.latent_scale + self.latent_shift).numpy().astype(np.float32)
         pixels = self.first_stage.decode(latents=latents)
         return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [−1, 1] → the latents the model samples, z = s·(E(x) − b)
+        [N, c, h, w] (the inverse of `to_pixels` up to the autoencoder's reconstruction)."""
+        if self.first_stage is None:
+            raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
+        encoded = self.first_stage.encode(images.detach().float().cpu().numpy())
+        latents = torch.from_numpy(np.asarray(encoded["latents"], dtype=np.float32))
+        return (latents - self.latent_shift) * self.latent_scale
 
 
 @dataclass
@@ -287,8 +296,9 @@ class ModelPool:
         text = self._text_pipeline(entry) if is_text_pipeline(entry) else None
         if text is not None:
             network, schedule, shape, null = text.network, text.schedule, text.shape, text.null
+            options = text.options
         else:
-            network, schedule, shape, null = self._denoiser_parts(entry)
+            network, schedule, options, shape, null = self._denoiser_parts(entry)
         dtype = self._precision(entry)
         network = network.to(dtype)
         channels_last = self.device.type == "cuda"
@@ -305,9 +315,10 @@ class ModelPool:
             sample_shape=shape,
             device=self.device,
             null_condition=null,
+            scheduler=options,
         )
         if text is not None:
-            model.prompt_encoder, model.scheduler = text.encoder, text.options
+            model.prompt_encoder = text.encoder
         if self.settings.compile:
             warm_up(model)
         if entry.classifier and entry.classifier in self._catalog:
@@ -324,6 +335,7 @@ class ModelPool:
         """A text pipeline's (`StableDiffusionPipeline` layout) cross-attention UNet, prompt
         encoder (its CLIP tokenizer and text encoder, with an LRU of `text_cache_size` prompts),
         ∅ = the encoding of "", and the schedule and sampling options of its scheduler config."""
+        from models.diffusers_format.entries import scheduler_config
         from models.diffusers_format.text import PromptEncoder, load_cross_attention_unet
         from models.diffusion.scheduler_config import from_diffusers
 
@@ -331,7 +343,7 @@ class ModelPool:
             raise ValueError(f"model {entry.name!r} has no folder")
         encoder = PromptEncoder.from_folder(entry.path, self.device, self.settings.text_cache_size)
         network = load_cross_attention_unet(entry.path, self.device, entry.component or "unet")
-        schedule, options = from_diffusers(entry.scheduler or {})
+        schedule, options = from_diffusers(scheduler_config(entry.scheduler or {}))
         c, h, w = entry.latent_shape or (
             entry.image.channels,
             entry.image.height,
@@ -344,21 +356,26 @@ class ModelPool:
 
     def _denoiser_parts(
         self, entry: ModelEntry
-    ) -> tuple[nn.Module, NoiseSchedule, tuple[int, int, int], torch.Tensor | None]:
-        """The network (ddserve's signature, eval, on the device), its noise schedule, the shape
-        of x_t and the ∅ condition (None: unconditional, or no ∅) of a zoo card or a diffusers
-        pipeline (`models.diffusers_format.loading`)."""
+    ) -> tuple[
+        nn.Module, NoiseSchedule, SchedulerOptions, tuple[int, int, int], torch.Tensor | None
+    ]:
+        """The network (ddserve's signature, eval, on the device), its noise schedule and sampling
+        options, the shape of x_t and the ∅ condition (None: unconditional, or no ∅) of a zoo card
+        or a diffusers pipeline (`models.diffusers_format.loading`; the schedule and options from
+        its scheduler config, `scheduler_config.from_diffusers`)."""
         if entry.format == "diffusers":
-            from models.diffusers_format.loading import load_unet, schedule_from_config
+            from models.diffusers_format.entries import scheduler_config
+            from models.diffusers_format.loading import load_unet
+            from models.diffusion.scheduler_config import from_diffusers
 
             network = load_unet(entry, self.device)
-            schedule = schedule_from_config(entry.scheduler or {})
+            schedule, options = from_diffusers(scheduler_config(entry.scheduler or {}))
             c, h, w = entry.latent_shape or (
                 entry.image.channels,
                 entry.image.height,
                 entry.image.width,
             )
-            return network, schedule, (int(c), int(h), int(w)), None
+            return network, schedule, options, (int(c), int(h), int(w)), None
         from models.registry import load_network
 
         network = load_network(entry, self.device).eval().requires_grad_(False)
@@ -371,7 +388,7 @@ class ModelPool:
             schedule_spec.kind if schedule_spec else "linear",
             schedule_spec.num_timesteps if schedule_spec else 1000,
         )
-        return network, schedule, shape, null
+        return network, schedule, SchedulerOptions(), shape, null
 
     def _precision(self, entry: ModelEntry) -> torch.dtype:
         """The denoiser's dtype: the setting, else the card's, else float32."""

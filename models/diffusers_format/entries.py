@@ -38,6 +38,7 @@ from models.catalog import (
     SamplingDefaults,
     ScheduleSpec,
 )
+from models.scheduler_config_fields import read_fields
 
 
 class PipelineError(ValueError):
@@ -60,14 +61,15 @@ TEXT_COMPONENTS = {  # component → the classes the workers load it with
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *SERVED_TEXT_PIPELINES)
-SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "RePaintScheduler": "ddpm"}
+# Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
+RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
+CLIPPING = ("DDPMScheduler", "DDIMScheduler")  # classes whose clip_sample defaults to True
 FIRST_STAGES = {"VQModel": ("vqvae", "vqvae"), "AutoencoderKL": ("kl-autoencoder", "vae")}
 BETA_SCHEDULES = {
     "linear": "linear",
     "scaled_linear": "scaled_linear",
     "squaredcos_cap_v2": "cosine",
 }
-PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -149,29 +151,39 @@ def read_license(folder: Path) -> str | None:
     return None
 
 
-def schedule_fields(scheduler: dict[str, Any], steps: int) -> dict[str, Any]:
-    """The entry's schedule, prediction type, samplers and defaults from the scheduler config."""
+def scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config ddserve reproduces (`scheduler_config_fields`, `from_diffusers`).
+
+    RePaintPipeline's `RePaintScheduler` is DDIM's update (Lugmayr et al. 2022 build on it) with
+    its η (0: deterministic DDIM, RePaintPipeline's default, … 1: DDPM-like noise) on ``leading``
+    timesteps from T/S · (S − 1) down to 0 and a last step to ᾱ = 1, plus the resampling jumps that
+    ddserve's RePaint does per request: its config reads as a `DDIMScheduler` one."""
+    if config.get("_class_name") == "RePaintScheduler":
+        kept = {k: v for k, v in config.items() if k not in ("eta", "_class_name")}
+        return {**kept, "_class_name": "DDIMScheduler", "set_alpha_to_one": True}
+    return config
+
+
+def schedule_fields(
+    scheduler: dict[str, Any], steps: int, resampling: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The entry's schedule, prediction type, samplers and defaults from the scheduler config
+    (`models.scheduler_config_fields`: the fields the gateway needs, torch-free)."""
+    try:
+        fields = read_fields(scheduler_config(scheduler))
+    except ValueError as exc:
+        raise PipelineError(f"scheduler/scheduler_config.json: {exc}") from None
     beta = str(scheduler.get("beta_schedule", "linear"))
-    if scheduler.get("trained_betas") is None and beta not in BETA_SCHEDULES:
-        raise PipelineError(
-            f"beta_schedule {beta!r} is not supported; supported: {', '.join(BETA_SCHEDULES)} "
-            "(or trained_betas)"
-        )
-    prediction = str(scheduler.get("prediction_type", "epsilon"))
-    if prediction not in PREDICTIONS:
-        raise PipelineError(
-            f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTIONS)}"
-        )
-    total = int(scheduler.get("num_train_timesteps", 1000))
-    sampler = SCHEDULER_SAMPLERS.get(str(scheduler.get("_class_name")), "ddim")
+    total = fields.num_train_timesteps
     return {
         "schedule": ScheduleSpec(kind=BETA_SCHEDULES.get(beta, "linear"), num_timesteps=total),
-        "prediction_type": PREDICTIONS[prediction],
+        "prediction_type": fields.prediction_type,
         "samplers": list(SAMPLERS),
         "defaults": SamplingDefaults(
-            sampler=sampler,
+            sampler=fields.sampler,
             num_inference_steps=min(steps, total),
-            clip_denoised=bool(scheduler.get("clip_sample", False)),
+            clip_denoised=bool(scheduler.get("clip_sample", fields.class_name in CLIPPING)),
+            **(resampling or {}),
         ),
         "scheduler": scheduler,
     }
@@ -227,7 +239,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         "name": name,
         "component": "unet",
         "conditioning": conditioning,
-        **schedule_fields(scheduler, steps),
+        **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
     }
     if pipeline in SERVED_TEXT_PIPELINES:  # the pipeline's own default: s = 7.5 with a prompt
         denoiser["defaults"] = denoiser["defaults"].model_copy(

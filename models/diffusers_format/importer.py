@@ -225,6 +225,13 @@ def check_pipeline(folder: Path, name: str) -> Checked:
         if hasattr(modules[component], "parameters"):
             parameters[component] = sum(p.numel() for p in modules[component].parameters())
     check_shapes(main, entries[1:], modules)
+    from models.diffusers_format.entries import scheduler_config
+    from models.diffusion.scheduler_config import from_diffusers
+
+    try:  # the worker reproduces the scheduler config with ddserve's sampler: it must be able to
+        from_diffusers(scheduler_config(main.scheduler or {}))
+    except ValueError as exc:
+        raise ImportFailed(f"scheduler/scheduler_config.json: {exc}") from None
     return Checked(entries=entries, parameters=parameters)
 
 

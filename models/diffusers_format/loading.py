@@ -4,8 +4,8 @@
   `UNetAdapter` into ddserve's network signature ε_θ(x [N, C, H, W], t [N] long, cond [N] | None)
   → [N, C, H, W], so that the same `DenoisingBatch` drives it with per-sample settings and
   continuous batching (the pipeline's own `__call__` is never used to serve).
-- The noise schedule: β_1 … β_T as diffusers' scheduler computes them from its config
-  (`schedule_from_config`).
+- The noise schedule and sampling options come from the scheduler config through
+  `models.diffusion.scheduler_config.from_diffusers` (the worker's `ModelPool`).
 - The first stage (`VQModel`, `AutoencoderKL`): `DiffusersCodec`, the `Codec` API of the zoo's
   autoencoders (`models.onnx.runtime`) on the diffusers module, for `/encode`, `/decode`,
   `/reconstruct` and for decoding a latent model's samples.
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from models.catalog import ModelEntry
-from models.diffusion.schedule import NoiseSchedule
 from models.onnx.runtime import Codec
 
 log = logging.getLogger(__name__)
@@ -70,32 +69,6 @@ def load_unet(entry: ModelEntry, device: torch.device | str = "cpu") -> UNetAdap
         entry.path, subfolder=entry.component or "unet", low_cpu_mem_usage=False
     )
     return UNetAdapter(unet).to(device).eval().requires_grad_(False)
-
-
-def schedule_from_config(config: dict[str, Any]) -> NoiseSchedule:
-    """β_1 … β_T of a diffusers scheduler config, as `DDPMScheduler.__init__` computes them:
-    `trained_betas` as given; `linear`: evenly spaced from `beta_start` to `beta_end`;
-    `scaled_linear`: (√β_start … √β_end evenly spaced)² (Rombach et al. 2022); `squaredcos_cap_v2`:
-    the cosine schedule of Nichol & Dhariwal 2021, capped at 0.999. diffusers computes the tables in
-    float32; ddserve keeps them in float64 (differences of ~1e-7 in ᾱ)."""
-    # TODO(h-sched): replaced by models.diffusion.scheduler_config.from_diffusers when it lands.
-    total = int(config.get("num_train_timesteps", 1000))
-    start = float(config.get("beta_start", 0.0001))
-    end = float(config.get("beta_end", 0.02))
-    trained = config.get("trained_betas")
-    if trained is not None:
-        betas = torch.tensor(trained, dtype=torch.float64)
-        return NoiseSchedule(kind="linear", betas=betas)
-    kind = config.get("beta_schedule", "linear")
-    if kind == "linear":
-        betas = torch.linspace(start, end, total, dtype=torch.float64)
-        return NoiseSchedule(kind="linear", betas=betas)
-    if kind == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, total, dtype=torch.float64) ** 2
-        return NoiseSchedule(kind="scaled_linear", betas=betas)
-    if kind == "squaredcos_cap_v2":
-        return NoiseSchedule.create("cosine", total)
-    raise ValueError(f"beta_schedule {kind!r} is not supported")
 
 
 class DiffusersCodec(Codec):
