@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
     )
+    text_cache_size: int = Field(
+        128,
+        ge=0,
+        description="prompts whose text-encoder outputs a worker keeps per text pipeline (LRU), "
+        "so a repeated prompt costs no text-encoder call; 0 = none",
+    )
     heartbeat_s: float = Field(10.0, description="worker heartbeat and started-job refresh period")
     abandoned_after_s: float = Field(
         60.0, description="a dead worker's jobs are retried after this"
