@@ -196,6 +196,20 @@ class DiffusionModel:
         pixels = self.first_stage.decode(latents=latents)
         return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
 
+    def from_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [−1, 1] → the model's x_0 [N, *sample_shape]: the images
+        themselves, or for latent diffusion z = s·E(x) (the inverse of `to_pixels`; the encoder's
+        mean, through ONNX Runtime)."""
+        images = images.detach().float().cpu()
+        if not self.is_latent:
+            return images
+        if self.first_stage is None:
+            raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
+        latents = self.first_stage.encode(images.numpy().astype(np.float32))["latents"]
+        if latents is None:
+            raise RuntimeError(f"the first stage of latent model {self.name!r} gave no latents")
+        return torch.from_numpy(np.asarray(latents, dtype=np.float32)) * self.latent_scale
+
 
 @dataclass
 class CodecModel:
