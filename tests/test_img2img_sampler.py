@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from models.diffusion.noise import sample_generator
-from models.diffusion.sampler import DenoisingBatch, PlanCache, Sample, SamplerSettings
+from models.diffusion.sampler import DenoisingBatch, PlanCache, Sample, SamplerSettings, sample
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.steps import SAMPLER_NAMES
 from models.diffusion.timesteps import sdedit_start
@@ -262,3 +262,25 @@ def test_img2img_needs_its_image_of_the_batch_shape(linear_schedule) -> None:
     with pytest.raises(ValueError, match="init_x0 has shape"):
         batch.add([Sample(settings, sample_generator(0, 0), init_x0=torch.zeros(1, 8, 8))])
     assert len(batch) == 0
+
+
+def test_the_one_call_form_takes_images_per_row() -> None:
+    """`sample(..., init_x0=...)`: rows with strength < 1 start from their image (their x_T row
+    unused), the others from x_T, each as in its own running set."""
+    x0 = _x0()
+    schedule = NoiseSchedule.create("linear", 1000)
+    network = fake_network("linear", "epsilon")
+    settings = [_settings("ddim", 10, "leading", 0.4), SamplerSettings("dpmpp_2m", 10)]
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    both = sample(
+        network,
+        schedule,
+        x_T,
+        settings,
+        init_x0=x0,
+        generators=[sample_generator(SEED, i) for i in range(SHAPE[0])],
+    )
+    edited, _ = _ours(settings[0], "linear", "epsilon", x0)
+    generated = sample(network, schedule, x_T[1:], settings[1])
+    assert torch.allclose(both[0], edited[0], atol=1e-6)
+    assert torch.allclose(both[1], generated[0], atol=1e-6)

@@ -660,11 +660,14 @@ def sample(
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
     known: torch.Tensor | None = None,  # [B, C, H, W] images to inpaint
     mask: torch.Tensor | None = None,  # [B, 1 or C, H, W] 1 = keep
+    init_x0: torch.Tensor | None = None,  # [B, C, H, W] image-to-image: the images to start from
     generators: Sequence[torch.Generator] | None = None,  # per row; default streams (0, i)
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint.
+    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint, SDEdit.
 
+    A row whose settings have strength < 1 starts from its `init_x0` image noised by its own
+    generator (module docstring) and does not use its x_T row; the others start from x_T.
     Returns x_0 [B, C, H, W] in x_T's dtype and device, and with `return_trajectory` also the list of
     x_t per row ([steps + 1, C, H, W] each, on the CPU).
     """
@@ -695,7 +698,8 @@ def sample(
             class_label=None if class_labels is None else int(class_labels[i]),
             known=None if known is None else known[i],
             mask=None if mask is None else mask[i],
-            x=x_T[i],
+            init_x0=None if init_x0 is None else init_x0[i],
+            x=x_T[i] if per_row[i].strength == 1.0 else None,
             keep_trajectory=return_trajectory,
             tag=i,
         )
