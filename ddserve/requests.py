@@ -36,7 +36,9 @@ from ddserve.params import (
     ReturnMode,
     SamplerName,
     Seed,
+    SolverOrder,
     Trajectory,
+    UseKarrasSigmas,
     description_of,
 )
 
@@ -101,6 +103,8 @@ class GenerateBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     guidance_scale: GuidanceScale | None = None
@@ -117,6 +121,8 @@ class InpaintBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None

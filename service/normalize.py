@@ -14,7 +14,12 @@ import math
 import secrets
 from typing import Any
 
-from ddserve.params import NO_GUIDANCE, REPAINT_SAMPLERS
+from ddserve.params import (
+    KARRAS_SAMPLERS,
+    NO_GUIDANCE,
+    ORDER_SAMPLERS,
+    REPAINT_SAMPLERS,
+)
 from ddserve.requests import (
     DecodeBody,
     EncodeBody,
@@ -84,29 +89,53 @@ class RequestNormalizer:
     def _seed(seed: int | None) -> int:
         return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
-    def _sampling(
-        self, entry: ModelEntry, sampler: str | None, steps: int | None, eta: float | None
-    ) -> dict[str, Any]:
+    def _sampling(self, entry: ModelEntry, body: GenerateBody | InpaintBody) -> dict[str, Any]:
+        """The sampler, its step count and options: each the body's or the card's default. The
+        solver options apply only to the samplers that take them: given for another sampler they
+        are a 422; left out, the card's default fills them for those samplers and null for others."""
         d = self._defaults(entry)
-        chosen = sampler or d.sampler
+        chosen = body.sampler or d.sampler
         if entry.samplers and chosen not in entry.samplers:
             raise _invalid(
                 "unsupported_sampler",
                 f"model {entry.name!r} offers the samplers {', '.join(entry.samplers)}",
                 "sampler",
             )
+        options: dict[str, Any] = {}
+        for name, samplers, default in (
+            ("use_karras_sigmas", KARRAS_SAMPLERS, d.use_karras_sigmas),
+            ("solver_order", ORDER_SAMPLERS, d.solver_order),
+        ):
+            given = getattr(body, name)
+            if chosen not in samplers:
+                if given is not None:
+                    raise _invalid(
+                        "solver_option_not_applicable",
+                        f"{name} applies to the samplers {', '.join(samplers)}, not to "
+                        f"{chosen!r}: leave it out or choose one of those",
+                        name,
+                    )
+                options[name] = None
+            else:
+                options[name] = given if given is not None else default
         total = entry.schedule.num_timesteps if entry.schedule else 1000
-        count = steps if steps is not None else min(d.num_inference_steps, total)
-        if count > total:
+        # The multistep solvers lay out S + 1 points of the schedule and drop the last
+        # (models.diffusion.timesteps.multistep_timesteps); Karras σ levels have no such bound.
+        most = total - 1 if chosen in ORDER_SAMPLERS and not options["use_karras_sigmas"] else total
+        steps = body.num_inference_steps
+        count = steps if steps is not None else min(d.num_inference_steps, most)
+        if count > most:
             raise _invalid(
                 "too_many_steps",
-                f"num_inference_steps is {count}; model {entry.name!r} has T = {total}",
+                f"num_inference_steps is {count}; with sampler {chosen!r} model {entry.name!r} "
+                f"(T = {total}) takes 1 to {most}",
                 "num_inference_steps",
             )
         return {
             "sampler": chosen,
             "num_inference_steps": count,
-            "eta": eta if eta is not None else d.eta,
+            "eta": body.eta if body.eta is not None else d.eta,
+            **options,
         }
 
     def _condition(
@@ -209,7 +238,7 @@ class RequestNormalizer:
         return GenerateSpec(
             model=entry.name,
             n=body.n,
-            **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
+            **self._sampling(entry, body),
             **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
             clip_denoised=self._defaults(entry).clip_denoised,
@@ -224,6 +253,8 @@ class RequestNormalizer:
             "sampler": body.sampler,
             "num_inference_steps": body.num_inference_steps,
             "eta": body.eta,
+            "use_karras_sigmas": body.use_karras_sigmas,
+            "solver_order": body.solver_order,
             "prompt": body.prompt,
             "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
@@ -249,7 +280,7 @@ class RequestNormalizer:
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
         d = self._defaults(entry)
-        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        sampling = self._sampling(entry, body)
         steps = sampling["num_inference_steps"]
         # The default jump is cut to the step count; an explicit one must fit.
         jump_length = (

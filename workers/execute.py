@@ -273,6 +273,15 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
     if classifier_scale != 0.0 and model.classifier is None:
         raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
     inpaint = isinstance(spec, InpaintSpec)
+    # The solver options are present exactly for the samplers that take them (the spec checks).
+    solver_options = {
+        name: value
+        for name, value in (
+            ("use_karras_sigmas", spec.use_karras_sigmas),
+            ("solver_order", spec.solver_order),
+        )
+        if value is not None
+    }
     try:
         return SamplerSettings(
             sampler=spec.sampler,
@@ -283,6 +292,7 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
             clip_denoised=spec.clip_denoised,
             jump_length=spec.jump_length if inpaint else 1,
             jump_n_sample=spec.jump_n_sample if inpaint else 1,
+            **solver_options,
         )
     except ValueError as exc:
         raise InvalidJobRequest(str(exc)) from exc
