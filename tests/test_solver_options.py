@@ -199,3 +199,14 @@ def test_the_worker_samples_with_the_specs_options(tmp_path: Path) -> None:
         images[tuple(options)] = torch.stack([s.x for s in work.samples])
     assert not torch.allclose(images[()], images[("use_karras_sigmas",)])
     assert not torch.allclose(images[()], images[("solver_order",)])
+
+
+@pytest.mark.parametrize("route", ["/generate", "/inpaint"])
+def test_an_unknown_sampler_is_a_422_listing_every_sampler(client: TestClient, route: str) -> None:
+    body: dict[str, object] = {"model": "digits-ddpm", "sampler": "heun"}
+    if route == "/inpaint":
+        body |= {"image": png_b64(16, 16), "mask": png_b64(16, 16, value=255)}
+    with client:
+        error = assert_error(client.post(route, json=body), 422, "invalid_value", "sampler")
+    for name in params.SAMPLERS:
+        assert repr(name) in error["message"], error["message"]
