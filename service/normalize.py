@@ -288,11 +288,12 @@ class RequestNormalizer:
         )
         jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
         if jump_n_sample > 1 and sampling["sampler"] not in REPAINT_SAMPLERS:
+            whose = "" if body.sampler is not None else f"model {entry.name!r}'s default "
             raise _invalid(
                 "sampler_cannot_resample",
-                f"sampler {sampling['sampler']!r} keeps a history of model outputs, which RePaint's "
-                f"jumps back to more noise would invalidate: with jump_n_sample > 1 use one of "
-                f"{', '.join(REPAINT_SAMPLERS)}",
+                f"{whose}sampler {sampling['sampler']!r} keeps a history of model outputs, which "
+                f"RePaint's jumps back to more noise would invalidate: with jump_n_sample > 1 "
+                f"give sampler, one of {', '.join(REPAINT_SAMPLERS)}",
                 "sampler",
             )
         if jump_length > steps:

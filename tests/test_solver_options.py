@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from ddserve import params
-from ddserve.requests import GenerateBody
+from ddserve.requests import GenerateBody, InpaintBody
 from ddserve.settings import Settings
 from ddserve.spec import InvalidJobSpec, parse_job_spec
 from models.catalog import DEFAULT_ZOO, SamplingDefaults, load_catalog
@@ -210,3 +210,27 @@ def test_an_unknown_sampler_is_a_422_listing_every_sampler(client: TestClient, r
         error = assert_error(client.post(route, json=body), 422, "invalid_value", "sampler")
     for name in params.SAMPLERS:
         assert repr(name) in error["message"], error["message"]
+
+
+def test_a_multistep_card_default_asked_for_repaint_jumps_is_a_422_saying_it_is_the_default() -> (
+    None
+):
+    catalog = load_catalog(DEFAULT_ZOO)
+    entry = catalog["digits-ddpm"].model_copy(deep=True)
+    entry.defaults = SamplingDefaults(sampler="dpmpp_2m", num_inference_steps=5)
+    normalizer = RequestNormalizer(
+        {**catalog, "digits-ddpm": entry}, {"digits-ddpm"}, UploadLimits(10**6, 10**6)
+    )
+    image, mask = png_b64(16, 16), png_b64(16, 16, value=255)
+
+    def inpaint(**fields: object) -> object:
+        body = {"model": "digits-ddpm", "image": image, "mask": mask, **fields}
+        return normalizer.inpaint(InpaintBody.model_validate(body))
+
+    with pytest.raises(ApiError) as refused:
+        inpaint(jump_n_sample=2)
+    assert refused.value.code == "sampler_cannot_resample"
+    assert "'digits-ddpm''s default sampler 'dpmpp_2m'" in refused.value.message
+    assert "give sampler, one of ddpm, ddim, euler, euler_ancestral" in refused.value.message
+    spec = inpaint(jump_n_sample=2, sampler="ddim")
+    assert (spec.sampler, spec.num_inference_steps, spec.jump_length) == ("ddim", 5, 5)  # type: ignore[attr-defined]
