@@ -38,8 +38,10 @@ from ddserve.params import (
     ReturnMode,
     SamplerName,
     Seed,
+    SolverOrder,
     Strength,
     Trajectory,
+    UseKarrasSigmas,
     description_of,
 )
 
@@ -104,6 +106,8 @@ class GenerateBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None
@@ -121,6 +125,8 @@ class InpaintBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
@@ -140,8 +146,11 @@ class Img2ImgBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None

@@ -53,6 +53,8 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
         "sampler": "ddim",
         "num_inference_steps": 10,
         "eta": 0.0,
+        "use_karras_sigmas": None,  # ddim takes neither solver option
+        "solver_order": None,
         "class_label": 2,
         "prompt": None,
         "prompt_tokens": None,

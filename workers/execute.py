@@ -333,6 +333,13 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         jump_n_sample=spec.jump_n_sample if inpaint else 1,
         strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
     )
+    # The solver options are present exactly for the samplers that take them (the spec checks).
+    for name, value in (
+        ("use_karras_sigmas", spec.use_karras_sigmas),
+        ("solver_order", spec.solver_order),
+    ):
+        if value is not None:
+            request[name] = value
     if not model.scheduler.from_diffusers:
         # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
         # config decides it per sampler class (`SchedulerOptions.settings`).

@@ -139,6 +139,8 @@ class SamplingDefaults(BaseModel):
     sampler: str = "ddim"
     num_inference_steps: int = 50
     eta: float = 0.0
+    use_karras_sigmas: bool = False  # euler, euler_ancestral, dpmpp_*, unipc only
+    solver_order: int = 2  # dpmpp_2m, dpmpp_2m_sde, unipc only
     guidance_scale: float = 1.0  # diffusers' s; 1 = no guidance
     classifier_scale: float = 0.0
     clip_denoised: bool = True
