@@ -32,6 +32,7 @@ from ddserve.params import (
     ModelName,
     NoiseAmount,
     NoiseKind,
+    PreviewEvery,
     Prompt,
     ReturnMode,
     SamplerName,
@@ -65,6 +66,7 @@ class OutputOptions(Body):
     format: ImageFormat = "png"
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
+    preview_every: PreviewEvery | None = None
 
 
 class JobBody(Body):
