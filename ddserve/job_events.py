@@ -13,11 +13,13 @@ SSE client that reconnects sends `Last-Event-ID` and must lose nothing in betwee
 the entry id *is* the SSE id (`event_id`), so a resume is one XRANGE from that id — also on another
 gateway process, or after a gateway restart — while pub/sub would have dropped whatever was
 published during the reconnect. The waiter only needs the job's current state (in its hash); a
-progress bar with previews needs the history. Every append also PUBLISHes the job id on
-`notifications.channel(prefix, JobEvent.UPDATED)`, a wake-up hint: each gateway process holds one
-subscription that tells its shared reader which streams to read (no per-stream blocking XREAD, no
-polling of every job); a lost hint is made good by the next one, the terminal notification or the
-reader's slow safety read.
+progress bar with previews needs the history. Each batch of appends (a worker's round) also
+PUBLISHes the ids of the jobs it appended to, in one message, on
+`notifications.channel(prefix, JobEvent.UPDATED)` (`publish_updated`), a wake-up hint: each
+gateway process holds one subscription that tells its shared reader which streams to read (no
+per-stream blocking XREAD, no polling of every job); a lost hint is made good by the next one, the
+terminal notification or the reader's slow safety read. One message per round rather than per job:
+a gateway parses each message it receives, and a round of 64 jobs would otherwise be 64.
 
 Bounds: each stream is trimmed to about `MAX_ENTRIES` entries (XADD MAXLEN ~) and expires with the
 job's record (`retention_s`, refreshed at every append), so an abandoned stream never outlives its
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, TypedDict
 
-from ddserve.notifications import JobEvent, publish
+from ddserve.notifications import JobEvent, channel
 
 MAX_ENTRIES = 1000  # per job: ~200 progress reports of 1,000 steps with previews, every k ≥ 2
 PREVIEW_MAX_SIDE = 64  # px: the longest side of a preview image (downsampled from x̂₀)
@@ -96,13 +98,24 @@ def append(
     wake: bool = True,
 ) -> None:
     """Queue one entry on the job's stream (trimmed to about MAX_ENTRIES, expiring after ttl_s)
-    and, with `wake`, the hint that wakes the gateways' readers (one per job and batch suffices)."""
+    and, with `wake`, its own wake-up hint (a batch of appends sends one: `publish_updated`)."""
     key = stream_key(prefix, job_id)
     fields = {"event": kind.value, "data": json.dumps(data, separators=(",", ":"))}
     pipe.xadd(key, fields, maxlen=MAX_ENTRIES, approximate=True)
     pipe.expire(key, ttl_s)
     if wake:
-        publish(pipe, prefix, JobEvent.UPDATED, job_id)
+        publish_updated(pipe, prefix, [job_id])
+
+
+def publish_updated(pipe: Pipe, prefix: str, job_ids: list[str]) -> None:
+    """One wake-up hint for the streams of `job_ids` (job ids hold no spaces: one message)."""
+    if job_ids:
+        pipe.publish(channel(prefix, JobEvent.UPDATED), " ".join(job_ids))
+
+
+def updated_ids(message: bytes | str) -> list[str]:
+    """The job ids of a `publish_updated` message."""
+    return (message.decode() if isinstance(message, bytes) else message).split()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import redis
 import redis.asyncio
 from rq.job import Job
 
-from ddserve.job_events import StreamEvent, decode_entry, stream_key
+from ddserve.job_events import StreamEvent, decode_entry, stream_key, updated_ids
 from ddserve.jobs import TERMINAL, public_status
 from ddserve.notifications import JobEvent, channel, decode_message
 from service.waiter import (
@@ -50,7 +50,12 @@ from service.waiter import (
 
 log = logging.getLogger("ddserve.events")
 
-READ_CHUNK = 200  # streams per XREAD: a safety pass over 1,000 listeners yields between chunks
+# Streams per XREAD. Each chunk's entries wake its streams' senders, which run while the next
+# chunk is read: small chunks keep any one stretch of the event loop short (1,000 streams woken
+# at once, in chunks of 200, held /healthz up to ~0.3 s on a 2-vCPU VM; in chunks of 50, see
+# benchmarks/bench_sse.py).
+READ_CHUNK = 50
+YIELD_EVERY = 50  # pub/sub messages handled before letting other tasks run (a burst is buffered)
 FINISHED = object()  # put on a listener's queue after its job's last entries: the job ended
 
 
@@ -161,12 +166,20 @@ class EventHub:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(*self.channels)
+                handled = 0
                 while True:
                     message = await pubsub.get_message(timeout=LISTEN_TIMEOUT_S)
                     if message is None:
                         continue
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:  # buffered messages never suspend the loop
+                        await asyncio.sleep(0)
                     if message["type"] == "message":
-                        self._mark(decode_message(message["data"]).job_id)
+                        if _text(message["channel"]) == self.channels[0]:  # updated: many ids
+                            for job_id in updated_ids(message["data"]):
+                                self._mark(job_id)
+                        else:
+                            self._mark(decode_message(message["data"]).job_id)
                     elif message["type"] == "subscribe":
                         self.subscribed = True
                         backoff = RECONNECT_MIN_S

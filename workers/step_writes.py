@@ -30,7 +30,7 @@ from redis.client import Pipeline
 from rq.job import Job
 from rq.utils import now
 
-from ddserve.job_events import EventKind, append
+from ddserve.job_events import EventKind, append, publish_updated
 from ddserve.job_metrics import JobOutcome, Outcome, record_outcome
 from ddserve.jobs import META_PROGRESS, JobOutput
 from workers import rq_bridge
@@ -164,6 +164,6 @@ class StepWrites:
             rq_bridge.save_meta(success.job, pipe)
             record_outcome(pipe, self.prefix, success.outcome())
         for job_id, entries in taken.events.items():
-            for i, (kind, data) in enumerate(entries):
-                last = i == len(entries) - 1  # one wake-up per job and round
-                append(pipe, self.prefix, job_id, kind, data, self.events_ttl_s, wake=last)
+            for kind, data in entries:
+                append(pipe, self.prefix, job_id, kind, data, self.events_ttl_s, wake=False)
+        publish_updated(pipe, self.prefix, list(taken.events))  # one wake-up for the round
