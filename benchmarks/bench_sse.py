@@ -16,13 +16,16 @@ prefix, deleted afterwards), in two parts:
    load average (the figures are only as quiet as the machine). The probe runs in a process of its
    own.
 2. **CPU per job at c = 64** (`bench_http.py`'s load: c closed-loop clients, one-image DDIM-`--steps`
-   `/generate` requests on digits-ddpm, one `ddserve worker`), three modes alternated `--repeats`
-   times, the gateway's CPU seconds per finished job of each window:
-   - *wait*: `POST /generate` with `Prefer: wait=60` (bench_http's client; SSE unused);
-   - *sse*: `POST /generate` (202), then `GET /jobs/{id}/events` to the terminal event: the client
-     follows its job over SSE instead of waiting;
-   - *wait+sse*: the wait, plus one SSE listener per job beside it (a page watching its progress).
-   The ratios to *wait* are the SSE path's cost per job.
+   `/generate` requests on digits-ddpm) on two stacks side by side, each a gateway and one
+   `ddserve worker` on its own prefix — one with `DDSERVE_JOB_EVENTS=false` (no event streams, no
+   reader, no route) and one with them on — three modes alternated `--repeats` times (only one
+   stack loaded at a time), the serving gateway's CPU seconds per finished job of each window:
+   - *off*: events off, `POST /generate` with `Prefer: wait=60` (bench_http's client);
+   - *wait*: events on (every job's stream written, the reader subscribed), the same client: what
+     the SSE path costs a job nobody follows;
+   - *sse*: events on, `POST /generate` (202), then `GET /jobs/{id}/events` to the terminal event:
+     the client follows its job over SSE instead of waiting (started, a progress event every
+     `progress_every` steps, the terminal event with the job).
 
     .venv/bin/python -m benchmarks.bench_sse [--streams 1000] [--hold-s 10] [--concurrency 64]
         [--steps 50] [--rounds 2] [--repeats 2] [--json out.json]
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,8 @@ from benchmarks.bench_http import (
 
 HOST = "127.0.0.1"
 PROBE_EVERY_S = 0.05
+# `python -m` from ROOT: this checkout's code (a console script would import the installed one)
+DDSERVE = [sys.executable, "-m", "ddserve.cli"]
 
 
 # --- part 1: open streams ------------------------------------------------------------------------
@@ -258,16 +264,9 @@ async def load_window(url: str, mode: str, concurrency: int, rounds: int, steps:
             if mode == "wait":
                 job = await wait_job(i)
                 status = job["status"]
-            elif mode == "sse":
+            else:  # sse: submit (202), then follow the job's events to its end
                 r = await client.post("/generate", json=body(i, steps))
                 status = await follow(client, r.json()["id"])
-            else:  # wait+sse: a listener beside the held request
-                r = await client.post("/generate", json=body(i, steps))
-                job_id = r.json()["id"]
-                listener = asyncio.create_task(follow(client, job_id))
-                r = await client.get(f"/jobs/{job_id}", headers={"Prefer": "wait=60"})
-                status = r.json()["status"]
-                await listener
             if status != "succeeded":
                 raise RuntimeError(f"job ended {status}")
             done += 1
@@ -280,25 +279,65 @@ async def load_window(url: str, mode: str, concurrency: int, rounds: int, steps:
     return done
 
 
-def part_cpu(args: argparse.Namespace, url: str, pid: int) -> dict[str, Any]:
-    modes = ["wait", "sse", "wait+sse"]
+@dataclass
+class Stack:
+    """A gateway process (and later its worker) on its own key prefix and port."""
+
+    prefix: str
+    port: int
+    env: dict[str, str]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def gateway_pid(self) -> int:
+        return self.processes[0].pid
+
+    def start_gateway(self) -> None:
+        self.processes.append(subprocess.Popen([*DDSERVE, "serve"], env=self.env, cwd=ROOT))
+        wait_healthy(self.url)
+
+    def start_worker(self) -> None:
+        worker = [*DDSERVE, "worker", "--name", f"{self.prefix}-w"]
+        self.processes.append(subprocess.Popen(worker, env=self.env, cwd=ROOT))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def part_cpu(args: argparse.Namespace, on: Stack, off: Stack) -> dict[str, Any]:
+    """Windows of the three modes, alternated; each mode's gateway CPU per job (medians)."""
+    modes = {"off": (off, "wait"), "wait": (on, "wait"), "sse": (on, "sse")}
     per_job: dict[str, list[float]] = {m: [] for m in modes}
     rates: dict[str, list[float]] = {m: [] for m in modes}
-    asyncio.run(load_window(url, "wait", args.concurrency, 1, args.steps))  # warm-up
+    for stack in (on, off):  # warm-up: models loaded, first calls made
+        asyncio.run(load_window(stack.url, "wait", args.concurrency, 1, args.steps))
     for _ in range(args.repeats):
-        for mode in modes:
+        for mode, (stack, client) in modes.items():
+            pid = stack.gateway_pid
             cpu_start, started = cpu_seconds(pid) or 0.0, time.perf_counter()
-            jobs = asyncio.run(load_window(url, mode, args.concurrency, args.rounds, args.steps))
+            jobs = asyncio.run(
+                load_window(stack.url, client, args.concurrency, args.rounds, args.steps)
+            )
             elapsed = time.perf_counter() - started
             per_job[mode].append(1000 * ((cpu_seconds(pid) or 0.0) - cpu_start) / jobs)
             rates[mode].append(jobs / elapsed)
-    base = statistics.median(per_job["wait"])
+    base = statistics.median(per_job["off"])
     return {
         mode: {
             "gateway_cpu_ms_per_job": statistics.median(per_job[mode]),
             "windows_ms": per_job[mode],
             "jobs_per_s": statistics.median(rates[mode]),
-            "vs_wait": statistics.median(per_job[mode]) / base,
+            "vs_off": statistics.median(per_job[mode]) / base,
         }
         for mode in modes
     }
@@ -326,36 +365,36 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scratch = Path(tempfile.mkdtemp(prefix="bench-sse-"))
     zoo = prepare_zoo(scratch)
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    env = {
-        **os.environ,
-        "DDSERVE_REDIS_URL": args.redis_url,
-        "DDSERVE_KEY_PREFIX": prefix,
-        "DDSERVE_ZOO_DIR": str(zoo),
-        "DDSERVE_MODELS": MODEL,
-        "DDSERVE_STORAGE_DIR": str(scratch / "images"),
-        "DDSERVE_AUTH_ENABLED": "false",
-        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DDSERVE_MAX_QUEUE_LENGTH": "100000",
-        # an open stream is an open connection: uvicorn's limit (1,000 by default) must hold them
-        "DDSERVE_MAX_CONCURRENCY": str(args.streams + 2 * args.concurrency + 100),
-        "DDSERVE_MAX_BATCH": str(max(64, args.concurrency)),
-        "DDSERVE_DEVICE": "cpu",
-        "DDSERVE_LOG_LEVEL": "WARNING",
-        "DDSERVE_PORT": str(port),
-        "OMP_NUM_THREADS": str(args.threads),
-    }
-    # `python -m` from ROOT: this checkout's code (a console script would import the installed one)
-    ddserve = [sys.executable, "-m", "ddserve.cli"]
-    processes = [subprocess.Popen([*ddserve, "serve"], env=env, cwd=ROOT)]
-    pid = processes[0].pid
+
+    def stack(events: bool) -> Stack:
+        prefix, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
+        env = {
+            **os.environ,
+            "DDSERVE_REDIS_URL": args.redis_url,
+            "DDSERVE_KEY_PREFIX": prefix,
+            "DDSERVE_ZOO_DIR": str(zoo),
+            "DDSERVE_MODELS": MODEL,
+            "DDSERVE_STORAGE_DIR": str(scratch / prefix),
+            "DDSERVE_AUTH_ENABLED": "false",
+            "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
+            "DDSERVE_MAX_QUEUE_LENGTH": "100000",
+            # an open stream is an open connection: uvicorn's limit (1,000 by default) must hold them
+            "DDSERVE_MAX_CONCURRENCY": str(args.streams + 2 * args.concurrency + 100),
+            "DDSERVE_MAX_BATCH": str(max(64, args.concurrency)),
+            "DDSERVE_JOB_EVENTS": "true" if events else "false",
+            "DDSERVE_DEVICE": "cpu",
+            "DDSERVE_LOG_LEVEL": "WARNING",
+            "DDSERVE_PORT": str(port),
+            "OMP_NUM_THREADS": str(args.threads),
+        }
+        return Stack(prefix, port, env)
+
+    on, off = stack(True), stack(False)
     report: dict[str, Any] = {"args": vars(args)}
     try:
-        wait_healthy(url)
+        on.start_gateway()
         if "streams" in args.parts:
-            streams = asyncio.run(part_streams(args, url, port, pid, prefix))
+            streams = asyncio.run(part_streams(args, on.url, on.port, on.gateway_pid, on.prefix))
             report["streams"] = streams
             print(
                 f"\n/healthz every {PROBE_EVERY_S * 1000:.0f} ms, {args.hold_s:g} s a window "
@@ -380,36 +419,41 @@ def main() -> None:
                 f" stream errors: {streams['errors'] or 'none'})"
             )
         if "cpu" in args.parts:
-            worker = [*ddserve, "worker", "--name", f"{prefix}-w"]
-            processes.append(subprocess.Popen(worker, env=env, cwd=ROOT))
-            wait_ready(url)
-            cpu = part_cpu(args, url, pid)
+            off.start_gateway()
+            on.start_worker()
+            off.start_worker()
+            wait_ready(on.url)
+            wait_ready(off.url)
+            cpu = part_cpu(args, on, off)
             report["cpu"] = cpu
             print(
                 f"\n(load average {os.getloadavg()[0]:.1f}) "
-                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL}, one worker, "
+                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL}, one worker per stack, "
                 f"{args.rounds} jobs per client per window, {args.repeats} windows per mode "
                 "(alternated), medians:"
             )
-            print("| client follows its job by | gateway CPU per job | vs wait | jobs/s |")
-            print("|---|---|---|---|")
+            print(
+                "| job events | client follows its job by | gateway CPU per job | vs off | jobs/s |"
+            )
+            print("|---|---|---|---|---|")
+            labels = {
+                "off": ("off", "`Prefer: wait`"),
+                "wait": ("on", "`Prefer: wait`"),
+                "sse": ("on", "its SSE stream"),
+            }
             for mode, row in cpu.items():
+                events, client = labels[mode]
                 print(
-                    f"| {mode} | {row['gateway_cpu_ms_per_job']:.2f} ms | "
-                    f"{100 * (row['vs_wait'] - 1):+.1f} % | {row['jobs_per_s']:.1f} |",
+                    f"| {events} | {client} | {row['gateway_cpu_ms_per_job']:.2f} ms | "
+                    f"{100 * (row['vs_off'] - 1):+.1f} % | {row['jobs_per_s']:.1f} |",
                     flush=True,
                 )
         if args.json:
             args.json.write_text(json.dumps(report, indent=2, default=str))
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        cleanup_redis(args.redis_url, prefix)
+        for each in (on, off):
+            each.stop()
+            cleanup_redis(args.redis_url, each.prefix)
 
 
 if __name__ == "__main__":

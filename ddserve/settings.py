@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
         "unreachable",
     )
+    job_events: bool = Field(
+        True,
+        description="workers write each job's event stream (started, progress, previews) and "
+        "gateways serve `GET /jobs/{id}/events`; false: neither (the route is a 404)",
+    )
     sse_heartbeat_s: float = Field(
         15.0,
         gt=0.0,

@@ -184,7 +184,8 @@ def create_app(
             _metrics_flush_loop(state.telemetry), name="ddserve-metrics-flush"
         )
         state.waiter.start()
-        state.events.start()
+        if settings.job_events:
+            state.events.start()
         log.info(
             "gateway ready: models %s; auth %s; storage %s",
             ", ".join(state.served) or "(none)",
@@ -218,18 +219,10 @@ def create_app(
     app.state.ddserve = state
     app.state.janitor = janitor
     install_error_handlers(app)
-    for module in (
-        generate,
-        autoencoder,
-        jobs,
-        job_events,
-        images,
-        models,
-        health,
-        metrics,
-        openai_images,
-    ):
+    for module in (generate, autoencoder, jobs, images, models, health, metrics, openai_images):
         app.include_router(module.router)
+    if settings.job_events:
+        app.include_router(job_events.router)
     app.include_router(playground.router)  # GET / and its files, outside the OpenAPI document
     app.add_middleware(
         RequestContextMiddleware,

@@ -325,3 +325,17 @@ def test_a_failed_round_gives_its_events_back_in_order() -> None:
     writes.event("a", EventKind.PROGRESS, {"step": 1, "of": 2, "previews": []})
     writes.give_back(taken)  # Redis refused the round: it goes with the next, first
     assert [kind for kind, _ in writes.take().events["a"]] == ["started", "progress"]
+
+
+def test_events_off_means_no_route_and_no_stream(zoo: Path, tmp_path: Path) -> None:
+    """`DDSERVE_JOB_EVENTS=false`: the route is a 404 and a worker's round writes no stream."""
+    from workers.step_writes import StepWrites
+
+    app, _ = make_app(zoo, tmp_path, job_events=False)
+    with TestClient(app) as client:
+        job_id = submit(client)
+        assert_error(client.get(f"/jobs/{job_id}/events"), 404, "not_found")
+        assert not app.state.ddserve.events.subscribed
+    writes = StepWrites(PREFIX, events_ttl_s=60, events=False)
+    writes.event("a", EventKind.STARTED, {})
+    assert not writes.take()

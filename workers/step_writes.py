@@ -110,9 +110,10 @@ class Round:
 class StepWrites:
     """The current round's pending writes (used by the worker's loop thread only)."""
 
-    def __init__(self, prefix: str, events_ttl_s: int = 86400) -> None:
+    def __init__(self, prefix: str, events_ttl_s: int = 86400, events: bool = True) -> None:
         self.prefix = prefix
         self.events_ttl_s = events_ttl_s  # how long a job's event stream outlives its last entry
+        self.events = events  # False: no event streams (`DDSERVE_JOB_EVENTS=false`)
         self._round = Round()
 
     def save_meta(self, job: Job) -> None:
@@ -124,6 +125,8 @@ class StepWrites:
 
     def event(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
         """An entry for the job's event stream (see the module docstring for the merging)."""
+        if not self.events:
+            return
         entries = self._round.events.setdefault(job_id, [])
         merges = kind == EventKind.PROGRESS and "previews" not in data
         if merges and entries and entries[-1][0] == kind and "previews" not in entries[-1][1]:

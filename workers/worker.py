@@ -167,7 +167,8 @@ class BatchingWorker(SimpleWorker):
             settings.job_ttl_s,
             settings.job_deadline_s,
         )
-        writes = StepWrites(settings.key_prefix, events_ttl_s)  # the current round's writes
+        # the current round's writes
+        writes = StepWrites(settings.key_prefix, events_ttl_s, settings.job_events)
         model_of_queue = {q: m for m, q in self._queues_by_model.items()}
         self.jobs = RQJobs(self, settings, writes, model_of_queue)
         self.exchange = RedisExchange(self, settings, self.jobs, writes)
