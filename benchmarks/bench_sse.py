@@ -257,7 +257,11 @@ async def load_window(url: str, mode: str, concurrency: int, rounds: int, steps:
 
         async def wait_job(i: int) -> dict[str, Any]:
             r = await client.post("/generate", json=body(i, steps), headers={"Prefer": "wait=60"})
-            return r.json()
+            job = r.json()
+            while job["status"] not in ("succeeded", "failed", "canceled"):  # past 60 s: poll
+                await asyncio.sleep(1.0)
+                job = (await client.get(f"/jobs/{job['id']}")).json()
+            return job
 
         async def one(i: int) -> None:
             nonlocal done

@@ -339,3 +339,18 @@ def test_events_off_means_no_route_and_no_stream(zoo: Path, tmp_path: Path) -> N
     writes = StepWrites(PREFIX, events_ttl_s=60, events=False)
     writes.event("a", EventKind.STARTED, {})
     assert not writes.take()
+
+
+def test_a_client_that_leaves_frees_its_listener(
+    stack: tuple[TestClient, fakeredis.FakeRedis],
+) -> None:
+    client, _ = stack
+    job_id = submit(client)
+    hub = client.app.state.ddserve.events
+    for _ in range(3):
+        with client.stream("GET", f"/jobs/{job_id}/events", timeout=TIMEOUT_S) as response:
+            lines = response.iter_lines()
+            assert next(lines) == "event: queued"
+            assert hub.listening == 1
+            lines.close()
+        wait_until(lambda: hub.listening == 0)  # gone with the connection, job still queued

@@ -56,12 +56,16 @@ async def _events(
     state: AppState,
     request: Request,
     caller: CallerDep,
-    listener: Listener,
     first: JobSnapshot,
+    cursor: str,
     preview: bool,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The job's events until its terminal one (see the module docstring)."""
-    job_id = listener.job_id
+    """The job's events until its terminal one (see the module docstring). The listener is
+    registered here, when the response starts, so that its `finally` always removes it (a
+    generator that never starts never runs its `finally`); `first` was read before, and the
+    stream is read after: nothing appended in between is missed."""
+    job_id = first.id
+    listener: Listener = state.events.listen(job_id, cursor)
     try:
         if first.status == JobStatus.QUEUED:
             yield ServerSentEvent(
@@ -129,9 +133,7 @@ async def job_events(
                 ) from None
             raise ApiError(400, "invalid_event_id", str(error), "Last-Event-ID") from None
     first = await to_thread.run_sync(_read, state, caller, job_id)  # 404: not the caller's
-    # Listening before the stream is read: nothing appended from now on can be missed.
-    listener = state.events.listen(job_id, cursor)
     return EventSourceResponse(
-        _events(state, request, caller, listener, first, preview),
+        _events(state, request, caller, first, cursor, preview),
         ping=state.settings.sse_heartbeat_s,
     )
