@@ -205,6 +205,16 @@ ReturnMode = Annotated[
     Field(description="url: signed, expiring links; b64: inline base64 PNG"),
 ]
 Trajectory = Annotated[bool, Field(description="also return an animated GIF of x_t")]
+MIN_PREVIEW_EVERY = 2  # the floor of preview_every: a preview costs a PNG (and a decode) per image
+PreviewEvery = Annotated[
+    int,
+    Field(
+        ge=MIN_PREVIEW_EVERY,
+        le=MAX_STEPS,
+        description=f"every k denoising steps, a small preview of x̂_0 per image on the job's "
+        f"event stream (GET /jobs/{{id}}/events?preview=1); k ≥ {MIN_PREVIEW_EVERY}; omitted: none",
+    ),
+]
 
 
 def guidance_weight(scale: float) -> float:

@@ -34,6 +34,7 @@ from ddserve.params import (
     NegativePrompt,
     NoiseAmount,
     NoiseKind,
+    PreviewEvery,
     Prompt,
     ReturnMode,
     SamplerName,
@@ -70,6 +71,7 @@ class OutputOptions(Body):
     format: ImageFormat = "png"
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
+    preview_every: PreviewEvery | None = None
 
 
 class JobBody(Body):

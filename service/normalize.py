@@ -329,6 +329,7 @@ class RequestNormalizer:
             "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
             "output.trajectory": body.output.trajectory or None,
+            "output.preview_every": body.output.preview_every,
         }
         for name, value in diffusion_only.items():
             if value is not None:
