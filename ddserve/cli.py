@@ -13,6 +13,10 @@ COMMANDS = {
     "eval": ("models.evaluation.cli", "measure a zoo model: FID, precision/recall, accuracy"),
     "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
+    "webhook-worker": (
+        "service.webhooks.cli",
+        "deliver the jobs' webhooks (Standard Webhooks, retried; needs Redis)",
+    ),
     "doctor": ("workers.doctor", "what the models will run on here (device, CUDA, providers)"),
     "serve": ("ddserve.serve", "run the gateway (embedded with a worker thread when no Redis URL)"),
     "generate": (

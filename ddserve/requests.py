@@ -37,6 +37,8 @@ from ddserve.params import (
     SamplerName,
     Seed,
     Trajectory,
+    WebhookEventsFilter,
+    WebhookUrl,
     description_of,
 )
 
@@ -68,12 +70,15 @@ class OutputOptions(Body):
 
 
 class JobBody(Body):
-    """What every job-creating body has: the model, and how its outputs come back."""
+    """What every job-creating body has: the model, how its outputs come back, and the webhook
+    its events go to (none by default)."""
 
     model: ModelName
     output: OutputOptions = Field(
         default_factory=OutputOptions, description="how the outputs are returned"
     )
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: WebhookEventsFilter | None = None
 
 
 class GenerateBody(JobBody):

@@ -24,6 +24,7 @@ from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
 from service.telemetry import Telemetry
 from service.waiter import JobWaiter
+from service.webhooks.targets import WebhookTargets
 
 
 @dataclass
@@ -40,6 +41,7 @@ class AppState:
     idempotency: IdempotencyStore
     telemetry: Telemetry
     waiter: JobWaiter
+    webhooks: WebhookTargets
 
 
 @dataclass(frozen=True)
