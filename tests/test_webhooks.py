@@ -218,6 +218,28 @@ def test_unresolvable_host_is_422(zoo: Path, tmp_path: Path) -> None:
         assert_error(answer, 422, "webhook_unresolvable", "webhook")
 
 
+def test_a_url_that_passed_is_not_resolved_again_for_a_while(zoo: Path, tmp_path: Path) -> None:
+    calls: list[str] = []
+    table = {"hooks.example": ["93.184.216.34"]}
+    resolve = resolver_of(table)
+
+    def counting(host: str, port: int, **kw: Any) -> list[tuple[Any, ...]]:
+        calls.append(host)
+        return resolve(host, port, **kw)
+
+    clock = [0.0]
+    settings = Settings(webhook_secret=SECRET)
+    targets = WebhookTargets(settings, counting, clock=lambda: clock[0])
+    targets.check("https://hooks.example/a")
+    targets.check("https://hooks.example/a")
+    assert calls == ["hooks.example"]
+    clock[0] += 31.0  # past ACCEPTED_FOR_S: resolved again, and a rebinding is seen
+    table["hooks.example"] = ["10.0.0.1"]
+    with pytest.raises(WebhookRefused):
+        targets.check("https://hooks.example/a")
+    assert calls == ["hooks.example"] * 2
+
+
 # --- dispatch and delivery -------------------------------------------------------------------
 
 
@@ -326,6 +348,8 @@ def test_start_progress_completed_are_signed_and_verify(stack: Stack) -> None:
     assert all(r.path == "/hook" for r in got)
     assert stack.connection.zcard(watched_key(PREFIX)) == 0  # completed: no longer watched
     assert stack.counts() == {"delivered": 3}
+    metrics = stack.client.get("/metrics").text
+    assert 'ddserve_webhook_deliveries_total{outcome="delivered"} 3.0' in metrics
     # a tampered body or another secret does not verify
     with pytest.raises(Exception, match="signature"):
         Webhook(SECRET).verify(got[0].body.replace("start", "stert"), got[0].headers)
@@ -558,3 +582,47 @@ def test_a_real_job_of_the_embedded_stack_reaches_the_receiver(
     done = messages[-1]["data"]
     assert done["id"] == job.id and done["status"] == "succeeded"
     assert done["output"]["images"][0]["url"].startswith(f"{stack.url}/images/")
+
+
+def test_the_readme_receiver_accepts_deliveries_and_refuses_forgeries(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "examples" / "webhook_receiver.py"
+    assert path.read_text() in (root / "README.md").read_text()  # the README shows this file
+    spec = importlib.util.spec_from_file_location("webhook_receiver_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.Receiver.secret = SECRET
+    example.Receiver.log_message = lambda *_: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), example.Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stack = Stack(zoo, tmp_path, Receiver(port=server.server_address[1]))
+    try:
+        job_id = stack.submit(webhook_events_filter=["completed"])
+        stack.succeed(job_id)
+        stack.service.dispatcher.sweep()
+        assert stack.deliver_all() == 1
+        assert stack.counts() == {"delivered": 1}
+        assert f"job.completed {job_id} succeeded" in capsys.readouterr().out
+        forged = httpx.post(
+            Receiver(port=server.server_address[1]).url(),
+            content=b'{"type": "job.completed"}',
+            headers={
+                "webhook-id": "msg_x",
+                "webhook-timestamp": str(int(time.time())),
+                "webhook-signature": "v1," + base64.b64encode(b"0" * 32).decode(),
+            },
+        )
+        assert forged.status_code == 400
+    finally:
+        stack.close()
+        server.shutdown()
+        server.server_close()
