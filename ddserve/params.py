@@ -216,6 +216,34 @@ PreviewEvery = Annotated[
     ),
 ]
 
+# Webhooks (Replicate's names): where to POST the job's events, and which of them. Checked by the
+# gateway at submit (https, or http to an allowlisted host; the host's addresses public or
+# allowlisted: `service.webhooks.addresses`) and again by the delivery worker before each attempt.
+WEBHOOK_EVENTS = ("start", "progress", "completed")
+MAX_WEBHOOK_URL = 2048
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL,
+        description="an https URL to POST the job's events to (Standard Webhooks: signed "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature` headers; the body is the job as "
+        "`GET /jobs/{id}` shows it, under `data`); http only for allowlisted hosts; private, "
+        "loopback, link-local and metadata addresses are refused",
+        examples=["https://example.com/ddserve-hook"],
+    ),
+]
+WebhookEvent = Literal["start", "progress", "completed"]
+WebhookEventsFilter = Annotated[
+    list[WebhookEvent],
+    Field(
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="which events to send to `webhook`: start (a worker took the job), progress "
+        "(throttled), completed (succeeded, failed or canceled); omitted: all three",
+    ),
+]
+
 
 def guidance_weight(scale: float) -> float:
     """The sampling library's classifier-free guidance weight w for the public scale s: w = s − 1

@@ -43,6 +43,8 @@ from ddserve.params import (
     Strength,
     Trajectory,
     UseKarrasSigmas,
+    WebhookEventsFilter,
+    WebhookUrl,
     description_of,
 )
 
@@ -75,12 +77,15 @@ class OutputOptions(Body):
 
 
 class JobBody(Body):
-    """What every job-creating body has: the model, and how its outputs come back."""
+    """What every job-creating body has: the model, how its outputs come back, and the webhook
+    its events go to (none by default)."""
 
     model: ModelName
     output: OutputOptions = Field(
         default_factory=OutputOptions, description="how the outputs are returned"
     )
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: WebhookEventsFilter | None = None
 
 
 class GenerateBody(JobBody):

@@ -52,6 +52,7 @@ from service.routers import (
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 from service.waiter import JobWaiter
+from service.webhooks.targets import WebhookTargets
 
 log = logging.getLogger("ddserve.service")
 METRICS_FLUSH_S = 1.0  # how often each process adds its request counts to Redis
@@ -120,6 +121,7 @@ def build_state(
         telemetry=Telemetry(store),
         waiter=JobWaiter(store, connection, settings.wait_poll_s),
         events=EventHub(connection, settings.key_prefix, settings.sse_heartbeat_s),
+        webhooks=WebhookTargets(settings),
     )
 
 

@@ -25,6 +25,7 @@ from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
 from service.telemetry import Telemetry
 from service.waiter import JobWaiter
+from service.webhooks.targets import WebhookTargets
 
 
 @dataclass
@@ -42,6 +43,7 @@ class AppState:
     telemetry: Telemetry
     waiter: JobWaiter
     events: EventHub
+    webhooks: WebhookTargets
 
 
 @dataclass(frozen=True)
