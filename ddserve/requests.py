@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddserve.params import (
+    DEFAULT_STRENGTH,
     MAX_IMAGES,
     ClassifierScale,
     ClassLabel,
@@ -30,13 +31,20 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     NoiseAmount,
     NoiseKind,
+    PreviewEvery,
     Prompt,
     ReturnMode,
     SamplerName,
     Seed,
+    SolverOrder,
+    Strength,
     Trajectory,
+    UseKarrasSigmas,
+    WebhookEventsFilter,
+    WebhookUrl,
     description_of,
 )
 
@@ -65,15 +73,19 @@ class OutputOptions(Body):
     format: ImageFormat = "png"
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
+    preview_every: PreviewEvery | None = None
 
 
 class JobBody(Body):
-    """What every job-creating body has: the model, and how its outputs come back."""
+    """What every job-creating body has: the model, how its outputs come back, and the webhook
+    its events go to (none by default)."""
 
     model: ModelName
     output: OutputOptions = Field(
         default_factory=OutputOptions, description="how the outputs are returned"
     )
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: WebhookEventsFilter | None = None
 
 
 class GenerateBody(JobBody):
@@ -101,8 +113,11 @@ class GenerateBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
@@ -117,11 +132,34 @@ class InpaintBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
+    seed: Seed | None = None
+
+
+class Img2ImgBody(JobBody):
+    """`POST /img2img` (SDEdit): noise `image` part of the way and denoise it again, n variations,
+    steered by the prompt or class like `/generate`."""
+
+    image: ImagePng
+    strength: Strength = DEFAULT_STRENGTH
+    n: ImageCount = 1
+    sampler: SamplerName | None = None
+    num_inference_steps: InferenceSteps | None = None
+    eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
+    class_label: ClassLabel | None = None
+    prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
+    guidance_scale: GuidanceScale | None = None
+    classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
 
 

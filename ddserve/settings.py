@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.catalog import DEFAULT_ZOO
 
+DEFAULT_IMPORT_DIR = Path("var/models")
+
 
 def env_file() -> str | None:
     """The `.env` file settings are read from: `DDSERVE_ENV_FILE`, `.env` in the working directory
@@ -30,7 +32,14 @@ class Settings(BaseSettings):
         description="Redis URL; unset = embedded mode (in-process fakeredis and worker thread)",
     )
     key_prefix: str = Field("ddserve", description="prefix of every Redis key and RQ queue of ours")
-    zoo_dir: Path = Field(DEFAULT_ZOO, description="the model repository (one folder per model)")
+    zoo_dir: Path = Field(DEFAULT_ZOO, description="the model zoo (one folder per model)")
+    model_dirs: str = Field(
+        "",
+        description="comma-separated folders of models, searched in order: every sub-folder with "
+        "a ddserve card (config.json) or a diffusers pipeline (model_index.json) is a model; "
+        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR, then ./var/models (where "
+        "`ddserve import` then writes: the zoo holds the shipped models)",
+    )
     models: str = Field("", description="comma-separated models to serve; empty = every zoo model")
 
     # --- gateway ---
@@ -64,6 +73,18 @@ class Settings(BaseSettings):
         description="held `Prefer: wait` requests wake on job-finished notifications; this safety "
         "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
         "unreachable",
+    )
+    job_events: bool = Field(
+        True,
+        description="workers write each job's event stream (started, progress, previews) and "
+        "gateways serve `GET /jobs/{id}/events`; false: neither (the route is a 404)",
+    )
+    sse_heartbeat_s: float = Field(
+        15.0,
+        gt=0.0,
+        description="`GET /jobs/{id}/events` sends a comment line this often so that proxies keep an "
+        "idle stream open; the shared reader also re-reads every open stream's job this often, for "
+        "a wake-up lost while Redis was unreachable",
     )
     graceful_shutdown_s: float = Field(
         65.0,
@@ -186,8 +207,22 @@ class Settings(BaseSettings):
         "continuous batching does not recompile for every new batch size; empty: powers of two "
         "up to max_batch (with compile on)",
     )
+    memory_fraction: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="GPU: the share of the device's free memory (measured after loading, by two "
+        "probe calls) that one network call may use; it lowers max_batch per model. 0: no probe "
+        "(max_batch alone). The CPU is not probed",
+    )
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
+    )
+    text_cache_size: int = Field(
+        128,
+        ge=0,
+        description="prompts whose text-encoder outputs a worker keeps per text pipeline (LRU), "
+        "so a repeated prompt costs no text-encoder call; 0 = none",
     )
     heartbeat_s: float = Field(10.0, description="worker heartbeat and started-job refresh period")
     abandoned_after_s: float = Field(
@@ -198,6 +233,50 @@ class Settings(BaseSettings):
         90.0,
         description="a stopping worker (SIGTERM) hands back to the queue the jobs it has not "
         "finished within this time",
+    )
+
+    # --- webhooks ---
+    webhook_secret: str = Field(
+        "",
+        description="Standard Webhooks signing secret (`whsec_` + base64 key) of the deliveries; "
+        "empty (and no webhook_secrets): webhooks are off, a job asking for one is refused (422). "
+        "Per API key: webhook_secrets",
+    )
+    webhook_secrets: str = Field(
+        "",
+        description="comma-separated `key_id=whsec_...`: the signing secret of the jobs of that "
+        "API key (its id: the name in DDSERVE_API_KEYS); others use webhook_secret",
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="comma-separated host names, IP addresses or CIDR networks that webhooks may "
+        "reach by http and at private, loopback or link-local addresses (everything else: https "
+        "to public addresses only)",
+    )
+    webhook_connect_timeout_s: float = Field(
+        3.0, gt=0.0, description="a webhook delivery's connect timeout"
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0.0, description="a webhook delivery's total time (connect, send, answer)"
+    )
+    webhook_max_age_s: int = Field(
+        3600,
+        ge=1,
+        description="a webhook delivery is retried (exponential backoff with jitter) until this "
+        "long after its event, then dropped (logged and counted)",
+    )
+    webhook_retry_base_s: int = Field(
+        2, ge=1, description="first retry delay of a failed webhook delivery (then doubling)"
+    )
+    webhook_retry_cap_s: int = Field(
+        300, ge=1, description="longest delay between two attempts of a webhook delivery"
+    )
+    webhook_poll_s: float = Field(
+        0.5,
+        gt=0.0,
+        description="the webhook worker reads the state of the jobs that have a webhook this "
+        "often (their start and progress events; a finished job wakes it at once); also the "
+        "shortest interval between two progress events of a job",
     )
 
     # --- storage ---
@@ -227,6 +306,16 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    def model_repository(self) -> list[Path]:
+        """The model folders' parents, in search order (see `model_dirs`)."""
+        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
+        return named or [self.zoo_dir, DEFAULT_IMPORT_DIR]
+
+    def import_dir(self) -> Path:
+        """Where `ddserve import` writes: the first of `model_dirs`, else ./var/models."""
+        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
+        return named[0] if named else DEFAULT_IMPORT_DIR
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -9,7 +9,7 @@ nothing on the worker side reads a parameter with a fallback default.
 
 Kinds (`ddserve.jobs.JobKind`): `generate` on a diffusion model (`GenerateSpec`) or on an
 autoencoder with a prior — VAE, AAE — (`PriorSampleSpec`: z_i ~ N(0, I) decoded; told apart by the
-absence of sampling fields), `inpaint`, `encode`, `decode`, `reconstruct`.
+absence of sampling fields), `inpaint`, `img2img`, `encode`, `decode`, `reconstruct`.
 
 Torch-free: the gateway imports it.
 """
@@ -30,7 +30,9 @@ from pydantic import (
 )
 
 from ddserve.params import (
+    KARRAS_SAMPLERS,
     NO_GUIDANCE,
+    ORDER_SAMPLERS,
     ClassifierScale,
     ClassLabel,
     Eta,
@@ -43,10 +45,14 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     Prompt,
     PromptTokens,
     SamplerName,
     Seed,
+    SolverOrder,
+    Strength,
+    UseKarrasSigmas,
 )
 from ddserve.requests import NoiseOptions, OutputOptions
 
@@ -71,17 +77,29 @@ class _Spec(BaseModel):
 class _Conditioned(_Spec):
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
-    prompt_tokens: PromptTokens | None = None  # tokenized once, by the gateway
+    # Tokenized once, by the gateway, for models of word vocabularies; None for a model with its
+    # own tokenizer (`Conditioning.tokenizer == "clip"`), whose worker encodes the prompt's text.
+    prompt_tokens: PromptTokens | None = None
+    negative_prompt: NegativePrompt | None = None  # the unconditional row's prompt (∅ if None)
+    negative_prompt_tokens: PromptTokens | None = None  # tokenized like the prompt
     guidance_scale: GuidanceScale = NO_GUIDANCE  # s, diffusers' meaning (ddserve.params)
 
     @model_validator(mode="after")
     def _one_condition(self) -> _Conditioned:
         if self.class_label is not None and self.prompt is not None:
             raise ValueError("give class_label or prompt, not both")
-        if (self.prompt is None) != (self.prompt_tokens is None):
-            raise ValueError("prompt and prompt_tokens go together (the gateway tokenizes)")
+        if self.prompt is None and self.prompt_tokens is not None:
+            raise ValueError("prompt_tokens without a prompt (the gateway tokenizes the prompt)")
         if self.guided and self.class_label is None and self.prompt is None:
             raise ValueError("classifier-free guidance (guidance_scale > 1) needs a condition")
+        if (self.negative_prompt_tokens is None) != (
+            self.negative_prompt is None or self.prompt_tokens is None
+        ):
+            raise ValueError(
+                "negative_prompt_tokens go with a negative_prompt, tokenized as the prompt is"
+            )
+        if self.negative_prompt is not None and (self.prompt is None or not self.guided):
+            raise ValueError("negative_prompt needs a prompt and guidance_scale > 1")
         return self
 
     @property
@@ -95,19 +113,46 @@ class _Sampling(_Conditioned):
     sampler: SamplerName
     num_inference_steps: InferenceSteps
     eta: Eta
+    # Present exactly for the samplers they apply to (null otherwise), as the gateway resolves them.
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     clip_denoised: bool
     seed: Seed
 
+    @model_validator(mode="after")
+    def _solver_options_match_the_sampler(self) -> _Sampling:
+        for name, samplers in (
+            ("use_karras_sigmas", KARRAS_SAMPLERS),
+            ("solver_order", ORDER_SAMPLERS),
+        ):
+            given = getattr(self, name) is not None
+            if given and self.sampler not in samplers:
+                raise ValueError(f"{name} applies to {', '.join(samplers)}, not {self.sampler!r}")
+            if not given and self.sampler in samplers:
+                raise ValueError(f"{name} is missing: sampler {self.sampler!r} takes it")
+        return self
 
-class GenerateSpec(_Sampling):
-    kind: Literal["generate"] = "generate"
+
+class _ClassifierGuided(_Sampling):
     classifier_scale: ClassifierScale = 0.0
 
     @model_validator(mode="after")
-    def _classifier_needs_class(self) -> GenerateSpec:
+    def _classifier_needs_class(self) -> _ClassifierGuided:
         if self.classifier_scale > 0 and self.class_label is None:
             raise ValueError("classifier_scale needs a class_label")
         return self
+
+
+class GenerateSpec(_ClassifierGuided):
+    kind: Literal["generate"] = "generate"
+
+
+class Img2ImgSpec(_ClassifierGuided):
+    """Image-to-image (SDEdit): `image` noised to the tail of the plan that `strength` gives."""
+
+    kind: Literal["img2img"] = "img2img"
+    image: ImagePng  # canonical PNG of the model's image size and channels
+    strength: Strength
 
 
 class InpaintSpec(_Sampling):
@@ -170,16 +215,20 @@ JobSpec = Annotated[
     Annotated[GenerateSpec, Tag("generate")]
     | Annotated[PriorSampleSpec, Tag("prior_sample")]
     | Annotated[InpaintSpec, Tag("inpaint")]
+    | Annotated[Img2ImgSpec, Tag("img2img")]
     | Annotated[EncodeSpec, Tag("encode")]
     | Annotated[DecodeSpec, Tag("decode")]
     | Annotated[ReconstructSpec, Tag("reconstruct")],
     Discriminator(
         _spec_tag,
         custom_error_type="unknown_job_kind",
-        custom_error_message="kind must be one of generate, inpaint, encode, decode, reconstruct",
+        custom_error_message="kind must be one of generate, inpaint, img2img, encode, decode, "
+        "reconstruct",
     ),
 ]
-DenoiseSpec = GenerateSpec | InpaintSpec  # the kinds that run in a denoising running set
+DenoiseSpec = (
+    GenerateSpec | InpaintSpec | Img2ImgSpec
+)  # the kinds that run in a denoising running set
 
 _ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 MAX_REPORTED_ERRORS = 5

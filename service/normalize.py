@@ -14,11 +14,17 @@ import math
 import secrets
 from typing import Any
 
-from ddserve.params import NO_GUIDANCE, REPAINT_SAMPLERS
+from ddserve.params import (
+    KARRAS_SAMPLERS,
+    NO_GUIDANCE,
+    ORDER_SAMPLERS,
+    REPAINT_SAMPLERS,
+)
 from ddserve.requests import (
     DecodeBody,
     EncodeBody,
     GenerateBody,
+    Img2ImgBody,
     InpaintBody,
     ReconstructBody,
 )
@@ -26,12 +32,13 @@ from ddserve.spec import (
     DecodeSpec,
     EncodeSpec,
     GenerateSpec,
+    Img2ImgSpec,
     InpaintSpec,
     PriorSampleSpec,
     ReconstructSpec,
 )
 from models.catalog import ModelEntry, SamplingDefaults
-from models.data.text import encode_prompt
+from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
 from service.uploads import UploadLimits, canonical_image, canonical_mask
@@ -85,28 +92,54 @@ class RequestNormalizer:
         return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
     def _sampling(
-        self, entry: ModelEntry, sampler: str | None, steps: int | None, eta: float | None
+        self, entry: ModelEntry, body: GenerateBody | InpaintBody | Img2ImgBody
     ) -> dict[str, Any]:
+        """The sampler, its step count and options: each the body's or the card's default. The
+        solver options apply only to the samplers that take them: given for another sampler they
+        are a 422; left out, the card's default fills them for those samplers and null for others."""
         d = self._defaults(entry)
-        chosen = sampler or d.sampler
+        chosen = body.sampler or d.sampler
         if entry.samplers and chosen not in entry.samplers:
             raise _invalid(
                 "unsupported_sampler",
                 f"model {entry.name!r} offers the samplers {', '.join(entry.samplers)}",
                 "sampler",
             )
+        options: dict[str, Any] = {}
+        for name, samplers, default in (
+            ("use_karras_sigmas", KARRAS_SAMPLERS, d.use_karras_sigmas),
+            ("solver_order", ORDER_SAMPLERS, d.solver_order),
+        ):
+            given = getattr(body, name)
+            if chosen not in samplers:
+                if given is not None:
+                    raise _invalid(
+                        "solver_option_not_applicable",
+                        f"{name} applies to the samplers {', '.join(samplers)}, not to "
+                        f"{chosen!r}: leave it out or choose one of those",
+                        name,
+                    )
+                options[name] = None
+            else:
+                options[name] = given if given is not None else default
         total = entry.schedule.num_timesteps if entry.schedule else 1000
-        count = steps if steps is not None else min(d.num_inference_steps, total)
-        if count > total:
+        # The multistep solvers lay out S + 1 points of the schedule and drop the last
+        # (models.diffusion.timesteps.multistep_timesteps); Karras σ levels have no such bound.
+        most = total - 1 if chosen in ORDER_SAMPLERS and not options["use_karras_sigmas"] else total
+        steps = body.num_inference_steps
+        count = steps if steps is not None else min(d.num_inference_steps, most)
+        if count > most:
             raise _invalid(
                 "too_many_steps",
-                f"num_inference_steps is {count}; model {entry.name!r} has T = {total}",
+                f"num_inference_steps is {count}; with sampler {chosen!r} model {entry.name!r} "
+                f"(T = {total}) takes 1 to {most}",
                 "num_inference_steps",
             )
         return {
             "sampler": chosen,
             "num_inference_steps": count,
-            "eta": eta if eta is not None else d.eta,
+            "eta": body.eta if body.eta is not None else d.eta,
+            **options,
         }
 
     def _condition(
@@ -115,6 +148,7 @@ class RequestNormalizer:
         class_label: int | None,
         prompt: str | None,
         guidance_scale: float | None,
+        negative_prompt: str | None = None,
     ) -> dict[str, Any]:
         cond = entry.conditioning
         tokens: list[int] | None = None
@@ -138,7 +172,7 @@ class RequestNormalizer:
                     f"0 ≤ class_label < {len(cond.classes)} ({listed})",
                     "class_label",
                 )
-        if prompt is not None:
+        if prompt is not None and not _own_tokenizer(entry):
             if cond is None or cond.type != "text" or not cond.vocabulary:
                 raise _invalid(
                     "not_text_conditional",
@@ -151,6 +185,24 @@ class RequestNormalizer:
                 tokens = encode_prompt(prompt, cond.vocabulary, context_len)
             except ValueError as e:
                 raise _invalid("invalid_prompt", str(e), "prompt") from None
+        negative_tokens = self._negative_prompt(entry, prompt, negative_prompt)
+        if cond is not None and cond.type == "class" and not cond.has_null:
+            # A class-conditional network without a ∅ class (a diffusers UNet2DModel with
+            # num_class_embeds) cannot sample without a label nor guide towards one.
+            if class_label is None and prompt is None:
+                raise _invalid(
+                    "class_label_required",
+                    f"model {entry.name!r} is class-conditional and has no unconditional mode: "
+                    f"give a class_label, 0 ≤ class_label < {len(cond.classes or [])}",
+                    "class_label",
+                )
+            if guidance_scale is not None and guidance_scale != NO_GUIDANCE:
+                raise _invalid(
+                    "guidance_unsupported",
+                    f"model {entry.name!r} has no unconditional prediction to guide away from "
+                    "(no ∅ class): classifier-free guidance needs one; use guidance_scale 1",
+                    "guidance_scale",
+                )
         conditioned = class_label is not None or prompt is not None
         if guidance_scale is not None and guidance_scale != NO_GUIDANCE and not conditioned:
             raise _invalid(
@@ -161,12 +213,56 @@ class RequestNormalizer:
             )
         if guidance_scale is None:
             guidance_scale = self._defaults(entry).guidance_scale if conditioned else NO_GUIDANCE
+        if negative_prompt is not None and guidance_scale == NO_GUIDANCE:
+            # diffusers ignores a negative prompt at s ≤ 1; here it would be silently dropped.
+            raise _invalid(
+                "negative_prompt_needs_guidance",
+                "negative_prompt replaces the empty prompt in classifier-free guidance, which "
+                f"guidance_scale 1 turns off (model {entry.name!r}'s default is "
+                f"{self._defaults(entry).guidance_scale}): give guidance_scale > 1, or no "
+                "negative_prompt",
+                "negative_prompt",
+            )
         return {
             "class_label": class_label,
             "prompt": prompt,
             "prompt_tokens": tokens,
+            "negative_prompt": negative_prompt,
+            "negative_prompt_tokens": negative_tokens,
             "guidance_scale": guidance_scale,
         }
+
+    @staticmethod
+    def _negative_prompt(
+        entry: ModelEntry, prompt: str | None, negative_prompt: str | None
+    ) -> list[int] | None:
+        """The negative prompt's tokens (words of the vocabulary, like the prompt's; no words at
+        all is the empty prompt ∅ itself), or None when there is none."""
+        if negative_prompt is None:
+            return None
+        cond = entry.conditioning
+        own = _own_tokenizer(entry)
+        if cond is None or cond.type != "text" or not (cond.vocabulary or own):
+            raise _invalid(
+                "not_text_conditional",
+                f"model {entry.name!r} takes no negative_prompt (it has no text conditioning)",
+                "negative_prompt",
+            )
+        if prompt is None:
+            raise _invalid(
+                "negative_prompt_needs_prompt",
+                "negative_prompt steers a prompted image away from it: give a prompt too",
+                "negative_prompt",
+            )
+        if own or not cond.vocabulary:
+            return None  # the worker encodes the text (and "" is its ∅ too)
+        context_len = cond.context_len or len(cond.vocabulary)
+        if not tokenize(negative_prompt):
+            return null_tokens(context_len)
+        try:
+            return encode_prompt(negative_prompt, cond.vocabulary, context_len)
+        except ValueError as e:
+            raise _invalid("invalid_prompt", f"negative_prompt: {e}", "negative_prompt") from None
 
     def _classifier_scale(
         self, entry: ModelEntry, requested: float | None, class_label: int | None
@@ -209,8 +305,10 @@ class RequestNormalizer:
         return GenerateSpec(
             model=entry.name,
             n=body.n,
-            **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
-            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            **self._sampling(entry, body),
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
             clip_denoised=self._defaults(entry).clip_denoised,
             seed=self._seed(body.seed),
@@ -224,10 +322,14 @@ class RequestNormalizer:
             "sampler": body.sampler,
             "num_inference_steps": body.num_inference_steps,
             "eta": body.eta,
+            "use_karras_sigmas": body.use_karras_sigmas,
+            "solver_order": body.solver_order,
             "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
             "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
             "output.trajectory": body.output.trajectory or None,
+            "output.preview_every": body.output.preview_every,
         }
         for name, value in diffusion_only.items():
             if value is not None:
@@ -249,7 +351,7 @@ class RequestNormalizer:
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
         d = self._defaults(entry)
-        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        sampling = self._sampling(entry, body)
         steps = sampling["num_inference_steps"]
         # The default jump is cut to the step count; an explicit one must fit.
         jump_length = (
@@ -257,11 +359,12 @@ class RequestNormalizer:
         )
         jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
         if jump_n_sample > 1 and sampling["sampler"] not in REPAINT_SAMPLERS:
+            whose = "" if body.sampler is not None else f"model {entry.name!r}'s default "
             raise _invalid(
                 "sampler_cannot_resample",
-                f"sampler {sampling['sampler']!r} keeps a history of model outputs, which RePaint's "
-                f"jumps back to more noise would invalidate: with jump_n_sample > 1 use one of "
-                f"{', '.join(REPAINT_SAMPLERS)}",
+                f"{whose}sampler {sampling['sampler']!r} keeps a history of model outputs, which "
+                f"RePaint's jumps back to more noise would invalidate: with jump_n_sample > 1 "
+                f"give sampler, one of {', '.join(REPAINT_SAMPLERS)}",
                 "sampler",
             )
         if jump_length > steps:
@@ -280,8 +383,48 @@ class RequestNormalizer:
             **sampling,
             jump_length=jump_length,
             jump_n_sample=jump_n_sample,
-            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
             clip_denoised=d.clip_denoised,
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
+
+    def img2img(self, body: Img2ImgBody) -> Img2ImgSpec:
+        """Image-to-image (SDEdit) on a diffusion model that generates: the image noised to the
+        tail of the plan `strength` gives (⌊steps·strength⌋ steps, at least one), then denoised."""
+        entry = self.entry(body.model, "generate")
+        if entry.schedule is None:
+            raise _invalid(
+                "not_a_diffusion_model",
+                f"model {entry.name!r} ({entry.kind}) has no diffusion schedule to noise and "
+                "denoise an image along: image-to-image needs a diffusion model",
+                "model",
+            )
+        sampling = self._sampling(entry, body)
+        steps = sampling["num_inference_steps"]
+        if int(steps * body.strength) == 0:  # the library's `timesteps.sdedit_start` arithmetic
+            raise _invalid(
+                "strength_too_low",
+                f"strength {body.strength} of {steps} steps leaves no denoising step "
+                f"(⌊num_inference_steps·strength⌋ = 0): use strength ≥ {1 / steps:.4g} or more "
+                "steps",
+                "strength",
+            )
+        return Img2ImgSpec(
+            model=entry.name,
+            image=canonical_image(
+                body.image, "image", self.limits, self._size(entry), entry.image.channels
+            ),
+            strength=body.strength,
+            n=body.n,
+            **sampling,
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
+            classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
+            clip_denoised=self._defaults(entry).clip_denoised,
             seed=self._seed(body.seed),
             output=body.output,
         )
@@ -386,6 +529,14 @@ class RequestNormalizer:
                 "code_out_of_range", f"code indices must be integers in [0, {size})", param
             )
         return nested.convert(codes, int)
+
+
+def _own_tokenizer(entry: ModelEntry) -> bool:
+    """A text model whose worker tokenizes and encodes prompts itself (a diffusers pipeline's
+    CLIP tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
+    are the tokenizer's: a prompt past `context_len` tokens is truncated, as diffusers does."""
+    cond = entry.conditioning
+    return cond is not None and cond.type == "text" and cond.tokenizer == "clip"
 
 
 def _is_number(value: Any) -> bool:

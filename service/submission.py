@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID
+from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID, META_WEBHOOK
 from ddserve.spec import JobSpec
 from service.dependencies import AppState, Caller, base_url
 from service.errors import ApiError
@@ -62,6 +62,7 @@ def _create(
             headers={"Retry-After": str(retry_after)},
         )
     spec = _spec(normalize, body)
+    webhook = state.webhooks.target(body)  # resolves its host: here, off the event loop
     model = spec.model
     job_id = str(uuid.uuid4())
     if idempotency_key is not None:
@@ -80,6 +81,8 @@ def _create(
         META_MODEL: model,
         META_REQUEST_ID: request_id,
     }
+    if webhook is not None:
+        meta[META_WEBHOOK] = webhook
     limit = state.settings.max_queue_length
     try:
         done = state.store.enqueue(model, spec.to_json(), job_id, meta, max_load=limit)
@@ -133,9 +136,12 @@ def _read(state: AppState, job_id: str) -> JobSnapshot | None:
 
 
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
-    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished),
-    read in one thread hop: when thousands of held requests wake together, each hop counts."""
-    await state.waiter.wait(job_id, seconds)
+    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished).
+    A woken wait's snapshot comes from the waiter, read with the rest of its burst: when thousands
+    of held requests wake together, a thread hop each is what made them late."""
+    woken, snapshot = await state.waiter.wait_snapshot(job_id, seconds)
+    if woken and snapshot is not None:
+        return snapshot
     return await to_thread.run_sync(_read, state, job_id)
 
 

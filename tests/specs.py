@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddserve.params import KARRAS_SAMPLERS, ORDER_SAMPLERS
 from ddserve.spec import parse_job_spec
 
 SAMPLING = {
@@ -19,6 +20,11 @@ SAMPLING = {
 
 
 def _spec(fields: dict[str, Any]) -> dict[str, Any]:
+    if "sampler" in fields:  # the solver options the gateway fills for the samplers taking them
+        if fields["sampler"] in KARRAS_SAMPLERS:
+            fields = {"use_karras_sigmas": False, **fields}
+        if fields["sampler"] in ORDER_SAMPLERS:
+            fields = {"solver_order": 2, **fields}
     return parse_job_spec(fields).to_json()  # type: ignore[union-attr]
 
 
@@ -33,6 +39,12 @@ def inpaint(model: str, image: str, mask: str, **fields: Any) -> dict[str, Any]:
     """An inpaint spec (RePaint with no jumps unless given)."""
     base = {"kind": "inpaint", "model": model, "image": image, "mask": mask, **SAMPLING}
     return _spec({**base, "jump_length": 1, "jump_n_sample": 1, **fields})
+
+
+def img2img(model: str, image: str, **fields: Any) -> dict[str, Any]:
+    """An image-to-image spec (strength 0.5 unless given)."""
+    base = {"kind": "img2img", "model": model, "image": image, "strength": 0.5, **SAMPLING}
+    return _spec({**base, "classifier_scale": 0.0, **fields})
 
 
 def prior_sample(model: str, **fields: Any) -> dict[str, Any]:

@@ -21,23 +21,28 @@ from ddserve.requests import (
     DecodeBody,
     EncodeBody,
     GenerateBody,
+    Img2ImgBody,
     InpaintBody,
     ReconstructBody,
 )
-from ddserve.spec import GenerateSpec, InpaintSpec, ReconstructSpec
+from ddserve.spec import GenerateSpec, Img2ImgSpec, InpaintSpec, ReconstructSpec
 
 SAMPLE_VALUES = {
     "n": 3,
     "sampler": "ddpm",
     "num_inference_steps": 20,
     "eta": 0.5,
+    "use_karras_sigmas": True,
+    "solver_order": 1,
     "class_label": 2,
     "prompt": "red circle",
+    "negative_prompt": "blue",
     "guidance_scale": 7.5,
     "classifier_scale": 1.0,
     "seed": 42,
     "jump_length": 5,
     "jump_n_sample": 2,
+    "strength": 0.45,
 }
 
 
@@ -57,7 +62,10 @@ def sent_bodies(call: Any) -> list[dict[str, Any]]:
     return sent
 
 
-@pytest.mark.parametrize(("method", "body"), [("generate", GenerateBody), ("inpaint", InpaintBody)])
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("generate", GenerateBody), ("inpaint", InpaintBody), ("img2img", Img2ImgBody)],
+)
 def test_the_client_forwards_every_body_parameter_and_refuses_others(
     method: str, body: type[BaseModel]
 ) -> None:
@@ -65,7 +73,7 @@ def test_the_client_forwards_every_body_parameter_and_refuses_others(
     assert names, body
     values = {n: SAMPLE_VALUES[n] for n in names}
     images = (np.zeros((8, 8), np.uint8), np.full((8, 8), 255, np.uint8))
-    args = images if method == "inpaint" else ()
+    args = {"inpaint": images, "img2img": images[:1]}.get(method, ())
     (sent,) = sent_bodies(lambda c: getattr(c, method)("m", *args, wait=False, **values))
     assert {n: sent[n] for n in names} == values
     body.model_validate(sent)  # what the client sends is a valid body
@@ -83,7 +91,7 @@ def test_body_builders_produce_bodies_that_validate() -> None:
 
 
 def test_every_optional_body_field_carries_its_parameter_description() -> None:
-    for body in (GenerateBody, InpaintBody, EncodeBody, DecodeBody, ReconstructBody):
+    for body in (GenerateBody, InpaintBody, Img2ImgBody, EncodeBody, DecodeBody, ReconstructBody):
         for name, field in body.model_fields.items():
             assert field.description, f"{body.__name__}.{name} has no description"
         schema = body.model_json_schema()
@@ -110,8 +118,15 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
     ("body", "spec", "names"),
     [
         (GenerateBody, GenerateSpec, ["n", "num_inference_steps", "eta", "guidance_scale", "seed"]),
+        (GenerateBody, GenerateSpec, ["use_karras_sigmas", "solver_order"]),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
+        (InpaintBody, InpaintSpec, ["use_karras_sigmas", "solver_order"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),
+        (
+            Img2ImgBody,
+            Img2ImgSpec,
+            ["image", "strength", "n", "guidance_scale", "classifier_scale", "seed"],
+        ),
     ],
 )
 def test_body_and_spec_share_one_declaration_of_each_parameter(
@@ -132,7 +147,19 @@ def test_generate_cli_options_are_derived_from_the_body() -> None:
     assert args.num_inference_steps == 20 and args.guidance_scale == 7.5
     help_text = parser.format_help()
     assert "as in diffusers" in help_text  # the guidance description, from ddserve.params
-    for bad in (["--guidance", "0.5"], ["--steps", "0"], ["--sampler", "heun"], ["--n", "99"]):
+    words = " ".join(help_text.split())  # argparse wraps the descriptions
+    assert "Karras et al. (2022)" in words and "multistep solver's order" in words
+    solver = ["--model", "m", "--use-karras-sigmas", "true", "--solver-order", "1"]
+    args = parser.parse_args(solver)
+    assert args.use_karras_sigmas is True and args.solver_order == 1
+    for bad in (
+        ["--guidance", "0.5"],
+        ["--steps", "0"],
+        ["--sampler", "heun"],
+        ["--n", "99"],
+        ["--solver-order", "3"],
+        ["--use-karras-sigmas", "maybe"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "m", *bad])
 

@@ -14,7 +14,11 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
 3. per model, one network call over all running samples at their own timesteps; finished samples
    leave and their images are decoded (latent diffusion, one call per step); a job completes as
    soon as its last image is stored; progress is written every `progress_every` steps and once
-   more (step = total) when the job completes.
+   more (step = total) when the job completes. A job that asked for live previews
+   (`output.preview_every` = k) also gets, every k of its steps, the x̂_0 its samples went through
+   in that step, decoded like a final image (the first-stage decoder of a latent model: exact,
+   not a latent→RGB approximation, at one decoder call per job every k steps) and shrunk to a small
+   PNG, with its progress; a job that did not ask costs nothing (its samples keep no x̂_0).
 
 Storing (PNG encoding and the storage backend's write: a file, or an HTTP request to S3) runs on
 the engine's store threads (`store_threads`) while the next steps run, so a step boundary never
@@ -44,6 +48,7 @@ that carry the job's request and report its end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -55,6 +60,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ddserve.job_events import Preview
 from ddserve.jobs import ImageRecord, JobOutput
 from ddserve.settings import Settings
 from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
@@ -67,6 +73,7 @@ from workers.execute import (
     DenoiseWork,
     prepare_codec,
     prepare_denoise,
+    preview_png,
     run_codec,
     run_codec_calls,
 )
@@ -96,7 +103,9 @@ class Ticket(Protocol):
     arrived_at: float  # when it was queued (seconds since the epoch): older is admitted first
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
 
-    def progress(self, step: int, total: int, batch_rows: int) -> None: ...
+    def progress(
+        self, step: int, total: int, batch_rows: int, previews: list[Preview] | None = None
+    ) -> None: ...
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None: ...
 
@@ -156,6 +165,7 @@ class EngineStats:
     jobs_canceled: int = 0
     network_s: float = 0.0  # time inside the network's forward calls
     step_s: float = 0.0  # time inside DenoisingBatch.step (network + per-sample updates)
+    row_limit_lowered: int = 0  # a call ran out of memory and a lane's row limit went down
     _recent_rows: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
 
     def record_call(self, rows: int) -> None:
@@ -178,6 +188,7 @@ class EngineStats:
             "jobs_succeeded": self.jobs_succeeded,
             "jobs_failed": self.jobs_failed,
             "jobs_canceled": self.jobs_canceled,
+            "row_limit_lowered": self.row_limit_lowered,
         }
 
     def occupancy(self, max_batch: int) -> float:
@@ -235,6 +246,7 @@ class JobState:
     largest_call_rows: int = 0  # rows of the largest network call it shared (its batch_size)
     steps_since_progress: int = 0
     image_steps: int = 0  # network calls made for this job's images, summed over its images
+    previewed_at: int = 0  # its progress step at its last x̂_0 preview (output.preview_every)
 
     @property
     def id(self) -> str:
@@ -270,6 +282,9 @@ class DenoiseLane:
         self.feed = feed
         self.storage = storage
         self.policy = policy
+        # Rows per call: max_batch, lowered to what the device holds (`workers.memory_budget`:
+        # measured at load, then lowered again by any call that still runs out of memory).
+        self.row_limit = model.row_limit
         self.admission = policy.admission
         self.stats = stats
         self.clock = clock
@@ -279,6 +294,8 @@ class DenoiseLane:
         self.jobs: dict[str, JobState] = {}
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
+        if model.row_limit is not None:
+            self._lower_row_limit(model.row_limit)
 
     @property
     def name(self) -> str:
@@ -292,13 +309,26 @@ class DenoiseLane:
         """An empty running set whose network calls are split when they fail (`isolation`) and
         timed into the stats (each call actually made)."""
         batch = self.model.new_batch()
-        self.isolation = IsolatingNetwork(TimedNetwork(batch.network, self.stats))
+        self.isolation = IsolatingNetwork(
+            TimedNetwork(batch.network, self.stats), max_rows=self.row_limit
+        )
         batch.network = self.isolation
         self.classifier_isolation = None
         if batch.classifier is not None:
             self.classifier_isolation = IsolatingClassifier(batch.classifier)
             batch.classifier = self.classifier_isolation
         return batch
+
+    def _lower_row_limit(self, rows: int) -> None:
+        """Calls of this lane hold at most `rows` rows from now on: the network cuts larger ones,
+        and admission builds no running set larger than that (two rows at least: a guided sample
+        needs its pair; the network then runs it one row per piece)."""
+        self.row_limit = rows
+        self.isolation.max_rows = rows
+        limit = max(2, min(self.policy.max_batch, rows))
+        if limit < self.admission.max_batch:
+            self.admission = dataclasses.replace(self.admission, max_batch=limit)
+            log.warning("model %s: at most %d rows per network call from now on", self.name, limit)
 
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
@@ -368,7 +398,7 @@ class DenoiseLane:
             # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
             polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
-            while self._pending_rows() < self.policy.max_batch:
+            while self._pending_rows() < self.admission.max_batch:
                 if self._take_one():
                     continue
                 remaining = give_up - self.clock()
@@ -403,6 +433,10 @@ class DenoiseLane:
             return
         self.stats.step_s += time.perf_counter() - started
         self.stats.record_call(rows)
+        learned = self.isolation.max_rows
+        if learned is not None and (self.row_limit is None or learned < self.row_limit):
+            self.stats.row_limit_lowered += 1
+            self._lower_row_limit(learned)
         for job in running.values():
             job.largest_call_rows = max(job.largest_call_rows, rows)
             job.steps_since_progress += 1
@@ -414,10 +448,39 @@ class DenoiseLane:
                 continue
             if job.work.done:
                 self._complete(job)
+            elif self._preview_due(job):
+                job.steps_since_progress = 0
+                _report(job, self._previews(job))
             elif job.steps_since_progress >= self.policy.progress_every:
                 job.steps_since_progress = 0
                 _report(job)
         self._collect_stores(block=False)
+
+    def _preview_due(self, job: JobState) -> bool:
+        """Whether the job asked for previews and made `preview_every` more steps since its last."""
+        every = job.work.spec.preview_every
+        return every is not None and job.progress_step() - job.previewed_at >= every
+
+    def _previews(self, job: JobState) -> list[Preview]:
+        """x̂_0 of the job's samples now running, decoded to pixels as its final images would be
+        (the first-stage decoder for latent models, one call for the job's samples), as small PNGs
+        (`workers.execute.preview_png`). Only for jobs that asked; a failure costs the preview,
+        never the job."""
+        job.previewed_at = job.progress_step()
+        samples = [
+            s for s in self.batch.samples if s.x0 is not None and self._owner.get(id(s)) is job
+        ]
+        if not samples:
+            return []
+        try:
+            pixels = self.model.to_pixels(torch.stack([s.x0 for s in samples]))  # [k, C, H, W]
+            return [
+                {"index": int(s.tag), "png": preview_png(image)}
+                for s, image in zip(samples, pixels, strict=True)
+            ]
+        except Exception:
+            log.exception("job %s: could not make its previews", job.id)
+            return []
 
     def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
         """Fail the jobs with a sample whose x_t is no longer finite after the step, with the
@@ -628,9 +691,13 @@ class CodecLane:
 Lane = DenoiseLane | CodecLane
 
 
-def _report(job: JobState) -> None:
+def _report(job: JobState, previews: list[Preview] | None = None) -> None:
     try:
-        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.largest_call_rows)
+        step, total, rows = job.progress_step(), job.work.steps_per_image, job.largest_call_rows
+        if previews:
+            job.ticket.progress(step, total, rows, previews=previews)
+        else:
+            job.ticket.progress(step, total, rows)
     except Exception:
         log.exception("job %s: could not write progress", job.id)
 

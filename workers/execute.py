@@ -4,7 +4,7 @@
 alone (the reference the batching engine must reproduce). Every piece takes the job's parsed spec
 (`ddserve.spec`: typed, every default already applied by the gateway); the checks here are the
 ones only the loaded model can make. The engine uses the same pieces:
-- `prepare_denoise(spec, model, job_id)` turns a generate/inpaint spec into `Sample`s — image i
+- `prepare_denoise(spec, model, job_id)` turns a generate/inpaint/img2img spec into `Sample`s — image i
   draws all its noise from the stream of its own seed, `image_seed(seed, i)` = seed + i, so its
   pixels do not depend on its batch, and a job of n = 1 with that seed gives the same image;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddserve.job_events import PREVIEW_MAX_SIDE
 from ddserve.jobs import ImageRecord, JobKind, JobOutput
 from ddserve.params import guidance_weight, image_seed
 from ddserve.requests import NoiseOptions, OutputOptions
@@ -37,6 +38,7 @@ from ddserve.spec import (
     DenoiseSpec,
     EncodeSpec,
     GenerateSpec,
+    Img2ImgSpec,
     InpaintSpec,
     JobSpec,
     PriorSampleSpec,
@@ -50,7 +52,7 @@ from models.imaging import from_uint8, make_grid, to_pil
 from workers.errors import InvalidJobRequest
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
-DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT})
+DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT, JobKind.IMG2IMG})
 MAX_TRAJECTORY_FRAMES = 32
 MIN_GIF_WIDTH = 128  # small images are upscaled (nearest) so the animation is visible
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
@@ -100,6 +102,20 @@ def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+def preview_png(image: torch.Tensor) -> str:
+    """[C, H, W] in [−1, 1] → base64 PNG whose longest side is at most PREVIEW_MAX_SIDE (box-
+    filtered down; a smaller image keeps its size): a live preview of x̂_0 for the SSE stream."""
+    picture = to_pil(image.clamp(-1.0, 1.0))
+    side = max(picture.width, picture.height)
+    if side > PREVIEW_MAX_SIDE:
+        scale = PREVIEW_MAX_SIDE / side
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.BOX)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def trajectory_gif(frames: list[torch.Tensor], duration_ms: int = 60) -> bytes:
     """Frames [n, C, H, W] in [−1, 1] (one per kept step) → an animated GIF of their grids."""
     pictures = []
@@ -134,10 +150,11 @@ class OutputSpec:
     image_format: str = "png"
     return_b64: bool = False
     trajectory: bool = False
+    preview_every: int | None = None  # steps between x̂_0 previews on the job's event stream
 
     @classmethod
     def from_options(cls, output: OutputOptions) -> OutputSpec:
-        return cls(output.format, output.return_ == "b64", output.trajectory)
+        return cls(output.format, output.return_ == "b64", output.trajectory, output.preview_every)
 
 
 def store_image(
@@ -233,15 +250,36 @@ class DenoiseWork:
         return key
 
 
+def _conditions(
+    spec: DenoiseSpec, model: DiffusionModel
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The sample's conditioning row and unconditional row (None: the model's ∅).
+
+    A model with its own text encoder (`DiffusionModel.prompt_encoder`, diffusers text pipelines)
+    encodes the prompt and the negative prompt here — one text-encoder call for those its cache
+    lacks; the rows are [L, D] hidden states. Otherwise the rows are the class id or the token ids
+    the gateway wrote into the spec."""
+    encoder = model.prompt_encoder
+    if encoder is not None and spec.class_label is None and spec.prompt is not None:
+        prompts = [spec.prompt]
+        if spec.negative_prompt is not None:
+            prompts.append(spec.negative_prompt)
+        rows = encoder.rows(prompts)  # [L, D] each
+        return rows[0], rows[1] if len(rows) > 1 else None
+    return _condition(spec, model), _uncondition(spec, model)
+
+
 def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
     """The conditioning row of a spec: a class id, the prompt's token ids, or None (∅)."""
     conditioning = model.entry.conditioning
-    if spec.class_label is None and spec.prompt_tokens is None:
+    if spec.class_label is None and spec.prompt is None:
+        if conditioning is not None and not conditioning.has_null:
+            raise InvalidJobRequest(f"model {model.name!r} needs a class_label (it has no ∅ class)")
         return None
     if conditioning is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional")
     if conditioning.type == "class":
-        if spec.prompt_tokens is not None:
+        if spec.prompt is not None:
             raise InvalidJobRequest(f"model {model.name!r} takes class_label, not prompt")
         classes = conditioning.classes or []
         if spec.class_label is None or not 0 <= spec.class_label < len(classes):
@@ -249,12 +287,41 @@ def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
                 f"class_label must be in [0, {len(classes) - 1}], got {spec.class_label}"
             )
         return torch.tensor(spec.class_label, dtype=torch.long)
-    if spec.prompt_tokens is None:
+    if spec.prompt is None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
-    vocabulary = len(conditioning.vocabulary or [])
-    if any(token >= vocabulary for token in spec.prompt_tokens):  # tokenized by the gateway
-        raise InvalidJobRequest(f"prompt_tokens must be < {vocabulary} (the vocabulary's size)")
-    return torch.tensor(spec.prompt_tokens, dtype=torch.long)
+    if spec.prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the prompt's prompt_tokens (tokenized by the gateway)"
+        )
+    return _token_row(spec.prompt_tokens, model, "prompt_tokens")
+
+
+def _token_row(tokens: list[int], model: DiffusionModel, name: str) -> torch.Tensor:
+    """A prompt's token ids (tokenized by the gateway) as a conditioning row [L], checked against
+    the model's vocabulary and ∅'s length."""
+    conditioning = model.entry.conditioning
+    vocabulary = len(conditioning.vocabulary or []) if conditioning is not None else 0
+    if any(token >= vocabulary for token in tokens):
+        raise InvalidJobRequest(f"{name} must be < {vocabulary} (the vocabulary's size)")
+    null = model.null_condition
+    if null is not None and len(tokens) != null.shape[0]:
+        raise InvalidJobRequest(f"{name} must hold {null.shape[0]} tokens, got {len(tokens)}")
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _uncondition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
+    """The unconditional row of classifier-free guidance: the negative prompt's tokens, or None
+    (the model's ∅). The spec already ties it to a prompt and guidance_scale > 1."""
+    if spec.negative_prompt is None:
+        return None
+    if spec.negative_prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the negative prompt's negative_prompt_tokens"
+        )
+    conditioning = model.entry.conditioning
+    if conditioning is None or conditioning.type != "text":
+        raise InvalidJobRequest(f"model {model.name!r} takes no negative_prompt")
+    return _token_row(spec.negative_prompt_tokens, model, "negative_prompt_tokens")
 
 
 def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettings:
@@ -269,7 +336,8 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         )
     if spec.guided and model.null_condition is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional: guidance_scale must be 1")
-    classifier_scale = spec.classifier_scale if isinstance(spec, GenerateSpec) else 0.0
+    guided_by_classifier = isinstance(spec, GenerateSpec | Img2ImgSpec)
+    classifier_scale = spec.classifier_scale if guided_by_classifier else 0.0
     if classifier_scale != 0.0 and model.classifier is None:
         raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
     inpaint = isinstance(spec, InpaintSpec)
@@ -279,7 +347,15 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         classifier_scale=classifier_scale,
         jump_length=spec.jump_length if inpaint else 1,
         jump_n_sample=spec.jump_n_sample if inpaint else 1,
+        strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
     )
+    # The solver options are present exactly for the samplers that take them (the spec checks).
+    for name, value in (
+        ("use_karras_sigmas", spec.use_karras_sigmas),
+        ("solver_order", spec.solver_order),
+    ):
+        if value is not None:
+            request[name] = value
     if not model.scheduler.from_diffusers:
         # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
         # config decides it per sampler class (`SchedulerOptions.settings`).
@@ -291,33 +367,61 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
 
 
 def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The known image [C, H, W] in [−1, 1] and the mask [1, H, W] (1 = keep, white in the PNG)."""
-    if model.is_latent:
-        raise InvalidJobRequest(f"model {model.name!r} (latent diffusion) does not inpaint")
-    c, h, w = model.sample_shape
-    known = decode_images([spec.image], c, h, w, "image")[0]
-    mask_pixels = decode_image(spec.mask, 1, h, w, "mask")
+    """The known image and the mask (1 = keep, white in the PNG) where the model samples: pixels
+    [C, H, W] in [−1, 1] and [1, H, W]; for a latent model the image's latents z_0 = s·(E(x) − b)
+    [c, h, w] and the mask on the latent grid [1, h, w] (`latent_mask`)."""
+    image = model.entry.image
+    known = decode_images([spec.image], image.channels, image.height, image.width, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, image.height, image.width, "mask")
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
-    return known, mask
+    if not model.is_latent:
+        return known, mask
+    latents = model.from_pixels(known[None])[0]  # [c, h, w]
+    return latents, latent_mask(mask, tuple(latents.shape[-2:]))
+
+
+def latent_mask(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A pixel mask [1, H, W] (1 = keep) on a latent grid [1, h, w]: a latent position is kept only
+    if every pixel of its f×f patch is (f = H / h, a min-pool), so everything asked to be
+    generated is, and the kept region shrinks to whole patches — a pixel edge within a patch is
+    generated too, and RePaint's known-region replacement acts at patch resolution."""
+    h, w = grid
+    factor_h, factor_w = mask.shape[-2] // h, mask.shape[-1] // w
+    pooled = -torch.nn.functional.max_pool2d(-mask[None], (factor_h, factor_w))  # [1, 1, h, w]
+    return pooled[0]
+
+
+def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
+    """The x_0 an image-to-image sample starts from, [*sample_shape]: the image in [−1, 1], or
+    for latent diffusion its latents through the first stage (`DiffusionModel.from_pixels`)."""
+    image = model.entry.image
+    pixels = decode_images([spec.image], image.channels, image.height, image.width, "image")
+    return model.from_pixels(pixels)[0]
 
 
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
-    """The samples of a generate/inpaint spec; image i draws from the stream of seed + i."""
-    if not isinstance(spec, GenerateSpec | InpaintSpec):
-        raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {spec.kind}")
+    """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i."""
+    if not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
+        raise InvalidJobRequest(
+            f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
+        )
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
-    cond = _condition(spec, model)  # inpainting may be conditional (and guided) too
+    cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
+    init_x0 = _img2img_input(spec, model) if isinstance(spec, Img2ImgSpec) else None
     samples = [
         Sample(
             settings=settings,
             generator=image_generator(spec.seed, i),
             cond=cond,
+            uncond=uncond,
             class_label=spec.class_label,
             known=known,
             mask=mask,
+            init_x0=init_x0,
             keep_trajectory=output.trajectory,
+            keep_x0=output.preview_every is not None,
             tag=i,
         )
         for i in range(spec.n)

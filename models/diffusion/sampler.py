@@ -3,7 +3,8 @@
 `DenoisingBatch` is the running set of samples behind both the library call `sample(...)` and the
 serving engine's continuous batching: samples join between steps (`add`), each `step` makes one
 network call over all of them at their own timesteps — with the unconditional rows of classifier-free
-guidance appended to the same call — and advances each one by its own sampler; finished samples leave
+guidance (each guided sample's own ∅', its negative prompt or the model's ∅) appended to the same
+call — and advances each one by its own sampler; finished samples leave
 (`step` returns them). A sample's result depends only on its own settings, condition and noise stream
 (see `noise.py`), never on its neighbours.
 
@@ -20,11 +21,28 @@ Inpainting: every sampler keeps the known region (replaced by q(x_s | x_0) after
 forward jumps (`jump_n_sample > 1`) need a single-step sampler (ddpm, ddim, euler, euler_ancestral):
 a jump back to more noise would leave a multistep solver's history on another trajectory, so
 `SamplerSettings` rejects it for dpmpp_2m, dpmpp_2m_sde and unipc.
+
+Image-to-image (SDEdit, Meng et al. 2022, §3): a sample given an image x_0 (`Sample.init_x0`) and
+`strength` < 1 perturbs it by the forward process to the first timestep t_0 of the tail of its plan
+and denoises from there,
+
+    x_{t_0} = √ᾱ_{t_0} · x_0 + √(1 − ᾱ_{t_0}) · ε,   ε ~ N(0, I) the first draw of its own stream,
+
+where the tail is what diffusers' img2img pipelines take (`timesteps.sdedit_start`: the last
+⌊S·strength⌋ of the S steps) and ᾱ_{t_0} is that step's own (for σ-samplers 1/(1 + σ_0²), the σ-space
+`add_noise` / `scale_noise` of diffusers written in the VP variable). The tail's coefficient rows are
+the full plan's, except that the multistep solvers warm up on the tail's first step (no history
+yet), as diffusers' schedulers do after `set_begin_index`. Such a sample simply joins the running
+set at a later timestep; nothing else about the batch changes. strength = 1 is generation: the
+sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T,
+under 0.7 % of it on a linear 1000-step schedule, which ddserve's x_T ~ N(0, I) neglects throughout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,6 +78,7 @@ from models.diffusion.timesteps import (
     TimestepSpacing,
     denoising_plan,
     repaint_plan,
+    sdedit_start,
     timestep_sequence,
 )
 
@@ -107,6 +126,7 @@ class SamplerSettings:
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x̂_0| taken as the bound s
     sample_max_value: float = 1.0  # the largest s
     convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
+    strength: float = 1.0  # image-to-image (SDEdit): the tail of the plan the sample walks; 1 = all
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLER_NAMES:
@@ -150,6 +170,15 @@ class SamplerSettings:
                 f"({', '.join(single)}); {self.sampler!r} keeps a history of model outputs that "
                 "a jump back to more noise would invalidate"
             )
+        if self.strength != 1.0:
+            sdedit_start(self.num_inference_steps, self.strength)  # ValueError if out of range
+            if self.jump_n_sample > 1:
+                raise ValueError("image-to-image (strength < 1) does not take RePaint's jumps")
+
+    @property
+    def start(self) -> int:
+        """The step of the plan this sample starts at: 0, or SDEdit's t_start (module docstring)."""
+        return 0 if self.strength == 1.0 else sdedit_start(self.num_inference_steps, self.strength)
 
     @property
     def multistep(self) -> bool:
@@ -205,6 +234,9 @@ class PlanCache:
     def _build(self, settings: SamplerSettings) -> tuple[Transition, ...]:
         if settings.sampler in SIGMA_SAMPLERS:
             return self._build_sigma_plan(settings)
+        if settings.start > 0:  # SDEdit: the tail of the whole plan (single-step rows, no jumps)
+            whole = self.transitions(dataclasses.replace(settings, strength=1.0))
+            return whole[settings.start :]
         plan = settings.plan(self.schedule.num_timesteps)
         alpha_bar = self.schedule.alphas_cumprod_padded.tolist()  # index t + 1
         transitions = []
@@ -266,32 +298,35 @@ class PlanCache:
                 f"repeat a noise level of this {self.schedule.num_timesteps}-step schedule, which "
                 f"{settings.sampler} cannot step over; use fewer steps"
             )
-        scale = settings.classifier_scale
+        scale, start = settings.classifier_scale, settings.start
         rows: list[StepCoefficients]
         if settings.sampler in ("euler", "euler_ancestral"):
             rows = euler_rows(
                 levels, ancestral=settings.sampler == "euler_ancestral", classifier_scale=scale
-            )
+            )[start:]
         elif settings.sampler == "unipc":
-            rows = unipc_rows(levels, order=settings.solver_order, classifier_scale=scale)
+            rows = unipc_rows(
+                levels, order=settings.solver_order, classifier_scale=scale, start=start
+            )
         else:
             rows = dpmpp_2m_rows(
                 levels,
                 order=settings.solver_order,
                 sde=settings.sampler == "dpmpp_2m_sde",
                 classifier_scale=scale,
+                start=start,
             )
         n = len(levels.timesteps)
         reverse = [
             Transition(
                 t=levels.timesteps[i],
                 s=levels.timesteps[i + 1] if i + 1 < n else -1,
-                coefficients=torch.tensor(rows[i].as_row(), dtype=torch.float32),
+                coefficients=torch.tensor(rows[i - start].as_row(), dtype=torch.float32),
                 alpha_bar_t=levels.alpha_bar(i),
                 alpha_bar_s=levels.alpha_bar(i + 1),
-                sigma=rows[i].sigma,
+                sigma=rows[i - start].sigma,
             )
-            for i in range(n)
+            for i in range(start, n)
         ]
         if settings.jump_n_sample == 1:
             return tuple(reverse)
@@ -327,16 +362,22 @@ class Sample:
     settings: SamplerSettings
     generator: torch.Generator
     cond: torch.Tensor | None = None  # one row of conditioning ([] class id, [L] tokens); None = ∅
+    # The unconditional row of classifier-free guidance (a negative prompt's row, shaped like
+    # cond); None = the model's ∅. Only a guided sample takes one.
+    uncond: torch.Tensor | None = None
     class_label: int | None = None  # target of classifier guidance
     known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
     x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
+    init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
     keep_trajectory: bool = False
+    keep_x0: bool = False  # keep the latest step's x̂_0 in `x0` (live previews)
     tag: Any = None  # the caller's handle (a job id, an index)
     # Filled in by the batch:
     transitions: tuple[Transition, ...] = ()
     position: int = 0
     trajectory: list[torch.Tensor] = field(default_factory=list)
+    x0: torch.Tensor | None = None  # [C, H, W] with keep_x0: the data prediction of its last step
 
     @property
     def done(self) -> bool:
@@ -369,6 +410,7 @@ class RowLayout:
     rows: int  # rows of the network call: guided samples count twice
     cond: torch.Tensor | None  # [B, ...] conditioning rows (∅ where a sample has none)
     guided: torch.Tensor | None  # [G] long: samples with classifier-free guidance
+    uncond: torch.Tensor | None  # [G, ...] their unconditional rows (each ∅ or its own negative)
     guidance_scale: torch.Tensor | None  # [G] their w
     clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
     clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
@@ -453,14 +495,23 @@ class DenoisingBatch:
                     device=self.device,
                 ),
             )
-        cond = None
-        if self.null_condition is not None and samples:
-            rows = [self.null_condition if s.cond is None else s.cond for s in samples]
+        cond = uncond = None
+        null = self.null_condition
+        # A network without a ∅ row (a diffusers class-conditional UNet) still takes its samples'
+        # conditions: `add` admits such samples only all conditioned or all not.
+        conditioned = any(s.cond is not None for s in samples)
+        if samples and (null is not None or conditioned):
+            rows = [null if s.cond is None else s.cond for s in samples]
             cond = torch.stack(rows).to(self.device)
+        if null is not None and guided:
+            negatives = [samples[i].uncond for i in guided]
+            uncond = torch.stack([null if row is None else row for row in negatives])
+            uncond = uncond.to(self.device)
         return RowLayout(
             rows=len(samples) + len(guided),
             cond=cond,
             guided=torch.tensor(guided, dtype=torch.long, device=self.device) if guided else None,
+            uncond=uncond,
             guidance_scale=(
                 torch.tensor([samples[i].settings.guidance_scale for i in guided])
                 if guided
@@ -485,6 +536,13 @@ class DenoisingBatch:
         ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
         set — and the samples' noise streams — as they were."""
         plans = []
+        if self.null_condition is None:
+            mixed = {s.cond is None for s in [*self.samples, *samples]}
+            if len(mixed) > 1:
+                raise ValueError(
+                    "this network has no ∅ condition: a batch's samples are all conditioned or "
+                    "all unconditioned"
+                )
         for sample in samples:
             self._validate(sample)
             plans.append(self.plans.transitions(sample.settings))
@@ -493,7 +551,7 @@ class DenoisingBatch:
             sample.transitions = transitions
             sample.position = 0
             if sample.x is None:
-                sample.x = torch.randn(self.sample_shape, generator=sample.generator)
+                sample.x = self._starting_point(sample, transitions[0])
             row = sample.x.to(device=self.device, dtype=self.dtype)
             if sample.keep_trajectory:
                 sample.trajectory = [row.detach().to("cpu", copy=True)]
@@ -503,6 +561,16 @@ class DenoisingBatch:
             self.x = torch.cat([self.x, torch.stack(new_rows)])
             self._layout = None
             self._sync_history(len(new_rows))
+
+    def _starting_point(self, sample: Sample, first: Transition) -> torch.Tensor:
+        """x at the sample's first step, from its own stream: x_T = ε, or for image-to-image
+        (strength < 1) SDEdit's x_{t_0} = √ᾱ_{t_0} x_0 + √(1 − ᾱ_{t_0}) ε (module docstring)."""
+        eps = torch.randn(self.sample_shape, generator=sample.generator)  # [C, H, W]
+        if sample.settings.strength == 1.0:
+            return eps
+        assert sample.init_x0 is not None  # _validate
+        x0 = sample.init_x0.to(eps)
+        return math.sqrt(first.alpha_bar_t) * x0 + math.sqrt(1.0 - first.alpha_bar_t) * eps
 
     def _sync_history(self, added: int) -> None:
         """Zero history rows for `added` new samples; none at all while no sample is multistep."""
@@ -541,6 +609,18 @@ class DenoisingBatch:
             raise ValueError(
                 "classifier-free guidance needs a conditional network (null_condition)"
             )
+        if sample.uncond is not None:
+            if not sample.guided:
+                raise ValueError(
+                    "an unconditional row (negative prompt) needs classifier-free guidance "
+                    "(guidance_scale ≠ 0), else it would be ignored"
+                )
+            assert self.null_condition is not None  # a guided sample was checked above
+            if sample.uncond.shape != self.null_condition.shape:
+                raise ValueError(
+                    f"the unconditional row has shape {tuple(sample.uncond.shape)}, expected "
+                    f"{tuple(self.null_condition.shape)} (that of the model's ∅)"
+                )
         if sample.settings.classifier_scale != 0.0 and (
             self.classifier is None or sample.class_label is None
         ):
@@ -549,6 +629,14 @@ class DenoisingBatch:
             raise ValueError("inpainting needs both the known image and the mask")
         if sample.x is not None and tuple(sample.x.shape) != self.sample_shape:
             raise ValueError(f"x_T has shape {tuple(sample.x.shape)}, expected {self.sample_shape}")
+        if sample.settings.strength != 1.0 and sample.init_x0 is None:
+            raise ValueError(
+                "image-to-image (strength < 1) needs the image to start from (init_x0)"
+            )
+        if sample.init_x0 is not None and tuple(sample.init_x0.shape) != self.sample_shape:
+            raise ValueError(
+                f"init_x0 has shape {tuple(sample.init_x0.shape)}, expected {self.sample_shape}"
+            )
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> list[Sample]:
@@ -585,6 +673,8 @@ class DenoisingBatch:
             if sample.keep_trajectory:
                 # A copy: on the CPU a view would alias self.x, which RePaint's jumps change in place.
                 sample.trajectory.append(x_prev[i].detach().to("cpu", copy=True))
+            if sample.keep_x0:  # a view of this step's x̂_0 (a new tensor each step: never aliased)
+                sample.x0 = x0[i].detach()
         return self._retire_finished()
 
     def _apply_forward_jumps(self) -> None:
@@ -621,17 +711,19 @@ class DenoisingBatch:
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     def _guided_output(self, t: torch.Tensor) -> torch.Tensor:
-        """One network call over all rows plus an unconditional copy of each guided row."""
+        """One network call over all rows plus an unconditional copy of each guided row.
+
+        The copy of guided sample i is conditioned on its own ∅'_i (its negative prompt, else the
+        model's ∅), so ε̃_i = ε(x_i, ∅'_i) + s_i·(ε(x_i, c_i) − ε(x_i, ∅'_i)) — diffusers'
+        `negative_prompt` — while every sample still shares the one call."""
         layout = self.layout
         index, cond = layout.guided, layout.cond
         x_in, t_in, cond_in = self.x, t, cond
         if index is not None:
-            null = self.null_condition.to(self.device).expand(
-                len(index), *self.null_condition.shape
-            )
+            assert cond is not None and layout.uncond is not None  # guided ⇒ null_condition
             x_in = torch.cat([self.x, self.x.index_select(0, index)])
             t_in = torch.cat([t, t.index_select(0, index)])
-            cond_in = torch.cat([cond, null])
+            cond_in = torch.cat([cond, layout.uncond])  # [B + G, ...]
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
         out = output[: len(self.samples)]
@@ -701,16 +793,20 @@ def sample(
     *,
     cond: torch.Tensor | None = None,  # [B, ...] conditioning rows (None = unconditional network)
     null_condition: torch.Tensor | None = None,  # the ∅ row, for classifier-free guidance
+    uncond: Sequence[torch.Tensor | None] | None = None,  # per row: its own ∅' (negative prompt)
     prediction_type: SamplerPrediction = "epsilon",
     classifier: ClassifierFn | None = None,
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
     known: torch.Tensor | None = None,  # [B, C, H, W] images to inpaint
     mask: torch.Tensor | None = None,  # [B, 1 or C, H, W] 1 = keep
+    init_x0: torch.Tensor | None = None,  # [B, C, H, W] image-to-image: the images to start from
     generators: Sequence[torch.Generator] | None = None,  # per row; default streams (0, i)
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint.
+    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint, SDEdit.
 
+    A row whose settings have strength < 1 starts from its `init_x0` image noised by its own
+    generator (module docstring) and does not use its x_T row; the others start from x_T.
     Returns x_0 [B, C, H, W] in x_T's dtype and device, and with `return_trajectory` also the list of
     x_t per row ([steps + 1, C, H, W] each, on the CPU).
     """
@@ -738,10 +834,12 @@ def sample(
             settings=per_row[i],
             generator=gens[i],
             cond=None if cond is None else cond[i],
+            uncond=None if uncond is None else uncond[i],
             class_label=None if class_labels is None else int(class_labels[i]),
             known=None if known is None else known[i],
             mask=None if mask is None else mask[i],
-            x=x_T[i],
+            init_x0=None if init_x0 is None else init_x0[i],
+            x=x_T[i] if per_row[i].strength == 1.0 else None,
             keep_trajectory=return_trajectory,
             tag=i,
         )
