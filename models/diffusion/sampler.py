@@ -88,7 +88,7 @@ SamplerPrediction = PredictionType | Literal["sample"]
 # DDPMScheduler / DDIMScheduler `step`, reproduced for models served from a diffusers config:
 # 1. a DDIM step from t lands on ᾱ at t − ⌊T/S⌋, which is not the plan's next timestep for
 #    ``trailing`` / ``linspace`` spacing when S does not divide T (the next network call is still at
-#    the plan's next timestep);
+#    the plan's next timestep; diffusers issues #11347, #12633, unfixed in 0.42);
 # 2. DDIM keeps the network's ε after clipping x̂_0 (the pipelines' `use_clipped_model_output=False`)
 #    instead of re-deriving it from the clipped x̂_0;
 # 3. DDPM adds noise on every step from t > 0, the last one included (σ² = β' there with
