@@ -175,6 +175,13 @@ def schedule_fields(
         raise PipelineError(f"scheduler/scheduler_config.json: {exc}") from None
     beta = str(scheduler.get("beta_schedule", "linear"))
     total = fields.num_train_timesteps
+    # The solver options of the config are the model's defaults: the gateway puts them into each
+    # spec (for the samplers that take them), where they win over the worker's model options.
+    order = scheduler.get("solver_order", 2)
+    if order not in (1, 2):
+        raise PipelineError(
+            f"scheduler/scheduler_config.json: solver_order {order!r} is not supported (1 or 2)"
+        )
     return {
         "schedule": ScheduleSpec(kind=BETA_SCHEDULES.get(beta, "linear"), num_timesteps=total),
         "prediction_type": fields.prediction_type,
@@ -183,6 +190,8 @@ def schedule_fields(
             sampler=fields.sampler,
             num_inference_steps=min(steps, total),
             clip_denoised=bool(scheduler.get("clip_sample", fields.class_name in CLIPPING)),
+            use_karras_sigmas=bool(scheduler.get("use_karras_sigmas", False)),
+            solver_order=int(order),
             **(resampling or {}),
         ),
         "scheduler": scheduler,
