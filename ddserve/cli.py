@@ -12,6 +12,10 @@ COMMANDS = {
     "train": ("models.training.cli", "train a zoo model from its recipe"),
     "eval": ("models.evaluation.cli", "measure a zoo model: FID, precision/recall, accuracy"),
     "export": ("models.onnx.cli", "export an autoencoder's encoder and decoder to ONNX"),
+    "import": (
+        "models.diffusers_format.importer",
+        "check a diffusers pipeline (folder, Hub id) and add it to the model repository",
+    ),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
     "doctor": ("workers.doctor", "what the models will run on here (device, CUDA, providers)"),
     "serve": ("ddserve.serve", "run the gateway (embedded with a worker thread when no Redis URL)"),

@@ -31,6 +31,7 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     NoiseAmount,
     NoiseKind,
     Prompt,
@@ -105,6 +106,7 @@ class GenerateBody(JobBody):
     eta: Eta | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
@@ -123,6 +125,7 @@ class InpaintBody(JobBody):
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     seed: Seed | None = None
 
@@ -139,6 +142,7 @@ class Img2ImgBody(JobBody):
     eta: Eta | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None

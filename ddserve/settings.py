@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.catalog import DEFAULT_ZOO
 
+DEFAULT_IMPORT_DIR = Path("var/models")
+
 
 def env_file() -> str | None:
     """The `.env` file settings are read from: `DDSERVE_ENV_FILE`, `.env` in the working directory
@@ -30,7 +32,14 @@ class Settings(BaseSettings):
         description="Redis URL; unset = embedded mode (in-process fakeredis and worker thread)",
     )
     key_prefix: str = Field("ddserve", description="prefix of every Redis key and RQ queue of ours")
-    zoo_dir: Path = Field(DEFAULT_ZOO, description="the model repository (one folder per model)")
+    zoo_dir: Path = Field(DEFAULT_ZOO, description="the model zoo (one folder per model)")
+    model_dirs: str = Field(
+        "",
+        description="comma-separated folders of models, searched in order: every sub-folder with "
+        "a ddserve card (config.json) or a diffusers pipeline (model_index.json) is a model; "
+        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR, then ./var/models (where "
+        "`ddserve import` then writes: the zoo holds the shipped models)",
+    )
     models: str = Field("", description="comma-separated models to serve; empty = every zoo model")
 
     # --- gateway ---
@@ -186,8 +195,22 @@ class Settings(BaseSettings):
         "continuous batching does not recompile for every new batch size; empty: powers of two "
         "up to max_batch (with compile on)",
     )
+    memory_fraction: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="GPU: the share of the device's free memory (measured after loading, by two "
+        "probe calls) that one network call may use; it lowers max_batch per model. 0: no probe "
+        "(max_batch alone). The CPU is not probed",
+    )
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
+    )
+    text_cache_size: int = Field(
+        128,
+        ge=0,
+        description="prompts whose text-encoder outputs a worker keeps per text pipeline (LRU), "
+        "so a repeated prompt costs no text-encoder call; 0 = none",
     )
     heartbeat_s: float = Field(10.0, description="worker heartbeat and started-job refresh period")
     abandoned_after_s: float = Field(
@@ -227,6 +250,16 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    def model_repository(self) -> list[Path]:
+        """The model folders' parents, in search order (see `model_dirs`)."""
+        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
+        return named or [self.zoo_dir, DEFAULT_IMPORT_DIR]
+
+    def import_dir(self) -> Path:
+        """Where `ddserve import` writes: the first of `model_dirs`, else ./var/models."""
+        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
+        return named[0] if named else DEFAULT_IMPORT_DIR
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

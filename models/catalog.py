@@ -1,13 +1,21 @@
-"""The model zoo's metadata, read from `models/zoo/<name>/config.json` without torch.
+"""The models' metadata, read from their folders' JSON files without torch.
+
+A model folder holds either a ddserve card (`config.json`, the zoo's format, `models/zoo/<name>/`) or a
+diffusers pipeline (`model_index.json` and its component folders, read by
+`models.diffusers_format.entries`). The model repository is a list of folders of model folders
+(`Settings.model_repository()`: the zoo, then `./var/models`, where `ddserve import` writes).
 
 The gateway validates requests against these entries (tasks, shapes, classes, vocabulary, limits);
-the workers read the same entries and then load weights through `models.registry`. This module must
-stay importable without torch: it is the gateway's only view of the models.
+the workers read the same entries and then load weights through `models.registry` (zoo cards) or
+`models.diffusers_format.loading` (diffusers pipelines). This module must stay importable without
+torch: it is the gateway's only view of the models.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +30,11 @@ from ddserve.params import (
     SamplerName,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
+CARD_FILE = "config.json"  # a ddserve card
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline
 
 ModelKind = Literal[
     "diffusion",  # pixel-space DDPM/DDIM
@@ -48,16 +60,23 @@ class ImageSpec(BaseModel):
 
 
 class Conditioning(BaseModel):
-    """`class`: a label index in `classes`; `text`: a prompt of words from `vocabulary`."""
+    """`class`: a label index in `classes`; `text`: a prompt, tokenized by the gateway into words
+    of `vocabulary` (the zoo's tokenizer), or by the worker with the model's own CLIP tokenizer
+    (`tokenizer: "clip"`, diffusers pipelines: the gateway passes the prompt string)."""
 
     type: Literal["class", "text"]
     classes: list[str] | None = None
     vocabulary: list[str] | None = None  # index 0 is padding (∅), never a prompt word
     context_len: int | None = None
+    tokenizer: Literal["words", "clip"] = "words"
+    # Whether the network has a ∅ condition (trained with condition dropout): it then samples
+    # without a condition and takes classifier-free guidance. A diffusers class-conditional
+    # UNet2DModel has none: every request names a class_label.
+    has_null: bool = True
 
 
 class ScheduleSpec(BaseModel):
-    kind: Literal["linear", "cosine"] = "linear"
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_timesteps: int = 1000
 
 
@@ -91,7 +110,7 @@ class ModelEntry(BaseModel):
     codebook_size: int | None = None
     conditioning: Conditioning | None = None
     schedule: ScheduleSpec | None = None
-    prediction_type: Literal["epsilon", "v"] = "epsilon"
+    prediction_type: Literal["epsilon", "v", "sample"] = "epsilon"
     dtype: Precision | None = None  # the denoiser's weights and activations (None: float32)
     samplers: list[str] = Field(default_factory=list)
     defaults: SamplingDefaults | None = None
@@ -99,6 +118,13 @@ class ModelEntry(BaseModel):
     first_stage: str | None = None  # latent diffusion: the autoencoder whose latents it models
     network: dict[str, Any] = Field(default_factory=dict)  # architecture, read by models.registry
     files: dict[str, str] = Field(default_factory=dict)  # role → file name in the model's folder
+    # diffusers pipelines (`models.diffusers_format`): the format, the pipeline class, the component
+    # sub-folder this entry loads (`unet`; `vqvae` / `vae` for a first stage), the scheduler config.
+    format: Literal["ddserve", "diffusers"] = "ddserve"
+    pipeline: str | None = None
+    component: str | None = None
+    scheduler: dict[str, Any] | None = None
+    license: str | None = None
     path: Path | None = Field(default=None, exclude=True)
 
     def file(self, role: str) -> Path | None:
@@ -111,7 +137,9 @@ class ModelEntry(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """What `GET /models` shows: everything but the architecture and file layout."""
-        return self.model_dump(exclude={"network", "files", "path"}, exclude_none=True)
+        return self.model_dump(
+            exclude={"network", "files", "path", "component", "scheduler"}, exclude_none=True
+        )
 
 
 def read_entry(folder: Path) -> ModelEntry:
@@ -121,13 +149,53 @@ def read_entry(folder: Path) -> ModelEntry:
     return entry
 
 
-def load_catalog(zoo_dir: Path | str | None = None) -> dict[str, ModelEntry]:
-    """Every model folder with a config.json under zoo_dir, by name."""
-    root = Path(zoo_dir) if zoo_dir is not None else DEFAULT_ZOO
-    entries: dict[str, ModelEntry] = {}
+def model_folders(root: Path) -> list[Path]:
+    """The sub-folders of `root` that hold a model: a ddserve card or a diffusers pipeline."""
     if not root.is_dir():
-        return entries
-    for config in sorted(root.glob("*/config.json")):
-        entry = read_entry(config.parent)
-        entries[entry.name] = entry
+        return []
+    return [
+        folder
+        for folder in sorted(p for p in root.iterdir() if p.is_dir())
+        if (folder / CARD_FILE).is_file() or (folder / PIPELINE_INDEX).is_file()
+    ]
+
+
+def read_folder(folder: Path) -> list[ModelEntry]:
+    """The entries of one model folder: its card's, or a diffusers pipeline's (the denoiser and,
+    for a latent pipeline, its first stage as a model of its own)."""
+    if (folder / CARD_FILE).is_file():
+        return [read_entry(folder)]
+    from models.diffusers_format.entries import PipelineError, read_pipeline  # JSON only
+
+    try:
+        return read_pipeline(folder)
+    except PipelineError as exc:  # one unservable folder must not take the others down
+        log.warning("skipping model folder %s: %s", folder, exc)
+        return []
+
+
+def load_catalog(
+    model_dirs: Path | str | Sequence[Path | str] | None = None,
+) -> dict[str, ModelEntry]:
+    """Every model in the model repository `model_dirs` (one folder, or a list searched in
+    order; default: the zoo), by name. A name met twice keeps its first folder's model."""
+    if model_dirs is None:
+        roots = [DEFAULT_ZOO]
+    elif isinstance(model_dirs, str | Path):
+        roots = [Path(model_dirs)]
+    else:
+        roots = [Path(d) for d in model_dirs]
+    entries: dict[str, ModelEntry] = {}
+    for root in roots:
+        for folder in model_folders(root):
+            for entry in read_folder(folder):
+                if entry.name in entries:
+                    log.warning(
+                        "model %r in %s is hidden by the one in %s",
+                        entry.name,
+                        folder,
+                        entries[entry.name].path,
+                    )
+                    continue
+                entries[entry.name] = entry
     return entries

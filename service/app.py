@@ -84,7 +84,8 @@ def served_models(settings: Settings, catalog: dict[str, Any]) -> list[str]:
         unknown = [n for n in names if n not in catalog]
         if unknown:
             raise ValueError(
-                f"DDSERVE_MODELS names models not in {settings.zoo_dir}: {', '.join(unknown)}"
+                f"DDSERVE_MODELS names models not in the model repository "
+                f"({', '.join(map(str, settings.model_repository()))}): {', '.join(unknown)}"
             )
         return names
     return [name for name, entry in catalog.items() if entry.tasks]
@@ -93,7 +94,7 @@ def served_models(settings: Settings, catalog: dict[str, Any]) -> list[str]:
 def build_state(
     settings: Settings, connection: redis.Redis, storage: Storage | None = None
 ) -> AppState:
-    catalog = load_catalog(settings.zoo_dir)
+    catalog = load_catalog(settings.model_repository())
     served = served_models(settings, catalog)
     keyring = KeyRing(load_keys(settings.api_keys, settings.api_keys_file))
     if settings.auth_enabled and not len(keyring):

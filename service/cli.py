@@ -120,7 +120,7 @@ def banner(url: str, settings: Settings, route: str, body: dict[str, Any]) -> st
 def _served(settings: Settings) -> tuple[dict[str, ModelEntry], list[str]]:
     from service.app import served_models
 
-    catalog = load_catalog(settings.zoo_dir)
+    catalog = load_catalog(settings.model_repository())
     return catalog, served_models(settings, catalog)
 
 

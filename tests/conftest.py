@@ -10,6 +10,7 @@ from redis.connection import AbstractConnection
 
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
+from tests.diffusers_fixtures import pipelines_dir  # noqa: F401  (a shared session fixture)
 from tests.tiny_zoo import randomized_unet
 
 # Tests use small tensors: one thread avoids OpenMP spin-waiting when the machine is oversubscribed.

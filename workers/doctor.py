@@ -64,7 +64,7 @@ def report(settings: Settings, embedded: bool = False) -> tuple[list[str], list[
         + (" (embedded: one left to the gateway)" if embedded else "")
     )
     lines.append("models:")
-    for name, entry in sorted(load_catalog(settings.zoo_dir).items()):
+    for name, entry in sorted(load_catalog(settings.model_repository()).items()):
         if entry.kind in TORCH_KINDS:
             runs = f"torch on {device}"
         elif entry.file("encoder_onnx") and entry.file("decoder_onnx"):

@@ -234,15 +234,36 @@ class DenoiseWork:
         return key
 
 
+def _conditions(
+    spec: DenoiseSpec, model: DiffusionModel
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The sample's conditioning row and unconditional row (None: the model's ∅).
+
+    A model with its own text encoder (`DiffusionModel.prompt_encoder`, diffusers text pipelines)
+    encodes the prompt and the negative prompt here — one text-encoder call for those its cache
+    lacks; the rows are [L, D] hidden states. Otherwise the rows are the class id or the token ids
+    the gateway wrote into the spec."""
+    encoder = model.prompt_encoder
+    if encoder is not None and spec.class_label is None and spec.prompt is not None:
+        prompts = [spec.prompt]
+        if spec.negative_prompt is not None:
+            prompts.append(spec.negative_prompt)
+        rows = encoder.rows(prompts)  # [L, D] each
+        return rows[0], rows[1] if len(rows) > 1 else None
+    return _condition(spec, model), _uncondition(spec, model)
+
+
 def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
     """The conditioning row of a spec: a class id, the prompt's token ids, or None (∅)."""
     conditioning = model.entry.conditioning
-    if spec.class_label is None and spec.prompt_tokens is None:
+    if spec.class_label is None and spec.prompt is None:
+        if conditioning is not None and not conditioning.has_null:
+            raise InvalidJobRequest(f"model {model.name!r} needs a class_label (it has no ∅ class)")
         return None
     if conditioning is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional")
     if conditioning.type == "class":
-        if spec.prompt_tokens is not None:
+        if spec.prompt is not None:
             raise InvalidJobRequest(f"model {model.name!r} takes class_label, not prompt")
         classes = conditioning.classes or []
         if spec.class_label is None or not 0 <= spec.class_label < len(classes):
@@ -250,12 +271,41 @@ def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
                 f"class_label must be in [0, {len(classes) - 1}], got {spec.class_label}"
             )
         return torch.tensor(spec.class_label, dtype=torch.long)
-    if spec.prompt_tokens is None:
+    if spec.prompt is None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
-    vocabulary = len(conditioning.vocabulary or [])
-    if any(token >= vocabulary for token in spec.prompt_tokens):  # tokenized by the gateway
-        raise InvalidJobRequest(f"prompt_tokens must be < {vocabulary} (the vocabulary's size)")
-    return torch.tensor(spec.prompt_tokens, dtype=torch.long)
+    if spec.prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the prompt's prompt_tokens (tokenized by the gateway)"
+        )
+    return _token_row(spec.prompt_tokens, model, "prompt_tokens")
+
+
+def _token_row(tokens: list[int], model: DiffusionModel, name: str) -> torch.Tensor:
+    """A prompt's token ids (tokenized by the gateway) as a conditioning row [L], checked against
+    the model's vocabulary and ∅'s length."""
+    conditioning = model.entry.conditioning
+    vocabulary = len(conditioning.vocabulary or []) if conditioning is not None else 0
+    if any(token >= vocabulary for token in tokens):
+        raise InvalidJobRequest(f"{name} must be < {vocabulary} (the vocabulary's size)")
+    null = model.null_condition
+    if null is not None and len(tokens) != null.shape[0]:
+        raise InvalidJobRequest(f"{name} must hold {null.shape[0]} tokens, got {len(tokens)}")
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _uncondition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
+    """The unconditional row of classifier-free guidance: the negative prompt's tokens, or None
+    (the model's ∅). The spec already ties it to a prompt and guidance_scale > 1."""
+    if spec.negative_prompt is None:
+        return None
+    if spec.negative_prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the negative prompt's negative_prompt_tokens"
+        )
+    conditioning = model.entry.conditioning
+    if conditioning is None or conditioning.type != "text":
+        raise InvalidJobRequest(f"model {model.name!r} takes no negative_prompt")
+    return _token_row(spec.negative_prompt_tokens, model, "negative_prompt_tokens")
 
 
 def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettings:
@@ -275,39 +325,56 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
     if classifier_scale != 0.0 and model.classifier is None:
         raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
     inpaint = isinstance(spec, InpaintSpec)
+    request: dict[str, Any] = dict(
+        eta=spec.eta,
+        guidance_scale=guidance_weight(spec.guidance_scale),
+        classifier_scale=classifier_scale,
+        jump_length=spec.jump_length if inpaint else 1,
+        jump_n_sample=spec.jump_n_sample if inpaint else 1,
+    )
+    if isinstance(spec, Img2ImgSpec):
+        request["strength"] = spec.strength
+    if not model.scheduler.from_diffusers:
+        # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
+        # config decides it per sampler class (`SchedulerOptions.settings`).
+        request["clip_denoised"] = spec.clip_denoised
     try:
-        return SamplerSettings(
-            sampler=spec.sampler,
-            num_inference_steps=spec.num_inference_steps,
-            eta=spec.eta,
-            guidance_scale=guidance_weight(spec.guidance_scale),
-            classifier_scale=classifier_scale,
-            clip_denoised=spec.clip_denoised,
-            jump_length=spec.jump_length if inpaint else 1,
-            jump_n_sample=spec.jump_n_sample if inpaint else 1,
-            strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
-        )
+        return model.scheduler.settings(spec.sampler, spec.num_inference_steps, **request)
     except ValueError as exc:
         raise InvalidJobRequest(str(exc)) from exc
 
 
 def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The known image [C, H, W] in [−1, 1] and the mask [1, H, W] (1 = keep, white in the PNG)."""
-    if model.is_latent:
-        raise InvalidJobRequest(f"model {model.name!r} (latent diffusion) does not inpaint")
-    c, h, w = model.sample_shape
-    known = decode_images([spec.image], c, h, w, "image")[0]
-    mask_pixels = decode_image(spec.mask, 1, h, w, "mask")
+    """The known image and the mask (1 = keep, white in the PNG) where the model samples: pixels
+    [C, H, W] in [−1, 1] and [1, H, W]; for a latent model the image's latents z_0 = s·(E(x) − b)
+    [c, h, w] and the mask on the latent grid [1, h, w] (`latent_mask`)."""
+    image = model.entry.image
+    known = decode_images([spec.image], image.channels, image.height, image.width, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, image.height, image.width, "mask")
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
-    return known, mask
+    if not model.is_latent:
+        return known, mask
+    latents = model.to_latents(known[None])[0]  # [c, h, w]
+    return latents, latent_mask(mask, tuple(latents.shape[-2:]))
+
+
+def latent_mask(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A pixel mask [1, H, W] (1 = keep) on a latent grid [1, h, w]: a latent position is kept only
+    if every pixel of its f×f patch is (f = H / h, a min-pool), so everything asked to be
+    generated is, and the kept region shrinks to whole patches — a pixel edge within a patch is
+    generated too, and RePaint's known-region replacement acts at patch resolution."""
+    h, w = grid
+    factor_h, factor_w = mask.shape[-2] // h, mask.shape[-1] // w
+    pooled = -torch.nn.functional.max_pool2d(-mask[None], (factor_h, factor_w))  # [1, 1, h, w]
+    return pooled[0]
 
 
 def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     """The x_0 an image-to-image sample starts from, [*sample_shape]: the image in [−1, 1], or
-    for latent diffusion its latents through the first stage (`DiffusionModel.from_pixels`)."""
+    for latent diffusion its latents z_0 = s·(E(x) − b) (`DiffusionModel.to_latents`)."""
     image = model.entry.image
     pixels = decode_images([spec.image], image.channels, image.height, image.width, "image")
-    return model.from_pixels(pixels)[0]
+    return (model.to_latents(pixels) if model.is_latent else pixels)[0]
 
 
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
@@ -318,7 +385,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
         )
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
-    cond = _condition(spec, model)  # inpainting may be conditional (and guided) too
+    cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
     init_x0 = _img2img_input(spec, model) if isinstance(spec, Img2ImgSpec) else None
     samples = [
@@ -326,6 +393,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
             settings=settings,
             generator=image_generator(spec.seed, i),
             cond=cond,
+            uncond=uncond,
             class_label=spec.class_label,
             known=known,
             mask=mask,

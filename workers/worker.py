@@ -147,7 +147,8 @@ class BatchingWorker(SimpleWorker):
         self.pool = pool or ModelPool(settings)
         self.models = models or settings.model_names() or servable_models(self.pool)
         if not self.models:
-            raise ValueError(f"no models to serve: the zoo at {settings.zoo_dir} is empty")
+            folders = ", ".join(map(str, settings.model_repository()))
+            raise ValueError(f"no models to serve: the model repository ({folders}) is empty")
         if threading.current_thread() is not threading.main_thread():
             self.death_penalty_class = TimerDeathPenalty  # SIGALRM only works in the main thread
         self._queues_by_model = {m: queue_name(settings.key_prefix, m) for m in self.models}

@@ -3,7 +3,8 @@
 `DenoisingBatch` is the running set of samples behind both the library call `sample(...)` and the
 serving engine's continuous batching: samples join between steps (`add`), each `step` makes one
 network call over all of them at their own timesteps — with the unconditional rows of classifier-free
-guidance appended to the same call — and advances each one by its own sampler; finished samples leave
+guidance (each guided sample's own ∅', its negative prompt or the model's ∅) appended to the same
+call — and advances each one by its own sampler; finished samples leave
 (`step` returns them). A sample's result depends only on its own settings, condition and noise stream
 (see `noise.py`), never on its neighbours.
 
@@ -65,6 +66,7 @@ from models.diffusion.steps import (
     SAMPLER_NAMES,
     SIGMA_SAMPLERS,
     DdpmVariance,
+    DynamicThreshold,
     SamplerName,
     StepCoefficients,
     forward_jump,
@@ -83,6 +85,17 @@ from models.diffusion.timesteps import (
 
 # What the network predicts: ε, v (`forward.py`) or x_0 itself ("sample", diffusers' name).
 SamplerPrediction = PredictionType | Literal["sample"]
+# How DDPM and DDIM steps are taken: ddserve's textbook form (its zoo), or the form of diffusers'
+# DDPMScheduler / DDIMScheduler `step`, reproduced for models served from a diffusers config:
+# 1. a DDIM step from t lands on ᾱ at t − ⌊T/S⌋, which is not the plan's next timestep for
+#    ``trailing`` / ``linspace`` spacing when S does not divide T (the next network call is still at
+#    the plan's next timestep);
+# 2. DDIM keeps the network's ε after clipping x̂_0 (the pipelines' `use_clipped_model_output=False`)
+#    instead of re-deriving it from the clipped x̂_0;
+# 3. DDPM adds noise on every step from t > 0, the last one included (σ² = β' there with
+#    `variance_type="fixed_large"`; β̃' = 0 with "fixed_small").
+StepConvention = Literal["ddserve", "diffusers"]
+STEP_CONVENTIONS: tuple[str, ...] = ("ddserve", "diffusers")
 NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -104,6 +117,16 @@ class SamplerSettings:
     # are those of diffusers' scheduler classes.
     use_karras_sigmas: bool = False  # Karras et al. 2022 levels instead of the spaced timesteps
     solver_order: int = 2  # dpmpp_2m, dpmpp_2m_sde, unipc: 1 or 2
+    # A model's scheduler options (`scheduler_config.SchedulerOptions`, from its diffusers
+    # `scheduler_config.json`); the defaults are ddserve's own zoo conventions.
+    steps_offset: int = 0  # added to ``leading`` timesteps (Stable Diffusion 1.x: 1)
+    set_alpha_to_one: bool = True  # DDIM: the last step goes to ᾱ = 1 (else to ᾱ_0, diffusers)
+    clip_sample_range: float = 1.0  # with clip_denoised: clamp x̂_0 to [−range, range]
+    # Dynamic thresholding of x̂_0 instead of clipping (`steps.DynamicThreshold`, Saharia et al. 2022).
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x̂_0| taken as the bound s
+    sample_max_value: float = 1.0  # the largest s
+    convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
     strength: float = 1.0  # image-to-image (SDEdit): the tail of the plan the sample walks; 1 = all
 
     def __post_init__(self) -> None:
@@ -124,6 +147,21 @@ class SamplerSettings:
             raise ValueError(
                 f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not {self.sampler!r}"
             )
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be ≥ 0, got {self.steps_offset}")
+        if self.convention not in STEP_CONVENTIONS:
+            raise ValueError(
+                f"unknown step convention {self.convention!r}; expected one of "
+                f"{', '.join(STEP_CONVENTIONS)}"
+            )
+        if not self.clip_sample_range > 0.0:
+            raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(
+                f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}"
+            )
+        if not self.sample_max_value > 0.0:
+            raise ValueError(f"sample_max_value must be > 0, got {self.sample_max_value}")
         if self.solver_order not in (1, 2):
             raise ValueError(f"solver_order must be 1 or 2, got {self.solver_order}")
         if self.jump_n_sample > 1 and self.sampler in MULTISTEP_SAMPLERS:
@@ -151,7 +189,7 @@ class SamplerSettings:
     def plan(self, num_train_steps: int) -> list[int]:
         """The timesteps this sample visits, ending with −1 (see `timesteps.py`)."""
         sequence = timestep_sequence(
-            num_train_steps, self.num_inference_steps, self.timestep_spacing
+            num_train_steps, self.num_inference_steps, self.timestep_spacing, self.steps_offset
         )
         if self.jump_n_sample > 1:
             return repaint_plan(sequence, self.jump_length, self.jump_n_sample)
@@ -207,6 +245,7 @@ class PlanCache:
             a_t, a_s = alpha_bar[t + 1], alpha_bar[s + 1]
             coefficients, sigma = None, 0.0
             if s < t:
+                a_s = self._ddim_target_alpha_bar(settings, t, s, a_s)
                 step = step_coefficients(
                     a_t,
                     a_s,
@@ -214,12 +253,29 @@ class PlanCache:
                     eta=settings.eta,
                     ddpm_variance=settings.ddpm_variance,
                     classifier_scale=settings.classifier_scale,
-                    is_last=s == -1,
+                    # diffusers' DDPM adds noise on every step from t > 0 (`StepConvention`, 3).
+                    is_last=s == -1 and (settings.convention == "ddserve" or t == 0),
                 )
                 coefficients = torch.tensor(step.as_row(), dtype=torch.float32)
                 sigma = step.sigma
             transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t))
         return tuple(transitions)
+
+    def _ddim_target_alpha_bar(
+        self, settings: SamplerSettings, t: int, s: int, alpha_bar_s: float
+    ) -> float:
+        """ᾱ where a reverse step t → s lands. DDPM and ddserve's DDIM: ᾱ_s. Diffusers' DDIM
+        (`convention="diffusers"`): ᾱ at t − ⌊T/S⌋, whatever the plan's next timestep. Either DDIM
+        form's last step (below t = 0) lands on ᾱ = 1, or on ᾱ_0 with `set_alpha_to_one=False`
+        (DDIMScheduler's `final_alpha_cumprod`)."""
+        if settings.sampler != "ddim":
+            return alpha_bar_s
+        T = self.schedule.num_timesteps
+        if settings.convention == "diffusers":
+            s = t - T // settings.num_inference_steps
+        if s >= 0:
+            return float(self.schedule.alphas_cumprod[s])
+        return 1.0 if settings.set_alpha_to_one else float(self.schedule.alphas_cumprod[0])
 
     def _build_sigma_plan(self, settings: SamplerSettings) -> tuple[Transition, ...]:
         """The σ-space samplers' plans: levels (`sigmas.py`), rows (`solvers.py`), RePaint jumps."""
@@ -229,6 +285,7 @@ class PlanCache:
             settings.timestep_spacing,
             euler=not settings.multistep,
             karras=settings.use_karras_sigmas,
+            steps_offset=settings.steps_offset,
         )
         sigmas = levels.sigmas
         levels_name = (
@@ -306,6 +363,9 @@ class Sample:
     settings: SamplerSettings
     generator: torch.Generator
     cond: torch.Tensor | None = None  # one row of conditioning ([] class id, [L] tokens); None = ∅
+    # The unconditional row of classifier-free guidance (a negative prompt's row, shaped like
+    # cond); None = the model's ∅. Only a guided sample takes one.
+    uncond: torch.Tensor | None = None
     class_label: int | None = None  # target of classifier guidance
     known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
@@ -349,8 +409,12 @@ class RowLayout:
     rows: int  # rows of the network call: guided samples count twice
     cond: torch.Tensor | None  # [B, ...] conditioning rows (∅ where a sample has none)
     guided: torch.Tensor | None  # [G] long: samples with classifier-free guidance
+    uncond: torch.Tensor | None  # [G, ...] their unconditional rows (each ∅ or its own negative)
     guidance_scale: torch.Tensor | None  # [G] their w
-    clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1]
+    clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
+    clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
+    keep_eps: torch.Tensor | None  # [B] bool: bounded rows keeping the network's ε (diffusers DDIM)
+    threshold: DynamicThreshold | None  # rows with dynamic thresholding (they are not clipped)
     jumps: bool  # some sample's plan has RePaint's forward jumps
 
 
@@ -407,21 +471,59 @@ class DenoisingBatch:
     def _build_layout(self) -> RowLayout:
         samples = self.samples
         guided = [i for i, s in enumerate(samples) if s.guided]
-        clip = [s.settings.clip_denoised for s in samples]
-        cond = None
-        if self.null_condition is not None and samples:
-            rows = [self.null_condition if s.cond is None else s.cond for s in samples]
+        thresholded = [i for i, s in enumerate(samples) if s.settings.thresholding]
+        clip = [s.settings.clip_denoised and not s.settings.thresholding for s in samples]
+        clip_range = [s.settings.clip_sample_range for s in samples]
+        keep_eps = [
+            (s.settings.clip_denoised or s.settings.thresholding)
+            and s.settings.sampler == "ddim"
+            and s.settings.convention == "diffusers"
+            for s in samples
+        ]
+        threshold = None
+        if thresholded:
+            threshold = DynamicThreshold(
+                rows=torch.tensor(thresholded, dtype=torch.long, device=self.device),
+                ratio=torch.tensor(
+                    [samples[i].settings.dynamic_thresholding_ratio for i in thresholded],
+                    dtype=torch.float64,
+                ),
+                max_value=torch.tensor(
+                    [samples[i].settings.sample_max_value for i in thresholded],
+                    dtype=torch.float64,
+                    device=self.device,
+                ),
+            )
+        cond = uncond = None
+        null = self.null_condition
+        # A network without a ∅ row (a diffusers class-conditional UNet) still takes its samples'
+        # conditions: `add` admits such samples only all conditioned or all not.
+        conditioned = any(s.cond is not None for s in samples)
+        if samples and (null is not None or conditioned):
+            rows = [null if s.cond is None else s.cond for s in samples]
             cond = torch.stack(rows).to(self.device)
+        if null is not None and guided:
+            negatives = [samples[i].uncond for i in guided]
+            uncond = torch.stack([null if row is None else row for row in negatives])
+            uncond = uncond.to(self.device)
         return RowLayout(
             rows=len(samples) + len(guided),
             cond=cond,
             guided=torch.tensor(guided, dtype=torch.long, device=self.device) if guided else None,
+            uncond=uncond,
             guidance_scale=(
                 torch.tensor([samples[i].settings.guidance_scale for i in guided])
                 if guided
                 else None
             ),
             clip=torch.tensor(clip, device=self.device) if any(clip) else None,
+            clip_range=(
+                torch.tensor(clip_range, dtype=torch.float64, device=self.device)
+                if any(r != 1.0 for r in clip_range)
+                else None
+            ),
+            keep_eps=torch.tensor(keep_eps, device=self.device) if any(keep_eps) else None,
+            threshold=threshold,
             jumps=any(s.settings.jump_n_sample > 1 for s in samples),
         )
 
@@ -433,6 +535,13 @@ class DenoisingBatch:
         ValueError (a bad setting, a step count the schedule cannot lay out) leaves the running
         set — and the samples' noise streams — as they were."""
         plans = []
+        if self.null_condition is None:
+            mixed = {s.cond is None for s in [*self.samples, *samples]}
+            if len(mixed) > 1:
+                raise ValueError(
+                    "this network has no ∅ condition: a batch's samples are all conditioned or "
+                    "all unconditioned"
+                )
         for sample in samples:
             self._validate(sample)
             plans.append(self.plans.transitions(sample.settings))
@@ -499,6 +608,18 @@ class DenoisingBatch:
             raise ValueError(
                 "classifier-free guidance needs a conditional network (null_condition)"
             )
+        if sample.uncond is not None:
+            if not sample.guided:
+                raise ValueError(
+                    "an unconditional row (negative prompt) needs classifier-free guidance "
+                    "(guidance_scale ≠ 0), else it would be ignored"
+                )
+            assert self.null_condition is not None  # a guided sample was checked above
+            if sample.uncond.shape != self.null_condition.shape:
+                raise ValueError(
+                    f"the unconditional row has shape {tuple(sample.uncond.shape)}, expected "
+                    f"{tuple(self.null_condition.shape)} (that of the model's ∅)"
+                )
         if sample.settings.classifier_scale != 0.0 and (
             self.classifier is None or sample.class_label is None
         ):
@@ -528,9 +649,20 @@ class DenoisingBatch:
         coefficients = coefficients.to(device=self.device, dtype=self.dtype)
         eps, x0 = self._guided_prediction(t, coefficients)  # [B, C, H, W] each; x0 None for ε
         grad = self._classifier_gradient(t)
-        clip = self.layout.clip
+        layout = self.layout
         noise = self._noise([tr.sigma > 0 for tr in transitions])
-        x_prev, x0, _ = reverse_step(self.x, eps, coefficients, noise, grad, clip, x0)
+        x_prev, x0, _ = reverse_step(
+            self.x,
+            eps,
+            coefficients,
+            noise,
+            grad,
+            layout.clip,
+            x0,
+            layout.clip_range,
+            layout.keep_eps,
+            layout.threshold,
+        )
         if self.history is not None:
             x_prev, self.history = solver_update(self.x, x_prev, x0, coefficients, self.history)
         x_prev = self._merge_known_region(x_prev, transitions)
@@ -576,17 +708,19 @@ class DenoisingBatch:
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     def _guided_output(self, t: torch.Tensor) -> torch.Tensor:
-        """One network call over all rows plus an unconditional copy of each guided row."""
+        """One network call over all rows plus an unconditional copy of each guided row.
+
+        The copy of guided sample i is conditioned on its own ∅'_i (its negative prompt, else the
+        model's ∅), so ε̃_i = ε(x_i, ∅'_i) + s_i·(ε(x_i, c_i) − ε(x_i, ∅'_i)) — diffusers'
+        `negative_prompt` — while every sample still shares the one call."""
         layout = self.layout
         index, cond = layout.guided, layout.cond
         x_in, t_in, cond_in = self.x, t, cond
         if index is not None:
-            null = self.null_condition.to(self.device).expand(
-                len(index), *self.null_condition.shape
-            )
+            assert cond is not None and layout.uncond is not None  # guided ⇒ null_condition
             x_in = torch.cat([self.x, self.x.index_select(0, index)])
             t_in = torch.cat([t, t.index_select(0, index)])
-            cond_in = torch.cat([cond, null])
+            cond_in = torch.cat([cond, layout.uncond])  # [B + G, ...]
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
         out = output[: len(self.samples)]
@@ -656,6 +790,7 @@ def sample(
     *,
     cond: torch.Tensor | None = None,  # [B, ...] conditioning rows (None = unconditional network)
     null_condition: torch.Tensor | None = None,  # the ∅ row, for classifier-free guidance
+    uncond: Sequence[torch.Tensor | None] | None = None,  # per row: its own ∅' (negative prompt)
     prediction_type: SamplerPrediction = "epsilon",
     classifier: ClassifierFn | None = None,
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
@@ -696,6 +831,7 @@ def sample(
             settings=per_row[i],
             generator=gens[i],
             cond=None if cond is None else cond[i],
+            uncond=None if uncond is None else uncond[i],
             class_label=None if class_labels is None else int(class_labels[i]),
             known=None if known is None else known[i],
             mask=None if mask is None else mask[i],

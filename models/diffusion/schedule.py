@@ -22,7 +22,9 @@ from typing import Literal
 
 import torch
 
-ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
+# "custom": β given as a table (a diffusers `scheduler_config.json`: `trained_betas`, its own
+# β range, `rescale_betas_zero_snr`; see `scheduler_config.py`); `create` builds the other three.
+ScheduleKind = Literal["linear", "scaled_linear", "cosine", "custom"]
 
 
 def linear_betas(

@@ -43,9 +43,15 @@ class NoiseLevels:
         return 1.0 / (1.0 + self.sigmas[i] ** 2)
 
 
+# ᾱ taken for a timestep whose ᾱ is 0 (zero terminal SNR, `rescale_betas_zero_snr`): σ = 4096
+# instead of ∞, as diffusers' σ-space schedulers set `alphas_cumprod[-1] = 2**-24`.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
 def sigma_table(schedule: NoiseSchedule) -> list[float]:
-    """σ(t) for t = 0..T − 1, ascending in t."""
-    return [math.sqrt((1.0 - a) / a) for a in schedule.alphas_cumprod.tolist()]
+    """σ(t) for t = 0..T − 1, ascending in t (ᾱ = 0 read as `ZERO_SNR_ALPHA_BAR`)."""
+    table = schedule.alphas_cumprod.tolist()
+    return [math.sqrt((1.0 - a) / a) for a in (a if a > 0 else ZERO_SNR_ALPHA_BAR for a in table)]
 
 
 def interpolate(table: list[float], t: float) -> float:
@@ -83,13 +89,14 @@ def noise_levels(
     *,
     euler: bool,
     karras: bool,
+    steps_offset: int = 0,
 ) -> NoiseLevels:
     """The σ-plan of a σ-space sampler: Euler's convention (`euler`) or the multistep solvers'."""
     table = sigma_table(schedule)
     log_table = [math.log(s) for s in table]
     T = len(table)
     if euler:
-        times = euler_timesteps(T, num_steps, spacing)
+        times = euler_timesteps(T, num_steps, spacing, steps_offset)
         sigmas = [interpolate(table, t) for t in times]
         if karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
@@ -98,7 +105,7 @@ def noise_levels(
         sigmas = karras_sigmas(table[0], table[-1], num_steps)
         times = [sigma_to_timestep(s, log_table) for s in sigmas]
     else:
-        steps = multistep_timesteps(T, num_steps, spacing)
+        steps = multistep_timesteps(T, num_steps, spacing, steps_offset)
         times = [float(t) for t in steps]
         sigmas = [table[t] for t in steps]
     return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0))

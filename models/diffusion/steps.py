@@ -141,6 +141,55 @@ def step_coefficients(
     )
 
 
+def upper_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(values, q, dim=1)` (linear interpolation) of [R, N] values, bit for bit, from
+    the N − ⌊q(N − 1)⌋ largest values of each row (`torch.topk`) rather than a full sort: about 30×
+    faster at diffusers' q = 0.995 over 4096 values, where the sort cost 6× a whole DDIM step of 64
+    samples. The rank q(N − 1) and its fraction are computed in the values' dtype, as
+    torch.quantile does."""
+    n = values.shape[1]
+    rank = torch.tensor(q, dtype=values.dtype) * (n - 1)
+    below = int(rank.floor())
+    weight = rank - below
+    k = n - below  # the order statistics `below` .. N − 1, largest first
+    top = torch.topk(values, k, dim=1).values  # [R, k]
+    low = top[:, k - 1]
+    high = top[:, k - 2] if k >= 2 else low
+    return torch.lerp(low, high, weight.to(values.device))
+
+
+@dataclass(frozen=True)
+class DynamicThreshold:
+    """Dynamic thresholding of x̂_0 for some rows of a batch (Saharia et al. 2022, "Imagen", §2.3):
+    with s the `ratio`-quantile of |x̂_0| over the row's pixels, clamped to [1, `max_value`],
+
+        x̂_0 ← clamp(x̂_0, −s, s) / s,
+
+    which pulls saturated pixels inwards instead of clipping them (s = 1 is plain clipping to
+    [−1, 1]). diffusers' `thresholding=True` with `dynamic_thresholding_ratio` and
+    `sample_max_value`."""
+
+    rows: torch.Tensor  # [R] long: the rows it applies to
+    ratio: torch.Tensor  # [R] the quantile p ∈ (0, 1]
+    max_value: torch.Tensor  # [R] the upper bound of s
+
+    def apply(self, x0: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] → [B, C, H, W]
+        picked = x0.index_select(0, self.rows)  # [R, C, H, W]
+        flat = picked.reshape(len(self.rows), -1)
+        if flat.dtype not in (torch.float32, torch.float64):  # torch.quantile needs float32/64
+            flat = flat.float()
+        magnitude = flat.abs()
+        s = torch.empty(len(self.rows), dtype=flat.dtype, device=flat.device)  # [R]
+        for ratio in self.ratio.unique().tolist():  # one quantile call per distinct ratio
+            same = (self.ratio == ratio).to(magnitude.device)
+            s[same] = upper_quantile(magnitude[same], ratio)
+        s = torch.minimum(s.clamp(min=1.0), self.max_value.to(s))
+        # clamp(min=1, max=m) as torch.clamp: m wins when m < 1.
+        s = s.unsqueeze(1)  # [R, 1]
+        bounded = (torch.minimum(torch.maximum(flat, -s), s) / s).reshape(picked.shape)
+        return x0.index_copy(0, self.rows, bounded.to(x0.dtype))
+
+
 def _col(coefficients: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
     """Column `name` of the [B, K] coefficient table, shaped [B, 1, ..., 1] for broadcasting."""
     return coefficients[:, _COLUMN[name]].reshape(-1, *([1] * (ndim - 1)))
@@ -154,11 +203,17 @@ def reverse_step(
     grad: torch.Tensor | None = None,  # [B, C, H, W] ∇ log f_φ(y | x_t), or None without guidance
     clip_denoised: torch.Tensor | None = None,  # [B] bool: clamp x̂_0 to [−1, 1] for these rows
     x0: torch.Tensor | None = None,  # [B, C, H, W] x̂_0 straight from a v / x_0 prediction, or None
+    clip_range: torch.Tensor | None = None,  # [B] the clamp's bound per row (None: 1 for all)
+    keep_eps: torch.Tensor | None = None,  # [B] bool: bounded rows that keep the network's ε
+    threshold: DynamicThreshold | None = None,  # rows whose x̂_0 is thresholded (not clipped)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_s for every row, the prediction x̂_0 it went through and the ε consistent with it.
+    """x_s for every row, the prediction x̂_0 it went through and the ε it used.
 
     Pure: no state, no randomness. Without `x0`, x̂_0 is computed from ε; a given `x0` avoids the
-    cancellation of (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t where ᾱ_t is tiny (v-prediction at high noise)."""
+    cancellation of (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t where ᾱ_t is tiny (v-prediction at high noise).
+    A clipped or thresholded row uses the ε consistent with its bounded x̂_0, unless `keep_eps`
+    marks it (diffusers' DDIMScheduler with `use_clipped_model_output=False`); a thresholded row is
+    not clipped as well (diffusers: thresholding, else clipping)."""
     n = x_t.dim()
     sqrt_a = _col(coefficients, "sqrt_alpha_bar_t", n)
     sqrt_1ma = _col(coefficients, "sqrt_one_minus_alpha_bar_t", n)
@@ -169,11 +224,25 @@ def reverse_step(
             x0 = x0 + sqrt_1ma / sqrt_a * shift
     if x0 is None:
         x0 = (x_t - sqrt_1ma * eps) / sqrt_a
+    bounded = None  # [B, 1, …] bool: the rows whose x̂_0 is clipped or thresholded
     if clip_denoised is not None and bool(clip_denoised.any()):
-        # DDIM with a clipped x̂_0 must use the ε consistent with it (as in diffusers' DDIMScheduler).
-        clip = clip_denoised.reshape(-1, *([1] * (n - 1)))
-        x0 = torch.where(clip, x0.clamp(-1.0, 1.0), x0)
-        eps = torch.where(clip, (x_t - sqrt_a * x0) / sqrt_1ma, eps)
+        bounded = clip_denoised.reshape(-1, *([1] * (n - 1)))
+        if clip_range is None:
+            clamped = x0.clamp(-1.0, 1.0)
+        else:
+            bound = clip_range.reshape(-1, *([1] * (n - 1))).to(x0)
+            clamped = torch.minimum(torch.maximum(x0, -bound), bound)
+        x0 = torch.where(bounded, clamped, x0)
+    if threshold is not None:
+        x0 = threshold.apply(x0)
+        rows = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+        rows[threshold.rows] = True
+        rows = rows.reshape(-1, *([1] * (n - 1)))
+        bounded = rows if bounded is None else bounded | rows
+    if bounded is not None:
+        # The ε consistent with the bounded x̂_0 (ddserve's DDIM, and DDPM's posterior mean).
+        rederive = bounded if keep_eps is None else bounded & ~keep_eps.reshape(bounded.shape)
+        eps = torch.where(rederive, (x_t - sqrt_a * x0) / sqrt_1ma, eps)
     x_s = _col(coefficients, "c_x0", n) * x0 + _col(coefficients, "c_eps", n) * eps
     if noise is not None:
         x_s = x_s + _col(coefficients, "sigma", n) * noise

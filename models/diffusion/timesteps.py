@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 
 
 def _check(
-    num_train_steps: int, num_steps: int, spacing: str, most: int | None = None, who: str = ""
+    num_train_steps: int,
+    num_steps: int,
+    spacing: str,
+    most: int | None = None,
+    who: str = "",
+    steps_offset: int = 0,
 ) -> None:
-    """Reject step counts the spacing cannot lay out, naming the valid range."""
+    """Reject step counts and offsets the spacing cannot lay out, naming the valid range."""
     most = num_train_steps if most is None else most
     if not 1 <= num_steps <= most:
         raise ValueError(
@@ -27,25 +34,58 @@ def _check(
         raise ValueError(
             f"unknown timestep spacing {spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}"
         )
+    if steps_offset < 0:
+        raise ValueError(f"steps_offset must be ≥ 0, got {steps_offset}")
 
 
-def timestep_sequence(num_train_steps: int, num_steps: int, spacing: TimestepSpacing) -> list[int]:
+def _offset(timesteps: list[int], num_train_steps: int, steps_offset: int) -> list[int]:
+    """``leading`` timesteps shifted by `steps_offset` (diffusers adds it to ``leading`` only), which
+    must keep them inside the schedule."""
+    shifted = [t + steps_offset for t in timesteps]
+    if shifted and shifted[0] >= num_train_steps:
+        raise ValueError(
+            f"steps_offset {steps_offset} moves the first of {len(timesteps)} 'leading' timesteps to "
+            f"{shifted[0]}, past the {num_train_steps}-step schedule; use fewer steps"
+        )
+    return shifted
+
+
+def trailing_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
+    """``trailing`` spacing exactly as diffusers lays it: round(T − i·T/S) − 1 on the floats of
+    `np.arange(T, 0, −T/S)`, whose accumulated rounding breaks the .5 ties of some S differently from
+    exact arithmetic (S = 48 of 1000: 936, not 937), rounded half to even.
+
+    For 62 of the counts S ≤ 1000 (61, 103, …) `np.arange` overshoots by one float ulp and yields
+    an (S + 1)-th value ≈ 0, which diffusers turns into the timestep −1 (a network call at t = −1 that
+    reads ᾱ_{T−1} through Python's negative indexing); it is dropped here, so the sequence is
+    diffusers' less that invalid entry."""
+    ratio = num_train_steps / num_steps
+    points = np.round(np.arange(num_train_steps, 0, -ratio)).astype(np.int64) - 1
+    return [int(t) for t in points if t >= 0]
+
+
+def timestep_sequence(
+    num_train_steps: int, num_steps: int, spacing: TimestepSpacing, steps_offset: int = 0
+) -> list[int]:
     """The sub-sequence τ of S = num_steps timesteps in [0, T), in sampling (descending) order.
 
-    - ``leading`` (DDIM, Song et al. 2021): τ_i = i·⌊T/S⌋ for i = 0..S−1; never starts at T − 1.
-    - ``trailing`` (Lin et al. 2024): τ_i = round(T − i·T/S) − 1; starts at T − 1.
-    - ``linspace``: S points evenly spaced over [0, T − 1], rounded.
-    All three match diffusers' DDIMScheduler (and, for the first two, EulerDiscreteScheduler) for the
-    same `timestep_spacing`.
+    - ``leading`` (DDIM, Song et al. 2021): τ_i = i·⌊T/S⌋ + steps_offset for i = S−1..0; never
+      starts at T − 1 (Stable Diffusion 1.x: `steps_offset` = 1).
+    - ``trailing`` (Lin et al. 2024, Table 2): τ_i = round(T − i·T/S) − 1; starts at T − 1 (see
+      `trailing_timesteps` for diffusers' float ties).
+    - ``linspace``: S points evenly spaced over [0, T − 1], rounded half to even.
+    All three equal diffusers' DDIMScheduler / DDPMScheduler `set_timesteps` with the same
+    `timestep_spacing` and `steps_offset` (which diffusers adds to ``leading`` only).
     """
-    _check(num_train_steps, num_steps, spacing)
+    _check(num_train_steps, num_steps, spacing, steps_offset=steps_offset)
     if spacing == "leading":
         ratio = num_train_steps // num_steps
-        return [i * ratio for i in range(num_steps - 1, -1, -1)]
+        leading = [i * ratio for i in range(num_steps - 1, -1, -1)]
+        return _offset(leading, num_train_steps, steps_offset)
     if spacing == "trailing":
-        ratio = num_train_steps / num_steps
-        return [round(num_train_steps - i * ratio) - 1 for i in range(num_steps)]
-    return [round(t) for t in linspace_timesteps(num_train_steps, num_steps)]
+        return trailing_timesteps(num_train_steps, num_steps)
+    points = np.linspace(0, num_train_steps - 1, num_steps).round()[::-1]
+    return [int(t) for t in points]
 
 
 def linspace_timesteps(num_train_steps: int, num_steps: int) -> list[float]:
@@ -57,33 +97,43 @@ def linspace_timesteps(num_train_steps: int, num_steps: int) -> list[float]:
 
 
 def multistep_timesteps(
-    num_train_steps: int, num_steps: int, spacing: TimestepSpacing
+    num_train_steps: int, num_steps: int, spacing: TimestepSpacing, steps_offset: int = 0
 ) -> list[int]:
     """The S timesteps of the multistep solvers (DPM-Solver, UniPC), descending.
 
     These lay S + 1 points and drop the last (t = 0), then take their last step to σ = 0; so
-    ``leading`` is τ_i = i·⌊T/(S + 1)⌋ for i = S..1 and ``linspace`` the S + 1 points of [0, T − 1]
-    rounded, less 0; ``trailing`` is the same as `timestep_sequence`'s. This is diffusers'
-    DPMSolverMultistepScheduler / UniPCMultistepScheduler convention with `steps_offset=0`.
+    ``leading`` is τ_i = i·⌊T/(S + 1)⌋ + steps_offset for i = S..1 and ``linspace`` the S + 1 points
+    of [0, T − 1] rounded, less 0; ``trailing`` is the same as `timestep_sequence`'s. This is
+    diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler convention.
     """
-    _check(num_train_steps, num_steps, spacing, num_train_steps - 1, " (multistep solvers)")
+    _check(
+        num_train_steps,
+        num_steps,
+        spacing,
+        num_train_steps - 1,
+        " (multistep solvers)",
+        steps_offset,
+    )
     if spacing == "leading":
         ratio = num_train_steps // (num_steps + 1)
-        return [i * ratio for i in range(num_steps, 0, -1)]
+        leading = [i * ratio for i in range(num_steps, 0, -1)]
+        return _offset(leading, num_train_steps, steps_offset)
     if spacing == "linspace":
-        last = num_train_steps - 1
-        return [round(last * i / num_steps) for i in range(num_steps, 0, -1)]
+        points = np.linspace(0, num_train_steps - 1, num_steps + 1).round()[::-1][:-1]
+        return [int(t) for t in points]
     return timestep_sequence(num_train_steps, num_steps, spacing)
 
 
-def euler_timesteps(num_train_steps: int, num_steps: int, spacing: TimestepSpacing) -> list[float]:
+def euler_timesteps(
+    num_train_steps: int, num_steps: int, spacing: TimestepSpacing, steps_offset: int = 0
+) -> list[float]:
     """The S timesteps of the Euler samplers, descending: `timestep_sequence` for ``leading`` and
     ``trailing``, and for ``linspace`` the fractional points of [0, T − 1] (diffusers'
     EulerDiscreteScheduler / EulerAncestralDiscreteScheduler interpolate σ between table entries)."""
-    _check(num_train_steps, num_steps, spacing)
+    _check(num_train_steps, num_steps, spacing, steps_offset=steps_offset)
     if spacing == "linspace":
         return linspace_timesteps(num_train_steps, num_steps)
-    return [float(t) for t in timestep_sequence(num_train_steps, num_steps, spacing)]
+    return [float(t) for t in timestep_sequence(num_train_steps, num_steps, spacing, steps_offset)]
 
 
 def denoising_plan(sequence: list[int]) -> list[int]:

@@ -1,0 +1,313 @@
+"""Catalog entries of diffusers pipelines, read from their JSON files only (no torch, no diffusers).
+
+A diffusers pipeline folder (what `save_pretrained` writes, or a Hub snapshot) is
+`model_index.json` — `{"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+"scheduler": ["diffusers", "DDPMScheduler"], …}` — plus one sub-folder per component with its
+`config.json` (`scheduler/scheduler_config.json` for the scheduler). The gateway learns from these
+alone what a model accepts:
+
+- image size: the UNet's `sample_size`, times the first stage's down-sampling factor
+  f = 2^(len(block_out_channels) − 1) for a latent pipeline (Rombach et al. 2022, §3: z = E(x) has
+  H/f × W/f positions);
+- channels: the UNet's `in_channels` (pixel), the first stage's `in_channels` (latent);
+- conditioning: `num_class_embeds` → class labels 0 … n − 1 (no ∅ class: always required);
+  a text encoder + tokenizer → a prompt, tokenized by the worker with the model's CLIP tokenizer;
+- schedule and defaults: the scheduler config (`num_train_timesteps`, `beta_schedule`,
+  `prediction_type`, `clip_sample`) and the scheduler class (DDPM → ddpm, DDIM → ddim);
+- licence: the `license:` of the folder's README.md front matter (the Hub's model card), else the
+  first line of a LICENSE file.
+
+A latent pipeline gives two entries: the denoiser `<name>` (kind `latent-diffusion`, whose
+`first_stage` is the second) and its first stage `<name>-vqvae` / `<name>-vae` (kind `vqvae` /
+`kl-autoencoder`), which serves `/encode`, `/decode` and `/reconstruct`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ddserve.params import SAMPLERS
+from models.catalog import (
+    PIPELINE_INDEX,
+    Conditioning,
+    ImageSpec,
+    ModelEntry,
+    SamplingDefaults,
+    ScheduleSpec,
+)
+from models.scheduler_config_fields import read_fields
+
+
+class PipelineError(ValueError):
+    """A pipeline folder that ddserve cannot serve; the message says why, for a person."""
+
+
+# Pipeline class → the sampler its scheduler stands for and the pipeline's default step count
+# (its `__call__` default). Pixel-space UNet2DModel pipelines and LDMPipeline (VQ or KL first stage).
+PIXEL_PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "RePaintPipeline": 250}
+LATENT_PIPELINES = {"LDMPipeline": 50}
+# Text-conditioned pipelines (conditioning "text", tokenizer "clip"): the workers encode prompts with
+# the pipeline's own CLIPTokenizer + CLIPTextModel (`models.diffusers_format.text`). Served: the
+# StableDiffusionPipeline layout; LDMTextToImagePipeline (an LDMBert text encoder, a BERT
+# tokenizer) is representable but has no tasks.
+TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
+SERVED_TEXT_PIPELINES = ("StableDiffusionPipeline",)
+TEXT_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline.__call__'s default guidance_scale
+TEXT_COMPONENTS = {  # component → the classes the workers load it with
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *SERVED_TEXT_PIPELINES)
+# Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
+RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
+CLIPPING = ("DDPMScheduler", "DDIMScheduler")  # classes whose clip_sample defaults to True
+FIRST_STAGES = {"VQModel": ("vqvae", "vqvae"), "AutoencoderKL": ("kl-autoencoder", "vae")}
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "squaredcos_cap_v2": "cosine",
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A component's JSON file; a missing or unreadable one is a `PipelineError` naming it."""
+    if not path.is_file():
+        raise PipelineError(f"missing {path.parent.name}/{path.name} in {path.parent.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is not a JSON object")
+    return data
+
+
+def pipeline_index(folder: Path) -> dict[str, Any]:
+    """`model_index.json`: the pipeline class and its components (name → [library, class])."""
+    index_file = folder / PIPELINE_INDEX
+    if not index_file.is_file():
+        raise PipelineError(
+            f"{folder} has no {PIPELINE_INDEX}: not a diffusers pipeline folder "
+            "(save one with `pipeline.save_pretrained(folder)`)"
+        )
+    return read_json(index_file)
+
+
+def components(index: dict[str, Any]) -> dict[str, str]:
+    """Component name → class name, for the components the pipeline has (null entries skipped)."""
+    found = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        if value[1] is not None:
+            found[name] = str(value[1])
+    return found
+
+
+def first_stage_of(parts: dict[str, str]) -> tuple[str, str] | None:
+    """(component folder, class) of the pipeline's autoencoder, if it has one."""
+    for name in ("vqvae", "vae"):
+        if name in parts:
+            return name, parts[name]
+    return None
+
+
+def sample_size(config: dict[str, Any], component: str) -> tuple[int, int]:
+    """(height, width) from a `sample_size` that is an int or a [height, width] pair."""
+    size = config.get("sample_size")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    raise PipelineError(f"{component}/config.json has no usable sample_size (got {size!r})")
+
+
+def down_factor(config: dict[str, Any]) -> int:
+    """An autoencoder's spatial down-sampling factor: every encoder block but the last halves."""
+    return 2 ** (len(config.get("block_out_channels", [64])) - 1)
+
+
+def read_license(folder: Path) -> str | None:
+    """The `license:` of README.md's YAML front matter (Hub model cards), else LICENSE's first
+    non-empty line."""
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        front = re.match(r"^---\s*\n(.*?)\n---", text, re.DOTALL)
+        if front:
+            found = re.search(r"^licen[sc]e:\s*(.+)$", front.group(1), re.MULTILINE)
+            if found:
+                return found.group(1).strip().strip("\"'")
+    for name in ("LICENSE", "LICENSE.md", "LICENSE.txt"):
+        path = folder / name
+        if path.is_file():
+            lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+            first = next((line for line in lines if line), None)
+            if first:
+                return first
+    return None
+
+
+def scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config ddserve reproduces (`scheduler_config_fields`, `from_diffusers`).
+
+    RePaintPipeline's `RePaintScheduler` is DDIM's update (Lugmayr et al. 2022 build on it) with
+    its η (0: deterministic DDIM, RePaintPipeline's default, … 1: DDPM-like noise) on ``leading``
+    timesteps from T/S · (S − 1) down to 0 and a last step to ᾱ = 1, plus the resampling jumps that
+    ddserve's RePaint does per request: its config reads as a `DDIMScheduler` one."""
+    if config.get("_class_name") == "RePaintScheduler":
+        kept = {k: v for k, v in config.items() if k not in ("eta", "_class_name")}
+        return {**kept, "_class_name": "DDIMScheduler", "set_alpha_to_one": True}
+    return config
+
+
+def schedule_fields(
+    scheduler: dict[str, Any], steps: int, resampling: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The entry's schedule, prediction type, samplers and defaults from the scheduler config
+    (`models.scheduler_config_fields`: the fields the gateway needs, torch-free)."""
+    try:
+        fields = read_fields(scheduler_config(scheduler))
+    except ValueError as exc:
+        raise PipelineError(f"scheduler/scheduler_config.json: {exc}") from None
+    beta = str(scheduler.get("beta_schedule", "linear"))
+    total = fields.num_train_timesteps
+    return {
+        "schedule": ScheduleSpec(kind=BETA_SCHEDULES.get(beta, "linear"), num_timesteps=total),
+        "prediction_type": fields.prediction_type,
+        "samplers": list(SAMPLERS),
+        "defaults": SamplingDefaults(
+            sampler=fields.sampler,
+            num_inference_steps=min(steps, total),
+            clip_denoised=bool(scheduler.get("clip_sample", fields.class_name in CLIPPING)),
+            **(resampling or {}),
+        ),
+        "scheduler": scheduler,
+    }
+
+
+def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
+    """The catalog entries of the pipeline in `folder` (see the module docstring), named `name`
+    (default: the folder's name). Raises `PipelineError` for a folder ddserve cannot serve."""
+    name = name or folder.name
+    index = pipeline_index(folder)
+    pipeline = str(index.get("_class_name", ""))
+    parts = components(index)
+    steps = {**PIXEL_PIPELINES, **LATENT_PIPELINES, **TEXT_PIPELINES}.get(pipeline)
+    if steps is None:
+        raise PipelineError(
+            f"pipeline class {pipeline or '(none)'!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_PIPELINES)}"
+        )
+    for needed in ("unet", "scheduler"):
+        if needed not in parts:
+            raise PipelineError(f"{pipeline} in {folder} has no {needed!r} component")
+    unet = read_json(folder / "unet" / "config.json")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    common: dict[str, Any] = {
+        "dataset": "",
+        "format": "diffusers",
+        "pipeline": pipeline,
+        "license": read_license(folder),
+    }
+    stage = first_stage_of(parts)
+    conditioning = None
+    if unet.get("num_class_embeds"):
+        count = int(unet["num_class_embeds"])
+        conditioning = Conditioning(
+            type="class", classes=[str(i) for i in range(count)], has_null=False
+        )
+    if pipeline in SERVED_TEXT_PIPELINES:
+        for component, classes in TEXT_COMPONENTS.items():
+            if component not in parts:
+                raise PipelineError(f"{pipeline} in {folder} has no {component!r} component")
+            if parts[component] not in classes:
+                raise PipelineError(
+                    f"{component} is a {parts[component]}; supported: {', '.join(classes)}"
+                )
+    if pipeline in TEXT_PIPELINES:
+        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+        length = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
+        conditioning = Conditioning(type="text", tokenizer="clip", context_len=int(length))
+    height, width = sample_size(unet, "unet")
+    channels = int(unet.get("in_channels", 3))
+    denoiser = {
+        **common,
+        "name": name,
+        "component": "unet",
+        "conditioning": conditioning,
+        **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
+    }
+    if pipeline in SERVED_TEXT_PIPELINES:  # the pipeline's own default: s = 7.5 with a prompt
+        denoiser["defaults"] = denoiser["defaults"].model_copy(
+            update={"guidance_scale": TEXT_GUIDANCE_SCALE}
+        )
+    if stage is None:
+        return [
+            ModelEntry(
+                **denoiser,
+                kind="diffusion",
+                tasks=["generate", "inpaint"],
+                description=f"{pipeline} (diffusers), {channels}×{height}×{width} pixels",
+                image=ImageSpec(channels=channels, height=height, width=width),
+                path=folder,
+            )
+        ]
+    component, stage_class = stage
+    if stage_class not in FIRST_STAGES:
+        raise PipelineError(
+            f"first stage {component!r} is a {stage_class}; supported: {', '.join(FIRST_STAGES)}"
+        )
+    stage_kind, suffix = FIRST_STAGES[stage_class]
+    vae = read_json(folder / component / "config.json")
+    factor = down_factor(vae)
+    image = ImageSpec(
+        channels=int(vae.get("in_channels", 3)), height=height * factor, width=width * factor
+    )
+    latent_channels = int(vae.get("latent_channels", 4))
+    if stage_kind == "vqvae":
+        latent_channels = int(vae.get("vq_embed_dim") or latent_channels)
+    latent_shape = [latent_channels, height, width]
+    stage_name = f"{name}-{suffix}"
+    scaling = {
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+        "shift_factor": float(vae.get("shift_factor") or 0.0),
+    }
+    first = ModelEntry(
+        **common,
+        name=stage_name,
+        kind=stage_kind,
+        tasks=["encode", "decode", "reconstruct"],
+        description=f"the {stage_class} first stage of {name} ({pipeline}, diffusers)",
+        image=image,
+        latent_shape=latent_shape,
+        code_shape=[height, width] if stage_kind == "vqvae" else None,
+        codebook_size=int(vae.get("num_vq_embeddings", 256)) if stage_kind == "vqvae" else None,
+        component=component,
+        network=scaling,
+        path=folder,
+    )
+    served = pipeline not in TEXT_PIPELINES or pipeline in SERVED_TEXT_PIPELINES
+    main = ModelEntry(
+        **denoiser,
+        kind="latent-diffusion",
+        # Text pipelines: generate only until the worker inpaints in latent space (it refuses
+        # latent inpainting today), so that /models promises nothing a job would fail.
+        tasks=(["generate"] if pipeline in TEXT_PIPELINES else ["generate", "inpaint"])
+        if served
+        else [],
+        description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
+        f"{image.channels}×{image.height}×{image.width} images",
+        image=image,
+        latent_shape=latent_shape,
+        first_stage=stage_name,
+        network={
+            "latent_scale": scaling["scaling_factor"],
+            "latent_shift": scaling["shift_factor"],
+        },
+        path=folder,
+    )
+    return [main, first]

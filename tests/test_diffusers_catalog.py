@@ -1,0 +1,127 @@
+"""The model repository: zoo cards and diffusers pipelines read from their JSON files, no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddserve.settings import DEFAULT_IMPORT_DIR, Settings
+from models.catalog import DEFAULT_ZOO, load_catalog
+from models.diffusers_format.entries import PipelineError, read_pipeline
+
+
+def test_pixel_pipelines(pipelines_dir: Path) -> None:
+    (ddpm,) = read_pipeline(pipelines_dir / "ddpm")
+    assert (ddpm.name, ddpm.kind, ddpm.format, ddpm.pipeline) == (
+        "ddpm",
+        "diffusion",
+        "diffusers",
+        "DDPMPipeline",
+    )
+    assert (ddpm.image.channels, ddpm.image.height, ddpm.image.width) == (3, 16, 16)
+    assert ddpm.tasks == ["generate", "inpaint"] and ddpm.conditioning is None
+    assert ddpm.schedule is not None and ddpm.schedule.num_timesteps == 1000
+    assert ddpm.defaults is not None
+    assert (ddpm.defaults.sampler, ddpm.defaults.num_inference_steps) == ("ddpm", 1000)
+    assert ddpm.defaults.clip_denoised  # DDPMScheduler's clip_sample default
+    (ddim,) = read_pipeline(pipelines_dir / "ddim", name="renamed")
+    assert ddim.name == "renamed" and ddim.defaults is not None
+    assert (ddim.defaults.sampler, ddim.defaults.num_inference_steps) == ("ddim", 50)
+    assert not ddim.defaults.clip_denoised
+
+
+def test_repaint_pipeline_defaults_to_its_resampling(pipelines_dir: Path) -> None:
+    """RePaintPipeline's own defaults: 250 steps, η = 0 (DDIM-like), jumps of 10, 10 resamplings."""
+    (entry,) = read_pipeline(pipelines_dir / "repaint")
+    assert entry.pipeline == "RePaintPipeline" and entry.defaults is not None
+    d = entry.defaults
+    assert (d.sampler, d.num_inference_steps, d.eta) == ("ddim", 250, 0.0)
+    assert (d.jump_length, d.jump_n_sample) == (10, 10)
+
+
+def test_class_conditional_unet_has_labels_and_no_null(pipelines_dir: Path) -> None:
+    (entry,) = read_pipeline(pipelines_dir / "ddpm-class")
+    assert entry.conditioning is not None
+    assert entry.conditioning.type == "class"
+    assert entry.conditioning.classes == ["0", "1", "2", "3"]
+    assert not entry.conditioning.has_null
+
+
+@pytest.mark.parametrize(
+    ("folder", "stage", "kind"),
+    [("ldm", "ldm-vqvae", "vqvae"), ("ldm-kl", "ldm-kl-vae", "kl-autoencoder")],
+)
+def test_latent_pipeline_gives_a_denoiser_and_its_first_stage(
+    pipelines_dir: Path, folder: str, stage: str, kind: str
+) -> None:
+    main, first = read_pipeline(pipelines_dir / folder)
+    assert (main.kind, main.first_stage, main.latent_shape) == (
+        "latent-diffusion",
+        stage,
+        [4, 8, 8],
+    )
+    assert (main.image.height, main.image.width) == (16, 16)  # 8×8 latents, f = 2
+    assert main.network["latent_scale"] == (0.5 if kind == "vqvae" else 0.7)
+    assert (first.name, first.kind, first.component) == (stage, kind, "vqvae")
+    assert first.tasks == ["encode", "decode", "reconstruct"]
+    assert first.latent_shape == [4, 8, 8]
+    if kind == "vqvae":
+        assert (first.code_shape, first.codebook_size) == ([8, 8], 64)
+
+
+def test_licence_from_the_model_card(tmp_path: Path, pipelines_dir: Path) -> None:
+    folder = tmp_path / "card"
+    shutil.copytree(pipelines_dir / "ddpm", folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# a model\n")
+    assert read_pipeline(folder)[0].license == "apache-2.0"
+    (folder / "README.md").unlink()
+    (folder / "LICENSE").write_text("\nMIT License\n\nCopyright …\n")
+    assert read_pipeline(folder)[0].license == "MIT License"
+    public = read_pipeline(folder)[0].public()
+    assert public["license"] == "MIT License" and "scheduler" not in public
+
+
+def test_repository_holds_zoo_cards_and_pipelines(tmp_path: Path, pipelines_dir: Path) -> None:
+    extra = tmp_path / "mine"
+    (extra / "not-a-model").mkdir(parents=True)
+    shutil.copytree(pipelines_dir / "ddim", extra / "digits-ddpm")  # hidden by the zoo's
+    shutil.copytree(pipelines_dir / "ldm", extra / "ldm")
+    catalog = load_catalog([DEFAULT_ZOO, extra])
+    assert catalog["digits-ddpm"].format == "ddserve"  # the first folder wins
+    assert catalog["ldm"].format == "diffusers" and "ldm-vqvae" in catalog
+    assert "not-a-model" not in catalog
+    assert "shapes-ldm" in catalog  # the zoo is still read
+    assert load_catalog(extra).keys() == {"digits-ddpm", "ldm", "ldm-vqvae"}
+
+
+def test_an_unservable_folder_is_skipped_not_fatal(tmp_path: Path, pipelines_dir: Path) -> None:
+    shutil.copytree(pipelines_dir / "ddpm", tmp_path / "good")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert list(load_catalog(tmp_path)) == ["good"]
+    with pytest.raises(PipelineError, match=r"FluxPipeline.*supported: DDPMPipeline"):
+        read_pipeline(tmp_path / "bad")
+
+
+def test_model_dirs_setting_derives_from_the_zoo_setting(tmp_path: Path) -> None:
+    assert Settings(zoo_dir=tmp_path).model_repository() == [tmp_path, DEFAULT_IMPORT_DIR]
+    assert Settings().import_dir() == DEFAULT_IMPORT_DIR
+    named = Settings(model_dirs=f"{tmp_path}/a, {tmp_path}/b")
+    assert named.model_repository() == [tmp_path / "a", tmp_path / "b"]
+    assert named.import_dir() == tmp_path / "a"
+
+
+def test_the_gateway_reads_pipelines_without_torch(pipelines_dir: Path) -> None:
+    code = (
+        "import sys; from models.catalog import load_catalog; "
+        f"c = load_catalog({str(pipelines_dir)!r}); "
+        "assert c['ldm'].first_stage == 'ldm-vqvae', c; "
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -1,0 +1,159 @@
+"""Imported diffusers pipelines over HTTP: `ddserve import` into a model repository, the embedded
+stack (`LocalServer`: gateway + batching worker thread on fakeredis), then generate, inpaint and
+the first stage's encode/decode/reconstruct, through the Python client."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddserve.cli import main
+from ddserve.client import Client
+from ddserve.client.errors import ValidationError
+from ddserve.embedded import LocalServer
+from models.diffusion.noise import sample_generator
+from service.auth import hash_key
+from tests.client_support import tiny_settings
+
+diffusers = pytest.importorskip("diffusers")
+
+API_KEY = "import-" + uuid.uuid4().hex
+IMPORTED = {"ddpm": "pix", "ddpm-class": "pix-class", "ldm": "lat"}  # fixture folder → model name
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pipelines_dir: Path) -> Iterator[LocalServer]:
+    root = tmp_path_factory.mktemp("imported")
+    repo = root / "models"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DDSERVE_MODEL_DIRS", str(repo))  # what `ddserve import` writes into
+        for folder, name in IMPORTED.items():
+            assert main(["import", str(pipelines_dir / folder), "--name", name]) == 0
+    torch.set_num_threads(1)
+    settings = tiny_settings(
+        root, API_KEY, model_dirs=str(repo), api_keys=f"tester:{hash_key(API_KEY)}"
+    )
+    stack = LocalServer(settings).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def client(server: LocalServer) -> Iterator[Client]:
+    with Client(server.url, api_key=API_KEY, timeout=120) as c:
+        yield c
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def test_models_lists_the_imported_pipelines(client: Client) -> None:
+    models = {m.name: m for m in client.models()}
+    assert set(models) == {"pix", "pix-class", "lat", "lat-vqvae"}
+    assert models["pix"].tasks == ["generate", "inpaint"]
+    assert models["lat-vqvae"].tasks == ["encode", "decode", "reconstruct"]
+    assert models["pix-class"].classes == ["0", "1", "2", "3"]
+    raw = client.model("lat")
+    assert raw.latent_shape == [4, 8, 8]
+
+
+def test_generate_gives_the_pipelines_images(client: Client, pipelines_dir: Path) -> None:
+    """Over HTTP, as PNG: DDPMPipeline's image with the same seed (the job's image i draws from
+    `sample_generator(seed + i, 0)`), to within one 8-bit level."""
+    job = client.generate("pix", n=2, num_inference_steps=6, seed=11)
+    assert job.succeeded and [im.seed for im in job.images] == [11, 12]
+    got = [pixels(data) for data in client.download_images(job)]
+    pipe = diffusers.DDPMPipeline.from_pretrained(pipelines_dir / "ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    for image, seed in zip(got, (11, 12), strict=True):
+        expected = pipe(
+            generator=sample_generator(seed, 0), num_inference_steps=6, output_type="pil"
+        ).images[0]
+        assert np.abs(image - np.asarray(expected, dtype=np.int16)).max() <= 1
+    latent = client.generate("lat", n=1, num_inference_steps=4, seed=3)
+    assert latent.succeeded and (latent.images[0].width, latent.images[0].height) == (16, 16)
+    labelled = client.generate("pix-class", class_label=2, num_inference_steps=3, seed=1)
+    assert labelled.succeeded
+
+
+def test_mixed_requests_in_one_batch_give_their_solo_images(
+    server: LocalServer, client: Client
+) -> None:
+    requests = [
+        {"model": "lat", "num_inference_steps": 8, "seed": 1},
+        {"model": "lat", "num_inference_steps": 5, "sampler": "ddpm", "seed": 2},
+        {"model": "lat", "num_inference_steps": 6, "sampler": "dpmpp_2m", "seed": 3, "n": 2},
+        {"model": "lat", "num_inference_steps": 7, "eta": 1.0, "seed": 4},
+    ]
+    engine = server._handles[0].worker.engine
+    calls_before = engine.stats.network_calls
+    jobs = [client.generate(wait=False, **r) for r in requests]  # type: ignore[arg-type]
+    together = [client.wait(job, timeout=120) for job in jobs]
+    shared_calls = engine.stats.network_calls - calls_before
+    assert shared_calls < sum(r["num_inference_steps"] for r in requests)  # they shared calls
+    for request, job in zip(requests, together, strict=True):
+        alone = client.generate(**request)  # type: ignore[arg-type]
+        for a, b in zip(client.download_images(job), client.download_images(alone), strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+def test_inpaint_pixel_and_latent_models(client: Client) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    keep = np.ones((16, 16), dtype=bool)
+    keep[4:12, 4:12] = False  # generate the centre
+    painted = client.inpaint("pix", Image.fromarray(image), keep, num_inference_steps=5, seed=2)
+    result = pixels(client.download_images(painted)[0])
+    assert np.abs(result[keep] - image[keep]).max() <= 1  # RePaint keeps the known pixels
+    assert np.abs(result[~keep] - image[~keep]).mean() > 10
+    latent = client.inpaint("lat", Image.fromarray(image), keep, num_inference_steps=5, seed=2)
+    assert latent.succeeded and (latent.images[0].width, latent.images[0].height) == (16, 16)
+
+
+def test_first_stage_routes(client: Client) -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    encoded = client.encode("lat-vqvae", images)
+    output = encoded.output
+    assert output is not None
+    assert np.asarray(output.latents).shape == (2, 4, 8, 8)
+    assert np.asarray(output.codes).shape == (2, 8, 8)
+    decoded = client.decode("lat-vqvae", codes=np.asarray(output.codes))
+    rebuilt = client.reconstruct("lat-vqvae", images)
+    for a, b in zip(client.download_images(decoded), client.download_images(rebuilt), strict=True):
+        assert np.array_equal(pixels(a), pixels(b))  # encode → decode(codes) is reconstruct
+
+
+def test_bad_requests_are_clear_422s(client: Client) -> None:
+    cases = [
+        ({"model": "pix", "class_label": 1}, "not_class_conditional", "class_label"),
+        ({"model": "lat", "prompt": "a red circle"}, "not_text_conditional", "prompt"),
+        ({"model": "pix-class", "class_label": 4}, "class_out_of_range", "class_label"),
+        ({"model": "pix-class"}, "class_label_required", "class_label"),
+        (
+            {"model": "pix-class", "class_label": 0, "guidance_scale": 3.0},
+            "guidance_unsupported",
+            "guidance_scale",
+        ),
+    ]
+    for body, code, param in cases:
+        with pytest.raises(ValidationError) as caught:
+            client.generate(**body)  # type: ignore[arg-type]
+        assert (caught.value.code, caught.value.param) == (code, param), body
+    wrong_size = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValidationError) as caught:
+        client.inpaint("pix", Image.fromarray(wrong_size), np.ones((32, 32), bool))
+    assert caught.value.param == "image" and "16" in caught.value.message
+    with pytest.raises(ValidationError) as caught:
+        client.encode("lat-vqvae", [wrong_size])
+    assert caught.value.param == "images[0]"

@@ -1,0 +1,74 @@
+"""The worker builds each sample's settings from its model's scheduler options (`execute._sampler_settings`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ddserve.spec import GenerateSpec
+from models.diffusion.sampler import SamplerSettings
+from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.scheduler_config import SchedulerOptions, from_diffusers
+from workers.errors import InvalidJobRequest
+from workers.execute import _sampler_settings
+
+
+def _model(schedule: NoiseSchedule, options: SchedulerOptions) -> SimpleNamespace:
+    """What `_sampler_settings` reads of a `DiffusionModel`."""
+    return SimpleNamespace(
+        name="m",
+        schedule=schedule,
+        entry=SimpleNamespace(samplers=[]),
+        null_condition=None,
+        classifier=None,
+        scheduler=options,
+    )
+
+
+def _spec(sampler: str, steps: int, clip: bool = True) -> GenerateSpec:
+    return GenerateSpec(
+        model="m",
+        n=1,
+        sampler=sampler,
+        num_inference_steps=steps,
+        eta=0.0,
+        clip_denoised=clip,
+        seed=1,
+    )
+
+
+def test_zoo_model_settings_are_unchanged() -> None:
+    model = _model(NoiseSchedule.create("linear", 1000), SchedulerOptions())
+    for clip in (True, False):
+        assert _sampler_settings(_spec("ddim", 20, clip), model) == SamplerSettings(
+            "ddim", 20, clip_denoised=clip
+        )
+    assert _sampler_settings(_spec("dpmpp_2m", 20), model) == SamplerSettings(
+        "dpmpp_2m", 20, clip_denoised=True
+    )
+
+
+def test_diffusers_model_settings_follow_its_config() -> None:
+    schedule, options = from_diffusers(
+        {
+            "_class_name": "DDIMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        }
+    )
+    model = _model(schedule, options)
+    ddim = _sampler_settings(_spec("ddim", 50), model)
+    assert (ddim.convention, ddim.steps_offset, ddim.set_alpha_to_one) == ("diffusers", 1, False)
+    assert not ddim.clip_denoised  # the config's clip_sample, not the spec's default
+    assert not _sampler_settings(_spec("euler", 50), model).clip_denoised
+    # 1000 leading steps shifted by 1 would call timestep 1000: refused when planned (a ValueError
+    # fails the job as invalid_request, workers.errors).
+    with pytest.raises(ValueError, match="steps_offset"):
+        _sampler_settings(_spec("ddim", 1000), model).plan(1000)
+    with pytest.raises(InvalidJobRequest, match="num_inference_steps"):
+        _sampler_settings(_spec("ddim", 1001), model)
