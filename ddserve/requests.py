@@ -34,12 +34,15 @@ from ddserve.params import (
     NegativePrompt,
     NoiseAmount,
     NoiseKind,
+    PreviewEvery,
     Prompt,
     ReturnMode,
     SamplerName,
     Seed,
+    SolverOrder,
     Strength,
     Trajectory,
+    UseKarrasSigmas,
     description_of,
 )
 
@@ -68,6 +71,7 @@ class OutputOptions(Body):
     format: ImageFormat = "png"
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
+    preview_every: PreviewEvery | None = None
 
 
 class JobBody(Body):
@@ -104,6 +108,8 @@ class GenerateBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None
@@ -121,6 +127,8 @@ class InpaintBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
@@ -140,6 +148,8 @@ class Img2ImgBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None

@@ -74,6 +74,18 @@ class Settings(BaseSettings):
         "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
         "unreachable",
     )
+    job_events: bool = Field(
+        True,
+        description="workers write each job's event stream (started, progress, previews) and "
+        "gateways serve `GET /jobs/{id}/events`; false: neither (the route is a 404)",
+    )
+    sse_heartbeat_s: float = Field(
+        15.0,
+        gt=0.0,
+        description="`GET /jobs/{id}/events` sends a comment line this often so that proxies keep an "
+        "idle stream open; the shared reader also re-reads every open stream's job this often, for "
+        "a wake-up lost while Redis was unreachable",
+    )
     graceful_shutdown_s: float = Field(
         65.0,
         gt=0.0,

@@ -18,6 +18,7 @@ from ddserve.storage import Storage
 from models.catalog import ModelEntry
 from service.auth import KeyRing
 from service.errors import ApiError
+from service.event_hub import EventHub
 from service.idempotency import IdempotencyStore
 from service.jobstore import JobStore
 from service.normalize import RequestNormalizer
@@ -40,6 +41,7 @@ class AppState:
     idempotency: IdempotencyStore
     telemetry: Telemetry
     waiter: JobWaiter
+    events: EventHub
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_latent_img2img_starts_from_the_first_stage_latents(pool: ModelPool) -> 
     assert isinstance(model, DiffusionModel)
     image = digit()
     pixels = torch.from_numpy(image).float()[None, None] / 127.5 - 1.0  # [1, 1, 8, 8]
-    z0 = model.to_latents(pixels)  # [1, 2, 4, 4]
+    z0 = model.from_pixels(pixels)  # [1, 2, 4, 4]
     assert z0.shape == (1, *model.sample_shape)
     encoded = model.first_stage.encode(pixels.numpy())["latents"]
     assert torch.allclose(z0, torch.from_numpy(encoded) * model.latent_scale)
