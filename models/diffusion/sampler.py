@@ -34,8 +34,9 @@ where the tail is what diffusers' img2img pipelines take (`timesteps.sdedit_star
 the full plan's, except that the multistep solvers warm up on the tail's first step (no history
 yet), as diffusers' schedulers do after `set_begin_index`. Such a sample simply joins the running
 set at a later timestep; nothing else about the batch changes. strength = 1 is generation: the
-sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T,
-under 0.7 % of it on a linear 1000-step schedule, which ddserve's x_T ~ N(0, I) neglects throughout).
+sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T:
+0.6–0.8 % of the image on the linear 1000-step schedule, 7–8 % on SD's scaled_linear one; ddserve's
+x_T ~ N(0, I) neglects it, as its generation does).
 """
 
 from __future__ import annotations
