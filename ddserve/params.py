@@ -199,7 +199,20 @@ NoiseAmount = Annotated[
     float,
     Field(ge=0.0, le=2.0, description="σ for gaussian (≤ 2); the pixel fraction (≤ 1) otherwise"),
 ]
-ImageFormat = Annotated[Literal["png"], Field(description="image format of the outputs")]
+ImageFormat = Annotated[
+    Literal["png", "jpeg", "webp"],
+    Field(description="image format of the outputs: png (lossless), jpeg or webp (lossy)"),
+]
+DEFAULT_IMAGE_QUALITY = 90  # jpeg / webp, when a request gives none
+ImageQuality = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=100,
+        description=f"jpeg / webp quality, 1–100 (default {DEFAULT_IMAGE_QUALITY}); png is "
+        "lossless and takes none",
+    ),
+]
 ReturnMode = Annotated[
     Literal["url", "b64"],
     Field(description="url: signed, expiring links; b64: inline base64 PNG"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddserve.params import (
     DEFAULT_STRENGTH,
@@ -26,6 +26,7 @@ from ddserve.params import (
     ImageFormat,
     ImageList,
     ImagePng,
+    ImageQuality,
     InferenceSteps,
     JumpLength,
     JumpNSample,
@@ -71,9 +72,16 @@ class Body(BaseModel):
 
 class OutputOptions(Body):
     format: ImageFormat = "png"
+    quality: ImageQuality | None = None
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
     preview_every: PreviewEvery | None = None
+
+    @model_validator(mode="after")
+    def _quality_is_lossy_formats_only(self) -> OutputOptions:
+        if self.quality is not None and self.format == "png":
+            raise ValueError("quality applies to jpeg and webp; png is lossless (leave it out)")
+        return self
 
 
 class JobBody(Body):

@@ -14,7 +14,7 @@ an unconditional model takes the empty prompt only (anything else would be silen
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,7 @@ from ddserve.params import (
     Eta,
     GuidanceScale,
     ImageCount,
+    ImageFormat,
     InferenceSteps,
     ModelName,
     NegativePrompt,
@@ -38,6 +39,17 @@ MAX_PROMPT_CHARS = 32_000  # OpenAI's own limit; the model's vocabulary limits w
 
 def _bad(message: str, param: str, code: str) -> ApiError:
     return ApiError(400, code, message, param)
+
+
+OutputCompression = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=100,
+        description="jpeg / webp compression level as OpenAI defines it: 0–100, 100 = the least "
+        "compression (the default); ddserve's quality; png: not applied",
+    ),
+]
 
 
 class DdserveExtras(BaseModel):
@@ -64,7 +76,8 @@ class ImageGenerationBody(DdserveExtras):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="url (signed, expiring link) or b64_json"
     )
-    output_format: Literal["png"] | None = Field(None, description="png (the one format served)")
+    output_format: ImageFormat | None = None
+    output_compression: OutputCompression | None = None
     quality: Literal["auto", "standard"] | None = Field(None, description="auto only")
     style: None = Field(None, description="not supported")
     background: Literal["auto", "opaque"] | None = Field(None, description="auto or opaque only")
@@ -127,6 +140,19 @@ def condition_of(
     return None, class_label
 
 
+def output_options(
+    output_format: str | None, output_compression: int | None, b64: bool
+) -> dict[str, Any]:
+    """ddserve's `output` for OpenAI's `output_format` / `output_compression` (its compression
+    level is ddserve's jpeg / webp quality, 100 = the least compression, OpenAI's default; png is
+    lossless and has no level, so one sent with png is not applied)."""
+    image_format = output_format or "png"
+    output: dict[str, Any] = {"format": image_format, "return": "b64" if b64 else "url"}
+    if image_format != "png":
+        output["quality"] = max(1, output_compression if output_compression is not None else 100)
+    return output
+
+
 def generate_body(body: ImageGenerationBody, entry: ModelEntry, b64: bool) -> dict[str, Any]:
     """ddserve's `/generate` body for an OpenAI generation request on `entry`."""
     check_size(body.size, entry)
@@ -137,5 +163,5 @@ def generate_body(body: ImageGenerationBody, entry: ModelEntry, b64: bool) -> di
         "model": entry.name,
         "n": body.n,
         **{k: v for k, v in extras.items() if v is not None},
-        "output": {"format": "png", "return": "b64" if b64 else "url"},
+        "output": output_options(body.output_format, body.output_compression, b64),
     }

@@ -30,7 +30,7 @@ from PIL import Image
 
 from ddserve.job_events import PREVIEW_MAX_SIDE
 from ddserve.jobs import ImageRecord, JobKind, JobOutput
-from ddserve.params import guidance_weight, image_seed
+from ddserve.params import DEFAULT_IMAGE_QUALITY, guidance_weight, image_seed
 from ddserve.requests import NoiseOptions, OutputOptions
 from ddserve.settings import Settings
 from ddserve.spec import (
@@ -55,7 +55,7 @@ from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT, JobKind.IMG2IMG})
 MAX_TRAJECTORY_FRAMES = 32
 MIN_GIF_WIDTH = 128  # small images are upscaled (nearest) so the animation is visible
-IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -95,10 +95,16 @@ def decode_images(
     return from_uint8(pixels)
 
 
-def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
-    """[C, H, W] in [−1, 1] → PNG (or WebP) bytes."""
+def encode_image(
+    image: torch.Tensor, image_format: str = "png", quality: int | None = None
+) -> bytes:
+    """[C, H, W] in [−1, 1] → PNG (lossless), JPEG or WebP bytes (lossy, at `quality`, 1–100,
+    default `DEFAULT_IMAGE_QUALITY`)."""
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format=IMAGE_FORMATS[image_format])
+    options: dict[str, Any] = {}
+    if image_format != "png":
+        options["quality"] = quality if quality is not None else DEFAULT_IMAGE_QUALITY
+    to_pil(image).save(buffer, format=IMAGE_FORMATS[image_format], **options)
     return buffer.getvalue()
 
 
@@ -148,13 +154,20 @@ def _frame_indices(count: int, limit: int) -> list[int]:
 @dataclass(frozen=True)
 class OutputSpec:
     image_format: str = "png"
+    quality: int | None = None  # jpeg / webp only
     return_b64: bool = False
     trajectory: bool = False
     preview_every: int | None = None  # steps between x̂_0 previews on the job's event stream
 
     @classmethod
     def from_options(cls, output: OutputOptions) -> OutputSpec:
-        return cls(output.format, output.return_ == "b64", output.trajectory, output.preview_every)
+        return cls(
+            output.format,
+            output.quality,
+            output.return_ == "b64",
+            output.trajectory,
+            output.preview_every,
+        )
 
 
 def store_image(
@@ -166,7 +179,7 @@ def store_image(
     seed: int | None,
 ) -> ImageRecord:
     """Write one output image and describe it for the job's output."""
-    data = encode_image(image, spec.image_format)
+    data = encode_image(image, spec.image_format, spec.quality)
     key = image_key(job_id, index, spec.image_format)
     storage.put(key, data, content_type_for(key))
     record: ImageRecord = {

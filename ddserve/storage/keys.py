@@ -16,6 +16,7 @@ _KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT}){{0,7}}")  # fullmatch: `$` allows
 
 CONTENT_TYPES = {
     ".png": "image/png",
+    ".jpeg": "image/jpeg",
     ".gif": "image/gif",
     ".webp": "image/webp",
     ".json": "application/json",
@@ -36,7 +37,7 @@ def validate_key(key: str) -> str:
 
 
 def image_key(job_id: str, index: int, extension: str = "png") -> str:
-    """Key of image `index` of a job: `{job_id}/{index}.png`."""
+    """Key of image `index` of a job: `{job_id}/{index}.png` (or .jpeg, .webp)."""
     return validate_key(f"{job_id}/{index}.{extension}")
 
 

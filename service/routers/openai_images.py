@@ -28,7 +28,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from ddserve.jobs import JobKind, JobStatus
-from ddserve.params import Strength
+from ddserve.params import ImageFormat, Strength
 from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 from models.catalog import ModelEntry
 from service.dependencies import AppState, CallerDep, State, base_url
@@ -36,9 +36,11 @@ from service.errors import ERROR_RESPONSES, ApiError
 from service.openai_schemas import (
     DdserveExtras,
     ImageGenerationBody,
+    OutputCompression,
     check_size,
     condition_of,
     generate_body,
+    output_options,
 )
 from service.presenter import output_view
 from service.submission import submit_and_wait
@@ -194,6 +196,26 @@ _FORM_FIELDS = {
 }
 
 
+_OUTPUT_FORMAT = TypeAdapter(ImageFormat)
+_OUTPUT_COMPRESSION = TypeAdapter(OutputCompression)
+
+
+def _output_fields(form: FormData) -> tuple[str | None, int | None]:
+    """`output_format` and `output_compression` of an edit's form, checked (400 if not valid)."""
+    checked: list[Any] = []
+    for param, adapter in (
+        ("output_format", _OUTPUT_FORMAT),
+        ("output_compression", _OUTPUT_COMPRESSION),
+    ):
+        text = _text(form, param)
+        try:
+            checked.append(None if text is None else adapter.validate_strings(text))
+        except ValidationError as exc:
+            message = f"{param}: {exc.errors()[0]['msg']}"
+            raise ApiError(400, "invalid_value", message, param) from None
+    return checked[0], checked[1]
+
+
 def _typed_fields(form: FormData) -> dict[str, Any]:
     """n and ddserve's extras from the form's text fields."""
     fields: dict[str, Any] = {}
@@ -223,7 +245,8 @@ def _typed_fields(form: FormData) -> dict[str, Any]:
 async def edit_images(request: Request, state: State, caller: CallerDep) -> dict[str, Any]:
     form = await _form(request)
     known = {"image", "image[]", "mask", "prompt", "model", "n", "size", "response_format"}
-    known |= {"user", "output_format", "quality", "background", "input_fidelity"}
+    known |= {"user", "output_format", "output_compression", "quality", "background"}
+    known |= {"input_fidelity"}
     known |= set(_FORM_FIELDS)
     unknown = sorted(set(form.keys()) - known)
     if unknown:
@@ -288,7 +311,7 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
         "mask": None if alpha is None else _png_b64(_ddserve_mask(alpha)),
         "prompt": prompt,
         "class_label": class_label,
-        "output": {"format": "png", "return": "b64" if b64 else "url"},
+        "output": output_options(*_output_fields(form), b64),
     }
     fields = {k: v for k, v in fields.items() if v is not None}
     if alpha is None:  # image-to-image
