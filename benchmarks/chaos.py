@@ -16,13 +16,23 @@ A client submits `--jobs` generation jobs at `--rate` per second, each with its 
    `--redis-crash` sends SIGKILL instead: a process crash, after which the AOF still holds every
    acknowledged write, since Redis writes the AOF before it answers — everysec's last second is at
    risk only if the machine itself goes down), down for `--redis-down` s, then started again on the
-   same AOF.
+   same AOF. `--long-outage` keeps it down 2 × `abandoned_after_s` instead (issue #18 item 5):
+   every running job's started-registry entry has expired when Redis returns although every
+   worker is alive, and the recovery grace (`--recovery-grace`, the setting
+   `recovery_grace_s`; 0 = sweep as soon as Redis answers) must keep the sweepers from running
+   those jobs a second time or failing them. The natural race (a sweep before the workers'
+   heartbeats) is lost only now and then; `--sweep-on-return` makes this process a sweeper that
+   tries every 0.1 s from the moment Redis is back — as a janitor round landing then would —
+   under the same rule (`RecoveryGrace` with the stack's grace), so that `--recovery-grace 0`
+   shows what the grace prevents.
 
 After the load the run waits for every accepted job to end (`--drain` s at most) and prints:
 - accepted (distinct job ids the gateway answered with), succeeded, failed, canceled, and lost
   (accepted but not ended: still queued/running after the drain, or unknown to Redis) — lost must be
   0 — plus duplicates: jobs with more than one successful result (finished twice), and jobs in Redis
   no accepted submission answered with (a client retry that created a second job);
+- the jobs running when Redis went down: how many were handed out again (more than one attempt:
+  run twice) or failed (`worker_lost`) — both must be 0;
 - recovery times: after the worker kill, until none of the dead worker's jobs is still `started` by
   it (they were retried or failed); after Redis is back, until the gateway accepts a job again and
   until a worker completes a job again; and how long clients saw errors around the restart.
@@ -54,8 +64,11 @@ import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
+from rq.queue import Queue
 from rq.results import Result
 
+from ddserve.jobs import queue_name
+from ddserve.recovery import ATTEMPT_FIELD, RecoveryGrace, maintenance_lock, recover_abandoned
 from tests.redis_server import RedisServer, free_port
 from tests.tiny_zoo import write_diffusion_model
 
@@ -107,6 +120,11 @@ class Stack:
             "DDSERVE_LOG_LEVEL": "WARNING",
             "DDSERVE_PORT": str(self.port),
             "OMP_NUM_THREADS": "1",
+            **(
+                {"DDSERVE_RECOVERY_GRACE_S": str(self.args.recovery_grace)}
+                if self.args.recovery_grace is not None
+                else {}
+            ),
         }
 
     def _log(self, name: str) -> Any:
@@ -249,6 +267,39 @@ def wait_dead_workers_jobs_recovered(
     return None
 
 
+def sweep_from_return(
+    url: str, prefix: str, grace_s: float, until: float, stop: threading.Event
+) -> int:
+    """A sweeper started when Redis is back: every 0.1 s, once its grace is over (Redis answered
+    for `grace_s` without a break), retry or fail the abandoned jobs as a janitor round does.
+    Returns the sweeps it made."""
+    connection = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    queue = Queue(queue_name(prefix, MODEL), connection=connection)
+    grace = RecoveryGrace(grace_s)
+    sweeps = 0
+    while time.time() < until and not stop.is_set():
+        try:
+            connection.ping()
+            grace.reachable()
+            if grace.open():
+                with maintenance_lock(queue, 1.0) as got:
+                    if got:
+                        recover_abandoned(queue)
+                        sweeps += 1
+        except RedisError:
+            grace.unreachable()
+        time.sleep(0.1)
+    return sweeps
+
+
+def attempts_of(connection: Redis, ids: list[str]) -> dict[str, int]:
+    """{job id: how many times a worker took it} (`ddserve.recovery.ATTEMPT_FIELD`)."""
+    pipe = connection.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(Job.key_for(job_id), ATTEMPT_FIELD)
+    return {job_id: int(raw or 0) for job_id, raw in zip(ids, pipe.execute(), strict=True)}
+
+
 def ended_at(connection: Redis, job_id: str) -> float | None:
     raw = connection.hget(Job.key_for(job_id), "ended_at")
     if not raw:
@@ -295,6 +346,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # 2. Restart Redis under load.
         time.sleep(max(0.0, t0 + args.redis_at - time.time()))
+        accepted_now = [s.job_id for s in load.submissions if s.job_id]
+        running_at_outage = [
+            job_id
+            for job_id, (status, _) in job_states(connection, accepted_now).items()
+            if status == "started"
+        ]
+        attempts_before = attempts_of(connection, running_at_outage)
         redis_stop = time.time()
         stack.redis.kill(signal.SIGKILL if args.redis_crash else signal.SIGTERM)
         print(
@@ -304,9 +362,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.redis_down)
         stack.redis.start()
         redis_up = time.time()
+        sweeper_sweeps: list[int] = []
+        sweeper_stop = threading.Event()
+        if args.sweep_on_return:
+            heartbeat_s = max(0.5, args.abandoned_after / 5)  # as `Stack.env`
+            grace_s = args.recovery_grace if args.recovery_grace is not None else 3 * heartbeat_s
+            sweeper = threading.Thread(
+                target=lambda: sweeper_sweeps.append(
+                    sweep_from_return(
+                        stack.redis.url,
+                        stack.prefix,
+                        grace_s,
+                        redis_up + 2 * args.abandoned_after + grace_s,
+                        sweeper_stop,
+                    )
+                ),
+                daemon=True,
+            )
+            sweeper.start()
         print(f"t={redis_up - t0:.1f}s Redis back ({redis_up - redis_stop:.1f} s down)", flush=True)
 
         loader.join()
+        if args.sweep_on_return:
+            sweeper.join()
         print(f"t={time.time() - t0:.1f}s load submitted; draining", flush=True)
         accepted = [s for s in load.submissions if s.job_id]
         ids = [s.job_id for s in accepted if s.job_id]
@@ -346,6 +424,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if len(parts := raw.decode().split(":")) == 3
         }
         unanswered = len(known - set(ids))
+        attempts_after = attempts_of(connection, running_at_outage)
+        run_again = [j for j in running_at_outage if attempts_after[j] > attempts_before[j]]
+        failed_after = [j for j in running_at_outage if states.get(j, (None,))[0] == "failed"]
         never_accepted = len(load.submissions) - len(accepted)
 
         # Recovery after Redis: first acceptance and first completion after it came back.
@@ -372,6 +453,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "jobs_no_client_was_answered_with": unanswered,
                 "duplicate_answers": sum(len(s.other_ids) for s in load.submissions),
                 "attempts": sum(len(s.attempts) for s in load.submissions),
+                "outage_running_jobs": {
+                    "sweeps_from_return": sweeper_sweeps[0] if sweeper_sweeps else None,
+                    "running": len(running_at_outage),
+                    "handed_out_again": len(run_again),
+                    "failed": len(failed_after),
+                },
                 "worker_kill": {
                     "held_jobs": len(held),
                     "recovered_s": worker_recovery,
@@ -416,6 +503,9 @@ def report(figures: dict[str, Any]) -> str:
             f"{secs(restart['gateway_accepts_again_s'])} after Redis is back, a worker completes "
             f"a job again {secs(restart['worker_completes_again_s'])} after; clients saw "
             f"{restart['client_errors']} error answers over {restart['client_error_window_s']:.1f} s",
+            f"of the {figures['outage_running_jobs']['running']} jobs running when Redis went "
+            f"down: {figures['outage_running_jobs']['handed_out_again']} handed out again (run "
+            f"twice), {figures['outage_running_jobs']['failed']} failed",
             f"all accepted jobs ended {figures['drain_s']:.1f} s after the load began",
         ]
     )
@@ -432,15 +522,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-at", type=float, default=25.0)
     parser.add_argument("--redis-down", type=float, default=3.0)
     parser.add_argument("--redis-crash", action="store_true", help="SIGKILL instead of SIGTERM")
+    parser.add_argument(
+        "--long-outage",
+        action="store_true",
+        help="Redis down 2 x --abandoned-after (overrides --redis-down)",
+    )
+    parser.add_argument(
+        "--sweep-on-return",
+        action="store_true",
+        help="sweep from the moment Redis is back (under the recovery grace), as a janitor would",
+    )
+    parser.add_argument(
+        "--recovery-grace",
+        type=float,
+        default=None,
+        help="DDSERVE_RECOVERY_GRACE_S of the stack (unset: the default, 3 heartbeats)",
+    )
     parser.add_argument("--drain", type=float, default=180.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.long_outage:
+        args.redis_down = 2 * args.abandoned_after
     figures = run(args)
     print(report(figures))
     if args.json is not None:
         figures["settings"] = {k: str(v) for k, v in figures["settings"].items()}
         args.json.write_text(json.dumps(figures, indent=2))
-    return 0 if figures["lost"] == 0 and figures["finished_twice"] == 0 else 1
+    outage = figures["outage_running_jobs"]
+    clean = outage["handed_out_again"] == 0 and outage["failed"] == 0
+    return 0 if figures["lost"] == 0 and figures["finished_twice"] == 0 and clean else 1
 
 
 if __name__ == "__main__":

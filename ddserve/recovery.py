@@ -23,7 +23,11 @@ ends otherwise — torch-free, so that both the gateway's janitor and the worker
   cancels: `owned` just before RQ's own failure path). `owned` tells a worker whether an execution
   is still the job's current one (its registry entry exists, the job is `started` by this worker,
   in this attempt); a stale attempt's writes are dropped and logged, never failing the job, so no
-  job is finished twice.
+  job is finished twice. The sweeps are fenced too (`drop_stale_entries`): RQ's sweep works by
+  job id, so an expired registry entry left by an old execution (a heartbeat that refreshed it
+  while a sweep retried the job) would make it retry or fail the job's current attempt; an
+  expired entry of an execution that is not the job's current one (`EXECUTION_FIELD`) is removed
+  instead, the job left alone.
 - **grace after an outage**: while Redis is unreachable nobody heartbeats, so every running job's
   registry entry can expire during an outage longer than `abandoned_after_s` although its worker
   is alive. A sweep right after Redis returns would hand all of them out again (run twice) or fail
@@ -68,6 +72,7 @@ from ddserve.notifications import prefix_of_queue, publish_finished
 log = logging.getLogger("ddserve.recovery")
 
 ATTEMPT_FIELD = "ddserve_attempt"  # job hash field: the number of its current attempt (1, 2, ...)
+EXECUTION_FIELD = "ddserve_execution"  # job hash field: the id of its current attempt's execution
 EXPIRED_CODE = "job_expired"
 WORKER_LOST_CODE = "worker_lost"
 ExceptionHandler = Callable[..., Any]
@@ -173,6 +178,50 @@ def fenced_meta_write(pipe: Redis | Pipeline, job: Job, attempt: int) -> Any:
     )
 
 
+# KEYS[1] = a started registry; ARGV = now, the job key prefix, the execution field. Removes the
+# expired entries ("<job id>:<execution id>") of executions that are not their job's current one.
+_DROP_STALE_ENTRIES = """
+local dropped = 0
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[1])) do
+  local job_id, execution_id = string.match(entry, '^(.*):([^:]*)$')
+  if job_id then
+    local current = redis.call('HGET', ARGV[2] .. job_id, ARGV[3])
+    if current and current ~= execution_id then
+      redis.call('ZREM', KEYS[1], entry)
+      dropped = dropped + 1
+    end
+  end
+end
+return dropped
+"""
+
+
+def drop_stale_entries(queue: Queue) -> int:
+    """Before a sweep of the queue's started registry: remove the expired entries of executions
+    that are no longer their job's current one, in one script (atomic), so that RQ's sweep — by
+    job id — cannot retry or fail the current attempt for them. Jobs started by a plain RQ worker
+    (no `EXECUTION_FIELD`) are left to RQ. Returns how many were removed."""
+    registry = StartedJobRegistry(queue=queue)
+    dropped = int(
+        queue.connection.eval(
+            _DROP_STALE_ENTRIES,
+            1,
+            registry.key,
+            int(time.time()),
+            Job.redis_job_namespace_prefix,
+            EXECUTION_FIELD,
+        )
+    )
+    if dropped:
+        log.warning(
+            "queue %s: %d expired registry entries of stale executions removed (their jobs run "
+            "on in a later attempt)",
+            queue.name,
+            dropped,
+        )
+    return dropped
+
+
 @contextlib.contextmanager
 def maintenance_lock(queue: Queue, lock_s: float) -> Iterator[bool]:
     """RQ's per-queue cleaning lock (the key RQ's workers use), held at most `lock_s` seconds.
@@ -222,6 +271,7 @@ class AbandonedFailures:
 def recover_abandoned(queue: Queue, handlers: list[ExceptionHandler] | None = None) -> None:
     """Retry or fail the queue's jobs whose started-registry entry expired (their worker died).
     Call it holding `maintenance_lock`. The timer death penalty lets it run in any thread."""
+    drop_stale_entries(queue)
     registry = StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty)
     failed = AbandonedFailures()
     handlers = handlers if handlers is not None else [record_abandoned]
@@ -234,6 +284,7 @@ def clean_queue(worker: Any, queue: Queue) -> None:
     `maintenance_lock`): expired registry entries — abandoned jobs retried or failed with a clear
     error —, dead workers' registrations, and jobs stuck between dequeue and start."""
     failed = AbandonedFailures()
+    drop_stale_entries(queue)
     rq_clean_registries(queue, [record_abandoned, failed])
     failed.publish(queue)
     clean_worker_registry(queue)

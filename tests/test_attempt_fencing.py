@@ -216,3 +216,31 @@ def test_a_workers_maintenance_sweeps_nothing_within_the_recovery_grace(
     clock[0] = 3.0  # answered for the whole grace, and the entry is still expired: abandoned
     worker.clean_registries()
     assert status(ticket.job) == "queued"
+
+
+def test_a_stale_executions_leftover_entry_never_ends_the_current_attempt(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    """RQ's sweep reads the expired entries, then retries their jobs and removes the entries
+    still expired: a heartbeat landing in between (a live worker just back from an outage) keeps
+    the old execution's entry, refreshed. Once that worker drops its stale copy the entry expires,
+    and the next sweep, keyed by job id, ended the job's current attempt (failed worker_lost: the
+    chaos benchmark with --recovery-grace 0 saw it). A sweep drops an expired entry of an
+    execution that is not the job's current one, and leaves the job alone."""
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)  # retried: no retry left
+    registry = stale.queue.started_job_registry
+    # The heartbeat of the race kept the stale execution's entry; then it stopped (dropped copy).
+    box.connection.zadd(registry.key, {stale.execution.composite_key: time.time() - 10})
+    recovery.recover_abandoned(current.queue)
+    assert status(current.job) == "started"  # the current attempt runs on
+    assert box.connection.zscore(registry.key, stale.execution.composite_key) is None
+    assert box.connection.zscore(registry.key, current.execution.composite_key) is not None
+    worker.clean_registries()  # a worker's maintenance too
+    assert status(current.job) == "started"
+
+    current.progress(10, 10, 2)
+    current.succeed(_output(current), 2)
+    worker.flush_step()
+    assert status(current.job) == "finished"
+    assert [r.type for r in _results(current.job)] == [Result.Type.SUCCESSFUL]

@@ -18,7 +18,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.worker import BaseWorker, SimpleWorker
 
 from ddserve.jobs import JobStatus, public_status
-from ddserve.recovery import ATTEMPT_FIELD
+from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD
 from tests.redis_sandbox import RedisSandbox, sandbox
 from workers import rq_bridge
 
@@ -207,8 +207,9 @@ def test_the_merged_start_writes_what_rqs_two_calls_write(box: RedisSandbox) -> 
     assert rq_bridge.active_executions(our_worker) == {execution.id: execution}
     theirs = _state(box.connection, by_rq, rq_worker, box.prefix)
     ours = _state(box.connection, by_us, our_worker, box.prefix)
-    # and one more field: the job's first attempt (`ddserve.recovery`, fencing)
+    # and two more fields: the job's first attempt and its execution (`ddserve.recovery`, fencing)
     assert attempt == 1 and ours["rq:job:<job>"][1].pop(ATTEMPT_FIELD) == "1"
+    assert ours["rq:job:<job>"][1].pop(EXECUTION_FIELD) == "<id>"
     assert ours == theirs
     assert any("execution" in key for key in ours)  # the state compared is not empty
 

@@ -52,7 +52,7 @@ from rq.utils import now, utcformat, utcparse
 from rq.worker import BaseWorker, WorkerStatus
 
 from ddserve.notifications import prefix_of_queue, publish_finished
-from ddserve.recovery import ATTEMPT_FIELD, attempt_of
+from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD, attempt_of
 
 log = logging.getLogger(__name__)
 SUPPORTED_RQ_MAJOR = 3
@@ -178,7 +178,8 @@ def mark_started(worker: BaseWorker, job: Job) -> Execution:
 def start_attempt(worker: BaseWorker, job: Job) -> tuple[Execution, int]:
     """Mark a dequeued job `started` exactly as RQ does before performing it; return its execution
     and the number of this attempt (`ddserve.recovery.ATTEMPT_FIELD`, incremented here: each
-    delivery of a job is a new attempt, and only the current one may write or finish it).
+    delivery of a job is a new attempt, and only the current one may write or finish it); the
+    execution's id is recorded as the job's current one (`EXECUTION_FIELD`, for the sweeps).
 
     The writes of `prepare_execution` and of `prepare_job_execution(job, True)`, in their order,
     and the attempt's increment, in one transaction (RQ sends two)."""
@@ -197,6 +198,7 @@ def start_attempt(worker: BaseWorker, job: Job) -> tuple[Execution, int]:
         pipe.lrem(intermediate, 1, job.id)
         at = len(pipe)
         pipe.hincrby(job.key, ATTEMPT_FIELD, 1)
+        pipe.hset(job.key, EXECUTION_FIELD, execution.id)  # what the sweeps fence on
         attempt = int(pipe.execute()[at])
     worker.executions[execution.id] = execution
     return execution, attempt

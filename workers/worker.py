@@ -66,7 +66,7 @@ from ddserve.jobs import queue_name
 from ddserve.settings import Settings
 from ddserve.storage import Storage, create_storage
 from workers import rq_bridge
-from workers.engine import BatchingPolicy, Engine
+from workers.engine import BatchingPolicy, Engine, Ticket
 from workers.errors import WorkerStopped
 from workers.exchange import RedisExchange
 from workers.model_pool import ModelPool
@@ -123,7 +123,7 @@ class RQFeed:
             if held is not None:
                 return held
 
-    def canceled(self, tickets: list[WorkerJob]) -> set[str]:  # type: ignore[override]
+    def canceled(self, tickets: list[Ticket]) -> set[str]:
         """Executions to stop (their keys): cancel requests for their job, and executions this
         worker no longer owns (declared abandoned while it was frozen or cut off, or superseded by
         a later attempt; their ticket's cancel then only forgets them)."""
