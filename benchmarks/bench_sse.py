@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -223,6 +224,36 @@ async def part_streams(
 # --- part 2: gateway CPU per job -----------------------------------------------------------------
 
 
+def tiny_zoo(scratch: Path) -> Path:
+    """digits-ddpm's entry (classes, schedule, samplers, defaults) on a tiny random U-Net (8 base
+    channels, no attention): the gateway's work per job is the same, and the worker keeps up with
+    64 clients on a loaded 2-vCPU machine, so a window holds many jobs."""
+    import torch
+
+    from models.nets.unet import UNet, UNetConfig
+    from models.registry import WEIGHTS_FILE, save_weights, write_entry
+
+    recipe = json.loads((ROOT / "models" / "recipes" / f"{MODEL}.json").read_text())
+    config = dict(recipe["unet"], base_channels=8, channel_mults=[1, 2], attention_resolutions=[])
+    torch.manual_seed(0)
+    net = UNet(UNetConfig.from_dict(config))
+    zoo = scratch / "tiny-zoo"
+    folder = zoo / MODEL
+    folder.mkdir(parents=True)
+    save_weights(net, folder / WEIGHTS_FILE)
+    entry = dict(recipe["entry"])
+    entry.update(
+        name=MODEL,
+        dataset=recipe["dataset"],
+        schedule=recipe["schedule"],
+        network={"unet": net.config.to_dict()},
+        files={"weights": WEIGHTS_FILE},
+    )
+    entry.pop("classifier", None)
+    write_entry(folder, entry)
+    return zoo
+
+
 def body(i: int, steps: int) -> dict[str, Any]:
     return {
         "model": MODEL,
@@ -357,6 +388,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="windows of each mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     parser.add_argument("--parts", nargs="+", default=["streams", "cpu"])
+    parser.add_argument(
+        "--net",
+        choices=["tiny", "digits"],
+        default="tiny",
+        help="the worker's network: tiny (fast; the gateway's work per job is the same) or "
+        "digits-ddpm's own (bench_http's; slow on a CPU)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probe-port", type=int, default=None, help=argparse.SUPPRESS)
@@ -365,10 +403,11 @@ def main() -> None:
         run_probe(args.probe_port, args.hold_s)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stacks on the way out
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scratch = Path(tempfile.mkdtemp(prefix="bench-sse-"))
-    zoo = prepare_zoo(scratch)
+    zoo = prepare_zoo(scratch) if args.net == "digits" else tiny_zoo(scratch)
 
     def stack(events: bool) -> Stack:
         prefix, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
@@ -432,7 +471,8 @@ def main() -> None:
             report["cpu"] = cpu
             print(
                 f"\n(load average {os.getloadavg()[0]:.1f}) "
-                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL}, one worker per stack, "
+                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL} ({args.net} network), "
+                "one worker per stack, "
                 f"{args.rounds} jobs per client per window, {args.repeats} windows per mode "
                 "(alternated), medians:"
             )
