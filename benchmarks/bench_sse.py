@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -223,6 +224,36 @@ async def part_streams(
 # --- part 2: gateway CPU per job -----------------------------------------------------------------
 
 
+def tiny_zoo(scratch: Path) -> Path:
+    """digits-ddpm's entry (classes, schedule, samplers, defaults) on a tiny random U-Net (8 base
+    channels, no attention): the gateway's work per job is the same, and the worker keeps up with
+    64 clients on a loaded 2-vCPU machine, so a window holds many jobs."""
+    import torch
+
+    from models.nets.unet import UNet, UNetConfig
+    from models.registry import WEIGHTS_FILE, save_weights, write_entry
+
+    recipe = json.loads((ROOT / "models" / "recipes" / f"{MODEL}.json").read_text())
+    config = dict(recipe["unet"], base_channels=8, channel_mults=[1, 2], attention_resolutions=[])
+    torch.manual_seed(0)
+    net = UNet(UNetConfig.from_dict(config))
+    zoo = scratch / "tiny-zoo"
+    folder = zoo / MODEL
+    folder.mkdir(parents=True)
+    save_weights(net, folder / WEIGHTS_FILE)
+    entry = dict(recipe["entry"])
+    entry.update(
+        name=MODEL,
+        dataset=recipe["dataset"],
+        schedule=recipe["schedule"],
+        network={"unet": net.config.to_dict()},
+        files={"weights": WEIGHTS_FILE},
+    )
+    entry.pop("classifier", None)
+    write_entry(folder, entry)
+    return zoo
+
+
 def body(i: int, steps: int) -> dict[str, Any]:
     return {
         "model": MODEL,
@@ -318,13 +349,28 @@ class Stack:
                 process.kill()
 
 
+IDLE_S = 10.0  # how long each gateway's idle CPU rate is measured
+
+
+def idle_rate(pid: int) -> float:
+    """The gateway's CPU seconds per second with nothing to do (its metrics flush, the waiter's
+    and the event reader's safety reads, the janitor): subtracted from a window's CPU, so that a
+    slower window is not charged more for the same jobs."""
+    start = cpu_seconds(pid) or 0.0
+    time.sleep(IDLE_S)
+    return ((cpu_seconds(pid) or 0.0) - start) / IDLE_S
+
+
 def part_cpu(args: argparse.Namespace, on: Stack, off: Stack) -> dict[str, Any]:
-    """Windows of the three modes, alternated; each mode's gateway CPU per job (medians)."""
+    """Windows of the three modes, alternated; each mode's gateway CPU per job (medians), gross
+    and net of the gateway's idle CPU over the window."""
     modes = {"off": (off, "wait"), "wait": (on, "wait"), "sse": (on, "sse")}
-    per_job: dict[str, list[float]] = {m: [] for m in modes}
+    gross: dict[str, list[float]] = {m: [] for m in modes}
+    net: dict[str, list[float]] = {m: [] for m in modes}
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for stack in (on, off):  # warm-up: models loaded, first calls made
         asyncio.run(load_window(stack.url, "wait", args.concurrency, 1, args.steps))
+    idle = {id(stack): idle_rate(stack.gateway_pid) for stack in (on, off)}
     for _ in range(args.repeats):
         for mode, (stack, client) in modes.items():
             pid = stack.gateway_pid
@@ -333,15 +379,21 @@ def part_cpu(args: argparse.Namespace, on: Stack, off: Stack) -> dict[str, Any]:
                 load_window(stack.url, client, args.concurrency, args.rounds, args.steps)
             )
             elapsed = time.perf_counter() - started
-            per_job[mode].append(1000 * ((cpu_seconds(pid) or 0.0) - cpu_start) / jobs)
+            used = (cpu_seconds(pid) or 0.0) - cpu_start
+            gross[mode].append(1000 * used / jobs)
+            net[mode].append(1000 * (used - idle[id(stack)] * elapsed) / jobs)
             rates[mode].append(jobs / elapsed)
-    base = statistics.median(per_job["off"])
+    base_gross, base_net = statistics.median(gross["off"]), statistics.median(net["off"])
     return {
         mode: {
-            "gateway_cpu_ms_per_job": statistics.median(per_job[mode]),
-            "windows_ms": per_job[mode],
+            "gateway_cpu_ms_per_job": statistics.median(gross[mode]),
+            "net_cpu_ms_per_job": statistics.median(net[mode]),
+            "windows_ms": gross[mode],
+            "net_windows_ms": net[mode],
+            "idle_cpu_ms_per_s": 1000 * idle[id(modes[mode][0])],
             "jobs_per_s": statistics.median(rates[mode]),
-            "vs_off": statistics.median(per_job[mode]) / base,
+            "vs_off": statistics.median(gross[mode]) / base_gross,
+            "net_vs_off": statistics.median(net[mode]) / base_net,
         }
         for mode in modes
     }
@@ -357,6 +409,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="windows of each mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     parser.add_argument("--parts", nargs="+", default=["streams", "cpu"])
+    parser.add_argument(
+        "--net",
+        choices=["tiny", "digits"],
+        default="tiny",
+        help="the worker's network: tiny (fast; the gateway's work per job is the same) or "
+        "digits-ddpm's own (bench_http's; slow on a CPU)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probe-port", type=int, default=None, help=argparse.SUPPRESS)
@@ -365,10 +424,11 @@ def main() -> None:
         run_probe(args.probe_port, args.hold_s)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stacks on the way out
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scratch = Path(tempfile.mkdtemp(prefix="bench-sse-"))
-    zoo = prepare_zoo(scratch)
+    zoo = prepare_zoo(scratch) if args.net == "digits" else tiny_zoo(scratch)
 
     def stack(events: bool) -> Stack:
         prefix, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
@@ -432,14 +492,16 @@ def main() -> None:
             report["cpu"] = cpu
             print(
                 f"\n(load average {os.getloadavg()[0]:.1f}) "
-                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL}, one worker per stack, "
+                f"c = {args.concurrency}, DDIM-{args.steps}, {MODEL} ({args.net} network), "
+                "one worker per stack, "
                 f"{args.rounds} jobs per client per window, {args.repeats} windows per mode "
                 "(alternated), medians:"
             )
             print(
-                "| job events | client follows its job by | gateway CPU per job | vs off | jobs/s |"
+                "| job events | client follows its job by | gateway CPU per job | vs off | "
+                "net of idle CPU | vs off | jobs/s |"
             )
-            print("|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             labels = {
                 "off": ("off", "`Prefer: wait`"),
                 "wait": ("on", "`Prefer: wait`"),
@@ -449,9 +511,17 @@ def main() -> None:
                 events, client = labels[mode]
                 print(
                     f"| {events} | {client} | {row['gateway_cpu_ms_per_job']:.2f} ms | "
-                    f"{100 * (row['vs_off'] - 1):+.1f} % | {row['jobs_per_s']:.1f} |",
+                    f"{100 * (row['vs_off'] - 1):+.1f} % | {row['net_cpu_ms_per_job']:.2f} ms | "
+                    f"{100 * (row['net_vs_off'] - 1):+.1f} % | {row['jobs_per_s']:.2f} |",
                     flush=True,
                 )
+            print(
+                "(idle gateway CPU: "
+                + ", ".join(f"{m} {cpu[m]['idle_cpu_ms_per_s']:.1f} ms/s" for m in ("off", "wait"))
+                + "; windows, gross ms/job: "
+                + "; ".join(f"{m} {[round(w, 2) for w in r['windows_ms']]}" for m, r in cpu.items())
+                + ")"
+            )
         if args.json:
             args.json.write_text(json.dumps(report, indent=2, default=str))
     finally:

@@ -15,14 +15,15 @@ always in the job's hash: a gateway that reconnects (or suspects it missed somet
 status of every job it holds in one pipeline, and a slow safety poll does the same every few
 seconds. With that, a replay buys nothing, and a stream would cost memory and a trimming policy
 (MAXLEN) for every ended job, plus a per-reader cursor, while PUBLISH stores nothing and costs the
-server one write per subscribed connection. The same holds for the per-job progress events a later
-SSE route will need: only the latest progress matters, and it is in `job.meta`, so a missed event
-is superseded by the next one or by the snapshot a (re)connecting client reads first.
+server one write per subscribed connection. Live progress is the other case: an SSE client that
+resumes with `Last-Event-ID` must get every event it missed, previews included, so those events
+live in a per-job stream (`ddserve.job_events`), and pub/sub only carries the wake-up hint
+(`JobEvent.UPDATED`, the ids of the jobs a worker's round appended to, space-separated).
 
 Channels are per key prefix *and* per event type (`{prefix}:events:{event}`), so a subscriber to
 "finished" never receives the far more frequent progress traffic of another event type. A message
 is the job id, optionally followed by one space and a JSON object (`encode_message`): "finished"
-needs no data; a progress event would carry `{"step", "total"}`.
+needs no data ("updated" has its own format: `ddserve.job_events.publish_updated`).
 
 Publishing is a hint, never the record: a reader must treat the job's hash as the truth and be
 correct (if slower) without any message.
