@@ -626,3 +626,10 @@ def test_the_readme_receiver_accepts_deliveries_and_refuses_forgeries(
         stack.close()
         server.shutdown()
         server.server_close()
+
+
+def test_the_webhook_worker_command_needs_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddserve.cli import main
+
+    monkeypatch.delenv("DDSERVE_REDIS_URL", raising=False)
+    assert main(["webhook-worker"]) == 2  # the embedded `ddserve serve` runs it in-process
