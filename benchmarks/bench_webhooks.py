@@ -5,22 +5,24 @@ What the webhook path adds to the gateway is all in the submission: the body's t
 the URL check (`service.webhooks.targets`: parsing, the allowlist, DNS resolution of a name) and
 one ZADD in the enqueue's existing transaction. After that the gateway does nothing more for a
 job with a webhook (events are derived and delivered by the webhook worker, not the gateway, and
-a held `Prefer: wait` costs the same), so this measures the submission alone: one gateway process
-in front of the real Redis, no GPU worker (the jobs stay queued), c = 64 clients submitting
-`POST /generate` (202, no wait) in a closed loop, in windows that alternate between
+a held `Prefer: wait` costs the same), so this measures the submission alone, with no GPU
+worker (the jobs stay queued):
 
-- off: no webhook;
-- on (IP): `webhook` = http://127.0.0.1:9/hook (allowlisted literal: no DNS lookup);
-- on (name): `webhook` = http://localhost:9/hook (allowlisted name, resolved by getaddrinfo from
-  /etc/hosts — a DNS server's answer would cost the gateway a thread's wait, not CPU);
+1. Two gateway processes in front of the real Redis, loaded at the same time by c = 64 closed-loop
+   clients each, `POST /generate` (202, no wait): one gateway's clients send a `webhook`, the
+   other's do not; then they swap, so a difference between the two processes cancels out. Loading
+   both at once makes the machine's other load (these 2-core machines are shared) hit "on" and
+   "off" alike, which alternating windows did not achieve: their "off" windows alone spread
+   ±20 %. Each window's ratio is CPU on / CPU off (user + system, from /proc), the median reported.
+   Variants: "on (IP)" `http://127.0.0.1:9/hook` (an allowlisted literal, no lookup) and
+   "on (name)" `http://localhost:9/hook` (an allowlisted name, resolved by getaddrinfo — once per
+   30 s per gateway, `service.webhooks.targets.ACCEPTED_FOR_S`).
+2. The submission steps a webhook touches, timed in this process (`in_process`: validation, the
+   webhook check, the enqueue transaction against the real Redis; variants alternating in blocks):
+   the exact cost added, where CPU time is not shared with a server's other work.
 
-`--repeats` windows of each (medians reported), so a busy machine's load hits all alike. The
-gateway's CPU is read from /proc (user + system) before and after each window. Then (part 2) the
-submission steps a webhook touches are timed in this process (`in_process`), where a loaded
-machine's noise is far smaller than a few-% effect on a whole request.
-
-    .venv/bin/python benchmarks/bench_webhooks.py [--concurrency 64] [--submits 2000]
-        [--repeats 3] [--redis-url redis://127.0.0.1:6379/0] [--json out.json]
+    .venv/bin/python benchmarks/bench_webhooks.py [--concurrency 64] [--submits 1000]
+        [--repeats 4] [--in-process 5000] [--redis-url redis://127.0.0.1:6379/0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,92 +116,104 @@ def in_process(redis_url: str, prefix: str, rounds: int, block: int = 100) -> di
     return {name: 1e6 * total / rounds for name, total in spent.items()}
 
 
+async def paired_window(
+    urls: tuple[str, str], webhooks: tuple[str | None, str | None], concurrency: int, submits: int
+) -> None:
+    """Both gateways loaded at once, each by `concurrency` clients with its own body."""
+    await asyncio.gather(
+        *(window(url, concurrency, submits, hook) for url, hook in zip(urls, webhooks, strict=True))
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--submits", type=int, default=2000, help="submits per window")
-    parser.add_argument("--repeats", type=int, default=3, help="windows of each variant")
+    parser.add_argument("--concurrency", type=int, default=64, help="clients per gateway")
+    parser.add_argument("--submits", type=int, default=1000, help="submits per gateway and window")
+    parser.add_argument("--repeats", type=int, default=4, help="window pairs of each variant")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--in-process", type=int, default=3000, help="jobs per variant, part 2")
+    parser.add_argument("--in-process", type=int, default=5000, help="jobs per variant, part 2")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    ports = (free_port(), free_port())
+    urls = (f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
     env = {
         **os.environ,
+        "PYTHONPATH": str(ROOT),
         "DDSERVE_REDIS_URL": args.redis_url,
         "DDSERVE_KEY_PREFIX": prefix,
         "DDSERVE_ZOO_DIR": str(ROOT / "models" / "zoo"),  # the gateway reads config.json only
         "DDSERVE_MODELS": MODEL,
         "DDSERVE_STORAGE_DIR": str(scratch / "images"),
+        "DDSERVE_SIGNING_SECRET": "bench",
         "DDSERVE_AUTH_ENABLED": "false",
         "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
         "DDSERVE_MAX_QUEUE_LENGTH": "1000000",
         "DDSERVE_LOG_LEVEL": "WARNING",
-        "DDSERVE_PORT": str(port),
         "DDSERVE_WEBHOOK_SECRET": SECRET,
         "DDSERVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
     }
     # `python -m` from the repository root: this checkout's code, whatever the venv installed
     command = [sys.executable, "-m", "ddserve.cli", "serve", "--workers", "1"]
-    gateway = subprocess.Popen(command, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    cpu_ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    gateways = [
+        subprocess.Popen(command, env={**env, "DDSERVE_PORT": str(port)}, cwd=ROOT)
+        for port in ports
+    ]
+    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS if name != "off"}
+    off_ms: list[float] = []
     try:
-        wait_healthy(url)
-        for webhook in VARIANTS.values():  # warm-up of each path, not counted
-            asyncio.run(window(url, args.concurrency, 200, webhook))
+        for url in urls:
+            wait_healthy(url)
+        for webhook in VARIANTS.values():  # warm-up of each path on both, not counted
+            asyncio.run(paired_window(urls, (webhook, webhook), args.concurrency, 100))
         for _ in range(args.repeats):
             for name, webhook in VARIANTS.items():
-                before = cpu_seconds(gateway.pid)
-                elapsed = asyncio.run(window(url, args.concurrency, args.submits, webhook))
-                after = cpu_seconds(gateway.pid)
-                if before is None or after is None:
-                    raise SystemExit("needs Linux /proc to read the gateway's CPU time")
-                cpu_ms[name].append(1000 * (after - before) / args.submits)
-                rates[name].append(args.submits / elapsed)
+                if webhook is None:
+                    continue
+                for on_side in (0, 1):  # each gateway takes the webhooks in turn
+                    hooks = (webhook, None) if on_side == 0 else (None, webhook)
+                    before = [cpu_seconds(g.pid) for g in gateways]
+                    asyncio.run(paired_window(urls, hooks, args.concurrency, args.submits))
+                    after = [cpu_seconds(g.pid) for g in gateways]
+                    if None in before or None in after:
+                        raise SystemExit("needs Linux /proc to read the gateways' CPU time")
+                    spent = [b - a for a, b in zip(before, after, strict=True)]  # type: ignore[operator]
+                    on, off = spent[on_side], spent[1 - on_side]
+                    ratios[name].append(on / off)
+                    off_ms.append(1000 * off / args.submits)
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(30)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        for gateway in gateways:
+            gateway.terminate()
+        for gateway in gateways:
+            try:
+                gateway.wait(30)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
         cleanup_redis(args.redis_url, prefix)
 
-    off = statistics.median(cpu_ms["off"])
     print(
-        f"one gateway process, c = {args.concurrency}, {args.submits} submits (202) per window, "
-        f"{args.repeats} windows of each variant, alternating; medians"
+        f"two gateway processes loaded at the same time, c = {args.concurrency} clients each, "
+        f"{args.submits} submits (202) per gateway and window; one takes webhook bodies, the other "
+        f"none, then they swap; {args.repeats} pairs per variant"
     )
-    print(
-        "| webhook | gateway CPU per job | vs off (medians) | vs off (median of each repeat's "
-        "ratio) | submits/s | windows (CPU ms per job) |"
-    )
-    print("|---|---|---|---|---|---|")
+    print(f"gateway CPU per job without webhook: {statistics.median(off_ms):.3f} ms (median)")
+    print("| webhook | gateway CPU per job, on / off (median) | each window's on / off |")
+    print("|---|---|---|")
     rows = []
-    for name in VARIANTS:
-        cpu = statistics.median(cpu_ms[name])
-        rate = statistics.median(rates[name])
-        # each repeat's windows ran back to back: their ratio cancels most of the machine's drift
-        paired = statistics.median(
-            on / base for on, base in zip(cpu_ms[name], cpu_ms["off"], strict=True)
-        )
-        windows = ", ".join(f"{v:.3f}" for v in cpu_ms[name])
-        print(
-            f"| {name} | {cpu:.3f} ms | {100 * (cpu / off - 1):+.1f} % | "
-            f"{100 * (paired - 1):+.1f} % | {rate:.0f} | {windows} |"
-        )
-        rows.append(
-            {"variant": name, "cpu_ms_per_job": cpu, "paired_ratio": paired, "submits_per_s": rate}
-        )
+    for name, values in ratios.items():
+        ratio = statistics.median(values)
+        shown = ", ".join(f"{v:.3f}" for v in values)
+        print(f"| {name} | {100 * (ratio - 1):+.1f} % | {shown} |")
+        rows.append({"variant": name, "on_over_off": ratio, "windows": values})
+
     # 2. The same steps in this process, where CPU time is not shared with a server's other work.
     try:
         steps = in_process(args.redis_url, prefix, args.in_process)
     finally:
         cleanup_redis(args.redis_url, prefix)
+    off = statistics.median(off_ms)
     print(
         f"\nthe submission steps a webhook touches (validation, webhook check, enqueue "
         f"transaction), in-process, {args.in_process} jobs per variant, CPU µs per job:"

@@ -626,3 +626,72 @@ def test_the_readme_receiver_accepts_deliveries_and_refuses_forgeries(
         stack.close()
         server.shutdown()
         server.server_close()
+
+
+def test_the_webhook_worker_command_needs_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddserve.cli import main
+
+    monkeypatch.delenv("DDSERVE_REDIS_URL", raising=False)
+    assert main(["webhook-worker"]) == 2  # the embedded `ddserve serve` runs it in-process
+
+
+def test_https_goes_to_the_checked_address_with_the_name_as_host_and_sni() -> None:
+    """The delivery connects to the address it has just checked (no second lookup a rebinding
+    could answer), and names the host in Host and TLS SNI, so the certificate is checked
+    against the name."""
+    import httpx
+
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    settings = Settings(webhook_secret=SECRET, key_prefix=PREFIX)
+    policy = AddressPolicy([], resolver_of({"hooks.example": ["93.184.216.34"]}))
+    connection = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    sender = Sender(settings, connection, policy=policy, transport=httpx.MockTransport(answer))
+    result = sender.attempt("https://hooks.example:8443/in?x=1", "msg_1", '{"a":1}', None)
+    assert result.delivered
+    (request,) = seen
+    assert str(request.url) == "https://93.184.216.34:8443/in?x=1"
+    assert request.headers["host"] == "hooks.example:8443"
+    assert request.extensions["sni_hostname"] == "hooks.example"
+    message = Webhook(SECRET).verify(request.content, dict(request.headers))
+    assert message == {"a": 1}
+
+
+def test_a_receiver_that_trickles_is_cut_at_the_total_timeout() -> None:
+    """A receiver that trickles its answer, a byte every 0.1 s (each read well within any per-read
+    timeout): the attempt still ends at the total `webhook_timeout_s`, a failed attempt."""
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        accepted: list[socket.socket] = []
+
+        def trickle() -> None:
+            conn = listener.accept()[0]
+            accepted.append(conn)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(50):  # 5 s of one byte at a time
+                    time.sleep(0.1)
+                    conn.sendall(b"a")
+            except OSError:
+                pass  # the client gave up: what this test wants
+
+        threading.Thread(target=trickle, daemon=True).start()
+        settings = Settings(
+            webhook_secret=SECRET, webhook_allowed_hosts="127.0.0.1", webhook_timeout_s=0.5
+        )
+        sender = Sender(settings, fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+        began = time.monotonic()
+        result = sender.attempt(f"http://127.0.0.1:{port}/h", "msg_1", "{}", None)
+        took = time.monotonic() - began
+        for conn in accepted:
+            conn.close()
+    assert not result.delivered and not result.refused
+    assert 0.4 <= took < 3.0, took
