@@ -134,6 +134,24 @@ BUILDERS = {
     "ddpm-class": lambda folder: ddpm_pipeline(folder, num_class_embeds=4),
     "ddim": lambda folder: ddim_pipeline(folder, clip_sample=False),
     "ddim-clip": lambda folder: ddim_pipeline(folder),  # DDIMScheduler's default clip_sample=True
+    # DDIM configs of other models' kinds: v-prediction on SD's scaled_linear β with SD's
+    # steps_offset, x_0-prediction on the cosine schedule with trailing spacing.
+    "ddim-v": lambda folder: ddim_pipeline(
+        folder,
+        prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    ),
+    "ddim-x0": lambda folder: ddim_pipeline(
+        folder,
+        prediction_type="sample",
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="trailing",
+    ),
     "repaint": repaint_pipeline,
     "ldm": lambda folder: ldm_pipeline(folder),
     "ldm-kl": lambda folder: ldm_pipeline(folder, first_stage="kl"),

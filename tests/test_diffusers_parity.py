@@ -80,6 +80,27 @@ def test_ddim_pipeline(pool: ModelPool, pipelines_dir: Path, steps: int, eta: fl
     assert np.abs(ddserve_image(model, settings) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize(
+    ("name", "steps", "eta"),
+    [("ddim-v", 10, 0.0), ("ddim-v", 7, 1.0), ("ddim-x0", 48, 0.0), ("ddim-x0", 9, 1.0)],
+)
+def test_ddim_pipeline_prediction_types_and_schedules(
+    pool: ModelPool, pipelines_dir: Path, name: str, steps: int, eta: float
+) -> None:
+    """v-prediction on scaled_linear β with steps_offset 1 and set_alpha_to_one False (SD 2.x's
+    config); x_0-prediction on the cosine schedule with trailing spacing (48 steps: a step count
+    where trailing spacing has its rounding ties)."""
+    pipe = diffusers.DDIMPipeline.from_pretrained(pipelines_dir / name)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        generator=sample_generator(SEED, 0), num_inference_steps=steps, eta=eta, output_type="np"
+    ).images
+    model = pool.get(name)
+    assert isinstance(model, DiffusionModel)
+    got = ddserve_image(model, model.scheduler.settings("ddim", steps, eta=eta))
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
 def test_ddim_pipeline_with_clip_sample(pool: ModelPool, pipelines_dir: Path) -> None:
     """DDIMScheduler's default clip_sample=True clamps x̂_0 but keeps the network's ε
     (use_clipped_model_output=False): the model's options (`from_diffusers`) do the same."""
