@@ -109,8 +109,10 @@ def test_an_unservable_folder_is_skipped_not_fatal(tmp_path: Path, pipelines_dir
 
 
 def test_model_dirs_setting_derives_from_the_zoo_setting(tmp_path: Path) -> None:
-    assert Settings(zoo_dir=tmp_path).model_repository() == [tmp_path, DEFAULT_IMPORT_DIR]
-    assert Settings().import_dir() == DEFAULT_IMPORT_DIR
+    assert Settings().model_repository() == [DEFAULT_ZOO, DEFAULT_IMPORT_DIR]
+    assert Settings().import_dir() == DEFAULT_IMPORT_DIR  # never into the shipped zoo
+    own = Settings(zoo_dir=tmp_path)  # a zoo of one's own is the repository, as it always was
+    assert own.model_repository() == [tmp_path] and own.import_dir() == tmp_path
     named = Settings(model_dirs=f"{tmp_path}/a, {tmp_path}/b")
     assert named.model_repository() == [tmp_path / "a", tmp_path / "b"]
     assert named.import_dir() == tmp_path / "a"
