@@ -119,7 +119,8 @@ def ldm_pipeline(folder: Path, *, first_stage: str = "vq", **scheduler: object):
     "kl" puts an AutoencoderKL in the `vqvae` slot (LDMPipeline only calls its `decode`)."""
     from diffusers import DDIMScheduler, LDMPipeline
 
-    stage = tiny_vqvae() if first_stage == "vq" else tiny_kl()
+    # The KL first stage has a shift_factor, which LDMPipeline ignores (so must ddserve).
+    stage = tiny_vqvae() if first_stage == "vq" else tiny_kl(shift_factor=0.25)
     pipe = LDMPipeline(
         vqvae=stage,
         unet=tiny_unet(in_channels=4, sample_size=LATENT, seed=5),
