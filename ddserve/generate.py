@@ -38,6 +38,7 @@ API_KEY_ENV = "DDSERVE_API_KEY"
 # their type, limits, choices and help text are declared once, in `ddserve.params`.
 BODY_OPTIONS: dict[str, tuple[str, ...]] = {
     "prompt": ("--prompt",),
+    "negative_prompt": ("--negative-prompt",),
     "n": ("--n",),
     "sampler": ("--sampler",),
     "num_inference_steps": ("--num-inference-steps", "--steps"),

@@ -90,8 +90,20 @@ Prompt = Annotated[
     Field(
         min_length=1,
         max_length=256,
-        description="words from the model's vocabulary (text-conditioned models); omitted: "
-        "unconditional",
+        description="words from the model's vocabulary (text-conditioned models), or any text for "
+        "an imported text pipeline (its own CLIP tokenizer: past its 77 tokens the prompt is cut, "
+        "as diffusers does); omitted: unconditional",
+    ),
+]
+NegativePrompt = Annotated[
+    str,
+    Field(
+        max_length=256,
+        description="what to steer away from (text-conditioned models, as diffusers' "
+        "negative_prompt): a prompt, read as `prompt` is, that replaces the empty prompt ∅ in "
+        "classifier-free guidance, ε̃ = ε(x, t, n) + s·(ε(x, t, y) − ε(x, t, n)); needs a prompt "
+        'and guidance_scale > 1 (refused otherwise, never ignored); "" is the empty prompt ∅ '
+        "itself; omitted: ∅",
     ),
 ]
 PromptTokens = Annotated[

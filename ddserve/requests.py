@@ -30,6 +30,7 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     NoiseAmount,
     NoiseKind,
     Prompt,
@@ -103,6 +104,7 @@ class GenerateBody(JobBody):
     eta: Eta | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
@@ -121,6 +123,7 @@ class InpaintBody(JobBody):
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     seed: Seed | None = None
 

@@ -195,8 +195,22 @@ class Settings(BaseSettings):
         "continuous batching does not recompile for every new batch size; empty: powers of two "
         "up to max_batch (with compile on)",
     )
+    memory_fraction: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="GPU: the share of the device's free memory (measured after loading, by two "
+        "probe calls) that one network call may use; it lowers max_batch per model. 0: no probe "
+        "(max_batch alone). The CPU is not probed",
+    )
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
+    )
+    text_cache_size: int = Field(
+        128,
+        ge=0,
+        description="prompts whose text-encoder outputs a worker keeps per text pipeline (LRU), "
+        "so a repeated prompt costs no text-encoder call; 0 = none",
     )
     heartbeat_s: float = Field(10.0, description="worker heartbeat and started-job refresh period")
     abandoned_after_s: float = Field(

@@ -43,6 +43,7 @@ from ddserve.params import (
     JumpNSample,
     MaskPng,
     ModelName,
+    NegativePrompt,
     Prompt,
     PromptTokens,
     SamplerName,
@@ -71,17 +72,29 @@ class _Spec(BaseModel):
 class _Conditioned(_Spec):
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
-    prompt_tokens: PromptTokens | None = None  # tokenized once, by the gateway
+    # Tokenized once, by the gateway, for models of word vocabularies; None for a model with its
+    # own tokenizer (`Conditioning.tokenizer == "clip"`), whose worker encodes the prompt's text.
+    prompt_tokens: PromptTokens | None = None
+    negative_prompt: NegativePrompt | None = None  # the unconditional row's prompt (∅ if None)
+    negative_prompt_tokens: PromptTokens | None = None  # tokenized like the prompt
     guidance_scale: GuidanceScale = NO_GUIDANCE  # s, diffusers' meaning (ddserve.params)
 
     @model_validator(mode="after")
     def _one_condition(self) -> _Conditioned:
         if self.class_label is not None and self.prompt is not None:
             raise ValueError("give class_label or prompt, not both")
-        if (self.prompt is None) != (self.prompt_tokens is None):
-            raise ValueError("prompt and prompt_tokens go together (the gateway tokenizes)")
+        if self.prompt is None and self.prompt_tokens is not None:
+            raise ValueError("prompt_tokens without a prompt (the gateway tokenizes the prompt)")
         if self.guided and self.class_label is None and self.prompt is None:
             raise ValueError("classifier-free guidance (guidance_scale > 1) needs a condition")
+        if (self.negative_prompt_tokens is None) != (
+            self.negative_prompt is None or self.prompt_tokens is None
+        ):
+            raise ValueError(
+                "negative_prompt_tokens go with a negative_prompt, tokenized as the prompt is"
+            )
+        if self.negative_prompt is not None and (self.prompt is None or not self.guided):
+            raise ValueError("negative_prompt needs a prompt and guidance_scale > 1")
         return self
 
     @property

@@ -112,7 +112,8 @@ def num_train_timesteps(config: dict[str, Any]) -> int:
         raise ValueError(f"num_train_timesteps must be a positive integer, got {value!r}")
     betas = config.get("trained_betas")
     if betas is not None:
-        if not isinstance(betas, list) or not betas:
+        # A list from JSON; a tuple or an array from a live scheduler's `config`.
+        if isinstance(betas, str | bytes | dict) or not hasattr(betas, "__len__") or not len(betas):
             raise ValueError("trained_betas must be a non-empty list of numbers")
         if "num_train_timesteps" in config and len(betas) != value:
             raise ValueError(

@@ -31,7 +31,7 @@ from ddserve.spec import (
     ReconstructSpec,
 )
 from models.catalog import ModelEntry, SamplingDefaults
-from models.data.text import encode_prompt
+from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
 from service.uploads import UploadLimits, canonical_image, canonical_mask
@@ -115,6 +115,7 @@ class RequestNormalizer:
         class_label: int | None,
         prompt: str | None,
         guidance_scale: float | None,
+        negative_prompt: str | None = None,
     ) -> dict[str, Any]:
         cond = entry.conditioning
         tokens: list[int] | None = None
@@ -138,7 +139,7 @@ class RequestNormalizer:
                     f"0 ≤ class_label < {len(cond.classes)} ({listed})",
                     "class_label",
                 )
-        if prompt is not None:
+        if prompt is not None and not _own_tokenizer(entry):
             if cond is None or cond.type != "text" or not cond.vocabulary:
                 raise _invalid(
                     "not_text_conditional",
@@ -151,6 +152,7 @@ class RequestNormalizer:
                 tokens = encode_prompt(prompt, cond.vocabulary, context_len)
             except ValueError as e:
                 raise _invalid("invalid_prompt", str(e), "prompt") from None
+        negative_tokens = self._negative_prompt(entry, prompt, negative_prompt)
         if cond is not None and cond.type == "class" and not cond.has_null:
             # A class-conditional network without a ∅ class (a diffusers UNet2DModel with
             # num_class_embeds) cannot sample without a label nor guide towards one.
@@ -178,12 +180,56 @@ class RequestNormalizer:
             )
         if guidance_scale is None:
             guidance_scale = self._defaults(entry).guidance_scale if conditioned else NO_GUIDANCE
+        if negative_prompt is not None and guidance_scale == NO_GUIDANCE:
+            # diffusers ignores a negative prompt at s ≤ 1; here it would be silently dropped.
+            raise _invalid(
+                "negative_prompt_needs_guidance",
+                "negative_prompt replaces the empty prompt in classifier-free guidance, which "
+                f"guidance_scale 1 turns off (model {entry.name!r}'s default is "
+                f"{self._defaults(entry).guidance_scale}): give guidance_scale > 1, or no "
+                "negative_prompt",
+                "negative_prompt",
+            )
         return {
             "class_label": class_label,
             "prompt": prompt,
             "prompt_tokens": tokens,
+            "negative_prompt": negative_prompt,
+            "negative_prompt_tokens": negative_tokens,
             "guidance_scale": guidance_scale,
         }
+
+    @staticmethod
+    def _negative_prompt(
+        entry: ModelEntry, prompt: str | None, negative_prompt: str | None
+    ) -> list[int] | None:
+        """The negative prompt's tokens (words of the vocabulary, like the prompt's; no words at
+        all is the empty prompt ∅ itself), or None when there is none."""
+        if negative_prompt is None:
+            return None
+        cond = entry.conditioning
+        own = _own_tokenizer(entry)
+        if cond is None or cond.type != "text" or not (cond.vocabulary or own):
+            raise _invalid(
+                "not_text_conditional",
+                f"model {entry.name!r} takes no negative_prompt (it has no text conditioning)",
+                "negative_prompt",
+            )
+        if prompt is None:
+            raise _invalid(
+                "negative_prompt_needs_prompt",
+                "negative_prompt steers a prompted image away from it: give a prompt too",
+                "negative_prompt",
+            )
+        if own or not cond.vocabulary:
+            return None  # the worker encodes the text (and "" is its ∅ too)
+        context_len = cond.context_len or len(cond.vocabulary)
+        if not tokenize(negative_prompt):
+            return null_tokens(context_len)
+        try:
+            return encode_prompt(negative_prompt, cond.vocabulary, context_len)
+        except ValueError as e:
+            raise _invalid("invalid_prompt", f"negative_prompt: {e}", "negative_prompt") from None
 
     def _classifier_scale(
         self, entry: ModelEntry, requested: float | None, class_label: int | None
@@ -227,7 +273,9 @@ class RequestNormalizer:
             model=entry.name,
             n=body.n,
             **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
-            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
             clip_denoised=self._defaults(entry).clip_denoised,
             seed=self._seed(body.seed),
@@ -242,6 +290,7 @@ class RequestNormalizer:
             "num_inference_steps": body.num_inference_steps,
             "eta": body.eta,
             "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
             "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
             "output.trajectory": body.output.trajectory or None,
@@ -297,7 +346,9 @@ class RequestNormalizer:
             **sampling,
             jump_length=jump_length,
             jump_n_sample=jump_n_sample,
-            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
             clip_denoised=d.clip_denoised,
             seed=self._seed(body.seed),
             output=body.output,
@@ -403,6 +454,14 @@ class RequestNormalizer:
                 "code_out_of_range", f"code indices must be integers in [0, {size})", param
             )
         return nested.convert(codes, int)
+
+
+def _own_tokenizer(entry: ModelEntry) -> bool:
+    """A text model whose worker tokenizes and encodes prompts itself (a diffusers pipeline's
+    CLIP tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
+    are the tokenizer's: a prompt past `context_len` tokens is truncated, as diffusers does."""
+    cond = entry.conditioning
+    return cond is not None and cond.type == "text" and cond.tokenizer == "clip"
 
 
 def _is_number(value: Any) -> bool:

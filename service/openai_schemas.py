@@ -3,7 +3,7 @@
 Clients written for OpenAI (the official `openai` SDK and everything built on it) call
 `POST /v1/images/generations` and `POST /v1/images/edits`; these map onto ddserve's `/generate` and
 `/inpaint` bodies (`ddserve.requests`), so the same checks, specs and batching apply. ddserve's own
-parameters (seed, steps, guidance, sampler, class_label, eta) come as extra fields, the way the SDK
+parameters (seed, steps, guidance, sampler, class_label, eta, negative_prompt) come as extra fields, the way the SDK
 sends `extra_body=`; their types are `ddserve.params`', declared once.
 
 The prompt is read according to the model's conditioning: a text model takes it as its prompt; a
@@ -25,6 +25,7 @@ from ddserve.params import (
     ImageCount,
     InferenceSteps,
     ModelName,
+    NegativePrompt,
     SamplerName,
     Seed,
 )
@@ -50,6 +51,7 @@ class DdserveExtras(BaseModel):
     sampler: SamplerName | None = None
     eta: Eta | None = None
     class_label: ClassLabel | None = None
+    negative_prompt: NegativePrompt | None = None
 
 
 class ImageGenerationBody(DdserveExtras):

@@ -56,6 +56,8 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
         "class_label": 2,
         "prompt": None,
         "prompt_tokens": None,
+        "negative_prompt": None,
+        "negative_prompt_tokens": None,
         "guidance_scale": 3.0,  # the model's default (s), since a class is given
         "classifier_scale": 0.0,
         "clip_denoised": True,

@@ -215,7 +215,7 @@ def test_the_gateway_resolves_every_sampling_field(gateway: TestClient) -> None:
         ({"colour": "red"}, "colour: Extra inputs are not permitted"),
         ({"guidance_scale": 0.0}, "guidance_scale: Input should be greater"),  # old "none": s ≥ 1
         ({"guidance_scale": 3.0}, "needs a condition"),  # guided, but unconditional
-        ({"prompt": "red"}, "prompt_tokens"),  # the worker does not tokenize
+        ({"prompt_tokens": [1, 0]}, "prompt_tokens"),  # tokens of no prompt
         ({"kind": "paint"}, "kind must be one of"),
     ],
 )

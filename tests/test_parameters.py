@@ -33,6 +33,7 @@ SAMPLE_VALUES = {
     "eta": 0.5,
     "class_label": 2,
     "prompt": "red circle",
+    "negative_prompt": "blue",
     "guidance_scale": 7.5,
     "classifier_scale": 1.0,
     "seed": 42,

@@ -230,16 +230,42 @@ def test_upper_quantile_equals_torch_quantile() -> None:
             assert torch.equal(upper_quantile(values, q), torch.quantile(values, q, dim=1)), (n, q)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_fixed_large_variance_and_trailing_last_step(sampler: str) -> None:
+@pytest.mark.parametrize("variant", ["fixed_large", "fixed_small_log", "ddim_alpha_bar_0"])
+def test_variances_and_trailing_last_step(variant: str) -> None:
     """DDPM `variance_type="fixed_large"` (σ² = β') draws noise on its last step from t = 20 > 0 in
-    diffusers; `set_alpha_to_one=False` makes DDIM's last step land on ᾱ_0."""
+    diffusers; "fixed_small_log" is β̃ through its log; `set_alpha_to_one=False` makes DDIM's last
+    step land on ᾱ_0."""
+    sampler = "ddim" if variant == "ddim_alpha_bar_0" else "ddpm"
     config = _config(sampler, "linear", "epsilon", timestep_spacing="trailing")
     if sampler == "ddpm":
-        config["variance_type"] = "fixed_large"
+        config["variance_type"] = variant
     else:
         config["set_alpha_to_one"] = False
     _check(config, 50, eta=1.0 if sampler == "ddim" else 0.0)
+
+
+def test_pndm_config_runs_as_ddim() -> None:
+    """SD 1.x's PNDMScheduler config (not implemented) samples with DDIM reading the same fields."""
+    pndm = {
+        "_class_name": "PNDMScheduler",
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    _, options = from_diffusers(pndm)
+    settings = options.settings(num_inference_steps=50)
+    assert settings.sampler == "ddim" and settings.convention == "diffusers"
+    assert (settings.steps_offset, settings.set_alpha_to_one, settings.clip_denoised) == (
+        1,
+        False,
+        False,
+    )
+    _check({**pndm, "_class_name": "DDIMScheduler"}, 50)  # what it runs: DDIMScheduler of the dict
 
 
 def test_zero_terminal_snr_matches_diffusers() -> None:
@@ -357,6 +383,15 @@ def test_default_sampler_per_class(config: dict, sampler: str) -> None:
 def test_unsupported_configs_are_refused_by_name(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_diffusers(config)
+
+
+def test_trained_betas_from_a_live_scheduler_config() -> None:
+    """`dict(scheduler.config)` may hold trained_betas as a tuple or an array, not a list."""
+    for betas in (tuple(TRAINED_BETAS), np.array(TRAINED_BETAS)):
+        schedule, _ = from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": betas})
+        assert torch.allclose(schedule.betas, torch.tensor(TRAINED_BETAS, dtype=torch.float64))
+    with pytest.raises(ValueError, match="trained_betas"):
+        from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": "0.1"})
 
 
 def test_gateway_fields_need_no_torch() -> None:

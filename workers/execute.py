@@ -233,17 +233,36 @@ class DenoiseWork:
         return key
 
 
+def _conditions(
+    spec: DenoiseSpec, model: DiffusionModel
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The sample's conditioning row and unconditional row (None: the model's ∅).
+
+    A model with its own text encoder (`DiffusionModel.prompt_encoder`, diffusers text pipelines)
+    encodes the prompt and the negative prompt here — one text-encoder call for those its cache
+    lacks; the rows are [L, D] hidden states. Otherwise the rows are the class id or the token ids
+    the gateway wrote into the spec."""
+    encoder = model.prompt_encoder
+    if encoder is not None and spec.class_label is None and spec.prompt is not None:
+        prompts = [spec.prompt]
+        if spec.negative_prompt is not None:
+            prompts.append(spec.negative_prompt)
+        rows = encoder.rows(prompts)  # [L, D] each
+        return rows[0], rows[1] if len(rows) > 1 else None
+    return _condition(spec, model), _uncondition(spec, model)
+
+
 def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
     """The conditioning row of a spec: a class id, the prompt's token ids, or None (∅)."""
     conditioning = model.entry.conditioning
-    if spec.class_label is None and spec.prompt_tokens is None:
+    if spec.class_label is None and spec.prompt is None:
         if conditioning is not None and not conditioning.has_null:
             raise InvalidJobRequest(f"model {model.name!r} needs a class_label (it has no ∅ class)")
         return None
     if conditioning is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional")
     if conditioning.type == "class":
-        if spec.prompt_tokens is not None:
+        if spec.prompt is not None:
             raise InvalidJobRequest(f"model {model.name!r} takes class_label, not prompt")
         classes = conditioning.classes or []
         if spec.class_label is None or not 0 <= spec.class_label < len(classes):
@@ -251,12 +270,41 @@ def _condition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
                 f"class_label must be in [0, {len(classes) - 1}], got {spec.class_label}"
             )
         return torch.tensor(spec.class_label, dtype=torch.long)
-    if spec.prompt_tokens is None:
+    if spec.prompt is None:
         raise InvalidJobRequest(f"model {model.name!r} takes prompt, not class_label")
-    vocabulary = len(conditioning.vocabulary or [])
-    if any(token >= vocabulary for token in spec.prompt_tokens):  # tokenized by the gateway
-        raise InvalidJobRequest(f"prompt_tokens must be < {vocabulary} (the vocabulary's size)")
-    return torch.tensor(spec.prompt_tokens, dtype=torch.long)
+    if spec.prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the prompt's prompt_tokens (tokenized by the gateway)"
+        )
+    return _token_row(spec.prompt_tokens, model, "prompt_tokens")
+
+
+def _token_row(tokens: list[int], model: DiffusionModel, name: str) -> torch.Tensor:
+    """A prompt's token ids (tokenized by the gateway) as a conditioning row [L], checked against
+    the model's vocabulary and ∅'s length."""
+    conditioning = model.entry.conditioning
+    vocabulary = len(conditioning.vocabulary or []) if conditioning is not None else 0
+    if any(token >= vocabulary for token in tokens):
+        raise InvalidJobRequest(f"{name} must be < {vocabulary} (the vocabulary's size)")
+    null = model.null_condition
+    if null is not None and len(tokens) != null.shape[0]:
+        raise InvalidJobRequest(f"{name} must hold {null.shape[0]} tokens, got {len(tokens)}")
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _uncondition(spec: DenoiseSpec, model: DiffusionModel) -> torch.Tensor | None:
+    """The unconditional row of classifier-free guidance: the negative prompt's tokens, or None
+    (the model's ∅). The spec already ties it to a prompt and guidance_scale > 1."""
+    if spec.negative_prompt is None:
+        return None
+    if spec.negative_prompt_tokens is None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} reads the negative prompt's negative_prompt_tokens"
+        )
+    conditioning = model.entry.conditioning
+    if conditioning is None or conditioning.type != "text":
+        raise InvalidJobRequest(f"model {model.name!r} takes no negative_prompt")
+    return _token_row(spec.negative_prompt_tokens, model, "negative_prompt_tokens")
 
 
 def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettings:
@@ -323,13 +371,14 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
         raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {spec.kind}")
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
-    cond = _condition(spec, model)  # inpainting may be conditional (and guided) too
+    cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
     samples = [
         Sample(
             settings=settings,
             generator=image_generator(spec.seed, i),
             cond=cond,
+            uncond=uncond,
             class_label=spec.class_label,
             known=known,
             mask=mask,

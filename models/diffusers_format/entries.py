@@ -49,10 +49,18 @@ class PipelineError(ValueError):
 # (its `__call__` default). Pixel-space UNet2DModel pipelines and LDMPipeline (VQ or KL first stage).
 PIXEL_PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "RePaintPipeline": 250}
 LATENT_PIPELINES = {"LDMPipeline": 50}
-# Text-conditioned pipelines are representable (conditioning "text", tokenizer "clip") but not yet
-# served: their entries have no tasks until a worker can load their text encoder.
+# Text-conditioned pipelines (conditioning "text", tokenizer "clip"): the workers encode prompts with
+# the pipeline's own CLIPTokenizer + CLIPTextModel (`models.diffusers_format.text`). Served: the
+# StableDiffusionPipeline layout; LDMTextToImagePipeline (an LDMBert text encoder, a BERT
+# tokenizer) is representable but has no tasks.
 TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
-SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES)
+SERVED_TEXT_PIPELINES = ("StableDiffusionPipeline",)
+TEXT_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline.__call__'s default guidance_scale
+TEXT_COMPONENTS = {  # component → the classes the workers load it with
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *SERVED_TEXT_PIPELINES)
 # Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
 RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
 # The pipelines that decode z / scaling_factor + shift_factor. diffusers' UNet pipelines
@@ -216,6 +224,14 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         conditioning = Conditioning(
             type="class", classes=[str(i) for i in range(count)], has_null=False
         )
+    if pipeline in SERVED_TEXT_PIPELINES:
+        for component, classes in TEXT_COMPONENTS.items():
+            if component not in parts:
+                raise PipelineError(f"{pipeline} in {folder} has no {component!r} component")
+            if parts[component] not in classes:
+                raise PipelineError(
+                    f"{component} is a {parts[component]}; supported: {', '.join(classes)}"
+                )
     if pipeline in TEXT_PIPELINES:
         tokenizer = folder / "tokenizer" / "tokenizer_config.json"
         length = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
@@ -229,6 +245,10 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         "conditioning": conditioning,
         **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
     }
+    if pipeline in SERVED_TEXT_PIPELINES:  # the pipeline's own default: s = 7.5 with a prompt
+        denoiser["defaults"] = denoiser["defaults"].model_copy(
+            update={"guidance_scale": TEXT_GUIDANCE_SCALE}
+        )
     if stage is None:
         return [
             ModelEntry(
@@ -274,11 +294,15 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         network=scaling,
         path=folder,
     )
-    served = pipeline not in TEXT_PIPELINES  # text pipelines: representable, not yet served
+    served = pipeline not in TEXT_PIPELINES or pipeline in SERVED_TEXT_PIPELINES
     main = ModelEntry(
         **denoiser,
         kind="latent-diffusion",
-        tasks=["generate", "inpaint"] if served else [],
+        # Text pipelines: generate only until the worker inpaints in latent space (it refuses
+        # latent inpainting today), so that /models promises nothing a job would fail.
+        tasks=(["generate"] if pipeline in TEXT_PIPELINES else ["generate", "inpaint"])
+        if served
+        else [],
         description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
         f"{image.channels}×{image.height}×{image.width} images",
         image=image,

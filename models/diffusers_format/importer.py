@@ -161,7 +161,11 @@ def single_file(path: Path) -> tuple[Path, str, Path | None]:
             f"({', '.join(SUPPORTED_PIPELINES)}) has it. Load it where it was trained and save "
             "the pipeline as a folder: pipeline.save_pretrained('my-pipeline')"
         )
-    raise ImportFailed(f"{path}: single-file import is not implemented for {', '.join(loadable)}")
+    raise ImportFailed(
+        f"{path} is a single .safetensors file, which ddserve does not import yet: load it with "
+        f"diffusers where it can ({loadable[0]}.from_single_file(path)) and save the pipeline as a "
+        "folder, pipeline.save_pretrained('my-pipeline'), then import the folder"
+    )
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -212,9 +216,11 @@ def check_pipeline(folder: Path, name: str) -> Checked:
     parameters: dict[str, int] = {}
     modules: dict[str, Any] = {}
     for component, class_name in parts.items():
-        cls = getattr(diffusers, class_name, None)
+        cls = getattr(diffusers, class_name, None) or transformers_class(class_name)
         if cls is None:
-            raise ImportFailed(f"component {component!r} is a {class_name}, unknown to diffusers")
+            raise ImportFailed(
+                f"component {component!r} is a {class_name}, unknown to diffusers and transformers"
+            )
         modules[component] = load_component(cls, folder, component)
         if hasattr(modules[component], "parameters"):
             parameters[component] = sum(p.numel() for p in modules[component].parameters())
@@ -227,6 +233,16 @@ def check_pipeline(folder: Path, name: str) -> Checked:
     except ValueError as exc:
         raise ImportFailed(f"scheduler/scheduler_config.json: {exc}") from None
     return Checked(entries=entries, parameters=parameters)
+
+
+def transformers_class(class_name: str) -> Any:
+    """A text pipeline's tokenizer or text encoder class (`CLIPTokenizer`, `CLIPTextModel`), from
+    transformers; None if it has no such class or is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return getattr(transformers, class_name, None)
 
 
 def load_component(cls: Any, folder: Path, component: str) -> Any:
@@ -292,10 +308,14 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
             )
     c, h, w = main.latent_shape or (main.image.channels, main.image.height, main.image.width)
     x = torch.zeros((1, int(c), int(h), int(w)))
-    labels = torch.zeros(1, dtype=torch.long) if main.conditioning is not None else None
+    text = main.conditioning is not None and main.conditioning.type == "text"
+    labels = torch.zeros(1, dtype=torch.long) if main.conditioning and not text else None
+    kwargs: dict[str, Any] = {"class_labels": labels}
+    if text:
+        kwargs = {"encoder_hidden_states": empty_prompt_states(modules, unet)}
     try:
         with torch.no_grad():
-            out = unet(x, torch.tensor([0]), class_labels=labels).sample
+            out = unet(x, torch.tensor([0]), **kwargs).sample
     except Exception as exc:
         raise ImportFailed(
             f"the UNet fails on x of shape {list(x.shape)} (mismatched shapes): "
@@ -322,6 +342,27 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
                 f"the first stage {stage.component!r} decodes {list(x.shape)} latents to "
                 f"{list(image.shape)}, not {list(expected)} (mismatched shapes)"
             )
+
+
+def empty_prompt_states(modules: dict[str, Any], unet: Any) -> Any:
+    """A text pipeline's encoding of "" [1, L, D] (its ∅), checked against the UNet's
+    cross-attention width D."""
+    from models.diffusers_format.text import PromptEncoder
+
+    encoder = PromptEncoder(modules["tokenizer"], modules["text_encoder"], cache_size=0)
+    try:
+        states = encoder.null_condition()[None]  # [1, L, D]
+    except Exception as exc:
+        raise ImportFailed(
+            f"the tokenizer and text_encoder fail on the empty prompt: {first_line(str(exc))}"
+        ) from None
+    width = unet.config.cross_attention_dim
+    if isinstance(width, int) and states.shape[-1] != width:
+        raise ImportFailed(
+            f"the text encoder gives {states.shape[-1]}-wide hidden states but the UNet's "
+            f"cross-attention takes {width} (mismatched shapes)"
+        )
+    return states
 
 
 def write_card(folder: Path, origin: str, checked: Checked) -> None:

@@ -3,7 +3,8 @@
 `DenoisingBatch` is the running set of samples behind both the library call `sample(...)` and the
 serving engine's continuous batching: samples join between steps (`add`), each `step` makes one
 network call over all of them at their own timesteps — with the unconditional rows of classifier-free
-guidance appended to the same call — and advances each one by its own sampler; finished samples leave
+guidance (each guided sample's own ∅', its negative prompt or the model's ∅) appended to the same
+call — and advances each one by its own sampler; finished samples leave
 (`step` returns them). A sample's result depends only on its own settings, condition and noise stream
 (see `noise.py`), never on its neighbours.
 
@@ -327,6 +328,9 @@ class Sample:
     settings: SamplerSettings
     generator: torch.Generator
     cond: torch.Tensor | None = None  # one row of conditioning ([] class id, [L] tokens); None = ∅
+    # The unconditional row of classifier-free guidance (a negative prompt's row, shaped like
+    # cond); None = the model's ∅. Only a guided sample takes one.
+    uncond: torch.Tensor | None = None
     class_label: int | None = None  # target of classifier guidance
     known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
@@ -369,6 +373,7 @@ class RowLayout:
     rows: int  # rows of the network call: guided samples count twice
     cond: torch.Tensor | None  # [B, ...] conditioning rows (∅ where a sample has none)
     guided: torch.Tensor | None  # [G] long: samples with classifier-free guidance
+    uncond: torch.Tensor | None  # [G, ...] their unconditional rows (each ∅ or its own negative)
     guidance_scale: torch.Tensor | None  # [G] their w
     clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
     clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
@@ -453,17 +458,23 @@ class DenoisingBatch:
                     device=self.device,
                 ),
             )
-        cond = None
+        cond = uncond = None
+        null = self.null_condition
         # A network without a ∅ row (a diffusers class-conditional UNet) still takes its samples'
         # conditions: `add` admits such samples only all conditioned or all not.
         conditioned = any(s.cond is not None for s in samples)
-        if samples and (self.null_condition is not None or conditioned):
-            rows = [self.null_condition if s.cond is None else s.cond for s in samples]
+        if samples and (null is not None or conditioned):
+            rows = [null if s.cond is None else s.cond for s in samples]
             cond = torch.stack(rows).to(self.device)
+        if null is not None and guided:
+            negatives = [samples[i].uncond for i in guided]
+            uncond = torch.stack([null if row is None else row for row in negatives])
+            uncond = uncond.to(self.device)
         return RowLayout(
             rows=len(samples) + len(guided),
             cond=cond,
             guided=torch.tensor(guided, dtype=torch.long, device=self.device) if guided else None,
+            uncond=uncond,
             guidance_scale=(
                 torch.tensor([samples[i].settings.guidance_scale for i in guided])
                 if guided
@@ -551,6 +562,18 @@ class DenoisingBatch:
             raise ValueError(
                 "classifier-free guidance needs a conditional network (null_condition)"
             )
+        if sample.uncond is not None:
+            if not sample.guided:
+                raise ValueError(
+                    "an unconditional row (negative prompt) needs classifier-free guidance "
+                    "(guidance_scale ≠ 0), else it would be ignored"
+                )
+            assert self.null_condition is not None  # a guided sample was checked above
+            if sample.uncond.shape != self.null_condition.shape:
+                raise ValueError(
+                    f"the unconditional row has shape {tuple(sample.uncond.shape)}, expected "
+                    f"{tuple(self.null_condition.shape)} (that of the model's ∅)"
+                )
         if sample.settings.classifier_scale != 0.0 and (
             self.classifier is None or sample.class_label is None
         ):
@@ -631,17 +654,19 @@ class DenoisingBatch:
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     def _guided_output(self, t: torch.Tensor) -> torch.Tensor:
-        """One network call over all rows plus an unconditional copy of each guided row."""
+        """One network call over all rows plus an unconditional copy of each guided row.
+
+        The copy of guided sample i is conditioned on its own ∅'_i (its negative prompt, else the
+        model's ∅), so ε̃_i = ε(x_i, ∅'_i) + s_i·(ε(x_i, c_i) − ε(x_i, ∅'_i)) — diffusers'
+        `negative_prompt` — while every sample still shares the one call."""
         layout = self.layout
         index, cond = layout.guided, layout.cond
         x_in, t_in, cond_in = self.x, t, cond
         if index is not None:
-            null = self.null_condition.to(self.device).expand(
-                len(index), *self.null_condition.shape
-            )
+            assert cond is not None and layout.uncond is not None  # guided ⇒ null_condition
             x_in = torch.cat([self.x, self.x.index_select(0, index)])
             t_in = torch.cat([t, t.index_select(0, index)])
-            cond_in = torch.cat([cond, null])
+            cond_in = torch.cat([cond, layout.uncond])  # [B + G, ...]
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
         out = output[: len(self.samples)]
@@ -711,6 +736,7 @@ def sample(
     *,
     cond: torch.Tensor | None = None,  # [B, ...] conditioning rows (None = unconditional network)
     null_condition: torch.Tensor | None = None,  # the ∅ row, for classifier-free guidance
+    uncond: Sequence[torch.Tensor | None] | None = None,  # per row: its own ∅' (negative prompt)
     prediction_type: SamplerPrediction = "epsilon",
     classifier: ClassifierFn | None = None,
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
@@ -748,6 +774,7 @@ def sample(
             settings=per_row[i],
             generator=gens[i],
             cond=None if cond is None else cond[i],
+            uncond=None if uncond is None else uncond[i],
             class_label=None if class_labels is None else int(class_labels[i]),
             known=None if known is None else known[i],
             mask=None if mask is None else mask[i],

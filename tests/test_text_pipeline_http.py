@@ -1,0 +1,179 @@
+"""A text pipeline (the `StableDiffusionPipeline` layout) imported and served over HTTP: `ddserve
+import` of a tiny pipeline saved locally (`tests/tiny_sd.py`), then the whole stack in this process
+(`LocalServer`: gateway + batching worker on fakeredis). Prompts and negative prompts reach the
+worker as text; images equal the pipeline's own; mixed requests in one batch equal each alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddserve.client.errors import ApiError
+from ddserve.client.sync import Client
+from ddserve.client.types import Job
+from ddserve.embedded import LocalServer
+from ddserve.settings import Settings
+from models.diffusers_format.importer import ImportFailed, import_pipeline
+from tests.tiny_sd import tiny_sd_pipeline
+from workers.execute import image_generator
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+NAME = "tiny-sd"
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, Any]]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sd-http")
+    pipe = tiny_sd_pipeline(root / "source")
+    settings = Settings(
+        redis_url=None,
+        key_prefix="sd-http",
+        zoo_dir=root / "no-zoo",
+        model_dirs=str(root / "models"),
+        storage_dir=root / "images",
+        auth_enabled=False,
+        device="cpu",
+        log_level="WARNING",
+        text_cache_size=4,
+    )
+    target, checked = import_pipeline(
+        str(root / "source" / "pipeline"), name=NAME, settings=settings
+    )
+    assert target == root / "models" / NAME and checked.entries[0].tasks
+    server = LocalServer(settings).start()
+    try:
+        yield server, pipe
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(stack: tuple[LocalServer, Any]) -> Iterator[Client]:
+    with Client(stack[0].url) as c:
+        yield c
+
+
+def images(client: Client, job: Job) -> list[np.ndarray]:
+    assert job.succeeded, job.error
+    return [np.asarray(Image.open(io.BytesIO(data))) for data in client.download_images(job)]
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to one level of rounding (float sums vary in the last bit with the batch)."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
+def generate(client: Client, **options: Any) -> Job:
+    body = {"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3, **options}
+    return client.generate(NAME, **body)
+
+
+def test_the_model_is_listed_as_a_text_model(client: Client) -> None:
+    model = client.model(NAME)
+    assert model.tasks == ["generate"] and model.defaults is not None
+    assert model.defaults.guidance_scale == 7.5  # the pipeline's own default
+    assert (model.image.height, model.image.width) == (16, 16)
+
+
+def test_generate_with_a_negative_prompt_equals_the_pipeline(
+    client: Client, stack: tuple[LocalServer, Any]
+) -> None:
+    pipe = stack[1]
+    job = generate(client, n=2, negative_prompt="photo of a cat")
+    assert job.input["prompt_tokens"] is None and job.input["negative_prompt"] == "photo of a cat"
+    assert job.input["guidance_scale"] == 7.5
+    ours = images(client, job)
+    # The same x_T as the worker's samples: image i draws x_T first from the stream of seed + i.
+    start = torch.stack([torch.randn((4, 8, 8), generator=image_generator(3, i)) for i in (0, 1)])
+    theirs = pipe(
+        prompt=["a red circle"] * 2,
+        negative_prompt=["photo of a cat"] * 2,
+        guidance_scale=7.5,
+        num_inference_steps=STEPS,
+        latents=start,
+        output_type="np",
+    ).images  # [2, 16, 16, 3] in [0, 1]
+    expected = (theirs * 255).round().astype(int)  # diffusers' numpy_to_pil: (x · 255).round()
+    for got, want in zip(ours, expected, strict=True):
+        assert got.shape == (16, 16, 3) and same(got, want)
+
+
+def test_the_empty_negative_prompt_is_the_null_condition(client: Client) -> None:
+    plain, empty = generate(client), generate(client, negative_prompt="")
+    assert np.array_equal(images(client, plain)[0], images(client, empty)[0])
+    steered = images(client, generate(client, negative_prompt="green"))[0]
+    assert not same(images(client, plain)[0], steered)
+
+
+def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"negative_prompt": "green", "seed": 1},
+        {"prompt": "a blue dog", "guidance_scale": 3.0, "seed": 2},
+        {"prompt": "yellow square", "guidance_scale": 1.0, "seed": 3},
+        {"prompt": "a blue dog", "negative_prompt": "red", "sampler": "ddpm", "seed": 4},
+    ]
+    alone = [images(client, generate(client, **body))[0] for body in bodies]
+    blocker = client.generate(NAME, wait=False, prompt="a cat", num_inference_steps=60)
+    jobs = [
+        client.generate(
+            NAME,
+            wait=False,
+            **{"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3, **body},
+        )
+        for body in bodies
+    ]
+    for body, solo, job in zip(bodies, alone, jobs, strict=True):
+        done = client.wait(job)
+        assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
+        assert same(images(client, done)[0], solo), body
+    assert client.wait(blocker).succeeded
+
+
+def test_a_class_label_or_a_prompt_for_the_wrong_model_is_a_clear_422(client: Client) -> None:
+    with pytest.raises(ApiError) as caught:
+        client.generate(NAME, class_label=1)
+    assert caught.value.status_code == 422 and caught.value.code == "not_class_conditional"
+    with pytest.raises(ApiError) as caught:
+        client.generate(NAME, prompt="a cat", negative_prompt="a dog", guidance_scale=1.0)
+    assert caught.value.code == "negative_prompt_needs_guidance"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"text_encoder": ["transformers", "T5EncoderModel"]}, "supported: CLIPTextModel"),
+        ({"tokenizer": None}, "has no 'tokenizer' component"),
+    ],
+    ids=["t5-encoder", "no-tokenizer"],
+)
+def test_a_text_pipeline_ddserve_cannot_encode_for_is_refused_by_name(
+    stack: tuple[LocalServer, Any], tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    source = Path(stack[0].settings.model_dirs) / NAME
+    folder = tmp_path / "edited"
+    shutil.copytree(source, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(change)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    settings = Settings(zoo_dir=tmp_path / "none", model_dirs=str(tmp_path / "models"))
+    with pytest.raises(ImportFailed, match=message):
+        import_pipeline(str(folder), name="edited", settings=settings)
+
+
+def test_inpainting_is_not_offered_until_the_worker_inpaints_latents(client: Client) -> None:
+    with pytest.raises(ApiError) as caught:
+        client.inpaint(NAME, np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool))
+    assert caught.value.status_code == 400 and caught.value.code == "unsupported_task"
