@@ -129,10 +129,10 @@ def test_the_gateway_reads_pipelines_without_torch(pipelines_dir: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None:
+def test_a_text_pipeline_reads_as_text_conditioned(tmp_path: Path) -> None:
     """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
-    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer; no tasks until
-    a worker serves text models. Its KL first stage is served."""
+    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer (what it serves
+    is tests/test_text_pipeline_*'s subject). Its KL first stage is served."""
     folder = tmp_path / "sd"
     files = {
         "model_index.json": {
@@ -150,6 +150,7 @@ def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None
             "latent_channels": 4,
             "block_out_channels": [128, 256, 512, 512],
             "scaling_factor": 0.18215,
+            "shift_factor": 0.1,
         },
         "tokenizer/tokenizer_config.json": {"model_max_length": 77},
         "scheduler/scheduler_config.json": {
@@ -167,7 +168,8 @@ def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None
     assert main.conditioning is not None
     assert (main.conditioning.type, main.conditioning.tokenizer) == ("text", "clip")
     assert main.conditioning.context_len == 77 and main.conditioning.vocabulary is None
-    assert main.tasks == [] and main.kind == "latent-diffusion"
+    assert main.kind == "latent-diffusion" and main.first_stage == "sd-vae"
+    assert main.network["latent_shift"] == 0.0  # SD decodes z / scaling_factor, no shift
     assert (main.image.height, main.latent_shape) == (512, [4, 64, 64])
     assert main.schedule is not None and main.schedule.kind == "scaled_linear"
     assert (vae.name, vae.kind, vae.tasks) == (
