@@ -37,8 +37,8 @@ class Settings(BaseSettings):
         "",
         description="comma-separated folders of models, searched in order: every sub-folder with "
         "a ddserve card (config.json) or a diffusers pipeline (model_index.json) is a model; "
-        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR, then ./var/models (where "
-        "`ddserve import` then writes: the zoo holds the shipped models)",
+        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR when it is set (alone), "
+        "else the shipped zoo, then ./var/models (where `ddserve import` then writes)",
     )
     models: str = Field("", description="comma-separated models to serve; empty = every zoo model")
 
@@ -315,14 +315,21 @@ class Settings(BaseSettings):
         return self.redis_url is None
 
     def model_repository(self) -> list[Path]:
-        """The model folders' parents, in search order (see `model_dirs`)."""
+        """The folders of models, in search order: `model_dirs`; else a `zoo_dir` set to another
+        folder than the shipped zoo, alone (what that setting always meant: the repository); else
+        the shipped zoo and ./var/models."""
         named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
-        return named or [self.zoo_dir, DEFAULT_IMPORT_DIR]
+        if named:
+            return named
+        if Path(self.zoo_dir).resolve() != DEFAULT_ZOO.resolve():
+            return [self.zoo_dir]
+        return [self.zoo_dir, DEFAULT_IMPORT_DIR]
 
     def import_dir(self) -> Path:
-        """Where `ddserve import` writes: the first of `model_dirs`, else ./var/models."""
-        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
-        return named[0] if named else DEFAULT_IMPORT_DIR
+        """Where `ddserve import` writes: the first folder of `model_repository()`, except the
+        shipped zoo (then ./var/models)."""
+        first = self.model_repository()[0]
+        return DEFAULT_IMPORT_DIR if Path(first).resolve() == DEFAULT_ZOO.resolve() else first
 
     def recovery_grace(self) -> float:
         """`recovery_grace_s`, or 3 heartbeats when unset (≥ 2 heartbeats: every live worker

@@ -156,3 +156,28 @@ def test_single_safetensors_file(
     weights = pipelines_dir / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors"
     error = import_error(capsys, str(weights))
     assert "single .safetensors file" in error and "save_pretrained" in error
+
+
+def test_hub_id_from_the_local_cache(
+    repo: Path,
+    pipelines_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Hub id already in the Hugging Face cache imports offline (the cache's layout:
+    models--owner--name/refs/main naming a snapshot folder)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    storage = cache / "models--someone--tiny-ddpm"
+    shutil.copytree(pipelines_dir / "ddpm", storage / "snapshots" / "0123abcd")
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
+    assert main(["import", "someone/tiny-ddpm"]) == 0
+    assert "imported tiny-ddpm (DDPMPipeline" in capsys.readouterr().out
+    assert (
+        "source: Hugging Face Hub someone/tiny-ddpm" in (repo / "tiny-ddpm" / "card.md").read_text()
+    )

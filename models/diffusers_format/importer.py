@@ -214,7 +214,7 @@ def hub_snapshot(repo_id: str) -> Path:
         reason = first_line(str(exc)).rstrip(".") if str(exc).strip() else type(exc).__name__
         raise ImportFailed(
             f"could not reach the Hugging Face Hub for {repo_id!r} (it is not in the local cache "
-            f"either): {reason}. Download it where the network allows "
+            f"either, and there is no folder {repo_id} here): {reason}. Download it where the network allows "
             "(`huggingface-cli download` or pipeline.save_pretrained) and import the folder"
         ) from None
 
