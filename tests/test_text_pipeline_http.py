@@ -5,6 +5,7 @@ worker as text; images equal the pipeline's own; mixed requests in one batch equ
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -191,3 +193,24 @@ def test_inpaint_with_a_prompt_and_a_negative_prompt(client: Client) -> None:
         NAME, image, mask, num_inference_steps=STEPS, **{**body, "negative_prompt": ""}
     )
     assert not same(images(client, unsteered)[0], pictures[0])
+
+
+def test_the_openai_route_takes_the_prompt_and_a_negative_prompt(
+    stack: tuple[LocalServer, Any], client: Client
+) -> None:
+    body = {
+        "model": NAME,
+        "prompt": "a red circle",
+        "size": "16x16",
+        "response_format": "b64_json",
+        "negative_prompt": "green",  # what the SDK's extra_body sends
+        "seed": 6,
+        "num_inference_steps": STEPS,
+    }
+    answer = httpx.post(f"{stack[0].url}/v1/images/generations", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    item = answer.json()["data"][0]
+    assert item["revised_prompt"] == "a red circle"
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+    own = images(client, generate(client, negative_prompt="green", seed=6))[0]
+    assert same(picture, own)

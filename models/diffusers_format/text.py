@@ -23,6 +23,7 @@ text-encoder call. The image is D(z / scaling_factor + shift_factor) (`decode_la
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 EMPTY_PROMPT = ""  # the pipeline's unconditional prompt when no negative prompt is given
 
@@ -117,12 +120,26 @@ class PromptEncoder:
             truncation=True,
             return_tensors="pt",
         )
+        self._warn_if_cut(prompts)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
         self.encoder_calls += 1
         output = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)
         return output[0]  # [N, L, D]
+
+    def _warn_if_cut(self, prompts: list[str]) -> None:
+        """Log the prompts the tokenizer cuts at L tokens (the pipeline warns likewise): the
+        words past the limit do not condition the image."""
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, truncation=False).input_ids)
+            if count > self.context_len:
+                log.warning(
+                    "prompt of %d tokens cut to the text encoder's %d: %r",
+                    count,
+                    self.context_len,
+                    prompt[:80],
+                )
 
 
 class CrossAttentionUNet(nn.Module):
