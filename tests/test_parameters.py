@@ -110,7 +110,11 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("body", "spec", "names"),
     [
-        (GenerateBody, GenerateSpec, ["n", "num_inference_steps", "eta", "guidance_scale", "seed"]),
+        (
+            GenerateBody,
+            GenerateSpec,
+            ["n", "num_inference_steps", "eta", "guidance_scale", "seed", "negative_prompt"],
+        ),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),
     ],
