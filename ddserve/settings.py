@@ -37,8 +37,8 @@ class Settings(BaseSettings):
         "",
         description="comma-separated folders of models, searched in order: every sub-folder with "
         "a ddserve card (config.json) or a diffusers pipeline (model_index.json) is a model; "
-        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR, then ./var/models (where "
-        "`ddserve import` then writes: the zoo holds the shipped models)",
+        "`ddserve import` writes into the first. Empty = DDSERVE_ZOO_DIR when it is set (alone), "
+        "else the shipped zoo, then ./var/models (where `ddserve import` then writes)",
     )
     models: str = Field("", description="comma-separated models to serve; empty = every zoo model")
 
@@ -195,6 +195,14 @@ class Settings(BaseSettings):
         "continuous batching does not recompile for every new batch size; empty: powers of two "
         "up to max_batch (with compile on)",
     )
+    memory_fraction: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="GPU: the share of the device's free memory (measured after loading, by two "
+        "probe calls) that one network call may use; it lowers max_batch per model. 0: no probe "
+        "(max_batch alone). The CPU is not probed",
+    )
     onnx_providers: str = Field(
         "", description="comma-separated ONNX Runtime providers; empty = CUDA first when available"
     )
@@ -244,14 +252,21 @@ class Settings(BaseSettings):
         return self.redis_url is None
 
     def model_repository(self) -> list[Path]:
-        """The model folders' parents, in search order (see `model_dirs`)."""
+        """The folders of models, in search order: `model_dirs`; else a `zoo_dir` set to another
+        folder than the shipped zoo, alone (what that setting always meant: the repository); else
+        the shipped zoo and ./var/models."""
         named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
-        return named or [self.zoo_dir, DEFAULT_IMPORT_DIR]
+        if named:
+            return named
+        if Path(self.zoo_dir).resolve() != DEFAULT_ZOO.resolve():
+            return [self.zoo_dir]
+        return [self.zoo_dir, DEFAULT_IMPORT_DIR]
 
     def import_dir(self) -> Path:
-        """Where `ddserve import` writes: the first of `model_dirs`, else ./var/models."""
-        named = [Path(part.strip()) for part in self.model_dirs.split(",") if part.strip()]
-        return named[0] if named else DEFAULT_IMPORT_DIR
+        """Where `ddserve import` writes: the first folder of `model_repository()`, except the
+        shipped zoo (then ./var/models)."""
+        first = self.model_repository()[0]
+        return DEFAULT_IMPORT_DIR if Path(first).resolve() == DEFAULT_ZOO.resolve() else first
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

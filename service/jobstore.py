@@ -24,6 +24,7 @@ from rq.registry import (
     FinishedJobRegistry,
     StartedJobRegistry,
 )
+from rq.results import Result
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 from rq.worker_registration import get_keys
@@ -271,9 +272,7 @@ class JobStore:
             job = Job.fetch(job_id, connection=self.connection)
         except NoSuchJobError:
             return None
-        if not (job.origin or "").startswith(f"{self.prefix}:") or job.func_name != JOB_FUNCTION:
-            return None
-        return job
+        return job if self._is_ours(job) else None
 
     def status(self, job_id: str) -> JobStatus | None:
         """Only the public status (one HGET): what `Prefer: wait` polls."""
@@ -298,10 +297,12 @@ class JobStore:
             for raw in chunk
         ]
 
+    def _is_ours(self, job: Job) -> bool:
+        return (job.origin or "").startswith(f"{self.prefix}:") and job.func_name == JOB_FUNCTION
+
     def snapshot(self, job: Job) -> JobSnapshot:
         """The job's public state; reads the latest result only once it succeeded."""
         status = public_status(_rq_status(job))
-        meta = job.meta or {}
         position = None
         if status == JobStatus.QUEUED:
             position = self.connection.lpos(Queue.redis_queue_namespace_prefix + job.origin, job.id)
@@ -309,34 +310,49 @@ class JobStore:
         if status == JobStatus.SUCCEEDED:
             value = job.return_value(refresh=True)
             output = value if isinstance(value, dict) else None
-        try:
-            request = dict(job.kwargs.get("request") or {})
-        except Exception:  # an unreadable payload must not hide the job's status
-            request = {}
-        error = meta.get(META_ERROR)
-        if status == JobStatus.FAILED and not error:
-            error = {
-                "type": "server_error",
-                "code": "job_failed",
-                "message": "the job failed (or expired before a worker took it)",
-            }
-        return JobSnapshot(
-            id=job.id,
-            status=status,
-            kind=str(meta.get(META_KIND) or request.get("kind") or ""),
-            model=str(meta.get(META_MODEL) or request.get("model") or ""),
-            owner=meta.get(META_OWNER),
-            created_at=_utc(job.created_at),
-            enqueued_at=_utc(job.enqueued_at),
-            started_at=_utc(job.started_at),
-            ended_at=_utc(job.ended_at),
-            queue_position=position,
-            progress=meta.get(META_PROGRESS),
-            batch_size=meta.get(META_BATCH_SIZE),
-            error=error if status == JobStatus.FAILED else None,
-            input=request,
-            output=output,
-        )
+        return _snapshot(job, status, position, output)
+
+    def snapshots(self, job_ids: list[str]) -> list[JobSnapshot | None]:
+        """The snapshots of many jobs (None: no such job, or not ours) in two round trips whatever
+        their number: every job hash in one pipeline, then the latest result of the succeeded ones
+        and the queue position of the queued ones in another. What the waiter reads when a burst
+        of held requests wakes together (3,000 jobs finishing in a few seconds): one thread hop
+        and two round trips for the burst instead of a hop and two round trips per request."""
+        if not job_ids:
+            return []
+        jobs = [
+            job if job is not None and self._is_ours(job) else None
+            for job in Job.fetch_many(job_ids, connection=self.connection)
+        ]
+        statuses = [None if job is None else public_status(_rq_status(job)) for job in jobs]
+        pipe = self.connection.pipeline(transaction=False)
+        asked: list[int] = []
+        for i, (job, status) in enumerate(zip(jobs, statuses, strict=True)):
+            if job is None:
+                continue
+            if status == JobStatus.SUCCEEDED:
+                pipe.xrevrange(Result.get_key(job.id), "+", "-", count=1)
+                asked.append(i)
+            elif status == JobStatus.QUEUED:
+                pipe.lpos(Queue.redis_queue_namespace_prefix + job.origin, job.id)
+                asked.append(i)
+        replies = dict(zip(asked, pipe.execute() if asked else [], strict=True))
+        snaps: list[JobSnapshot | None] = []
+        for i, (job, status) in enumerate(zip(jobs, statuses, strict=True)):
+            if job is None or status is None:
+                snaps.append(None)
+                continue
+            position = replies.get(i) if status == JobStatus.QUEUED else None
+            output = None
+            if status == JobStatus.SUCCEEDED and replies.get(i):
+                result_id, payload = replies[i][0]
+                result = Result.restore(
+                    job.id, result_id.decode(), payload, connection=self.connection
+                )
+                if result.type == Result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
+                    output = result.return_value
+            snaps.append(_snapshot(job, status, position, output))
+        return snaps
 
     # --- cancel ---
 
@@ -416,3 +432,38 @@ class JobStore:
             return bool(self.connection.ping())
         except (redis.ConnectionError, redis.TimeoutError):
             return False
+
+
+def _snapshot(
+    job: Job, status: JobStatus, position: int | None, output: dict[str, Any] | None
+) -> JobSnapshot:
+    """A job's public state from its hash (`job`), its queue position and its result's value."""
+    meta = job.meta or {}
+    try:
+        request = dict(job.kwargs.get("request") or {})
+    except Exception:  # an unreadable payload must not hide the job's status
+        request = {}
+    error = meta.get(META_ERROR)
+    if status == JobStatus.FAILED and not error:
+        error = {
+            "type": "server_error",
+            "code": "job_failed",
+            "message": "the job failed (or expired before a worker took it)",
+        }
+    return JobSnapshot(
+        id=job.id,
+        status=status,
+        kind=str(meta.get(META_KIND) or request.get("kind") or ""),
+        model=str(meta.get(META_MODEL) or request.get("model") or ""),
+        owner=meta.get(META_OWNER),
+        created_at=_utc(job.created_at),
+        enqueued_at=_utc(job.enqueued_at),
+        started_at=_utc(job.started_at),
+        ended_at=_utc(job.ended_at),
+        queue_position=position,
+        progress=meta.get(META_PROGRESS),
+        batch_size=meta.get(META_BATCH_SIZE),
+        error=error if status == JobStatus.FAILED else None,
+        input=request,
+        output=output,
+    )

@@ -133,9 +133,12 @@ def _read(state: AppState, job_id: str) -> JobSnapshot | None:
 
 
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
-    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished),
-    read in one thread hop: when thousands of held requests wake together, each hop counts."""
-    await state.waiter.wait(job_id, seconds)
+    """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished).
+    A woken wait's snapshot comes from the waiter, read with the rest of its burst: when thousands
+    of held requests wake together, a thread hop each is what made them late."""
+    woken, snapshot = await state.waiter.wait_snapshot(job_id, seconds)
+    if woken and snapshot is not None:
+        return snapshot
     return await to_thread.run_sync(_read, state, job_id)
 
 

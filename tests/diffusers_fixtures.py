@@ -119,7 +119,8 @@ def ldm_pipeline(folder: Path, *, first_stage: str = "vq", **scheduler: object):
     "kl" puts an AutoencoderKL in the `vqvae` slot (LDMPipeline only calls its `decode`)."""
     from diffusers import DDIMScheduler, LDMPipeline
 
-    stage = tiny_vqvae() if first_stage == "vq" else tiny_kl()
+    # The KL first stage has a shift_factor, which LDMPipeline ignores (so must ddserve).
+    stage = tiny_vqvae() if first_stage == "vq" else tiny_kl(shift_factor=0.25)
     pipe = LDMPipeline(
         vqvae=stage,
         unet=tiny_unet(in_channels=4, sample_size=LATENT, seed=5),
@@ -134,6 +135,24 @@ BUILDERS = {
     "ddpm-class": lambda folder: ddpm_pipeline(folder, num_class_embeds=4),
     "ddim": lambda folder: ddim_pipeline(folder, clip_sample=False),
     "ddim-clip": lambda folder: ddim_pipeline(folder),  # DDIMScheduler's default clip_sample=True
+    # DDIM configs of other models' kinds: v-prediction on SD's scaled_linear β with SD's
+    # steps_offset, x_0-prediction on the cosine schedule with trailing spacing.
+    "ddim-v": lambda folder: ddim_pipeline(
+        folder,
+        prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    ),
+    "ddim-x0": lambda folder: ddim_pipeline(
+        folder,
+        prediction_type="sample",
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="trailing",
+    ),
     "repaint": repaint_pipeline,
     "ldm": lambda folder: ldm_pipeline(folder),
     "ldm-kl": lambda folder: ldm_pipeline(folder, first_stage="kl"),

@@ -109,8 +109,10 @@ def test_an_unservable_folder_is_skipped_not_fatal(tmp_path: Path, pipelines_dir
 
 
 def test_model_dirs_setting_derives_from_the_zoo_setting(tmp_path: Path) -> None:
-    assert Settings(zoo_dir=tmp_path).model_repository() == [tmp_path, DEFAULT_IMPORT_DIR]
-    assert Settings().import_dir() == DEFAULT_IMPORT_DIR
+    assert Settings().model_repository() == [DEFAULT_ZOO, DEFAULT_IMPORT_DIR]
+    assert Settings().import_dir() == DEFAULT_IMPORT_DIR  # never into the shipped zoo
+    own = Settings(zoo_dir=tmp_path)  # a zoo of one's own is the repository, as it always was
+    assert own.model_repository() == [tmp_path] and own.import_dir() == tmp_path
     named = Settings(model_dirs=f"{tmp_path}/a, {tmp_path}/b")
     assert named.model_repository() == [tmp_path / "a", tmp_path / "b"]
     assert named.import_dir() == tmp_path / "a"
@@ -125,3 +127,51 @@ def test_the_gateway_reads_pipelines_without_torch(pipelines_dir: Path) -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None:
+    """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
+    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer; no tasks until
+    a worker serves text models. Its KL first stage is served."""
+    folder = tmp_path / "sd"
+    files = {
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "safety_checker": [None, None],
+        },
+        "unet/config.json": {"sample_size": 64, "in_channels": 4, "cross_attention_dim": 768},
+        "vae/config.json": {
+            "in_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "scaling_factor": 0.18215,
+        },
+        "tokenizer/tokenizer_config.json": {"model_max_length": 77},
+        "scheduler/scheduler_config.json": {
+            "_class_name": "PNDMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "steps_offset": 1,
+        },
+    }
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(content))
+    main, vae = read_pipeline(folder)
+    assert main.conditioning is not None
+    assert (main.conditioning.type, main.conditioning.tokenizer) == ("text", "clip")
+    assert main.conditioning.context_len == 77 and main.conditioning.vocabulary is None
+    assert main.tasks == [] and main.kind == "latent-diffusion"
+    assert (main.image.height, main.latent_shape) == (512, [4, 64, 64])
+    assert main.schedule is not None and main.schedule.kind == "scaled_linear"
+    assert (vae.name, vae.kind, vae.tasks) == (
+        "sd-vae",
+        "kl-autoencoder",
+        ["encode", "decode", "reconstruct"],
+    )

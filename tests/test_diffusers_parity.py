@@ -80,6 +80,27 @@ def test_ddim_pipeline(pool: ModelPool, pipelines_dir: Path, steps: int, eta: fl
     assert np.abs(ddserve_image(model, settings) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize(
+    ("name", "steps", "eta"),
+    [("ddim-v", 10, 0.0), ("ddim-v", 7, 1.0), ("ddim-x0", 48, 0.0), ("ddim-x0", 9, 1.0)],
+)
+def test_ddim_pipeline_prediction_types_and_schedules(
+    pool: ModelPool, pipelines_dir: Path, name: str, steps: int, eta: float
+) -> None:
+    """v-prediction on scaled_linear β with steps_offset 1 and set_alpha_to_one False (SD 2.x's
+    config); x_0-prediction on the cosine schedule with trailing spacing (48 steps: a step count
+    where trailing spacing has its rounding ties)."""
+    pipe = diffusers.DDIMPipeline.from_pretrained(pipelines_dir / name)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        generator=sample_generator(SEED, 0), num_inference_steps=steps, eta=eta, output_type="np"
+    ).images
+    model = pool.get(name)
+    assert isinstance(model, DiffusionModel)
+    got = ddserve_image(model, model.scheduler.settings("ddim", steps, eta=eta))
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
 def test_ddim_pipeline_with_clip_sample(pool: ModelPool, pipelines_dir: Path) -> None:
     """DDIMScheduler's default clip_sample=True clamps x̂_0 but keeps the network's ε
     (use_clipped_model_output=False): the model's options (`from_diffusers`) do the same."""
@@ -209,3 +230,33 @@ def test_latent_inpainting_keeps_the_known_latents(pool: ModelPool) -> None:
     kept = mask.bool().expand(4, 8, 8)
     assert torch.allclose(sample.x[kept], known[kept], atol=1e-6)
     assert not torch.allclose(sample.x[~kept], known[~kept], atol=1e-2)
+
+
+def test_first_stage_codecs_are_the_diffusers_modules(pool: ModelPool, pipelines_dir: Path) -> None:
+    """`/encode`, `/decode`, `/reconstruct` of an imported first stage: the KL posterior mean and
+    decoder; the VQ pre-quantization latents, VQModel's own code indices, and decoding by codes or
+    by latents (quantized first) alike."""
+    images = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    kl = diffusers.AutoencoderKL.from_pretrained(pipelines_dir / "ldm-kl", subfolder="vqvae")
+    codec = pool.codec("ldm-kl-vae")
+    encoded = codec.encode(images.numpy())
+    with torch.no_grad():
+        mean = kl.encode(images).latent_dist.mean
+        decoded = kl.decode(mean).sample
+    assert encoded["codes"] is None
+    np.testing.assert_allclose(encoded["latents"], mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(codec.decode(latents=mean.numpy()), decoded.numpy(), atol=1e-5)
+    vq = diffusers.VQModel.from_pretrained(pipelines_dir / "ldm", subfolder="vqvae")
+    codec = pool.codec("ldm-vqvae")
+    encoded = codec.encode(images.numpy())
+    with torch.no_grad():
+        h = vq.encode(images).latents
+        _, _, (_, _, index) = vq.quantize(h)
+        expected = vq.decode(h).sample  # quantizes h first
+    np.testing.assert_allclose(encoded["latents"], h.numpy(), atol=1e-5)
+    assert encoded["codes"] is not None
+    assert np.array_equal(encoded["codes"], index.reshape(2, 8, 8).numpy())
+    by_codes = codec.decode(codes=encoded["codes"])
+    np.testing.assert_allclose(by_codes, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(codec.decode(latents=h.numpy()), by_codes, atol=1e-5)
+    np.testing.assert_allclose(codec.reconstruct(images.numpy()), by_codes, atol=1e-5)

@@ -388,13 +388,13 @@ def test_latent_diffusion_decodes_each_sample_as_it_finishes(pool: ModelPool) ->
     model = pool.get(LATENT)
     assert isinstance(model, DiffusionModel) and model.latent_scale == 0.5
     decoded_batches: list[int] = []
-    decode = model.first_stage.decode
+    decode = model.first_stage.decode_tensor
 
-    def counting_decode(latents: np.ndarray | None = None, codes: Any = None) -> np.ndarray:
+    def counting_decode(latents: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         decoded_batches.append(len(latents))
-        return decode(latents=latents)
+        return decode(latents, out)
 
-    model.first_stage.decode = counting_decode  # type: ignore[method-assign]
+    model.first_stage.decode_tensor = counting_decode  # type: ignore[method-assign]
     try:
         feed = MemoryFeed()
         no_trajectory = {"output": {"trajectory": False}}  # count only the images' decodes
@@ -407,7 +407,7 @@ def test_latent_diffusion_decodes_each_sample_as_it_finishes(pool: ModelPool) ->
         storage = engine.lanes[LATENT].storage
         engine.run_until_idle()
     finally:
-        model.first_stage.decode = decode  # type: ignore[method-assign]
+        model.first_stage.decode_tensor = decode  # type: ignore[method-assign]
     assert decoded_batches == [2, 1]  # at the step each sample finished, not at the end
     for ticket in (quick, slow, pixel):
         assert_equal_alone(pool, ticket, works[ticket.id])

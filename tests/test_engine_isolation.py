@@ -192,3 +192,87 @@ def test_a_failing_guidance_classifier_fails_only_its_own_job(
     for ticket in innocent:
         assert ticket.ends == 1
         assert_equal_alone(pool, ticket, works[ticket.id])
+
+
+def test_a_call_too_large_for_memory_lowers_the_lane_s_row_limit_once(
+    pool: ModelPool,  # noqa: F811
+) -> None:
+    """Issue #21 item 4: an out-of-memory call is split until the pieces fit, nobody fails, and
+    the lane remembers what fitted: later calls are cut to it and admission builds no larger
+    running set, so the device runs out of memory once, not at every step."""
+    feed = MemoryFeed()
+    poison, innocent = mixed_jobs(feed)
+    engine, works = make_engine(pool, feed, max_batch=32)
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane)
+    real = lane.isolation.network
+    errors: list[int] = []
+    pieces: list[int] = []
+
+    def device(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] > 4:
+            errors.append(x.shape[0])
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({x.shape[0]} rows)")
+        pieces.append(x.shape[0])
+        return real(x, t, cond)
+
+    lane.isolation.network = device
+    engine.run_once()
+    assert errors and lane.row_limit is not None and lane.row_limit <= 4
+    assert lane.admission.max_batch == max(2, lane.row_limit)
+    assert engine.stats.row_limit_lowered == 1
+    first_errors = len(errors)
+    engine.run_until_idle()
+    assert len(errors) == first_errors  # never again
+    assert max(pieces) <= 4 and engine.stats.jobs_failed == 0
+    lane.isolation.network = real
+    for ticket in [poison, *innocent]:
+        assert ticket.ends == 1
+        assert_equal_alone(pool, ticket, works[ticket.id])
+
+
+def test_a_row_that_runs_out_of_memory_alone_does_not_lower_the_limit(
+    pool: ModelPool,  # noqa: F811
+) -> None:
+    """A job whose own row runs out of memory (alone) fails; the lane's limit stays, or one bad
+    request would shrink every later call to a row."""
+    feed = MemoryFeed()
+    poison, _ = mixed_jobs(feed)
+    engine, _ = make_engine(pool, feed, max_batch=32)
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane)
+    lane.isolation.network = poisoned(lane.isolation.network, "oom")
+    engine.run_until_idle()
+    assert isinstance(poison.error, ModelOutOfMemory)
+    assert lane.row_limit is None and lane.admission.max_batch == 32
+    assert engine.stats.row_limit_lowered == 0
+
+
+def test_the_measured_row_limit_bounds_every_call(pool: ModelPool) -> None:  # noqa: F811
+    """A model whose probe at load found room for 6 rows: admission never builds a running set
+    over 6 rows and no network call holds more, with the same images as alone."""
+    model = pool.get(MODEL)
+    feed = MemoryFeed()
+    poison, innocent = mixed_jobs(feed)
+    model.row_limit = 6
+    try:
+        engine, works = make_engine(pool, feed, max_batch=32)
+    finally:
+        model.row_limit = None
+    lane = engine.lanes[MODEL]
+    assert isinstance(lane, DenoiseLane)
+    assert lane.admission.max_batch == 6 and lane.isolation.max_rows == 6
+    real = lane.isolation.network
+    pieces: list[int] = []
+
+    def device(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        pieces.append(x.shape[0])
+        return real(x, t, cond)
+
+    lane.isolation.network = device
+    engine.run_until_idle()
+    assert max(pieces) <= 6 and max(engine.stats.rows_per_call) <= 6
+    assert engine.stats.jobs_failed == 0
+    lane.isolation.network = real
+    for ticket in [poison, *innocent]:
+        assert_equal_alone(pool, ticket, works[ticket.id])

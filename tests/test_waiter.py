@@ -475,3 +475,86 @@ def test_the_batching_worker_publishes_what_it_finishes(tmp_path: Path) -> None:
     finally:
         assert handle.stop(timeout=30)
         listener.close()
+
+
+# --- the reader: one read per burst ----------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_snapshots_read_many_jobs_as_snapshot_reads_one(
+    box: RedisSandbox, zoo: Path, tmp_path: Path
+) -> None:
+    """`JobStore.snapshots` (two round trips for any number of jobs) gives what `snapshot(fetch)`
+    gives, job by job: queued (with its position), running, succeeded (with its output), failed,
+    canceled, and None for a missing job or one that is not ours."""
+    with gateway(box, zoo, tmp_path) as client:
+        store = client.app.state.ddserve.store
+        ids = [client.post("/generate", json={**GEN, "seed": s}).json()["id"] for s in range(5)]
+        box.job_ids.extend(ids)
+        worker = worker_for(box)
+        ends = []
+        for _ in range(4):  # the first four leave the queue; the fifth stays queued
+            ends.append(start_job(box, worker))
+        (j0, q0, e0), (j1, q1, e1), (j2, q2, e2), _running = ends
+        rq_bridge.finish_successes(worker, [rq_bridge.Succeeded(j0, q0, e0, {"images": ["a"]})])
+        rq_bridge.finish_failure(worker, j1, q1, e1, RuntimeError("device lost"), retry=False)
+        rq_bridge.finish_stopped(worker, j2, q2, e2, "Job canceled by request.")
+        foreign = Job.create(print, connection=box.connection, id=f"{box.prefix}-foreign")
+        foreign.save()
+        box.job_ids.append(foreign.id)
+        asked = [*ids, "no-such-job", foreign.id]
+        one_by_one = [
+            None if (job := store.fetch(job_id)) is None else store.snapshot(job)
+            for job_id in asked
+        ]
+        together = store.snapshots(asked)
+    assert [s.status.value if s else None for s in together] == [
+        "succeeded",
+        "failed",
+        "canceled",
+        "running",
+        "queued",
+        None,
+        None,
+    ]
+    assert together == one_by_one
+    assert together[0] is not None and together[0].output == {"images": ["a"]}
+    assert together[4] is not None and together[4].queue_position == 0
+
+
+@pytest.mark.redis
+def test_a_burst_of_woken_waits_is_read_in_one_go(
+    box: RedisSandbox, zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue #18, item 6): every woken wait read its own job in its own thread hop,
+    so 3,000 jobs finishing together were answered seconds late. Now the jobs that end together
+    are read together: 30 finished in one transaction cost one `snapshots` read (and no
+    per-request read), and every held request answers with its own job."""
+    with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
+        store = client.app.state.ddserve.store
+        reads: list[int] = []
+        single: list[str] = []
+        snapshots, fetch = store.snapshots, store.fetch
+
+        def counted(job_ids: list[str]) -> list[Any]:
+            reads.append(len(job_ids))
+            return snapshots(job_ids)
+
+        def fetched(job_id: str) -> Any:
+            single.append(job_id)
+            return fetch(job_id)
+
+        monkeypatch.setattr(store, "snapshots", counted)
+        monkeypatch.setattr(store, "fetch", fetched)
+        held, ids = hold(client, box, count=30)
+        worker = worker_for(box)
+        started = [start_job(box, worker) for _ in ids]
+        reads.clear()
+        single.clear()
+        finished = [rq_bridge.Succeeded(j, q, e, {"images": []}) for j, q, e in started]
+        rq_bridge.finish_successes(worker, finished)
+        answers = [h.answer().json() for h in held]
+    assert reads == [30] and single == []
+    assert sorted(a["id"] for a in answers) == sorted(ids)
+    assert all(a["status"] == "succeeded" for a in answers)
+    assert all(a["output"] is not None for a in answers)

@@ -44,6 +44,7 @@ that carry the job's request and report its end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -156,6 +157,7 @@ class EngineStats:
     jobs_canceled: int = 0
     network_s: float = 0.0  # time inside the network's forward calls
     step_s: float = 0.0  # time inside DenoisingBatch.step (network + per-sample updates)
+    row_limit_lowered: int = 0  # a call ran out of memory and a lane's row limit went down
     _recent_rows: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
 
     def record_call(self, rows: int) -> None:
@@ -178,6 +180,7 @@ class EngineStats:
             "jobs_succeeded": self.jobs_succeeded,
             "jobs_failed": self.jobs_failed,
             "jobs_canceled": self.jobs_canceled,
+            "row_limit_lowered": self.row_limit_lowered,
         }
 
     def occupancy(self, max_batch: int) -> float:
@@ -270,6 +273,9 @@ class DenoiseLane:
         self.feed = feed
         self.storage = storage
         self.policy = policy
+        # Rows per call: max_batch, lowered to what the device holds (`workers.memory_budget`:
+        # measured at load, then lowered again by any call that still runs out of memory).
+        self.row_limit = model.row_limit
         self.admission = policy.admission
         self.stats = stats
         self.clock = clock
@@ -279,6 +285,8 @@ class DenoiseLane:
         self.jobs: dict[str, JobState] = {}
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
+        if model.row_limit is not None:
+            self._lower_row_limit(model.row_limit)
 
     @property
     def name(self) -> str:
@@ -292,13 +300,26 @@ class DenoiseLane:
         """An empty running set whose network calls are split when they fail (`isolation`) and
         timed into the stats (each call actually made)."""
         batch = self.model.new_batch()
-        self.isolation = IsolatingNetwork(TimedNetwork(batch.network, self.stats))
+        self.isolation = IsolatingNetwork(
+            TimedNetwork(batch.network, self.stats), max_rows=self.row_limit
+        )
         batch.network = self.isolation
         self.classifier_isolation = None
         if batch.classifier is not None:
             self.classifier_isolation = IsolatingClassifier(batch.classifier)
             batch.classifier = self.classifier_isolation
         return batch
+
+    def _lower_row_limit(self, rows: int) -> None:
+        """Calls of this lane hold at most `rows` rows from now on: the network cuts larger ones,
+        and admission builds no running set larger than that (two rows at least: a guided sample
+        needs its pair; the network then runs it one row per piece)."""
+        self.row_limit = rows
+        self.isolation.max_rows = rows
+        limit = max(2, min(self.policy.max_batch, rows))
+        if limit < self.admission.max_batch:
+            self.admission = dataclasses.replace(self.admission, max_batch=limit)
+            log.warning("model %s: at most %d rows per network call from now on", self.name, limit)
 
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
@@ -368,7 +389,7 @@ class DenoiseLane:
             # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
             polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
-            while self._pending_rows() < self.policy.max_batch:
+            while self._pending_rows() < self.admission.max_batch:
                 if self._take_one():
                     continue
                 remaining = give_up - self.clock()
@@ -403,6 +424,10 @@ class DenoiseLane:
             return
         self.stats.step_s += time.perf_counter() - started
         self.stats.record_call(rows)
+        learned = self.isolation.max_rows
+        if learned is not None and (self.row_limit is None or learned < self.row_limit):
+            self.stats.row_limit_lowered += 1
+            self._lower_row_limit(learned)
         for job in running.values():
             job.largest_call_rows = max(job.largest_call_rows, rows)
             job.steps_since_progress += 1

@@ -12,7 +12,11 @@ so innocent rows are recomputed in calls without the bad rows (bisection, as for
 dynamic-batching servers), and a row is declared bad only when it fails on its own. With k bad rows
 among n this costs at most about 2·k·log₂ n extra calls, and nothing while every call is fine.
 A call that ran out of memory only because it was too large splits until the halves fit, and no
-row fails at all.
+row fails at all; the network then remembers the size that fitted (`max_rows`: the largest piece
+that ran) and cuts every later call into pieces of at most that many rows, so a running set larger
+than the device allows costs one out-of-memory error, not one per step (the lane also lowers its
+admission limit to it: `workers.memory_budget`). A row that runs out of memory even alone is that
+job's own problem: the call teaches nothing about size then, and the limit stays.
 
 The output rows of failed rows are NaN, so that whatever the sampler computes from them stays
 non-finite; the caller (the engine) finds the samples whose x_t is no longer finite and fails their
@@ -46,16 +50,42 @@ class IsolatingNetwork:
     """ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W], splitting failed calls.
 
     After each call, `failures` maps the row index (in that call) of every row that failed on its
-    own to the reason (`NonFiniteOutput`, `ModelOutOfMemory` or `ModelCallFailed`)."""
+    own to the reason (`NonFiniteOutput`, `ModelOutOfMemory` or `ModelCallFailed`). `max_rows`
+    (None: no limit) is the largest call made; calls over it are cut into pieces."""
 
-    def __init__(self, network: NetworkFn) -> None:
+    def __init__(self, network: NetworkFn, max_rows: int | None = None) -> None:
         self.network = network
         self.failures: dict[int, BaseException] = {}
         self.splits = 0  # calls split so far (for the logs and tests)
+        self.max_rows = max_rows
+        self._out_of_memory = False
+        self._largest_ran = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         self.failures = {}
-        return self._run(x, t, cond, offset=0)
+        self._out_of_memory = False  # some piece of this call ran out of memory
+        self._largest_ran = 0  # rows of the largest piece of this call that ran
+        size = self.max_rows
+        if size is None or x.shape[0] <= size:
+            y = self._run(x, t, cond, offset=0)
+        else:
+            parts = []
+            for start in range(0, x.shape[0], size):  # pieces of a call too large for the device
+                stop = start + size
+                part_cond = None if cond is None else cond[start:stop]
+                parts.append(self._run(x[start:stop], t[start:stop], part_cond, offset=start))
+            y = torch.cat(parts)
+        alone = any(isinstance(f, ModelOutOfMemory) for f in self.failures.values())
+        fitted = self._largest_ran
+        if (
+            self._out_of_memory
+            and not alone
+            and fitted
+            and (self.max_rows is None or fitted < self.max_rows)
+        ):
+            log.warning("out of memory at %d rows: calls now hold at most %d", x.shape[0], fitted)
+            self.max_rows = fitted
+        return y
 
     def _run(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, offset: int
@@ -64,13 +94,16 @@ class IsolatingNetwork:
         try:
             y = self.network(x, t, cond)  # [rows, C, H, W]
         except Exception as exc:
-            if is_out_of_memory(exc) and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the halves need the memory the failed call left cached
+            if is_out_of_memory(exc):
+                self._out_of_memory = True
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the halves need the memory the failed call cached
             if rows == 1:
                 self.failures[offset] = row_error(exc, t, "model")
                 return torch.full_like(x, float("nan"))
             log.warning("network call over %d rows failed (%s); splitting it", rows, exc)
             return self._split(x, t, cond, offset)
+        self._largest_ran = max(self._largest_ran, rows)
         if bool(torch.isfinite(y).all()):  # the usual case, in one reduction
             return y
         finite = finite_rows(y)

@@ -25,6 +25,7 @@ from models.catalog import ModelEntry, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.scheduler_config import SchedulerOptions
+from workers.memory_budget import gauge_for, measure_row_limit
 
 if TYPE_CHECKING:
     from models.diffusers_format.text import PromptEncoder
@@ -44,6 +45,8 @@ class Codec(Protocol):
     ) -> np.ndarray: ...
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray: ...
+
+    def decode_tensor(self, latents: torch.Tensor, out: torch.Tensor | None = None) -> Any: ...
 
 
 CodecLoader = Callable[[ModelEntry, list[str] | None, torch.device], Codec]
@@ -158,6 +161,7 @@ class DiffusionModel:
     # rows are its hidden states, encoded by the worker; None where the gateway tokenizes.
     prompt_encoder: PromptEncoder | None = None
     latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
+    row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
     # none and keep ddserve's defaults.
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
@@ -197,15 +201,16 @@ class DiffusionModel:
 
         Latent diffusion models z = s·(E(x) − b) (s = `latent_scale`, Rombach et al. 2022 §4.3.2;
         b = `latent_shift`, diffusers' `shift_factor`, 0 for most models), so the image is
-        D(z / s + b); the decoder runs in ONNX Runtime (zoo) or PyTorch (diffusers pipelines)."""
-        x0 = x0.detach().float().cpu()
+        D(z / s + b); the decoder runs in ONNX Runtime (zoo) or PyTorch (diffusers pipelines),
+        reading the latents on the model's device (ONNX Runtime's IO binding: no host round trip
+        on a GPU) — only the images come to the host."""
         if not self.is_latent:
-            return x0.clamp(-1.0, 1.0)
+            return x0.detach().float().cpu().clamp(-1.0, 1.0)
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage decoder loaded")
-        latents = (x0 / self.latent_scale + self.latent_shift).numpy().astype(np.float32)
-        pixels = self.first_stage.decode(latents=latents)
-        return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).clamp(-1.0, 1.0)
+        # [N, *latent_shape] on the device
+        latents = x0.detach().float() / self.latent_scale + self.latent_shift
+        return self.first_stage.decode_tensor(latents).cpu().clamp(-1.0, 1.0)
 
     def to_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] in [−1, 1] → the latents the model samples, z = s·(E(x) − b)
@@ -321,6 +326,13 @@ class ModelPool:
             model.prompt_encoder = text.encoder
         if self.settings.compile:
             warm_up(model)
+        model.row_limit = measure_row_limit(
+            entry.name,
+            functools.partial(call_rows, model),
+            gauge_for(self.device),
+            self.settings.memory_fraction,
+            self.settings.max_batch,
+        )
         if entry.classifier and entry.classifier in self._catalog:
             model.classifier = self._load_classifier(self._catalog[entry.classifier])
         if entry.kind == "latent-diffusion":
@@ -411,6 +423,17 @@ class ModelPool:
             return None
 
 
+def call_rows(model: DiffusionModel, rows: int) -> torch.Tensor:
+    """One network call of the model over `rows` rows of zeros (∅-conditioned): the warm-up's and
+    the memory probe's call."""
+    x = torch.zeros((rows, *model.sample_shape), device=model.device)
+    t = torch.zeros(rows, dtype=torch.long, device=model.device)
+    cond = None
+    if model.null_condition is not None:
+        cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)
+    return model.denoiser(x, t, cond)
+
+
 def is_text_pipeline(entry: ModelEntry) -> bool:
     """A diffusers pipeline conditioned on text through its own CLIP tokenizer and encoder."""
     cond = entry.conditioning
@@ -437,15 +460,9 @@ class TextPipelineParts:
 def warm_up(model: DiffusionModel) -> None:
     """Compile the denoiser for each of its buckets before the worker takes jobs (a first call
     would otherwise stall a running batch for the compile), one log line per bucket."""
-    denoiser = model.denoiser
-    for rows in denoiser.buckets:
+    for rows in model.denoiser.buckets:
         started = time.perf_counter()
-        x = torch.zeros((rows, *model.sample_shape), device=model.device)
-        t = torch.zeros(rows, dtype=torch.long, device=model.device)
-        cond = None
-        if model.null_condition is not None:
-            cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)
-        denoiser(x, t, cond)
+        call_rows(model, rows)
         log.info(
             "model %s: compiled for batch %d in %.1f s",
             model.name,

@@ -63,6 +63,10 @@ TEXT_COMPONENTS = {  # component → the classes the workers load it with
 SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *SERVED_TEXT_PIPELINES)
 # Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
 RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
+# The pipelines that decode z / scaling_factor + shift_factor. diffusers' UNet pipelines
+# (LDMPipeline, StableDiffusionPipeline) decode z / scaling_factor and ignore a first stage's
+# shift_factor (which the transformer pipelines SD3 and Flux use); ddserve does as the pipeline does.
+SHIFTING_PIPELINES: frozenset[str] = frozenset()
 CLIPPING = ("DDPMScheduler", "DDIMScheduler")  # classes whose clip_sample defaults to True
 FIRST_STAGES = {"VQModel": ("vqvae", "vqvae"), "AutoencoderKL": ("kl-autoencoder", "vae")}
 BETA_SCHEDULES = {
@@ -302,7 +306,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         first_stage=stage_name,
         network={
             "latent_scale": scaling["scaling_factor"],
-            "latent_shift": scaling["shift_factor"],
+            "latent_shift": scaling["shift_factor"] if pipeline in SHIFTING_PIPELINES else 0.0,
         },
         path=folder,
     )

@@ -8,6 +8,8 @@ has no ONNX files (said in the log).
     out["codes"]                                    # int64 [N, h, w] for a VQ-VAE, else None
     codec.decode(latents=...) or codec.decode(codes=...)   # float32 [N, C, H, W] in [−1, 1]
     codec.reconstruct(images)
+    codec.decode_tensor(latents)                    # torch [N, *latent_shape] → torch [N, C, H, W]
+                                                    # on the latents' device (IO binding)
 
 Providers: `CUDAExecutionProvider` first when onnxruntime-gpu provides it, then
 `CPUExecutionProvider`; a list (settings `onnx_providers`, comma-separated) overrides the order.
@@ -152,6 +154,17 @@ class Codec(ABC):
             return self._decode_codes(self._nearest_codes(checked))
         return self._decode_latents(checked)
 
+    def decode_tensor(self, latents: Any, out: Any = None) -> Any:
+        """latents: a float32 torch tensor [N, *latent_shape] → images [N, C, H, W] in [−1, 1], a
+        torch tensor on the latents' device (into `out` when given). This default goes through
+        the host (`decode`); ONNX Runtime binds the tensors where they are (`OnnxCodec`)."""
+        import torch
+
+        images = torch.from_numpy(self.decode(latents=latents.detach().float().cpu().numpy()))
+        if out is None:
+            return images.to(latents.device)
+        return out.copy_(images)
+
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         encoded = self.encode(images)
         if encoded["codes"] is not None:
@@ -208,6 +221,7 @@ class OnnxCodec(Codec):
         self.providers = self.encoder.get_providers()
         self._output_names = [o.name for o in self.encoder.get_outputs()]
         self._decoder_input = self.decoder.get_inputs()[0].name
+        self._decoder_output = self.decoder.get_outputs()[0].name
         self._codebook: np.ndarray | None = None
         log.info("%s: ONNX Runtime with %s", entry.name, ", ".join(self.providers))
 
@@ -218,6 +232,45 @@ class OnnxCodec(Codec):
 
     def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self.decoder.run(None, {self._decoder_input: latents})[0]
+
+    def decode_tensor(self, latents: Any, out: Any = None) -> Any:
+        """The decoder on torch tensors through ONNX Runtime's IO binding: the session reads the
+        latents where they are and writes the images into a tensor allocated on the same device,
+        so latents already on the GPU (the sampler's x_0) never make a host round trip on the
+        way to the decoder. A VQ-VAE (nearest codes first) and a tensor on a device this session
+        does not run on take the host path."""
+        import torch
+
+        on_cuda = latents.is_cuda
+        if self.is_vq or (on_cuda and CUDA not in self.providers):
+            return super().decode_tensor(latents, out)
+        shape = list(self.entry.latent_shape or [])
+        if latents.dim() != len(shape) + 1 or list(latents.shape[1:]) != shape:
+            raise ValueError(f"{self.name} expects latents [N, {shape}], got {list(latents.shape)}")
+        x = latents.detach().to(torch.float32).contiguous()  # [N, *latent_shape]
+        spec = self.entry.image
+        images_shape = (x.shape[0], spec.channels, spec.height, spec.width)
+        if out is None:
+            out = torch.empty(images_shape, dtype=torch.float32, device=x.device)
+        if tuple(out.shape) != images_shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor {list(images_shape)}")
+        device_type, device_id = ("cuda", x.device.index or 0) if on_cuda else ("cpu", 0)
+        if on_cuda:  # the sampler's kernels that produced x must be done before ORT reads it
+            torch.cuda.synchronize(x.device)
+        binding = self.decoder.io_binding()
+        binding.bind_input(
+            self._decoder_input, device_type, device_id, np.float32, list(x.shape), x.data_ptr()
+        )
+        binding.bind_output(
+            self._decoder_output,
+            device_type,
+            device_id,
+            np.float32,
+            list(images_shape),
+            out.data_ptr(),
+        )
+        self.decoder.run_with_iobinding(binding)
+        return out
 
     def _decode_codes(self, codes: np.ndarray) -> np.ndarray:
         return self.decoder.run(None, {self._decoder_input: codes})[0]
