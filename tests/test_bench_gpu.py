@@ -18,8 +18,10 @@ def test_the_gpu_benchmark_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
 
     out = tmp_path / "gpu.json"
     rows = bench_gpu.main(
-        ["--device", "cpu", "--quick", "--modes", "fp32", "--batches", "2", "--calls", "1"]
-        + ["--threads", "1", "--json", str(out)]
+        [
+            *("--device", "cpu", "--quick", "--modes", "fp32", "--batches", "2", "--calls", "1"),
+            *("--threads", "1", "--json", str(out)),
+        ]
     )
     denoised = {r["model"] for r in rows if r["part"] == "denoiser" and "p50_ms" in r}
     assert denoised == {"digits-ddpm", "shapes-ldm", "sd1.x-shaped"}

@@ -129,10 +129,10 @@ def test_the_gateway_reads_pipelines_without_torch(pipelines_dir: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None:
+def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
     """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
-    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer; no tasks until
-    a worker serves text models. Its KL first stage is served."""
+    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer, served with
+    the pipeline's default guidance; its KL first stage is served too."""
     folder = tmp_path / "sd"
     files = {
         "model_index.json": {
@@ -167,7 +167,8 @@ def test_a_text_pipeline_is_representable_but_not_served(tmp_path: Path) -> None
     assert main.conditioning is not None
     assert (main.conditioning.type, main.conditioning.tokenizer) == ("text", "clip")
     assert main.conditioning.context_len == 77 and main.conditioning.vocabulary is None
-    assert main.tasks == [] and main.kind == "latent-diffusion"
+    assert main.tasks == ["generate", "inpaint"] and main.kind == "latent-diffusion"
+    assert main.defaults is not None and main.defaults.guidance_scale == 7.5
     assert (main.image.height, main.latent_shape) == (512, [4, 64, 64])
     assert main.schedule is not None and main.schedule.kind == "scaled_linear"
     assert (vae.name, vae.kind, vae.tasks) == (
