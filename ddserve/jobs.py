@@ -34,6 +34,7 @@ class JobKind(StrEnum):
     DECODE = "decode"
     RECONSTRUCT = "reconstruct"
     INPAINT = "inpaint"
+    IMG2IMG = "img2img"
 
 
 class JobStatus(StrEnum):

@@ -31,6 +31,9 @@ MAX_SEED = 2**63 - MAX_IMAGES  # image i of a job uses seed + i, itself a valid 
 MAX_STEPS = 10_000
 NO_GUIDANCE = 1.0  # guidance_scale s = 1: the conditional prediction alone
 MAX_GUIDANCE = 21.0  # the first version allowed w ≤ 20, i.e. s ≤ 21
+DEFAULT_STRENGTH = (
+    0.8  # image-to-image: diffusers' img2img default (StableDiffusionImg2ImgPipeline)
+)
 
 # Every sampler of the library (models.diffusion.steps.SAMPLER_NAMES, checked by a test): DDPM and
 # DDIM; Euler and Euler ancestral (Karras et al. 2022); DPM-Solver++(2M) and its SDE variant (Lu et
@@ -127,6 +130,17 @@ ClassifierScale = Annotated[
         le=100.0,
         description="classifier guidance s with the model's noisy classifier (needs class_label); "
         "0 = none; omitted: the model's default",
+    ),
+]
+Strength = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        le=1.0,
+        description="image-to-image (SDEdit): how much of the sampler's schedule to re-run; the "
+        "image is noised to the step where the last ⌊num_inference_steps·strength⌋ steps begin "
+        "(diffusers' img2img arithmetic) and denoised from there, so small values keep the image "
+        "and 1 ignores it (= generate with the same seed); at least one step must remain",
     ),
 ]
 JumpLength = Annotated[

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddserve.params import (
+    DEFAULT_STRENGTH,
     MAX_IMAGES,
     ClassifierScale,
     ClassLabel,
@@ -37,6 +38,7 @@ from ddserve.params import (
     ReturnMode,
     SamplerName,
     Seed,
+    Strength,
     Trajectory,
     description_of,
 )
@@ -125,6 +127,23 @@ class InpaintBody(JobBody):
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
+    seed: Seed | None = None
+
+
+class Img2ImgBody(JobBody):
+    """`POST /img2img` (SDEdit): noise `image` part of the way and denoise it again, n variations,
+    steered by the prompt or class like `/generate`."""
+
+    image: ImagePng
+    strength: Strength = DEFAULT_STRENGTH
+    n: ImageCount = 1
+    sampler: SamplerName | None = None
+    num_inference_steps: InferenceSteps | None = None
+    eta: Eta | None = None
+    class_label: ClassLabel | None = None
+    prompt: Prompt | None = None
+    guidance_scale: GuidanceScale | None = None
+    classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
 
 

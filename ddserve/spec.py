@@ -9,7 +9,7 @@ nothing on the worker side reads a parameter with a fallback default.
 
 Kinds (`ddserve.jobs.JobKind`): `generate` on a diffusion model (`GenerateSpec`) or on an
 autoencoder with a prior — VAE, AAE — (`PriorSampleSpec`: z_i ~ N(0, I) decoded; told apart by the
-absence of sampling fields), `inpaint`, `encode`, `decode`, `reconstruct`.
+absence of sampling fields), `inpaint`, `img2img`, `encode`, `decode`, `reconstruct`.
 
 Torch-free: the gateway imports it.
 """
@@ -48,6 +48,7 @@ from ddserve.params import (
     PromptTokens,
     SamplerName,
     Seed,
+    Strength,
 )
 from ddserve.requests import NoiseOptions, OutputOptions
 
@@ -112,15 +113,26 @@ class _Sampling(_Conditioned):
     seed: Seed
 
 
-class GenerateSpec(_Sampling):
-    kind: Literal["generate"] = "generate"
+class _ClassifierGuided(_Sampling):
     classifier_scale: ClassifierScale = 0.0
 
     @model_validator(mode="after")
-    def _classifier_needs_class(self) -> GenerateSpec:
+    def _classifier_needs_class(self) -> _ClassifierGuided:
         if self.classifier_scale > 0 and self.class_label is None:
             raise ValueError("classifier_scale needs a class_label")
         return self
+
+
+class GenerateSpec(_ClassifierGuided):
+    kind: Literal["generate"] = "generate"
+
+
+class Img2ImgSpec(_ClassifierGuided):
+    """Image-to-image (SDEdit): `image` noised to the tail of the plan that `strength` gives."""
+
+    kind: Literal["img2img"] = "img2img"
+    image: ImagePng  # canonical PNG of the model's image size and channels
+    strength: Strength
 
 
 class InpaintSpec(_Sampling):
@@ -183,16 +195,20 @@ JobSpec = Annotated[
     Annotated[GenerateSpec, Tag("generate")]
     | Annotated[PriorSampleSpec, Tag("prior_sample")]
     | Annotated[InpaintSpec, Tag("inpaint")]
+    | Annotated[Img2ImgSpec, Tag("img2img")]
     | Annotated[EncodeSpec, Tag("encode")]
     | Annotated[DecodeSpec, Tag("decode")]
     | Annotated[ReconstructSpec, Tag("reconstruct")],
     Discriminator(
         _spec_tag,
         custom_error_type="unknown_job_kind",
-        custom_error_message="kind must be one of generate, inpaint, encode, decode, reconstruct",
+        custom_error_message="kind must be one of generate, inpaint, img2img, encode, decode, "
+        "reconstruct",
     ),
 ]
-DenoiseSpec = GenerateSpec | InpaintSpec  # the kinds that run in a denoising running set
+DenoiseSpec = (
+    GenerateSpec | InpaintSpec | Img2ImgSpec
+)  # the kinds that run in a denoising running set
 
 _ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 MAX_REPORTED_ERRORS = 5

@@ -19,6 +19,7 @@ from ddserve.requests import (
     DecodeBody,
     EncodeBody,
     GenerateBody,
+    Img2ImgBody,
     InpaintBody,
     ReconstructBody,
 )
@@ -26,6 +27,7 @@ from ddserve.spec import (
     DecodeSpec,
     EncodeSpec,
     GenerateSpec,
+    Img2ImgSpec,
     InpaintSpec,
     PriorSampleSpec,
     ReconstructSpec,
@@ -350,6 +352,42 @@ class RequestNormalizer:
                 entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
             ),
             clip_denoised=d.clip_denoised,
+            seed=self._seed(body.seed),
+            output=body.output,
+        )
+
+    def img2img(self, body: Img2ImgBody) -> Img2ImgSpec:
+        """Image-to-image (SDEdit) on a diffusion model that generates: the image noised to the
+        tail of the plan `strength` gives (⌊steps·strength⌋ steps, at least one), then denoised."""
+        entry = self.entry(body.model, "generate")
+        if entry.schedule is None:
+            raise _invalid(
+                "not_a_diffusion_model",
+                f"model {entry.name!r} ({entry.kind}) has no diffusion schedule to noise and "
+                "denoise an image along: image-to-image needs a diffusion model",
+                "model",
+            )
+        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        steps = sampling["num_inference_steps"]
+        if int(steps * body.strength) == 0:  # the library's `timesteps.sdedit_start` arithmetic
+            raise _invalid(
+                "strength_too_low",
+                f"strength {body.strength} of {steps} steps leaves no denoising step "
+                f"(⌊num_inference_steps·strength⌋ = 0): use strength ≥ {1 / steps:.4g} or more "
+                "steps",
+                "strength",
+            )
+        return Img2ImgSpec(
+            model=entry.name,
+            image=canonical_image(
+                body.image, "image", self.limits, self._size(entry), entry.image.channels
+            ),
+            strength=body.strength,
+            n=body.n,
+            **sampling,
+            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
+            clip_denoised=self._defaults(entry).clip_denoised,
             seed=self._seed(body.seed),
             output=body.output,
         )

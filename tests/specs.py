@@ -35,6 +35,12 @@ def inpaint(model: str, image: str, mask: str, **fields: Any) -> dict[str, Any]:
     return _spec({**base, "jump_length": 1, "jump_n_sample": 1, **fields})
 
 
+def img2img(model: str, image: str, **fields: Any) -> dict[str, Any]:
+    """An image-to-image spec (strength 0.5 unless given)."""
+    base = {"kind": "img2img", "model": model, "image": image, "strength": 0.5, **SAMPLING}
+    return _spec({**base, "classifier_scale": 0.0, **fields})
+
+
 def prior_sample(model: str, **fields: Any) -> dict[str, Any]:
     """A generate spec for a VAE/AAE (its prior, decoded)."""
     return _spec({"kind": "generate", "model": model, "n": 1, "seed": 0, **fields})

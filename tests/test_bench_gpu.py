@@ -17,12 +17,8 @@ def test_the_gpu_benchmark_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
     from benchmarks import bench_gpu
 
     out = tmp_path / "gpu.json"
-    rows = bench_gpu.main(
-        [
-            *("--device", "cpu", "--quick", "--modes", "fp32", "--batches", "2", "--calls", "1"),
-            *("--threads", "1", "--json", str(out)),
-        ]
-    )
+    quick = ["--device", "cpu", "--quick", "--modes", "fp32", "--batches", "2", "--calls", "1"]
+    rows = bench_gpu.main([*quick, "--threads", "1", "--json", str(out)])
     denoised = {r["model"] for r in rows if r["part"] == "denoiser" and "p50_ms" in r}
     assert denoised == {"digits-ddpm", "shapes-ldm", "sd1.x-shaped"}
     assert all(r["images_per_s"] > 0 for r in rows if "images_per_s" in r)

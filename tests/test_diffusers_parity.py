@@ -218,7 +218,7 @@ def test_latent_inpainting_keeps_the_known_latents(pool: ModelPool) -> None:
     """RePaint in latent space: the known region's latents z_0 = s·E(x) are the result's there."""
     model = pool.get("ldm")
     image = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    known = model.to_latents(image)[0]  # [4, 8, 8]
+    known = model.from_pixels(image)[0]  # [4, 8, 8]
     assert known.shape == (4, 8, 8)
     mask = torch.ones((1, 8, 8))
     mask[:, 2:6, 2:6] = 0.0

@@ -233,6 +233,29 @@ def test_inpaint(gateway: Gateway) -> None:
     assert [gateway.pixels(im).shape for im in job["output"]["images"]] == [(8, 8), (8, 8)]
 
 
+def test_img2img(gateway: Gateway) -> None:
+    image = Image.new("L", (8, 8), 30)
+    image.paste(220, (3, 1, 5, 7))  # a bar
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    body = {
+        "model": MODEL,
+        "image": base64.b64encode(buffer.getvalue()).decode(),
+        "strength": 0.6,
+        "n": 2,
+        "seed": 8,
+        "num_inference_steps": 5,
+        "class_label": 1,
+    }
+    job = gateway.run("/img2img", body)
+    assert job["status"] == "succeeded", job
+    assert job["kind"] == "img2img" and job["input"]["strength"] == 0.6
+    first = [gateway.pixels(im) for im in job["output"]["images"]]
+    assert [im.shape for im in first] == [(8, 8), (8, 8)]
+    again = gateway.run("/img2img", {**body, "n": 1})
+    assert np.array_equal(gateway.pixels(again["output"]["images"][0]), first[0])
+
+
 def test_encode_decode_reconstruct(gateway: Gateway) -> None:
     rng = np.random.default_rng(0)
     uploads = []

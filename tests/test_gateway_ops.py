@@ -282,6 +282,7 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
         "/decode": "post",
         "/reconstruct": "post",
         "/inpaint": "post",
+        "/img2img": "post",
         "/jobs/{job_id}": "get",
         "/jobs/{job_id}/cancel": "post",
         "/images/{key}": "get",

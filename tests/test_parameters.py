@@ -21,10 +21,11 @@ from ddserve.requests import (
     DecodeBody,
     EncodeBody,
     GenerateBody,
+    Img2ImgBody,
     InpaintBody,
     ReconstructBody,
 )
-from ddserve.spec import GenerateSpec, InpaintSpec, ReconstructSpec
+from ddserve.spec import GenerateSpec, Img2ImgSpec, InpaintSpec, ReconstructSpec
 
 SAMPLE_VALUES = {
     "n": 3,
@@ -39,6 +40,7 @@ SAMPLE_VALUES = {
     "seed": 42,
     "jump_length": 5,
     "jump_n_sample": 2,
+    "strength": 0.45,
 }
 
 
@@ -58,7 +60,10 @@ def sent_bodies(call: Any) -> list[dict[str, Any]]:
     return sent
 
 
-@pytest.mark.parametrize(("method", "body"), [("generate", GenerateBody), ("inpaint", InpaintBody)])
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("generate", GenerateBody), ("inpaint", InpaintBody), ("img2img", Img2ImgBody)],
+)
 def test_the_client_forwards_every_body_parameter_and_refuses_others(
     method: str, body: type[BaseModel]
 ) -> None:
@@ -66,7 +71,7 @@ def test_the_client_forwards_every_body_parameter_and_refuses_others(
     assert names, body
     values = {n: SAMPLE_VALUES[n] for n in names}
     images = (np.zeros((8, 8), np.uint8), np.full((8, 8), 255, np.uint8))
-    args = images if method == "inpaint" else ()
+    args = {"inpaint": images, "img2img": images[:1]}.get(method, ())
     (sent,) = sent_bodies(lambda c: getattr(c, method)("m", *args, wait=False, **values))
     assert {n: sent[n] for n in names} == values
     body.model_validate(sent)  # what the client sends is a valid body
@@ -84,7 +89,7 @@ def test_body_builders_produce_bodies_that_validate() -> None:
 
 
 def test_every_optional_body_field_carries_its_parameter_description() -> None:
-    for body in (GenerateBody, InpaintBody, EncodeBody, DecodeBody, ReconstructBody):
+    for body in (GenerateBody, InpaintBody, Img2ImgBody, EncodeBody, DecodeBody, ReconstructBody):
         for name, field in body.model_fields.items():
             assert field.description, f"{body.__name__}.{name} has no description"
         schema = body.model_json_schema()
@@ -117,6 +122,11 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
         ),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),
+        (
+            Img2ImgBody,
+            Img2ImgSpec,
+            ["image", "strength", "n", "guidance_scale", "classifier_scale", "seed"],
+        ),
     ],
 )
 def test_body_and_spec_share_one_declaration_of_each_parameter(

@@ -4,7 +4,7 @@
 alone (the reference the batching engine must reproduce). Every piece takes the job's parsed spec
 (`ddserve.spec`: typed, every default already applied by the gateway); the checks here are the
 ones only the loaded model can make. The engine uses the same pieces:
-- `prepare_denoise(spec, model, job_id)` turns a generate/inpaint spec into `Sample`s — image i
+- `prepare_denoise(spec, model, job_id)` turns a generate/inpaint/img2img spec into `Sample`s — image i
   draws all its noise from the stream of its own seed, `image_seed(seed, i)` = seed + i, so its
   pixels do not depend on its batch, and a job of n = 1 with that seed gives the same image;
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
@@ -37,6 +37,7 @@ from ddserve.spec import (
     DenoiseSpec,
     EncodeSpec,
     GenerateSpec,
+    Img2ImgSpec,
     InpaintSpec,
     JobSpec,
     PriorSampleSpec,
@@ -50,7 +51,7 @@ from models.imaging import from_uint8, make_grid, to_pil
 from workers.errors import InvalidJobRequest
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
-DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT})
+DENOISE_KINDS = frozenset({JobKind.GENERATE, JobKind.INPAINT, JobKind.IMG2IMG})
 MAX_TRAJECTORY_FRAMES = 32
 MIN_GIF_WIDTH = 128  # small images are upscaled (nearest) so the animation is visible
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
@@ -319,7 +320,8 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         )
     if spec.guided and model.null_condition is None:
         raise InvalidJobRequest(f"model {model.name!r} is unconditional: guidance_scale must be 1")
-    classifier_scale = spec.classifier_scale if isinstance(spec, GenerateSpec) else 0.0
+    guided_by_classifier = isinstance(spec, GenerateSpec | Img2ImgSpec)
+    classifier_scale = spec.classifier_scale if guided_by_classifier else 0.0
     if classifier_scale != 0.0 and model.classifier is None:
         raise InvalidJobRequest(f"model {model.name!r} has no classifier for classifier_scale")
     inpaint = isinstance(spec, InpaintSpec)
@@ -329,6 +331,7 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         classifier_scale=classifier_scale,
         jump_length=spec.jump_length if inpaint else 1,
         jump_n_sample=spec.jump_n_sample if inpaint else 1,
+        strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
     )
     if not model.scheduler.from_diffusers:
         # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
@@ -350,7 +353,7 @@ def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Ten
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
     if not model.is_latent:
         return known, mask
-    latents = model.to_latents(known[None])[0]  # [c, h, w]
+    latents = model.from_pixels(known[None])[0]  # [c, h, w]
     return latents, latent_mask(mask, tuple(latents.shape[-2:]))
 
 
@@ -365,14 +368,25 @@ def latent_mask(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     return pooled[0]
 
 
+def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
+    """The x_0 an image-to-image sample starts from, [*sample_shape]: the image in [−1, 1], or
+    for latent diffusion its latents through the first stage (`DiffusionModel.from_pixels`)."""
+    image = model.entry.image
+    pixels = decode_images([spec.image], image.channels, image.height, image.width, "image")
+    return model.from_pixels(pixels)[0]
+
+
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
-    """The samples of a generate/inpaint spec; image i draws from the stream of seed + i."""
-    if not isinstance(spec, GenerateSpec | InpaintSpec):
-        raise InvalidJobRequest(f"model {model.name!r} serves generate/inpaint, not {spec.kind}")
+    """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i."""
+    if not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
+        raise InvalidJobRequest(
+            f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
+        )
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
     cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
+    init_x0 = _img2img_input(spec, model) if isinstance(spec, Img2ImgSpec) else None
     samples = [
         Sample(
             settings=settings,
@@ -382,6 +396,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
             class_label=spec.class_label,
             known=known,
             mask=mask,
+            init_x0=init_x0,
             keep_trajectory=output.trajectory,
             tag=i,
         )

@@ -212,14 +212,20 @@ class DiffusionModel:
         latents = x0.detach().float() / self.latent_scale + self.latent_shift
         return self.first_stage.decode_tensor(latents).cpu().clamp(-1.0, 1.0)
 
-    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [N, C, H, W] in [−1, 1] → the latents the model samples, z = s·(E(x) − b)
-        [N, c, h, w] (the inverse of `to_pixels` up to the autoencoder's reconstruction)."""
+    def from_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [−1, 1] → the model's x_0 [N, *sample_shape]: the images
+        themselves, or for latent diffusion z = s·(E(x) − b) (the inverse of `to_pixels` up to the
+        autoencoder's reconstruction; the encoder's mean, through ONNX Runtime or PyTorch)."""
+        images = images.detach().float().cpu()
+        if not self.is_latent:
+            return images
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
-        encoded = self.first_stage.encode(images.detach().float().cpu().numpy())
-        latents = torch.from_numpy(np.asarray(encoded["latents"], dtype=np.float32))
-        return (latents - self.latent_shift) * self.latent_scale
+        latents = self.first_stage.encode(images.numpy().astype(np.float32))["latents"]
+        if latents is None:
+            raise RuntimeError(f"the first stage of latent model {self.name!r} gave no latents")
+        z = torch.from_numpy(np.asarray(latents, dtype=np.float32))  # [N, c, h, w]
+        return (z - self.latent_shift) * self.latent_scale
 
 
 @dataclass

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from ddserve.requests import GenerateBody, InpaintBody, JobBody
+from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody, JobBody
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_FIELDS = ("image", "mask", "images")  # taken as any ImageInput, sent as base64 PNG
@@ -128,6 +128,23 @@ def inpaint_body(
         "mask": encode_image(mask),
         **_sampling_fields(InpaintBody, fields),
         "output": _output(return_),
+    }
+
+
+def img2img_body(
+    model: str,
+    image: ImageInput,
+    *,
+    trajectory: bool = False,
+    return_: ReturnMode = "url",
+    **fields: Any,
+) -> dict[str, Any]:
+    """`POST /img2img` (SDEdit): `fields` are `Img2ImgBody`'s parameters (strength, prompt, …)."""
+    return {
+        "model": model,
+        "image": encode_image(image),
+        **_sampling_fields(Img2ImgBody, fields),
+        "output": _output(return_, trajectory),
     }
 
 

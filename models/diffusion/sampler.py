@@ -21,11 +21,28 @@ Inpainting: every sampler keeps the known region (replaced by q(x_s | x_0) after
 forward jumps (`jump_n_sample > 1`) need a single-step sampler (ddpm, ddim, euler, euler_ancestral):
 a jump back to more noise would leave a multistep solver's history on another trajectory, so
 `SamplerSettings` rejects it for dpmpp_2m, dpmpp_2m_sde and unipc.
+
+Image-to-image (SDEdit, Meng et al. 2022, §3): a sample given an image x_0 (`Sample.init_x0`) and
+`strength` < 1 perturbs it by the forward process to the first timestep t_0 of the tail of its plan
+and denoises from there,
+
+    x_{t_0} = √ᾱ_{t_0} · x_0 + √(1 − ᾱ_{t_0}) · ε,   ε ~ N(0, I) the first draw of its own stream,
+
+where the tail is what diffusers' img2img pipelines take (`timesteps.sdedit_start`: the last
+⌊S·strength⌋ of the S steps) and ᾱ_{t_0} is that step's own (for σ-samplers 1/(1 + σ_0²), the σ-space
+`add_noise` / `scale_noise` of diffusers written in the VP variable). The tail's coefficient rows are
+the full plan's, except that the multistep solvers warm up on the tail's first step (no history
+yet), as diffusers' schedulers do after `set_begin_index`. Such a sample simply joins the running
+set at a later timestep; nothing else about the batch changes. strength = 1 is generation: the
+sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T,
+under 0.7 % of it on a linear 1000-step schedule, which ddserve's x_T ~ N(0, I) neglects throughout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +78,7 @@ from models.diffusion.timesteps import (
     TimestepSpacing,
     denoising_plan,
     repaint_plan,
+    sdedit_start,
     timestep_sequence,
 )
 
@@ -108,6 +126,7 @@ class SamplerSettings:
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x̂_0| taken as the bound s
     sample_max_value: float = 1.0  # the largest s
     convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
+    strength: float = 1.0  # image-to-image (SDEdit): the tail of the plan the sample walks; 1 = all
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLER_NAMES:
@@ -151,6 +170,15 @@ class SamplerSettings:
                 f"({', '.join(single)}); {self.sampler!r} keeps a history of model outputs that "
                 "a jump back to more noise would invalidate"
             )
+        if self.strength != 1.0:
+            sdedit_start(self.num_inference_steps, self.strength)  # ValueError if out of range
+            if self.jump_n_sample > 1:
+                raise ValueError("image-to-image (strength < 1) does not take RePaint's jumps")
+
+    @property
+    def start(self) -> int:
+        """The step of the plan this sample starts at: 0, or SDEdit's t_start (module docstring)."""
+        return 0 if self.strength == 1.0 else sdedit_start(self.num_inference_steps, self.strength)
 
     @property
     def multistep(self) -> bool:
@@ -206,6 +234,9 @@ class PlanCache:
     def _build(self, settings: SamplerSettings) -> tuple[Transition, ...]:
         if settings.sampler in SIGMA_SAMPLERS:
             return self._build_sigma_plan(settings)
+        if settings.start > 0:  # SDEdit: the tail of the whole plan (single-step rows, no jumps)
+            whole = self.transitions(dataclasses.replace(settings, strength=1.0))
+            return whole[settings.start :]
         plan = settings.plan(self.schedule.num_timesteps)
         alpha_bar = self.schedule.alphas_cumprod_padded.tolist()  # index t + 1
         transitions = []
@@ -267,32 +298,35 @@ class PlanCache:
                 f"repeat a noise level of this {self.schedule.num_timesteps}-step schedule, which "
                 f"{settings.sampler} cannot step over; use fewer steps"
             )
-        scale = settings.classifier_scale
+        scale, start = settings.classifier_scale, settings.start
         rows: list[StepCoefficients]
         if settings.sampler in ("euler", "euler_ancestral"):
             rows = euler_rows(
                 levels, ancestral=settings.sampler == "euler_ancestral", classifier_scale=scale
-            )
+            )[start:]
         elif settings.sampler == "unipc":
-            rows = unipc_rows(levels, order=settings.solver_order, classifier_scale=scale)
+            rows = unipc_rows(
+                levels, order=settings.solver_order, classifier_scale=scale, start=start
+            )
         else:
             rows = dpmpp_2m_rows(
                 levels,
                 order=settings.solver_order,
                 sde=settings.sampler == "dpmpp_2m_sde",
                 classifier_scale=scale,
+                start=start,
             )
         n = len(levels.timesteps)
         reverse = [
             Transition(
                 t=levels.timesteps[i],
                 s=levels.timesteps[i + 1] if i + 1 < n else -1,
-                coefficients=torch.tensor(rows[i].as_row(), dtype=torch.float32),
+                coefficients=torch.tensor(rows[i - start].as_row(), dtype=torch.float32),
                 alpha_bar_t=levels.alpha_bar(i),
                 alpha_bar_s=levels.alpha_bar(i + 1),
-                sigma=rows[i].sigma,
+                sigma=rows[i - start].sigma,
             )
-            for i in range(n)
+            for i in range(start, n)
         ]
         if settings.jump_n_sample == 1:
             return tuple(reverse)
@@ -335,6 +369,7 @@ class Sample:
     known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
     x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
+    init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
     keep_trajectory: bool = False
     tag: Any = None  # the caller's handle (a job id, an index)
     # Filled in by the batch:
@@ -514,7 +549,7 @@ class DenoisingBatch:
             sample.transitions = transitions
             sample.position = 0
             if sample.x is None:
-                sample.x = torch.randn(self.sample_shape, generator=sample.generator)
+                sample.x = self._starting_point(sample, transitions[0])
             row = sample.x.to(device=self.device, dtype=self.dtype)
             if sample.keep_trajectory:
                 sample.trajectory = [row.detach().to("cpu", copy=True)]
@@ -524,6 +559,16 @@ class DenoisingBatch:
             self.x = torch.cat([self.x, torch.stack(new_rows)])
             self._layout = None
             self._sync_history(len(new_rows))
+
+    def _starting_point(self, sample: Sample, first: Transition) -> torch.Tensor:
+        """x at the sample's first step, from its own stream: x_T = ε, or for image-to-image
+        (strength < 1) SDEdit's x_{t_0} = √ᾱ_{t_0} x_0 + √(1 − ᾱ_{t_0}) ε (module docstring)."""
+        eps = torch.randn(self.sample_shape, generator=sample.generator)  # [C, H, W]
+        if sample.settings.strength == 1.0:
+            return eps
+        assert sample.init_x0 is not None  # _validate
+        x0 = sample.init_x0.to(eps)
+        return math.sqrt(first.alpha_bar_t) * x0 + math.sqrt(1.0 - first.alpha_bar_t) * eps
 
     def _sync_history(self, added: int) -> None:
         """Zero history rows for `added` new samples; none at all while no sample is multistep."""
@@ -582,6 +627,14 @@ class DenoisingBatch:
             raise ValueError("inpainting needs both the known image and the mask")
         if sample.x is not None and tuple(sample.x.shape) != self.sample_shape:
             raise ValueError(f"x_T has shape {tuple(sample.x.shape)}, expected {self.sample_shape}")
+        if sample.settings.strength != 1.0 and sample.init_x0 is None:
+            raise ValueError(
+                "image-to-image (strength < 1) needs the image to start from (init_x0)"
+            )
+        if sample.init_x0 is not None and tuple(sample.init_x0.shape) != self.sample_shape:
+            raise ValueError(
+                f"init_x0 has shape {tuple(sample.init_x0.shape)}, expected {self.sample_shape}"
+            )
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> list[Sample]:
@@ -742,11 +795,14 @@ def sample(
     class_labels: Sequence[int] | None = None,  # per row, for classifier guidance
     known: torch.Tensor | None = None,  # [B, C, H, W] images to inpaint
     mask: torch.Tensor | None = None,  # [B, 1 or C, H, W] 1 = keep
+    init_x0: torch.Tensor | None = None,  # [B, C, H, W] image-to-image: the images to start from
     generators: Sequence[torch.Generator] | None = None,  # per row; default streams (0, i)
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint.
+    """Draw x_0 from x_T with each row's own settings: DDPM, DDIM, guidance, RePaint, SDEdit.
 
+    A row whose settings have strength < 1 starts from its `init_x0` image noised by its own
+    generator (module docstring) and does not use its x_T row; the others start from x_T.
     Returns x_0 [B, C, H, W] in x_T's dtype and device, and with `return_trajectory` also the list of
     x_t per row ([steps + 1, C, H, W] each, on the CPU).
     """
@@ -778,7 +834,8 @@ def sample(
             class_label=None if class_labels is None else int(class_labels[i]),
             known=None if known is None else known[i],
             mask=None if mask is None else mask[i],
-            x=x_T[i],
+            init_x0=None if init_x0 is None else init_x0[i],
+            x=x_T[i] if per_row[i].strength == 1.0 else None,
             keep_trajectory=return_trajectory,
             tag=i,
         )

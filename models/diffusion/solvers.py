@@ -91,13 +91,20 @@ def euler_rows(
 
 
 def dpmpp_2m_rows(
-    levels: NoiseLevels, *, order: int, sde: bool, classifier_scale: float = 0.0
+    levels: NoiseLevels,
+    *,
+    order: int,
+    sde: bool,
+    classifier_scale: float = 0.0,
+    start: int = 0,
 ) -> list[StepCoefficients]:
-    """DPM-Solver++(2M), or its SDE variant, per step (module docstring)."""
+    """DPM-Solver++(2M), or its SDE variant, per step (module docstring), for the steps
+    start, …, S − 1: a sample that joins at step `start` (image-to-image) has no history there, so
+    its warm-up (first order) is that step, as in diffusers after `set_begin_index(start)`."""
     n = len(levels.timesteps)
     sig = levels.sigmas
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         alpha_next, s_next = _alpha_s(sig[i + 1])
         _, s_now = _alpha_s(sig[i])
         h = _lam(sig[i + 1]) - _lam(sig[i])
@@ -110,7 +117,7 @@ def dpmpp_2m_rows(
             a = -alpha_next * math.expm1(-h)  # α_{i+1} (1 − e^{−h})
             noise = 0.0
         c_x0, p_h1 = a, 0.0
-        if order == 2 and 0 < i < n - 1:
+        if order == 2 and start < i < n - 1:
             r = (_lam(sig[i]) - _lam(sig[i - 1])) / h
             c_x0, p_h1 = a * (1.0 + 0.5 / r), -a * 0.5 / r
         rows.append(_base(levels, i, classifier_scale, c_x0=c_x0, sigma=noise, p_x=p_x, p_h1=p_h1))
@@ -131,17 +138,19 @@ def _unic_rhos(h: float, r: float) -> tuple[float, float]:
 
 
 def unipc_rows(
-    levels: NoiseLevels, *, order: int, classifier_scale: float = 0.0
+    levels: NoiseLevels, *, order: int, classifier_scale: float = 0.0, start: int = 0
 ) -> list[StepCoefficients]:
-    """UniPC-bh2 per step: the corrector of step i (for i ≥ 1) and the predictor (module docstring)."""
+    """UniPC-bh2 per step: the corrector of step i (for i ≥ 1) and the predictor (module docstring),
+    for the steps start, …, S − 1: a sample joining at `start` (image-to-image) warms up there and
+    has no corrector on that step (no previous sample), as in diffusers after `set_begin_index`."""
     n = len(levels.timesteps)
     sig = levels.sigmas
     lam = [_lam(s) for s in sig]
-    orders = [min(order, i + 1, n - i) for i in range(n)]
+    orders = {i: min(order, i - start + 1, n - i) for i in range(start, n)}
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         corrector = dict(k_x=1.0, k_last=0.0, k_x0=0.0, k_h1=0.0, k_h2=0.0)
-        if i > 0:
+        if i > start:
             alpha_i, s_i = _alpha_s(sig[i])
             _, s_prev = _alpha_s(sig[i - 1])
             h = lam[i] - lam[i - 1]

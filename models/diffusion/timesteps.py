@@ -165,3 +165,26 @@ def repaint_plan(sequence: list[int], jump_length: int, jump_n_sample: int) -> l
                 k += 1
                 indices.append(k)
     return [ascending[k] for k in indices] + [-1]
+
+
+def sdedit_start(num_steps: int, strength: float) -> int:
+    """Where an image-to-image sample (SDEdit, Meng et al. 2022) joins a plan of S steps: its index.
+
+    SDEdit perturbs the input x_0 by the forward process up to t_0 = strength·T and solves the
+    reverse process from there. On a discrete plan this is diffusers' img2img arithmetic
+    (`StableDiffusionImg2ImgPipeline.get_timesteps`), in the same float expression:
+
+        init = min(⌊S·strength⌋, S),   t_start = max(S − init, 0)
+
+    and the sample takes the plan's steps t_start, …, S − 1 (S − t_start = init network calls).
+    A strength so small that ⌊S·strength⌋ = 0 leaves no step to take: ValueError.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    init = min(int(num_steps * strength), num_steps)
+    if init == 0:
+        raise ValueError(
+            f"strength {strength} of {num_steps} steps takes no denoising step "
+            f"(⌊steps·strength⌋ = 0): use strength ≥ {1 / num_steps:.4g} or more steps"
+        )
+    return max(num_steps - init, 0)

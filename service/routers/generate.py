@@ -1,11 +1,11 @@
-"""`POST /generate` and `POST /inpaint`: diffusion sampling jobs."""
+"""`POST /generate`, `POST /inpaint` and `POST /img2img`: diffusion sampling jobs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from ddserve.jobs import JobKind
-from ddserve.requests import GenerateBody, InpaintBody
+from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 from service.normalize import RequestNormalizer
 from service.routers.job_route import add_job_route
 
@@ -26,4 +26,14 @@ add_job_route(
     RequestNormalizer.inpaint,
     summary="Inpaint the masked region (RePaint)",
     description="Mask: white (255) = keep, black (0) = generate.",
+)
+add_job_route(
+    router,
+    JobKind.IMG2IMG,
+    Img2ImgBody,
+    RequestNormalizer.img2img,
+    summary="Image-to-image (SDEdit)",
+    description="The image is noised to the step where the last ⌊num_inference_steps·strength⌋ "
+    "steps of the sampler's plan begin, then denoised (prompt, class and guidance as in "
+    "`/generate`); it runs in the same batches as the other jobs of the model.",
 )

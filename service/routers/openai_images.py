@@ -9,9 +9,10 @@ job's id, and goes on. Errors have OpenAI's shape (`{"error": {"message", "type"
 "code"}}`, which is ddserve's own) and statuses the SDK maps to its exception classes.
 
 Edits: with a `mask`, its fully transparent pixels (alpha = 0) mark the area to generate (OpenAI's
-convention), run as RePaint inpainting; without a mask, the image's own transparency is the mask.
-An edit of a fully opaque image without a mask (image-to-image) is refused with a clear 400 until
-ddserve serves image-to-image.
+convention), run as RePaint inpainting; without a mask, an image with transparent pixels is
+inpainted there (OpenAI's convention again), and any other edit without a mask — a fully opaque
+image, or any image sent with ddserve's `strength` (`extra_body`) — is image-to-image (SDEdit, the
+`/img2img` job; strength defaults to `ddserve.params.DEFAULT_STRENGTH`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body annotation at run time.
@@ -27,7 +28,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from ddserve.jobs import JobKind, JobStatus
-from ddserve.requests import GenerateBody, InpaintBody
+from ddserve.params import Strength
+from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 from models.catalog import ModelEntry
 from service.dependencies import AppState, CallerDep, State, base_url
 from service.errors import ERROR_RESPONSES, ApiError
@@ -181,10 +183,14 @@ def _adapter(field: Any) -> TypeAdapter[Any]:
 
 
 # Form fields are text: each is read with its declared type (`ddserve.params`), leniently.
+# `strength` is an edit's alone (image-to-image), so not one of the generations' extras.
 _FORM_FIELDS = {
-    name: _adapter(field)
-    for name, field in {**ImageGenerationBody.model_fields}.items()
-    if name == "n" or name in DdserveExtras.model_fields
+    **{
+        name: _adapter(field)
+        for name, field in {**ImageGenerationBody.model_fields}.items()
+        if name == "n" or name in DdserveExtras.model_fields
+    },
+    "strength": TypeAdapter(Strength),
 }
 
 
@@ -206,7 +212,7 @@ def _typed_fields(form: FormData) -> dict[str, Any]:
 @router.post(
     "/images/edits",
     responses=ERROR_RESPONSES,
-    summary="OpenAI Images API: edit an image (inpainting with a mask)",
+    summary="OpenAI Images API: edit an image (inpainting with a mask, else image-to-image)",
     openapi_extra={
         "requestBody": {
             "content": {"multipart/form-data": {"schema": {"type": "object"}}},
@@ -218,11 +224,11 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
     form = await _form(request)
     known = {"image", "image[]", "mask", "prompt", "model", "n", "size", "response_format"}
     known |= {"user", "output_format", "quality", "background", "input_fidelity"}
-    known |= set(DdserveExtras.model_fields)
+    known |= set(_FORM_FIELDS)
     unknown = sorted(set(form.keys()) - known)
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown fields: {', '.join(unknown)}", unknown[0])
-    entry = _model(state, _text(form, "model"), "inpaint")
+    extras = _typed_fields(form)
     uploads = form.getlist("image") + form.getlist("image[]")
     if len(uploads) != 1:
         raise ApiError(
@@ -231,6 +237,15 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
     limit = state.settings.max_image_bytes
     picture = await _picture(uploads[0], "image", limit)
     mask_upload = form.get("mask")
+    if mask_upload is not None and "strength" in extras:
+        raise ApiError(
+            400,
+            "invalid_value",
+            "strength is image-to-image's (an edit without a mask); with a mask the edit is "
+            "inpainting",
+            "strength",
+        )
+    alpha = None
     if mask_upload is not None:
         mask_picture = await _picture(mask_upload, "mask", limit)
         if mask_picture.size != picture.size:
@@ -250,23 +265,18 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
                 "generate",
                 "mask",
             )
-    else:
+    elif "strength" not in extras:
         alpha = _alpha(picture)
-        if alpha is None or alpha.getextrema()[0] > 0:
-            raise ApiError(
-                400,
-                "image_to_image_unsupported",
-                "an edit without a mask of a fully opaque image is image-to-image, which ddserve "
-                "does not serve yet: send a mask whose transparent pixels mark the area to generate",
-                "mask",
-            )
+        if alpha is not None and alpha.getextrema()[0] > 0:
+            alpha = None  # fully opaque: nothing marked to generate, so image-to-image
+    # With a mask (given, or the image's transparency): inpainting; else image-to-image.
+    entry = _model(state, _text(form, "model"), "inpaint" if alpha is not None else "generate")
     check_size(_text(form, "size"), entry)
     response_format = _text(form, "response_format") or "url"
     if response_format not in ("url", "b64_json"):
         raise ApiError(
             400, "invalid_value", "response_format is url or b64_json", "response_format"
         )
-    extras = _typed_fields(form)
     prompt, class_label = condition_of(
         _text(form, "prompt") or "", extras.pop("class_label", None), entry
     )
@@ -275,20 +285,26 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
         **extras,
         "model": entry.name,
         "image": _png_b64(picture.convert("RGBA") if picture.mode == "P" else picture),
-        "mask": _png_b64(_ddserve_mask(alpha)),
+        "mask": None if alpha is None else _png_b64(_ddserve_mask(alpha)),
         "prompt": prompt,
         "class_label": class_label,
         "output": {"format": "png", "return": "b64" if b64 else "url"},
     }
-    inpaint = _body(InpaintBody, {k: v for k, v in fields.items() if v is not None})
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if alpha is None:  # image-to-image
+        kind, body, normalize = (
+            JobKind.IMG2IMG,
+            _body(Img2ImgBody, fields),
+            state.normalizer.img2img,
+        )
+    else:
+        kind, body, normalize = (
+            JobKind.INPAINT,
+            _body(InpaintBody, fields),
+            state.normalizer.inpaint,
+        )
     snap = await submit_and_wait(
-        request,
-        state,
-        caller,
-        JobKind.INPAINT,
-        inpaint,
-        state.normalizer.inpaint,
-        state.settings.openai_wait_s,
+        request, state, caller, kind, body, normalize, state.settings.openai_wait_s
     )
     return _images_answer(snap, state, request, b64)
 
