@@ -142,6 +142,7 @@ class Img2ImgBody(JobBody):
     eta: Eta | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None

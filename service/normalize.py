@@ -385,7 +385,9 @@ class RequestNormalizer:
             strength=body.strength,
             n=body.n,
             **sampling,
-            **self._condition(entry, body.class_label, body.prompt, body.guidance_scale),
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
             clip_denoised=self._defaults(entry).clip_denoised,
             seed=self._seed(body.seed),

@@ -214,3 +214,13 @@ def test_the_openai_route_takes_the_prompt_and_a_negative_prompt(
     picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
     own = images(client, generate(client, negative_prompt="green", seed=6))[0]
     assert same(picture, own)
+
+
+def test_img2img_takes_a_negative_prompt(client: Client) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    body = {"prompt": "a blue dog", "num_inference_steps": 6, "strength": 0.6, "seed": 2}
+    plain = images(client, client.img2img(NAME, image, **body))[0]
+    empty = client.img2img(NAME, image, negative_prompt="", **body)
+    assert empty.input["negative_prompt"] == "" and np.array_equal(images(client, empty)[0], plain)
+    steered = images(client, client.img2img(NAME, image, negative_prompt="red", **body))[0]
+    assert not same(steered, plain)
