@@ -35,6 +35,11 @@ uniform.
     .venv/bin/python benchmarks/bench_continuous.py --synthetic            # random-weight U-Net
     .venv/bin/python benchmarks/bench_continuous.py --model digits-ddpm    # a zoo model
 
+With `--settings SAMPLER:STEPS …` (issue #22's serving figure) every request of the mix uses that
+sampler and step count instead (no 1000-step jobs), one setting after the other at each load, each
+load a fraction of that setting's own capacity; the table then compares their images/s side by side
+(`settings_summary`): e.g. `--settings ddim:50 ddim:10 unipc:5 --modes continuous`.
+
 Writes benchmarks/results/continuous.json and continuous_latency.png and prints a Markdown table.
 Not a test: it takes minutes and wants the machine to itself.
 """
@@ -67,7 +72,7 @@ import httpx
 import torch
 from redis import Redis
 
-from ddserve.params import NO_GUIDANCE
+from ddserve.params import KARRAS_SAMPLERS, NO_GUIDANCE, ORDER_SAMPLERS, SAMPLERS
 from ddserve.settings import Settings
 from ddserve.spec import GenerateSpec
 from workers.allocator import retain_freed_memory
@@ -80,19 +85,44 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 # --- the request mix ----------------------------------------------------------------------------
-def sample_request(rng: random.Random, model: str, classes: int, long_fraction: float) -> dict:
-    """One request body of the mix (`POST /generate`); guidance_scale is the public s."""
+def sample_request(
+    rng: random.Random,
+    model: str,
+    classes: int,
+    long_fraction: float,
+    setting: tuple[str, int] | None = None,
+) -> dict:
+    """One request body of the mix (`POST /generate`); guidance_scale is the public s. With a
+    `setting` (sampler, steps) every request uses it; the rest of the mix draws the same."""
     long = rng.random() < long_fraction
     guided = rng.random() < 0.5
+    n = rng.randint(1, 8)  # drawn in the order of the first version: same mix, same seed
+    sampler, steps = ("ddpm", 1000) if long else ("ddim", rng.randint(10, 100))
+    if setting is not None:
+        sampler, steps = setting
     return {
         "model": model,
-        "n": rng.randint(1, 8),
-        "sampler": "ddpm" if long else "ddim",
-        "num_inference_steps": 1000 if long else rng.randint(10, 100),
+        "n": n,
+        "sampler": sampler,
+        "num_inference_steps": steps,
         "class_label": rng.randrange(classes),
         "guidance_scale": 4.0 if guided else 1.0,  # s: 1 = no guidance
         "seed": rng.randrange(2**31),
     }
+
+
+def parse_setting(text: str) -> tuple[str, int]:
+    """`--settings` item "SAMPLER:STEPS" (e.g. "unipc:5")."""
+    sampler, _, steps = text.partition(":")
+    if sampler not in SAMPLERS or not steps.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SAMPLER:STEPS, SAMPLER one of {SAMPLERS}"
+        )
+    return sampler, int(steps)
+
+
+def setting_name(setting: tuple[str, int] | None) -> str:
+    return "mix" if setting is None else f"{setting[0]}-{setting[1]}"
 
 
 def work_of(request: dict) -> float:
@@ -111,6 +141,8 @@ def job_spec(request: dict) -> GenerateSpec:
         sampler=request["sampler"],
         num_inference_steps=request["num_inference_steps"],
         eta=0.0,
+        use_karras_sigmas=False if request["sampler"] in KARRAS_SAMPLERS else None,
+        solver_order=2 if request["sampler"] in ORDER_SAMPLERS else None,
         class_label=request["class_label"],
         guidance_scale=request["guidance_scale"],
         classifier_scale=0.0,
@@ -541,6 +573,7 @@ class Point:
     mode: str
     load: float
     offered_req_s: float
+    setting: str = "mix"  # the request mix, or SAMPLER-STEPS for every request (--settings)
     sent: int = 0
     completed: int = 0
     incomplete: int = 0
@@ -733,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment", type=float, default=12.0, help="running segment, s")
     parser.add_argument("--probe", type=float, default=3.0, help="each ceiling probe, s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        type=parse_setting,
+        default=None,
+        help="SAMPLER:STEPS for every request, one setting after another at each load",
+    )
     parser.add_argument("--out", default=str(RESULTS / "continuous.json"))
     parser.add_argument(
         "--from-json", nargs="+", default=None, help="only redraw table and plot from results"
@@ -783,15 +823,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     ceiling = ceiling_now()
     ceilings = [ceiling]
-    rng = random.Random(args.seed)
-    requests = [sample_request(rng, model, classes, args.long_fraction) for _ in range(5000)]
-    mean_work = statistics.fmean(work_of(r) for r in requests)
-    capacity = ceiling["ceiling"] / mean_work  # requests/s the bare network could serve
-    print(
-        f"ceiling {ceiling['ceiling']:.0f} rows·steps/s at batch {ceiling['best_batch']}; "
-        f"mean request {mean_work:.0f} rows·steps → capacity {capacity:.3f} req/s",
-        flush=True,
-    )
+    settings: list[tuple[str, int] | None] = list(args.settings or [None])
+    mixes: dict[str, tuple[list[dict], float]] = {}  # setting → (its requests, its capacity)
+    for setting in settings:
+        rng = random.Random(args.seed)  # the same n, guidance and classes for every setting
+        long_fraction = args.long_fraction if setting is None else 0.0
+        requests = [
+            sample_request(rng, model, classes, long_fraction, setting) for _ in range(5000)
+        ]
+        mean_work = statistics.fmean(work_of(r) for r in requests)
+        capacity = ceiling["ceiling"] / mean_work  # requests/s the bare network could serve
+        mixes[setting_name(setting)] = (requests, capacity)
+        print(
+            f"{setting_name(setting)}: ceiling {ceiling['ceiling']:.0f} rows·steps/s at batch "
+            f"{ceiling['best_batch']}; mean request {mean_work:.0f} rows·steps → capacity "
+            f"{capacity:.3f} req/s",
+            flush=True,
+        )
+    requests, capacity = mixes[setting_name(settings[0])]
 
     prefix = f"cbbench-{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -824,42 +873,44 @@ def main(argv: list[str] | None = None) -> int:
     paired: dict[str, Any] | None = None
     try:
         wait_for(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, 60, "the gateway")
-        for load in args.loads:
-            for mode in args.modes:
-                if points:
-                    ceilings.append(ceiling_now())  # after the previous point, before this one
-                name = f"{prefix}-{mode}-{load}"
-                worker = start(
-                    ["worker", "--models", model, "--batching", mode, "--name", name],
-                    env,
-                    workdir / f"worker-{mode}-{load}.log",
-                    worker_cpus,
-                )
-                stats_key = f"{prefix}:worker-stats:{name}"
-                try:
-                    wait_for(lambda key=stats_key: redis.exists(key), 120, f"worker {name}")
-                    rate = load * capacity
-                    print(f"load {load:.2f} ({rate:.3f} req/s), {mode} …", flush=True)
-                    wall0 = time.time()
-                    records, c0, c1, w0, w1 = asyncio.run(
-                        open_loop(
-                            base_url,
-                            requests,
-                            rate,
-                            args.duration,
-                            args.warmup,
-                            args.drain,
-                            redis,
-                            stats_key,
-                            args.seed + int(load * 1000),
-                            args.poll,
-                        )
+        points_to_run = [(ld, st, md) for ld in args.loads for st in settings for md in args.modes]
+        for load, setting, mode in points_to_run:
+            label = setting_name(setting)
+            point_requests, point_capacity = mixes[label]
+            if points:
+                ceilings.append(ceiling_now())  # after the previous point, before this one
+            name = f"{prefix}-{mode}-{load}-{label}"
+            worker = start(
+                ["worker", "--models", model, "--batching", mode, "--name", name],
+                env,
+                workdir / f"worker-{mode}-{load}-{label}.log",
+                worker_cpus,
+            )
+            stats_key = f"{prefix}:worker-stats:{name}"
+            try:
+                wait_for(lambda key=stats_key: redis.exists(key), 120, f"worker {name}")
+                rate = load * point_capacity
+                print(f"load {load:.2f} ({rate:.3f} req/s), {label}, {mode} …", flush=True)
+                wall0 = time.time()
+                records, c0, c1, w0, w1 = asyncio.run(
+                    open_loop(
+                        base_url,
+                        point_requests,
+                        rate,
+                        args.duration,
+                        args.warmup,
+                        args.drain,
+                        redis,
+                        stats_key,
+                        args.seed + int(load * 1000),
+                        args.poll,
                     )
-                    point = summarise(Point(mode, load, rate), records, wall0, c0, c1, (w0, w1))
-                    points.append(point)
-                    print(json.dumps(asdict(point)), flush=True)
-                finally:
-                    stop(worker)
+                )
+                point = summarise(Point(mode, load, rate, label), records, wall0, c0, c1, (w0, w1))
+                points.append(point)
+                print(json.dumps(asdict(point)), flush=True)
+            finally:
+                stop(worker)
         if args.paired_segments:
             ceilings.append(ceiling_now())  # after the last point
             rate = args.paired_load * capacity
@@ -912,10 +963,13 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling_after": ceiling_after,
         "ceilings": [c["ceiling"] for c in ceilings],
         "paired": paired,
-        "mean_request_rows_steps": mean_work,
+        "mean_request_rows_steps": ceiling["ceiling"] / capacity,  # the first setting's
         "capacity_req_s": capacity,
+        "settings": {name: {"capacity_req_s": c} for name, (_, c) in mixes.items()},
         "points": [asdict(p) for p in points],
     }
+    if args.settings:
+        result["settings_summary"] = settings_summary(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -938,6 +992,35 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def settings_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """`--settings`: at each load and mode, each setting's images/s and latency, and its images/s
+    over every other setting's — raw, and with each point divided by the ceiling measured around
+    it (the machine's drift between the points cancels)."""
+    summary: dict[str, Any] = {}
+    for p in result["points"]:
+        at = summary.setdefault(f"load {p['load']:g} {p['mode']}", {})
+        at[p["setting"]] = {
+            "images_per_s": p["images_per_s"],
+            "p50_s": p["p50_s"],
+            "p99_s": p["p99_s"],
+            "p99_lower_bound": p["p99_lower_bound"],
+            "images_per_s_per_ceiling": p["images_per_s"] / p["ceiling"] if p["ceiling"] else 0.0,
+        }
+    for at in summary.values():
+        for name, row in at.items():
+            row["ratio"] = {
+                other: {
+                    "images_per_s": row["images_per_s"] / o["images_per_s"],
+                    "ceiling_normalised": row["images_per_s_per_ceiling"]
+                    / o["images_per_s_per_ceiling"],
+                    "p99": row["p99_s"] / o["p99_s"] if o["p99_s"] else None,
+                }
+                for other, o in at.items()
+                if other != name and o["images_per_s"] > 0 and o["images_per_s_per_ceiling"] > 0
+            }
+    return summary
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     rows = [
         "| offered load | mode | images/s | p50 latency (s) | p99 latency (s) | occupancy | "
@@ -949,7 +1032,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         ceiling = p.get("ceiling") or run_ceiling  # older results have one pair per run
         p99 = f"{'≥' if p['p99_lower_bound'] else ''}{p['p99_s']:.1f}"
         rows.append(
-            f"| {p['load']:.2f} ({p['offered_req_s']:.2f} req/s) | {p['mode']} | "
+            f"| {p['load']:.2f} ({p['offered_req_s']:.2f} req/s) | {p['mode']}"
+            f"{'' if p.get('setting', 'mix') == 'mix' else ', ' + p['setting']} | "
             f"{p['images_per_s']:.2f} | {p['p50_s']:.1f} | {p99} | {p['occupancy']:.2f} | "
             f"{p['rows_steps_per_s']:.0f} ({100 * p['rows_steps_per_s'] / ceiling:.0f} %) | "
             f"{100 * p['extra'].get('network_share', 0):.0f} % |"
@@ -965,16 +1049,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colours = {"none": "tab:gray", "request": "tab:orange", "continuous": "tab:blue"}
-    for mode in MODES:
+    lines = sorted({(p["mode"], p.get("setting", "mix")) for p in result["points"]})
+    palette = iter(["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive"])
+    for mode, setting in lines:
         points = sorted(
-            (p for p in result["points"] if p["mode"] == mode), key=lambda p: p["offered_req_s"]
+            (
+                p
+                for p in result["points"]
+                if (p["mode"], p.get("setting", "mix")) == (mode, setting)
+            ),
+            key=lambda p: p["offered_req_s"],
         )
-        if not points:
-            continue
+        label = mode if setting == "mix" else f"{mode} {setting}"
+        colour = colours[mode] if setting == "mix" else next(palette, "black")
         loads = [p["offered_req_s"] for p in points]
-        colour = colours[mode]
         axes[0].plot(
-            loads, [p["p99_s"] for p in points], marker="o", color=colour, label=f"{mode} p99"
+            loads, [p["p99_s"] for p in points], marker="o", color=colour, label=f"{label} p99"
         )
         axes[0].plot(
             loads,
@@ -982,10 +1072,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             marker=".",
             linestyle="--",
             color=colour,
-            label=f"{mode} p50",
+            label=f"{label} p50",
         )
         axes[1].plot(
-            loads, [p["images_per_s"] for p in points], marker="o", color=colour, label=mode
+            loads, [p["images_per_s"] for p in points], marker="o", color=colour, label=label
         )
     axes[0].set(xlabel="offered load (requests/s)", ylabel="latency (s)", yscale="log")
     axes[0].set_title("latency against load")

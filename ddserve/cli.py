@@ -17,6 +17,10 @@ COMMANDS = {
         "check a diffusers pipeline (folder, Hub id) and add it to the model repository",
     ),
     "worker": ("workers.cli", "run the batching worker for some models (needs Redis)"),
+    "webhook-worker": (
+        "service.webhooks.cli",
+        "deliver the jobs' webhooks (Standard Webhooks, retried; needs Redis)",
+    ),
     "doctor": ("workers.doctor", "what the models will run on here (device, CUDA, providers)"),
     "serve": ("ddserve.serve", "run the gateway (embedded with a worker thread when no Redis URL)"),
     "generate": (

@@ -3,6 +3,8 @@ fakeredis server. With the `ddserve` command's modules this is the one place abo
 (`service`) and the workers (`workers`), which never import each other.
 
 - `serve_embedded(settings, threads)`: `ddserve serve` without `DDSERVE_REDIS_URL` (`make serve`).
+- Both also run the webhook worker (`service.webhooks.worker.WebhookService`: dispatcher and
+  delivery threads) on the same in-process Redis.
 - `LocalServer`: for `ddserve generate` without `--url`, notebooks and tests: the gateway app
   (`service.app.create_app`) and batching worker thread(s) (`workers.embedded.start_worker_thread`)
   plus a uvicorn server on a free loopback port in a thread, so a `Client(server.url)` talks to it
@@ -51,6 +53,7 @@ class LocalServer:
         self._handles: list[Any] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._webhooks: Any = None  # service.webhooks.worker.WebhookService
 
     def start(self) -> LocalServer:
         import fakeredis
@@ -58,6 +61,7 @@ class LocalServer:
 
         from ddserve.storage import ensure_signing_secret
         from service.app import create_app
+        from service.webhooks.worker import WebhookService
         from workers.embedded import start_worker_thread
 
         ensure_signing_secret(self.settings)  # one object shared by the gateway and the workers
@@ -93,6 +97,9 @@ class LocalServer:
                 time.sleep(0.02)
             host, port = self._server.servers[0].sockets[0].getsockname()[:2]
             self.url = f"http://{host}:{port}"
+            self._webhooks = WebhookService(
+                self.settings, fakeredis.FakeRedis(server=redis_server), base_url=self.url
+            ).start()
         except BaseException:
             self.stop()
             raise
@@ -107,7 +114,9 @@ class LocalServer:
         for handle in self._handles:
             handle.stop(timeout)
         self._handles.clear()
-        self._server = self._thread = None
+        if self._webhooks is not None:
+            self._webhooks.stop(timeout)
+        self._server = self._thread = self._webhooks = None
 
     def __enter__(self) -> LocalServer:
         return self.start()
@@ -124,6 +133,7 @@ def serve_embedded(settings: Settings, threads: int) -> int:
     from ddserve.storage import ensure_signing_secret
     from service.app import create_app
     from service.cli import serve_and_announce, uvicorn_options
+    from service.webhooks.worker import WebhookService
 
     try:
         from workers.allocator import retain_freed_memory
@@ -148,6 +158,7 @@ def serve_embedded(settings: Settings, threads: int) -> int:
         start_worker_thread(settings, fakeredis.FakeRedis(server=server_state))
         for _ in range(max(1, threads))
     ]
+    webhooks = WebhookService(settings, fakeredis.FakeRedis(server=server_state)).start()
     try:
         app = create_app(settings, fakeredis.FakeRedis(server=server_state))
         config = uvicorn.Config(
@@ -157,4 +168,5 @@ def serve_embedded(settings: Settings, threads: int) -> int:
     finally:
         for handle in handles:
             handle.stop()
+        webhooks.stop()
     return 0

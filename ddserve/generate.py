@@ -43,6 +43,8 @@ BODY_OPTIONS: dict[str, tuple[str, ...]] = {
     "sampler": ("--sampler",),
     "num_inference_steps": ("--num-inference-steps", "--steps"),
     "eta": ("--eta",),
+    "use_karras_sigmas": ("--use-karras-sigmas",),
+    "solver_order": ("--solver-order",),
     "guidance_scale": ("--guidance-scale", "--guidance"),
     "classifier_scale": ("--classifier-scale",),
     "seed": ("--seed",),

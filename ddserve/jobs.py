@@ -26,6 +26,7 @@ META_PROGRESS = "progress"  # {"step": int, "total": int}
 META_BATCH_SIZE = "batch_size"  # images (rows) in the network calls the job ran in (max)
 META_REQUEST_ID = "request_id"
 META_ERROR = "error"  # {"type", "code", "message"} of a failed job, written by the worker
+META_WEBHOOK = "webhook"  # {"url", "events"}: where the job's events are POSTed (service.webhooks)
 
 
 class JobKind(StrEnum):

@@ -38,9 +38,11 @@ from typing import Any, Protocol
 
 class JobEvent(StrEnum):
     """What happened to a job. FINISHED: it reached a terminal status (succeeded, failed, canceled)
-    — or its record was deleted on the way (an RQ result TTL of 0)."""
+    — or its record was deleted on the way (an RQ result TTL of 0). UPDATED: a worker appended to
+    the job's event stream (started, progress): a hint for the SSE readers."""
 
     FINISHED = "finished"
+    UPDATED = "updated"  # new entries on the job's event stream (`ddserve.job_events`)
 
 
 class Publisher(Protocol):

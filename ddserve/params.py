@@ -41,6 +41,10 @@ DEFAULT_STRENGTH = (
 # take RePaint's forward jumps.
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 REPAINT_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")  # those that take jump_n_sample > 1
+# The σ-space samplers take `use_karras_sigmas`; the multistep ones (a history per sample) also take
+# `solver_order` (models.diffusion.steps.SIGMA_SAMPLERS / MULTISTEP_SAMPLERS, checked by a test).
+KARRAS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+ORDER_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 ModelName = Annotated[
     str,
@@ -81,6 +85,23 @@ InferenceSteps = Annotated[
 ]
 Eta = Annotated[
     float, Field(ge=0.0, le=1.0, description="DDIM's η (0 = deterministic); omitted: default")
+]
+UseKarrasSigmas = Annotated[
+    bool,
+    Field(
+        description="euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc only: step through "
+        "Karras et al. (2022) noise levels σ_i = (σ_max^(1/7) + i/(S−1)·(σ_min^(1/7) − "
+        "σ_max^(1/7)))^7 instead of the spaced timesteps; omitted: the model's default (false)"
+    ),
+]
+SolverOrder = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=2,
+        description="dpmpp_2m, dpmpp_2m_sde, unipc only: the multistep solver's order, 1 (the "
+        "first-order DPM-Solver / UniPC step) or 2; omitted: the model's default (2)",
+    ),
 ]
 ClassLabel = Annotated[
     int,
@@ -184,6 +205,44 @@ ReturnMode = Annotated[
     Field(description="url: signed, expiring links; b64: inline base64 PNG"),
 ]
 Trajectory = Annotated[bool, Field(description="also return an animated GIF of x_t")]
+MIN_PREVIEW_EVERY = 2  # the floor of preview_every: a preview costs a PNG (and a decode) per image
+PreviewEvery = Annotated[
+    int,
+    Field(
+        ge=MIN_PREVIEW_EVERY,
+        le=MAX_STEPS,
+        description=f"every k denoising steps, a small preview of x̂_0 per image on the job's "
+        f"event stream (GET /jobs/{{id}}/events?preview=1); k ≥ {MIN_PREVIEW_EVERY}; omitted: none",
+    ),
+]
+
+# Webhooks (Replicate's names): where to POST the job's events, and which of them. Checked by the
+# gateway at submit (https, or http to an allowlisted host; the host's addresses public or
+# allowlisted: `service.webhooks.addresses`) and again by the delivery worker before each attempt.
+WEBHOOK_EVENTS = ("start", "progress", "completed")
+MAX_WEBHOOK_URL = 2048
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL,
+        description="an https URL to POST the job's events to (Standard Webhooks: signed "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature` headers; the body is the job as "
+        "`GET /jobs/{id}` shows it, under `data`); http only for allowlisted hosts; private, "
+        "loopback, link-local and metadata addresses are refused",
+        examples=["https://example.com/ddserve-hook"],
+    ),
+]
+WebhookEvent = Literal["start", "progress", "completed"]
+WebhookEventsFilter = Annotated[
+    list[WebhookEvent],
+    Field(
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="which events to send to `webhook`: start (a worker took the job), progress "
+        "(throttled), completed (succeeded, failed or canceled); omitted: all three",
+    ),
+]
 
 
 def guidance_weight(scale: float) -> float:

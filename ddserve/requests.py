@@ -34,12 +34,17 @@ from ddserve.params import (
     NegativePrompt,
     NoiseAmount,
     NoiseKind,
+    PreviewEvery,
     Prompt,
     ReturnMode,
     SamplerName,
     Seed,
+    SolverOrder,
     Strength,
     Trajectory,
+    UseKarrasSigmas,
+    WebhookEventsFilter,
+    WebhookUrl,
     description_of,
 )
 
@@ -68,15 +73,19 @@ class OutputOptions(Body):
     format: ImageFormat = "png"
     return_: ReturnMode = Field("url", alias="return")
     trajectory: Trajectory = False
+    preview_every: PreviewEvery | None = None
 
 
 class JobBody(Body):
-    """What every job-creating body has: the model, and how its outputs come back."""
+    """What every job-creating body has: the model, how its outputs come back, and the webhook
+    its events go to (none by default)."""
 
     model: ModelName
     output: OutputOptions = Field(
         default_factory=OutputOptions, description="how the outputs are returned"
     )
+    webhook: WebhookUrl | None = None
+    webhook_events_filter: WebhookEventsFilter | None = None
 
 
 class GenerateBody(JobBody):
@@ -104,6 +113,8 @@ class GenerateBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None
@@ -121,6 +132,8 @@ class InpaintBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
     class_label: ClassLabel | None = None
@@ -140,6 +153,8 @@ class Img2ImgBody(JobBody):
     sampler: SamplerName | None = None
     num_inference_steps: InferenceSteps | None = None
     eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     negative_prompt: NegativePrompt | None = None

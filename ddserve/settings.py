@@ -74,6 +74,18 @@ class Settings(BaseSettings):
         "poll reads all their jobs' statuses this often, for a notification lost while Redis was "
         "unreachable",
     )
+    job_events: bool = Field(
+        True,
+        description="workers write each job's event stream (started, progress, previews) and "
+        "gateways serve `GET /jobs/{id}/events`; false: neither (the route is a 404)",
+    )
+    sse_heartbeat_s: float = Field(
+        15.0,
+        gt=0.0,
+        description="`GET /jobs/{id}/events` sends a comment line this often so that proxies keep an "
+        "idle stream open; the shared reader also re-reads every open stream's job this often, for "
+        "a wake-up lost while Redis was unreachable",
+    )
     graceful_shutdown_s: float = Field(
         65.0,
         gt=0.0,
@@ -221,6 +233,50 @@ class Settings(BaseSettings):
         90.0,
         description="a stopping worker (SIGTERM) hands back to the queue the jobs it has not "
         "finished within this time",
+    )
+
+    # --- webhooks ---
+    webhook_secret: str = Field(
+        "",
+        description="Standard Webhooks signing secret (`whsec_` + base64 key) of the deliveries; "
+        "empty (and no webhook_secrets): webhooks are off, a job asking for one is refused (422). "
+        "Per API key: webhook_secrets",
+    )
+    webhook_secrets: str = Field(
+        "",
+        description="comma-separated `key_id=whsec_...`: the signing secret of the jobs of that "
+        "API key (its id: the name in DDSERVE_API_KEYS); others use webhook_secret",
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="comma-separated host names, IP addresses or CIDR networks that webhooks may "
+        "reach by http and at private, loopback or link-local addresses (everything else: https "
+        "to public addresses only)",
+    )
+    webhook_connect_timeout_s: float = Field(
+        3.0, gt=0.0, description="a webhook delivery's connect timeout"
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0.0, description="a webhook delivery's total time (connect, send, answer)"
+    )
+    webhook_max_age_s: int = Field(
+        3600,
+        ge=1,
+        description="a webhook delivery is retried (exponential backoff with jitter) until this "
+        "long after its event, then dropped (logged and counted)",
+    )
+    webhook_retry_base_s: int = Field(
+        2, ge=1, description="first retry delay of a failed webhook delivery (then doubling)"
+    )
+    webhook_retry_cap_s: int = Field(
+        300, ge=1, description="longest delay between two attempts of a webhook delivery"
+    )
+    webhook_poll_s: float = Field(
+        0.5,
+        gt=0.0,
+        description="the webhook worker reads the state of the jobs that have a webhook this "
+        "often (their start and progress events; a finished job wakes it at once); also the "
+        "shortest interval between two progress events of a job",
     )
 
     # --- storage ---

@@ -30,7 +30,9 @@ from pydantic import (
 )
 
 from ddserve.params import (
+    KARRAS_SAMPLERS,
     NO_GUIDANCE,
+    ORDER_SAMPLERS,
     ClassifierScale,
     ClassLabel,
     Eta,
@@ -48,7 +50,9 @@ from ddserve.params import (
     PromptTokens,
     SamplerName,
     Seed,
+    SolverOrder,
     Strength,
+    UseKarrasSigmas,
 )
 from ddserve.requests import NoiseOptions, OutputOptions
 
@@ -109,8 +113,24 @@ class _Sampling(_Conditioned):
     sampler: SamplerName
     num_inference_steps: InferenceSteps
     eta: Eta
+    # Present exactly for the samplers they apply to (null otherwise), as the gateway resolves them.
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
     clip_denoised: bool
     seed: Seed
+
+    @model_validator(mode="after")
+    def _solver_options_match_the_sampler(self) -> _Sampling:
+        for name, samplers in (
+            ("use_karras_sigmas", KARRAS_SAMPLERS),
+            ("solver_order", ORDER_SAMPLERS),
+        ):
+            given = getattr(self, name) is not None
+            if given and self.sampler not in samplers:
+                raise ValueError(f"{name} applies to {', '.join(samplers)}, not {self.sampler!r}")
+            if not given and self.sampler in samplers:
+                raise ValueError(f"{name} is missing: sampler {self.sampler!r} takes it")
+        return self
 
 
 class _ClassifierGuided(_Sampling):

@@ -28,6 +28,8 @@ from ddserve.params import (
     GuidanceScale,
     InferenceSteps,
     SamplerName,
+    SolverOrder,
+    UseKarrasSigmas,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class SamplingDefaults(BaseModel):
     sampler: SamplerName = "ddim"
     num_inference_steps: InferenceSteps = 50
     eta: Eta = 0.0
+    use_karras_sigmas: UseKarrasSigmas = False  # applied only to the samplers that take it
+    solver_order: SolverOrder = 2  # likewise (diffusers' default)
     guidance_scale: GuidanceScale = NO_GUIDANCE
     classifier_scale: ClassifierScale = 0.0
     clip_denoised: bool = True

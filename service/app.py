@@ -30,6 +30,7 @@ from models.catalog import load_catalog
 from service.auth import KeyRing, load_keys
 from service.dependencies import AppState
 from service.errors import install_error_handlers
+from service.event_hub import EventHub
 from service.idempotency import IdempotencyStore
 from service.janitor import Janitor
 from service.jobstore import JobStore
@@ -41,6 +42,7 @@ from service.routers import (
     generate,
     health,
     images,
+    job_events,
     jobs,
     metrics,
     models,
@@ -50,6 +52,7 @@ from service.routers import (
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 from service.waiter import JobWaiter
+from service.webhooks.targets import WebhookTargets
 
 log = logging.getLogger("ddserve.service")
 METRICS_FLUSH_S = 1.0  # how often each process adds its request counts to Redis
@@ -117,6 +120,8 @@ def build_state(
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
         telemetry=Telemetry(store),
         waiter=JobWaiter(store, connection, settings.wait_poll_s),
+        events=EventHub(connection, settings.key_prefix, settings.sse_heartbeat_s),
+        webhooks=WebhookTargets(settings),
     )
 
 
@@ -182,6 +187,8 @@ def create_app(
             _metrics_flush_loop(state.telemetry), name="ddserve-metrics-flush"
         )
         state.waiter.start()
+        if settings.job_events:
+            state.events.start()
         log.info(
             "gateway ready: models %s; auth %s; storage %s",
             ", ".join(state.served) or "(none)",
@@ -198,6 +205,7 @@ def create_app(
             with contextlib.suppress(Exception):  # the last requests of this process
                 await to_thread.run_sync(state.telemetry.flush)
             await state.waiter.stop()
+            await state.events.stop()
 
     # /docs and /redoc with Swagger UI's and ReDoc's files served from DOCS_ASSETS (FastAPI's own
     # pages load them from a CDN: blank offline). fastapi-offline bundles them and builds the pages
@@ -216,6 +224,8 @@ def create_app(
     install_error_handlers(app)
     for module in (generate, autoencoder, jobs, images, models, health, metrics, openai_images):
         app.include_router(module.router)
+    if settings.job_events:
+        app.include_router(job_events.router)
     app.include_router(playground.router)  # GET / and its files, outside the OpenAPI document
     app.add_middleware(
         RequestContextMiddleware,

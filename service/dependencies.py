@@ -18,12 +18,14 @@ from ddserve.storage import Storage
 from models.catalog import ModelEntry
 from service.auth import KeyRing
 from service.errors import ApiError
+from service.event_hub import EventHub
 from service.idempotency import IdempotencyStore
 from service.jobstore import JobStore
 from service.normalize import RequestNormalizer
 from service.ratelimit import RateLimiter
 from service.telemetry import Telemetry
 from service.waiter import JobWaiter
+from service.webhooks.targets import WebhookTargets
 
 
 @dataclass
@@ -40,6 +42,8 @@ class AppState:
     idempotency: IdempotencyStore
     telemetry: Telemetry
     waiter: JobWaiter
+    events: EventHub
+    webhooks: WebhookTargets
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ddserve.jobs import (
     META_MODEL,
     META_OWNER,
     META_PROGRESS,
+    META_WEBHOOK,
     TERMINAL,
     JobStatus,
     cancel_set_key,
@@ -45,6 +46,7 @@ from ddserve.jobs import (
 )
 from ddserve.notifications import publish_finished
 from ddserve.settings import Settings
+from service.webhooks.keys import watched_key
 
 # HGET status of every key; a missing job's `false` becomes a nil reply (no hole in the array).
 _STATUSES_LUA = """
@@ -134,6 +136,8 @@ class JobStore:
         pipe.llen(queue.key)
         pipe.zcard(StartedJobRegistry(queue=queue).key)
         self._index(pipe, meta.get(META_OWNER), job_id)
+        if meta.get(META_WEBHOOK):  # its events are dispatched from here on (service.webhooks)
+            pipe.zadd(watched_key(self.prefix), {job_id: int(rq_now().timestamp() * 1000)})
         job = queue.enqueue_call(
             JOB_FUNCTION,
             kwargs={"request": request},
@@ -153,6 +157,7 @@ class JobStore:
         if over and self.connection.lrem(queue.key, 0, job.id):
             job.delete(remove_from_queue=False)
             self.connection.zrem(self.index_key(meta.get(META_OWNER)), job.id)
+            self.connection.zrem(watched_key(self.prefix), job.id)
             return Enqueued(None, queued, queued + started)
         return Enqueued(job, queued, queued + started)
 

@@ -14,7 +14,12 @@ import math
 import secrets
 from typing import Any
 
-from ddserve.params import NO_GUIDANCE, REPAINT_SAMPLERS
+from ddserve.params import (
+    KARRAS_SAMPLERS,
+    NO_GUIDANCE,
+    ORDER_SAMPLERS,
+    REPAINT_SAMPLERS,
+)
 from ddserve.requests import (
     DecodeBody,
     EncodeBody,
@@ -87,28 +92,54 @@ class RequestNormalizer:
         return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
     def _sampling(
-        self, entry: ModelEntry, sampler: str | None, steps: int | None, eta: float | None
+        self, entry: ModelEntry, body: GenerateBody | InpaintBody | Img2ImgBody
     ) -> dict[str, Any]:
+        """The sampler, its step count and options: each the body's or the card's default. The
+        solver options apply only to the samplers that take them: given for another sampler they
+        are a 422; left out, the card's default fills them for those samplers and null for others."""
         d = self._defaults(entry)
-        chosen = sampler or d.sampler
+        chosen = body.sampler or d.sampler
         if entry.samplers and chosen not in entry.samplers:
             raise _invalid(
                 "unsupported_sampler",
                 f"model {entry.name!r} offers the samplers {', '.join(entry.samplers)}",
                 "sampler",
             )
+        options: dict[str, Any] = {}
+        for name, samplers, default in (
+            ("use_karras_sigmas", KARRAS_SAMPLERS, d.use_karras_sigmas),
+            ("solver_order", ORDER_SAMPLERS, d.solver_order),
+        ):
+            given = getattr(body, name)
+            if chosen not in samplers:
+                if given is not None:
+                    raise _invalid(
+                        "solver_option_not_applicable",
+                        f"{name} applies to the samplers {', '.join(samplers)}, not to "
+                        f"{chosen!r}: leave it out or choose one of those",
+                        name,
+                    )
+                options[name] = None
+            else:
+                options[name] = given if given is not None else default
         total = entry.schedule.num_timesteps if entry.schedule else 1000
-        count = steps if steps is not None else min(d.num_inference_steps, total)
-        if count > total:
+        # The multistep solvers lay out S + 1 points of the schedule and drop the last
+        # (models.diffusion.timesteps.multistep_timesteps); Karras σ levels have no such bound.
+        most = total - 1 if chosen in ORDER_SAMPLERS and not options["use_karras_sigmas"] else total
+        steps = body.num_inference_steps
+        count = steps if steps is not None else min(d.num_inference_steps, most)
+        if count > most:
             raise _invalid(
                 "too_many_steps",
-                f"num_inference_steps is {count}; model {entry.name!r} has T = {total}",
+                f"num_inference_steps is {count}; with sampler {chosen!r} model {entry.name!r} "
+                f"(T = {total}) takes 1 to {most}",
                 "num_inference_steps",
             )
         return {
             "sampler": chosen,
             "num_inference_steps": count,
-            "eta": eta if eta is not None else d.eta,
+            "eta": body.eta if body.eta is not None else d.eta,
+            **options,
         }
 
     def _condition(
@@ -274,7 +305,7 @@ class RequestNormalizer:
         return GenerateSpec(
             model=entry.name,
             n=body.n,
-            **self._sampling(entry, body.sampler, body.num_inference_steps, body.eta),
+            **self._sampling(entry, body),
             **self._condition(
                 entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
             ),
@@ -291,11 +322,14 @@ class RequestNormalizer:
             "sampler": body.sampler,
             "num_inference_steps": body.num_inference_steps,
             "eta": body.eta,
+            "use_karras_sigmas": body.use_karras_sigmas,
+            "solver_order": body.solver_order,
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
             "guidance_scale": None if body.guidance_scale == NO_GUIDANCE else body.guidance_scale,
             "classifier_scale": body.classifier_scale or None,
             "output.trajectory": body.output.trajectory or None,
+            "output.preview_every": body.output.preview_every,
         }
         for name, value in diffusion_only.items():
             if value is not None:
@@ -317,7 +351,7 @@ class RequestNormalizer:
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
         d = self._defaults(entry)
-        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        sampling = self._sampling(entry, body)
         steps = sampling["num_inference_steps"]
         # The default jump is cut to the step count; an explicit one must fit.
         jump_length = (
@@ -325,11 +359,12 @@ class RequestNormalizer:
         )
         jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
         if jump_n_sample > 1 and sampling["sampler"] not in REPAINT_SAMPLERS:
+            whose = "" if body.sampler is not None else f"model {entry.name!r}'s default "
             raise _invalid(
                 "sampler_cannot_resample",
-                f"sampler {sampling['sampler']!r} keeps a history of model outputs, which RePaint's "
-                f"jumps back to more noise would invalidate: with jump_n_sample > 1 use one of "
-                f"{', '.join(REPAINT_SAMPLERS)}",
+                f"{whose}sampler {sampling['sampler']!r} keeps a history of model outputs, which "
+                f"RePaint's jumps back to more noise would invalidate: with jump_n_sample > 1 "
+                f"give sampler, one of {', '.join(REPAINT_SAMPLERS)}",
                 "sampler",
             )
         if jump_length > steps:
@@ -367,7 +402,7 @@ class RequestNormalizer:
                 "denoise an image along: image-to-image needs a diffusion model",
                 "model",
             )
-        sampling = self._sampling(entry, body.sampler, body.num_inference_steps, body.eta)
+        sampling = self._sampling(entry, body)
         steps = sampling["num_inference_steps"]
         if int(steps * body.strength) == 0:  # the library's `timesteps.sdedit_start` arithmetic
             raise _invalid(

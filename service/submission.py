@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID
+from ddserve.jobs import META_KIND, META_MODEL, META_OWNER, META_REQUEST_ID, META_WEBHOOK
 from ddserve.spec import JobSpec
 from service.dependencies import AppState, Caller, base_url
 from service.errors import ApiError
@@ -62,6 +62,7 @@ def _create(
             headers={"Retry-After": str(retry_after)},
         )
     spec = _spec(normalize, body)
+    webhook = state.webhooks.target(body)  # resolves its host: here, off the event loop
     model = spec.model
     job_id = str(uuid.uuid4())
     if idempotency_key is not None:
@@ -80,6 +81,8 @@ def _create(
         META_MODEL: model,
         META_REQUEST_ID: request_id,
     }
+    if webhook is not None:
+        meta[META_WEBHOOK] = webhook
     limit = state.settings.max_queue_length
     try:
         done = state.store.enqueue(model, spec.to_json(), job_id, meta, max_load=limit)

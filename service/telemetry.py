@@ -16,7 +16,9 @@ several hosts) answers a scrape with the same totals, and no job goes uncounted:
   `ddserve_images_generated_total{model}`, `ddserve_batch_size{model}` (images per network call)
   and `ddserve_steps_per_second{model}` of succeeded jobs, and
   `ddserve_job_outcomes_total{model,outcome}`: counted by the worker that ended each job, when it
-  ended it (`ddserve.job_metrics`), so a job whose record expired before the scrape still counts.
+  ended it (`ddserve.job_metrics`), so a job whose record expired before the scrape still counts;
+- `ddserve_webhook_deliveries_total{outcome}`: counted by the webhook workers
+  (`service.webhooks.delivery`).
 
 When Redis does not answer, the scrape shows `ddserve_redis_up 0` only (and the requests tallied
 meanwhile are kept for the next write).
@@ -57,6 +59,7 @@ from service.request_metrics import (
     read_request_totals,
     requests_key,
 )
+from service.webhooks.keys import counts_key
 
 log = logging.getLogger("ddserve.metrics")
 
@@ -107,6 +110,20 @@ class DeploymentCollector:
         yield from self._request_families(requests)
         yield from self._gauge_families(counts, alive)
         yield from self._job_families(jobs)
+        try:
+            webhooks = self.store.connection.hgetall(counts_key(self.store.prefix))
+        except redis.RedisError:
+            return
+        deliveries = CounterMetricFamily(
+            "ddserve_webhook_deliveries",
+            "webhook delivery attempts by outcome: delivered, failed_attempts (retried later), "
+            "dropped (no retry left within webhook_max_age_s), refused (URL not allowed at "
+            "delivery)",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(webhooks.items()):
+            deliveries.add_metric([outcome.decode()], float(count))
+        yield deliveries
 
     def _read(
         self,

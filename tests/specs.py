@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddserve.params import KARRAS_SAMPLERS, ORDER_SAMPLERS
 from ddserve.spec import parse_job_spec
 
 SAMPLING = {
@@ -19,6 +20,11 @@ SAMPLING = {
 
 
 def _spec(fields: dict[str, Any]) -> dict[str, Any]:
+    if "sampler" in fields:  # the solver options the gateway fills for the samplers taking them
+        if fields["sampler"] in KARRAS_SAMPLERS:
+            fields = {"use_karras_sigmas": False, **fields}
+        if fields["sampler"] in ORDER_SAMPLERS:
+            fields = {"solver_order": 2, **fields}
     return parse_job_spec(fields).to_json()  # type: ignore[union-attr]
 
 

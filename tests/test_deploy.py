@@ -46,7 +46,7 @@ from tests.compose import (
 )
 
 DEPLOY = ROOT / "deploy"
-STORE_CLIENTS = ("gateway", "worker", "worker-cpu")
+STORE_CLIENTS = ("gateway", "worker", "worker-cpu", "webhooks")
 K8S = DEPLOY / "k8s"
 DOCKERFILES = sorted(DEPLOY.glob("*.Dockerfile"))
 WORKER_ONLY_PROBES = {"torch", "onnxruntime", "onnx", "scikit-learn"}
@@ -89,7 +89,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
 def test_compose_default_stack_and_profiles() -> None:
     services = _compose()["services"]
     default = {name for name, service in services.items() if not service.get("profiles")}
-    assert default == {"redis", "minio", "minio-init", "gateway", "worker"}
+    assert default == {"redis", "minio", "minio-init", "gateway", "worker", "webhooks"}
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert services["prometheus"]["profiles"] == ["monitoring"]
     assert services["rq-dashboard"]["profiles"] == ["dashboard"]
@@ -221,7 +221,11 @@ SERVICE_ENV = {  # each service's container environment: exactly what it uses
         "DDSERVE_MAX_QUEUE_LENGTH",
         "DDSERVE_MAX_WAIT_S",
         "DDSERVE_GRACEFUL_SHUTDOWN_S",
+        "DDSERVE_WEBHOOK_SECRET",
+        "DDSERVE_WEBHOOK_ALLOWED_HOSTS",
     },
+    "webhooks": STORES
+    | {"DDSERVE_PUBLIC_URL", "DDSERVE_WEBHOOK_SECRET", "DDSERVE_WEBHOOK_ALLOWED_HOSTS"},
     "worker": WORKER_ENV,
     "worker-cpu": WORKER_ENV,
     "prometheus": set(),
@@ -239,8 +243,15 @@ def test_compose_gives_each_service_only_its_own_variables() -> None:
         environment = service_environment(service, {".env": dotenv})
         assert set(environment) == SERVICE_ENV[name], name
     secrets = {
-        "MINIO_ROOT_PASSWORD": {"minio", "minio-init", "gateway", "worker", "worker-cpu"},
-        "REDIS_PASSWORD": {"redis", "gateway", "worker", "worker-cpu", "rq-dashboard"},
+        "MINIO_ROOT_PASSWORD": {
+            "minio",
+            "minio-init",
+            "gateway",
+            "worker",
+            "worker-cpu",
+            "webhooks",
+        },
+        "REDIS_PASSWORD": {"redis", "gateway", "worker", "worker-cpu", "rq-dashboard", "webhooks"},
         "PROMETHEUS_API_KEY": set(),  # a compose secret file of the prometheus service only
     }
     for variable, holders in secrets.items():
@@ -615,7 +626,7 @@ def test_k8s_redis_requires_the_password_every_client_url_carries() -> None:
         for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
     }
     assert "password" in example["ddserve-redis"]["stringData"]
-    for deployment in ("ddserve-gateway", "ddserve-worker"):
+    for deployment in ("ddserve-gateway", "ddserve-worker", "ddserve-webhooks"):
         container = _container("Deployment", deployment)
         assert _redis_password_secret(deployment) == ("ddserve-redis", "password")
         names = [e["name"] for e in container["env"]]
@@ -634,7 +645,7 @@ def test_k8s_redis_requires_the_password_every_client_url_carries() -> None:
     assert "DDSERVE_REDIS_URL" not in _resource("ConfigMap", "ddserve-config")["data"]
 
 
-def test_k8s_only_the_gateway_and_workers_reach_redis() -> None:
+def test_k8s_only_the_gateway_workers_and_webhook_worker_reach_redis() -> None:
     policy = _resource("NetworkPolicy", "ddserve-redis")["spec"]
     redis_labels = _resource("StatefulSet", "ddserve-redis")["spec"]["template"]["metadata"]
     assert policy["podSelector"]["matchLabels"].items() <= redis_labels["labels"].items()
@@ -644,7 +655,7 @@ def test_k8s_only_the_gateway_and_workers_reach_redis() -> None:
     (selector,) = pods
     (expression,) = selector["matchExpressions"]
     assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In"
-    assert sorted(expression["values"]) == ["ddserve-gateway", "ddserve-worker"]
+    assert sorted(expression["values"]) == ["ddserve-gateway", "ddserve-webhooks", "ddserve-worker"]
     for name in expression["values"]:
         labels = _resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == name

@@ -92,3 +92,22 @@ def test_img2img_errors_are_clear_4xx(
 def test_a_small_strength_with_enough_steps_is_accepted(client: TestClient) -> None:
     r = client.post("/img2img", json={**BODY, "strength": 0.05, "num_inference_steps": 20})
     assert r.status_code == 202, r.text  # ⌊20 · 0.05⌋ = 1 step
+
+
+def test_img2img_takes_the_negative_prompt_and_solver_options_as_generate_does(
+    client: TestClient,
+) -> None:
+    """Regression (found merging #20 item 2 with #20 item 3 and #22): `/img2img` lacked
+    `negative_prompt`, `use_karras_sigmas` and `solver_order`, which every other sampling route
+    takes from the same declarations."""
+    body = {"model": "tiny-text", "image": png_b64(mode="L"), "prompt": "red", "strength": 0.5}
+    r = client.post("/img2img", json={**body, "negative_prompt": "blue", "guidance_scale": 3.0})
+    assert r.status_code == 202, r.text
+    request = queued_request(client, r.json()["id"])
+    assert request["negative_prompt"] == "blue" and request["negative_prompt_tokens"]
+    assert_error(
+        client.post("/img2img", json={**BODY, "sampler": "ddim", "solver_order": 1}),
+        422,
+        "solver_option_not_applicable",
+        "solver_order",
+    )

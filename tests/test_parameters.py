@@ -32,6 +32,8 @@ SAMPLE_VALUES = {
     "sampler": "ddpm",
     "num_inference_steps": 20,
     "eta": 0.5,
+    "use_karras_sigmas": True,
+    "solver_order": 1,
     "class_label": 2,
     "prompt": "red circle",
     "negative_prompt": "blue",
@@ -120,7 +122,9 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
             GenerateSpec,
             ["n", "num_inference_steps", "eta", "guidance_scale", "seed", "negative_prompt"],
         ),
+        (GenerateBody, GenerateSpec, ["use_karras_sigmas", "solver_order"]),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
+        (InpaintBody, InpaintSpec, ["use_karras_sigmas", "solver_order"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),
         (
             Img2ImgBody,
@@ -147,7 +151,19 @@ def test_generate_cli_options_are_derived_from_the_body() -> None:
     assert args.num_inference_steps == 20 and args.guidance_scale == 7.5
     help_text = parser.format_help()
     assert "as in diffusers" in help_text  # the guidance description, from ddserve.params
-    for bad in (["--guidance", "0.5"], ["--steps", "0"], ["--sampler", "heun"], ["--n", "99"]):
+    words = " ".join(help_text.split())  # argparse wraps the descriptions
+    assert "Karras et al. (2022)" in words and "multistep solver's order" in words
+    solver = ["--model", "m", "--use-karras-sigmas", "true", "--solver-order", "1"]
+    args = parser.parse_args(solver)
+    assert args.use_karras_sigmas is True and args.solver_order == 1
+    for bad in (
+        ["--guidance", "0.5"],
+        ["--steps", "0"],
+        ["--sampler", "heun"],
+        ["--n", "99"],
+        ["--solver-order", "3"],
+        ["--use-karras-sigmas", "maybe"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "m", *bad])
 

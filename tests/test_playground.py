@@ -186,7 +186,7 @@ def run_the_page(page: Any, url: str) -> None:
         page.click("#gen-submit")
     body = json.loads(sent.value.post_data)
     assert body["class_label"] == 3 and body["num_inference_steps"] == 4 and body["seed"] == 7
-    page.wait_for_function(all_loaded("#gen-grid img", 4))
+    page.wait_for_function(all_loaded("#gen-grid img:not(.preview)", 4))  # (not x̂₀ previews)
     page.wait_for_function(all_loaded("#gen-trajectory-img", 1))
     assert page.inner_text("#gen-progress").startswith("succeeded")
     assert page.get_attribute("#gen-progress", "data-state") == "done"
@@ -253,6 +253,45 @@ def generate_once(page: Any) -> None:
     page.wait_for_function(all_loaded("#gen-grid img", 2))
     page.wait_for_function(all_loaded("#gen-trajectory-img", 1))
     assert page.get_attribute("#gen-progress", "data-state") == "done"
+
+
+# Every change of #gen-grid's images, in order: (src kind, is a preview). Installed before a submit.
+RECORD_GRID = """(() => {
+  window.gridLog = [];
+  const log = (img) => window.gridLog.push([img.src.startsWith('data:') ? 'data' : 'link',
+                                            img.classList.contains('preview')]);
+  new MutationObserver((changes) => {
+    for (const change of changes) {
+      if (change.type === 'attributes' && change.target.src) log(change.target);
+      for (const node of change.addedNodes || []) if (node.src) log(node);
+    }
+  }).observe(document.getElementById('gen-grid'),
+             { childList: true, subtree: true, attributes: true, attributeFilter: ['src'] });
+})()"""
+
+
+def test_previews_appear_over_sse_before_the_final_images(page: Any) -> None:
+    """The page follows the job over GET /jobs/{id}/events?preview=1 and shows each image's x̂₀
+    preview in the grid while it samples; the final images replace them."""
+    page.select_option("#gen-model", DIFFUSION)
+    page.fill("#gen-steps", "40")  # a preview every 2 steps (the floor; 40 / 20 = 2)
+    page.fill("#gen-n", "2")
+    page.evaluate(RECORD_GRID)
+    with (
+        page.expect_request(lambda r: r.url.endswith("/generate")) as sent,
+        page.expect_request(lambda r: "/events?preview=1" in r.url) as stream,
+    ):
+        page.click("#gen-submit")
+    assert json.loads(sent.value.post_data)["output"]["preview_every"] == 2
+    assert stream.value.headers["authorization"] == f"Bearer {API_KEY}"
+    page.wait_for_function(all_loaded("#gen-grid img:not(.preview)", 2))
+    assert page.get_attribute("#gen-progress", "data-state") == "done"
+    log = [tuple(entry) for entry in page.evaluate("window.gridLog")]
+    previews = [i for i, entry in enumerate(log) if entry == ("data", True)]
+    finals = [i for i, entry in enumerate(log) if entry == ("link", False)]
+    assert len(previews) >= 2 and len(finals) == 2, log  # both images previewed at least once
+    assert max(previews) < min(finals), log  # every preview came before the final images
+    assert page.locator("#gen-grid img.preview").count() == 0
 
 
 def test_switching_models_clears_the_previous_models_outputs(page: Any) -> None:

@@ -19,6 +19,7 @@ class MemoryTicket:
     arrived_at: float = 0.0
     deadline: float = float("inf")
     progress_log: list[tuple[int, int, int]] = field(default_factory=list)
+    previews_log: list[tuple[int, list[dict[str, Any]]]] = field(default_factory=list)  # step → …
     output: dict[str, Any] | None = None
     batch_rows: int | None = None
     error: BaseException | None = None
@@ -28,8 +29,12 @@ class MemoryTicket:
     def __post_init__(self) -> None:
         self.spec = parse_job_spec(self.request)  # as WorkerJob: parsed once, when taken
 
-    def progress(self, step: int, total: int, batch_rows: int) -> None:
+    def progress(
+        self, step: int, total: int, batch_rows: int, previews: list[Any] | None = None
+    ) -> None:
         self.progress_log.append((step, total, batch_rows))
+        if previews is not None:
+            self.previews_log.append((step, previews))
 
     def succeed(self, output: dict[str, Any], batch_rows: int) -> None:
         self.output, self.batch_rows = output, batch_rows

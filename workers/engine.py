@@ -14,7 +14,11 @@ condition, inpainting mask and known image, and noise generator. Every schedulin
 3. per model, one network call over all running samples at their own timesteps; finished samples
    leave and their images are decoded (latent diffusion, one call per step); a job completes as
    soon as its last image is stored; progress is written every `progress_every` steps and once
-   more (step = total) when the job completes.
+   more (step = total) when the job completes. A job that asked for live previews
+   (`output.preview_every` = k) also gets, every k of its steps, the x̂_0 its samples went through
+   in that step, decoded like a final image (the first-stage decoder of a latent model: exact,
+   not a latent→RGB approximation, at one decoder call per job every k steps) and shrunk to a small
+   PNG, with its progress; a job that did not ask costs nothing (its samples keep no x̂_0).
 
 Storing (PNG encoding and the storage backend's write: a file, or an HTTP request to S3) runs on
 the engine's store threads (`store_threads`) while the next steps run, so a step boundary never
@@ -56,6 +60,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ddserve.job_events import Preview
 from ddserve.jobs import ImageRecord, JobOutput
 from ddserve.settings import Settings
 from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
@@ -68,6 +73,7 @@ from workers.execute import (
     DenoiseWork,
     prepare_codec,
     prepare_denoise,
+    preview_png,
     run_codec,
     run_codec_calls,
 )
@@ -97,7 +103,9 @@ class Ticket(Protocol):
     arrived_at: float  # when it was queued (seconds since the epoch): older is admitted first
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
 
-    def progress(self, step: int, total: int, batch_rows: int) -> None: ...
+    def progress(
+        self, step: int, total: int, batch_rows: int, previews: list[Preview] | None = None
+    ) -> None: ...
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None: ...
 
@@ -238,6 +246,7 @@ class JobState:
     largest_call_rows: int = 0  # rows of the largest network call it shared (its batch_size)
     steps_since_progress: int = 0
     image_steps: int = 0  # network calls made for this job's images, summed over its images
+    previewed_at: int = 0  # its progress step at its last x̂_0 preview (output.preview_every)
 
     @property
     def id(self) -> str:
@@ -439,10 +448,39 @@ class DenoiseLane:
                 continue
             if job.work.done:
                 self._complete(job)
+            elif self._preview_due(job):
+                job.steps_since_progress = 0
+                _report(job, self._previews(job))
             elif job.steps_since_progress >= self.policy.progress_every:
                 job.steps_since_progress = 0
                 _report(job)
         self._collect_stores(block=False)
+
+    def _preview_due(self, job: JobState) -> bool:
+        """Whether the job asked for previews and made `preview_every` more steps since its last."""
+        every = job.work.spec.preview_every
+        return every is not None and job.progress_step() - job.previewed_at >= every
+
+    def _previews(self, job: JobState) -> list[Preview]:
+        """x̂_0 of the job's samples now running, decoded to pixels as its final images would be
+        (the first-stage decoder for latent models, one call for the job's samples), as small PNGs
+        (`workers.execute.preview_png`). Only for jobs that asked; a failure costs the preview,
+        never the job."""
+        job.previewed_at = job.progress_step()
+        samples = [
+            s for s in self.batch.samples if s.x0 is not None and self._owner.get(id(s)) is job
+        ]
+        if not samples:
+            return []
+        try:
+            pixels = self.model.to_pixels(torch.stack([s.x0 for s in samples]))  # [k, C, H, W]
+            return [
+                {"index": int(s.tag), "png": preview_png(image)}
+                for s, image in zip(samples, pixels, strict=True)
+            ]
+        except Exception:
+            log.exception("job %s: could not make its previews", job.id)
+            return []
 
     def _fail_non_finite(self, row_samples: list[Sample], finished: list[Sample]) -> list[Sample]:
         """Fail the jobs with a sample whose x_t is no longer finite after the step, with the
@@ -653,9 +691,13 @@ class CodecLane:
 Lane = DenoiseLane | CodecLane
 
 
-def _report(job: JobState) -> None:
+def _report(job: JobState, previews: list[Preview] | None = None) -> None:
     try:
-        job.ticket.progress(job.progress_step(), job.work.steps_per_image, job.largest_call_rows)
+        step, total, rows = job.progress_step(), job.work.steps_per_image, job.largest_call_rows
+        if previews:
+            job.ticket.progress(step, total, rows, previews=previews)
+        else:
+            job.ticket.progress(step, total, rows)
     except Exception:
         log.exception("job %s: could not write progress", job.id)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddserve.job_events import PREVIEW_MAX_SIDE
 from ddserve.jobs import ImageRecord, JobKind, JobOutput
 from ddserve.params import guidance_weight, image_seed
 from ddserve.requests import NoiseOptions, OutputOptions
@@ -101,6 +102,20 @@ def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+def preview_png(image: torch.Tensor) -> str:
+    """[C, H, W] in [−1, 1] → base64 PNG whose longest side is at most PREVIEW_MAX_SIDE (box-
+    filtered down; a smaller image keeps its size): a live preview of x̂_0 for the SSE stream."""
+    picture = to_pil(image.clamp(-1.0, 1.0))
+    side = max(picture.width, picture.height)
+    if side > PREVIEW_MAX_SIDE:
+        scale = PREVIEW_MAX_SIDE / side
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.BOX)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def trajectory_gif(frames: list[torch.Tensor], duration_ms: int = 60) -> bytes:
     """Frames [n, C, H, W] in [−1, 1] (one per kept step) → an animated GIF of their grids."""
     pictures = []
@@ -135,10 +150,11 @@ class OutputSpec:
     image_format: str = "png"
     return_b64: bool = False
     trajectory: bool = False
+    preview_every: int | None = None  # steps between x̂_0 previews on the job's event stream
 
     @classmethod
     def from_options(cls, output: OutputOptions) -> OutputSpec:
-        return cls(output.format, output.return_ == "b64", output.trajectory)
+        return cls(output.format, output.return_ == "b64", output.trajectory, output.preview_every)
 
 
 def store_image(
@@ -333,6 +349,13 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         jump_n_sample=spec.jump_n_sample if inpaint else 1,
         strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
     )
+    # The solver options are present exactly for the samplers that take them (the spec checks).
+    for name, value in (
+        ("use_karras_sigmas", spec.use_karras_sigmas),
+        ("solver_order", spec.solver_order),
+    ):
+        if value is not None:
+            request[name] = value
     if not model.scheduler.from_diffusers:
         # A zoo model's card decides clipping (resolved into the spec by the gateway); a diffusers
         # config decides it per sampler class (`SchedulerOptions.settings`).
@@ -398,6 +421,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
             mask=mask,
             init_x0=init_x0,
             keep_trajectory=output.trajectory,
+            keep_x0=output.preview_every is not None,
             tag=i,
         )
         for i in range(spec.n)

@@ -30,6 +30,7 @@ from rq.utils import now
 from rq.worker import BaseWorker
 
 from ddserve import recovery
+from ddserve.job_events import EventKind, Preview
 from ddserve.jobs import (
     JOB_FUNCTION,
     META_BATCH_SIZE,
@@ -88,8 +89,10 @@ class WorkerJob:
     def id(self) -> str:
         return self.job.id
 
-    def progress(self, step: int, total: int, batch_rows: int) -> None:
-        self.jobs.progress(self, step, total, batch_rows)
+    def progress(
+        self, step: int, total: int, batch_rows: int, previews: list[Preview] | None = None
+    ) -> None:
+        self.jobs.progress(self, step, total, batch_rows, previews)
 
     def succeed(self, output: JobOutput, batch_rows: int) -> None:
         self.jobs.succeed(self, output, batch_rows)
@@ -162,6 +165,7 @@ class RQJobs:
         )
         with self.lock:
             self.held[job.id] = held
+        self.writes.event(job.id, EventKind.STARTED, {})  # its event stream, with the round
         log.info("job %s started", job.id, extra=held.log_fields)
         return held
 
@@ -182,12 +186,25 @@ class RQJobs:
         self.finish(job.id, finish)
 
     # --- the engine's calls (WorkerJob's ticket methods) -----------------------------------------
-    def progress(self, held: WorkerJob, step: int, total: int, batch_rows: int) -> None:
+    def progress(
+        self,
+        held: WorkerJob,
+        step: int,
+        total: int,
+        batch_rows: int,
+        previews: list[Preview] | None = None,
+    ) -> None:
+        """The job's progress in its meta (GET /jobs) and, with its previews, on its event
+        stream (GET /jobs/{id}/events); both sent with the round's other writes."""
         if held.lost:  # another worker owns the job now: leave its meta alone
             return
         held.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
         held.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.writes.save_meta(held.job)  # sent with the round's other writes
+        self.writes.save_meta(held.job)
+        event: dict[str, Any] = {"step": int(step), "of": int(total)}
+        if previews:
+            event["previews"] = previews
+        self.writes.event(held.id, EventKind.PROGRESS, event)
 
     def succeed(self, held: WorkerJob, output: JobOutput, batch_rows: int) -> None:
         """Recorded by the exchange with the round's other successes; the last progress (step =

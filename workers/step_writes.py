@@ -13,17 +13,24 @@ The writes wait for the worker's next exchange with Redis, which runs beside a r
 at most every `redis_interval_ms` (`BatchingWorker.run_round`), or at once when no round follows:
 a success is recorded at most about that interval and one step after its last image is stored, and
 the rounds between merge (a job's meta is written once, with its latest progress).
+
+The round also carries the entries of the jobs' event streams (`ddserve.job_events`: `started`,
+`progress` with its previews), appended in the same pipeline or transaction as the meta writes, so
+an SSE reader that sees a job ended has every entry before its end. Merged like the meta: a
+progress entry without previews replaces the job's previous one of the round, when that one had
+none either (a preview is never dropped).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.client import Pipeline
 from rq.job import Job
 from rq.utils import now
 
+from ddserve.job_events import EventKind, append, publish_updated
 from ddserve.job_metrics import JobOutcome, Outcome, record_outcome
 from ddserve.jobs import META_PROGRESS, JobOutput
 from workers import rq_bridge
@@ -93,16 +100,20 @@ class Round:
     metas: dict[str, Job] = field(default_factory=dict)  # job id → job whose meta to save
     successes: dict[str, Success] = field(default_factory=dict)
     outcomes: list[JobOutcome] = field(default_factory=list)  # failed, canceled, retried
+    # job id → its event-stream entries of the round, in order
+    events: dict[str, list[tuple[EventKind, dict[str, Any]]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.metas or self.successes or self.outcomes)
+        return bool(self.metas or self.successes or self.outcomes or self.events)
 
 
 class StepWrites:
     """The current round's pending writes (used by the worker's loop thread only)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, events_ttl_s: int = 86400, events: bool = True) -> None:
         self.prefix = prefix
+        self.events_ttl_s = events_ttl_s  # how long a job's event stream outlives its last entry
+        self.events = events  # False: no event streams (`DDSERVE_JOB_EVENTS=false`)
         self._round = Round()
 
     def save_meta(self, job: Job) -> None:
@@ -112,6 +123,17 @@ class StepWrites:
     def succeed(self, success: Success) -> None:
         self._round.successes[success.job.id] = success
 
+    def event(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
+        """An entry for the job's event stream (see the module docstring for the merging)."""
+        if not self.events:
+            return
+        entries = self._round.events.setdefault(job_id, [])
+        merges = kind == EventKind.PROGRESS and "previews" not in data
+        if merges and entries and entries[-1][0] == kind and "previews" not in entries[-1][1]:
+            entries[-1] = (kind, data)
+        else:
+            entries.append((kind, data))
+
     def count(self, outcome: JobOutcome) -> None:
         self._round.outcomes.append(outcome)
 
@@ -119,6 +141,7 @@ class StepWrites:
         """A job that ended another way (failed, canceled, lost): nothing of it is written."""
         self._round.metas.pop(job_id, None)
         self._round.successes.pop(job_id, None)
+        self._round.events.pop(job_id, None)
 
     def take(self) -> Round:
         taken, self._round = self._round, Round()
@@ -130,6 +153,8 @@ class StepWrites:
         for job_id, job in taken.metas.items():
             self._round.metas.setdefault(job_id, job)
         self._round.outcomes[:0] = taken.outcomes
+        for job_id, entries in taken.events.items():  # before this round's own, in order
+            self._round.events[job_id] = entries + self._round.events.get(job_id, [])
 
     def queue_writes(self, pipe: Pipeline, taken: Round, successes: list[Success]) -> None:
         """Queue the round's meta saves and outcome counts, and the meta saves and outcome counts
@@ -141,3 +166,7 @@ class StepWrites:
         for success in successes:
             rq_bridge.save_meta(success.job, pipe)
             record_outcome(pipe, self.prefix, success.outcome())
+        for job_id, entries in taken.events.items():
+            for kind, data in entries:
+                append(pipe, self.prefix, job_id, kind, data, self.events_ttl_s, wake=False)
+        publish_updated(pipe, self.prefix, list(taken.events))  # one wake-up for the round

@@ -58,6 +58,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker
 
 from ddserve import recovery
+from ddserve.job_events import retention_s
 from ddserve.jobs import queue_name
 from ddserve.settings import Settings
 from ddserve.storage import Storage, create_storage
@@ -161,7 +162,14 @@ class BatchingWorker(SimpleWorker):
         )
         self.pool.warm(self.models)
         self.storage = storage or create_storage(settings)
-        writes = StepWrites(settings.key_prefix)  # the current round's writes
+        events_ttl_s = retention_s(
+            settings.result_ttl_s,
+            settings.failure_ttl_s,
+            settings.job_ttl_s,
+            settings.job_deadline_s,
+        )
+        # the current round's writes
+        writes = StepWrites(settings.key_prefix, events_ttl_s, settings.job_events)
         model_of_queue = {q: m for m, q in self._queues_by_model.items()}
         self.jobs = RQJobs(self, settings, writes, model_of_queue)
         self.exchange = RedisExchange(self, settings, self.jobs, writes)

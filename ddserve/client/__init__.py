@@ -22,7 +22,7 @@ from ddserve.client.errors import (
     WaitTimeout,
 )
 from ddserve.client.sync import Client
-from ddserve.client.types import Image, Job, JobOutput, Model, Progress, Readiness
+from ddserve.client.types import Image, Job, JobEvent, JobOutput, Model, Progress, Readiness
 from ddserve.jobs import JobStatus
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Image",
     "Job",
     "JobCanceled",
+    "JobEvent",
     "JobFailed",
     "JobOutput",
     "JobStatus",

@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+from httpx_sse import aconnect_sse
 
-from ddserve.client import bodies, operations
+from ddserve.client import bodies, operations, streaming
 from ddserve.client.base import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     DEFAULT_WAIT_TIMEOUT_S,
     ClientConfig,
+    answer_error,
+    job_id_of,
 )
 from ddserve.client.bodies import ImageInput, ReturnMode
+from ddserve.client.errors import ConnectionFailed
 from ddserve.client.operations import Done, Effect, Operation, Send, Sleep, Waiting, resume
-from ddserve.client.types import Image, Job, Model, Readiness
+from ddserve.client.types import Image, Job, JobEvent, Model, Readiness
 from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 
 T = TypeVar("T")
@@ -121,6 +125,7 @@ class AsyncClient:
         *,
         trajectory: bool = False,
         return_: ReturnMode = "url",
+        preview_every: int | None = None,
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
@@ -131,7 +136,9 @@ class AsyncClient:
         """`POST /generate`: sample n images (DDPM/DDIM; classifier-free `guidance_scale` s as in
         diffusers, 1 = none; classifier guidance `classifier_scale`). `parameters` are the body's
         (listed below); a name it does not have is a TypeError."""
-        body = bodies.generate_body(model, trajectory=trajectory, return_=return_, **parameters)
+        body = bodies.generate_body(
+            model, trajectory=trajectory, return_=return_, preview_every=preview_every, **parameters
+        )
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return await self._run(operations.submit(self.config, "/generate", body, waiting))
 
@@ -142,6 +149,7 @@ class AsyncClient:
         mask: ImageInput,
         *,
         return_: ReturnMode = "url",
+        preview_every: int | None = None,
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
@@ -151,7 +159,9 @@ class AsyncClient:
     ) -> Job:
         """`POST /inpaint` (RePaint): fill the mask's black (0) region; white (255) is kept.
         `parameters` are the body's (listed below); a name it does not have is a TypeError."""
-        body = bodies.inpaint_body(model, image, mask, return_=return_, **parameters)
+        body = bodies.inpaint_body(
+            model, image, mask, return_=return_, preview_every=preview_every, **parameters
+        )
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return await self._run(operations.submit(self.config, "/inpaint", body, waiting))
 
@@ -261,6 +271,44 @@ class AsyncClient:
         return await self._run(
             operations.wait(self.config, job, waiting, raise_on_failure=raise_on_failure)
         )
+
+    async def stream(
+        self, job: Job | str, *, preview: bool = False, last_event_id: str | None = None
+    ) -> AsyncIterator[JobEvent]:
+        """`GET /jobs/{id}/events` (see `Client.stream`): `async for event in client.stream(job)`;
+        ends after the terminal event, reopens a broken stream from its last event id."""
+        job_id = job_id_of(job)
+        failures = 0
+        while True:
+            try:
+                async with aconnect_sse(
+                    self.http,
+                    "GET",
+                    streaming.events_url(self.config, job_id, preview),
+                    headers=streaming.events_headers(self.config, last_event_id),
+                    timeout=streaming.events_timeout(self.config),
+                ) as source:
+                    if source.response.status_code >= 400:
+                        await source.response.aread()
+                        raise answer_error(source.response)
+                    async for sse in source.aiter_sse():
+                        event = streaming.to_event(sse)
+                        failures = 0
+                        if event.id is not None:
+                            last_event_id = event.id
+                        yield event
+                        if event.terminal:
+                            return
+            except httpx.TransportError as error:  # reopened from the last event below
+                lost: Exception | None = error
+            else:  # the stream closed before the terminal event (a gateway shutting down)
+                lost = None
+            failures += 1
+            if failures > streaming.MAX_RECONNECTS:
+                raise ConnectionFailed(
+                    f"the event stream of job {job_id} broke {failures} times in a row"
+                ) from lost
+            await asyncio.sleep(streaming.RECONNECT_DELAY_S)
 
     # --- images ---
 

@@ -73,10 +73,14 @@ def encode_image(image: ImageInput) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def _output(return_: ReturnMode, trajectory: bool = False) -> dict[str, Any]:
+def _output(
+    return_: ReturnMode, trajectory: bool = False, preview_every: int | None = None
+) -> dict[str, Any]:
     output: dict[str, Any] = {"format": "png", "return": return_}
     if trajectory:
         output["trajectory"] = True
+    if preview_every is not None:
+        output["preview_every"] = preview_every
     return output
 
 
@@ -107,18 +111,30 @@ def parameters_doc(body: type[JobBody]) -> str:
 
 
 def generate_body(
-    model: str, *, trajectory: bool = False, return_: ReturnMode = "url", **fields: Any
+    model: str,
+    *,
+    trajectory: bool = False,
+    return_: ReturnMode = "url",
+    preview_every: int | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """`POST /generate`; `fields` are `GenerateBody`'s parameters (n, sampler, guidance_scale, …)."""
+    """`POST /generate`; `fields` are `GenerateBody`'s parameters (n, sampler, guidance_scale, …);
+    `preview_every` = k: x̂_0 previews every k steps on the job's event stream (`Client.stream`)."""
     return {
         "model": model,
         **_sampling_fields(GenerateBody, fields),
-        "output": _output(return_, trajectory),
+        "output": _output(return_, trajectory, preview_every),
     }
 
 
 def inpaint_body(
-    model: str, image: ImageInput, mask: ImageInput, *, return_: ReturnMode = "url", **fields: Any
+    model: str,
+    image: ImageInput,
+    mask: ImageInput,
+    *,
+    return_: ReturnMode = "url",
+    preview_every: int | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """`POST /inpaint` (RePaint): mask white (255) = keep, black (0) = generate; `fields` are
     `InpaintBody`'s parameters."""
@@ -127,7 +143,7 @@ def inpaint_body(
         "image": encode_image(image),
         "mask": encode_image(mask),
         **_sampling_fields(InpaintBody, fields),
-        "output": _output(return_),
+        "output": _output(return_, preview_every=preview_every),
     }
 
 

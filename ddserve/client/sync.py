@@ -16,22 +16,26 @@ state (`job.progress.step / total`). With `wait=False` the queued job comes back
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
+from httpx_sse import connect_sse
 
-from ddserve.client import bodies, operations
+from ddserve.client import bodies, operations, streaming
 from ddserve.client.base import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     DEFAULT_WAIT_TIMEOUT_S,
     ClientConfig,
+    answer_error,
+    job_id_of,
 )
 from ddserve.client.bodies import ImageInput, ReturnMode
+from ddserve.client.errors import ConnectionFailed
 from ddserve.client.operations import Done, Effect, Operation, Send, Sleep, Waiting, resume
-from ddserve.client.types import Image, Job, Model, Readiness
+from ddserve.client.types import Image, Job, JobEvent, Model, Readiness
 from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 
 T = TypeVar("T")
@@ -120,6 +124,7 @@ class Client:
         *,
         trajectory: bool = False,
         return_: ReturnMode = "url",
+        preview_every: int | None = None,
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
@@ -130,7 +135,9 @@ class Client:
         """`POST /generate`: sample n images (DDPM/DDIM; classifier-free `guidance_scale` s as in
         diffusers, 1 = none; classifier guidance `classifier_scale`). `parameters` are the body's
         (listed below); a name it does not have is a TypeError."""
-        body = bodies.generate_body(model, trajectory=trajectory, return_=return_, **parameters)
+        body = bodies.generate_body(
+            model, trajectory=trajectory, return_=return_, preview_every=preview_every, **parameters
+        )
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return self._run(operations.submit(self.config, "/generate", body, waiting))
 
@@ -141,6 +148,7 @@ class Client:
         mask: ImageInput,
         *,
         return_: ReturnMode = "url",
+        preview_every: int | None = None,
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
@@ -150,7 +158,9 @@ class Client:
     ) -> Job:
         """`POST /inpaint` (RePaint): fill the mask's black (0) region; white (255) is kept.
         `parameters` are the body's (listed below); a name it does not have is a TypeError."""
-        body = bodies.inpaint_body(model, image, mask, return_=return_, **parameters)
+        body = bodies.inpaint_body(
+            model, image, mask, return_=return_, preview_every=preview_every, **parameters
+        )
         waiting = Waiting(wait, timeout, poll_interval, on_progress, idempotency_key)
         return self._run(operations.submit(self.config, "/inpaint", body, waiting))
 
@@ -260,6 +270,50 @@ class Client:
         return self._run(
             operations.wait(self.config, job, waiting, raise_on_failure=raise_on_failure)
         )
+
+    def stream(
+        self, job: Job | str, *, preview: bool = False, last_event_id: str | None = None
+    ) -> Iterator[JobEvent]:
+        """`GET /jobs/{id}/events`: the job's events as they happen — queued, started, progress
+        (with `preview`, the x̂_0 previews of a job submitted with `preview_every`), then one of
+        succeeded / failed / canceled, where the iteration ends. A broken stream is reopened from
+        the last event received (`Last-Event-ID`): nothing is lost or repeated.
+
+            for event in client.stream(job, preview=True):
+                print(event.event, event.data.get("step"), len(event.previews))
+        """
+        job_id = job_id_of(job)
+        failures = 0
+        while True:
+            try:
+                with connect_sse(
+                    self.http,
+                    "GET",
+                    streaming.events_url(self.config, job_id, preview),
+                    headers=streaming.events_headers(self.config, last_event_id),
+                    timeout=streaming.events_timeout(self.config),
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise answer_error(source.response)
+                    for sse in source.iter_sse():
+                        event = streaming.to_event(sse)
+                        failures = 0
+                        if event.id is not None:
+                            last_event_id = event.id
+                        yield event
+                        if event.terminal:
+                            return
+            except httpx.TransportError as error:  # reopened from the last event below
+                lost: Exception | None = error
+            else:  # the stream closed before the terminal event (a gateway shutting down)
+                lost = None
+            failures += 1
+            if failures > streaming.MAX_RECONNECTS:
+                raise ConnectionFailed(
+                    f"the event stream of job {job_id} broke {failures} times in a row"
+                ) from lost
+            time.sleep(streaming.RECONNECT_DELAY_S)
 
     # --- images ---
 

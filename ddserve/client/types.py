@@ -139,6 +139,8 @@ class SamplingDefaults(BaseModel):
     sampler: str = "ddim"
     num_inference_steps: int = 50
     eta: float = 0.0
+    use_karras_sigmas: bool = False  # euler, euler_ancestral, dpmpp_*, unipc only
+    solver_order: int = 2  # dpmpp_2m, dpmpp_2m_sde, unipc only
     guidance_scale: float = 1.0  # diffusers' s; 1 = no guidance
     classifier_scale: float = 0.0
     clip_denoised: bool = True
@@ -183,3 +185,36 @@ class Readiness(BaseModel):
     redis: bool
     workers: dict[str, int] = Field(default_factory=dict)
     missing: list[str] = Field(default_factory=list)
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of `GET /jobs/{id}/events` (`Client.stream`): `event` is queued,
+    started, progress, succeeded, failed or canceled; `data` its JSON (`position`; `step`, `of`,
+    `previews`; the job, for the terminal three); `id` the event id to resume after (None for
+    queued and the terminal events, which are read from the job's record)."""
+
+    model_config = _OPEN
+
+    event: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    id: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """The last event of the stream: the job succeeded, failed or was canceled."""
+        return self.event in {s.value for s in TERMINAL}
+
+    @property
+    def job(self) -> Job | None:
+        """The job as it ended (terminal events only)."""
+        return Job.model_validate(self.data) if self.terminal else None
+
+    @property
+    def previews(self) -> dict[int, bytes]:
+        """Image index → PNG bytes of its x̂_0 preview (progress events of a stream opened with
+        `preview=True`, for a job submitted with `preview_every`)."""
+        import base64
+
+        return {
+            int(p["index"]): base64.b64decode(p["png"]) for p in self.data.get("previews") or []
+        }

@@ -371,11 +371,13 @@ class Sample:
     x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
     init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
     keep_trajectory: bool = False
+    keep_x0: bool = False  # keep the latest step's x̂_0 in `x0` (live previews)
     tag: Any = None  # the caller's handle (a job id, an index)
     # Filled in by the batch:
     transitions: tuple[Transition, ...] = ()
     position: int = 0
     trajectory: list[torch.Tensor] = field(default_factory=list)
+    x0: torch.Tensor | None = None  # [C, H, W] with keep_x0: the data prediction of its last step
 
     @property
     def done(self) -> bool:
@@ -671,6 +673,8 @@ class DenoisingBatch:
             if sample.keep_trajectory:
                 # A copy: on the CPU a view would alias self.x, which RePaint's jumps change in place.
                 sample.trajectory.append(x_prev[i].detach().to("cpu", copy=True))
+            if sample.keep_x0:  # a view of this step's x̂_0 (a new tensor each step: never aliased)
+                sample.x0 = x0[i].detach()
         return self._retire_finished()
 
     def _apply_forward_jumps(self) -> None:

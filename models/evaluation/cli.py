@@ -10,13 +10,13 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ddserve.params import guidance_weight
+from ddserve.params import SAMPLERS, guidance_weight
 from models.catalog import DEFAULT_ZOO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a model of the zoo (models/zoo/NAME)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the model's")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
     parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM η (default: the model's)")
     parser.add_argument(

@@ -1,12 +1,19 @@
 // ddserve playground: calls the HTTP contract's routes from the browser (no build step).
 //
-// Every model call is a job: POST it (202 + job), poll GET /jobs/{id} for the progress bar until it
-// is succeeded / failed / canceled, then show the output images through their signed links.
+// Every model call is a job: POST it (202 + job), follow its events (GET /jobs/{id}/events, Server-
+// Sent Events: progress and x̂₀ previews) until it is succeeded / failed / canceled — or, if the
+// stream cannot be had, poll GET /jobs/{id} — then show the output images through their signed links.
 // Inpainting masks follow the contract: white (255) = keep, black (0) = generate.
 // VAE interpolation: POST /encode on images A and B, z_t = (1 − t)·z_A + t·z_B here, POST /decode.
 
 const KEY_STORAGE = "ddserve.apiKey";
 const POLL_MS = 150;
+// Steps between x̂₀ previews of a generation: about 20 previews a job, never under the API's floor.
+const PREVIEWS_PER_JOB = 20;
+const MIN_PREVIEW_EVERY = 2;
+function previewEvery(steps) {
+  return Math.max(MIN_PREVIEW_EVERY, Math.ceil(steps / PREVIEWS_PER_JOB));
+}
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 const $ = (id) => document.getElementById(id);
@@ -49,15 +56,94 @@ async function api(path, { method = "GET", body } = {}) {
 }
 
 // One job from submission to a terminal state (succeeded, failed or canceled), which it returns;
-// `onUpdate(job)` sees every state polled. `control.jobId` is the job's id, for the cancel button.
-async function runJob(route, body, onUpdate, control) {
+// `onUpdate(job)` sees every state, `onPreviews(previews)` every set of x̂₀ previews ({index, png}).
+// `control.jobId` is the job's id, for the cancel button.
+async function runJob(route, body, onUpdate, control, onPreviews = () => {}) {
   let job = await api(route, { method: "POST", body });
   control.jobId = job.id;
   onUpdate(job);
+  if (TERMINAL.has(job.status)) return job;
+  try {
+    return await followEvents(job, onUpdate, onPreviews);
+  } catch (error) {
+    if (error instanceof ApiError) throw error; // refused (404, 401): polling would be too
+  }
   while (!TERMINAL.has(job.status)) {
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     job = await api(`jobs/${job.id}`);
     onUpdate(job);
+  }
+  return job;
+}
+
+// GET /jobs/{id}/events?preview=1 until its terminal event, whose data is the finished job. Read
+// with fetch, not EventSource, which cannot send the Authorization header; line ends are CRLF
+// (sse-starlette's), and a JSON data line holds no raw CR, so every CR is dropped. A broken stream is reopened with
+// Last-Event-ID (nothing lost, nothing repeated), at most STREAM_RETRIES times in a row.
+const STREAM_RETRIES = 3;
+async function followEvents(job, onUpdate, onPreviews) {
+  let lastId = null;
+  let current = { ...job };
+  for (let failures = 0; failures <= STREAM_RETRIES; failures++) {
+    const headers = { Accept: "text/event-stream" };
+    if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    const response = await fetch(`jobs/${job.id}/events?preview=1`, { headers });
+    if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replaceAll("\r", "");
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const event = parseEvent(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+          if (!event) continue;
+          failures = 0;
+          if (event.id) lastId = event.id;
+          if (TERMINAL.has(event.event)) {
+            onUpdate(event.data);
+            return event.data;
+          }
+          current = jobAfter(current, event);
+          onUpdate(current);
+          if (event.data.previews) onPreviews(event.data.previews);
+        }
+      }
+    } catch {
+      // the connection broke: reopened below from the last event id
+    }
+  }
+  throw new Error("the job's event stream broke");
+}
+
+// One SSE block → {event, id, data (JSON)}; null for a comment-only block (the heartbeat).
+function parseEvent(block) {
+  const event = { event: "message", id: null, data: [] };
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "data") event.data.push(value);
+    else if (field === "event") event.event = value;
+    else if (field === "id") event.id = value;
+  }
+  if (!event.data.length) return null;
+  return { ...event, data: JSON.parse(event.data.join("\n")) };
+}
+
+// The job as the progress view shows it, after a queued / started / progress event.
+function jobAfter(job, event) {
+  if (event.event === "queued") return { ...job, status: "queued", queue_position: event.data.position };
+  if (event.event === "started") return { ...job, status: "running" };
+  if (event.event === "progress") {
+    const { step, of } = event.data;
+    return { ...job, status: "running", progress: { step, total: of, fraction: of ? step / of : 0 } };
   }
   return job;
 }
@@ -392,7 +478,7 @@ class Panel {
   // Run one job with this panel's progress bar, buttons and error box: the succeeded job, or null
   // when it failed (the error box says why), was canceled (the progress bar says so: the user's
   // choice, not an error) or the model was switched meanwhile (its result would be out of place).
-  async run(route, body, busyButtons) {
+  async run(route, body, busyButtons, onPreviews = () => {}) {
     showError(this.errorBox, null);
     const cancel = $(`${this.prefix}-cancel`);
     const outputs = this.outputs;
@@ -411,6 +497,9 @@ class Panel {
           this.jobView.textContent = JSON.stringify(update, null, 2);
         },
         this.control,
+        (previews) => {
+          if (current()) onPreviews(previews);
+        },
       );
       if (!current() || job.status === "canceled") return null;
       if (job.status !== "succeeded") {
@@ -528,15 +617,37 @@ class GeneratePanel extends Panel {
       guidance_scale: diffusion && conditioned && this.guidance.dataset.touched ? Number(this.guidance.value) : null,
       classifier_scale: diffusion && classLabel !== null && model.classifier ? numberOrNull($("gen-classifier")) : null,
       seed: numberOrNull($("gen-seed")),
-      output: { return: "url", trajectory: diffusion && $("gen-trajectory").checked },
+      output: {
+        return: "url",
+        trajectory: diffusion && $("gen-trajectory").checked,
+        preview_every: diffusion
+          ? previewEvery(numberOrNull($("gen-steps")) ?? model.defaults?.num_inference_steps ?? 50)
+          : null,
+      },
     });
+  }
+
+  // x̂₀ previews while sampling: each image's latest, in the grid the final images will fill.
+  showPreviews(previews, count) {
+    const grid = $("gen-grid");
+    grid.style.gridTemplateColumns = `repeat(${Math.min(4, count)}, 96px)`;
+    while (grid.children.length < count) grid.append(pictureOf("", "preview"));
+    for (const { index, png } of previews) {
+      const img = grid.children[index];
+      if (!img) continue;
+      img.src = `data:image/png;base64,${png}`;
+      img.classList.add("preview");
+    }
   }
 
   async submit() {
     const model = this.model;
     if (!model) return;
     this.clearResults();
-    const job = await this.run("generate", this.body(model), [$("gen-submit")]);
+    const body = this.body(model);
+    const job = await this.run("generate", body, [$("gen-submit")], (previews) =>
+      this.showPreviews(previews, body.n ?? 1),
+    );
     if (!job) return;
     const images = job.output.images;
     $("gen-grid").style.gridTemplateColumns = `repeat(${Math.min(4, images.length)}, 96px)`;
