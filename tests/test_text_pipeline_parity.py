@@ -176,7 +176,7 @@ def test_the_prompt_encoder_caches_rows_and_matches_the_pipelines_embeddings(pip
     calls = encoder.encoder_calls
     assert encoder.rows([""])[0] is encoder.null_condition()  # cached: no call
     assert encoder.encoder_calls == calls and len(encoder) == 2
-    encoder.rows([PROMPTS[0]])  # evicted by "green" and "": one more call, and the LRU order
+    encoder.rows([PROMPTS[0]])  # evicted by "green" (∅ is kept apart): one more call
     assert encoder.encoder_calls == calls + 1
 
 

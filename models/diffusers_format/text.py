@@ -51,6 +51,9 @@ class PromptEncoder:
         self.cache_size = cache_size
         self.encoder_calls = 0  # network calls made (a batch of missed prompts is one call)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # ∅ is kept apart from the LRU and never evicted, so "" is always the very row every
+        # unguided-by-a-negative sample uses (an exact ∅, whatever else was encoded with it).
+        self._null: torch.Tensor | None = None
 
     @classmethod
     def from_folder(
@@ -83,21 +86,30 @@ class PromptEncoder:
         return len(self._cache)
 
     def null_condition(self) -> torch.Tensor:
-        """∅ = τ_θ(""), [L, D]: the unconditional row of a sample without a negative prompt."""
-        return self.rows([EMPTY_PROMPT])[0]
+        """∅ = τ_θ(""), [L, D]: the unconditional row of a sample without a negative prompt;
+        encoded alone, once."""
+        if self._null is None:
+            self._null = self._encode([EMPTY_PROMPT])[0].clone()
+        return self._null
 
     def rows(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """τ_θ(y) [L, D] for each prompt; the prompts not in the cache are encoded in one call."""
+        """τ_θ(y) [L, D] for each prompt; the prompts not in the cache are encoded in one call
+        ("" is ∅ itself, `null_condition`)."""
         found: dict[str, torch.Tensor] = {}
+        if EMPTY_PROMPT in prompts:
+            found[EMPTY_PROMPT] = self.null_condition()
         for prompt in prompts:
+            if prompt in found:
+                continue
             row = self._cache.get(prompt)
             if row is not None:
                 self._cache.move_to_end(prompt)
                 found[prompt] = row
         missing = list(dict.fromkeys(p for p in prompts if p not in found))
         if missing:
-            for prompt, row in zip(missing, self._encode(missing), strict=True):
-                found[prompt] = row
+            encoded = self._encode(missing)  # [M, L, D]
+            for prompt, row in zip(missing, encoded, strict=True):
+                found[prompt] = row = row.clone()  # alone: a kept row must not hold the batch
                 self._remember(prompt, row)
         return [found[prompt] for prompt in prompts]
 
