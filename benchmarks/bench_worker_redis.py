@@ -57,15 +57,15 @@ def one_by_one_writes(worker: BatchingWorker) -> Any:
     from workers.step_writes import StepWrites
 
     class OneByOneWrites(StepWrites):
-        def save_meta(self, job: Any) -> None:
-            job.save_meta()
+        def save_meta(self, held: Any) -> None:
+            held.job.save_meta()
 
         def succeed(self, success: Success) -> None:
             item = success.item  # its meta was saved just before (`RQJobs.succeed`)
             finish = lambda: rq_bridge.finish_success(  # noqa: E731
                 worker, item.job, item.queue, item.execution, item.value
             )
-            if worker.jobs.finish(success.job.id, finish) == "done":
+            if worker.jobs.finish(success.held, finish) == "done":
                 self.count(success.outcome())
 
         def count(self, outcome: JobOutcome) -> None:

@@ -14,9 +14,23 @@ ends otherwise — torch-free, so that both the gateway's janitor and the worker
   per-queue cleaning lock with a short expiry (`maintenance_lock`), so a worker killed while holding
   it delays the next pass by one interval, not by RQ's 15 minutes.
 - **fencing**: a worker that was only frozen (stopped, swapped out, cut off from Redis) may find
-  that its job was declared abandoned and handed to another worker meanwhile. `owned` tells it
-  whether an execution is still the job's current one (its registry entry exists, and the job is
-  `started` by this worker); a worker that lost a job drops its outcome, so no job is finished twice.
+  that its job was declared abandoned and handed out again meanwhile — to another worker, or to
+  itself. Each delivery of a job is an **attempt**: the worker that takes a job increments the
+  job's attempt counter (`ATTEMPT_FIELD` of its hash, in the transaction that marks it started)
+  and runs it as that attempt. Only the current attempt of a `started` job may write its progress
+  (`fenced_meta_write`: one Lua script, check and write at once) or finish it (successes: WATCH on
+  the job, the check, then MULTI/EXEC, in `workers.rq_bridge.finish_successes`; failures and
+  cancels: `owned` just before RQ's own failure path). `owned` tells a worker whether an execution
+  is still the job's current one (its registry entry exists, the job is `started` by this worker,
+  in this attempt); a stale attempt's writes are dropped and logged, never failing the job, so no
+  job is finished twice.
+- **grace after an outage**: while Redis is unreachable nobody heartbeats, so every running job's
+  registry entry can expire during an outage longer than `abandoned_after_s` although its worker
+  is alive. A sweep right after Redis returns would hand all of them out again (run twice) or fail
+  them `worker_lost`. Every sweeper (the workers' maintenance, the gateway's janitor) therefore
+  sweeps only once Redis has been reachable, as it observes it, for `recovery_grace_s`
+  continuously (`RecoveryGrace`): long enough for every live worker to heartbeat again (≥ 2
+  heartbeats), after which only dead workers' entries are still expired.
 - **handed back**: a worker stopping before it could finish a job puts it back at the head of its
   queue (`requeue`), without using one of the job's retries.
 
@@ -29,11 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.executions import Execution
@@ -51,6 +67,7 @@ from ddserve.notifications import prefix_of_queue, publish_finished
 
 log = logging.getLogger("ddserve.recovery")
 
+ATTEMPT_FIELD = "ddserve_attempt"  # job hash field: the number of its current attempt (1, 2, ...)
 EXPIRED_CODE = "job_expired"
 WORKER_LOST_CODE = "worker_lost"
 ExceptionHandler = Callable[..., Any]
@@ -90,6 +107,70 @@ def record_abandoned(job: Job, exc_type: type, exc_value: BaseException, traceba
         job.meta[META_ERROR] = worker_lost_error()
         job.save_meta()
     return None
+
+
+class RecoveryGrace:
+    """Whether a sweeper may recover abandoned jobs now: only once Redis has been reachable,
+    continuously as this process observed it, for `grace_s` seconds — so that, after an outage,
+    live workers heartbeat their jobs again before anything is declared abandoned. A new process
+    waits `grace_s` from its first successful contact too (it cannot know what came before).
+
+    The sweeper reports what it sees: `reachable()` after a Redis call answered,
+    `unreachable()` after one failed on a connection error; `clock` is injectable for tests.
+    Thread-safe (a worker's heartbeat thread and loop both report)."""
+
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s = float(grace_s)
+        self.clock = clock
+        self._since: float | None = None  # when Redis was last seen to answer after a failure
+        self._lock = threading.Lock()
+
+    def reachable(self) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = self.clock()
+
+    def unreachable(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def remaining_s(self) -> float | None:
+        """Seconds until sweeping is allowed (0: now; None: Redis is not known to be reachable)."""
+        with self._lock:
+            since = self._since
+        if since is None:
+            return None
+        return max(0.0, self.grace_s - (self.clock() - since))
+
+    def open(self) -> bool:
+        return self.remaining_s() == 0.0
+
+
+def attempt_of(reply: bytes | str | None) -> int:
+    """The attempt number stored in a job's hash (0 when it was never taken)."""
+    if reply is None:
+        return 0
+    return int(reply.decode() if isinstance(reply, bytes) else reply)
+
+
+# KEYS[1] = job hash; ARGV = attempt field, the writer's attempt, field to write, its value.
+# The write happens only while the job is `started` in the writer's attempt (else 0 is returned).
+_FENCED_HSET = """
+local current = redis.call('HMGET', KEYS[1], ARGV[1], 'status')
+if current[1] ~= ARGV[2] or current[2] ~= 'started' then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def fenced_meta_write(pipe: Redis | Pipeline, job: Job, attempt: int) -> Any:
+    """Queue (or run) the write of `job.meta`, done only if the job is still `started` in
+    `attempt` (one EVAL, atomic in Redis; its reply is 1 if written, 0 if dropped as stale)."""
+    return pipe.eval(
+        _FENCED_HSET, 1, job.key, ATTEMPT_FIELD, str(attempt), "meta", job._serialize_meta()
+    )
 
 
 @contextlib.contextmanager
@@ -199,28 +280,32 @@ def _timestamp(text: str) -> float:
     return utcparse(text).timestamp()
 
 
-def owned(connection: Redis, worker_name: str, running: list[tuple[Job, Execution]]) -> list[bool]:
-    """For each (job, execution) a worker holds: is the execution still the job's current one?
-    It is unless the job was declared abandoned meanwhile (its started-registry entry is gone) or
-    another worker has started it since. One pipelined round trip for all of them."""
+def owned(
+    connection: Redis, worker_name: str, running: list[tuple[Job, Execution, int]]
+) -> list[bool]:
+    """For each (job, execution, attempt) a worker holds: is the execution still the job's current
+    one? It is unless the job was declared abandoned meanwhile (its started-registry entry is
+    gone, its status is no longer `started`) or taken again since — by another worker or by this
+    one (a later attempt). One pipelined round trip for all of them."""
     if not running:
         return []
     pipe = connection.pipeline(transaction=False)
-    for job, execution in running:
+    for job, execution, _ in running:
         pipe.zscore(
             StartedJobRegistry(job.origin, connection=connection).key, execution.composite_key
         )
-        pipe.hmget(job.key, "status", "worker_name")
+        pipe.hmget(job.key, "status", "worker_name", ATTEMPT_FIELD)
     answers = pipe.execute()
     out = []
-    for i in range(len(running)):
-        score, (status, name) = answers[2 * i], answers[2 * i + 1]
+    for i, (_, _, attempt) in enumerate(running):
+        score, (status, name, current) = answers[2 * i], answers[2 * i + 1]
         out.append(
             score is not None
             and status is not None
             and status.decode() == JobStatus.STARTED.value
             and name is not None
             and name.decode() == worker_name
+            and attempt_of(current) == attempt
         )
     return out
 

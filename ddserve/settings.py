@@ -229,6 +229,13 @@ class Settings(BaseSettings):
         60.0, description="a dead worker's jobs are retried after this"
     )
     max_retries: int = Field(1, description="retries of a job whose worker died")
+    recovery_grace_s: float | None = Field(
+        None,
+        ge=0.0,
+        description="the recovery sweeps (workers' maintenance, gateway janitor) retry or fail "
+        "abandoned jobs only once Redis has been reachable this long without a break, so that "
+        "after an outage live workers heartbeat their jobs first; unset = 3 × heartbeat_s",
+    )
     shutdown_grace_s: float = Field(
         90.0,
         description="a stopping worker (SIGTERM) hands back to the queue the jobs it has not "
@@ -323,6 +330,13 @@ class Settings(BaseSettings):
         shipped zoo (then ./var/models)."""
         first = self.model_repository()[0]
         return DEFAULT_IMPORT_DIR if Path(first).resolve() == DEFAULT_ZOO.resolve() else first
+
+    def recovery_grace(self) -> float:
+        """`recovery_grace_s`, or 3 heartbeats when unset (≥ 2 heartbeats: every live worker
+        heartbeats within one after Redis answers again, one more covers a slow round)."""
+        if self.recovery_grace_s is not None:
+            return self.recovery_grace_s
+        return 3 * self.heartbeat_s
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

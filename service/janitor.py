@@ -8,7 +8,11 @@ within about 1.25 × abandoned_after_s — 75 s with the defaults — even when 
 - jobs queued longer than `job_ttl_s` end `failed` (`job_expired`) — for models no worker serves;
   workers fail the ones they dequeue late themselves (`ddserve.recovery`);
 - running jobs whose worker died are retried or failed (`worker_lost`) — normally the surviving or
-  restarted workers of that model do it; this covers a model left with no worker at all.
+  restarted workers of that model do it; this covers a model left with no worker at all. Only
+  once this process has seen Redis answer for `recovery_grace_s` without a break (each round
+  starts with a PING; `ddserve.recovery.RecoveryGrace`): after an outage longer than
+  `abandoned_after_s` every running job's registry entry looks expired until its live worker
+  heartbeats again, and sweeping before that would run those jobs twice or fail them.
 
 Every `cleanup_interval_s`:
 - images older than `image_ttl_s` in the storage backend;
@@ -21,13 +25,17 @@ maintenance lock (shared with the workers) keeps two processes from recovering t
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 
 from ddserve.jobs import TERMINAL, public_status
-from ddserve.recovery import fail_expired, maintenance_lock, recover_abandoned
+from ddserve.recovery import RecoveryGrace, fail_expired, maintenance_lock, recover_abandoned
 from ddserve.storage import Storage
 from service.jobstore import JobStore
 
@@ -39,11 +47,19 @@ class CleanupReport:
     images_deleted: int = 0
     cancels_pruned: int = 0
     jobs_expired: int = 0
+    recovered: bool = True  # the abandoned-job sweep ran (not within the recovery grace)
     ran: bool = True  # the cleanup part ran (recovery runs every round)
 
 
 class Janitor:
-    def __init__(self, store: JobStore, storage: Storage, image_ttl_s: float, interval_s: float):
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        image_ttl_s: float,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store = store
         self.storage = storage
         self.image_ttl_s = image_ttl_s
@@ -51,17 +67,27 @@ class Janitor:
         self.recovery_interval_s = max(1.0, store.settings.abandoned_after_s / 4)
         self.interval_s = min(self.cleanup_interval_s, self.recovery_interval_s)  # between rounds
         self.lock_key = f"{store.prefix}:janitor:lock"
+        self.grace = RecoveryGrace(store.settings.recovery_grace(), clock)
 
     def run_once(self, force: bool = False) -> CleanupReport:
-        """One round: recovery of abandoned and expired jobs, then the cleanup (skipped, `ran`
-        False, if another process holds this cleanup interval's lock)."""
+        """One round: recovery of abandoned (`recovered` False within the recovery grace) and
+        expired jobs, then the cleanup (skipped, `ran` False, if another process holds this
+        cleanup interval's lock)."""
         conn = self.store.connection
         settings = self.store.settings
         report = CleanupReport()
+        try:
+            conn.ping()
+        except (RedisConnectionError, RedisTimeoutError):
+            self.grace.unreachable()
+            raise
+        self.grace.reachable()
+        report.recovered = self.grace.open()
         for queue in self.store.queues.values():
             with maintenance_lock(queue, self.recovery_interval_s * 0.9) as got:
                 if got:
-                    recover_abandoned(queue)
+                    if report.recovered:
+                        recover_abandoned(queue)
                     report.jobs_expired += len(
                         fail_expired(queue, settings.job_ttl_s, settings.max_queue_length)
                     )

@@ -176,3 +176,26 @@ def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
         "kl-autoencoder",
         ["encode", "decode", "reconstruct"],
     )
+
+
+def test_the_config_s_solver_options_are_the_model_s_defaults() -> None:
+    """Regression: a DPM-Solver config with Karras sigmas and order 1 read as the defaults
+    (False, 2), and the gateway's spec — whose solver options win over the worker's model
+    options — then ran every request without them."""
+    import pytest
+
+    from models.diffusers_format.entries import PipelineError, schedule_fields
+
+    config = {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "num_train_timesteps": 1000,
+        "use_karras_sigmas": True,
+        "solver_order": 1,
+    }
+    defaults = schedule_fields(config, 25)["defaults"]
+    assert defaults.sampler == "dpmpp_2m" and defaults.num_inference_steps == 25
+    assert defaults.use_karras_sigmas is True and defaults.solver_order == 1
+    plain = schedule_fields({"_class_name": "DDIMScheduler"}, 50)["defaults"]
+    assert plain.use_karras_sigmas is False and plain.solver_order == 2
+    with pytest.raises(PipelineError, match="solver_order 3"):
+        schedule_fields({**config, "solver_order": 3}, 25)

@@ -102,8 +102,8 @@ def make_engine(
 
         def spy(ticket: MemoryTicket, lane: DenoiseLane = lane, accept: Any = accept) -> None:
             accept(ticket)
-            if ticket.id in lane.jobs:
-                works[ticket.id] = lane.jobs[ticket.id].work
+            if ticket.key in lane.jobs:
+                works[ticket.id] = lane.jobs[ticket.key].work
 
         lane.accept = spy  # type: ignore[method-assign]
     return engine, works

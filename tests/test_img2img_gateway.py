@@ -54,11 +54,18 @@ def test_img2img_queues_a_resolved_spec(client: TestClient) -> None:
     assert job["input"]["strength"] == 0.8
     text = client.post(
         "/img2img",
-        json={"model": "tiny-text", "image": png_b64(mode="L"), "prompt": "red", "strength": 0.3},
+        json={
+            "model": "tiny-text",
+            "image": png_b64(mode="L"),
+            "prompt": "red",
+            "negative_prompt": "blue",
+            "strength": 0.3,
+        },
     )
     assert text.status_code == 202, text.text
     request = queued_request(client, text.json()["id"])
     assert request["strength"] == 0.3 and request["prompt_tokens"]
+    assert request["negative_prompt"] == "blue" and request["negative_prompt_tokens"]
     assert Image.open(io.BytesIO(base64.b64decode(request["image"]))).mode == "RGB"
 
 

@@ -284,3 +284,58 @@ def test_the_one_call_form_takes_images_per_row() -> None:
     generated = sample(network, schedule, x_T[1:], settings[1])
     assert torch.allclose(both[0], edited[0], atol=1e-6)
     assert torch.allclose(both[1], generated[0], atol=1e-6)
+
+
+SD15_CONFIG = {  # Stable Diffusion 1.x's scheduler_config.json, under each class's name
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+SD_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SD_CLASSES))
+def test_img2img_of_a_diffusers_model_matches_its_pipeline(sampler: str) -> None:
+    """An imported model's scheduler config (SD 1.x: steps_offset 1, set_alpha_to_one False,
+    diffusers' step conventions) through `from_diffusers` and `SchedulerOptions.settings`, against
+    `<Class>.from_config(config)` under the img2img pipeline's arithmetic."""
+    from models.diffusion.scheduler_config import from_diffusers
+
+    steps, strength = 20, 0.6
+    config = {"_class_name": SD_CLASSES[sampler], **SD15_CONFIG}
+    schedule, options = from_diffusers(config)
+    settings = options.settings(sampler, steps, strength=strength)  # type: ignore[arg-type]
+    scheduler = getattr(diffusers, SD_CLASSES[sampler]).from_config(config)
+    scheduler.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    x0 = _x0()
+    generators = [sample_generator(SEED, i) for i in range(SHAPE[0])]
+    noise = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in generators])
+    x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(SHAPE[0]))
+    network = fake_network("scaled_linear", "epsilon")
+    for t in timesteps:
+        out = network(scheduler.scale_model_input(x, t), t.repeat(SHAPE[0]), None)
+        stochastic = sampler in ("ddpm", "euler_ancestral")
+        kwargs = {"generator": generators} if stochastic else {}
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+    batch = DenoisingBatch(network, schedule, SHAPE[1:], prediction_type=options.prediction_type)
+    ours, our_steps = _ours(settings, "scaled_linear", "epsilon", x0, batch)
+    assert our_steps == len(timesteps) == 12
+    assert (ours - x).abs().max().item() <= TOLERANCE

@@ -299,7 +299,7 @@ def test_round_merges_plain_progress_and_keeps_every_preview() -> None:
     writes.event("a", EventKind.PROGRESS, {"step": 2, "of": 4, "previews": []})
     writes.event("a", EventKind.PROGRESS, {"step": 3, "of": 4})  # after a preview: kept
     writes.event("b", EventKind.STARTED, {})
-    writes.discard("b")  # ended another way: nothing of it is written
+    writes.discard("b#1", "b")  # ended another way: nothing of it is written
     redis = fakeredis.FakeRedis()
     pubsub = redis.pubsub()
     pubsub.subscribe(f"{PREFIX}:events:updated")

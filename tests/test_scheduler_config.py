@@ -395,6 +395,11 @@ def test_trained_betas_from_a_live_scheduler_config() -> None:
 
 
 def test_gateway_fields_need_no_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, models.scheduler_config_fields; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", probe], check=True)
     fields = read_fields(
         {
             "_class_name": "EulerDiscreteScheduler",

@@ -18,6 +18,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.worker import BaseWorker, SimpleWorker
 
 from ddserve.jobs import JobStatus, public_status
+from ddserve.recovery import ATTEMPT_FIELD
 from tests.redis_sandbox import RedisSandbox, sandbox
 from workers import rq_bridge
 
@@ -202,10 +203,12 @@ def test_the_merged_start_writes_what_rqs_two_calls_write(box: RedisSandbox) -> 
     rq_worker.prepare_execution(by_rq)
     rq_worker.prepare_job_execution(by_rq, remove_from_intermediate_queue=True)
     by_us, _ = _dequeued(box, our_worker)
-    execution = rq_bridge.mark_started(our_worker, by_us)
+    execution, attempt = rq_bridge.start_attempt(our_worker, by_us)
     assert rq_bridge.active_executions(our_worker) == {execution.id: execution}
     theirs = _state(box.connection, by_rq, rq_worker, box.prefix)
     ours = _state(box.connection, by_us, our_worker, box.prefix)
+    # and one more field: the job's first attempt (`ddserve.recovery`, fencing)
+    assert attempt == 1 and ours["rq:job:<job>"][1].pop(ATTEMPT_FIELD) == "1"
     assert ours == theirs
     assert any("execution" in key for key in ours)  # the state compared is not empty
 
@@ -240,14 +243,14 @@ def test_a_step_of_successes_with_their_meta_costs_three_round_trips(
         job.meta["progress"] = {"step": 5, "total": 5}
         items.append(rq_bridge.Succeeded(job, queue, execution, {"i": job.kwargs["request"]}))
 
-    def meta_and_more(pipe: Any) -> None:
+    def meta_and_more(pipe: Any, finished: Any) -> None:
         for item in items:
             rq_bridge.save_meta(item.job, pipe)
         pipe.incr(f"{box.prefix}:finished-steps")
 
     round_trips[0] = 0
     rq_bridge.finish_successes(worker, items, meta_and_more)
-    assert round_trips[0] == 3  # WATCH, EXISTS of the dependents sets, MULTI/EXEC
+    assert round_trips[0] == 3  # WATCH, the check (dependents sets, attempts), MULTI/EXEC
     for job in jobs:
         assert job.get_status(refresh=True) == "finished"
         assert job.get_meta(refresh=True)["progress"] == {"step": 5, "total": 5}

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ddserve.params import KARRAS_SAMPLERS, ORDER_SAMPLERS
 from ddserve.spec import GenerateSpec
 from models.diffusion.sampler import SamplerSettings
 from models.diffusion.schedule import NoiseSchedule
@@ -27,6 +28,7 @@ def _model(schedule: NoiseSchedule, options: SchedulerOptions) -> SimpleNamespac
 
 
 def _spec(sampler: str, steps: int, clip: bool = True) -> GenerateSpec:
+    """A resolved spec; the gateway fills the solver options of the samplers that take them."""
     return GenerateSpec(
         model="m",
         n=1,
@@ -35,6 +37,8 @@ def _spec(sampler: str, steps: int, clip: bool = True) -> GenerateSpec:
         eta=0.0,
         clip_denoised=clip,
         seed=1,
+        use_karras_sigmas=False if sampler in KARRAS_SAMPLERS else None,
+        solver_order=2 if sampler in ORDER_SAMPLERS else None,
     )
 
 
@@ -66,6 +70,9 @@ def test_diffusers_model_settings_follow_its_config() -> None:
     assert (ddim.convention, ddim.steps_offset, ddim.set_alpha_to_one) == ("diffusers", 1, False)
     assert not ddim.clip_denoised  # the config's clip_sample, not the spec's default
     assert not _sampler_settings(_spec("euler", 50), model).clip_denoised
+    # The spec's solver options (the gateway resolves them) win over the model's.
+    karras = _spec("euler", 50).model_copy(update={"use_karras_sigmas": True})
+    assert _sampler_settings(karras, model).use_karras_sigmas
     # 1000 leading steps shifted by 1 would call timestep 1000: refused when planned (a ValueError
     # fails the job as invalid_request, workers.errors).
     with pytest.raises(ValueError, match="steps_offset"):

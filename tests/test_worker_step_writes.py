@@ -117,14 +117,14 @@ def test_a_round_costs_one_round_trip_or_one_check_and_one_transaction(
     tickets[3].progress(7, 10, 6)
     round_trips[0] = 0
     worker.flush_step()
-    assert round_trips[0] == 1 + 3  # ownership check; WATCH, EXISTS, MULTI/EXEC
+    assert round_trips[0] == 1 + 3  # ownership check; WATCH, the check, MULTI/EXEC
     for ticket in tickets[:3]:
         assert ticket.job.get_status(refresh=True) == "finished"
         assert ticket.job.return_value(refresh=True) == _output(ticket)
         meta = ticket.job.get_meta(refresh=True)
         assert meta[META_PROGRESS] == {"step": 10, "total": 10} and meta[META_BATCH_SIZE] == 6
     assert tickets[3].job.get_meta(refresh=True)[META_PROGRESS] == {"step": 7, "total": 10}
-    assert set(worker.jobs.held) == {tickets[3].id}  # the others are forgotten
+    assert set(worker.jobs.held) == {tickets[3].key}  # the others are forgotten
     metrics = _metrics(box)
     assert metrics.outcomes == {"succeeded": 3} and metrics.images == 6
     assert metrics.histograms[BATCH].count == 3 and metrics.histograms[BATCH].sum == 18
@@ -163,7 +163,7 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     with pytest.raises(redis.ConnectionError):
         worker.flush_step()
     assert done.job.get_status(refresh=True) == "started"  # held, to be finished later
-    assert done.id in worker.jobs.held
+    assert done.key in worker.jobs.held
     assert _metrics(box).outcomes == {}
 
     monkeypatch.setattr(rq_bridge, "finish_successes", real_finish)
@@ -182,7 +182,7 @@ def test_a_round_redis_refuses_is_written_once_it_answers(
     worker.jobs.finish_deferred()
     worker.flush_step()  # nothing is written twice
     assert _metrics(box).outcomes == {"succeeded": 1, "canceled": 1, "failed": 1}
-    assert set(worker.jobs.held) == {running.id}
+    assert set(worker.jobs.held) == {running.key}
 
 
 def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
@@ -198,7 +198,7 @@ def test_a_success_of_a_job_another_worker_owns_now_is_dropped(
     assert ticket.job.get_status(refresh=True) == "started"
     assert ticket.job.get_meta(refresh=True).get(META_PROGRESS) is None  # its meta left alone
     assert _metrics(box).outcomes == {}
-    assert ticket.id not in worker.jobs.held
+    assert ticket.key not in worker.jobs.held
 
 
 @pytest.fixture

@@ -25,9 +25,14 @@ class MemoryTicket:
     error: BaseException | None = None
     canceled: bool = False
     ends: int = 0  # how many times the engine ended this ticket (must be exactly 1)
+    attempt: int = 1  # which delivery of the job this is (a redelivery is a second ticket)
 
     def __post_init__(self) -> None:
         self.spec = parse_job_spec(self.request)  # as WorkerJob: parsed once, when taken
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}#{self.attempt}"
 
     def progress(
         self, step: int, total: int, batch_rows: int, previews: list[Any] | None = None
@@ -77,8 +82,8 @@ class MemoryFeed:
         self.taken.append(ticket.id)
         return ticket
 
-    def canceled(self, job_ids: list[str]) -> set[str]:
-        return {i for i in job_ids if i in self.cancel_set}
+    def canceled(self, tickets: list[MemoryTicket]) -> set[str]:
+        return {t.key for t in tickets if t.id in self.cancel_set}
 
 
 class MemoryStorage:

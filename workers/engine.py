@@ -99,6 +99,13 @@ class Ticket(Protocol):
     @property
     def id(self) -> str: ...
 
+    @property
+    def key(self) -> str:
+        """This execution of the job, unique among the tickets a worker holds: a job handed out
+        again while a stale execution of it still runs here is a second ticket (the engine keys
+        its jobs by this, never by `id`)."""
+        ...
+
     spec: JobSpec  # parsed once, when the job was taken (`workers.rq_adaptor.spec_of`)
     arrived_at: float  # when it was queued (seconds since the epoch): older is admitted first
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
@@ -119,7 +126,9 @@ class JobFeed(Protocol):
 
     def take(self, model: str) -> Ticket | None: ...
 
-    def canceled(self, job_ids: list[str]) -> set[str]: ...
+    def canceled(self, tickets: list[Ticket]) -> set[str]:
+        """The keys (`Ticket.key`) of the tickets to stop now."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,10 @@ class JobState:
     def id(self) -> str:
         return self.ticket.id
 
+    @property
+    def key(self) -> str:
+        return self.ticket.key
+
     def progress_step(self) -> int:
         """Mean network calls done per image (what GET /jobs shows as progress.step)."""
         return self.image_steps // self.work.n
@@ -339,7 +352,7 @@ class DenoiseLane:
             _end(ticket.fail, exc, self.stats, "failed")
             return
         self._seq += 1
-        self.jobs[ticket.id] = JobState(ticket, work, self._seq, list(work.samples))
+        self.jobs[ticket.key] = JobState(ticket, work, self._seq, list(work.samples))
 
     def _take_one(self) -> bool:
         ticket = self.feed.take(self.name)
@@ -355,7 +368,7 @@ class DenoiseLane:
         sample found no room)."""
         waiting = [
             WaitingJob(
-                job.id,
+                job.key,
                 job.ticket.arrived_at,
                 job.seq,
                 tuple(s.rows for s in job.pending),
@@ -367,8 +380,8 @@ class DenoiseLane:
         running_rows = self.batch.rows
         decision = self.admission.admit(waiting, running_rows)
         admitted: list[Sample] = []
-        for job_id, count in decision.counts.items():
-            job = self.jobs[job_id]
+        for key, count in decision.counts.items():
+            job = self.jobs[key]
             joining, job.pending = job.pending[:count], job.pending[count:]
             for sample in joining:
                 job.running_rows += sample.rows
@@ -444,7 +457,7 @@ class DenoiseLane:
         if finished:
             self._store(finished)
         for job in running.values():
-            if job.id not in self.jobs:
+            if self.jobs.get(job.key) is not job:
                 continue
             if job.work.done:
                 self._complete(job)
@@ -581,7 +594,8 @@ class DenoiseLane:
 
     # --- leaving early --------------------------------------------------------------------------
     def _forget(self, job: JobState) -> None:
-        self.jobs.pop(job.id, None)
+        if self.jobs.get(job.key) is job:
+            del self.jobs[job.key]
 
     def _drop(self, job: JobState) -> None:
         """Take a job's samples out of the running set and forget the job (writes of its images
@@ -596,9 +610,9 @@ class DenoiseLane:
         self._forget(job)
 
     def sweep(self, canceled: set[str], now: float) -> None:
-        """End canceled jobs and jobs past their deadline (only those)."""
+        """End canceled jobs (`canceled`: ticket keys) and jobs past their deadline (only those)."""
         for job in list(self.jobs.values()):
-            if job.id in canceled:
+            if job.key in canceled:
                 self._drop(job)
                 _end(lambda _exc, t=job.ticket: t.cancel(), None, self.stats, "canceled")
             elif now > job.ticket.deadline:
@@ -637,7 +651,7 @@ class CodecLane:
         return not self.jobs
 
     def accept(self, ticket: Ticket) -> None:
-        self.jobs[ticket.id] = ticket
+        self.jobs[ticket.key] = ticket
 
     def fill(self) -> None:
         while len(self.jobs) < CODEC_JOBS_PER_ROUND:
@@ -678,13 +692,13 @@ class CodecLane:
 
     def sweep(self, canceled: set[str], now: float) -> None:
         for ticket in list(self.jobs.values()):
-            if ticket.id in canceled:
-                del self.jobs[ticket.id]
+            if ticket.key in canceled:
+                del self.jobs[ticket.key]
                 _end(lambda _exc, t=ticket: t.cancel(), None, self.stats, "canceled")
 
     def abort(self, error: BaseException) -> None:
         for ticket in list(self.jobs.values()):
-            del self.jobs[ticket.id]
+            del self.jobs[ticket.key]
             _end(ticket.fail, error, self.stats, "failed")
 
 
@@ -753,8 +767,19 @@ class Engine:
         """No job held: nothing running, nothing waiting for admission."""
         return all(lane.idle for lane in self.lanes.values())
 
+    def held_tickets(self) -> list[Ticket]:
+        """Every ticket held (running or waiting for admission)."""
+        tickets: list[Ticket] = []
+        for lane in self.lanes.values():
+            if isinstance(lane, DenoiseLane):
+                tickets.extend(job.ticket for job in lane.jobs.values())
+            else:
+                tickets.extend(lane.jobs.values())
+        return tickets
+
     def held_job_ids(self) -> list[str]:
-        return [job_id for lane in self.lanes.values() for job_id in lane.jobs]
+        """The ids of the jobs held (once each, whatever the number of their executions here)."""
+        return list(dict.fromkeys(ticket.id for ticket in self.held_tickets()))
 
     def offer(self, model: str, ticket: Ticket) -> None:
         """A job the worker dequeued itself (the blocking wait of an idle worker)."""
@@ -774,8 +799,8 @@ class Engine:
     def admit(self) -> None:
         """The first half of a round: cancellations and deadlines, then admission into every
         model's running set (the only half that reads the queues)."""
-        ids = self.held_job_ids()
-        canceled = self.feed.canceled(ids) if ids else set()
+        tickets = self.held_tickets()
+        canceled = self.feed.canceled(tickets) if tickets else set()
         now = self.clock()
         for lane in self.lanes.values():
             lane.sweep(canceled, now)

@@ -159,17 +159,15 @@ class RedisExchange:
         flags = None
         with self.jobs.lock:
             # A success's meta travels with the success (its transaction, or its deferred finish).
-            for job_id in taken.successes:
-                taken.metas.pop(job_id, None)
-            succeeded = [s for s in taken.successes.values() if s.job.id in self.jobs.held]
+            for key in taken.successes:
+                taken.metas.pop(key, None)
+            succeeded = [
+                s for s in taken.successes.values() if self.jobs.held.get(s.held.key) is s.held
+            ]
             try:
                 mine = self.jobs.still_owned(succeeded)
                 if mine:
-                    rq_bridge.finish_successes(
-                        self.worker,
-                        [success.item for success in mine],
-                        lambda pipe: self.writes.queue_writes(pipe, taken, mine),
-                    )
+                    mine = self._finish(mine, taken)
                 else:  # MULTI/EXEC: counts are applied all or not at all, so a retry adds once
                     pipe = self.connection.pipeline(transaction=True)
                     self.writes.queue_writes(pipe, taken, [])
@@ -181,17 +179,30 @@ class RedisExchange:
             except Exception as exc:
                 return RoundSent(held=succeeded, write_error=exc)
             for success in mine:
-                self.jobs.forget(success.job.id)
+                self.jobs.forget(success.held)
         return RoundSent(mine=mine, held=succeeded, cancel_flags=flags)
 
+    def _finish(self, successes: list[Success], taken: Round) -> list[Success]:
+        """Record `successes` with the round's writes (`rq_bridge.finish_successes`: one
+        transaction, each fenced by its attempt); returns those recorded. A stale one (its job
+        handed out again since the ownership check) is dropped, logged and forgotten."""
+        items = [s.item for s in successes]
+        by_item = dict(zip(map(id, items), successes, strict=True))
+
+        def extra(pipe: Pipeline, finished: list[rq_bridge.Succeeded]) -> None:
+            self.writes.queue_writes(pipe, taken, [by_item[id(item)] for item in finished])
+
+        stale = rq_bridge.finish_successes(self.worker, items, extra)
+        dropped = {id(by_item[id(item)]) for item in stale}
+        for item in stale:
+            self.jobs.drop_stale(by_item[id(item)].held)
+        return [s for s in successes if id(s) not in dropped]
+
     def _finish_one(self, success: Success) -> None:
-        """A success whose round could not be written, recorded alone (a deferred finish)."""
-        rq_bridge.finish_successes(
-            self.worker,
-            [success.item],
-            lambda pipe: self.writes.queue_writes(pipe, Round(), [success]),
-        )
-        _log_success(success)
+        """A success whose round could not be written, recorded alone (a deferred finish); a
+        stale one is dropped (`RQJobs.finish` forgets it)."""
+        if self._finish([success], Round()):
+            _log_success(success)
 
 
 def _cancel_flags(job_ids: list[str], reply: list[Any]) -> dict[str, bool]:

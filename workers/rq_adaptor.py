@@ -1,8 +1,12 @@
 """The batching worker's RQ side: the jobs it took, from their start to their end.
 
 One `WorkerJob` per dequeued RQ job holds everything the worker knows of it — the RQ job, queue
-and execution, its spec, deadline and log fields, whether another worker owns it now, and a
-finish Redis refused — and is what the engine sees as that job's ticket (`workers.engine.Ticket`).
+and execution, its attempt, its spec, deadline and log fields, whether another worker (or a later
+attempt) owns it now, and a finish Redis refused — and is what the engine sees as that job's
+ticket (`workers.engine.Ticket`). They are keyed by (job id, attempt) (`WorkerJob.key`): a job
+handed out again by the recovery sweep while this worker still ran it (a long Redis outage) may be
+taken by this same worker, and the two executions must not collide — the stale one's end must
+never remove, or finish, the current one (`ddserve.recovery`, fencing).
 `RQJobs` owns those objects: it starts them (RQ's start writes, the expiry and contract checks),
 heartbeats them, finishes them through RQ's own paths (`workers.rq_bridge`: success, failure,
 stop, requeue) while this worker still owns them, and keeps a finish that hit a Redis error for
@@ -81,13 +85,19 @@ class WorkerJob:
     queue_s: float | None
     arrived_at: float  # when it was queued (seconds since the epoch)
     deadline: float  # when it fails with JobDeadlineExceeded (seconds since the epoch)
+    attempt: int = 0  # this delivery of the job (`ddserve.recovery.ATTEMPT_FIELD`)
     log_fields: dict[str, Any] = field(default_factory=dict)  # every log line about the job
-    lost: bool = False  # another worker owns it now (found by the heartbeat)
+    lost: bool = False  # another worker or attempt owns it now (found by the heartbeat)
     unfinished: Callable[[], None] | None = None  # a finish Redis refused, retried by the loop
 
     @property
     def id(self) -> str:
         return self.job.id
+
+    @property
+    def key(self) -> str:
+        """This execution of the job: unique among the worker's tickets (job id and attempt)."""
+        return f"{self.job.id}#{self.attempt}"
 
     def progress(
         self, step: int, total: int, batch_rows: int, previews: list[Preview] | None = None
@@ -120,7 +130,8 @@ class RQJobs:
         self.writes = writes
         self.model_of_queue = model_of_queue
         self.lock = threading.RLock()
-        self.held: dict[str, WorkerJob] = {}  # job id → its WorkerJob, until it ends here
+        self.held: dict[str, WorkerJob] = {}  # WorkerJob.key → it, until it ends here
+        self.stale_finishes_dropped = 0  # outcomes of stale attempts dropped (in worker stats)
 
     @property
     def connection(self) -> Redis:
@@ -134,7 +145,7 @@ class RQJobs:
         """Mark a dequeued job started; a job this worker cannot run, or one that waited in its
         queue longer than `job_ttl_s`, fails at once (None)."""
         with self.lock:
-            execution = rq_bridge.mark_started(self.worker, job)
+            execution, attempt = rq_bridge.start_attempt(self.worker, job)
         model = self.model_of(queue)
         try:
             waited = (now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
@@ -142,7 +153,7 @@ class RQJobs:
                 raise JobExpired(waited, self.settings.job_ttl_s)
             spec = spec_of(job)
         except Exception as exc:
-            self._refuse(job, queue, execution, model, exc)
+            self._refuse(job, queue, execution, attempt, model, exc)
             return None
         limit = float(self.settings.job_deadline_s)
         if job.timeout is not None and float(job.timeout) > 0:
@@ -157,6 +168,7 @@ class RQJobs:
             queue_s=queue_seconds(job),
             arrived_at=job.enqueued_at.timestamp() if job.enqueued_at else time.time(),
             deadline=time.time() + limit,
+            attempt=attempt,
             log_fields={
                 "request_id": job.meta.get(META_REQUEST_ID),
                 "job_id": job.id,
@@ -164,18 +176,26 @@ class RQJobs:
             },
         )
         with self.lock:
-            self.held[job.id] = held
+            self.held[held.key] = held
         self.writes.event(job.id, EventKind.STARTED, {})  # its event stream, with the round
-        log.info("job %s started", job.id, extra=held.log_fields)
+        log.info("job %s started (attempt %d)", job.id, attempt, extra=held.log_fields)
         return held
 
     def _refuse(
-        self, job: Job, queue: Queue, execution: Execution, model: str, error: Exception
+        self,
+        job: Job,
+        queue: Queue,
+        execution: Execution,
+        attempt: int,
+        model: str,
+        error: Exception,
     ) -> None:
         """A started job that cannot run here: failed at once, without retry."""
-        held = WorkerJob(self, job, queue, execution, model, None, queue_seconds(job), 0.0, 0.0)
+        held = WorkerJob(
+            self, job, queue, execution, model, None, queue_seconds(job), 0.0, 0.0, attempt
+        )
         with self.lock:
-            self.held[job.id] = held
+            self.held[held.key] = held
         job.meta[META_ERROR] = error_meta(error)
         job.save_meta()
 
@@ -183,7 +203,7 @@ class RQJobs:
             rq_bridge.finish_failure(self.worker, job, queue, execution, error, retry=False)
             self.writes.count(job_outcome(job, model, "failed", held.queue_s))
 
-        self.finish(job.id, finish)
+        self.finish(held, finish)
 
     # --- the engine's calls (WorkerJob's ticket methods) -----------------------------------------
     def progress(
@@ -195,12 +215,13 @@ class RQJobs:
         previews: list[Preview] | None = None,
     ) -> None:
         """The job's progress in its meta (GET /jobs) and, with its previews, on its event
-        stream (GET /jobs/{id}/events); both sent with the round's other writes."""
-        if held.lost:  # another worker owns the job now: leave its meta alone
+        stream (GET /jobs/{id}/events); both sent with the round's other writes, the meta fenced
+        by attempt."""
+        if held.lost:  # another worker or attempt owns the job now: leave its meta alone
             return
         held.job.meta[META_PROGRESS] = {"step": int(step), "total": int(total)}
         held.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.writes.save_meta(held.job)
+        self.writes.save_meta(held)
         event: dict[str, Any] = {"step": int(step), "of": int(total)}
         if previews:
             event["previews"] = previews
@@ -210,15 +231,15 @@ class RQJobs:
         """Recorded by the exchange with the round's other successes; the last progress (step =
         total) came from the engine just before."""
         held.job.meta[META_BATCH_SIZE] = int(batch_rows)
-        self.writes.save_meta(held.job)
+        self.writes.save_meta(held)
         self.writes.succeed(Success(held, output, int(batch_rows)))
 
     def fail(self, held: WorkerJob, error: BaseException) -> None:
-        self.writes.discard(held.id)
+        self.writes.discard(held.key, held.id)
         job = held.job
         if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
             requeue = lambda: recovery.requeue(self.worker, job, held.queue, held.execution)  # noqa: E731
-            if self.finish(held.id, requeue) == "done":
+            if self.finish(held, requeue) == "done":
                 log.warning("job %s handed back to its queue", held.id, extra=held.log_fields)
             return
         retry = is_retryable(error)
@@ -235,7 +256,7 @@ class RQJobs:
             outcome = "retried" if retried else "failed"
             self.writes.count(job_outcome(job, held.model, outcome, held.queue_s))
 
-        if self.finish(held.id, record) == "done":
+        if self.finish(held, record) == "done":
             log.warning(
                 "job %s failed: %s: %s",
                 held.id,
@@ -250,48 +271,53 @@ class RQJobs:
             rq_bridge.finish_stopped(self.worker, held.job, held.queue, held.execution, reason)
             self.writes.count(job_outcome(held.job, held.model, "canceled", held.queue_s))
 
-        self.writes.discard(held.id)
-        if self.finish(held.id, stop) == "done":
+        self.writes.discard(held.key, held.id)
+        if self.finish(held, stop) == "done":
             log.info("job %s canceled", held.id, extra=held.log_fields)
 
     # --- finishing ------------------------------------------------------------------------------
-    def finish(self, job_id: str, action: Callable[[], None]) -> Finished:
-        """Run one of the finishers under the lock, if this worker still owns the job.
+    def finish(self, held: WorkerJob, action: Callable[[], None]) -> Finished:
+        """Run one of the finishers under the lock, if this execution is still the job's current
+        one (`owned`: this worker, this attempt).
 
-        - "done": the job ended here; the worker forgets it;
+        - "done": the job ended here; the worker forgets this execution;
         - "lost": the job was declared abandoned (this worker was frozen or cut off) and belongs to
-          the queue or another worker now: its outcome here is dropped, so it is never finished
-          twice;
+          the queue, another worker or a later attempt now: its outcome here is dropped, so it is
+          never finished twice (nor failed by a stale attempt);
         - "deferred": Redis did not answer; the finisher is kept and retried by the loop, and the
-          job stays held (heartbeated) until then."""
+          job stays held (heartbeated) until then.
+
+        Failures and cancels go through RQ's own failure path, which this check precedes (not one
+        transaction with it): a sweep could still end the job in between, but only a sweep that
+        found the job's registry entry expired — which the recovery grace (`ddserve.recovery`)
+        keeps from happening to a worker that heartbeats."""
         with self.lock:
-            held = self.held.get(job_id)
-            if held is None:
+            if self.held.get(held.key) is not held:
                 return "lost"
             try:
                 if not self.owned([held])[0]:
-                    self._log_not_owned(job_id)
-                    self.forget(job_id)
+                    self._log_not_owned(held)
+                    self.forget(held)
                     return "lost"
                 action()
             except REDIS_ERRORS as exc:
                 held.unfinished = action
                 log.warning(
                     "job %s: Redis unavailable while finishing it (%s); retrying when it is back",
-                    job_id,
+                    held.id,
                     type(exc).__name__,
                 )
                 return "deferred"
             except BaseException:
-                self.forget(job_id)
+                self.forget(held)
                 raise
-            self.forget(job_id)
+            self.forget(held)
             return "done"
 
     def defer(self, held: WorkerJob, action: Callable[[], None]) -> None:
         """A finish that could not be sent (Redis refused a round), for the loop to retry."""
         with self.lock:
-            if held.id in self.held:
+            if self.held.get(held.key) is held:
                 held.unfinished = action
 
     @property
@@ -306,22 +332,22 @@ class RQJobs:
         for held in deferred:
             action = held.unfinished
             assert action is not None
-            self.finish(held.id, action)
-            if held.id in self.held:  # still refused: Redis is down, try again later
+            self.finish(held, action)
+            if self.held.get(held.key) is held:  # still refused: Redis is down, try again later
                 raise redis.exceptions.ConnectionError("Redis still unavailable")
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, held: WorkerJob) -> None:
         with self.lock:
-            held = self.held.pop(job_id, None)
-        if held is not None:
-            held.unfinished = None
-            self.worker.executions.pop(held.execution.id, None)
+            if self.held.get(held.key) is held:
+                del self.held[held.key]
+                held.unfinished = None
+                self.worker.executions.pop(held.execution.id, None)
 
     # --- ownership ------------------------------------------------------------------------------
     def owned(self, held: list[WorkerJob]) -> list[bool]:
-        """Whether this worker still owns each job (one round trip)."""
-        pairs = [(h.job, h.execution) for h in held]
-        return recovery.owned(self.connection, self.worker.name, pairs)
+        """Whether this worker still owns each job, in that attempt (one round trip)."""
+        running = [(h.job, h.execution, h.attempt) for h in held]
+        return recovery.owned(self.connection, self.worker.name, running)
 
     def still_owned(self, successes: list[Success]) -> list[Success]:
         """The successes of jobs this worker still owns (one round trip); the others are dropped."""
@@ -332,26 +358,34 @@ class RQJobs:
             if owned:
                 mine.append(success)
             else:
-                self._log_not_owned(success.job.id)
-                self.forget(success.job.id)
+                self.drop_stale(success.held)
         return mine
 
-    def _log_not_owned(self, job_id: str) -> None:
+    def drop_stale(self, held: WorkerJob) -> None:
+        """A write of an execution that is no longer the job's current one was dropped."""
+        self._log_not_owned(held)
+        self.forget(held)
+
+    def _log_not_owned(self, held: WorkerJob) -> None:
+        self.stale_finishes_dropped += 1
         log.warning(
-            "job %s: no longer owned by worker %s (declared abandoned while it was frozen or cut "
-            "off from Redis); its outcome here is dropped",
-            job_id,
+            "job %s: attempt %d is no longer owned by worker %s (declared abandoned while it was "
+            "frozen or cut off from Redis, and handed out again); its outcome here is dropped",
+            held.id,
+            held.attempt,
             self.worker.name,
+            extra=held.log_fields,
         )
 
-    def lost_ids(self) -> set[str]:
-        """Held jobs that another worker owns now (found by the heartbeat); no Redis call."""
+    def lost_keys(self) -> set[str]:
+        """Held executions another worker or attempt owns now (found by the heartbeat); no Redis
+        call."""
         with self.lock:
-            return {job_id for job_id, held in self.held.items() if held.lost}
+            return {key for key, held in self.held.items() if held.lost}
 
     def heartbeat(self) -> None:
         """Refresh every held job's started-registry entry (or the worker's own heartbeat when it
-        holds none), and mark the jobs another worker owns now as lost."""
+        holds none), and mark the executions another worker or attempt owns now as lost."""
         with self.lock:
             running = [held for held in self.held.values() if not held.lost]
             for held in running:
@@ -361,8 +395,10 @@ class RQJobs:
             for held, mine in zip(running, self.owned(running), strict=True):
                 if not mine:
                     log.warning(
-                        "job %s: another worker owns it now; worker %s drops it",
+                        "job %s: another worker owns it now (or a later attempt); worker %s "
+                        "drops attempt %d",
                         held.id,
                         self.worker.name,
+                        held.attempt,
                     )
                     held.lost = True

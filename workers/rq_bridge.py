@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import rq
+from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from rq.exceptions import DequeueTimeout
@@ -51,6 +52,7 @@ from rq.utils import now, utcformat, utcparse
 from rq.worker import BaseWorker, WorkerStatus
 
 from ddserve.notifications import prefix_of_queue, publish_finished
+from ddserve.recovery import ATTEMPT_FIELD, attempt_of
 
 log = logging.getLogger(__name__)
 SUPPORTED_RQ_MAJOR = 3
@@ -169,10 +171,17 @@ def dequeue(
 
 
 def mark_started(worker: BaseWorker, job: Job) -> Execution:
-    """Mark a dequeued job `started` exactly as RQ does before performing it; return its execution.
+    """`start_attempt` for callers that need only the execution."""
+    return start_attempt(worker, job)[0]
+
+
+def start_attempt(worker: BaseWorker, job: Job) -> tuple[Execution, int]:
+    """Mark a dequeued job `started` exactly as RQ does before performing it; return its execution
+    and the number of this attempt (`ddserve.recovery.ATTEMPT_FIELD`, incremented here: each
+    delivery of a job is a new attempt, and only the current one may write or finish it).
 
     The writes of `prepare_execution` and of `prepare_job_execution(job, True)`, in their order,
-    in one transaction (RQ sends two)."""
+    and the attempt's increment, in one transaction (RQ sends two)."""
     ttl = worker.get_heartbeat_ttl(job)
     with worker.connection.pipeline() as pipe:
         # prepare_execution
@@ -186,9 +195,11 @@ def mark_started(worker: BaseWorker, job: Job) -> Execution:
         # A job popped from one queue with LMOVE sits in that queue's intermediate list until started.
         intermediate = Queue(job.origin, connection=worker.connection).intermediate_queue_key
         pipe.lrem(intermediate, 1, job.id)
-        pipe.execute()
+        at = len(pipe)
+        pipe.hincrby(job.key, ATTEMPT_FIELD, 1)
+        attempt = int(pipe.execute()[at])
     worker.executions[execution.id] = execution
-    return execution
+    return execution, attempt
 
 
 def save_meta(job: Job, pipe: Pipeline) -> None:
@@ -224,12 +235,49 @@ def announce_end(worker: BaseWorker, job: Job) -> None:
 
 @dataclass
 class Succeeded:
-    """A job that returned `value` in its execution, to be finished by `finish_successes`."""
+    """A job that returned `value` in its execution, to be finished by `finish_successes`; with an
+    `attempt`, only if that is still the job's current attempt (fenced)."""
 
     job: Job
     queue: Queue
     execution: Execution
     value: Any
+    attempt: int | None = None
+
+
+# The check `finish_successes` makes after its WATCH, in one round trip: KEYS = the jobs'
+# dependents sets, then the jobs' hashes; ARGV = the number of dependents sets, the attempt field.
+# Returns how many dependents sets exist, then "attempt|status" of each job.
+_SUCCESS_CHECK = """
+local n = tonumber(ARGV[1])
+local out = {0}
+for i = 1, n do
+  out[1] = out[1] + redis.call('EXISTS', KEYS[i])
+end
+for i = n + 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], ARGV[2], 'status')
+  out[#out + 1] = (v[1] or '') .. '|' .. (v[2] or '')
+end
+return out
+"""
+
+
+def _is_current(item: Succeeded, reply: bytes | str | None) -> bool:
+    """Whether the job is still `started` in the item's attempt (unfenced items always are)."""
+    if item.attempt is None:
+        return True
+    text = (reply.decode() if isinstance(reply, bytes) else reply) or "|"
+    attempt, _, status = text.partition("|")
+    return status == JobStatus.STARTED.value and attempt_of(attempt or None) == item.attempt
+
+
+def _current(connection: Redis, item: Succeeded) -> bool:
+    """`_is_current`, read now (for the successes that take RQ's own path, one by one)."""
+    if item.attempt is None:
+        return True
+    attempt, status = connection.hmget(item.job.key, [ATTEMPT_FIELD, "status"])
+    text = f"{(attempt or b'').decode()}|{(status or b'').decode()}"
+    return _is_current(item, text)
 
 
 def _needs_rq_success_path(worker: BaseWorker, item: Succeeded) -> bool:
@@ -274,41 +322,66 @@ def _success_writes(worker: BaseWorker, item: Succeeded, pipe: Pipeline) -> None
 def finish_successes(
     worker: BaseWorker,
     items: list[Succeeded],
-    extra: Callable[[Pipeline], None] | None = None,
-) -> None:
+    extra: Callable[[Pipeline, list[Succeeded]], None] | None = None,
+) -> list[Succeeded]:
     """Finish jobs that returned as `_finalize_success` finishes each — result, finished registry,
     TTLs, execution cleanup, worker counters — with their writes and `extra`'s (say, their meta and
-    metrics) in one transaction: WATCH the jobs' dependents sets, check that none exists, MULTI/EXEC
-    (a dependent added meanwhile aborts the EXEC, and the check runs again, as in RQ's own
-    `handle_job_success`). Jobs with dependents, or needing more of RQ's success path
-    (`_needs_rq_success_path`), are finished by `_finalize_success` itself, one by one, after the
-    transaction. `extra` must only queue writes: it may be called again after an abort."""
+    metrics) in one transaction: WATCH the jobs' dependents sets and the jobs themselves, check
+    (one script) that no dependents set exists and that each job is still `started` in the
+    item's attempt, MULTI/EXEC (a dependent added or a job touched meanwhile aborts the EXEC, and
+    the check runs again, as in RQ's own `handle_job_success`). Jobs with dependents, or needing
+    more of RQ's success path (`_needs_rq_success_path`), are finished by `_finalize_success`
+    itself, one by one, after the transaction (their attempt checked just before).
+
+    `extra(pipe, finished)` must only queue writes (it may be called again after an abort);
+    `finished` are the items this transaction finishes. Returns the items dropped because
+    their attempt is no longer the job's current one (stale: the job was handed out again)."""
     if not items:
-        return
+        return []
     fast = [item for item in items if not _needs_rq_success_path(worker, item)]
+    stale: list[Succeeded] = []
     with worker.connection.pipeline() as pipe:
         while True:
+            kept = list(fast)
+            stale = []
             try:
                 if fast:
                     keys = [item.job.dependents_key for item in fast]
-                    pipe.watch(*keys)
-                    if pipe.exists(*keys):  # rare: let RQ move the dependents, job by job
+                    jobs = [item.job.key for item in fast]
+                    pipe.watch(*keys, *jobs)
+                    reply = pipe.eval(
+                        _SUCCESS_CHECK,
+                        len(keys) + len(jobs),
+                        *keys,
+                        *jobs,
+                        len(keys),
+                        ATTEMPT_FIELD,
+                    )
+                    checks = dict(zip(map(id, fast), reply[1:], strict=True))
+                    stale = [item for item in fast if not _is_current(item, checks[id(item)])]
+                    kept = [item for item in fast if _is_current(item, checks[id(item)])]
+                    if int(reply[0]):  # rare: let RQ move the dependents, job by job
                         pipe.reset()
-                        fast = []
+                        kept = []
                 pipe.multi()
-                for item in fast:
+                for item in kept:
                     _success_writes(worker, item, pipe)
                     publish_finished(pipe, prefix_of_queue(item.job.origin), item.job.id)
                 if extra is not None:
-                    extra(pipe)
+                    extra(pipe, kept)
                 pipe.execute()
                 break
             except WatchError:
                 continue
-    finished = {id(item) for item in fast}
+    done = {id(item) for item in kept} | {id(item) for item in stale}
     for item in items:
-        if id(item) not in finished:
-            finish_success(worker, item.job, item.queue, item.execution, item.value)
+        if id(item) in done:
+            continue
+        if not _current(worker.connection, item):
+            stale.append(item)
+            continue
+        finish_success(worker, item.job, item.queue, item.execution, item.value)
+    return stale
 
 
 def finish_failure(

@@ -33,6 +33,7 @@ from rq.utils import now
 from ddserve.job_events import EventKind, append, publish_updated
 from ddserve.job_metrics import JobOutcome, Outcome, record_outcome
 from ddserve.jobs import META_PROGRESS, JobOutput
+from ddserve.recovery import fenced_meta_write
 from workers import rq_bridge
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class Success:
     @property
     def item(self) -> rq_bridge.Succeeded:
         """What `rq_bridge.finish_successes` finishes."""
-        return rq_bridge.Succeeded(self.job, self.held.queue, self.held.execution, self.output)
+        held = self.held
+        return rq_bridge.Succeeded(held.job, held.queue, held.execution, self.output, held.attempt)
 
     def outcome(self) -> JobOutcome:
         return job_outcome(
@@ -97,8 +99,8 @@ class Success:
 class Round:
     """The writes of one round, taken out of `StepWrites` to be sent."""
 
-    metas: dict[str, Job] = field(default_factory=dict)  # job id → job whose meta to save
-    successes: dict[str, Success] = field(default_factory=dict)
+    metas: dict[str, WorkerJob] = field(default_factory=dict)  # key → whose meta to save
+    successes: dict[str, Success] = field(default_factory=dict)  # WorkerJob.key → its success
     outcomes: list[JobOutcome] = field(default_factory=list)  # failed, canceled, retried
     # job id → its event-stream entries of the round, in order
     events: dict[str, list[tuple[EventKind, dict[str, Any]]]] = field(default_factory=dict)
@@ -116,12 +118,13 @@ class StepWrites:
         self.events = events  # False: no event streams (`DDSERVE_JOB_EVENTS=false`)
         self._round = Round()
 
-    def save_meta(self, job: Job) -> None:
-        """`job.meta` is to be saved (its state when the round is sent)."""
-        self._round.metas[job.id] = job
+    def save_meta(self, held: WorkerJob) -> None:
+        """`held.job.meta` is to be saved (its state when the round is sent), if `held` is still
+        the job's current attempt then."""
+        self._round.metas[held.key] = held
 
     def succeed(self, success: Success) -> None:
-        self._round.successes[success.job.id] = success
+        self._round.successes[success.held.key] = success
 
     def event(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
         """An entry for the job's event stream (see the module docstring for the merging)."""
@@ -137,11 +140,13 @@ class StepWrites:
     def count(self, outcome: JobOutcome) -> None:
         self._round.outcomes.append(outcome)
 
-    def discard(self, job_id: str) -> None:
-        """A job that ended another way (failed, canceled, lost): nothing of it is written."""
-        self._round.metas.pop(job_id, None)
-        self._round.successes.pop(job_id, None)
-        self._round.events.pop(job_id, None)
+    def discard(self, key: str, job_id: str | None = None) -> None:
+        """An execution (`WorkerJob.key`) that ended another way (failed, canceled, lost): nothing
+        of it is written — nor its job's event entries of the round, given `job_id`."""
+        self._round.metas.pop(key, None)
+        self._round.successes.pop(key, None)
+        if job_id is not None:
+            self._round.events.pop(job_id, None)
 
     def take(self) -> Round:
         taken, self._round = self._round, Round()
@@ -150,17 +155,19 @@ class StepWrites:
     def give_back(self, taken: Round) -> None:
         """A round whose write failed: its meta and outcome writes go with the next round (its
         successes, meta included, are retried by the worker, one by one)."""
-        for job_id, job in taken.metas.items():
-            self._round.metas.setdefault(job_id, job)
+        for key, held in taken.metas.items():
+            self._round.metas.setdefault(key, held)
         self._round.outcomes[:0] = taken.outcomes
         for job_id, entries in taken.events.items():  # before this round's own, in order
             self._round.events[job_id] = entries + self._round.events.get(job_id, [])
 
     def queue_writes(self, pipe: Pipeline, taken: Round, successes: list[Success]) -> None:
-        """Queue the round's meta saves and outcome counts, and the meta saves and outcome counts
-        of `successes`, on `pipe` (RQ's success path saves a job without its meta)."""
-        for job in taken.metas.values():
-            rq_bridge.save_meta(job, pipe)
+        """Queue the round's meta saves (each fenced by its attempt: a stale execution's is dropped
+        by Redis) and outcome counts, and the meta saves and outcome counts of `successes` (fenced
+        by the transaction they finish in), on `pipe` (RQ's success path saves a job without its
+        meta)."""
+        for held in taken.metas.values():
+            fenced_meta_write(pipe, held.job, held.attempt)
         for outcome in taken.outcomes:
             record_outcome(pipe, self.prefix, outcome)
         for success in successes:

@@ -17,10 +17,13 @@ continuous-batching engine instead of performing one job at a time.
   RQ's timer death penalty for callbacks.
 - Recovery (`ddserve.recovery`): the started-registry entry of a running job expires
   `abandoned_after_s` after its last heartbeat, and every worker runs RQ's maintenance (which retries
-  or fails the jobs of dead workers) every quarter of that. A job is finished only while this worker
-  still owns it (its execution is the job's current one): a worker that was frozen past that time
-  and whose job went to another worker drops its copy (the heartbeat notices, and so does the
-  finisher). A job queued longer than `job_ttl_s` fails `job_expired` when dequeued.
+  or fails the jobs of dead workers) every quarter of that — once Redis has answered its heartbeats
+  for `recovery_grace_s` without a break (`RecoveryGrace`), so that after an outage the live
+  workers heartbeat again before any sweep. Each delivery of a job is an attempt; a job is finished
+  only while this worker still owns it in that attempt (its execution is the job's current one): a
+  worker that was frozen past that time and whose job was handed out again — to another worker or
+  to itself — drops its stale copy (the heartbeat notices, and so does the finisher). A job queued
+  longer than `job_ttl_s` fails `job_expired` when dequeued.
 - Redis outages: while Redis is unreachable the loop keeps its jobs and retries with a backoff;
   finishing a job that fails on a Redis error is retried once Redis answers again (the job stays
   heartbeated meanwhile), so no outcome is lost and no job is left `running`.
@@ -120,14 +123,20 @@ class RQFeed:
             if held is not None:
                 return held
 
-    def canceled(self, job_ids: list[str]) -> set[str]:
-        """Jobs to stop: cancel requests, and jobs this worker no longer owns (declared abandoned
-        while it was frozen or cut off; their ticket's cancel then only forgets them)."""
+    def canceled(self, tickets: list[WorkerJob]) -> set[str]:  # type: ignore[override]
+        """Executions to stop (their keys): cancel requests for their job, and executions this
+        worker no longer owns (declared abandoned while it was frozen or cut off, or superseded by
+        a later attempt; their ticket's cancel then only forgets them)."""
         flags = self.worker.exchange.take_cancel_flags()
         if not self.worker.settings.overlap_redis:
+            job_ids = list(dict.fromkeys(ticket.id for ticket in tickets))
             flags = self.worker.exchange.cancel_requests(job_ids)
-        lost = self.worker.jobs.lost_ids()
-        return {job_id for job_id in job_ids if (flags and flags.get(job_id)) or job_id in lost}
+        lost = self.worker.jobs.lost_keys()
+        return {
+            ticket.key
+            for ticket in tickets
+            if (flags and flags.get(ticket.id)) or ticket.key in lost
+        }
 
 
 class BatchingWorker(SimpleWorker):
@@ -182,6 +191,8 @@ class BatchingWorker(SimpleWorker):
             BatchingPolicy.from_settings(settings),
             store_threads=settings.store_threads,
         )
+        # Sweeps wait until Redis answered for this long without a break (`ddserve.recovery`).
+        self.recovery_grace = recovery.RecoveryGrace(settings.recovery_grace())
         self._stop = threading.Event()
         self._stop_requested_at: float | None = None
         self._loop_done = threading.Event()
@@ -216,7 +227,20 @@ class BatchingWorker(SimpleWorker):
 
     def clean_registries(self) -> None:
         """RQ's maintenance of each queue (abandoned jobs retried or failed, dead workers and stuck
-        dequeues cleaned), under RQ's cleaning lock held for one interval at most."""
+        dequeues cleaned), under RQ's cleaning lock held for one interval at most — skipped until
+        Redis has answered for `recovery_grace_s` without a break (the next pass is one interval
+        later): right after an outage, live workers' entries are expired until they heartbeat."""
+        self.last_cleaned_at = now()
+        wait = self.recovery_grace.remaining_s()
+        if wait != 0.0:
+            log.debug(
+                "worker %s: recovery sweep skipped: Redis %s",
+                self.name,
+                "not reachable yet"
+                if wait is None
+                else f"reachable again, grace ends in {wait:.1f} s",
+            )
+            return
         for queue in self.queues:
             with recovery.maintenance_lock(queue, self.maintenance_interval) as got:
                 if got:
@@ -321,6 +345,7 @@ class BatchingWorker(SimpleWorker):
                     worked = True
                     backoff = 0.5
                 except REDIS_ERRORS as exc:
+                    self.recovery_grace.unreachable()
                     # Nothing is lost: held jobs stay held (and unfinished finishes kept) until
                     # Redis answers again; a stop request past its grace leaves them to recovery.
                     if self.stopping and self._grace_over():
@@ -374,8 +399,10 @@ class BatchingWorker(SimpleWorker):
         while not self._loop_done.wait(self.settings.heartbeat_s):
             try:
                 self.jobs.heartbeat()
+                self.recovery_grace.reachable()  # this worker's jobs are fresh again
                 self.publish_stats()
             except REDIS_ERRORS as exc:
+                self.recovery_grace.unreachable()
                 log.warning("worker %s: heartbeat failed: Redis unavailable (%s)", self.name, exc)
             except Exception:
                 log.exception("worker %s: heartbeat failed", self.name)
@@ -388,6 +415,7 @@ class BatchingWorker(SimpleWorker):
             **self.engine.stats.as_dict(),
             "max_batch": self.engine.policy.max_batch,
             "mode": self.engine.policy.mode,
+            "stale_finishes_dropped": self.jobs.stale_finishes_dropped,
             "time": time.time(),
         }
         pipe = self.connection.pipeline()

@@ -111,6 +111,29 @@ def components(index: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+ONNX_DIR = "onnx"  # the first stage's graphs in the pipeline folder (`onnx_export.py`)
+VQ_CODEBOOK_KEY = "quantize.embedding.weight"  # VQModel's codebook [K, D] in its weights
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def onnx_files(component: str) -> dict[str, str]:
+    """The `files` roles of a first stage's ONNX graphs, relative to the pipeline folder."""
+    return {
+        "encoder_onnx": f"{ONNX_DIR}/{component}_encoder.onnx",
+        "decoder_onnx": f"{ONNX_DIR}/{component}_decoder.onnx",
+    }
+
+
+def first_stage_files(folder: Path, component: str, vq: bool) -> dict[str, str]:
+    """A first stage's `files`: its two ONNX graphs when both exist (the workers then run it in
+    ONNX Runtime), and for a VQModel its weights (ONNX Runtime's codec reads the codebook there)."""
+    files = onnx_files(component)
+    found = files if all((folder / name).is_file() for name in files.values()) else {}
+    if vq and (folder / component / WEIGHTS_FILE).is_file():
+        found = {**found, "weights": f"{component}/{WEIGHTS_FILE}"}
+    return found
+
+
 def first_stage_of(parts: dict[str, str]) -> tuple[str, str] | None:
     """(component folder, class) of the pipeline's autoencoder, if it has one."""
     for name in ("vqvae", "vae"):
@@ -179,6 +202,13 @@ def schedule_fields(
         raise PipelineError(f"scheduler/scheduler_config.json: {exc}") from None
     beta = str(scheduler.get("beta_schedule", "linear"))
     total = fields.num_train_timesteps
+    # The solver options of the config are the model's defaults: the gateway puts them into each
+    # spec (for the samplers that take them), where they win over the worker's model options.
+    order = scheduler.get("solver_order", 2)
+    if order not in (1, 2):
+        raise PipelineError(
+            f"scheduler/scheduler_config.json: solver_order {order!r} is not supported (1 or 2)"
+        )
     return {
         "schedule": ScheduleSpec(kind=BETA_SCHEDULES.get(beta, "linear"), num_timesteps=total),
         "prediction_type": fields.prediction_type,
@@ -187,6 +217,8 @@ def schedule_fields(
             sampler=fields.sampler,
             num_inference_steps=min(steps, total),
             clip_denoised=bool(scheduler.get("clip_sample", fields.class_name in CLIPPING)),
+            use_karras_sigmas=bool(scheduler.get("use_karras_sigmas", False)),
+            solver_order=int(order),
             **(resampling or {}),
         ),
         "scheduler": scheduler,
@@ -291,7 +323,8 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         code_shape=[height, width] if stage_kind == "vqvae" else None,
         codebook_size=int(vae.get("num_vq_embeddings", 256)) if stage_kind == "vqvae" else None,
         component=component,
-        network=scaling,
+        network={**scaling, "codebook_key": VQ_CODEBOOK_KEY} if stage_kind == "vqvae" else scaling,
+        files=first_stage_files(folder, component, stage_kind == "vqvae"),
         path=folder,
     )
     served = pipeline not in TEXT_PIPELINES or pipeline in SERVED_TEXT_PIPELINES

@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", help="the model's name in ddserve (default: the folder's or the Hub id's name)"
     )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the first stage (VAE / VQ-VAE) to ONNX, checked against diffusers",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"ddserve import: error: {exc}", file=sys.stderr)
         return 2
     main = checked.entries[0]
+    if args.onnx:
+        failed = export_onnx(target, checked)
+        if failed:
+            print(f"ddserve import: error: {failed}", file=sys.stderr)
+            return 2
     size = f"{main.image.channels}×{main.image.height}×{main.image.width}"
     total = sum(checked.parameters.values())
     print(f"imported {main.name} ({main.pipeline}, {size} images, {total:,} parameters) → {target}")
@@ -75,6 +85,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"  with its first stage {entry.name} ({', '.join(entry.tasks)})")
     print("serve it: ddserve serve   (a running gateway and its workers read models at start)")
     return 0
+
+
+def export_onnx(target: Path, checked: Checked) -> str | None:
+    """`--onnx`: the imported first stage's graphs (`onnx_export`), printed check by check; the
+    error message when the pipeline has no first stage or ONNX Runtime disagrees (None: done)."""
+    from models.diffusers_format.entries import read_pipeline
+    from models.diffusers_format.onnx_export import export_first_stage
+    from models.onnx.export import ParityError
+
+    stages = [e for e in read_pipeline(target, checked.entries[0].name) if "encode" in e.tasks]
+    if not stages:
+        return "--onnx: this pipeline has no first stage (VAE / VQ-VAE) to export"
+    try:
+        for check in export_first_stage(stages[0]):
+            print(check)
+    except ParityError as exc:
+        return f"--onnx: {exc} (the model is imported; it runs its first stage in PyTorch)"
+    return None
 
 
 def import_pipeline(

@@ -34,8 +34,9 @@ where the tail is what diffusers' img2img pipelines take (`timesteps.sdedit_star
 the full plan's, except that the multistep solvers warm up on the tail's first step (no history
 yet), as diffusers' schedulers do after `set_begin_index`. Such a sample simply joins the running
 set at a later timestep; nothing else about the batch changes. strength = 1 is generation: the
-sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T,
-under 0.7 % of it on a linear 1000-step schedule, which ddserve's x_T ~ N(0, I) neglects throughout).
+sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T:
+0.6–0.8 % of the image on the linear 1000-step schedule, 7–8 % on SD's scaled_linear one; ddserve's
+x_T ~ N(0, I) neglects it, as its generation does).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ SamplerPrediction = PredictionType | Literal["sample"]
 # DDPMScheduler / DDIMScheduler `step`, reproduced for models served from a diffusers config:
 # 1. a DDIM step from t lands on ᾱ at t − ⌊T/S⌋, which is not the plan's next timestep for
 #    ``trailing`` / ``linspace`` spacing when S does not divide T (the next network call is still at
-#    the plan's next timestep);
+#    the plan's next timestep; diffusers issues #11347, #12633, unfixed in 0.42);
 # 2. DDIM keeps the network's ε after clipping x̂_0 (the pipelines' `use_clipped_model_output=False`)
 #    instead of re-deriving it from the clipped x̂_0;
 # 3. DDPM adds noise on every step from t > 0, the last one included (σ² = β' there with

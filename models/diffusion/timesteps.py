@@ -40,7 +40,7 @@ def _check(
 
 def _offset(timesteps: list[int], num_train_steps: int, steps_offset: int) -> list[int]:
     """``leading`` timesteps shifted by `steps_offset` (diffusers adds it to ``leading`` only), which
-    must keep them inside the schedule."""
+    must keep them inside the schedule (diffusers indexes past it: SD 1.x at S = T, issue #10003)."""
     shifted = [t + steps_offset for t in timesteps]
     if shifted and shifted[0] >= num_train_steps:
         raise ValueError(

@@ -284,7 +284,8 @@ class OnnxCodec(Codec):
                 raise FileNotFoundError(
                     f"{self.name} has no weights file to read its codebook from"
                 )
-            self._codebook = load_file(str(weights))[CODEBOOK_KEY].astype(np.float32)
+            key = str(self.entry.network.get("codebook_key", CODEBOOK_KEY))
+            self._codebook = load_file(str(weights))[key].astype(np.float32)
         return nearest_codes(latents, self._codebook)
 
 
@@ -334,11 +335,11 @@ def load_codec(
     available, then CPU); threads: ONNX Runtime intra-op threads (None: its default);
     device: the worker's torch device (a CUDA device requires ONNX Runtime's CUDA provider) and the
     device of the fallback."""
-    if entry.format == "diffusers":  # an imported pipeline's first stage: diffusers' module
+    missing = [role for role in ("encoder_onnx", "decoder_onnx") if entry.file(role) is None]
+    if entry.format == "diffusers" and missing:  # an imported first stage not exported (yet)
         from models.diffusers_format.loading import DiffusersCodec
 
         return DiffusersCodec(entry, device)
-    missing = [role for role in ("encoder_onnx", "decoder_onnx") if entry.file(role) is None]
     if not missing:
         return OnnxCodec(entry, providers, threads, require_cuda=device.startswith("cuda"))
     log.warning(

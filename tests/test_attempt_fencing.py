@@ -1,0 +1,218 @@
+"""Fencing by attempt (issue #18 item 5), against real Redis, the worker driven by hand: a job the
+recovery sweep handed out again while its first worker was still running it has two executions, an
+old (stale) attempt and the current one. Only the current attempt may write the job's progress or
+finish it; the stale attempt's writes are dropped (never failing the job), and the worker keys its
+running set by (job id, attempt), so the stale attempt's cleanup cannot remove the current one —
+even when the same worker runs both."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from rq.job import Job, Retry
+from rq.results import Result
+
+from ddserve import recovery
+from ddserve.jobs import META_ERROR, META_PROGRESS
+from ddserve.settings import Settings
+from tests import specs
+from tests.redis_sandbox import RedisSandbox, sandbox, status
+from tests.tiny_zoo import write_diffusion_model
+from tests.worker_doubles import MemoryStorage
+from workers import rq_bridge
+from workers.model_pool import ModelPool
+from workers.rq_adaptor import WorkerJob
+from workers.worker import BatchingWorker, worker_stats_key
+
+pytestmark = pytest.mark.redis
+MODEL = "tiny-ddpm"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
+    torch.set_num_threads(1)
+    zoo = tmp_path_factory.mktemp("zoo")
+    write_diffusion_model(zoo, MODEL)
+    return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
+
+
+@pytest.fixture
+def box() -> Iterator[RedisSandbox]:
+    with sandbox() as b:
+        yield b
+
+
+def _worker(box: RedisSandbox, pool: ModelPool, name: str = "w") -> BatchingWorker:
+    settings = Settings(
+        zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL, recovery_grace_s=0
+    )
+    worker = BatchingWorker(
+        settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-{name}"
+    )
+    box.worker_names.append(worker.name)
+    return worker
+
+
+def _take(box: RedisSandbox, worker: BatchingWorker) -> WorkerJob:
+    got = rq_bridge.dequeue(worker, [box.queue(MODEL)], None)
+    assert got is not None
+    ticket = worker.jobs.start(*got)
+    assert ticket is not None
+    return ticket
+
+
+def _sweep_while_running(box: RedisSandbox, ticket: WorkerJob) -> None:
+    """What a long Redis outage did before the grace period: the started-registry entry of a live
+    execution is past its expiry, and a recovery sweep hands the job out again (retry)."""
+    registry = ticket.queue.started_job_registry
+    box.connection.zadd(registry.key, {ticket.execution.composite_key: time.time() - 10})
+    recovery.recover_abandoned(ticket.queue)
+    assert status(ticket.job) == "queued"
+
+
+def _redelivered(box: RedisSandbox, worker: BatchingWorker) -> tuple[WorkerJob, WorkerJob]:
+    """One job, two executions in the same worker: `stale` (the first) and `current`."""
+    box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=1))
+    stale = _take(box, worker)
+    _sweep_while_running(box, stale)
+    current = _take(box, worker)
+    assert current.id == stale.id
+    return stale, current
+
+
+def _output(ticket: WorkerJob) -> dict[str, Any]:
+    return {"images": [{"key": f"{ticket.id}/{i}.png", "seed": i} for i in range(2)]}
+
+
+def _results(job: Job) -> list[Result]:
+    return list(job.results())
+
+
+def test_each_delivery_of_a_job_gets_the_next_attempt(box: RedisSandbox, pool: ModelPool) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    assert (stale.attempt, current.attempt) == (1, 2)
+    assert stale.key != current.key
+    stored = box.connection.hget(current.job.key, recovery.ATTEMPT_FIELD)
+    assert stored == b"2"
+    assert {stale.key, current.key} == set(worker.jobs.held)
+
+
+def test_a_stale_success_neither_finishes_the_job_nor_forgets_the_current_attempt(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    stale.progress(10, 10, 2)
+    stale.succeed(_output(stale), 2)
+    worker.flush_step()
+    assert status(current.job) == "started"  # not finished by the stale attempt
+    assert current in worker.jobs.held.values()  # the stale one's cleanup left it alone
+    assert stale not in worker.jobs.held.values()
+
+    current.progress(10, 10, 2)
+    current.succeed(_output(current), 2)
+    worker.flush_step()
+    assert status(current.job) == "finished"
+    results = _results(current.job)
+    assert [r.type for r in results] == [Result.Type.SUCCESSFUL]
+    assert results[0].execution_id == current.execution.id
+    assert worker.jobs.held == {}
+    worker.publish_stats()
+    stats = box.connection.hgetall(worker_stats_key(box.prefix, worker.name))
+    assert int(stats[b"stale_finishes_dropped"]) >= 1  # the metrics hook counted it
+
+
+def test_a_stale_failure_never_fails_the_job(box: RedisSandbox, pool: ModelPool) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    stale.fail(ValueError("the stale attempt's own trouble"))
+    assert status(current.job) == "started"
+    assert META_ERROR not in current.job.get_meta(refresh=True)
+    assert current in worker.jobs.held.values()
+
+    current.progress(10, 10, 2)
+    current.succeed(_output(current), 2)
+    worker.flush_step()
+    assert status(current.job) == "finished"
+    assert [r.type for r in _results(current.job)] == [Result.Type.SUCCESSFUL]
+
+
+def test_a_stale_cancel_leaves_the_current_attempt_running(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    stale.cancel()
+    assert status(current.job) == "started"
+    assert current in worker.jobs.held.values()
+
+
+def test_a_stale_progress_write_does_not_overwrite_the_current_attempts(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    current.progress(3, 10, 2)
+    stale.progress(9, 10, 2)  # the same round: both wait in the round's buffer
+    worker.flush_step()
+    meta = Job.fetch(current.id, connection=box.connection).meta
+    assert meta[META_PROGRESS] == {"step": 3, "total": 10}
+    stale.progress(10, 10, 2)  # a round of its own
+    worker.flush_step()
+    meta = Job.fetch(current.id, connection=box.connection).meta
+    assert meta[META_PROGRESS] == {"step": 3, "total": 10}
+
+
+def test_the_heartbeat_marks_only_the_stale_attempt_lost(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    stale, current = _redelivered(box, worker)
+    worker.jobs.heartbeat()
+    assert stale.lost and not current.lost
+    assert worker.feed.canceled([stale, current]) == {stale.key}
+
+
+def test_a_redelivery_to_another_worker_fences_the_first(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    first, second = _worker(box, pool, "a"), _worker(box, pool, "b")
+    box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=1))
+    stale = _take(box, first)
+    _sweep_while_running(box, stale)
+    current = _take(box, second)
+    stale.progress(10, 10, 2)
+    stale.succeed(_output(stale), 2)
+    first.flush_step()
+    assert status(current.job) == "started"
+    current.progress(10, 10, 2)
+    current.succeed(_output(current), 2)
+    second.flush_step()
+    results = _results(current.job)
+    assert [r.worker_name for r in results] == [second.name]
+
+
+def test_a_workers_maintenance_sweeps_nothing_within_the_recovery_grace(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    clock = [0.0]
+    worker.recovery_grace = recovery.RecoveryGrace(3.0, clock=lambda: clock[0])
+    box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=1))
+    ticket = _take(box, worker)
+    registry = ticket.queue.started_job_registry
+    box.connection.zadd(registry.key, {ticket.execution.composite_key: time.time() - 10})
+    worker.clean_registries()  # Redis never seen answering yet (no heartbeat): no sweep
+    assert status(ticket.job) == "started"
+    worker.recovery_grace.reachable()
+    clock[0] = 2.9
+    worker.clean_registries()
+    assert status(ticket.job) == "started"
+    clock[0] = 3.0  # answered for the whole grace, and the entry is still expired: abandoned
+    worker.clean_registries()
+    assert status(ticket.job) == "queued"
