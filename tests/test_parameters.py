@@ -117,7 +117,11 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("body", "spec", "names"),
     [
-        (GenerateBody, GenerateSpec, ["n", "num_inference_steps", "eta", "guidance_scale", "seed"]),
+        (
+            GenerateBody,
+            GenerateSpec,
+            ["n", "num_inference_steps", "eta", "guidance_scale", "seed", "negative_prompt"],
+        ),
         (GenerateBody, GenerateSpec, ["use_karras_sigmas", "solver_order"]),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
         (InpaintBody, InpaintSpec, ["use_karras_sigmas", "solver_order"]),

@@ -5,6 +5,7 @@ worker as text; images equal the pipeline's own; mixed requests in one batch equ
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,7 @@ def generate(client: Client, **options: Any) -> Job:
 
 def test_the_model_is_listed_as_a_text_model(client: Client) -> None:
     model = client.model(NAME)
-    assert model.tasks == ["generate"] and model.defaults is not None
+    assert model.tasks == ["generate", "inpaint"] and model.defaults is not None
     assert model.defaults.guidance_scale == 7.5  # the pipeline's own default
     assert (model.image.height, model.image.width) == (16, 16)
 
@@ -173,7 +175,52 @@ def test_a_text_pipeline_ddserve_cannot_encode_for_is_refused_by_name(
         import_pipeline(str(folder), name="edited", settings=settings)
 
 
-def test_inpainting_is_not_offered_until_the_worker_inpaints_latents(client: Client) -> None:
-    with pytest.raises(ApiError) as caught:
-        client.inpaint(NAME, np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool))
-    assert caught.value.status_code == 400 and caught.value.code == "unsupported_task"
+def test_inpaint_with_a_prompt_and_a_negative_prompt(client: Client) -> None:
+    """RePaint on the latents (the worker encodes the image with the pipeline's VAE), guided by
+    the prompt against the negative prompt; the same seed gives the same images."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.ones((16, 16), bool)
+    mask[:, 8:] = False  # generate the right half
+    body = {"prompt": "a red circle", "negative_prompt": "green", "seed": 5, "n": 2}
+    first = client.inpaint(NAME, image, mask, num_inference_steps=STEPS, **body)
+    assert first.input["negative_prompt"] == "green" and first.input["guidance_scale"] == 7.5
+    again = client.inpaint(NAME, image, mask, num_inference_steps=STEPS, **body)
+    pictures, repeated = images(client, first), images(client, again)
+    assert pictures[0].shape == (16, 16, 3) and not np.array_equal(pictures[0], pictures[1])
+    assert all(same(a, b) for a, b in zip(pictures, repeated, strict=True))
+    unsteered = client.inpaint(
+        NAME, image, mask, num_inference_steps=STEPS, **{**body, "negative_prompt": ""}
+    )
+    assert not same(images(client, unsteered)[0], pictures[0])
+
+
+def test_the_openai_route_takes_the_prompt_and_a_negative_prompt(
+    stack: tuple[LocalServer, Any], client: Client
+) -> None:
+    body = {
+        "model": NAME,
+        "prompt": "a red circle",
+        "size": "16x16",
+        "response_format": "b64_json",
+        "negative_prompt": "green",  # what the SDK's extra_body sends
+        "seed": 6,
+        "num_inference_steps": STEPS,
+    }
+    answer = httpx.post(f"{stack[0].url}/v1/images/generations", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    item = answer.json()["data"][0]
+    assert item["revised_prompt"] == "a red circle"
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+    own = images(client, generate(client, negative_prompt="green", seed=6))[0]
+    assert same(picture, own)
+
+
+def test_img2img_takes_a_negative_prompt(client: Client) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    body = {"prompt": "a blue dog", "num_inference_steps": 6, "strength": 0.6, "seed": 2}
+    plain = images(client, client.img2img(NAME, image, **body))[0]
+    empty = client.img2img(NAME, image, negative_prompt="", **body)
+    assert empty.input["negative_prompt"] == "" and np.array_equal(images(client, empty)[0], plain)
+    steered = images(client, client.img2img(NAME, image, negative_prompt="red", **body))[0]
+    assert not same(steered, plain)

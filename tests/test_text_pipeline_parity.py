@@ -176,7 +176,7 @@ def test_the_prompt_encoder_caches_rows_and_matches_the_pipelines_embeddings(pip
     calls = encoder.encoder_calls
     assert encoder.rows([""])[0] is encoder.null_condition()  # cached: no call
     assert encoder.encoder_calls == calls and len(encoder) == 2
-    encoder.rows([PROMPTS[0]])  # evicted by "green" and "": one more call, and the LRU order
+    encoder.rows([PROMPTS[0]])  # evicted by "green" (∅ is kept apart): one more call
     assert encoder.encoder_calls == calls + 1
 
 
@@ -186,3 +186,16 @@ def test_decode_applies_the_shift_factor(pipe: Any, tmp_path: Path) -> None:
     with torch.no_grad():
         want = pipe.vae.decode(z / scale + shift).sample
     assert torch.equal(decode_latents(pipe.vae, z, scale, shift), want)
+
+
+def test_a_prompt_past_the_context_length_is_cut_with_a_warning(
+    pipe: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    long_prompt = " ".join(["red"] * 100)  # 100 words, 102 tokens with the specials
+    with caplog.at_level("WARNING", logger="models.diffusers_format.text"):
+        (row,) = encoder.rows([long_prompt])
+    assert row.shape == (77, 32)
+    assert "prompt of 102 tokens cut to the text encoder's 77" in caplog.text
+    (embeds,) = pipe.encode_prompt([long_prompt], "cpu", 1, False)[:1]
+    assert torch.allclose(row, embeds[0], atol=1e-6)  # cut as the pipeline cuts it

@@ -331,11 +331,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
     main = ModelEntry(
         **denoiser,
         kind="latent-diffusion",
-        # Text pipelines: generate only until the worker inpaints in latent space (it refuses
-        # latent inpainting today), so that /models promises nothing a job would fail.
-        tasks=(["generate"] if pipeline in TEXT_PIPELINES else ["generate", "inpaint"])
-        if served
-        else [],
+        tasks=["generate", "inpaint"] if served else [],
         description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
         f"{image.channels}×{image.height}×{image.width} images",
         image=image,

@@ -23,6 +23,7 @@ text-encoder call. The image is D(z / scaling_factor + shift_factor) (`decode_la
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 EMPTY_PROMPT = ""  # the pipeline's unconditional prompt when no negative prompt is given
 
@@ -48,6 +51,9 @@ class PromptEncoder:
         self.cache_size = cache_size
         self.encoder_calls = 0  # network calls made (a batch of missed prompts is one call)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # ∅ is kept apart from the LRU and never evicted, so "" is always the very row every
+        # unguided-by-a-negative sample uses (an exact ∅, whatever else was encoded with it).
+        self._null: torch.Tensor | None = None
 
     @classmethod
     def from_folder(
@@ -80,21 +86,30 @@ class PromptEncoder:
         return len(self._cache)
 
     def null_condition(self) -> torch.Tensor:
-        """∅ = τ_θ(""), [L, D]: the unconditional row of a sample without a negative prompt."""
-        return self.rows([EMPTY_PROMPT])[0]
+        """∅ = τ_θ(""), [L, D]: the unconditional row of a sample without a negative prompt;
+        encoded alone, once."""
+        if self._null is None:
+            self._null = self._encode([EMPTY_PROMPT])[0].clone()
+        return self._null
 
     def rows(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """τ_θ(y) [L, D] for each prompt; the prompts not in the cache are encoded in one call."""
+        """τ_θ(y) [L, D] for each prompt; the prompts not in the cache are encoded in one call
+        ("" is ∅ itself, `null_condition`)."""
         found: dict[str, torch.Tensor] = {}
+        if EMPTY_PROMPT in prompts:
+            found[EMPTY_PROMPT] = self.null_condition()
         for prompt in prompts:
+            if prompt in found:
+                continue
             row = self._cache.get(prompt)
             if row is not None:
                 self._cache.move_to_end(prompt)
                 found[prompt] = row
         missing = list(dict.fromkeys(p for p in prompts if p not in found))
         if missing:
-            for prompt, row in zip(missing, self._encode(missing), strict=True):
-                found[prompt] = row
+            encoded = self._encode(missing)  # [M, L, D]
+            for prompt, row in zip(missing, encoded, strict=True):
+                found[prompt] = row = row.clone()  # alone: a kept row must not hold the batch
                 self._remember(prompt, row)
         return [found[prompt] for prompt in prompts]
 
@@ -117,12 +132,26 @@ class PromptEncoder:
             truncation=True,
             return_tensors="pt",
         )
+        self._warn_if_cut(prompts)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
         self.encoder_calls += 1
         output = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)
         return output[0]  # [N, L, D]
+
+    def _warn_if_cut(self, prompts: list[str]) -> None:
+        """Log the prompts the tokenizer cuts at L tokens (the pipeline warns likewise): the
+        words past the limit do not condition the image."""
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, truncation=False).input_ids)
+            if count > self.context_len:
+                log.warning(
+                    "prompt of %d tokens cut to the text encoder's %d: %r",
+                    count,
+                    self.context_len,
+                    prompt[:80],
+                )
 
 
 class CrossAttentionUNet(nn.Module):
