@@ -13,9 +13,8 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 class Receiver(BaseHTTPRequestHandler):
     secret = os.environ.get("DDSERVE_WEBHOOK_SECRET", "")  # the same secret as the deployment's
-    seen: ClassVar[set[str]] = (
-        set()
-    )  # webhook-ids handled: delivery is at-least-once, a retry repeats one
+    # webhook-ids handled: delivery is at-least-once, a retry repeats one
+    seen: ClassVar[set[str]] = set()
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
