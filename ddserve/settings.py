@@ -207,6 +207,12 @@ class Settings(BaseSettings):
         "continuous batching does not recompile for every new batch size; empty: powers of two "
         "up to max_batch (with compile on)",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="with compile on a CUDA device: capture each bucket's call as a CUDA graph "
+        "(inductor's reduce-overhead mode: one graph launch per step instead of one launch per "
+        "kernel); refused on the CPU",
+    )
     memory_fraction: float = Field(
         0.85,
         ge=0.0,

@@ -12,7 +12,13 @@ import torch
 
 from ddserve.settings import Settings
 from tests.tiny_zoo import tiny_unet, write_diffusion_model
-from workers.model_pool import Denoiser, DiffusionModel, ModelPool, batch_buckets
+from workers.model_pool import (
+    Denoiser,
+    DiffusionModel,
+    ModelPool,
+    batch_buckets,
+    compile_mode,
+)
 
 
 def inputs(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +134,7 @@ def test_a_compiled_model_warms_up_each_bucket_before_jobs(
     assert isinstance(model, DiffusionModel)
     recorder = model.denoiser.network
     assert isinstance(recorder, ShapeRecorder)
-    assert asked == {"dynamic": False, "backend": "inductor"}
+    assert asked == {"dynamic": False, "backend": "inductor", "mode": "default"}
     assert recorder.sizes == [2, 8]  # warmed up before any job
     assert "compiled for batch 2" in caplog.text and "compiled for batch 8" in caplog.text
     model.denoiser(*inputs(5))  # a job's call of 5 rows runs at bucket 8
@@ -157,3 +163,18 @@ def test_the_precision_comes_from_the_setting_or_the_card(tmp_path: Path) -> Non
     assert all(s.x.dtype == torch.float32 and torch.isfinite(s.x).all() for s in samples)
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         ModelPool(Settings(zoo_dir=tmp_path, device="cpu", dtype="float16")).get("tiny-ddpm")
+
+
+def test_cuda_graphs_are_reduce_overhead_on_cuda_and_refused_elsewhere(tmp_path: Path) -> None:
+    """#21 item 3: CUDA graphs per bucket through inductor's reduce-overhead mode; asked for on
+    the CPU, or without compile, the worker refuses at load rather than run without them."""
+    cuda = torch.device("cuda", 0)
+    graphs = Settings(zoo_dir=tmp_path, compile=True, cuda_graphs=True)
+    assert compile_mode(graphs, cuda) == "reduce-overhead"
+    assert compile_mode(Settings(zoo_dir=tmp_path, compile=True), cuda) == "default"
+    with pytest.raises(ValueError, match="needs DDSERVE_COMPILE=true"):
+        compile_mode(Settings(zoo_dir=tmp_path, cuda_graphs=True), cuda)
+    write_diffusion_model(tmp_path, "tiny-ddpm")
+    pool = ModelPool(Settings(zoo_dir=tmp_path, device="cpu", compile=True, cuda_graphs=True))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        pool.get("tiny-ddpm")

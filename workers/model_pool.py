@@ -83,6 +83,22 @@ def _default_codec_loader(
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def compile_mode(settings: Settings, device: torch.device) -> str:
+    """inductor's mode for the diffusion networks: `reduce-overhead` (CUDA graphs, captured per
+    bucket: the padded calls have a few fixed shapes, which is what graph capture needs) when
+    `cuda_graphs` is set, else the default. CUDA graphs without a CUDA device are refused, not
+    silently dropped."""
+    if not settings.cuda_graphs:
+        return "default"
+    if device.type != "cuda":
+        raise ValueError(
+            f"DDSERVE_CUDA_GRAPHS=true needs a CUDA device; this worker runs on {device}"
+        )
+    if not settings.compile:
+        raise ValueError("DDSERVE_CUDA_GRAPHS=true needs DDSERVE_COMPILE=true (graphs per bucket)")
+    return "reduce-overhead"
+
+
 def batch_buckets(setting: str, max_batch: int) -> tuple[int, ...]:
     """The batch sizes network calls are padded up to: the setting's, or powers of two up to
     `max_batch` (and `max_batch` itself)."""
@@ -316,9 +332,10 @@ class ModelPool:
         if channels_last:
             network = network.to(memory_format=torch.channels_last)
         buckets: tuple[int, ...] = ()
+        mode = compile_mode(self.settings, self.device)  # refuses CUDA graphs it cannot give
         if self.settings.compile:
             buckets = batch_buckets(self.settings.compile_buckets, self.settings.max_batch)
-            network = torch.compile(network, dynamic=False, backend="inductor")
+            network = torch.compile(network, dynamic=False, backend="inductor", mode=mode)
         model = DiffusionModel(
             entry=entry,
             denoiser=Denoiser(network, channels_last, dtype=dtype, buckets=buckets),
