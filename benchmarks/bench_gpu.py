@@ -9,8 +9,9 @@ Run by `benchmarks/gpu_check.sh` on a CUDA machine (it makes the venv); by hand:
 Rows:
 - **denoiser**: digits-ddpm and shapes-ldm (the zoo's weights) and an SD-1.x-shaped
   `UNet2DConditionModel` (random weights; 64×64×4 latents, block widths 320/640/1280/1280, cross
-  attention on 77×768 text states — `--quick` shrinks it), each at batch 1 / 8 / 64 in fp32, bf16
-  and bf16 + `torch.compile` (one graph per batch, compiled before timing), called as a worker
+  attention on 77×768 text states — `--quick` shrinks it), each at batch 1 / 8 / 64 in fp32, bf16,
+  bf16 + `torch.compile` (one graph per batch, compiled before timing) and bf16 + CUDA graphs
+  (inductor's reduce-overhead, `DDSERVE_CUDA_GRAPHS`; CUDA only), called as a worker
   calls them (`workers.model_pool.Denoiser`). Per cell: p50 / p99 ms per network call over
   `--calls` calls and images/s of a DDIM-`--steps` run (batch / (steps × p50)).
 - **encoder**: each zoo autoencoder with ONNX files, `encode` of a batch of 64 through ONNX
@@ -46,8 +47,13 @@ from workers.memory_budget import gauge_for, measure_row_limit  # noqa: E402
 from workers.model_pool import Denoiser  # noqa: E402
 
 ZOO_MODELS = ("digits-ddpm", "shapes-ldm")
-MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False)}
-MODES["bf16+compile"] = (torch.bfloat16, True)
+# mode → (dtype, inductor mode; None: eager), as `workers.model_pool` builds them
+MODES: dict[str, tuple[torch.dtype, str | None]] = {
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),
+    "bf16+compile": (torch.bfloat16, "default"),
+    "bf16+graphs": (torch.bfloat16, "reduce-overhead"),  # CUDA graphs (DDSERVE_CUDA_GRAPHS)
+}
 Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -147,9 +153,12 @@ def denoiser_rows(args: argparse.Namespace, device: torch.device, deadline: floa
                 if time.monotonic() > deadline:
                     rows.append(row | {"skipped": "time budget spent"})
                     continue
+                if compiled == "reduce-overhead" and device.type != "cuda":
+                    rows.append(row | {"skipped": "CUDA graphs need a CUDA device"})
+                    continue
                 module = base.to(dtype)
-                if compiled:
-                    module = torch.compile(module, dynamic=False)
+                if compiled is not None:
+                    module = torch.compile(module, dynamic=False, mode=compiled)
                 denoiser = Denoiser(module, channels_last=device.type == "cuda", dtype=dtype)
                 x = torch.randn((batch, *shape), generator=g).to(device)
                 t = torch.full((batch,), 500, dtype=torch.long, device=device)

@@ -2,7 +2,7 @@
 # The GPU check of issue #21, unattended, on a fresh CUDA machine holding only this repository:
 # makes its own venv (torch's CUDA 12.8 wheels and the `gpu` extra, the pins of docs/gpu.md; no
 # network beyond the package indexes), runs `ddserve doctor`, then benchmarks/bench_gpu.py, which
-# prints one table (denoisers at batch 1/8/64 in fp32 / bf16 / bf16+compile, encoders in ONNX
+# prints one table (denoisers at batch 1/8/64 in fp32 / bf16 / bf16+compile / bf16+CUDA graphs, encoders in ONNX
 # Runtime CUDA vs PyTorch, the batch the memory probe admits) within its time budget.
 #
 #   bash benchmarks/gpu_check.sh                      # venv in .venv-gpu, table in var/gpu_check/
