@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("image", choices=["gateway", "worker"])
     parser.add_argument(
-        "--extra", action="append", default=[], help="an extra of pyproject.toml (repeatable)"
+        "--extra",
+        action="append",
+        default=[],
+        help="extras of pyproject.toml (repeatable; one value may name several, space-separated)",
     )
     parser.add_argument("--pyproject", type=Path, default=PYPROJECT)
     args = parser.parse_args(argv)
@@ -87,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("the gateway image takes no extras")
         lines = gateway_requirements(project)
     else:
-        lines = worker_requirements(project, [e for e in args.extra if e])
+        # --extra "gpu diffusers" (the Dockerfile's EXTRAS) or repeated; "" names none
+        extras = [e for given in args.extra for e in given.replace(",", " ").split()]
+        lines = worker_requirements(project, extras)
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 

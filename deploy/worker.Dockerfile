@@ -4,7 +4,7 @@
 #   CPU:           docker build -f deploy/worker.Dockerfile -t ddserve-worker:cpu \
 #                    --build-arg BASE_IMAGE=ubuntu:24.04 \
 #                    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-#                    --build-arg EXTRAS=
+#                    --build-arg EXTRAS=diffusers
 # The GPU variant runs on a CUDA runtime + cuDNN base (what onnxruntime-gpu's CUDA provider loads);
 # PyTorch's CUDA wheels bring their own CUDA libraries. Both variants use Ubuntu 24.04's Python.
 # The zoo is baked in; to serve other models without rebuilding, mount a zoo folder and point
@@ -15,7 +15,9 @@ ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG EXTRAS=gpu
+# Space-separated extras of pyproject.toml: ONNX Runtime's CUDA build and diffusers/transformers
+# (imported pipelines: `ddserve import`, DDSERVE_MODEL_DIRS).
+ARG EXTRAS="gpu diffusers"
 LABEL org.opencontainers.image.title="ddserve-worker" \
       org.opencontainers.image.description="ddserve batching worker (PyTorch, ONNX Runtime)"
 ENV DEBIAN_FRONTEND=noninteractive \

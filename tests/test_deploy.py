@@ -143,7 +143,7 @@ def test_compose_workers_gpu_and_cpu() -> None:
     assert service_environment(cpu, {})["DDSERVE_DEVICE"] == "cpu"
     assert "deploy" not in cpu
     args = cpu["build"]["args"]
-    assert args["TORCH_INDEX_URL"].endswith("/cpu") and args["EXTRAS"] == ""
+    assert args["TORCH_INDEX_URL"].endswith("/cpu") and args["EXTRAS"] == "diffusers"
     assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"]
 
 
@@ -449,6 +449,24 @@ def test_requirements_script_runs_on_a_bare_python() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == module.gateway_requirements(module.load_project())
+
+
+def test_the_worker_image_s_extras_include_diffusers() -> None:
+    """Regression: the worker image installed only `gpu`, so a worker could not load an imported
+    diffusers pipeline. EXTRAS is space-separated ("gpu diffusers"; "diffusers" on the CPU)."""
+    dockerfile = (DEPLOY / "worker.Dockerfile").read_text()
+    assert 'ARG EXTRAS="gpu diffusers"' in dockerfile
+    script = str(DEPLOY / "requirements.py")
+    for extras, wanted in (("gpu diffusers", {"onnxruntime-gpu", "diffusers"}), ("", set())):
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", script, "worker", "--extra", extras],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        names = {line.split(">")[0].split("=")[0].split("<")[0] for line in result.stdout.split()}
+        assert wanted <= names and ("diffusers" in names) == bool(wanted)
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------
