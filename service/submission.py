@@ -137,10 +137,11 @@ def _read(state: AppState, job_id: str) -> JobSnapshot | None:
 
 async def wait_for(state: AppState, job_id: str, seconds: float) -> JobSnapshot | None:
     """Wait until the job is terminal or `seconds` pass; its snapshot then (None if it vanished).
-    A woken wait's snapshot comes from the waiter, read with the rest of its burst: when thousands
-    of held requests wake together, a thread hop each is what made them late."""
-    woken, snapshot = await state.waiter.wait_snapshot(job_id, seconds)
-    if woken and snapshot is not None:
+    The snapshot comes from the waiter, read with the rest of its burst (woken together, or timed
+    out together): when thousands of held requests end together, a thread hop each is what made
+    them late."""
+    _, snapshot = await state.waiter.wait_snapshot(job_id, seconds)
+    if snapshot is not None:  # terminal, or as it is when the wait timed out
         return snapshot
     return await to_thread.run_sync(_read, state, job_id)
 

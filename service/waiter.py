@@ -10,7 +10,8 @@ per request while it is held. The waiter's two tasks, started in the app's lifes
   gateway's cancel of a queued job, the recovery sweeps). A message resolves that job's futures at
   once: 3,000 held requests cost nothing until their jobs end, then one dict lookup each.
 - **the reader** (`_read`): a woken job's snapshot — what its held requests answer with — is read
-  together with those of every other job woken meanwhile: one thread hop and two Redis round trips
+  together with those of every other job woken meanwhile (and a wait that timed out reads its job
+  the same way, with the others timing out in the same instant): one thread hop and two Redis round trips
   (`JobStore.snapshots`) per burst of up to `READ_CHUNK` jobs, instead of one hop and two round
   trips per request. When 3,000 jobs finish within a second or two, the per-request hops were what
   kept answers seconds late (p99 3-6 s after the finish on this 2-core machine).
@@ -57,6 +58,7 @@ HEALTH_CHECK_S = 30.0  # redis-py pings a subscription idle this long, to find a
 # Snapshots read per thread hop: big enough that a burst costs few hops, small enough that the
 # first answers of a 3,000-job burst leave while the rest are read (~20 ms of work per chunk here).
 READ_CHUNK = 256
+LATE_READ_S = 5.0  # the longest a timed-out wait waits for the reader before reading on its own
 
 # Connection settings copied from the gateway's synchronous client to its pub/sub client.
 _COPIED = (
@@ -127,6 +129,7 @@ class JobWaiter:
         self._fresh: set[str] = set()  # registered since the last poll: read once, soon
         self._check: asyncio.Event | None = None  # set: the poll has fresh ids to read
         self._woken: dict[str, None] = {}  # ended jobs whose snapshots are to read (ordered set)
+        self._late: dict[str, list[asyncio.Future[JobSnapshot | None]]] = {}  # timed-out waits
         self._wake: asyncio.Event | None = None  # set: the reader has woken jobs to read
         self._subscribed = False
         self._client: redis.asyncio.Redis | None = None
@@ -177,18 +180,21 @@ class JobWaiter:
             self._client = None
         self._subscribed = False
         self._woken.clear()
-        for job_id in list(self._waiters):
+        for job_id in [*self._waiters, *self._late]:
             self._resolve(job_id, None)
 
     async def wait(self, job_id: str, timeout_s: float) -> bool:
         """True once the job is terminal (or gone), False after timeout_s."""
-        woken, _ = await self.wait_snapshot(job_id, timeout_s)
+        woken, _ = await self.wait_snapshot(job_id, timeout_s, late_read=False)
         return woken
 
-    async def wait_snapshot(self, job_id: str, timeout_s: float) -> tuple[bool, JobSnapshot | None]:
+    async def wait_snapshot(
+        self, job_id: str, timeout_s: float, *, late_read: bool = True
+    ) -> tuple[bool, JobSnapshot | None]:
         """(True, its snapshot) once the job is terminal — read with the rest of its burst; the
-        snapshot is None when the job vanished or could not be read — and (False, None) after
-        timeout_s."""
+        snapshot is None when the job vanished or could not be read — and after timeout_s
+        (False, the job as it is then), also read with the other waits that timed out meanwhile
+        (`late_read`; None without it, or when that read failed)."""
         self.start()
         future: asyncio.Future[JobSnapshot | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(future)
@@ -198,7 +204,7 @@ class JobWaiter:
         try:
             return True, await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            return False, None
+            pass
         finally:
             futures = self._waiters.get(job_id)
             if futures is not None:
@@ -206,6 +212,29 @@ class JobWaiter:
                     futures.remove(future)
                 if not futures:
                     del self._waiters[job_id]
+        return False, (await self._read_late(job_id) if late_read else None)
+
+    async def _read_late(self, job_id: str) -> JobSnapshot | None:
+        """The job of a wait that timed out, read by the reader with the others of its second:
+        requests held with the same wait time out together (3,000 sent in a burst time out in a
+        burst), and a thread hop each was what stalled the event loop then. Bounded by
+        `LATE_READ_S` (a reader stuck on a dead Redis): None, and the caller reads it itself."""
+        future: asyncio.Future[JobSnapshot | None] = asyncio.get_running_loop().create_future()
+        self._late.setdefault(job_id, []).append(future)
+        self._woken[job_id] = None
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(future, LATE_READ_S)
+        except TimeoutError:
+            return None
+        finally:
+            futures = self._late.get(job_id)
+            if futures is not None:
+                if future in futures:
+                    futures.remove(future)
+                if not futures:
+                    del self._late[job_id]
 
     def _finished(self, job_id: str) -> None:
         """The job ended: have the reader read its snapshot (with the rest of its burst)."""
@@ -214,7 +243,7 @@ class JobWaiter:
             self._wake.set()
 
     def _resolve(self, job_id: str, snapshot: JobSnapshot | None) -> None:
-        for future in self._waiters.pop(job_id, ()):
+        for future in (*self._waiters.pop(job_id, ()), *self._late.pop(job_id, ())):
             if not future.done():
                 future.set_result(snapshot)
 
@@ -229,7 +258,7 @@ class JobWaiter:
                 ids = [job_id for job_id in itertools.islice(self._woken, READ_CHUNK)]
                 for job_id in ids:
                     del self._woken[job_id]
-                ids = [job_id for job_id in ids if job_id in self._waiters]
+                ids = [job_id for job_id in ids if job_id in self._waiters or job_id in self._late]
                 if not ids:
                     continue
                 try:

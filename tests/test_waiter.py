@@ -558,3 +558,37 @@ def test_a_burst_of_woken_waits_is_read_in_one_go(
     assert sorted(a["id"] for a in answers) == sorted(ids)
     assert all(a["status"] == "succeeded" for a in answers)
     assert all(a["output"] is not None for a in answers)
+
+
+@pytest.mark.redis
+def test_waits_that_time_out_together_are_read_together(
+    box: RedisSandbox, zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue #18, item 6, the timeout phase): a wait that timed out read its job in
+    its own thread hop, so 3,000 requests held at the same wait stalled the event loop when they
+    timed out together. Now they are read by the reader, a few calls for all of them, and each
+    request still answers 202 with its own job as it is."""
+    with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
+        store = client.app.state.ddserve.store
+        reads: list[int] = []
+        single: list[str] = []
+        snapshots, fetch = store.snapshots, store.fetch
+
+        def counted(job_ids: list[str]) -> list[Any]:
+            reads.append(len(job_ids))
+            return snapshots(job_ids)
+
+        def fetched(job_id: str) -> Any:
+            single.append(job_id)
+            return fetch(job_id)
+
+        monkeypatch.setattr(store, "snapshots", counted)
+        monkeypatch.setattr(store, "fetch", fetched)
+        waiter = client.app.state.ddserve.waiter
+        held = [Held(client, wait_s=2.0) for _ in range(20)]
+        wait_until(lambda: waiter.held == 20, 20)
+        answers = [h.answer() for h in held]
+    assert all(a.status_code == 202 and a.json()["status"] == "queued" for a in answers)
+    assert len({a.json()["id"] for a in answers}) == 20
+    box.job_ids.extend(a.json()["id"] for a in answers)
+    assert single == [] and sum(reads) == 20 and len(reads) <= 5
