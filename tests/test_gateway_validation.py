@@ -63,7 +63,13 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
         "guidance_scale": 3.0,  # the model's default (s), since a class is given
         "classifier_scale": 0.0,
         "clip_denoised": True,
-        "output": {"format": "png", "return": "url", "trajectory": False, "preview_every": None},
+        "output": {
+            "format": "png",
+            "quality": None,
+            "return": "url",
+            "trajectory": False,
+            "preview_every": None,
+        },
     }
     normalized = queued_request(client, job["id"])
     assert isinstance(normalized.pop("seed"), int)  # drawn by the gateway
@@ -330,7 +336,13 @@ def test_generate_from_a_prior(client: TestClient) -> None:
         "n": 3,
         "class_label": None,
         "seed": 8,
-        "output": {"format": "png", "return": "url", "trajectory": False, "preview_every": None},
+        "output": {
+            "format": "png",
+            "quality": None,
+            "return": "url",
+            "trajectory": False,
+            "preview_every": None,
+        },
     }
     for field, value in [("sampler", "ddim"), ("num_inference_steps", 5), ("eta", 0.5)]:
         assert_error(
