@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return run_per_device(args)
     from redis import Redis
 
+    from workers.redis_wait import wait_for_redis
     from workers.threads import apply_threads
     from workers.worker import BatchingWorker
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             "worker thread (embedded mode)"
         )
     apply_threads(settings, embedded=False)
-    worker = BatchingWorker(settings, Redis.from_url(settings.redis_url), name=args.name)
+    connection = Redis.from_url(settings.redis_url)
+    wait_for_redis(connection)  # started before Redis: wait rather than crash in registration
+    worker = BatchingWorker(settings, connection, name=args.name)
     worker.work(burst=args.burst)
     return 0
