@@ -150,6 +150,7 @@ def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
             "latent_channels": 4,
             "block_out_channels": [128, 256, 512, 512],
             "scaling_factor": 0.18215,
+            "shift_factor": 0.1,  # SD decodes z / scaling_factor: no shift
         },
         "tokenizer/tokenizer_config.json": {"model_max_length": 77},
         "scheduler/scheduler_config.json": {
@@ -169,6 +170,7 @@ def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
     assert main.conditioning.context_len == 77 and main.conditioning.vocabulary is None
     assert main.tasks == ["generate", "inpaint"] and main.kind == "latent-diffusion"
     assert main.defaults is not None and main.defaults.guidance_scale == 7.5
+    assert main.network["latent_shift"] == 0.0
     assert (main.image.height, main.latent_shape) == (512, [4, 64, 64])
     assert main.schedule is not None and main.schedule.kind == "scaled_linear"
     assert (vae.name, vae.kind, vae.tasks) == (
@@ -199,53 +201,3 @@ def test_the_config_s_solver_options_are_the_model_s_defaults() -> None:
     assert plain.use_karras_sigmas is False and plain.solver_order == 2
     with pytest.raises(PipelineError, match="solver_order 3"):
         schedule_fields({**config, "solver_order": 3}, 25)
-
-
-def test_a_text_pipeline_reads_as_text_conditioned(tmp_path: Path) -> None:
-    """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
-    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer (what it serves
-    is tests/test_text_pipeline_*'s subject). Its KL first stage is served."""
-    folder = tmp_path / "sd"
-    files = {
-        "model_index.json": {
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "safety_checker": [None, None],
-        },
-        "unet/config.json": {"sample_size": 64, "in_channels": 4, "cross_attention_dim": 768},
-        "vae/config.json": {
-            "in_channels": 3,
-            "latent_channels": 4,
-            "block_out_channels": [128, 256, 512, 512],
-            "scaling_factor": 0.18215,
-            "shift_factor": 0.1,
-        },
-        "tokenizer/tokenizer_config.json": {"model_max_length": 77},
-        "scheduler/scheduler_config.json": {
-            "_class_name": "PNDMScheduler",
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "steps_offset": 1,
-        },
-    }
-    for name, content in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(content))
-    main, vae = read_pipeline(folder)
-    assert main.conditioning is not None
-    assert (main.conditioning.type, main.conditioning.tokenizer) == ("text", "clip")
-    assert main.conditioning.context_len == 77 and main.conditioning.vocabulary is None
-    assert main.kind == "latent-diffusion" and main.first_stage == "sd-vae"
-    assert main.network["latent_shift"] == 0.0  # SD decodes z / scaling_factor, no shift
-    assert (main.image.height, main.latent_shape) == (512, [4, 64, 64])
-    assert main.schedule is not None and main.schedule.kind == "scaled_linear"
-    assert (vae.name, vae.kind, vae.tasks) == (
-        "sd-vae",
-        "kl-autoencoder",
-        ["encode", "decode", "reconstruct"],
-    )

@@ -477,6 +477,27 @@ def test_the_batching_worker_publishes_what_it_finishes(tmp_path: Path) -> None:
         listener.close()
 
 
+def count_reads(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[str]]:
+    """The gateway store's reads from now on: the size of each `snapshots` call (the waiter's
+    reader), and each job read alone (`fetch`: a request reading its own job)."""
+    store = client.app.state.ddserve.store
+    reads: list[int] = []
+    single: list[str] = []
+    snapshots, fetch = store.snapshots, store.fetch
+
+    def counted(job_ids: list[str]) -> list[Any]:
+        reads.append(len(job_ids))
+        return snapshots(job_ids)
+
+    def fetched(job_id: str) -> Any:
+        single.append(job_id)
+        return fetch(job_id)
+
+    monkeypatch.setattr(store, "snapshots", counted)
+    monkeypatch.setattr(store, "fetch", fetched)
+    return reads, single
+
+
 # --- the reader: one read per burst ----------------------------------------------------------
 
 
@@ -531,21 +552,7 @@ def test_a_burst_of_woken_waits_is_read_in_one_go(
     are read together: 30 finished in one transaction cost one `snapshots` read (and no
     per-request read), and every held request answers with its own job."""
     with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
-        store = client.app.state.ddserve.store
-        reads: list[int] = []
-        single: list[str] = []
-        snapshots, fetch = store.snapshots, store.fetch
-
-        def counted(job_ids: list[str]) -> list[Any]:
-            reads.append(len(job_ids))
-            return snapshots(job_ids)
-
-        def fetched(job_id: str) -> Any:
-            single.append(job_id)
-            return fetch(job_id)
-
-        monkeypatch.setattr(store, "snapshots", counted)
-        monkeypatch.setattr(store, "fetch", fetched)
+        reads, single = count_reads(client, monkeypatch)
         held, ids = hold(client, box, count=30)
         worker = worker_for(box)
         started = [start_job(box, worker) for _ in ids]
@@ -569,21 +576,7 @@ def test_waits_that_time_out_together_are_read_together(
     timed out together. Now they are read by the reader, a few calls for all of them, and each
     request still answers 202 with its own job as it is."""
     with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
-        store = client.app.state.ddserve.store
-        reads: list[int] = []
-        single: list[str] = []
-        snapshots, fetch = store.snapshots, store.fetch
-
-        def counted(job_ids: list[str]) -> list[Any]:
-            reads.append(len(job_ids))
-            return snapshots(job_ids)
-
-        def fetched(job_id: str) -> Any:
-            single.append(job_id)
-            return fetch(job_id)
-
-        monkeypatch.setattr(store, "snapshots", counted)
-        monkeypatch.setattr(store, "fetch", fetched)
+        reads, single = count_reads(client, monkeypatch)
         waiter = client.app.state.ddserve.waiter
         held = [Held(client, wait_s=2.0) for _ in range(20)]
         wait_until(lambda: waiter.held == 20, 20)
