@@ -19,7 +19,8 @@ Models (`--models`):
   block_out_channels (64, 128, 256, 256), two layers per block, cross-attention in the first three
   levels (8 heads) on `--sd-latent`² × 4 latents (64 as SD 1.x at 512 px), a 2-layer CLIP text
   encoder (width 256), an f = 8 AutoencoderKL of reduced width, SD's DDIM scheduler config;
-  requests carry a prompt, half of them a negative prompt, and guidance s = 7.5 or 1 (none);
+  requests carry a prompt and guidance s = 7.5 or 1 (none), half the guided ones a negative
+  prompt;
 - `tiny`, `tiny-sd`: the test suite's tiny pipelines (the smoke test).
 
 Workload: every request one image, its step count drawn from `--steps` with `--step-weights`
@@ -263,7 +264,9 @@ def make_requests(
         if text:
             body["prompt"] = " ".join(rng.choices(PROMPT_WORDS, k=3))
             body["guidance_scale"] = rng.choice([7.5, 1.0])  # s = 1: no guidance, one row
-            if rng.random() < 0.5:
+            # half the guided requests with a negative prompt (s = 1 has no unconditional row
+            # for it to replace: ddserve refuses the pair with a 422)
+            if rng.random() < 0.5 and body["guidance_scale"] > 1.0:
                 body["negative_prompt"] = rng.choice(PROMPT_WORDS)
         bodies.append(body)
     return bodies

@@ -63,6 +63,8 @@ def test_request_mix_is_seeded_and_weighted() -> None:
     assert 0.5 < share < 0.7
     assert {b["guidance_scale"] for b in bodies} == {1.0, 7.5}
     assert all(b["prompt"] for b in bodies)
+    # a negative prompt only where there is guidance (ddserve refuses it with s = 1)
+    assert {b["guidance_scale"] for b in bodies if "negative_prompt" in b} == {7.5}
     assert "prompt" not in make_requests("m", False, 5, [2], [1.0], seed=3)[0]
 
 
