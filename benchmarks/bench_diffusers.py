@@ -635,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loads",
         type=float,
-        nargs="+",
+        nargs="*",
         default=[0.5, 0.9, 1.3],
-        help="open-loop rates, as fractions of the diffusers server's capacity",
+        help="open-loop rates, as fractions of the diffusers server's capacity (none: no open loop)",
     )
     parser.add_argument("--open-requests", type=int, default=16, help="requests per open point")
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100])
