@@ -90,3 +90,22 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
         "p50 at the middle rate ≤ 0.5×",
         "p50 at c = 1 within 10 %",
     }
+
+
+def test_text_pipeline_end_to_end(tmp_path: Path) -> None:
+    """The text pipeline's mix (prompts, guidance 7.5 or 1, negative prompts) is accepted by both
+    servers: one closed-loop point at c = 1."""
+    redis_or_skip()
+    # --seed 7: the point's requests (drawn from seed 8) hold s = 1, s = 7.5 and a negative prompt
+    sent = make_requests("tiny-sd", True, 4, [2, 5, 10], [0.6, 0.3, 0.1], seed=8)
+    assert {b["guidance_scale"] for b in sent} == {1.0, 7.5}
+    assert any("negative_prompt" in b for b in sent)
+    argv = ["--models", "tiny-sd", "--systems", "diffusers", "continuous", "--concurrency", "1"]
+    argv += ["--closed-requests", "3", "--loads", "--step-scale", "0.1", "--seed", "7"]
+    assert main([*argv, "--redis-url", REDIS_URL, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "diffusers_tiny-sd.json").read_text())
+    (point,) = result["points"]
+    assert {name: f["requests"] for name, f in point["systems"].items()} == {
+        "diffusers": 3,
+        "continuous": 3,
+    }
