@@ -28,7 +28,8 @@ Workload: every request one image, its step count drawn from `--steps` with `--s
 few minutes: the README states the scale used). Closed loop: c clients (`--concurrency`, default
 1, 8, 32), each sending its next request when the last one is answered (after one warm-up request
 each, not counted). Open loop: Poisson arrivals at `--loads` (fractions of the diffusers server's
-capacity, 1 / its mean service time measured at c = 1), `--open-requests` requests each, drained.
+capacity: its requests/s at the first closed-loop point, c = 1 by default), `--open-requests`
+requests each, drained.
 Latency: POST to answer, seen by the client (ddserve: `Prefer: wait=60`, then polling).
 Points run one after the other, the three systems back to back at each point (the order rotating),
 so that the machine's drift hits all three alike; ratios are to the diffusers server at the same
@@ -478,7 +479,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             partial.write_text(json.dumps({"model": model, "points": points}, indent=2) + "\n")
             return row
 
-        # Closed loop at c = 1 first: it gives the diffusers server's capacity for the open loop.
+        # The first closed-loop point (c = 1 by default) gives the diffusers server's capacity.
         capacity = None
         for c in args.concurrency:
             seed += 1
@@ -489,10 +490,11 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
                 c,
                 lambda s, b=bodies, c=c, r=rounds: closed_loop(s, b, c, r),
             )
-            if capacity is None and "diffusers" in row["systems"]:
-                capacity = 1.0 / row["systems"]["diffusers"]["mean_s"]
             if capacity is None:
-                capacity = 1.0 / next(iter(row["systems"].values()))["mean_s"]
+                # one request at a time: its throughput is its capacity, whatever the c (its
+                # latency counts the queue from c = 2 on)
+                measured = row["systems"].get("diffusers") or next(iter(row["systems"].values()))
+                capacity = measured["requests_per_s"]
             if c == args.concurrency[0]:
                 for load in args.loads:
                     seed += 1

@@ -85,6 +85,9 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
         for found in point["systems"].values():
             assert found["requests"] == 2 and found["p50_s"] > 0
     assert result["steps"] == [2, 5, 10]
+    # the open loop's rates are fractions of the diffusers server's throughput at c = 1
+    first = result["points"][0]["systems"]["diffusers"]["requests_per_s"]
+    assert result["diffusers_capacity_req_s"] == first
     assert set(result["targets"]) == {
         "throughput at c = 2 ≥ 1.5×",
         "p50 at the middle rate ≤ 0.5×",
