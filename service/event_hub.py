@@ -7,7 +7,12 @@ does the Redis work for all of them:
 - **the subscription** (`_listen`): one pub/sub connection subscribed to the job-updated channel
   (a worker appended to a job's stream, `ddserve.job_events`) and the job-finished channel (every
   path that ends a job, `ddserve.notifications`). A message for a job with listeners marks it
-  dirty; any other job costs one dict lookup.
+  dirty; any other job costs one dict lookup. It is held only while some stream is open (and
+  `UNSUBSCRIBE_AFTER_S` after the last one closes): a gateway whose clients do not follow their
+  jobs receives none of these messages, so job events nobody reads cost the gateway nothing
+  (measured at c = 64: +18 % gateway CPU per job while always subscribed, one message per worker
+  round and one per finished job). A (re)subscription marks every listened job dirty, so nothing
+  published while unsubscribed is missed (the streams keep the entries).
 - **the reader** (`_read`): takes the dirty jobs together and, in one pipeline on one connection,
   reads the new entries of all their streams (one non-blocking XREAD over every stream, each from
   the oldest cursor of its listeners) and their statuses; it hands each listener the entries past
@@ -57,6 +62,7 @@ log = logging.getLogger("ddserve.events")
 READ_CHUNK = 50
 YIELD_EVERY = 50  # pub/sub messages handled before letting other tasks run (a burst is buffered)
 FINISHED = object()  # put on a listener's queue after its job's last entries: the job ended
+UNSUBSCRIBE_AFTER_S = 10.0  # the subscription outlives the last open stream this long
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
@@ -87,6 +93,7 @@ class EventHub:
         self._listeners: dict[str, set[Listener]] = {}
         self._dirty: set[str] = set()
         self._wake: asyncio.Event | None = None
+        self._wanted: asyncio.Event | None = None  # set: some stream is open (subscribe)
         self._client: redis.asyncio.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +111,9 @@ class EventHub:
             return
         self._loop = loop
         self._wake = asyncio.Event()
+        self._wanted = asyncio.Event()
+        if self._listeners:
+            self._wanted.set()
         self._client = async_client(self.connection, f"{self.prefix}:events")
         self._tasks = [
             loop.create_task(self._listen(), name="ddserve-events-subscription"),
@@ -133,6 +143,8 @@ class EventHub:
         listener = Listener(job_id, cursor)
         self._listeners.setdefault(job_id, set()).add(listener)
         self._mark(job_id)
+        assert self._wanted is not None
+        self._wanted.set()
         return listener
 
     def close(self, listener: Listener) -> None:
@@ -141,6 +153,8 @@ class EventHub:
             group.discard(listener)
             if not group:
                 del self._listeners[listener.job_id]
+        if not self._listeners and self._wanted is not None:
+            self._wanted.clear()  # the subscription ends UNSUBSCRIBE_AFTER_S from now
 
     def _mark(self, job_id: str) -> None:
         if job_id in self._listeners:
@@ -161,14 +175,24 @@ class EventHub:
     # --- the subscription -----------------------------------------------------------------------
     async def _listen(self) -> None:
         backoff = RECONNECT_MIN_S
+        loop = asyncio.get_running_loop()
         while True:
-            assert self._client is not None
+            assert self._client is not None and self._wanted is not None
+            await self._wanted.wait()  # nobody listening: no subscription, no messages
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(*self.channels)
                 handled = 0
+                idle_since: float | None = None
                 while True:
-                    message = await pubsub.get_message(timeout=LISTEN_TIMEOUT_S)
+                    if self._listeners:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = loop.time()
+                    elif loop.time() - idle_since >= UNSUBSCRIBE_AFTER_S:
+                        break  # the last stream closed a while ago: unsubscribe
+                    wait_s = LISTEN_TIMEOUT_S if idle_since is None else UNSUBSCRIBE_AFTER_S / 4
+                    message = await pubsub.get_message(timeout=wait_s)
                     if message is None:
                         continue
                     handled += 1

@@ -354,3 +354,32 @@ def test_a_client_that_leaves_frees_its_listener(
             assert hub.listening == 1
             lines.close()
         wait_until(lambda: hub.listening == 0)  # gone with the connection, job still queued
+
+
+def test_the_hub_subscribes_only_while_a_stream_is_open(
+    stack: tuple[TestClient, fakeredis.FakeRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (#20, the SSE path's cost): the hub was subscribed from the start, so every
+    worker round's message and every job's end reached the gateway even when nobody followed a
+    job (+18 % gateway CPU per job at c = 64). Now it subscribes when a stream opens and
+    unsubscribes a while after the last one closes; a job followed after that still gets all of
+    its events (the subscription marks every listened job dirty)."""
+    import service.event_hub as event_hub
+
+    monkeypatch.setattr(event_hub, "UNSUBSCRIBE_AFTER_S", 0.3)
+    client, redis = stack
+    hub = client.app.state.ddserve.events
+    job_id = submit(client)
+    time.sleep(0.3)
+    assert not hub.subscribed  # the app started, nobody listens
+    with client.stream("GET", f"/jobs/{job_id}/events", timeout=TIMEOUT_S) as response:
+        lines = response.iter_lines()
+        assert next(lines) == "event: queued"
+        wait_until(lambda: hub.subscribed)
+        lines.close()
+    wait_until(lambda: hub.listening == 0)
+    wait_until(lambda: not hub.subscribed)  # the last stream closed: unsubscribed
+    play_worker(redis, job_id, 2, RQStatus.FINISHED)  # published while nobody subscribed
+    with client.stream("GET", f"/jobs/{job_id}/events", timeout=TIMEOUT_S) as response:
+        text = response.read().decode()
+    assert "event: started" in text and "event: succeeded" in text
