@@ -10,7 +10,7 @@ does the Redis work for all of them:
   dirty; any other job costs one dict lookup. It is held only while some stream is open (and
   `UNSUBSCRIBE_AFTER_S` after the last one closes): a gateway whose clients do not follow their
   jobs receives none of these messages, so job events nobody reads cost the gateway nothing
-  (measured at c = 64: +18 % gateway CPU per job while always subscribed, one message per worker
+  (measured at c = 64: +5.3 % gateway CPU per job while always subscribed, one message per worker
   round and one per finished job). A (re)subscription marks every listened job dirty, so nothing
   published while unsubscribed is missed (the streams keep the entries).
 - **the reader** (`_read`): takes the dirty jobs together and, in one pipeline on one connection,
