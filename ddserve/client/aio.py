@@ -196,10 +196,14 @@ class AsyncClient:
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """`POST /encode`: images → `job.output.latents` [n, C, H, W] (or `codes` for a VQ-VAE)."""
-        body = bodies.encode_body(model, images)
+        body = bodies.encode_body(
+            model, images, webhook=webhook, webhook_events_filter=webhook_events_filter
+        )
         waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
         return await self._run(operations.submit(self.config, "/encode", body, waiting))
 
@@ -213,10 +217,19 @@ class AsyncClient:
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """`POST /decode`: latents [n, C, H, W] (or VQ codes [n, H, W]) → images."""
-        body = bodies.decode_body(model, latents=latents, codes=codes, return_=return_)
+        body = bodies.decode_body(
+            model,
+            latents=latents,
+            codes=codes,
+            return_=return_,
+            webhook=webhook,
+            webhook_events_filter=webhook_events_filter,
+        )
         waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
         return await self._run(operations.submit(self.config, "/decode", body, waiting))
 
@@ -232,13 +245,22 @@ class AsyncClient:
         wait: bool = True,
         timeout: float | None = DEFAULT_WAIT_TIMEOUT_S,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """`POST /reconstruct`: images (corrupted first with `noise` gaussian | masking |
         salt_pepper by `amount`) → reconstructions; `job.output.corrupted` holds the inputs the
         model saw."""
         body = bodies.reconstruct_body(
-            model, images, noise=noise, amount=amount, seed=seed, return_=return_
+            model,
+            images,
+            noise=noise,
+            amount=amount,
+            seed=seed,
+            return_=return_,
+            webhook=webhook,
+            webhook_events_filter=webhook_events_filter,
         )
         waiting = Waiting(wait, timeout, poll_interval, idempotency_key=idempotency_key)
         return await self._run(operations.submit(self.config, "/reconstruct", body, waiting))

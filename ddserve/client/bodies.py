@@ -164,11 +164,26 @@ def img2img_body(
     }
 
 
+def webhook_fields(webhook: str | None, events: list[str] | None) -> dict[str, Any]:
+    """The job's webhook (`JobBody.webhook`, `webhook_events_filter`), when given."""
+    return _without_none({"webhook": webhook, "webhook_events_filter": events})
+
+
 def encode_body(
-    model: str, images: list[ImageInput], *, return_: ReturnMode = "url"
+    model: str,
+    images: list[ImageInput],
+    *,
+    return_: ReturnMode = "url",
+    webhook: str | None = None,
+    webhook_events_filter: list[str] | None = None,
 ) -> dict[str, Any]:
     """`POST /encode`: images → latents (or VQ code indices)."""
-    return {"model": model, "images": [encode_image(i) for i in images], "output": _output(return_)}
+    return {
+        "model": model,
+        "images": [encode_image(i) for i in images],
+        "output": _output(return_),
+        **webhook_fields(webhook, webhook_events_filter),
+    }
 
 
 def decode_body(
@@ -177,6 +192,8 @@ def decode_body(
     latents: list[Any] | None = None,
     codes: list[Any] | None = None,
     return_: ReturnMode = "url",
+    webhook: str | None = None,
+    webhook_events_filter: list[str] | None = None,
 ) -> dict[str, Any]:
     """`POST /decode`: latents [n, C, H, W] or VQ code indices [n, H, W] → images. Numpy arrays
     are accepted and sent as nested lists."""
@@ -192,6 +209,7 @@ def decode_body(
             "latents": None if latents is None else listed(latents),
             "codes": None if codes is None else listed(codes),
             "output": _output(return_),
+            **webhook_fields(webhook, webhook_events_filter),
         }
     )
 
@@ -204,6 +222,8 @@ def reconstruct_body(
     amount: float | None = None,
     seed: int | None = None,
     return_: ReturnMode = "url",
+    webhook: str | None = None,
+    webhook_events_filter: list[str] | None = None,
 ) -> dict[str, Any]:
     """`POST /reconstruct`: images (corrupted first when `noise` is gaussian, masking or
     salt_pepper, by `amount`) → encoder → decoder → images."""
@@ -216,5 +236,6 @@ def reconstruct_body(
             "noise": None if noise is None else {"kind": noise, "amount": amount},
             "seed": seed,
             "output": _output(return_),
+            **webhook_fields(webhook, webhook_events_filter),
         }
     )
