@@ -15,36 +15,15 @@ import torch
 from PIL import Image
 
 from ddserve.job_events import PREVIEW_MAX_SIDE
-from ddserve.settings import Settings
 from ddserve.spec import parse_job_spec
-from tests import specs
-from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
+from tests import specs, test_engine
 from tests.worker_doubles import MemoryFeed, MemoryStorage
 from workers.engine import BatchingPolicy, Engine
 from workers.execute import prepare_denoise, preview_png
 from workers.model_pool import DiffusionModel, ModelPool
 
-MODEL, LATENT = "tiny-ddpm", "tiny-ldm"
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    root = tmp_path_factory.mktemp("zoo")
-    write_diffusion_model(root, MODEL)
-    write_onnx_autoencoder(root, "tiny-kl")
-    write_diffusion_model(
-        root,
-        LATENT,
-        kind="latent-diffusion",
-        seed=1,
-        image_size=4,
-        channels=2,
-        first_stage="tiny-kl",
-        latent_scale=0.5,
-        pixel_image=(1, 8, 8),
-    )
-    torch.set_num_threads(1)
-    return ModelPool(Settings(zoo_dir=root, device="cpu", onnx_providers="CPUExecutionProvider"))
+MODEL, LATENT = test_engine.MODEL, test_engine.LATENT
+zoo, pool = test_engine.zoo, test_engine.pool  # the engine tests' tiny zoo, as fixtures here
 
 
 def run(pool: ModelPool, model: str, *requests: dict[str, Any]) -> list[Any]:
