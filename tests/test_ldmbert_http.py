@@ -155,3 +155,20 @@ def test_a_class_label_or_a_negative_prompt_is_a_clear_422(
     answer = httpx.post(f"{stack[0].url}/v1/images/generations", json=body, timeout=60)
     assert answer.status_code == 422, answer.text
     assert "negative_prompt_unsupported" in answer.text
+
+
+def test_img2img_and_inpaint_take_a_prompt(client: Client) -> None:
+    """The routes ddserve adds to every latent model (the pipeline has neither): the image goes
+    through the `vqvae` component's encoder, the prompt through LDMBert; a seed repeats."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)
+    body = {"prompt": "a blue dog", "num_inference_steps": 6, "guidance_scale": 6.0, "seed": 2}
+    first = images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
+    again = images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
+    other = images(client, client.img2img(NAME, image, strength=0.6, **{**body, "prompt": "a cat"}))
+    assert first.shape == (IMAGE, IMAGE, 3) and same(first, again) and not same(first, other[0])
+    mask = np.ones((IMAGE, IMAGE), bool)
+    mask[:, IMAGE // 2 :] = False  # generate the right half
+    job = client.inpaint(NAME, image, mask, **body)
+    assert job.input["prompt"] == "a blue dog"
+    assert images(client, job)[0].shape == (IMAGE, IMAGE, 3)

@@ -286,3 +286,18 @@ def test_import_refuses_an_encoder_of_the_wrong_width(
         ImportFailed, match="16-wide hidden states but the UNet's cross-attention takes 32"
     ):
         import_pipeline(str(folder), name="narrow", settings=import_settings(tmp_path))
+
+
+def test_a_prompt_past_77_tokens_is_cut_as_the_pipeline_cuts_it(
+    pipe: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = LDMBertPromptEncoder(pipe.tokenizer, pipe.bert)
+    long_prompt = " ".join(["red"] * 100)  # 100 words, 102 tokens with [CLS] and [SEP]
+    with caplog.at_level("WARNING", logger="models.diffusers_format.text"):
+        (row,) = encoder.rows([long_prompt])
+    assert "prompt of 102 tokens cut to the text encoder's 77" in caplog.text
+    ids = pipe.tokenizer(
+        [long_prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        assert torch.allclose(row, pipe.bert(ids)[0][0], atol=1e-6)
