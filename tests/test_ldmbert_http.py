@@ -86,6 +86,8 @@ def test_the_model_is_listed_as_a_text_model_with_the_pipelines_defaults(
     assert model.defaults.guidance_scale == 1.0  # LDMTextToImagePipeline's own default
     assert (model.image.height, model.image.width) == (IMAGE, IMAGE)
     assert model.conditioning is not None and model.conditioning.type == "text"
+    extra = model.conditioning.model_extra or {}  # what a client reads to leave it out
+    assert (extra["tokenizer"], extra["negative_prompt"]) == ("bert", False)
     assert f"{NAME}-vae" in {m.name for m in client.models()}
 
 
