@@ -29,7 +29,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ddserve.params import SAMPLERS
 from models.catalog import (
@@ -71,7 +71,7 @@ class TextLayout:
     - `guidance_scale`: the `__call__` default s; `negative_prompt`: whether `__call__` takes one.
     """
 
-    tokenizer: str
+    tokenizer: Literal["clip", "bert"]
     encoder: str
     encoder_classes: tuple[str, ...]
     tokenizer_classes: tuple[str, ...]
