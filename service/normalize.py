@@ -37,7 +37,7 @@ from ddserve.spec import (
     PriorSampleSpec,
     ReconstructSpec,
 )
-from models.catalog import ModelEntry, SamplingDefaults
+from models.catalog import ModelEntry, SamplingDefaults, encodes_own_prompts
 from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
@@ -246,6 +246,16 @@ class RequestNormalizer:
             raise _invalid(
                 "not_text_conditional",
                 f"model {entry.name!r} takes no negative_prompt (it has no text conditioning)",
+                "negative_prompt",
+            )
+        if not cond.negative_prompt:
+            # The pipeline's own `__call__` has no negative prompt (LDMTextToImagePipeline):
+            # refused rather than served as something diffusers cannot reproduce.
+            raise _invalid(
+                "negative_prompt_unsupported",
+                f"model {entry.name!r} ({entry.pipeline or 'its pipeline'}) takes no "
+                "negative_prompt: its pipeline guides away from the empty prompt only; leave "
+                "negative_prompt out",
                 "negative_prompt",
             )
         if prompt is None:
@@ -533,10 +543,9 @@ class RequestNormalizer:
 
 def _own_tokenizer(entry: ModelEntry) -> bool:
     """A text model whose worker tokenizes and encodes prompts itself (a diffusers pipeline's
-    CLIP tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
+    tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
     are the tokenizer's: a prompt past `context_len` tokens is truncated, as diffusers does."""
-    cond = entry.conditioning
-    return cond is not None and cond.type == "text" and cond.tokenizer == "clip"
+    return encodes_own_prompts(entry.conditioning)
 
 
 def _is_number(value: Any) -> bool:
