@@ -1,7 +1,9 @@
-"""Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip counter."""
+"""Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip
+counter, a private corner of the real Redis (`box`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from redis.connection import AbstractConnection
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
 from tests.diffusers_fixtures import pipelines_dir  # noqa: F401  (a shared session fixture)
+from tests.redis_sandbox import RedisSandbox, sandbox
 from tests.tiny_zoo import randomized_unet
 
 # Tests use small tensors: one thread avoids OpenMP spin-waiting when the machine is oversubscribed.
@@ -64,3 +67,11 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     return sent
+
+
+@pytest.fixture
+def box() -> Iterator[RedisSandbox]:
+    """The test's own key prefix on the real Redis, every key it created deleted afterwards (skips
+    without a Redis server)."""
+    with sandbox() as b:
+        yield b

@@ -30,7 +30,7 @@ from ddserve.notifications import JobEvent, channel, decode_message, encode_mess
 from ddserve.settings import Settings
 from service.app import connect, create_app
 from tests.gateway_support import make_app, write_config_zoo
-from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, wait_until
+from tests.redis_sandbox import REDIS_URL, RedisSandbox, wait_until
 from tests.redis_server import RedisServer, redis_server_available
 from workers import rq_bridge
 
@@ -41,12 +41,6 @@ ANSWER_WITHIN_S = 1.0
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_config_zoo(tmp_path_factory.mktemp("zoo"))
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 @contextmanager

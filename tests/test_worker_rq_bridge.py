@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from rq.worker import BaseWorker, SimpleWorker
 
 from ddserve.jobs import JobStatus, public_status
 from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD
-from tests.redis_sandbox import RedisSandbox, sandbox
+from tests.redis_sandbox import RedisSandbox
 from workers import rq_bridge
 
 pytestmark = pytest.mark.redis
@@ -48,12 +47,6 @@ def test_another_major_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(rq_bridge.rq, "__version__", "4.0.0")
     with pytest.raises(rq_bridge.UnsupportedRQError, match=r"4\.0\.0"):
         rq_bridge.check_rq_internals()
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def _worker(box: RedisSandbox, suffix: str = "w") -> SimpleWorker:
