@@ -1,9 +1,10 @@
 """Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip
-counter, a private corner of the real Redis (`box`)."""
+counter, a private corner of the real Redis (`box`), a private redis-server (`redis_server`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
 from tests.diffusers_fixtures import pipelines_dir  # noqa: F401  (a shared session fixture)
 from tests.redis_sandbox import RedisSandbox, sandbox
+from tests.redis_server import RedisServer, redis_server_available
 from tests.tiny_zoo import randomized_unet
 
 # Tests use small tensors: one thread avoids OpenMP spin-waiting when the machine is oversubscribed.
@@ -75,3 +77,17 @@ def box() -> Iterator[RedisSandbox]:
     without a Redis server)."""
     with sandbox() as b:
         yield b
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) on its own loopback port, its files under the test's folder,
+    killed after the test (skips without the redis-server binary)."""
+    if not redis_server_available():
+        pytest.skip("needs redis-server")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

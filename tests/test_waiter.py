@@ -31,7 +31,7 @@ from ddserve.settings import Settings
 from service.app import connect, create_app
 from tests.gateway_support import make_app, write_config_zoo
 from tests.redis_sandbox import REDIS_URL, RedisSandbox, wait_until
-from tests.redis_server import RedisServer, redis_server_available
+from tests.redis_server import RedisServer
 from workers import rq_bridge
 
 GEN = {"model": "tiny-ddpm", "class_label": 1, "seed": 1}
@@ -382,45 +382,41 @@ def test_the_subscription_survives_a_killed_connection(
     assert response.json()["status"] == "succeeded" and delay < ANSWER_WITHIN_S
 
 
-@pytest.mark.skipif(not redis_server_available(), reason="needs redis-server")
-def test_the_subscription_comes_back_after_a_redis_restart(zoo: Path, tmp_path: Path) -> None:
+def test_the_subscription_comes_back_after_a_redis_restart(
+    zoo: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
     """A private redis-server crashes (SIGKILL) with a request held, and comes back: the waiter
     resubscribes by itself and the next notification answers the request."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        connection = Redis.from_url(server.url)
-        box = RedisSandbox(connection)
-        settings = Settings(
-            zoo_dir=zoo,
-            storage_dir=tmp_path / "images",
-            auth_enabled=False,
-            signing_secret="test-secret",
-            key_prefix=box.prefix,
-            redis_url=server.url,
-            max_retries=0,
-            wait_poll_s=30.0,
+    connection = Redis.from_url(redis_server.url)
+    box = RedisSandbox(connection)
+    settings = Settings(
+        zoo_dir=zoo,
+        storage_dir=tmp_path / "images",
+        auth_enabled=False,
+        signing_secret="test-secret",
+        key_prefix=box.prefix,
+        redis_url=redis_server.url,
+        max_retries=0,
+        wait_poll_s=30.0,
+    )
+    app = create_app(settings, connect(settings))
+    waiter = app.state.ddserve.waiter
+    with TestClient(app) as client:
+        wait_until(lambda: waiter.subscribed, 10)
+        (held,), _ = hold(client, box)
+        redis_server.kill()
+        wait_until(lambda: not waiter.subscribed, 10)
+        time.sleep(1.0)  # a few failed attempts: the backoff grows
+        redis_server.start()  # same port, same AOF: the job is still there
+        wait_until(lambda: waiter.subscribed, 15)
+        worker = worker_for(box)
+        job, queue, execution = start_job(box, worker)
+        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
+        response, delay = answered_after_finish(
+            held, lambda: rq_bridge.finish_successes(worker, [item])
         )
-        app = create_app(settings, connect(settings))
-        waiter = app.state.ddserve.waiter
-        with TestClient(app) as client:
-            wait_until(lambda: waiter.subscribed, 10)
-            (held,), _ = hold(client, box)
-            server.kill()
-            wait_until(lambda: not waiter.subscribed, 10)
-            time.sleep(1.0)  # a few failed attempts: the backoff grows
-            server.start()  # same port, same AOF: the job is still there
-            wait_until(lambda: waiter.subscribed, 15)
-            worker = worker_for(box)
-            job, queue, execution = start_job(box, worker)
-            item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-            response, delay = answered_after_finish(
-                held, lambda: rq_bridge.finish_successes(worker, [item])
-            )
-        assert response.status_code == 200 and response.json()["status"] == "succeeded"
-        assert delay < ANSWER_WITHIN_S
-    finally:
-        server.kill()
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"
+    assert delay < ANSWER_WITHIN_S
 
 
 def test_the_batching_worker_publishes_what_it_finishes(tmp_path: Path) -> None:
