@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -189,17 +190,28 @@ async def hold(
 # --- phases ------------------------------------------------------------------------------------
 
 
-async def phase_idle(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
-    """The baseline: nothing held, only the /healthz probe, for `--hold-s`."""
+async def probed(port: int, pid: int, during: Awaitable[Any]) -> tuple[list[float], float]:
+    """Await `during` while `/healthz` is probed every 100 ms: the probes' latencies (s) and the
+    gateway's CPU seconds in the window."""
     cpu_start = cpu_seconds(pid) or 0.0
     stop = asyncio.Event()
     probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.sleep(args.hold_s)
+    await during
     stop.set()
     healthz = await probe
-    cpu = (cpu_seconds(pid) or 0.0) - cpu_start
+    return healthz, (cpu_seconds(pid) or 0.0) - cpu_start
+
+
+def latencies_ms(latencies: list[float]) -> dict[str, float]:
+    """`percentiles` of latencies in seconds, in milliseconds (the count as it is)."""
+    return {k: v * 1000 if k != "n" else v for k, v in percentiles(latencies).items()}
+
+
+async def phase_idle(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+    """The baseline: nothing held, only the /healthz probe, for `--hold-s`."""
+    healthz, cpu = await probed(port, pid, asyncio.sleep(args.hold_s))
     return {
-        "healthz_ms": {k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()},
+        "healthz_ms": latencies_ms(healthz),
         "gateway_cpu_s_per_minute": cpu * 60 / args.hold_s,
     }
 
@@ -209,15 +221,9 @@ async def phase_timeout(args: argparse.Namespace, port: int, pid: int) -> dict[s
     t0 = time.monotonic()
     held, tasks = await hold(port, args.redis_url, args.prefix, model, args.n, args.wait)
     held_s = time.monotonic() - t0
-    cpu_start = cpu_seconds(pid) or 0.0
     window_start = time.monotonic()
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.gather(*tasks)  # every request times out
-    stop.set()
-    healthz = await probe
+    healthz, cpu = await probed(port, pid, asyncio.gather(*tasks))  # every request times out
     window_s = time.monotonic() - window_start
-    cpu = (cpu_seconds(pid) or 0.0) - cpu_start
     # From the job's creation (its enqueue in the gateway, after the request waited its turn to be
     # read) to the answer, less the wait asked for.
     late = [
@@ -232,7 +238,7 @@ async def phase_timeout(args: argparse.Namespace, port: int, pid: int) -> dict[s
         "answered": sum(1 for h in held if h.status == 202),
         "errors": [h.error for h in held if h.error][:5],
         "answered_late_s": percentiles(late),
-        "healthz_ms": {k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()},
+        "healthz_ms": latencies_ms(healthz),
         "window_s": window_s,
         "gateway_cpu_s": cpu,
         "gateway_cpu_s_per_minute": cpu * 60 / window_s,
@@ -273,22 +279,15 @@ async def phase_finish(args: argparse.Namespace, port: int, pid: int) -> dict[st
     line = await asyncio.to_thread(finisher.stdout.readline)  # every job started
     if line.strip() != "ready":
         raise RuntimeError(f"the finisher failed: {line!r}")
-    cpu_start = cpu_seconds(pid) or 0.0
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.sleep(args.hold_s)
-    stop.set()
-    healthz = await probe
-    hold_cpu = (cpu_seconds(pid) or 0.0) - cpu_start
-    cpu_start = cpu_seconds(pid) or 0.0
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    finisher.stdin.write("go\n")
-    finisher.stdin.flush()
-    await asyncio.gather(*tasks)
-    stop.set()
-    healthz_finishing = await probe
-    finish_cpu = (cpu_seconds(pid) or 0.0) - cpu_start
+    healthz, hold_cpu = await probed(port, pid, asyncio.sleep(args.hold_s))
+
+    async def finish_all() -> None:
+        assert finisher.stdin is not None
+        finisher.stdin.write("go\n")
+        finisher.stdin.flush()
+        await asyncio.gather(*tasks)
+
+    healthz_finishing, finish_cpu = await probed(port, pid, finish_all())
     await asyncio.to_thread(finisher.wait, 120)
     finished = json.loads(times_file.read_text())
     delays = [  # of the requests answered with their finished job (not timed out first)
@@ -307,12 +306,8 @@ async def phase_finish(args: argparse.Namespace, port: int, pid: int) -> dict[st
         "finishing_span_s": span,
         "round": args.round,
         "hold_s": args.hold_s,
-        "healthz_ms_while_held": {
-            k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()
-        },
-        "healthz_ms_while_finishing": {
-            k: v * 1000 if k != "n" else v for k, v in percentiles(healthz_finishing).items()
-        },
+        "healthz_ms_while_held": latencies_ms(healthz),
+        "healthz_ms_while_finishing": latencies_ms(healthz_finishing),
         "gateway_cpu_s_while_held": hold_cpu,
         "gateway_cpu_s_per_minute_held": hold_cpu * 60 / args.hold_s,
         "gateway_cpu_s_finishing": finish_cpu,
