@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
@@ -32,6 +31,7 @@ from service.app import connect, create_app
 from tests.gateway_support import make_app, write_config_zoo
 from tests.redis_sandbox import REDIS_URL, RedisSandbox, wait_until
 from tests.redis_server import RedisServer
+from tests.worker_support import MODEL, simple_worker, start_next
 from workers import rq_bridge
 
 GEN = {"model": "tiny-ddpm", "class_label": 1, "seed": 1}
@@ -101,21 +101,6 @@ def hold(client: TestClient, box: RedisSandbox, count: int = 1) -> tuple[list[He
     return held, ids
 
 
-def worker_for(box: RedisSandbox) -> SimpleWorker:
-    worker = SimpleWorker(
-        [box.queue("tiny-ddpm")], connection=box.connection, name=f"{box.prefix}-w"
-    )
-    box.worker_names.append(worker.name)
-    return worker
-
-
-def start_job(box: RedisSandbox, worker: SimpleWorker) -> tuple[Job, Any, Any]:
-    got = rq_bridge.dequeue(worker, [box.queue("tiny-ddpm")], None)
-    assert got is not None
-    job, queue = got
-    return job, queue, rq_bridge.mark_started(worker, job)
-
-
 def answered_after_finish(held: Held, finish: Callable[[], None]) -> tuple[Any, float]:
     """Run `finish`, then wait for the held request; (its response, seconds from the end of the
     finish to the answer)."""
@@ -143,8 +128,8 @@ def test_a_worker_ending_the_job_answers_the_held_wait(
 ) -> None:
     with gateway(box, zoo, tmp_path) as client:
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
 
         def finish() -> None:
             if end == "succeeded":
@@ -168,14 +153,14 @@ def test_a_retried_failure_does_not_wake_the_held_wait(
     """A failure RQ retries queues the job again: no notification, the request stays held."""
     with gateway(box, zoo, tmp_path) as client:
         (held,), (job_id,) = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
         job.retries_left = 1  # as RQ's Retry(max=1) sets it
         rq_bridge.finish_failure(worker, job, queue, execution, RuntimeError("device lost"))
         assert Job.fetch(job_id, connection=box.connection).get_status() == "queued"
         time.sleep(0.5)
         assert held.thread.is_alive()  # still held
-        job, queue, execution = start_job(box, worker)
+        job, queue, execution = start_next(box, worker, MODEL)
         item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
         response, delay = answered_after_finish(
             held, lambda: rq_bridge.finish_successes(worker, [item])
@@ -191,8 +176,8 @@ def test_the_recovery_sweep_failing_a_lost_job_answers_the_held_wait(
 ) -> None:
     with gateway(box, zoo, tmp_path) as client:
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        _, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        _, queue, execution = start_next(box, worker, MODEL)
         registry = StartedJobRegistry(queue=queue)  # the worker died: its heartbeat expired
         box.connection.zadd(registry.key, {execution.composite_key: time.time() - 100})
 
@@ -358,8 +343,8 @@ def test_the_subscription_survives_a_killed_connection(
         # A job that ends while the subscription is down: its message is lost, and the read of
         # every held job after resubscribing finds it.
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
         item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
 
         def kill_then_finish() -> None:
@@ -374,7 +359,7 @@ def test_the_subscription_survives_a_killed_connection(
         assert again is not None and again != first
         wait_until(lambda: waiter.subscribed, 10)
         (held,), _ = hold(client, box)  # and notifications arrive again
-        job, queue, execution = start_job(box, worker)
+        job, queue, execution = start_next(box, worker, MODEL)
         item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
         response, delay = answered_after_finish(
             held, lambda: rq_bridge.finish_successes(worker, [item])
@@ -409,8 +394,8 @@ def test_the_subscription_comes_back_after_a_redis_restart(
         time.sleep(1.0)  # a few failed attempts: the backoff grows
         redis_server.start()  # same port, same AOF: the job is still there
         wait_until(lambda: waiter.subscribed, 15)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
         item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
         response, delay = answered_after_finish(
             held, lambda: rq_bridge.finish_successes(worker, [item])
@@ -502,10 +487,10 @@ def test_snapshots_read_many_jobs_as_snapshot_reads_one(
         store = client.app.state.ddserve.store
         ids = [client.post("/generate", json={**GEN, "seed": s}).json()["id"] for s in range(5)]
         box.job_ids.extend(ids)
-        worker = worker_for(box)
+        worker = simple_worker(box, MODEL)
         ends = []
         for _ in range(4):  # the first four leave the queue; the fifth stays queued
-            ends.append(start_job(box, worker))
+            ends.append(start_next(box, worker, MODEL))
         (j0, q0, e0), (j1, q1, e1), (j2, q2, e2), _running = ends
         rq_bridge.finish_successes(worker, [rq_bridge.Succeeded(j0, q0, e0, {"images": ["a"]})])
         rq_bridge.finish_failure(worker, j1, q1, e1, RuntimeError("device lost"), retry=False)
@@ -544,8 +529,8 @@ def test_a_burst_of_woken_waits_is_read_in_one_go(
     with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
         reads, single = count_reads(client, monkeypatch)
         held, ids = hold(client, box, count=30)
-        worker = worker_for(box)
-        started = [start_job(box, worker) for _ in ids]
+        worker = simple_worker(box, MODEL)
+        started = [start_next(box, worker, MODEL) for _ in ids]
         reads.clear()
         single.clear()
         finished = [rq_bridge.Succeeded(j, q, e, {"images": []}) for j, q, e in started]
