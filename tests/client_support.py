@@ -46,9 +46,11 @@ def tiny_settings(root: Path, api_key: str | None = None, **overrides: Any) -> S
     return Settings(**fields)
 
 
-def start_stack(root: Path, api_key: str | None = None, **overrides: Any) -> LocalServer:
+def tiny_stack(root: Path, api_key: str | None = None, **overrides: Any) -> LocalServer:
+    """The stack on the tiny zoo under `root` (see `tiny_settings`), not started yet: `with
+    tiny_stack(root) as server:` starts it and stops it on the way out."""
     torch.set_num_threads(1)
-    return LocalServer(tiny_settings(root, api_key, **overrides)).start()
+    return LocalServer(tiny_settings(root, api_key, **overrides))
 
 
 @contextmanager
@@ -79,8 +81,5 @@ def tiny_sd_stack(
         str(root / "source" / "pipeline"), name=name, settings=settings
     )
     assert target == root / "models" / name and checked.entries[0].tasks
-    server = LocalServer(settings).start()
-    try:
+    with LocalServer(settings) as server:
         yield server, pipe
-    finally:
-        server.stop()
