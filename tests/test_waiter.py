@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from rq import SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
@@ -111,6 +112,16 @@ def answered_after_finish(held: Held, finish: Callable[[], None]) -> tuple[Any, 
     return response, held.answered_at - finished_at
 
 
+def answered_after_success(
+    box: RedisSandbox, worker: SimpleWorker, held: Held
+) -> tuple[Any, float]:
+    """`worker` takes the next job and succeeds it as the batching worker does
+    (`finish_successes`, whose transaction publishes the finish); then as `answered_after_finish`."""
+    job, queue, execution = start_next(box, worker, MODEL)
+    item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
+    return answered_after_finish(held, lambda: rq_bridge.finish_successes(worker, [item]))
+
+
 # --- notifications -----------------------------------------------------------------------------
 
 
@@ -160,11 +171,7 @@ def test_a_retried_failure_does_not_wake_the_held_wait(
         assert Job.fetch(job_id, connection=box.connection).get_status() == "queued"
         time.sleep(0.5)
         assert held.thread.is_alive()  # still held
-        job, queue, execution = start_next(box, worker, MODEL)
-        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-        response, delay = answered_after_finish(
-            held, lambda: rq_bridge.finish_successes(worker, [item])
-        )
+        response, delay = answered_after_success(box, worker, held)
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
     assert delay < ANSWER_WITHIN_S
 
@@ -359,11 +366,7 @@ def test_the_subscription_survives_a_killed_connection(
         assert again is not None and again != first
         wait_until(lambda: waiter.subscribed, 10)
         (held,), _ = hold(client, box)  # and notifications arrive again
-        job, queue, execution = start_next(box, worker, MODEL)
-        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-        response, delay = answered_after_finish(
-            held, lambda: rq_bridge.finish_successes(worker, [item])
-        )
+        response, delay = answered_after_success(box, worker, held)
     assert response.json()["status"] == "succeeded" and delay < ANSWER_WITHIN_S
 
 
@@ -395,11 +398,7 @@ def test_the_subscription_comes_back_after_a_redis_restart(
         redis_server.start()  # same port, same AOF: the job is still there
         wait_until(lambda: waiter.subscribed, 15)
         worker = simple_worker(box, MODEL)
-        job, queue, execution = start_next(box, worker, MODEL)
-        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-        response, delay = answered_after_finish(
-            held, lambda: rq_bridge.finish_successes(worker, [item])
-        )
+        response, delay = answered_after_success(box, worker, held)
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
     assert delay < ANSWER_WITHIN_S
 
