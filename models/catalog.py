@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,9 +38,7 @@ DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
 CARD_FILE = "config.json"  # a ddserve card
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline
 
-ModelKind = Literal[
-    "diffusion",  # pixel-space DDPM/DDIM
-    "latent-diffusion",  # diffusion on a first-stage autoencoder's latents
+AutoencoderKind = Literal[
     "autoencoder",
     "denoising-autoencoder",
     "sparse-autoencoder",
@@ -48,6 +46,12 @@ ModelKind = Literal[
     "adversarial-autoencoder",
     "vqvae",
     "kl-autoencoder",  # the first stage of latent diffusion
+]
+AUTOENCODER_KINDS: tuple[str, ...] = get_args(AutoencoderKind)  # the one list of them
+ModelKind = Literal[
+    "diffusion",  # pixel-space DDPM/DDIM
+    "latent-diffusion",  # diffusion on a first-stage autoencoder's latents
+    AutoencoderKind,
     "noisy-classifier",  # f_φ(y | x_t, t), for classifier guidance
     "classifier",  # evaluation classifier (features for FID, accuracy)
 ]

@@ -40,11 +40,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, pipelines_dir: Path) -> Ite
     settings = tiny_settings(
         root, API_KEY, model_dirs=str(repo), api_keys=f"tester:{hash_key(API_KEY)}"
     )
-    stack = LocalServer(settings).start()
-    try:
+    with LocalServer(settings) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
