@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,7 +104,7 @@ def new_engine(
         [NAME],
         feed,
         storage,
-        BatchingPolicy(max_batch=kw.pop("max_batch", 16)),
+        BatchingPolicy(max_batch=kw.pop("max_batch", 16), mode=kw.pop("mode", "continuous")),
         clock=kw.pop("clock", Clock()),
         sleep=lambda _s: None,
         prepare_thread=prepare_thread,
@@ -260,6 +259,18 @@ def test_cache_hits_and_other_modes_never_use_the_thread(
         engine.close()
     assert hit.output is not None and empty.output is not None
     assert encoder.threads == ["MainThread"]  # the warm-up call only
+    # request / none read the queue only into an empty running set: a miss is encoded at once
+    for mode in ("request", "none"):
+        engine = new_engine(pool, feed, storage, prepare_thread=True, mode=mode)
+        try:
+            miss = feed.submit(generate(f"a {mode} dog", 3))
+            engine.run_once()
+            assert not lane_of(engine).preparing and miss.key in lane_of(engine).jobs
+            engine.run_until_idle()
+        finally:
+            engine.close()
+        assert miss.output is not None
+    assert encoder.threads == ["MainThread"] * 3
 
 
 def test_a_ready_job_is_not_held_back_by_an_older_one_being_encoded(
@@ -304,7 +315,9 @@ def test_the_queue_is_read_only_while_the_jobs_in_preparation_leave_room(
     try:
         burst = [
             feed.submit(generate(prompt, i))  # guided: two rows each
-            for i, prompt in enumerate(["a blue dog", "yellow square", "green cross", "photo of a cat"])
+            for i, prompt in enumerate(
+                ["a blue dog", "yellow square", "green cross", "photo of a cat"]
+            )
         ]
         engine.run_once()
         assert list(lane.preparing) == [burst[0].key, burst[1].key]  # 2 + 2 rows = max_batch
@@ -324,3 +337,23 @@ def test_close_stops_the_prepare_thread(pool: ModelPool, encoder: GatedEncoder) 
     assert any(t.name.startswith("prepare") for t in threading.enumerate())
     engine.close()
     assert not any(t.name.startswith("prepare") for t in threading.enumerate())
+
+
+def test_a_cache_hit_does_not_wait_for_an_encoding_under_way(
+    pool: ModelPool, encoder: GatedEncoder
+) -> None:
+    """The encoder's LRU is shared by the stepping thread and the prepare thread: its lock guards
+    the cache alone, never the forward."""
+    encoder.gated.add("a blue dog")
+    cached = encoder.rows(["a red circle"])[0]
+    assert encoder.cached(["a red circle", ""]) and not encoder.cached(["a blue dog"])
+    encoding = threading.Thread(target=encoder.rows, args=(["a blue dog", "a red circle"],))
+    encoding.start()
+    try:
+        assert encoder.entered.wait(WAIT_S)  # the other thread is inside the forward now
+        assert encoder.rows(["a red circle"])[0] is cached  # answered from the cache meanwhile
+        assert not encoder.cached(["a blue dog"])
+    finally:
+        encoder.release.set()
+        encoding.join(WAIT_S)
+    assert encoder.cached(["a blue dog", "a red circle"])
