@@ -16,10 +16,10 @@ SD's DDIM scheduler config; the first stage is left out (the latents' first thre
 stored as the image: decoding is not what is measured).
 
     .venv/bin/python -m benchmarks.bench_prepare_thread [--threads 1] [--latent 8]
-        [--steps 40] [--every 5] [--new-steps 5] [--repeats 3]
+        [--steps 40] [--every 5] [--new-steps 5] [--repeats 3] [--out FILE]
 
-Writes benchmarks/results/prepare_thread.json. Not a test (the engine's behaviour is checked by
-tests/test_engine_prepare_thread.py): run it by hand, with the machine to itself.
+Writes benchmarks/results/prepare_thread.json (`--out`). Not a test (the engine's behaviour is
+checked by tests/test_engine_prepare_thread.py): run it by hand, with the machine to itself.
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="a new prompt every N of its steps")
     parser.add_argument("--new-steps", type=int, default=5, help="steps of each new job")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, alternating")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prepare_thread.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = sd_shaped_model(args.latent)
@@ -217,9 +218,13 @@ def main() -> None:
             tag = f"{'thread' if prepare_thread else 'inline'}{repeat}"
             runs.append(run(model, prepare_thread, tag, args))
             print(json.dumps(runs[-1]))
-    summary: dict[str, Any] = {"cores": os.cpu_count(), **vars(args), "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prepare_thread.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         "| mode | step gap p50 ms | p90 ms | max ms | encoding ms | new jobs' latency s | wall s |"
     )

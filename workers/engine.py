@@ -264,7 +264,9 @@ class PrepareThread:
     (`DenoiseLane.accept`) while the running sets step; started on the first such job and again
     after `close`. Its torch calls use the cores the stepping thread's pool leaves free, at least
     one (`workers.threads.spare_threads`), so an encoding beside a step oversubscribes the cores by
-    one thread at most, and only while it runs."""
+    one thread at most, and only while it runs. On a GPU both threads queue their kernels on the
+    device's default stream: the encoder's run between two steps' kernels, and a step that reads
+    the rows comes after them in stream order (no synchronisation needed)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
