@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         description="threads that encode and write a worker's finished images while its next "
         "denoising steps run (0 = on the stepping thread)",
     )
+    prepare_thread: bool = Field(
+        True,
+        description="encode the prompts a text pipeline's encoder has not cached on a thread of "
+        "their own while the running set steps (continuous batching); false: on the stepping "
+        "thread, which every running job then waits for",
+    )
     retain_freed_memory: bool = Field(
         True,
         description="keep memory freed by network calls in the worker's heap (glibc); false: "

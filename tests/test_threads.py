@@ -3,6 +3,7 @@ the gateway; ONNX Runtime follows torch unless set; applied to torch and to the 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import models.onnx.runtime
 from ddserve.settings import Settings
 from workers.model_pool import ModelPool
-from workers.threads import apply_threads, plan_threads
+from workers.threads import apply_threads, limit_this_thread, plan_threads, spare_threads
 
 
 def test_unset_threads_leave_a_core_to_the_gateway_only_in_the_embedded_mode() -> None:
@@ -60,3 +61,35 @@ def test_apply_sets_torch_and_hands_onnxruntime_its_count(
     pool = ModelPool(settings, catalog={})
     monkeypatch.setattr(pool, "entry", lambda name: name)
     assert pool.codec("any") == "codec" and seen["threads"] == 2
+
+
+def test_the_prepare_thread_gets_the_spare_cores_at_least_one() -> None:
+    assert spare_threads(8, cores=8) == 1  # a worker on every core: one more thread, not zero
+    assert spare_threads(6, cores=8) == 2
+    assert spare_threads(1, cores=1) == 1
+
+
+def test_limiting_one_thread_leaves_the_others_counts() -> None:
+    """torch.set_num_threads from a thread also sets the count threads started later begin with;
+    limit_this_thread must change the calling thread's alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: dict[str, int] = {}
+
+    def limited() -> None:
+        seen["limited"] = limit_this_thread(1)
+        torch.ones(64, 64) @ torch.ones(64, 64)  # a parallel operator on its own count
+        seen["limited_after"] = torch.get_num_threads()
+
+    def later() -> None:
+        seen["later"] = torch.get_num_threads()
+
+    try:
+        for target in (limited, later):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        assert seen == {"limited": 1, "limited_after": 1, "later": 2}
+        assert torch.get_num_threads() == 2  # this (the stepping) thread's
+    finally:
+        torch.set_num_threads(before)

@@ -27,6 +27,20 @@ wait out for every finished image. Each step ends by collecting the writes that 
 failed write fails only its job. Without store threads (`store_threads=0`), images are stored on
 the stepping thread at once.
 
+Likewise a job whose prompt the model's text encoder has not cached (diffusers text pipelines:
+`PromptEncoder`, a CLIP forward of ~0.5 s on CPU for SD-sized encoders) is prepared off the
+stepping thread in continuous mode (`prepare_thread`): the lane takes it, holds it while the
+prepare thread encodes its prompts (it can be canceled, pass its deadline or be aborted meanwhile,
+and ends exactly once), and builds its samples at the first step boundary after the rows are
+ready; the running set keeps stepping meanwhile. A cache hit is prepared at once, on the stepping
+thread. The order of admission stays by arrival: a job keeps the place its arrival gave it, so
+once prepared it goes before every job that arrived after it (it is not starved) and after every
+job that arrived before it (it does not jump ahead); while it is being prepared it holds no rows
+and blocks no one, as if it had not arrived yet — jobs ready earlier may use the free rows
+meanwhile. The queue is read only while the running set, plus the rows of the jobs in
+preparation, leaves room. (`request` and `none` read the queue only into an empty running set,
+where nothing waits for an encoding: they prepare every job at once.)
+
 A failing network call fails only its own jobs: the call is split and retried without the rows that
 fail on their own (`workers.isolation`: out of memory, an error, NaN/±inf), and only the jobs whose
 samples are no longer finite after the step fail (`non_finite_output`, `out_of_memory`,
@@ -63,7 +77,7 @@ import torch
 from ddserve.job_events import Preview
 from ddserve.jobs import ImageRecord, JobOutput
 from ddserve.settings import Settings
-from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
+from ddserve.spec import GenerateSpec, Img2ImgSpec, InpaintSpec, JobSpec, PriorSampleSpec
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.admission import AdmissionPolicy, BatchingMode, WaitingJob
@@ -71,14 +85,17 @@ from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
 from workers.execute import (
     CodecCall,
     DenoiseWork,
+    PromptRows,
     prepare_codec,
     prepare_denoise,
     preview_png,
     run_codec,
     run_codec_calls,
+    text_prompts,
 )
 from workers.isolation import IsolatingClassifier, IsolatingNetwork, non_finite_samples
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
+from workers.threads import limit_this_thread, spare_threads
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +259,66 @@ class StoreThreads:
             self._pool = None
 
 
+class PrepareThread:
+    """The one thread that encodes the prompts of jobs the text encoder has not cached
+    (`DenoiseLane.accept`) while the running sets step; started on the first such job and again
+    after `close`. Its torch calls use the cores the stepping thread's pool leaves free, at least
+    one (`workers.threads.spare_threads`), so an encoding beside a step oversubscribes the cores by
+    one thread at most, and only while it runs. On a GPU both threads queue their kernels on the
+    device's default stream: the encoder's run between two steps' kernels, and a step that reads
+    the rows comes after them in stream order (no synchronisation needed)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(
+        self, fn: Callable[..., list[torch.Tensor]], *args: Any
+    ) -> Future[list[torch.Tensor]]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="prepare", initializer=_own_torch_threads
+            )
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Wait for the encoding under way, if any; cancel those not started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _own_torch_threads() -> None:
+    """The prepare thread's torch intra-op threads: the cores the process's count leaves free."""
+    shared = torch.get_num_threads()  # a fresh thread reads the process's count
+    threads = limit_this_thread(spare_threads(shared))
+    log.debug("prepare thread: %d torch threads (the stepping thread: %d)", threads, shared)
+
+
+@dataclass(eq=False)
+class PreparingJob:
+    """A job taken by a lane whose prompt rows the prepare thread is encoding: held (it may be
+    canceled, pass its deadline or be aborted), not yet waiting for admission."""
+
+    ticket: Ticket
+    seq: int  # its order of arrival at this worker, kept for its admission
+    rows: Future[list[torch.Tensor]]  # the rows of `text_prompts(spec)`, in order
+
+    @property
+    def id(self) -> str:
+        return self.ticket.id
+
+    @property
+    def key(self) -> str:
+        return self.ticket.key
+
+    @property
+    def network_rows(self) -> int:
+        """The rows its samples will take in a call (two per guided sample)."""
+        spec = self.ticket.spec
+        assert isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec)  # it has prompts
+        return spec.n * (2 if spec.guided else 1)
+
+
 @dataclass(eq=False)
 class JobState:
     """A job held by a lane: its samples not yet admitted, and its bookkeeping."""
@@ -290,6 +367,7 @@ class DenoiseLane:
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         store_threads: StoreThreads | None = None,
+        prepare_thread: PrepareThread | None = None,
     ) -> None:
         self.model = model
         self.feed = feed
@@ -303,8 +381,10 @@ class DenoiseLane:
         self.clock = clock
         self.sleep = sleep
         self.store_threads = store_threads  # None: images are stored on the stepping thread
+        self.prepare_thread = prepare_thread  # None: every job is prepared on the stepping thread
         self.batch = self._new_batch()
         self.jobs: dict[str, JobState] = {}
+        self.preparing: dict[str, PreparingJob] = {}  # by ticket key, in order of arrival
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
         if model.row_limit is not None:
@@ -316,7 +396,11 @@ class DenoiseLane:
 
     @property
     def idle(self) -> bool:
-        return not self.jobs
+        return not self.jobs and not self.preparing
+
+    def tickets(self) -> list[Ticket]:
+        """The tickets it holds: jobs in preparation, waiting and running."""
+        return [job.ticket for job in (*self.preparing.values(), *self.jobs.values())]
 
     def _new_batch(self) -> DenoisingBatch:
         """An empty running set whose network calls are split when they fail (`isolation`) and
@@ -345,14 +429,50 @@ class DenoiseLane:
 
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
-        """Turn a ticket into samples; a request that cannot run fails at once (only itself)."""
+        """Turn a ticket into samples; a request that cannot run fails at once (only itself). A
+        job whose prompts the text encoder must encode goes to the prepare thread first."""
+        self._seq += 1
+        prompts = self._prompts_to_encode(ticket.spec)
+        if prompts is not None:
+            encoder = self.model.prompt_encoder
+            assert encoder is not None and self.prepare_thread is not None  # _prompts_to_encode
+            rows = self.prepare_thread.submit(encoder.rows, prompts)
+            self.preparing[ticket.key] = PreparingJob(ticket, self._seq, rows)
+            return
+        self._prepare(ticket, self._seq)
+
+    def _prompts_to_encode(self, spec: JobSpec) -> list[str] | None:
+        """The prompts of a spec to encode on the prepare thread: None for a cache hit, a spec
+        without a prompt, a lane without the thread, or a mode that reads the queue only into an
+        empty running set (where nothing would step while it waited)."""
+        encoder = self.model.prompt_encoder
+        if self.prepare_thread is None or encoder is None or self.policy.mode != "continuous":
+            return None
+        prompts = text_prompts(spec, self.model)
+        if prompts is None or encoder.cached(prompts):
+            return None
+        return prompts
+
+    def _prepare(self, ticket: Ticket, seq: int, prompt_rows: PromptRows | None = None) -> None:
+        """The job's samples join the waiting jobs, or the job fails (only itself)."""
         try:
-            work = prepare_denoise(ticket.spec, self.model, ticket.id)
+            work = prepare_denoise(ticket.spec, self.model, ticket.id, prompt_rows)
         except Exception as exc:
             _end(ticket.fail, exc, self.stats, "failed")
             return
-        self._seq += 1
-        self.jobs[ticket.key] = JobState(ticket, work, self._seq, list(work.samples))
+        self.jobs[ticket.key] = JobState(ticket, work, seq, list(work.samples))
+
+    def _collect_prepared(self) -> None:
+        """The jobs whose prompt rows are ready (or whose encoding failed: `prepare_denoise`
+        raises its error where it would have raised it inline) become waiting jobs, in order of
+        arrival."""
+        for key, job in list(self.preparing.items()):
+            if job.rows.done():
+                del self.preparing[key]
+                self._prepare(job.ticket, job.seq, lambda _prompts, f=job.rows: f.result())
+
+    def _preparing_rows(self) -> int:
+        return sum(job.network_rows for job in self.preparing.values())
 
     def _take_one(self) -> bool:
         ticket = self.feed.take(self.name)
@@ -396,10 +516,14 @@ class DenoiseLane:
 
     def fill(self) -> None:
         """Admission at a step boundary, reading the queue as the batching mode says."""
+        self._collect_prepared()
         mode = self.policy.mode
         if mode == "continuous":
-            # Take from the queue only while the running set has room the held jobs cannot use.
+            # Take from the queue only while the running set has room the held jobs cannot use
+            # (the jobs in preparation counting the rows they will take).
             while not self._admit():
+                if self.batch.rows + self._preparing_rows() >= self.admission.max_batch:
+                    break
                 if not self._take_one():
                     break
             return
@@ -425,7 +549,7 @@ class DenoiseLane:
     def step(self) -> None:
         """One network call over the running set; store finished images; complete finished jobs."""
         if not len(self.batch):
-            self._collect_stores(block=True)
+            self._collect_stores(block=True)  # or, with nothing to write, wait for a preparation
             return
         rows = self.batch.rows
         row_samples = network_row_samples(self.batch)
@@ -553,14 +677,17 @@ class DenoiseLane:
                 _end(job.ticket.fail, exc, self.stats, "failed")
 
     def _collect_stores(self, block: bool) -> None:
-        """Take in the image writes that are done (with `block`, wait up to STORE_WAIT_S for one):
-        a job whose write failed fails, a job with every image stored completes."""
+        """Take in the image writes that are done (with `block`, wait up to STORE_WAIT_S for one
+        of them or for a job's preparation, so that a lane waiting for threads does not spin): a
+        job whose write failed fails, a job with every image stored completes."""
         writing = [job for job in self.jobs.values() if job.storing]
+        if block:
+            futures: list[Future[Any]] = [future for job in writing for future in job.storing]
+            futures.extend(job.rows for job in self.preparing.values())
+            if futures:
+                wait(futures, timeout=STORE_WAIT_S, return_when=FIRST_COMPLETED)
         if not writing:
             return
-        if block:
-            futures = [future for job in writing for future in job.storing]
-            wait(futures, timeout=STORE_WAIT_S, return_when=FIRST_COMPLETED)
         for job in writing:
             done = [future for future in job.storing if future.done()]
             if not done:
@@ -611,6 +738,16 @@ class DenoiseLane:
 
     def sweep(self, canceled: set[str], now: float) -> None:
         """End canceled jobs (`canceled`: ticket keys) and jobs past their deadline (only those)."""
+        for preparing in list(self.preparing.values()):
+            if preparing.key in canceled:
+                self._drop_preparing(preparing)
+                _end(lambda _exc, t=preparing.ticket: t.cancel(), None, self.stats, "canceled")
+            elif now > preparing.ticket.deadline:
+                self._drop_preparing(preparing)
+                error = JobDeadlineExceeded(
+                    f"job {preparing.id} passed its deadline while its prompt was being encoded"
+                )
+                _end(preparing.ticket.fail, error, self.stats, "failed")
         for job in list(self.jobs.values()):
             if job.key in canceled:
                 self._drop(job)
@@ -623,7 +760,16 @@ class DenoiseLane:
                 )
                 _end(job.ticket.fail, error, self.stats, "failed")
 
+    def _drop_preparing(self, job: PreparingJob) -> None:
+        """Forget a job in preparation: its encoding is canceled if not started, and its rows are
+        never read if it is (they stay in the encoder's cache for the next job with that prompt)."""
+        del self.preparing[job.key]
+        job.rows.cancel()
+
     def abort(self, error: BaseException) -> None:
+        for preparing in list(self.preparing.values()):
+            self._drop_preparing(preparing)
+            _end(preparing.ticket.fail, error, self.stats, "failed")
         for job in list(self.jobs.values()):
             self._drop(job)
             _end(job.ticket.fail, error, self.stats, "failed")
@@ -744,20 +890,32 @@ class Engine:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         store_threads: int = 0,
+        prepare_thread: bool = False,
     ) -> None:
         """`store_threads`: threads that encode and write finished images while the next steps
-        run (0: on the stepping thread, at once); `close()` stops them."""
+        run (0: on the stepping thread, at once); `prepare_thread`: encode the prompts the text
+        encoders have not cached on a thread of their own while the running sets step (False: on
+        the stepping thread, when the job is taken); `close()` stops them."""
         self.feed = feed
         self.policy = policy
         self.stats = EngineStats()
         self.clock = clock
         self._store_threads = StoreThreads(store_threads) if store_threads > 0 else None
+        self._prepare_thread = PrepareThread() if prepare_thread else None
         self.lanes: dict[str, Lane] = {}
         for name in models:
             model = pool.get(name)
             if isinstance(model, DiffusionModel):
                 self.lanes[name] = DenoiseLane(
-                    model, feed, storage, policy, self.stats, clock, sleep, self._store_threads
+                    model,
+                    feed,
+                    storage,
+                    policy,
+                    self.stats,
+                    clock,
+                    sleep,
+                    self._store_threads,
+                    self._prepare_thread,
                 )
             else:
                 self.lanes[name] = CodecLane(model, feed, storage, self.stats)
@@ -768,11 +926,11 @@ class Engine:
         return all(lane.idle for lane in self.lanes.values())
 
     def held_tickets(self) -> list[Ticket]:
-        """Every ticket held (running or waiting for admission)."""
+        """Every ticket held (running, waiting for admission, or in preparation)."""
         tickets: list[Ticket] = []
         for lane in self.lanes.values():
             if isinstance(lane, DenoiseLane):
-                tickets.extend(job.ticket for job in lane.jobs.values())
+                tickets.extend(lane.tickets())
             else:
                 tickets.extend(lane.jobs.values())
         return tickets
@@ -831,7 +989,10 @@ class Engine:
             lane.abort(failure)
 
     def close(self) -> None:
-        """Stop the store threads once the writes they started are done (the held jobs, if any,
-        are the caller's to end first: `run_until_idle` or `abort`)."""
+        """Stop the prepare thread once its encoding under way is done, and the store threads once
+        the writes they started are (the held jobs, if any, are the caller's to end first:
+        `run_until_idle` or `abort`)."""
+        if self._prepare_thread is not None:
+            self._prepare_thread.close()
         if self._store_threads is not None:
             self._store_threads.close()

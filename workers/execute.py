@@ -263,22 +263,41 @@ class DenoiseWork:
         return key
 
 
+def text_prompts(spec: JobSpec, model: DiffusionModel) -> list[str] | None:
+    """The texts the model's own text encoder (`DiffusionModel.prompt_encoder`) turns into this
+    spec's rows: its prompt, then its negative prompt if any; None when the model has no text
+    encoder or the spec gives no prompt (a class label, ∅, or a spec `prepare_denoise` refuses)."""
+    encoder = model.prompt_encoder
+    if encoder is None or not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
+        return None
+    if spec.class_label is not None or spec.prompt is None:
+        return None
+    prompts = [spec.prompt]
+    if spec.negative_prompt is not None:
+        prompts.append(spec.negative_prompt)
+    return prompts
+
+
+PromptRows = Callable[[list[str]], list[torch.Tensor]]  # prompts → their rows [L, D], in order
+
+
 def _conditions(
-    spec: DenoiseSpec, model: DiffusionModel
+    spec: DenoiseSpec, model: DiffusionModel, prompt_rows: PromptRows | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The sample's conditioning row and unconditional row (None: the model's ∅).
 
     A model with its own text encoder (`DiffusionModel.prompt_encoder`, diffusers text pipelines)
-    encodes the prompt and the negative prompt here — one text-encoder call for those its cache
-    lacks; the rows are [L, D] hidden states. Otherwise the rows are the class id or the token ids
-    the gateway wrote into the spec."""
-    encoder = model.prompt_encoder
-    if encoder is not None and spec.class_label is None and spec.prompt is not None:
-        prompts = [spec.prompt]
-        if spec.negative_prompt is not None:
-            prompts.append(spec.negative_prompt)
-        rows = encoder.rows(prompts)  # [L, D] each
-        return rows[0], rows[1] if len(rows) > 1 else None
+    encodes the prompt and the negative prompt (`text_prompts`) here — one text-encoder call for
+    those its cache lacks — or takes their rows from `prompt_rows` (the engine's prepare thread
+    encoded them: it returns that call's rows, or raises its error); the rows are [L, D] hidden
+    states. Otherwise the rows are the class
+    id or the token ids the gateway wrote into the spec."""
+    prompts = text_prompts(spec, model)
+    if prompts is not None and model.prompt_encoder is not None:
+        rows = (prompt_rows or model.prompt_encoder.rows)(prompts)
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(rows)} prompt rows for the spec's {len(prompts)} prompts")
+        return rows[0], rows[1] if len(rows) > 1 else None  # [L, D] each
     return _condition(spec, model), _uncondition(spec, model)
 
 
@@ -412,15 +431,23 @@ def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     return model.from_pixels(pixels)[0]
 
 
-def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
-    """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i."""
+def prepare_denoise(
+    spec: JobSpec,
+    model: DiffusionModel,
+    job_id: str,
+    prompt_rows: PromptRows | None = None,
+) -> DenoiseWork:
+    """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i.
+    `prompt_rows`: where the rows of `text_prompts(spec, model)` come from (None: the model's
+    prompt encoder and its cache, here)."""
     if not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
         raise InvalidJobRequest(
             f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
         )
     output = OutputSpec.from_options(spec.output)
     settings = _sampler_settings(spec, model)
-    cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
+    # inpainting may be conditional (and guided) too
+    cond, uncond = _conditions(spec, model, prompt_rows)
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
     init_x0 = _img2img_input(spec, model) if isinstance(spec, Img2ImgSpec) else None
     samples = [

@@ -190,6 +190,7 @@ class BatchingWorker(SimpleWorker):
             self.storage,
             BatchingPolicy.from_settings(settings),
             store_threads=settings.store_threads,
+            prepare_thread=settings.prepare_thread,
         )
         # Sweeps wait until Redis answered for this long without a break (`ddserve.recovery`).
         self.recovery_grace = recovery.RecoveryGrace(settings.recovery_grace())

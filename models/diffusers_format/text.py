@@ -23,12 +23,16 @@ and a BERT tokenizer in place of CLIP's, L fixed at 77 and c = `bert(input_ids)[
 
 `PromptEncoder` keeps the encoder outputs of recent prompts (an LRU of `cache_size` entries), so a
 repeated prompt — and the empty prompt of every unguided-by-a-negative sample — costs no
-text-encoder call. The image is D(z / scaling_factor + shift_factor) (`decode_latents`).
+text-encoder call. A worker calls it from two threads (the stepping thread for prompts already
+cached, its prepare thread for the others: `workers.engine.PrepareThread`), so the cache is read and
+written under a lock; the encoder's forward runs outside it, so a cache hit never waits for an
+encoding under way. The image is D(z / scaling_factor + shift_factor) (`decode_latents`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +63,9 @@ class PromptEncoder:
         # ∅ is kept apart from the LRU and never evicted, so "" is always the very row every
         # unguided-by-a-negative sample uses (an exact ∅, whatever else was encoded with it).
         self._null: torch.Tensor | None = None
+        # Guards _cache, _null and encoder_calls (the stepping thread and the prepare thread);
+        # never held during an encoder call.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_folder(
@@ -88,14 +95,29 @@ class PromptEncoder:
         return next(self.text_encoder.parameters()).device
 
     def __len__(self) -> int:
-        return len(self._cache)
+        with self._lock:
+            return len(self._cache)
 
     def null_condition(self) -> torch.Tensor:
         """∅ = τ_θ(""), [L, D]: the unconditional row of a sample without a negative prompt;
-        encoded alone, once."""
-        if self._null is None:
-            self._null = self._encode([EMPTY_PROMPT])[0].clone()
-        return self._null
+        encoded alone, once (should two threads both encode it, the first row kept is ∅)."""
+        with self._lock:
+            if self._null is not None:
+                return self._null
+        row = self._encode([EMPTY_PROMPT])[0].clone()
+        with self._lock:
+            if self._null is None:
+                self._null = row
+            return self._null
+
+    def cached(self, prompts: Sequence[str]) -> bool:
+        """Whether `rows(prompts)` would find every row at hand (no text-encoder call). It does not
+        touch the LRU order; a row may still be evicted before `rows` runs (then `rows` encodes)."""
+        with self._lock:
+            return all(
+                self._null is not None if prompt == EMPTY_PROMPT else prompt in self._cache
+                for prompt in prompts
+            )
 
     def rows(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """τ_θ(y) [L, D] for each prompt; the prompts not in the cache are encoded in one call
@@ -103,22 +125,25 @@ class PromptEncoder:
         found: dict[str, torch.Tensor] = {}
         if EMPTY_PROMPT in prompts:
             found[EMPTY_PROMPT] = self.null_condition()
-        for prompt in prompts:
-            if prompt in found:
-                continue
-            row = self._cache.get(prompt)
-            if row is not None:
-                self._cache.move_to_end(prompt)
-                found[prompt] = row
+        with self._lock:
+            for prompt in prompts:
+                if prompt in found:
+                    continue
+                row = self._cache.get(prompt)
+                if row is not None:
+                    self._cache.move_to_end(prompt)
+                    found[prompt] = row
         missing = list(dict.fromkeys(p for p in prompts if p not in found))
         if missing:
-            encoded = self._encode(missing)  # [M, L, D]
-            for prompt, row in zip(missing, encoded, strict=True):
-                found[prompt] = row = row.clone()  # alone: a kept row must not hold the batch
-                self._remember(prompt, row)
+            encoded = self._encode(missing)  # [M, L, D], outside the lock
+            with self._lock:
+                for prompt, row in zip(missing, encoded, strict=True):
+                    found[prompt] = row = row.clone()  # alone: a kept row must not hold the batch
+                    self._remember(prompt, row)
         return [found[prompt] for prompt in prompts]
 
     def _remember(self, prompt: str, row: torch.Tensor) -> None:
+        """Keep a row (the caller holds the lock)."""
         if self.cache_size == 0:
             return
         self._cache[prompt] = row
@@ -141,7 +166,8 @@ class PromptEncoder:
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
-        self.encoder_calls += 1
+        with self._lock:
+            self.encoder_calls += 1
         output = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)
         return output[0]  # [N, L, D]
 
