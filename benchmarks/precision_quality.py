@@ -12,6 +12,18 @@ classifier's features against the test split, and the guidance accuracy.
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.precision_quality --n 300 --steps 20 \\
         --json benchmarks/results/precision_quality.json
 
+An imported diffusers model (`--diffusers FOLDER`, a `DDPMPipeline` folder such as the one
+`benchmarks/train_tiny_diffusers.py` trains on digits) is measured the way it is served: imported
+with `ddserve import`'s own code into a scratch model repository, loaded by the worker's `ModelPool`
+with `DDSERVE_DTYPE` float32 or bfloat16 (the UNet behind `UNetAdapter`), and sampled by the
+engine's path — generate job specs (`workers.execute.prepare_denoise`, image i of a job seeded s
+draws from the stream of s + i) stepped together in the model's `DenoisingBatch`. Its "other
+seed" run starts its seeds past the n images of the first, so no image shares a stream.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.precision_quality --models \
+        --diffusers var/tiny-digits-diffusers --n 1000 --steps 20 \
+        --json benchmarks/results/precision_quality_diffusers.json
+
 Not a timed test. bf16 matmuls have no fast kernels on CPUs without AVX512-BF16/AMX, so the bf16
 rows take several times as long as the fp32 ones here.
 """
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddserve.params import guidance_weight
+from ddserve.params import MAX_IMAGES, guidance_weight
+from ddserve.settings import Settings
+from ddserve.spec import GenerateSpec
 from models.data import load_dataset
 from models.evaluation.evaluate import feature_scores
 from models.evaluation.features import load_eval_classifier
@@ -39,8 +54,12 @@ from models.evaluation.generation import (
     load_diffusion,
 )
 from models.registry import find_entry
+from workers.execute import prepare_denoise
+from workers.model_pool import DTYPES, DiffusionModel, ModelPool
 
 MODELS = ("digits-ddpm", "shapes-ldm")
+IMPORTED = "imported-ddpm"  # the --diffusers pipeline's name in the scratch model repository
+UNTRAINED = "untrained-ddpm"  # the same UNet at its initial weights: what FID says of no learning
 
 
 class InPrecision(nn.Module):
@@ -98,9 +117,115 @@ def measure(name: str, n: int, steps: int, batch: int) -> list[dict[str, Any]]:
     return rows
 
 
+def sample_served(model: DiffusionModel, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
+    """n images [n, C, H, W] in [−1, 1] as a worker makes them: generate jobs of up to MAX_IMAGES
+    images (DDIM, η = 0, image i seeded `seed` + i), `batch` images stepped together in the
+    model's `DenoisingBatch`, x_0 turned to pixels by the model."""
+    out = []
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        samples = []
+        for first in range(start, stop, MAX_IMAGES):
+            spec = GenerateSpec(
+                model=model.name,
+                n=min(MAX_IMAGES, stop - first),
+                sampler="ddim",
+                num_inference_steps=steps,
+                eta=0.0,
+                clip_denoised=True,
+                seed=seed + first,
+            )
+            samples += prepare_denoise(spec, model, f"precision-{first}").samples
+        running = model.new_batch()
+        running.add(samples)
+        while len(running):
+            running.step()
+        out.append(model.to_pixels(torch.stack([s.x for s in samples])))
+    return torch.cat(out)
+
+
+def input_dtypes(module: nn.Module) -> tuple[set[torch.dtype], Any]:
+    """The dtypes of the tensors `module` is called with, as they come (and the hook's handle)."""
+    seen: set[torch.dtype] = set()
+
+    def record(_: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.add(args[0].dtype)
+
+    return seen, module.register_forward_pre_hook(record)
+
+
+def save_untrained(folder: Path, target: Path) -> None:
+    """`folder`'s pipeline with its UNet back at initial weights (same config, seed 0)."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    pipeline = DDPMPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(pipeline.unet.config)
+    DDPMPipeline(unet=unet, scheduler=pipeline.scheduler).save_pretrained(target)
+
+
+def measure_imported(
+    folder: Path, dataset: str, n: int, steps: int, batch: int
+) -> list[dict[str, Any]]:
+    """FID of the imported pipeline at `folder` served in float32 and bfloat16 (the same seeds),
+    float32 with other seeds, its untrained UNet, and n real train images (the data's floor)."""
+    from models.diffusers_format.importer import import_pipeline
+
+    classifier = load_eval_classifier(dataset, None)
+    reference = classifier.measure(load_dataset(dataset, "test").images).features
+    train = load_dataset(dataset, "train").images
+    subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    floor = feature_scores(reference, classifier.measure(train[subset]).features)["fid"]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="precision-quality-") as scratch:
+        repo, untrained = Path(scratch) / "models", Path(scratch) / "untrained"
+        settings = Settings(model_dirs=str(repo), device="cpu")
+        import_pipeline(str(folder), name=IMPORTED, settings=settings)
+        save_untrained(folder, untrained)
+        import_pipeline(str(untrained), name=UNTRAINED, settings=settings)
+        for label, name, dtype, seed in (
+            ("fp32", IMPORTED, "float32", 0),
+            ("bf16", IMPORTED, "bfloat16", 0),
+            ("fp32, other seeds", IMPORTED, "float32", n),
+            ("untrained UNet, fp32", UNTRAINED, "float32", 0),
+        ):
+            model = ModelPool(settings.model_copy(update={"dtype": dtype})).get(name)
+            assert isinstance(model, DiffusionModel)
+            unet = model.denoiser.network.unet
+            seen, hook = input_dtypes(unet.conv_in)
+            started = time.perf_counter()
+            images = sample_served(model, n, steps, seed, batch)
+            seconds = time.perf_counter() - started
+            hook.remove()
+            if seen != {DTYPES[dtype]} or unet.dtype != DTYPES[dtype]:
+                raise RuntimeError(f"{dtype} asked, the UNet ran {seen} with {unet.dtype} weights")
+            scores = feature_scores(reference, classifier.measure(images).features)
+            row = {
+                "model": f"{folder.name} (imported diffusers)",
+                "run": label,
+                "unet_dtype": str(unet.dtype).removeprefix("torch."),
+                "fid": scores["fid"],
+                "seconds": round(seconds, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    base = rows[0]["fid"]
+    for row in rows:
+        row["vs_fp32"] = round(row["fid"] / base, 3) if base > 0 else None
+    rows.append(
+        {"model": f"{dataset} train split", "run": f"{len(subset)} real images", "fid": floor}
+        | {"seconds": 0.0, "vs_fp32": round(floor / base, 3) if base > 0 else None}
+    )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="zoo models")
+    parser.add_argument(
+        "--diffusers", type=Path, default=None, help="a DDPMPipeline folder to import and measure"
+    )
+    parser.add_argument("--dataset", default="digits", help="the --diffusers model's data")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -109,13 +234,14 @@ def main() -> None:
     rows = [
         row for name in args.models for row in measure(name, args.n, args.steps, args.batch_size)
     ]
+    if args.diffusers is not None:
+        rows += measure_imported(args.diffusers, args.dataset, args.n, args.steps, args.batch_size)
     print("\n| model | run | classifier-FID | × fp32 | seconds |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['run']} | {r['fid']:.3f} | {r['vs_fp32']} | {r['seconds']} |")
     if args.json:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1)
-        )
+        paths = {"json": str(args.json), "diffusers": args.diffusers and str(args.diffusers)}
+        args.json.write_text(json.dumps({"args": vars(args) | paths, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
