@@ -201,3 +201,18 @@ def test_the_config_s_solver_options_are_the_model_s_defaults() -> None:
     assert plain.use_karras_sigmas is False and plain.solver_order == 2
     with pytest.raises(PipelineError, match="solver_order 3"):
         schedule_fields({**config, "solver_order": 3}, 25)
+
+
+def test_ddserve_json_sets_the_denoiser_precision(tmp_path: Path, pipelines_dir: Path) -> None:
+    folder = tmp_path / "ldm"
+    shutil.copytree(pipelines_dir / "ldm", folder)
+    assert read_pipeline(folder)[0].dtype is None  # no ddserve.json: float32
+    (folder / "ddserve.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    denoiser, first_stage = read_pipeline(folder)
+    assert denoiser.dtype == "bfloat16" and first_stage.dtype is None  # the UNet's only
+    (folder / "ddserve.json").write_text(json.dumps({"dtype": "float8"}))
+    with pytest.raises(PipelineError, match="dtype 'float8' is not one of float32, bfloat16"):
+        read_pipeline(folder)
+    (folder / "ddserve.json").write_text(json.dumps({"precision": "bfloat16"}))
+    with pytest.raises(PipelineError, match="unknown option 'precision'"):
+        read_pipeline(folder)

@@ -181,3 +181,27 @@ def test_hub_id_from_the_local_cache(
     assert (
         "source: Hugging Face Hub someone/tiny-ddpm" in (repo / "tiny-ddpm" / "card.md").read_text()
     )
+
+
+def test_import_with_a_dtype_serves_the_unet_in_it(
+    repo: Path, pipelines_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--dtype` is the model's precision (its `ddserve.json`), which the worker loads the UNet in
+    unless DDSERVE_DTYPE says otherwise."""
+    import torch
+
+    from ddserve.settings import Settings
+    from workers.model_pool import ModelPool
+
+    assert (
+        main(["import", str(pipelines_dir / "ddpm"), "--name", "half", "--dtype", "bfloat16"]) == 0
+    )
+    assert json.loads((repo / "half" / "ddserve.json").read_text()) == {"dtype": "bfloat16"}
+    assert "precision of the denoiser: bfloat16" in (repo / "half" / "card.md").read_text()
+    assert load_catalog(repo)["half"].dtype == "bfloat16"
+    loaded = ModelPool(Settings(model_dirs=str(repo), device="cpu")).get("half")
+    assert {p.dtype for p in loaded.denoiser.network.unet.parameters()} == {torch.bfloat16}
+    overridden = ModelPool(Settings(model_dirs=str(repo), device="cpu", dtype="float32"))
+    assert {p.dtype for p in overridden.get("half").denoiser.network.unet.parameters()} == {
+        torch.float32
+    }

@@ -16,7 +16,10 @@ alone what a model accepts:
 - schedule and defaults: the scheduler config (`num_train_timesteps`, `beta_schedule`,
   `prediction_type`, `clip_sample`) and the scheduler class (DDPM → ddpm, DDIM → ddim);
 - licence: the `license:` of the folder's README.md front matter (the Hub's model card), else the
-  first line of a LICENSE file.
+  first line of a LICENSE file;
+- ddserve's own choices for the model, not part of the diffusers format, from an optional
+  `ddserve.json` beside `model_index.json` (`ddserve import --dtype` writes it): `dtype`, the
+  denoiser's precision (`float32`, `bfloat16`, `float16`), overridden by `DDSERVE_DTYPE`.
 
 A latent pipeline gives two entries: the denoiser `<name>` (kind `latent-diffusion`, whose
 `first_stage` is the second) and its first stage `<name>-vqvae` / `<name>-vae` (kind `vqvae` /
@@ -29,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ddserve.params import SAMPLERS
 from models.catalog import (
@@ -37,6 +40,7 @@ from models.catalog import (
     Conditioning,
     ImageSpec,
     ModelEntry,
+    Precision,
     SamplingDefaults,
     ScheduleSpec,
 )
@@ -45,6 +49,10 @@ from models.scheduler_config_fields import read_fields
 
 class PipelineError(ValueError):
     """A pipeline folder that ddserve cannot serve; the message says why, for a person."""
+
+
+OPTIONS_FILE = "ddserve.json"  # ddserve's options for a diffusers folder (see the docstring)
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 # Pipeline class → the sampler its scheduler stands for and the pipeline's default step count
@@ -231,6 +239,23 @@ def read_license(folder: Path) -> str | None:
     return None
 
 
+def read_options(folder: Path) -> dict[str, Any]:
+    """The folder's `ddserve.json` options, checked ({} without one)."""
+    path = folder / OPTIONS_FILE
+    if not path.is_file():
+        return {}
+    options = read_json(path)
+    unknown = sorted(set(options) - {"dtype"})
+    if unknown:
+        raise PipelineError(f"{OPTIONS_FILE}: unknown option {unknown[0]!r} (known: dtype)")
+    dtype = options.get("dtype")
+    if dtype is not None and dtype not in PRECISIONS:
+        raise PipelineError(
+            f"{OPTIONS_FILE}: dtype {dtype!r} is not one of {', '.join(PRECISIONS)}"
+        )
+    return options
+
+
 def scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
     """The scheduler config ddserve reproduces (`scheduler_config_fields`, `from_diffusers`).
 
@@ -346,6 +371,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         "name": name,
         "component": "unet",
         "conditioning": conditioning,
+        "dtype": read_options(folder).get("dtype"),
         **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
     }
     if pipeline in TEXT_PIPELINES:  # the pipeline's own default s with a prompt

@@ -14,6 +14,7 @@ counts, licence. Every failure is one plain sentence on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import re
@@ -26,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ddserve.settings import Settings
-from models.catalog import PIPELINE_INDEX, ModelEntry, load_catalog
+from models.catalog import PIPELINE_INDEX, ModelEntry, Precision, load_catalog
 from models.diffusers_format.entries import (
+    OPTIONS_FILE,
+    PRECISIONS,
     SUPPORTED_PIPELINES,
     PipelineError,
     components,
     pipeline_index,
+    read_options,
     read_pipeline,
 )
 
@@ -65,11 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also export the first stage (VAE / VQ-VAE) to ONNX, checked against diffusers",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        help="the denoiser's precision on the workers (written to the model's ddserve.json; "
+        "DDSERVE_DTYPE overrides it; float16 needs a CUDA device)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        target, checked = import_pipeline(args.source, name=args.name, settings=Settings())
+        target, checked = import_pipeline(
+            args.source, name=args.name, settings=Settings(), dtype=args.dtype
+        )
     except ImportFailed as exc:
         print(f"ddserve import: error: {exc}", file=sys.stderr)
         return 2
@@ -107,10 +119,11 @@ def export_onnx(target: Path, checked: Checked) -> str | None:
 
 
 def import_pipeline(
-    source: str, *, name: str | None = None, settings: Settings
+    source: str, *, name: str | None = None, settings: Settings, dtype: Precision | None = None
 ) -> tuple[Path, Checked]:
     """Check `source` and copy it into the model repository; return the new folder and what the
-    check found. Raises `ImportFailed` with a message for a person."""
+    check found. `dtype`: the denoiser's precision, kept in the copy's `ddserve.json` (None: the
+    source's, if it has one). Raises `ImportFailed` with a message for a person."""
     folder, origin, cleanup = resolve_source(source)
     try:
         name = name or default_name(source, folder)
@@ -133,6 +146,16 @@ def import_pipeline(
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target_root))
         try:  # copied beside the target, then renamed: a half-copied model is never listed
             shutil.copytree(folder, staging / name, ignore=shutil.ignore_patterns(".git*"))
+            if dtype is not None:
+                options = {**read_options(staging / name), "dtype": dtype}
+                (staging / name / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
+                checked = dataclasses.replace(
+                    checked,
+                    entries=[
+                        e.model_copy(update={"dtype": dtype}) if e.component == "unet" else e
+                        for e in checked.entries
+                    ],
+                )
             write_card(staging / name, origin, checked)
             (staging / name).rename(target)
         finally:
@@ -439,6 +462,7 @@ Imported by `ddserve import` on {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"
 - conditioning: {describe_conditioning(main)}
 - licence: {main.license or "not stated in the source (no README.md license: field, no LICENSE file)"}
 - parameters: {sum(checked.parameters.values()):,}
+- precision of the denoiser: {main.dtype or "float32"} (`{OPTIONS_FILE}`; `DDSERVE_DTYPE` overrides it)
 
 | component | parameters |
 |---|---|
