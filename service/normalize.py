@@ -28,6 +28,7 @@ from ddserve.requests import (
     InpaintBody,
     ReconstructBody,
 )
+from ddserve.settings import Settings
 from ddserve.spec import (
     DecodeSpec,
     EncodeSpec,
@@ -44,6 +45,7 @@ from service.errors import ApiError
 from service.uploads import UploadLimits, canonical_image, canonical_mask
 
 RANDOM_SEED_BOUND = 2**31  # seeds the gateway draws stay small enough to read and retype
+DEFAULT_MAX_IMAGE_SIDE: int = Settings.model_fields["max_image_side"].default
 
 
 def _invalid(code: str, message: str, param: str) -> ApiError:
@@ -54,11 +56,16 @@ class RequestNormalizer:
     """Validates bodies against `catalog` (name → entry); `served` limits which models take jobs."""
 
     def __init__(
-        self, catalog: dict[str, ModelEntry], served: set[str], limits: UploadLimits
+        self,
+        catalog: dict[str, ModelEntry],
+        served: set[str],
+        limits: UploadLimits,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     ) -> None:
         self.catalog = catalog
         self.served = served
         self.limits = limits
+        self.max_image_side = max_image_side  # `Settings.max_image_side`
 
     # --- common checks ---
 
@@ -86,6 +93,55 @@ class RequestNormalizer:
     @staticmethod
     def _size(entry: ModelEntry) -> tuple[int, int]:
         return entry.image.width, entry.image.height
+
+    def _image_size(
+        self, entry: ModelEntry, height: int | None, width: int | None
+    ) -> tuple[int, int]:
+        """The (height, width) of the images a request asks for: the model's own size unless
+        given. A model with a `size_multiple` (a diffusers pipeline: its network is convolutional
+        and needs sides that its first stage and UNet divide, f · 2^(D − 1)) takes multiples of it
+        up to `max_image_side` and `max_image_pixels` pixels (its own size always); another model
+        makes its own size only."""
+        own_h, own_w = entry.image.height, entry.image.width
+        size = (own_h if height is None else height, own_w if width is None else width)
+        if size == (own_h, own_w):
+            return size
+        param = "height" if size[0] != own_h else "width"
+        multiple = entry.size_multiple
+        if multiple is None:
+            raise _invalid(
+                "fixed_image_size",
+                f"model {entry.name!r} makes {own_w}×{own_h} images only (height {own_h}, width "
+                f"{own_w}); leave height and width out",
+                param,
+            )
+        for name, value in (("height", size[0]), ("width", size[1])):
+            if value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise _invalid(
+                    "image_size_not_multiple",
+                    f"{name} {value} is not a multiple of {multiple}, model {entry.name!r}'s "
+                    f"size_multiple (its first stage and UNet divide the sides by it): use "
+                    f"{lower} or {lower + multiple}",
+                    name,
+                )
+            own = own_h if name == "height" else own_w
+            if value > self.max_image_side and value != own:
+                raise _invalid(
+                    "image_size_too_large",
+                    f"{name} {value} is over this service's limit of {self.max_image_side} "
+                    f"pixels a side (DDSERVE_MAX_IMAGE_SIDE; model {entry.name!r}'s own size "
+                    f"{own_w}×{own_h} is always allowed)",
+                    name,
+                )
+        if size[0] * size[1] > self.limits.max_image_pixels:
+            raise _invalid(
+                "image_size_too_large",
+                f"{size[1]}×{size[0]} is {size[0] * size[1]} pixels, over this service's limit of "
+                f"{self.limits.max_image_pixels} (DDSERVE_MAX_IMAGE_PIXELS)",
+                param,
+            )
+        return size
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -300,11 +356,14 @@ class RequestNormalizer:
 
     def generate(self, body: GenerateBody) -> GenerateSpec | PriorSampleSpec:
         entry = self.entry(body.model, "generate")
+        height, width = self._image_size(entry, body.height, body.width)
         if entry.schedule is None:  # no diffusion: a VAE or AAE samples its prior, then decodes
             return self._prior_sample(entry, body)
         return GenerateSpec(
             model=entry.name,
             n=body.n,
+            height=height,
+            width=width,
             **self._sampling(entry, body),
             **self._condition(
                 entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt

@@ -49,6 +49,7 @@ that carry the job's request and report its end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -67,10 +68,16 @@ from ddserve.spec import GenerateSpec, JobSpec, PriorSampleSpec
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.admission import AdmissionPolicy, BatchingMode, WaitingJob
-from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
+from workers.errors import (
+    InvalidJobRequest,
+    JobDeadlineExceeded,
+    NonFiniteOutput,
+    WorkerStopped,
+)
 from workers.execute import (
     CodecCall,
     DenoiseWork,
+    image_size,
     prepare_codec,
     prepare_denoise,
     preview_png,
@@ -78,6 +85,7 @@ from workers.execute import (
     run_codec_calls,
 )
 from workers.isolation import IsolatingClassifier, IsolatingNetwork, non_finite_samples
+from workers.memory_budget import row_limit_at
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 log = logging.getLogger(__name__)
@@ -119,6 +127,10 @@ class Ticket(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
     def cancel(self) -> None: ...
+
+
+# Hands a ticket of another image size to that size's lane; True if it can take more this round.
+Divert = Callable[["Ticket", tuple[int, int]], bool]
 
 
 class JobFeed(Protocol):
@@ -290,14 +302,28 @@ class DenoiseLane:
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         store_threads: StoreThreads | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+        divert: Divert | None = None,
     ) -> None:
+        """`size`: (height, width) of this lane's images (default: the model's own). The lane of
+        the model's own size reads the model's queue and hands a ticket of another size to
+        `divert` (the engine's lane of that size); a lane of another size (`divert` None) reads
+        no queue and holds only what it is handed."""
         self.model = model
         self.feed = feed
         self.storage = storage
         self.policy = policy
+        self.size = size or model.image_size
+        self.sample_shape = model.sample_shape_at(*self.size)  # (C, h, w) of its samples' x_t
+        self.divert = divert
+        self.reads_queue = size is None or size == model.image_size
+        self._diverted_to_full_lane = False  # the last ticket taken went to a lane now full
         # Rows per call: max_batch, lowered to what the device holds (`workers.memory_budget`:
-        # measured at load, then lowered again by any call that still runs out of memory).
-        self.row_limit = model.row_limit
+        # measured at load — scaled by the area for another size — then lowered again by any
+        # call that still runs out of memory).
+        row_limit = row_limit_at(model.row_limit, model.image_size, self.size, policy.max_batch)
+        self.row_limit = row_limit
         self.admission = policy.admission
         self.stats = stats
         self.clock = clock
@@ -307,8 +333,8 @@ class DenoiseLane:
         self.jobs: dict[str, JobState] = {}
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
-        if model.row_limit is not None:
-            self._lower_row_limit(model.row_limit)
+        if row_limit is not None:
+            self._lower_row_limit(row_limit)
 
     @property
     def name(self) -> str:
@@ -321,7 +347,7 @@ class DenoiseLane:
     def _new_batch(self) -> DenoisingBatch:
         """An empty running set whose network calls are split when they fail (`isolation`) and
         timed into the stats (each call actually made)."""
-        batch = self.model.new_batch()
+        batch = self.model.new_batch(self.sample_shape)
         self.isolation = IsolatingNetwork(
             TimedNetwork(batch.network, self.stats), max_rows=self.row_limit
         )
@@ -345,7 +371,21 @@ class DenoiseLane:
 
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
-        """Turn a ticket into samples; a request that cannot run fails at once (only itself)."""
+        """Turn a ticket into samples; a request that cannot run fails at once (only itself). A
+        ticket of another image size goes to that size's lane (`divert`)."""
+        try:
+            size = image_size(ticket.spec, self.model)
+            if size != self.size and self.divert is None:
+                raise InvalidJobRequest(f"this lane makes {self.size} images, not {size}")
+        except Exception as exc:
+            _end(ticket.fail, exc, self.stats, "failed")
+            return
+        if size != self.size and self.divert is not None:
+            self._diverted_to_full_lane = not self.divert(ticket, size)
+            return
+        self._hold(ticket)
+
+    def _hold(self, ticket: Ticket) -> None:
         try:
             work = prepare_denoise(ticket.spec, self.model, ticket.id)
         except Exception as exc:
@@ -355,11 +395,22 @@ class DenoiseLane:
         self.jobs[ticket.key] = JobState(ticket, work, self._seq, list(work.samples))
 
     def _take_one(self) -> bool:
+        """Take one ticket from the model's queue (only the lane of the model's own size reads
+        it); False when none came, or it went to another size's lane that has no more room."""
+        if not self.reads_queue:
+            return False
         ticket = self.feed.take(self.name)
         if ticket is None:
             return False
+        self._diverted_to_full_lane = False
         self.accept(ticket)
-        return True
+        return not self._diverted_to_full_lane
+
+    def take_diverted(self, ticket: Ticket) -> bool:
+        """A ticket of this lane's size, taken from the queue by the model's own lane: held and
+        admitted at once where the running set has room; True if this lane can take more now."""
+        self.accept(ticket)
+        return not self._admit() and self.admission.admits_into(self.batch.rows)
 
     # --- admission ------------------------------------------------------------------------------
     def _admit(self) -> bool:
@@ -407,7 +458,7 @@ class DenoiseLane:
             return  # request / none: the running set runs to its end first
         if not any(j.pending for j in self.jobs.values()) and not self._take_one():
             return
-        if mode == "request":
+        if mode == "request" and self.reads_queue:
             # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
             polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
@@ -752,25 +803,63 @@ class Engine:
         self.stats = EngineStats()
         self.clock = clock
         self._store_threads = StoreThreads(store_threads) if store_threads > 0 else None
+        self._sleep = sleep
+        self.storage = storage
+        # One lane per model (its own image size), and one per (model, other size) in flight.
         self.lanes: dict[str, Lane] = {}
+        self.sized_lanes: dict[tuple[str, tuple[int, int]], DenoiseLane] = {}
         for name in models:
             model = pool.get(name)
             if isinstance(model, DiffusionModel):
                 self.lanes[name] = DenoiseLane(
-                    model, feed, storage, policy, self.stats, clock, sleep, self._store_threads
+                    model,
+                    feed,
+                    storage,
+                    policy,
+                    self.stats,
+                    clock,
+                    sleep,
+                    self._store_threads,
+                    divert=functools.partial(self._divert, name),
                 )
             else:
                 self.lanes[name] = CodecLane(model, feed, storage, self.stats)
 
+    def _every_lane(self) -> list[Lane]:
+        return [*self.lanes.values(), *self.sized_lanes.values()]
+
+    def _divert(self, name: str, ticket: Ticket, size: tuple[int, int]) -> bool:
+        """A ticket of model `name` at another image size than the model's own: to the lane of
+        that size, made on demand (its samples cannot share the own size's tensors); True if that
+        lane can take more this round."""
+        lane = self.sized_lanes.get((name, size))
+        if lane is None:
+            own = self.lanes[name]
+            assert isinstance(own, DenoiseLane)
+            lane = DenoiseLane(
+                own.model,
+                self.feed,
+                self.storage,
+                self.policy,
+                self.stats,
+                self.clock,
+                self._sleep,
+                self._store_threads,
+                size=size,
+            )
+            self.sized_lanes[(name, size)] = lane
+            log.info("model %s: a running set for %d×%d images", name, size[1], size[0])
+        return lane.take_diverted(ticket)
+
     @property
     def idle(self) -> bool:
         """No job held: nothing running, nothing waiting for admission."""
-        return all(lane.idle for lane in self.lanes.values())
+        return all(lane.idle for lane in self._every_lane())
 
     def held_tickets(self) -> list[Ticket]:
         """Every ticket held (running or waiting for admission)."""
         tickets: list[Ticket] = []
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             if isinstance(lane, DenoiseLane):
                 tickets.extend(job.ticket for job in lane.jobs.values())
             else:
@@ -802,16 +891,20 @@ class Engine:
         tickets = self.held_tickets()
         canceled = self.feed.canceled(tickets) if tickets else set()
         now = self.clock()
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.sweep(canceled, now)
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.fill()
 
     def step(self) -> None:
-        """The second half: one step per model (round-robin over models). It reads nothing from
-        the feed, so the worker sends the previous round's writes while it runs."""
-        for lane in self.lanes.values():
+        """The second half: one step per model and image size in flight (round-robin). It reads
+        nothing from the feed, so the worker sends the previous round's writes while it runs. A
+        lane of another size than its model's own is dropped once it holds nothing."""
+        for lane in self._every_lane():
             lane.step()
+        for key, lane in list(self.sized_lanes.items()):
+            if lane.idle:
+                del self.sized_lanes[key]
 
     def run_until_idle(self, max_rounds: int | None = None) -> int:
         """Run rounds until nothing is held (and the feed is empty); returns the rounds run."""
@@ -827,7 +920,7 @@ class Engine:
     def abort(self, error: BaseException | None = None) -> None:
         """Fail every held job (a worker stopping cold); RQ retries those with retries left."""
         failure = error or WorkerStopped("the worker stopped before the job finished")
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.abort(failure)
 
     def close(self) -> None:

@@ -206,6 +206,7 @@ class DenoiseWork:
     spec: OutputSpec
     steps_per_image: int  # network calls one image needs (RePaint's resampling included)
     records: dict[int, ImageRecord] = field(default_factory=dict)
+    sample_shape: tuple[int, int, int] | None = None  # x_t's (C, h, w); None: the model's own
 
     @property
     def n(self) -> int:
@@ -412,6 +413,23 @@ def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     return model.from_pixels(pixels)[0]
 
 
+def image_size(spec: JobSpec, model: DiffusionModel) -> tuple[int, int]:
+    """(height, width) of a denoising job's images: a generate spec's own, else the model's. The
+    gateway checked it against the catalog; a worker whose model cannot make it (another card
+    than the gateway's, a spec from elsewhere) fails the job, never the running set."""
+    own = model.image_size
+    if not isinstance(spec, GenerateSpec) or spec.height is None or spec.width is None:
+        return own
+    size = (spec.height, spec.width)
+    multiple = model.entry.size_multiple
+    if size != own and (multiple is None or size[0] % multiple or size[1] % multiple):
+        allowed = f"multiples of {multiple}" if multiple else f"{own[1]}×{own[0]} only"
+        raise InvalidJobRequest(
+            f"model {model.name!r} cannot make {size[1]}×{size[0]} images ({allowed})"
+        )
+    return size
+
+
 def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> DenoiseWork:
     """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i."""
     if not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
@@ -419,6 +437,7 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
             f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
         )
     output = OutputSpec.from_options(spec.output)
+    shape = model.sample_shape_at(*image_size(spec, model))  # before any text encoding
     settings = _sampler_settings(spec, model)
     cond, uncond = _conditions(spec, model)  # inpainting may be conditional (and guided) too
     known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
@@ -443,7 +462,9 @@ def prepare_denoise(spec: JobSpec, model: DiffusionModel, job_id: str) -> Denois
     # counting a 1000-step plan each time cost about 1 % of a saturated worker's time.
     plan = model.plan_cache.transitions(settings)
     steps = sum(1 for transition in plan if transition.is_reverse)
-    return DenoiseWork(job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps)
+    return DenoiseWork(
+        job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps, sample_shape=shape
+    )
 
 
 # --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------
@@ -630,7 +651,7 @@ def run_alone(spec: JobSpec, pool: ModelPool, storage: Storage, job_id: str) -> 
     if isinstance(model, CodecModel):
         return run_codec(spec, model, job_id, storage)
     work = prepare_denoise(spec, model, job_id)
-    batch = model.new_batch()
+    batch = model.new_batch(work.sample_shape)
     batch.add(work.samples)
     while len(batch):
         finished = batch.step()
