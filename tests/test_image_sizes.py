@@ -60,6 +60,11 @@ def normalizer(catalog: dict[str, Any], **kw: Any) -> RequestNormalizer:
     return RequestNormalizer(catalog, served, kw.pop("limits", LIMITS), **kw)
 
 
+def zoo_model_of(catalog: dict[str, Any]) -> str:
+    """A zoo diffusion model (a ddserve card: one size)."""
+    return next(n for n, e in catalog.items() if e.format == "ddserve" and "generate" in e.tasks)
+
+
 def rejected(normalizer: RequestNormalizer, **body: Any) -> ApiError:
     with pytest.raises(ApiError) as caught:
         normalizer.generate(GenerateBody.model_validate(body))
@@ -109,7 +114,7 @@ def test_sizes_that_cannot_run_are_clear_422s(catalog: dict[str, Any]) -> None:
     assert error.code == "image_size_too_large" and "DDSERVE_MAX_IMAGE_PIXELS" in error.message
     # The model's own size is allowed even over the side limit.
     assert normalizer(catalog, max_image_side=8).generate(GenerateBody(model="ddim")).height == 16
-    zoo_model = next(n for n, e in catalog.items() if e.format == "ddserve" and "generate" in e.tasks and e.schedule)
+    zoo_model = zoo_model_of(catalog)
     own = catalog[zoo_model].image
     error = rejected(gate, model=zoo_model, height=own.height * 2)
     assert error.code == "fixed_image_size" and f"{own.width}×{own.height}" in error.message
@@ -128,7 +133,7 @@ def test_the_openai_size_maps_onto_height_and_width(catalog: dict[str, Any]) -> 
     bad = generate_body(ImageGenerationBody(prompt="", size="18x16"), catalog["ldm"], False)
     error = rejected(gate, **bad)
     assert error.code == "image_size_not_multiple" and error.param == "width"
-    zoo_model = next(n for n, e in catalog.items() if e.format == "ddserve" and "generate" in e.tasks and e.schedule)
+    zoo_model = zoo_model_of(catalog)
     with pytest.raises(ApiError) as fixed:
         generate_body(ImageGenerationBody(prompt="", size="1024x1024"), catalog[zoo_model], False)
     assert fixed.value.code == "unsupported_size" and fixed.value.status == 400
@@ -162,9 +167,7 @@ class Clock:
         return self.now
 
 
-def make_engine(
-    pool: ModelPool, feed: MemoryFeed, clock: Clock | None = None, **kw: Any
-) -> Engine:
+def make_engine(pool: ModelPool, feed: MemoryFeed, clock: Clock | None = None, **kw: Any) -> Engine:
     return Engine(
         pool,
         ["ddim", "ldm"],

@@ -42,6 +42,12 @@ Batching modes (`Settings.batching`), for comparison on the same engine:
   set then runs until all of its samples are done (classic dynamic batching);
 - `none`: one job at a time.
 
+Image sizes: samples of different sizes cannot share a tensor, so a model whose requests ask for
+other sizes (`height` / `width`, `ModelEntry.size_multiple`) has one lane per size in flight: the
+lane of the model's own size reads the model's queue and hands a ticket of another size to the lane
+of that size (`Engine.sized_lanes`, made on demand, with the row limit scaled by the area, dropped
+once idle). Requests of one size share calls exactly as above.
+
 Jobs arrive through a `JobFeed` (the RQ worker's queues, or an in-memory feed in tests) as `Ticket`s
 that carry the job's request and report its end.
 """
