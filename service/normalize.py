@@ -42,7 +42,13 @@ from models.catalog import ModelEntry, SamplingDefaults
 from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
-from service.uploads import UploadLimits, canonical_image, canonical_mask
+from service.uploads import (
+    UploadLimits,
+    canonical_image,
+    canonical_mask,
+    decode_base64,
+    png_size,
+)
 
 RANDOM_SEED_BOUND = 2**31  # seeds the gateway draws stay small enough to read and retype
 DEFAULT_MAX_IMAGE_SIDE: int = Settings.model_fields["max_image_side"].default
@@ -95,17 +101,27 @@ class RequestNormalizer:
         return entry.image.width, entry.image.height
 
     def _image_size(
-        self, entry: ModelEntry, height: int | None, width: int | None
+        self, entry: ModelEntry, height: int | None, width: int | None, source: str | None = None
     ) -> tuple[int, int]:
         """The (height, width) of the images a request asks for: the model's own size unless
         given. A model with a `size_multiple` (a diffusers pipeline: its network is convolutional
         and needs sides that its first stage and UNet divide, f · 2^(D − 1)) takes multiples of it
         up to `max_image_side` and `max_image_pixels` pixels (its own size always); another model
-        makes its own size only."""
+        makes its own size only. `source`: the input image whose size it is (the errors name it)."""
         own_h, own_w = entry.image.height, entry.image.width
         size = (own_h if height is None else height, own_w if width is None else width)
         if size == (own_h, own_w):
             return size
+        try:
+            return self._other_size(entry, size)
+        except ApiError as error:
+            if source is None:
+                raise
+            message = f"{source} is {size[1]}×{size[0]}: {error.message}"
+            raise _invalid(error.code, message, source) from None
+
+    def _other_size(self, entry: ModelEntry, size: tuple[int, int]) -> tuple[int, int]:
+        own_h, own_w = entry.image.height, entry.image.width
         param = "height" if size[0] != own_h else "width"
         multiple = entry.size_multiple
         if multiple is None:
@@ -142,6 +158,16 @@ class RequestNormalizer:
                 param,
             )
         return size
+
+    def _input_size(self, entry: ModelEntry, image: str, param: str) -> tuple[int, int]:
+        """(width, height) an input image must have (`canonical_image`'s order): the model's own,
+        or for a model with a `size_multiple` the image's own when `/generate` would make it (an
+        inpaint or img2img job then runs at that size)."""
+        if entry.size_multiple is None:
+            return self._size(entry)
+        width, height = png_size(decode_base64(image, param, self.limits), param)
+        self._image_size(entry, height, width, source=param)
+        return width, height
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -432,12 +458,11 @@ class RequestNormalizer:
                 f"jump_length {jump_length} exceeds num_inference_steps {steps}",
                 "jump_length",
             )
+        size = self._input_size(entry, body.image, "image")
         return InpaintSpec(
             model=entry.name,
-            image=canonical_image(
-                body.image, "image", self.limits, self._size(entry), entry.image.channels
-            ),
-            mask=canonical_mask(body.mask, "mask", self.limits, self._size(entry)),
+            image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
+            mask=canonical_mask(body.mask, "mask", self.limits, size),
             n=body.n,
             **sampling,
             jump_length=jump_length,
@@ -471,11 +496,10 @@ class RequestNormalizer:
                 "steps",
                 "strength",
             )
+        size = self._input_size(entry, body.image, "image")
         return Img2ImgSpec(
             model=entry.name,
-            image=canonical_image(
-                body.image, "image", self.limits, self._size(entry), entry.image.channels
-            ),
+            image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
             strength=body.strength,
             n=body.n,
             **sampling,

@@ -102,14 +102,18 @@ def parse_size(size: str | None, entry: ModelEntry) -> tuple[int, int] | None:
     return int(match.group(2)), int(match.group(1))
 
 
-def check_size(size: str | None, entry: ModelEntry) -> None:
-    """`size` must be "auto" or the model's own "WxH" (edits keep their image's size; a model
-    without a `size_multiple` makes one size)."""
+def check_size(size: str | None, entry: ModelEntry, image: tuple[int, int] | None = None) -> None:
+    """`size` must be "auto" or the model's own "WxH" (a model without a `size_multiple` makes one
+    size); an edit's must be its image's (width, height) `image` where the model takes other sizes
+    (the edit then runs at that size)."""
     parsed = parse_size(size, entry)
-    if parsed is not None and parsed != (entry.image.height, entry.image.width):
-        own = f"{entry.image.width}x{entry.image.height}"
+    own = (entry.image.height, entry.image.width)
+    if entry.size_multiple is not None and image is not None:
+        own = (image[1], image[0])
+    if parsed is not None and parsed != own:
+        made = f"{own[1]}x{own[0]}"
         raise _bad(
-            f"size {size} is not served by model {entry.name!r}; it makes {own} images",
+            f"size {size} is not served by model {entry.name!r} here; it makes {made} images",
             "size",
             "unsupported_size",
         )

@@ -152,8 +152,9 @@ def test_bad_requests_are_clear_422s(client: Client) -> None:
             client.generate(**body)  # type: ignore[arg-type]
         assert (caught.value.code, caught.value.param) == (code, param), body
     wrong_size = np.zeros((32, 32, 3), dtype=np.uint8)
+    odd_size = np.zeros((15, 15, 3), dtype=np.uint8)  # pix takes sides that are multiples of 2
     with pytest.raises(ValidationError) as caught:
-        client.inpaint("pix", Image.fromarray(wrong_size), np.ones((32, 32), bool))
+        client.inpaint("pix", Image.fromarray(odd_size), np.ones((15, 15), bool))
     assert caught.value.param == "image" and "16" in caught.value.message
     with pytest.raises(ValidationError) as caught:
         client.encode("lat-vqvae", [wrong_size])
@@ -179,6 +180,16 @@ def test_generate_at_other_sizes_over_http(server: LocalServer, client: Client) 
     together = client.download_images(client.wait(jobs[0]))
     for a, b in zip(together, client.download_images(alone), strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    rng = np.random.default_rng(2)
+    picture = Image.fromarray(rng.integers(0, 256, (24, 8, 3), dtype=np.uint8))
+    redrawn = client.img2img("lat", picture, strength=0.5, num_inference_steps=4, seed=1)
+    assert (redrawn.images[0].width, redrawn.images[0].height) == (8, 24)
+    keep = np.ones((24, 8), dtype=bool)
+    keep[12:] = False
+    painted = client.inpaint("pix", picture, keep, num_inference_steps=4, seed=1)
+    result = pixels(client.download_images(painted)[0])
+    assert result.shape == (24, 8, 3)
+    assert np.abs(result[keep] - np.asarray(picture, np.int16)[keep]).max() <= 1
     with pytest.raises(ValidationError) as caught:
         client.generate("pix", height=15)
     assert (caught.value.code, caught.value.param) == ("image_size_not_multiple", "height")

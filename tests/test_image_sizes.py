@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddserve.requests import GenerateBody
+from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
 from ddserve.settings import Settings
 from models.catalog import load_catalog
 from models.diffusers_format.entries import down_factor, unet_down_factor
@@ -32,7 +32,7 @@ from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import Sample
 from service.errors import ApiError
 from service.normalize import RequestNormalizer
-from service.openai_schemas import ImageGenerationBody, generate_body
+from service.openai_schemas import ImageGenerationBody, check_size, generate_body
 from service.uploads import UploadLimits
 from tests import specs
 from tests.worker_doubles import MemoryFeed, MemoryStorage, MemoryTicket
@@ -62,7 +62,11 @@ def normalizer(catalog: dict[str, Any], **kw: Any) -> RequestNormalizer:
 
 def zoo_model_of(catalog: dict[str, Any]) -> str:
     """A zoo diffusion model (a ddserve card: one size)."""
-    return next(n for n, e in catalog.items() if e.format == "ddserve" and "generate" in e.tasks)
+    return next(
+        n
+        for n, e in catalog.items()
+        if e.format == "ddserve" and "generate" in e.tasks and e.schedule
+    )
 
 
 def rejected(normalizer: RequestNormalizer, **body: Any) -> ApiError:
@@ -133,10 +137,64 @@ def test_the_openai_size_maps_onto_height_and_width(catalog: dict[str, Any]) -> 
     bad = generate_body(ImageGenerationBody(prompt="", size="18x16"), catalog["ldm"], False)
     error = rejected(gate, **bad)
     assert error.code == "image_size_not_multiple" and error.param == "width"
+    check_size("8x24", catalog["ldm"], (8, 24))  # an edit: its image's size (width, height)
+    with pytest.raises(ApiError) as edit:
+        check_size("16x16", catalog["ldm"], (8, 24))
+    assert edit.value.code == "unsupported_size" and "8x24" in edit.value.message
     zoo_model = zoo_model_of(catalog)
     with pytest.raises(ApiError) as fixed:
         generate_body(ImageGenerationBody(prompt="", size="1024x1024"), catalog[zoo_model], False)
     assert fixed.value.code == "unsupported_size" and fixed.value.status == 400
+
+
+def png(height: int, width: int, mode: str = "RGB", seed: int = 0) -> str:
+    """A random base64 PNG of height × width."""
+    rng = np.random.default_rng(seed)
+    bands = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, bands), dtype=np.uint8)
+    picture = Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def size_of(data: str) -> tuple[int, int]:
+    """(height, width) of a base64 PNG."""
+    picture = Image.open(io.BytesIO(base64.b64decode(data)))
+    return picture.height, picture.width
+
+
+def keep_top(height: int, width: int) -> str:
+    """A mask keeping the top half (white) and generating the bottom (black)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[: height // 2] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask, "L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_inpaint_and_img2img_take_their_image_s_size(catalog: dict[str, Any]) -> None:
+    gate = normalizer(catalog, max_image_side=32)
+    spec = gate.img2img(Img2ImgBody(model="ldm", image=png(24, 8), seed=1))
+    assert size_of(spec.image) == (24, 8)
+    body = InpaintBody(model="ddim", image=png(24, 16), mask=keep_top(24, 16), seed=1)
+    spec = gate.inpaint(body)
+    assert size_of(spec.image) == size_of(spec.mask) == (24, 16)
+    with pytest.raises(ApiError) as caught:
+        gate.img2img(Img2ImgBody(model="ldm", image=png(18, 16), seed=1))
+    error = caught.value
+    assert (error.status, error.code, error.param) == (422, "image_size_not_multiple", "image")
+    assert error.message.startswith("image is 16×18: height 18 is not a multiple of 4")
+    with pytest.raises(ApiError) as caught:
+        gate.img2img(Img2ImgBody(model="ldm", image=png(16, 40), seed=1))
+    assert (caught.value.code, caught.value.param) == ("image_size_too_large", "image")
+    with pytest.raises(ApiError) as caught:
+        gate.inpaint(InpaintBody(model="ddim", image=png(24, 16), mask=keep_top(16, 16)))
+    assert (caught.value.code, caught.value.param) == ("wrong_image_size", "mask")
+    zoo = catalog[zoo_model_of(catalog)]
+    with pytest.raises(ApiError) as caught:  # a zoo model: its own size only, as before
+        gate.img2img(Img2ImgBody(model=zoo.name, image=png(zoo.image.height * 2, 8, "L")))
+    assert (caught.value.code, caught.value.param) == ("wrong_image_size", "image")
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -301,6 +359,37 @@ def test_a_size_the_model_cannot_make_fails_that_job_alone(pool: ModelPool) -> N
     engine.run_until_idle()
     assert isinstance(bad.error, InvalidJobRequest) and "multiples of 2" in str(bad.error)
     assert good.output is not None and not engine.sized_lanes
+
+
+def test_inpaint_and_img2img_run_at_their_image_s_size(
+    pool: ModelPool, works: dict[str, DenoiseWork]
+) -> None:
+    """An img2img of a latent model and an inpaint of a pixel model at other sizes than the
+    models' own: each in the lane of its size, as alone; the inpaint keeps its known pixels."""
+    feed = MemoryFeed()
+    common = {"num_inference_steps": 4, "seed": 3}
+    requests = [
+        specs.img2img("ldm", png(24, 8), **common),
+        specs.img2img("ldm", png(16, 16), **common),  # the model's own size
+        specs.inpaint("ddim", png(24, 16, seed=1), keep_top(24, 16), **common),
+        specs.generate("ddim", height=24, width=16, **common),  # shares the inpaint's set
+    ]
+    tickets = [feed.submit(r) for r in requests]
+    engine = make_engine(pool, feed)
+    engine.run_once()
+    assert set(engine.sized_lanes) == {("ldm", (24, 8)), ("ddim", (24, 16))}
+    assert len(engine.sized_lanes[("ddim", (24, 16))].batch) == 2
+    engine.run_until_idle()
+    sizes = [(24, 8), (16, 16), (24, 16), (24, 16)]
+    for ticket, request, size in zip(tickets, requests, sizes, strict=True):
+        assert ticket.output is not None, ticket.error
+        (record,) = ticket.output["images"]
+        assert (record["height"], record["width"]) == size
+        got = torch.stack([s.x for s in works[ticket.id].samples])
+        assert (got - alone(pool, request)).abs().max().item() <= TOLERANCE
+    (painted,) = works[tickets[2].id].samples
+    assert painted.known is not None and painted.known.shape == (3, 24, 16)
+    torch.testing.assert_close(painted.x[:, :12], painted.known[:, :12], atol=1e-6, rtol=0)
 
 
 def test_the_row_limit_scales_with_the_area() -> None:

@@ -179,7 +179,7 @@ class DiffusionModel:
     latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
     # Latent models that make other sizes (`ModelEntry.size_multiple`): a first-stage codec that
-    # decodes latents of any H × W, made on first need (the ONNX graphs have fixed spatial axes;
+    # encodes and decodes any H × W, made on first need (the ONNX graphs have fixed spatial axes;
     # `models.diffusers_format.loading.resizable_codec`).
     resizable_first_stage: Callable[[], Codec] | None = None
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
@@ -262,7 +262,15 @@ class DiffusionModel:
             return images
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
-        latents = self.first_stage.encode(images.numpy().astype(np.float32))["latents"]
+        codec = self.first_stage
+        if tuple(images.shape[-2:]) != self.image_size:  # another size than the model's own
+            if self.resizable_first_stage is None:
+                raise RuntimeError(
+                    f"latent model {self.name!r} encodes {self.image_size} images only, not "
+                    f"{tuple(images.shape[-2:])}"
+                )
+            codec = self.resizable_first_stage()
+        latents = codec.encode(images.numpy().astype(np.float32))["latents"]
         if latents is None:
             raise RuntimeError(f"the first stage of latent model {self.name!r} gave no latents")
         z = torch.from_numpy(np.asarray(latents, dtype=np.float32))  # [N, c, h, w]
