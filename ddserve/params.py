@@ -203,7 +203,8 @@ ImagePng = Annotated[
     Field(
         min_length=1,
         description="base64 PNG of the model's size (grayscale or RGB; alpha is composited on "
-        "white)",
+        "white); /inpaint and /img2img on a model with a `size_multiple` also take the sizes "
+        "/generate's height and width take, and run at the image's size",
     ),
 ]
 MaskPng = Annotated[
