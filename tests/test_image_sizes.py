@@ -351,6 +351,33 @@ def test_out_of_memory_in_one_size_splits_that_size_only(
         assert (got - alone(pool, request)).abs().max().item() <= TOLERANCE
 
 
+def test_a_full_lane_of_another_size_stops_the_queue_reading(pool: ModelPool) -> None:
+    """As a lane reads its queue only while its running set has room its waiting jobs cannot use,
+    the model's queue is not read past a job waiting in another size's lane: a worker does not
+    hoard jobs it cannot run yet (others may take them)."""
+    feed = MemoryFeed()
+    full = feed.submit(job("ddim", 1, (24, 16), n=4))  # the 4 rows of a call
+    blocked = feed.submit(job("ddim", 2, (24, 16)))
+    later = [feed.submit(job("ddim", 3, (24, 16))), feed.submit(job("ddim", 4))]
+    engine = Engine(
+        pool,
+        ["ddim"],
+        feed,
+        MemoryStorage(),
+        BatchingPolicy(max_batch=4),
+        clock=Clock(),
+        sleep=lambda _s: None,
+    )
+    for _ in range(3):  # rounds while the 24×16 call is full: nothing more is taken
+        engine.admit()
+        assert feed.taken == [full.id, blocked.id] and len(feed.queues["ddim"]) == 2
+        assert engine.sized_lanes[("ddim", (24, 16))].waiting
+        engine.step()
+    engine.run_until_idle()
+    assert all(t.output is not None for t in (full, blocked, *later))
+    assert feed.taken == [full.id, blocked.id, *(t.id for t in later)]
+
+
 def test_a_size_the_model_cannot_make_fails_that_job_alone(pool: ModelPool) -> None:
     feed = MemoryFeed()
     bad = feed.submit(job("ddim", 1, (17, 16)))  # a spec from elsewhere: no multiple of 2

@@ -135,8 +135,8 @@ class Ticket(Protocol):
     def cancel(self) -> None: ...
 
 
-# Hands a ticket of another image size to that size's lane; True if it can take more this round.
-Divert = Callable[["Ticket", tuple[int, int]], bool]
+# Hands a ticket of another image size to that size's lane.
+Divert = Callable[["Ticket", tuple[int, int]], None]
 
 
 class JobFeed(Protocol):
@@ -311,11 +311,14 @@ class DenoiseLane:
         *,
         size: tuple[int, int] | None = None,
         divert: Divert | None = None,
+        others_waiting: Callable[[], bool] | None = None,
     ) -> None:
         """`size`: (height, width) of this lane's images (default: the model's own). The lane of
         the model's own size reads the model's queue and hands a ticket of another size to
-        `divert` (the engine's lane of that size); a lane of another size (`divert` None) reads
-        no queue and holds only what it is handed."""
+        `divert` (the engine's lane of that size), and reads no further while `others_waiting`
+        (a lane of another size holds samples its running set has no room for: as for its own
+        waiting samples, more jobs would only wait); a lane of another size (`divert` None)
+        reads no queue and holds only what it is handed."""
         self.model = model
         self.feed = feed
         self.storage = storage
@@ -323,8 +326,8 @@ class DenoiseLane:
         self.size = size or model.image_size
         self.sample_shape = model.sample_shape_at(*self.size)  # (C, h, w) of its samples' x_t
         self.divert = divert
+        self.others_waiting = others_waiting
         self.reads_queue = size is None or size == model.image_size
-        self._diverted_to_full_lane = False  # the last ticket taken went to a lane now full
         # Rows per call: max_batch, lowered to what the device holds (`workers.memory_budget`:
         # measured at load — scaled by the area for another size — then lowered again by any
         # call that still runs out of memory).
@@ -387,7 +390,7 @@ class DenoiseLane:
             _end(ticket.fail, exc, self.stats, "failed")
             return
         if size != self.size and self.divert is not None:
-            self._diverted_to_full_lane = not self.divert(ticket, size)
+            self.divert(ticket, size)
             return
         self._hold(ticket)
 
@@ -402,21 +405,25 @@ class DenoiseLane:
 
     def _take_one(self) -> bool:
         """Take one ticket from the model's queue (only the lane of the model's own size reads
-        it); False when none came, or it went to another size's lane that has no more room."""
-        if not self.reads_queue:
+        it, and not while a lane of another size has samples waiting); False when none came."""
+        if not self.reads_queue or (self.others_waiting is not None and self.others_waiting()):
             return False
         ticket = self.feed.take(self.name)
         if ticket is None:
             return False
-        self._diverted_to_full_lane = False
         self.accept(ticket)
-        return not self._diverted_to_full_lane
+        return True
 
-    def take_diverted(self, ticket: Ticket) -> bool:
-        """A ticket of this lane's size, taken from the queue by the model's own lane: held and
-        admitted at once where the running set has room; True if this lane can take more now."""
+    def take_diverted(self, ticket: Ticket) -> None:
+        """A ticket of this lane's size, taken from the queue by the model's own lane: held, and
+        admitted at once where the running set has room."""
         self.accept(ticket)
-        return not self._admit() and self.admission.admits_into(self.batch.rows)
+        self._admit()
+
+    @property
+    def waiting(self) -> bool:
+        """Samples are held that the running set has no room for yet."""
+        return any(job.pending for job in self.jobs.values())
 
     # --- admission ------------------------------------------------------------------------------
     def _admit(self) -> bool:
@@ -827,6 +834,7 @@ class Engine:
                     sleep,
                     self._store_threads,
                     divert=functools.partial(self._divert, name),
+                    others_waiting=functools.partial(self._sizes_waiting, name),
                 )
             else:
                 self.lanes[name] = CodecLane(model, feed, storage, self.stats)
@@ -834,10 +842,13 @@ class Engine:
     def _every_lane(self) -> list[Lane]:
         return [*self.lanes.values(), *self.sized_lanes.values()]
 
-    def _divert(self, name: str, ticket: Ticket, size: tuple[int, int]) -> bool:
+    def _sizes_waiting(self, name: str) -> bool:
+        """A lane of model `name` at another size holds samples waiting for room."""
+        return any(lane.waiting for (model, _), lane in self.sized_lanes.items() if model == name)
+
+    def _divert(self, name: str, ticket: Ticket, size: tuple[int, int]) -> None:
         """A ticket of model `name` at another image size than the model's own: to the lane of
-        that size, made on demand (its samples cannot share the own size's tensors); True if that
-        lane can take more this round."""
+        that size, made on demand (its samples cannot share the own size's tensors)."""
         lane = self.sized_lanes.get((name, size))
         if lane is None:
             own = self.lanes[name]
@@ -855,7 +866,7 @@ class Engine:
             )
             self.sized_lanes[(name, size)] = lane
             log.info("model %s: a running set for %d×%d images", name, size[1], size[0])
-        return lane.take_diverted(ticket)
+        lane.take_diverted(ticket)
 
     @property
     def idle(self) -> bool:
