@@ -112,50 +112,44 @@ class RequestNormalizer:
         size = (own_h if height is None else height, own_w if width is None else width)
         if size == (own_h, own_w):
             return size
-        try:
-            return self._other_size(entry, size)
-        except ApiError as error:
-            if source is None:
-                raise
-            message = f"{source} is {size[1]}×{size[0]}: {error.message}"
-            raise _invalid(error.code, message, source) from None
+        # An input image's errors name the image; a request's name the side at fault.
+        prefix = f"{source} is {size[1]}×{size[0]}: " if source else ""
 
-    def _other_size(self, entry: ModelEntry, size: tuple[int, int]) -> tuple[int, int]:
-        own_h, own_w = entry.image.height, entry.image.width
-        param = "height" if size[0] != own_h else "width"
+        def param(side: str) -> str:
+            return source or side
+
         multiple = entry.size_multiple
         if multiple is None:
             raise _invalid(
                 "fixed_image_size",
-                f"model {entry.name!r} makes {own_w}×{own_h} images only (height {own_h}, width "
-                f"{own_w}); leave height and width out",
-                param,
+                f"{prefix}model {entry.name!r} makes {own_w}×{own_h} images only (height {own_h}, "
+                f"width {own_w}); leave height and width out",
+                param("height" if size[0] != own_h else "width"),
             )
-        for name, value in (("height", size[0]), ("width", size[1])):
+        for side, value, own in (("height", size[0], own_h), ("width", size[1], own_w)):
             if value % multiple:
                 lower = max(multiple, value // multiple * multiple)
                 raise _invalid(
                     "image_size_not_multiple",
-                    f"{name} {value} is not a multiple of {multiple}, model {entry.name!r}'s "
-                    f"size_multiple (its first stage and UNet divide the sides by it): use "
-                    f"{lower} or {lower + multiple}",
-                    name,
+                    f"{prefix}{side} {value} is not a multiple of {multiple}, model "
+                    f"{entry.name!r}'s size_multiple (its first stage and UNet divide the sides "
+                    f"by it): use {lower} or {lower + multiple}",
+                    param(side),
                 )
-            own = own_h if name == "height" else own_w
             if value > self.max_image_side and value != own:
                 raise _invalid(
                     "image_size_too_large",
-                    f"{name} {value} is over this service's limit of {self.max_image_side} "
-                    f"pixels a side (DDSERVE_MAX_IMAGE_SIDE; model {entry.name!r}'s own size "
-                    f"{own_w}×{own_h} is always allowed)",
-                    name,
+                    f"{prefix}{side} {value} is over this service's limit of "
+                    f"{self.max_image_side} pixels a side (DDSERVE_MAX_IMAGE_SIDE; model "
+                    f"{entry.name!r}'s own size {own_w}×{own_h} is always allowed)",
+                    param(side),
                 )
         if size[0] * size[1] > self.limits.max_image_pixels:
             raise _invalid(
                 "image_size_too_large",
-                f"{size[1]}×{size[0]} is {size[0] * size[1]} pixels, over this service's limit of "
-                f"{self.limits.max_image_pixels} (DDSERVE_MAX_IMAGE_PIXELS)",
-                param,
+                f"{prefix}{size[1]}×{size[0]} is {size[0] * size[1]} pixels, over this service's "
+                f"limit of {self.limits.max_image_pixels} (DDSERVE_MAX_IMAGE_PIXELS)",
+                param("height" if size[0] != own_h else "width"),
             )
         return size
 
