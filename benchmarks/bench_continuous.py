@@ -55,7 +55,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,8 @@ import httpx
 import torch
 from redis import Redis
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: this checkout
+from benchmarks.support import free_port, random_ddpm_zoo
 from ddserve.params import KARRAS_SAMPLERS, NO_GUIDANCE, ORDER_SAMPLERS, SAMPLERS
 from ddserve.settings import Settings
 from ddserve.spec import GenerateSpec
@@ -505,12 +506,6 @@ def start_redis(workdir: Path, cpus: set[int] | None) -> tuple[subprocess.Popen,
     return process, url
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(
     args: list[str], env: dict[str, str], log: Path, cpus: set[int] | None = None
 ) -> subprocess.Popen:
@@ -706,27 +701,7 @@ def prepare_zoo(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     the digits-ddpm recipe (serving speed does not depend on the weights' values)."""
     if not args.synthetic:
         return Path(args.zoo), args.model
-    from models.nets.unet import UNet, UNetConfig
-    from models.registry import WEIGHTS_FILE, save_weights, write_entry
-
-    recipe = json.loads((ROOT / "models" / "recipes" / "digits-ddpm.json").read_text())
-    unet = recipe["unet"] | json.loads(args.unet or "{}")
-    torch.manual_seed(0)
-    net = UNet(UNetConfig.from_dict(unet))
-    zoo = workdir / "zoo"
-    folder = zoo / "bench-ddpm"
-    folder.mkdir(parents=True)
-    save_weights(net, folder / WEIGHTS_FILE)
-    entry = dict(recipe["entry"])
-    entry.pop("classifier", None)
-    entry.update(
-        name="bench-ddpm",
-        dataset="digits",
-        schedule=recipe["schedule"],
-        network={"unet": unet},
-        files={"weights": WEIGHTS_FILE},
-    )
-    write_entry(folder, entry)
+    zoo = random_ddpm_zoo(workdir / "zoo", "bench-ddpm", json.loads(args.unet or "{}"))
     return zoo, "bench-ddpm"
 
 

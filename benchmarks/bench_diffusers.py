@@ -65,8 +65,8 @@ from typing import Any
 import httpx
 import torch
 
-from benchmarks.bench_continuous import free_port, start, stop, thread_env, wait_for
-from benchmarks.bench_http import cleanup_redis
+from benchmarks.bench_continuous import start, stop, thread_env, wait_for
+from benchmarks.support import cleanup_redis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -30,21 +30,30 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.support import (
+    HOST,
+    ROOT,
+    cleanup_redis,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    stop_all,
+    wait_healthy,
+)
+
 MODELS = {"timeout": "bench-wait-a", "finish": "bench-wait-b"}
-HOST = "127.0.0.1"
 
 
 def write_zoo(root: Path) -> Path:
@@ -65,18 +74,6 @@ def write_zoo(root: Path) -> Path:
         }
         (folder / "config.json").write_text(json.dumps(entry))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -193,17 +190,28 @@ async def hold(
 # --- phases ------------------------------------------------------------------------------------
 
 
-async def phase_idle(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
-    """The baseline: nothing held, only the /healthz probe, for `--hold-s`."""
-    cpu_start = cpu_seconds(pid)
+async def probed(port: int, pid: int, during: Awaitable[Any]) -> tuple[list[float], float]:
+    """Await `during` while `/healthz` is probed every 100 ms: the probes' latencies (s) and the
+    gateway's CPU seconds in the window."""
+    cpu_start = cpu_seconds(pid) or 0.0
     stop = asyncio.Event()
     probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.sleep(args.hold_s)
+    await during
     stop.set()
     healthz = await probe
-    cpu = cpu_seconds(pid) - cpu_start
+    return healthz, (cpu_seconds(pid) or 0.0) - cpu_start
+
+
+def latencies_ms(latencies: list[float]) -> dict[str, float]:
+    """`percentiles` of latencies in seconds, in milliseconds (the count as it is)."""
+    return {k: v * 1000 if k != "n" else v for k, v in percentiles(latencies).items()}
+
+
+async def phase_idle(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+    """The baseline: nothing held, only the /healthz probe, for `--hold-s`."""
+    healthz, cpu = await probed(port, pid, asyncio.sleep(args.hold_s))
     return {
-        "healthz_ms": {k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()},
+        "healthz_ms": latencies_ms(healthz),
         "gateway_cpu_s_per_minute": cpu * 60 / args.hold_s,
     }
 
@@ -213,15 +221,9 @@ async def phase_timeout(args: argparse.Namespace, port: int, pid: int) -> dict[s
     t0 = time.monotonic()
     held, tasks = await hold(port, args.redis_url, args.prefix, model, args.n, args.wait)
     held_s = time.monotonic() - t0
-    cpu_start = cpu_seconds(pid)
     window_start = time.monotonic()
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.gather(*tasks)  # every request times out
-    stop.set()
-    healthz = await probe
+    healthz, cpu = await probed(port, pid, asyncio.gather(*tasks))  # every request times out
     window_s = time.monotonic() - window_start
-    cpu = cpu_seconds(pid) - cpu_start
     # From the job's creation (its enqueue in the gateway, after the request waited its turn to be
     # read) to the answer, less the wait asked for.
     late = [
@@ -236,7 +238,7 @@ async def phase_timeout(args: argparse.Namespace, port: int, pid: int) -> dict[s
         "answered": sum(1 for h in held if h.status == 202),
         "errors": [h.error for h in held if h.error][:5],
         "answered_late_s": percentiles(late),
-        "healthz_ms": {k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()},
+        "healthz_ms": latencies_ms(healthz),
         "window_s": window_s,
         "gateway_cpu_s": cpu,
         "gateway_cpu_s_per_minute": cpu * 60 / window_s,
@@ -277,22 +279,15 @@ async def phase_finish(args: argparse.Namespace, port: int, pid: int) -> dict[st
     line = await asyncio.to_thread(finisher.stdout.readline)  # every job started
     if line.strip() != "ready":
         raise RuntimeError(f"the finisher failed: {line!r}")
-    cpu_start = cpu_seconds(pid)
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    await asyncio.sleep(args.hold_s)
-    stop.set()
-    healthz = await probe
-    hold_cpu = cpu_seconds(pid) - cpu_start
-    cpu_start = cpu_seconds(pid)
-    stop = asyncio.Event()
-    probe = asyncio.create_task(probe_healthz(port, stop))
-    finisher.stdin.write("go\n")
-    finisher.stdin.flush()
-    await asyncio.gather(*tasks)
-    stop.set()
-    healthz_finishing = await probe
-    finish_cpu = cpu_seconds(pid) - cpu_start
+    healthz, hold_cpu = await probed(port, pid, asyncio.sleep(args.hold_s))
+
+    async def finish_all() -> None:
+        assert finisher.stdin is not None
+        finisher.stdin.write("go\n")
+        finisher.stdin.flush()
+        await asyncio.gather(*tasks)
+
+    healthz_finishing, finish_cpu = await probed(port, pid, finish_all())
     await asyncio.to_thread(finisher.wait, 120)
     finished = json.loads(times_file.read_text())
     delays = [  # of the requests answered with their finished job (not timed out first)
@@ -311,12 +306,8 @@ async def phase_finish(args: argparse.Namespace, port: int, pid: int) -> dict[st
         "finishing_span_s": span,
         "round": args.round,
         "hold_s": args.hold_s,
-        "healthz_ms_while_held": {
-            k: v * 1000 if k != "n" else v for k, v in percentiles(healthz).items()
-        },
-        "healthz_ms_while_finishing": {
-            k: v * 1000 if k != "n" else v for k, v in percentiles(healthz_finishing).items()
-        },
+        "healthz_ms_while_held": latencies_ms(healthz),
+        "healthz_ms_while_finishing": latencies_ms(healthz_finishing),
         "gateway_cpu_s_while_held": hold_cpu,
         "gateway_cpu_s_per_minute_held": hold_cpu * 60 / args.hold_s,
         "gateway_cpu_s_finishing": finish_cpu,
@@ -362,40 +353,6 @@ def run_finisher(args: argparse.Namespace) -> None:
 PHASES = {"idle": phase_idle, "timeout": phase_timeout, "finish": phase_finish}
 
 
-def cleanup_redis(redis_url: str, prefix: str) -> None:
-    """Delete this run's keys: its prefix's, and its jobs' (RQ's job keys carry no prefix)."""
-    from redis import Redis
-
-    connection = Redis.from_url(redis_url)
-    job_keys = [k for k in connection.scan_iter(match="rq:job:*", count=1000) if k.count(b":") == 2]
-    pipe = connection.pipeline(transaction=False)
-    for key in job_keys:
-        pipe.hget(key, "origin")
-    ours = [
-        key.decode()[len("rq:job:") :]
-        for key, origin in zip(job_keys, pipe.execute(), strict=True)
-        if origin is not None and origin.decode().startswith(f"{prefix}:")
-    ]
-    keys = list(connection.scan_iter(match=f"*{prefix}*", count=1000))
-    for job_id in ours:
-        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:executions:{job_id}"]
-    for start in range(0, len(keys), 500):
-        connection.delete(*keys[start : start + 500])
-
-
-def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the gateway exited")
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the gateway did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="held requests per phase")
@@ -424,25 +381,23 @@ def main() -> None:
     if limit < needed:
         raise SystemExit(f"--n {args.n} needs {needed} file descriptors; the limit is {limit}")
 
+    if cpu_seconds(os.getpid()) is None:
+        raise SystemExit("needs Linux /proc to read the gateway's CPU time")
     args.prefix = f"bench-{uuid.uuid4().hex[:8]}"
     scratch = Path(tempfile.mkdtemp(prefix="bench-held-"))
     zoo = write_zoo(scratch / "zoo")
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(args.gateway_root),
-        "DDSERVE_REDIS_URL": args.redis_url,
-        "DDSERVE_KEY_PREFIX": args.prefix,
-        "DDSERVE_ZOO_DIR": str(zoo),
-        "DDSERVE_MODELS": ",".join(MODELS.values()),
-        "DDSERVE_STORAGE_DIR": str(scratch / "images"),
-        "DDSERVE_AUTH_ENABLED": "false",
-        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DDSERVE_MAX_QUEUE_LENGTH": str(10 * args.n),
-        "DDSERVE_MAX_WAIT_S": str(args.wait),
-        "DDSERVE_SIGNING_SECRET": "bench",
-        "DDSERVE_LOG_LEVEL": "WARNING",
-    }
+    env = gateway_env(
+        args.redis_url,
+        args.prefix,
+        zoo,
+        ",".join(MODELS.values()),
+        scratch / "images",
+        max_queue_length=10 * args.n,
+        max_wait_s=args.wait,
+        signing_secret="bench",
+    )
+    env["PYTHONPATH"] = str(args.gateway_root)
     command = [
         sys.executable,
         "-m",
@@ -468,7 +423,7 @@ def main() -> None:
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
     }
     try:
-        wait_healthy(port, gateway)
+        wait_healthy(f"http://{HOST}:{port}", process=gateway)
         for phase in args.phases:
             results[phase] = asyncio.run(PHASES[phase](args, port, gateway.pid))
             print(json.dumps({phase: results[phase]}, indent=2), flush=True)
@@ -476,11 +431,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(30)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        stop_all([gateway])
         cleanup_redis(args.redis_url, args.prefix)
 
 

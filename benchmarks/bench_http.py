@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,15 +37,21 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: this checkout
+from benchmarks.support import (
+    MODEL,
+    ROOT,
+    cleanup_redis,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    random_ddpm_zoo,
+    stop_all,
+    wait_healthy,
+    wait_ready,
+)
+
 BIN = Path(sys.executable).parent
-MODEL = "digits-ddpm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_zoo(scratch: Path) -> Path:
@@ -57,28 +61,7 @@ def prepare_zoo(scratch: Path) -> Path:
         shipped / MODEL / "weights.safetensors"
     ).exists():
         return shipped
-    import torch
-
-    from models.nets.unet import UNet, UNetConfig
-    from models.registry import WEIGHTS_FILE, save_weights, write_entry
-
-    recipe = json.loads((ROOT / "models" / "recipes" / f"{MODEL}.json").read_text())
-    torch.manual_seed(0)
-    net = UNet(UNetConfig.from_dict(recipe["unet"]))
-    zoo = scratch / "zoo"
-    folder = zoo / MODEL
-    folder.mkdir(parents=True)
-    save_weights(net, folder / WEIGHTS_FILE)
-    entry = dict(recipe["entry"])
-    entry.update(
-        name=MODEL,
-        dataset=recipe["dataset"],
-        schedule=recipe["schedule"],
-        network={"unet": net.config.to_dict()},
-        files={"weights": WEIGHTS_FILE},
-    )
-    entry.pop("classifier", None)
-    write_entry(folder, entry)
+    zoo = random_ddpm_zoo(scratch / "zoo")
     print(f"(no trained {MODEL} in the zoo: a random network of its architecture)", flush=True)
     return zoo
 
@@ -208,62 +191,6 @@ async def drain(url: str, ids: list[str], timeout_s: float = 900) -> None:
                 raise RuntimeError(f"a job did not succeed: {str(job)[:500]}")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_healthy(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the gateway did not start")
-
-
-def wait_ready(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError("the gateway and worker did not become ready")
-
-
-def cleanup_redis(redis_url: str, prefix: str) -> None:
-    """Delete every key of this run: its prefix's, and each job whose queue is ours (RQ's job,
-    result and execution keys carry no prefix)."""
-    from redis import Redis
-
-    connection = Redis.from_url(redis_url)
-    job_keys = [k for k in connection.scan_iter(match="rq:job:*", count=1000) if k.count(b":") == 2]
-    pipe = connection.pipeline(transaction=False)
-    for key in job_keys:
-        pipe.hget(key, "origin")
-    ours = [
-        key.decode()[len("rq:job:") :]
-        for key, origin in zip(job_keys, pipe.execute(), strict=True)
-        if origin is not None and origin.decode().startswith(f"{prefix}:")
-    ]
-    keys = list(connection.scan_iter(match=f"*{prefix}*", count=1000))
-    for job_id in ours:
-        # (each execution's own key expires with its TTL)
-        keys += [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:executions:{job_id}"]
-    for start in range(0, len(keys), 500):
-        connection.delete(*keys[start : start + 500])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -288,22 +215,18 @@ def main() -> None:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "DDSERVE_REDIS_URL": args.redis_url,
-        "DDSERVE_KEY_PREFIX": prefix,
-        "DDSERVE_ZOO_DIR": str(zoo),
-        "DDSERVE_MODELS": MODEL,
-        "DDSERVE_STORAGE_DIR": str(scratch / "images"),
-        "DDSERVE_AUTH_ENABLED": "false",
-        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DDSERVE_MAX_QUEUE_LENGTH": "100000",
-        "DDSERVE_MAX_BATCH": str(max(64, max(args.concurrency))),
-        "DDSERVE_DEVICE": args.device,
-        "DDSERVE_LOG_LEVEL": "WARNING",
-        "DDSERVE_PORT": str(port),
-        "OMP_NUM_THREADS": str(args.threads),
-    }
+    env = gateway_env(
+        args.redis_url,
+        prefix,
+        zoo,
+        MODEL,
+        scratch / "images",
+        max_queue_length=100000,
+        max_batch=max(64, max(args.concurrency)),
+        device=args.device,
+        port=port,
+    )
+    env["OMP_NUM_THREADS"] = str(args.threads)
     processes = [subprocess.Popen([str(BIN / "ddserve"), "serve"], env=env, cwd=ROOT)]
     rows = []
     try:
@@ -377,13 +300,7 @@ def main() -> None:
                 )
             )
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         cleanup_redis(args.redis_url, prefix)
 
 

@@ -52,18 +52,21 @@ from typing import Any
 import httpx
 
 from benchmarks.bench_held_waits import percentiles, probe_healthz
-from benchmarks.bench_http import (
+from benchmarks.bench_http import prepare_zoo
+from benchmarks.support import (
+    HOST,
     MODEL,
     ROOT,
     cleanup_redis,
     cpu_seconds,
     free_port,
-    prepare_zoo,
+    gateway_env,
+    random_ddpm_zoo,
+    stop_all,
     wait_healthy,
     wait_ready,
 )
 
-HOST = "127.0.0.1"
 PROBE_EVERY_S = 0.05
 # `python -m` from ROOT: this checkout's code (a console script would import the installed one)
 DDSERVE = [sys.executable, "-m", "ddserve.cli"]
@@ -228,30 +231,8 @@ def tiny_zoo(scratch: Path) -> Path:
     """digits-ddpm's entry (classes, schedule, samplers, defaults) on a tiny random U-Net (8 base
     channels, no attention): the gateway's work per job is the same, and the worker keeps up with
     64 clients on a loaded 2-vCPU machine, so a window holds many jobs."""
-    import torch
-
-    from models.nets.unet import UNet, UNetConfig
-    from models.registry import WEIGHTS_FILE, save_weights, write_entry
-
-    recipe = json.loads((ROOT / "models" / "recipes" / f"{MODEL}.json").read_text())
-    config = dict(recipe["unet"], base_channels=8, channel_mults=[1, 2], attention_resolutions=[])
-    torch.manual_seed(0)
-    net = UNet(UNetConfig.from_dict(config))
-    zoo = scratch / "tiny-zoo"
-    folder = zoo / MODEL
-    folder.mkdir(parents=True)
-    save_weights(net, folder / WEIGHTS_FILE)
-    entry = dict(recipe["entry"])
-    entry.update(
-        name=MODEL,
-        dataset=recipe["dataset"],
-        schedule=recipe["schedule"],
-        network={"unet": net.config.to_dict()},
-        files={"weights": WEIGHTS_FILE},
-    )
-    entry.pop("classifier", None)
-    write_entry(folder, entry)
-    return zoo
+    tiny = {"base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": []}
+    return random_ddpm_zoo(scratch / "tiny-zoo", unet=tiny)
 
 
 def body(i: int, steps: int) -> dict[str, Any]:
@@ -340,13 +321,7 @@ class Stack:
         self.processes.append(subprocess.Popen(worker, env=self.env, cwd=ROOT))
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(self.processes)
 
 
 IDLE_S = 10.0  # how long each gateway's idle CPU rate is measured
@@ -432,25 +407,21 @@ def main() -> None:
 
     def stack(events: bool) -> Stack:
         prefix, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
-        env = {
-            **os.environ,
-            "DDSERVE_REDIS_URL": args.redis_url,
-            "DDSERVE_KEY_PREFIX": prefix,
-            "DDSERVE_ZOO_DIR": str(zoo),
-            "DDSERVE_MODELS": MODEL,
-            "DDSERVE_STORAGE_DIR": str(scratch / prefix),
-            "DDSERVE_AUTH_ENABLED": "false",
-            "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-            "DDSERVE_MAX_QUEUE_LENGTH": "100000",
+        env = gateway_env(
+            args.redis_url,
+            prefix,
+            zoo,
+            MODEL,
+            scratch / prefix,
+            max_queue_length=100000,
             # an open stream is an open connection: uvicorn's limit (1,000 by default) must hold them
-            "DDSERVE_MAX_CONCURRENCY": str(args.streams + 2 * args.concurrency + 100),
-            "DDSERVE_MAX_BATCH": str(max(64, args.concurrency)),
-            "DDSERVE_JOB_EVENTS": "true" if events else "false",
-            "DDSERVE_DEVICE": "cpu",
-            "DDSERVE_LOG_LEVEL": "WARNING",
-            "DDSERVE_PORT": str(port),
-            "OMP_NUM_THREADS": str(args.threads),
-        }
+            max_concurrency=args.streams + 2 * args.concurrency + 100,
+            max_batch=max(64, args.concurrency),
+            job_events="true" if events else "false",
+            device="cpu",
+            port=port,
+        )
+        env["OMP_NUM_THREADS"] = str(args.threads)
         return Stack(prefix, port, env)
 
     on, off = stack(True), stack(False)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,16 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's packages
-from bench_http import MODEL, ROOT, cleanup_redis, cpu_seconds, free_port, wait_healthy
+from benchmarks.support import (
+    MODEL,
+    ROOT,
+    cleanup_redis,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    wait_healthy,
+)
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a fixed test key (base64 of 24 bytes)
 VARIANTS = {
@@ -139,22 +145,18 @@ def main() -> None:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     ports = (free_port(), free_port())
     urls = (f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DDSERVE_REDIS_URL": args.redis_url,
-        "DDSERVE_KEY_PREFIX": prefix,
-        "DDSERVE_ZOO_DIR": str(ROOT / "models" / "zoo"),  # the gateway reads config.json only
-        "DDSERVE_MODELS": MODEL,
-        "DDSERVE_STORAGE_DIR": str(scratch / "images"),
-        "DDSERVE_SIGNING_SECRET": "bench",
-        "DDSERVE_AUTH_ENABLED": "false",
-        "DDSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DDSERVE_MAX_QUEUE_LENGTH": "1000000",
-        "DDSERVE_LOG_LEVEL": "WARNING",
-        "DDSERVE_WEBHOOK_SECRET": SECRET,
-        "DDSERVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
-    }
+    env = gateway_env(
+        args.redis_url,
+        prefix,
+        ROOT / "models" / "zoo",  # the gateway reads config.json only
+        MODEL,
+        scratch / "images",
+        signing_secret="bench",
+        max_queue_length=1000000,
+        webhook_secret=SECRET,
+        webhook_allowed_hosts="127.0.0.1,localhost",
+    )
+    env["PYTHONPATH"] = str(ROOT)
     # `python -m` from the repository root: this checkout's code, whatever the venv installed
     command = [sys.executable, "-m", "ddserve.cli", "serve", "--workers", "1"]
     gateways = [

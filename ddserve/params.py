@@ -115,8 +115,8 @@ Prompt = Annotated[
         min_length=1,
         max_length=256,
         description="words from the model's vocabulary (text-conditioned models), or any text for "
-        "an imported text pipeline (its own CLIP tokenizer: past its 77 tokens the prompt is cut, "
-        "as diffusers does); omitted: unconditional",
+        "an imported text pipeline (its own CLIP or BERT tokenizer: past its 77 tokens the prompt "
+        "is cut, as diffusers does); omitted: unconditional",
     ),
 ]
 NegativePrompt = Annotated[

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         "idle stream open; the shared reader also re-reads every open stream's job this often, for "
         "a wake-up lost while Redis was unreachable",
     )
+    sse_queue_position_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="`GET /jobs/{id}/events` of a queued job sends a new `queued` event when its "
+        "position in the queue changes, read this often for all such streams together (two Redis "
+        "round trips per pass, whatever their number); 0: the position is sent once, at connect",
+    )
     graceful_shutdown_s: float = Field(
         65.0,
         gt=0.0,

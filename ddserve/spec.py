@@ -80,7 +80,7 @@ class _Conditioned(_Spec):
     class_label: ClassLabel | None = None
     prompt: Prompt | None = None
     # Tokenized once, by the gateway, for models of word vocabularies; None for a model with its
-    # own tokenizer (`Conditioning.tokenizer == "clip"`), whose worker encodes the prompt's text.
+    # own tokenizer (`models.catalog.encodes_own_prompts`), whose worker encodes the prompt's text.
     prompt_tokens: PromptTokens | None = None
     negative_prompt: NegativePrompt | None = None  # the unconditional row's prompt (∅ if None)
     negative_prompt_tokens: PromptTokens | None = None  # tokenized like the prompt

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.catalog import ModelEntry
+from models.catalog import AUTOENCODER_KINDS, ModelEntry
 from models.nets.unet import UNet, UNetConfig
 
 
@@ -37,18 +37,7 @@ BUILDERS: dict[str, Callable[[ModelEntry], nn.Module]] = {
     "latent-diffusion": _unet,
     "classifier": _classifier,
     "noisy-classifier": _noisy_classifier,
-    **dict.fromkeys(
-        [
-            "autoencoder",
-            "denoising-autoencoder",
-            "sparse-autoencoder",
-            "vae",
-            "adversarial-autoencoder",
-            "vqvae",
-            "kl-autoencoder",
-        ],
-        _autoencoder,
-    ),
+    **dict.fromkeys(AUTOENCODER_KINDS, _autoencoder),
 }
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,9 +38,7 @@ DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
 CARD_FILE = "config.json"  # a ddserve card
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline
 
-ModelKind = Literal[
-    "diffusion",  # pixel-space DDPM/DDIM
-    "latent-diffusion",  # diffusion on a first-stage autoencoder's latents
+AutoencoderKind = Literal[
     "autoencoder",
     "denoising-autoencoder",
     "sparse-autoencoder",
@@ -48,6 +46,12 @@ ModelKind = Literal[
     "adversarial-autoencoder",
     "vqvae",
     "kl-autoencoder",  # the first stage of latent diffusion
+]
+AUTOENCODER_KINDS: tuple[str, ...] = get_args(AutoencoderKind)  # the one list of them
+ModelKind = Literal[
+    "diffusion",  # pixel-space DDPM/DDIM
+    "latent-diffusion",  # diffusion on a first-stage autoencoder's latents
+    AutoencoderKind,
     "noisy-classifier",  # f_φ(y | x_t, t), for classifier guidance
     "classifier",  # evaluation classifier (features for FID, accuracy)
 ]
@@ -63,18 +67,36 @@ class ImageSpec(BaseModel):
 
 class Conditioning(BaseModel):
     """`class`: a label index in `classes`; `text`: a prompt, tokenized by the gateway into words
-    of `vocabulary` (the zoo's tokenizer), or by the worker with the model's own CLIP tokenizer
-    (`tokenizer: "clip"`, diffusers pipelines: the gateway passes the prompt string)."""
+    of `vocabulary` (the zoo's tokenizer, `tokenizer: "words"`), or by the worker with the model's
+    own tokenizer and text encoder (diffusers pipelines, `OWN_TOKENIZERS`: `"clip"` for
+    StableDiffusionPipeline, `"bert"` for LDMTextToImagePipeline's LDMBert; the gateway passes the
+    prompt string)."""
 
     type: Literal["class", "text"]
     classes: list[str] | None = None
     vocabulary: list[str] | None = None  # index 0 is padding (∅), never a prompt word
     context_len: int | None = None
-    tokenizer: Literal["words", "clip"] = "words"
+    tokenizer: Literal["words", "clip", "bert"] = "words"
+    # Whether a text model takes a negative_prompt (a prompt in place of ∅ in guidance); a
+    # pipeline whose own `__call__` has none (LDMTextToImagePipeline) refuses it.
+    negative_prompt: bool = True
     # Whether the network has a ∅ condition (trained with condition dropout): it then samples
     # without a condition and takes classifier-free guidance. A diffusers class-conditional
     # UNet2DModel has none: every request names a class_label.
     has_null: bool = True
+
+
+OWN_TOKENIZERS = ("clip", "bert")  # the worker tokenizes and encodes the prompt's text itself
+
+
+def encodes_own_prompts(conditioning: Conditioning | None) -> bool:
+    """A text model whose worker tokenizes and encodes prompts with its own tokenizer and text
+    encoder (diffusers text pipelines): its specs carry the prompt's text, no tokens."""
+    return (
+        conditioning is not None
+        and conditioning.type == "text"
+        and conditioning.tokenizer in OWN_TOKENIZERS
+    )
 
 
 class ScheduleSpec(BaseModel):

@@ -121,7 +121,12 @@ def build_state(
         idempotency=IdempotencyStore(connection, settings.key_prefix, settings.idempotency_ttl_s),
         telemetry=Telemetry(store),
         waiter=JobWaiter(store, connection, settings.wait_poll_s),
-        events=EventHub(connection, settings.key_prefix, settings.sse_heartbeat_s),
+        events=EventHub(
+            connection,
+            settings.key_prefix,
+            settings.sse_heartbeat_s,
+            position_s=settings.sse_queue_position_s,
+        ),
         webhooks=WebhookTargets(settings),
     )
 

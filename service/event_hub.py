@@ -21,6 +21,11 @@ does the Redis work for all of them:
 - **the safety pass**: pub/sub is at-most-once, so every `safety_s` (and after each
   (re)subscription) every listened job is marked dirty; a lost hint delays an event until then,
   never loses it (the stream keeps it).
+- **the position pass** (`_positions`): every `position_s`, the jobs followed while still queued
+  have their status and queue read together — two pipelined round trips for all of them — and
+  each listener whose job moved up its queue gets a `QueuePosition`. Queues move without any
+  event of the job itself (others' jobs are taken), so this is polled, not hinted; it stops for
+  a listener at its job's first stream entry (`started`).
 
 Why not one blocking XREAD per open stream: 1,000 streams would hold 1,000 Redis connections (or
 threads); why not a blocking XREAD over all of them: the set of streams changes at every connect,
@@ -41,9 +46,10 @@ from typing import Any
 import redis
 import redis.asyncio
 from rq.job import Job
+from rq.queue import Queue
 
 from ddserve.job_events import StreamEvent, decode_entry, stream_key, updated_ids
-from ddserve.jobs import TERMINAL, public_status
+from ddserve.jobs import TERMINAL, JobStatus, public_status
 from ddserve.notifications import JobEvent, channel, decode_message
 from service.waiter import (
     LISTEN_TIMEOUT_S,
@@ -62,12 +68,20 @@ log = logging.getLogger("ddserve.events")
 READ_CHUNK = 50
 YIELD_EVERY = 50  # pub/sub messages handled before letting other tasks run (a burst is buffered)
 FINISHED = object()  # put on a listener's queue after its job's last entries: the job ended
+POSITION_CHUNK = 500  # queued jobs per position pipeline
 UNSUBSCRIBE_AFTER_S = 10.0  # the subscription outlives the last open stream this long
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Put on a listener's queue: its job, still queued, is now `position` jobs from the head."""
+
+    position: int
 
 
 @dataclass(eq=False)
@@ -78,6 +92,9 @@ class Listener:
     job_id: str
     cursor: str = "0-0"
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    # The queue position last given to it; None: its job is not (or no longer) followed in its
+    # queue (it was not queued at connect, or its first stream entry came).
+    position: int | None = None
     finished: bool = False
 
 
@@ -85,10 +102,19 @@ class EventHub:
     """See the module docstring. One per app (`AppState.events`); `start()` binds it to the
     running loop (the lifespan, or the first listener), `stop()` ends its tasks."""
 
-    def __init__(self, connection: redis.Redis, prefix: str, safety_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        prefix: str,
+        safety_s: float = 15.0,
+        position_s: float = 2.0,
+    ) -> None:
+        """`position_s`: how often queued jobs' positions are read (0: never, after connect)."""
         self.connection = connection
         self.prefix = prefix
         self.safety_s = safety_s
+        self.position_s = position_s
+        self._queued: set[str] = set()  # jobs with a listener following its queue position
         self.channels = [channel(prefix, JobEvent.UPDATED), channel(prefix, JobEvent.FINISHED)]
         self._listeners: dict[str, set[Listener]] = {}
         self._dirty: set[str] = set()
@@ -119,6 +145,8 @@ class EventHub:
             loop.create_task(self._listen(), name="ddserve-events-subscription"),
             loop.create_task(self._read(), name="ddserve-events-reader"),
         ]
+        if self.position_s > 0:
+            self._tasks.append(loop.create_task(self._positions(), name="ddserve-events-queue"))
 
     async def stop(self) -> None:
         """End the tasks; open listeners get FINISHED (their streams end with the job as it is)."""
@@ -137,11 +165,14 @@ class EventHub:
                 self._finish(listener)
 
     # --- listeners ------------------------------------------------------------------------------
-    def listen(self, job_id: str, cursor: str = "0-0") -> Listener:
-        """A listener for the job's entries after `cursor` (its backlog comes first)."""
+    def listen(self, job_id: str, cursor: str = "0-0", position: int | None = None) -> Listener:
+        """A listener for the job's entries after `cursor` (its backlog comes first); with the
+        `position` of a queued job (already sent to the client), also its later positions."""
         self.start()
-        listener = Listener(job_id, cursor)
+        listener = Listener(job_id, cursor, position=position)
         self._listeners.setdefault(job_id, set()).add(listener)
+        if position is not None:
+            self._queued.add(job_id)
         self._mark(job_id)
         assert self._wanted is not None
         self._wanted.set()
@@ -153,6 +184,7 @@ class EventHub:
             group.discard(listener)
             if not group:
                 del self._listeners[listener.job_id]
+                self._queued.discard(listener.job_id)
         if not self._listeners and self._wanted is not None:
             self._wanted.clear()  # the subscription ends UNSUBSCRIBE_AFTER_S from now
 
@@ -276,9 +308,53 @@ class EventHub:
                 mine = [e for e in events if _entry_key(e.entry_id) > _entry_key(listener.cursor)]
                 if mine:
                     listener.cursor = mine[-1].entry_id
+                    listener.position = None  # it started: no position after its first entry
                     listener.queue.put_nowait(mine)
                 if ended:
                     self._finish(listener)
+
+    # --- the position pass ----------------------------------------------------------------------
+    async def _positions(self) -> None:
+        while True:
+            await asyncio.sleep(self.position_s)
+            queued = list(self._queued)
+            for start in range(0, len(queued), POSITION_CHUNK):
+                try:
+                    await self._read_positions(queued[start : start + POSITION_CHUNK])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis down: the next pass reads them again
+                    log.warning("queue position read failed (%s)", type(exc).__name__)
+                    break
+
+    async def _read_positions(self, job_ids: list[str]) -> None:
+        """Two round trips: every job's status and queue, then the position of those queued;
+        a job no longer queued (or no longer followed) leaves the set."""
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(Job.key_for(job_id), "status", "origin")
+        rows = await pipe.execute()
+        asked: list[str] = []
+        pipe = self._client.pipeline(transaction=False)
+        for job_id, (status, origin) in zip(job_ids, rows, strict=True):
+            followed = any(li.position is not None for li in self._listeners.get(job_id, ()))
+            if not followed or status is None or origin is None:
+                self._queued.discard(job_id)
+            elif public_status(_text(status)) != JobStatus.QUEUED:
+                self._queued.discard(job_id)  # started or ended: its stream says the rest
+            else:
+                asked.append(job_id)
+                pipe.lpos(Queue.redis_queue_namespace_prefix + _text(origin), job_id)
+        if not asked:
+            return
+        for job_id, position in zip(asked, await pipe.execute(), strict=True):
+            if position is None:
+                continue  # being taken by a worker this moment (or scheduled for a retry)
+            for listener in self._listeners.get(job_id, ()):
+                if listener.position is not None and listener.position != position:
+                    listener.position = position
+                    listener.queue.put_nowait(QueuePosition(position))
 
 
 def _text(value: bytes | str) -> str:

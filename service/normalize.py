@@ -38,7 +38,7 @@ from ddserve.spec import (
     PriorSampleSpec,
     ReconstructSpec,
 )
-from models.catalog import ModelEntry, SamplingDefaults
+from models.catalog import ModelEntry, SamplingDefaults, encodes_own_prompts
 from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
@@ -168,13 +168,17 @@ class RequestNormalizer:
         return seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
     def _sampling(
-        self, entry: ModelEntry, body: GenerateBody | InpaintBody | Img2ImgBody
+        self,
+        entry: ModelEntry,
+        body: GenerateBody | InpaintBody | Img2ImgBody,
+        default_sampler: str | None = None,
     ) -> dict[str, Any]:
-        """The sampler, its step count and options: each the body's or the card's default. The
-        solver options apply only to the samplers that take them: given for another sampler they
-        are a 422; left out, the card's default fills them for those samplers and null for others."""
+        """The sampler, its step count and options: each the body's or the default (the card's,
+        unless `default_sampler` replaces it). The solver options apply only to the samplers that
+        take them: given for another sampler they are a 422; left out, the card's default fills
+        them for those samplers and null for others."""
         d = self._defaults(entry)
-        chosen = body.sampler or d.sampler
+        chosen = body.sampler or default_sampler or d.sampler
         if entry.samplers and chosen not in entry.samplers:
             raise _invalid(
                 "unsupported_sampler",
@@ -324,6 +328,16 @@ class RequestNormalizer:
                 f"model {entry.name!r} takes no negative_prompt (it has no text conditioning)",
                 "negative_prompt",
             )
+        if not cond.negative_prompt:
+            # The pipeline's own `__call__` has no negative prompt (LDMTextToImagePipeline):
+            # refused rather than served as something diffusers cannot reproduce.
+            raise _invalid(
+                "negative_prompt_unsupported",
+                f"model {entry.name!r} ({entry.pipeline or 'its pipeline'}) takes no "
+                "negative_prompt: its pipeline guides away from the empty prompt only; leave "
+                "negative_prompt out",
+                "negative_prompt",
+            )
         if prompt is None:
             raise _invalid(
                 "negative_prompt_needs_prompt",
@@ -430,13 +444,16 @@ class RequestNormalizer:
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
         d = self._defaults(entry)
-        sampling = self._sampling(entry, body)
+        jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
+        default_sampler = None
+        if jump_n_sample > 1 and body.sampler is None and d.sampler not in REPAINT_SAMPLERS:
+            default_sampler = _resampling_sampler(entry)
+        sampling = self._sampling(entry, body, default_sampler)
         steps = sampling["num_inference_steps"]
         # The default jump is cut to the step count; an explicit one must fit.
         jump_length = (
             body.jump_length if body.jump_length is not None else min(d.jump_length, steps)
         )
-        jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
         if jump_n_sample > 1 and sampling["sampler"] not in REPAINT_SAMPLERS:
             whose = "" if body.sampler is not None else f"model {entry.name!r}'s default "
             raise _invalid(
@@ -608,12 +625,21 @@ class RequestNormalizer:
         return nested.convert(codes, int)
 
 
+def _resampling_sampler(entry: ModelEntry) -> str | None:
+    """The sampler `/inpaint` runs RePaint's jumps with when the request names none and the card's
+    default is a multistep solver (which cannot take them): DDIM — the update of diffusers'
+    `RePaintScheduler`, with the request's η — or else the first of the model's samplers that can
+    resample; None if it offers none (the request is then refused)."""
+    preferred = ("ddim", *(name for name in REPAINT_SAMPLERS if name != "ddim"))
+    offered = [name for name in preferred if not entry.samplers or name in entry.samplers]
+    return offered[0] if offered else None
+
+
 def _own_tokenizer(entry: ModelEntry) -> bool:
     """A text model whose worker tokenizes and encodes prompts itself (a diffusers pipeline's
-    CLIP tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
+    tokenizer and text encoder): the spec carries the prompt's text, no tokens. Its limits
     are the tokenizer's: a prompt past `context_len` tokens is truncated, as diffusers does."""
-    cond = entry.conditioning
-    return cond is not None and cond.type == "text" and cond.tokenizer == "clip"
+    return encodes_own_prompts(entry.conditioning)
 
 
 def _is_number(value: Any) -> bool:

@@ -1,9 +1,12 @@
 """The whole stack in this process for client, CLI and playground tests: `LocalServer` (gateway +
 batching worker thread on fakeredis + uvicorn on a loopback port) over a zoo of tiny random models —
-a class-conditional 8×8 DDPM that generates and inpaints, and an 8×8 KL autoencoder in ONNX."""
+a class-conditional 8×8 DDPM that generates and inpaints, and an 8×8 KL autoencoder in ONNX — or
+over the tiny Stable Diffusion pipeline of `tests/tiny_sd.py`, imported by `ddserve import`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,40 @@ def tiny_settings(root: Path, api_key: str | None = None, **overrides: Any) -> S
     return Settings(**fields)
 
 
-def start_stack(root: Path, api_key: str | None = None, **overrides: Any) -> LocalServer:
+def tiny_stack(root: Path, api_key: str | None = None, **overrides: Any) -> LocalServer:
+    """The stack on the tiny zoo under `root` (see `tiny_settings`), not started yet: `with
+    tiny_stack(root) as server:` starts it and stops it on the way out."""
     torch.set_num_threads(1)
-    return LocalServer(tiny_settings(root, api_key, **overrides)).start()
+    return LocalServer(tiny_settings(root, api_key, **overrides))
+
+
+@contextmanager
+def tiny_sd_stack(
+    root: Path, name: str, key_prefix: str, **overrides: Any
+) -> Iterator[tuple[LocalServer, Any]]:
+    """The tiny `StableDiffusionPipeline` (`tests/tiny_sd.py`) saved under `root/source`, imported
+    as `name` into the model repository `root/models` (no zoo), and the whole stack serving it on
+    CPU without auth; yields the started server and the pipeline (the reference to compare with),
+    and stops the server on the way out. Needs diffusers and transformers."""
+    from models.diffusers_format.importer import import_pipeline
+    from tests.tiny_sd import tiny_sd_pipeline
+
+    torch.set_num_threads(1)
+    pipe = tiny_sd_pipeline(root / "source")
+    settings = Settings(
+        redis_url=None,
+        key_prefix=key_prefix,
+        zoo_dir=root / "no-zoo",
+        model_dirs=str(root / "models"),
+        storage_dir=root / "images",
+        auth_enabled=False,
+        device="cpu",
+        log_level="WARNING",
+        **overrides,
+    )
+    target, checked = import_pipeline(
+        str(root / "source" / "pipeline"), name=name, settings=settings
+    )
+    assert target == root / "models" / name and checked.entries[0].tasks
+    with LocalServer(settings) as server:
+        yield server, pipe

@@ -1,7 +1,10 @@
-"""Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip counter."""
+"""Shared fixtures: small seeded networks, the exact noise predictor of Gaussian data, a Redis round-trip
+counter, a private corner of the real Redis (`box`), a private redis-server (`redis_server`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +14,8 @@ from redis.connection import AbstractConnection
 from models.diffusion.schedule import NoiseSchedule
 from models.nets.unet import UNet, UNetConfig
 from tests.diffusers_fixtures import pipelines_dir  # noqa: F401  (a shared session fixture)
+from tests.redis_sandbox import RedisSandbox, sandbox
+from tests.redis_server import RedisServer, redis_server_available
 from tests.tiny_zoo import randomized_unet
 
 # Tests use small tensors: one thread avoids OpenMP spin-waiting when the machine is oversubscribed.
@@ -64,3 +69,25 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     return sent
+
+
+@pytest.fixture
+def box() -> Iterator[RedisSandbox]:
+    """The test's own key prefix on the real Redis, every key it created deleted afterwards (skips
+    without a Redis server)."""
+    with sandbox() as b:
+        yield b
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) on its own loopback port, its files under the test's folder,
+    killed after the test (skips without the redis-server binary)."""
+    if not redis_server_available():
+        pytest.skip("needs redis-server")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

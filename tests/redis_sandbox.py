@@ -72,13 +72,18 @@ def sandbox() -> Iterator[RedisSandbox]:
 
 
 def wait_until(
-    predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02
-) -> None:
-    deadline = time.monotonic() + timeout
+    predicate: Callable[[], bool],
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Seconds until `predicate()` holds; AssertionError naming `what` after `timeout` seconds."""
+    started = time.monotonic()
     while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not met within {timeout} s")
         time.sleep(interval)
+    return time.monotonic() - started
 
 
 def status(job: Job) -> str:

@@ -10,8 +10,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from redis import Redis
+
+from ddserve.settings import Settings
+from tests.tiny_zoo import write_diffusion_model
 
 
 def free_port() -> int:
@@ -85,3 +89,25 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+def tiny_ddpm_settings(
+    server: RedisServer, root: Path, key_prefix: str, **overrides: Any
+) -> Settings:
+    """Settings of a gateway and worker threads on `server` serving the tiny DDPM ("tiny-ddpm",
+    written under `root/zoo`) on CPU, with a fast heartbeat (0.5 s) and progress every step, so that
+    an outage meets running jobs; `overrides` sets anything else."""
+    zoo = root / "zoo"
+    write_diffusion_model(zoo, "tiny-ddpm")
+    fields: dict[str, Any] = {
+        "redis_url": server.url,
+        "key_prefix": key_prefix,
+        "zoo_dir": zoo,
+        "storage_dir": root / "images",
+        "signing_secret": f"{key_prefix}-secret",
+        "device": "cpu",
+        "progress_every": 1,
+        "heartbeat_s": 0.5,
+        "log_level": "WARNING",
+    }
+    return Settings(**{**fields, **overrides})

@@ -8,53 +8,32 @@ even when the same worker runs both."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 from rq.job import Job, Retry
 from rq.results import Result
 
 from ddserve import recovery
 from ddserve.jobs import META_ERROR, META_PROGRESS
-from ddserve.settings import Settings
 from tests import specs
-from tests.redis_sandbox import RedisSandbox, sandbox, status
-from tests.tiny_zoo import write_diffusion_model
-from tests.worker_doubles import MemoryStorage
+from tests.redis_sandbox import RedisSandbox, status
+from tests.worker_support import MODEL, hand_worker, tiny_ddpm_pool
 from workers import rq_bridge
 from workers.model_pool import ModelPool
 from workers.rq_adaptor import WorkerJob
 from workers.worker import BatchingWorker, worker_stats_key
 
 pytestmark = pytest.mark.redis
-MODEL = "tiny-ddpm"
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    torch.set_num_threads(1)
-    zoo = tmp_path_factory.mktemp("zoo")
-    write_diffusion_model(zoo, MODEL)
-    return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
+    return tiny_ddpm_pool(tmp_path_factory.mktemp("zoo"))
 
 
 def _worker(box: RedisSandbox, pool: ModelPool, name: str = "w") -> BatchingWorker:
-    settings = Settings(
-        zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL, recovery_grace_s=0
-    )
-    worker = BatchingWorker(
-        settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-{name}"
-    )
-    box.worker_names.append(worker.name)
-    return worker
+    return hand_worker(box, pool, name, recovery_grace_s=0)
 
 
 def _take(box: RedisSandbox, worker: BatchingWorker) -> WorkerJob:

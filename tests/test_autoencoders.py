@@ -5,6 +5,7 @@ against Monte Carlo, the straight-through gradient, the DAE's corruption fractio
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -24,10 +25,19 @@ from models.autoencoders import (
 from models.autoencoders.quantizer import code_perplexity
 from models.autoencoders.sparse import sparsity_penalty
 from models.autoencoders.vae import gaussian_kl
+from models.builders import BUILDERS
+from models.catalog import AUTOENCODER_KINDS, ModelKind
 from models.data import load_dataset
 
 TINY = {"channels": [8, 16, 16]}  # small and fast; every model keeps its own other defaults
 DIGIT_KINDS = [k for k in AUTOENCODERS if k != "kl-autoencoder"]
+
+
+def test_every_model_kind_has_a_builder_and_every_autoencoder_kind_a_class() -> None:
+    """The kinds a zoo card may name (`models.catalog`) are the kinds the registry can build: one
+    list of autoencoder kinds serves the catalog, the builders and the evaluation."""
+    assert set(BUILDERS) == set(get_args(ModelKind))
+    assert list(AUTOENCODERS) == list(AUTOENCODER_KINDS)
 
 
 @pytest.fixture(autouse=True)

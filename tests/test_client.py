@@ -37,7 +37,7 @@ from ddserve.client import (
     WaitTimeout,
 )
 from ddserve.embedded import LocalServer
-from tests.client_support import CODEC, DIFFUSION, start_stack
+from tests.client_support import CODEC, DIFFUSION, tiny_stack
 
 API_KEY = "client-" + uuid.uuid4().hex
 MAX_IMAGE_BYTES = 4096
@@ -45,11 +45,10 @@ MAX_IMAGE_BYTES = 4096
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(tmp_path_factory.mktemp("client"), API_KEY, max_image_bytes=MAX_IMAGE_BYTES)
-    try:
+    with tiny_stack(
+        tmp_path_factory.mktemp("client"), API_KEY, max_image_bytes=MAX_IMAGE_BYTES
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

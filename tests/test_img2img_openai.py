@@ -16,16 +16,15 @@ from PIL import Image
 from ddserve.client import ValidationError
 from ddserve.client.sync import Client
 from ddserve.embedded import LocalServer
-from tests.client_support import CODEC, DIFFUSION, start_stack
+from tests.client_support import CODEC, DIFFUSION, tiny_stack
 
 KEY = "img2img-test-key"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(tmp_path_factory.mktemp("img2img"), api_key=KEY)
-    yield stack
-    stack.stop()
+    with tiny_stack(tmp_path_factory.mktemp("img2img"), api_key=KEY) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -21,9 +21,7 @@ from PIL import Image
 
 from ddserve.client.sync import Client
 from ddserve.embedded import LocalServer
-from ddserve.settings import Settings
-from models.diffusers_format.importer import import_pipeline
-from tests.tiny_sd import tiny_sd_pipeline
+from tests.client_support import tiny_sd_stack
 from workers.execute import image_generator
 
 diffusers = pytest.importorskip("diffusers")
@@ -34,25 +32,9 @@ NAME = "tiny-sd"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, Any]]:
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sd-img2img")
-    pipe = tiny_sd_pipeline(root / "source")
-    settings = Settings(
-        redis_url=None,
-        key_prefix="sd-img2img",
-        zoo_dir=root / "no-zoo",
-        model_dirs=str(root / "models"),
-        storage_dir=root / "images",
-        auth_enabled=False,
-        device="cpu",
-        log_level="WARNING",
-    )
-    import_pipeline(str(root / "source" / "pipeline"), name=NAME, settings=settings)
-    server = LocalServer(settings).start()
-    try:
+    with tiny_sd_stack(root, NAME, "sd-img2img") as (server, pipe):
         yield server, diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
-    finally:
-        server.stop()
 
 
 def picture() -> np.ndarray:

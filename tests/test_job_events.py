@@ -383,3 +383,52 @@ def test_the_hub_subscribes_only_while_a_stream_is_open(
     with client.stream("GET", f"/jobs/{job_id}/events", timeout=TIMEOUT_S) as response:
         text = response.read().decode()
     assert "event: started" in text and "event: succeeded" in text
+
+
+def test_a_queued_job_is_told_each_time_it_moves_up(zoo: Path, tmp_path: Path) -> None:
+    """Regression (the position was sent once, at connect): a client following the third job of
+    a queue sees `queued` with 2, then 1, then 0 as the jobs ahead of it are taken, and no
+    position after its job started."""
+    from rq.queue import Queue
+
+    app, server = make_app(zoo, tmp_path, sse_heartbeat_s=0.2, sse_queue_position_s=0.05)
+    with TestClient(app) as client:
+        redis = fakeredis.FakeRedis(server=server)
+        ahead = [submit(client), submit(client)]
+        job_id = submit(client)
+        queue = Queue(Job.fetch(job_id, connection=redis).origin, connection=redis)
+        seen: list[tuple[str, Any]] = []
+        with connect_sse(client, "GET", f"/jobs/{job_id}/events", timeout=TIMEOUT_S) as source:
+            for event in source.iter_sse():
+                seen.append((event.event, json.loads(event.data)))
+                if event.event == "queued" and ahead:
+                    queue.remove(ahead.pop(0))  # a worker took the job at the head
+                elif event.event == "queued":
+                    in_background(lambda: play_worker(redis, job_id, 1, RQStatus.FAILED))
+        positions = [data["position"] for kind, data in seen if kind == "queued"]
+        assert positions == [2, 1, 0]
+        assert [kind for kind, _ in seen[3:]] == ["started", "progress", "failed"]
+        assert not app.state.ddserve.events._queued  # nobody follows a queue any more
+
+
+def test_positions_off_means_one_queued_event(zoo: Path, tmp_path: Path) -> None:
+    from rq.queue import Queue
+
+    app, server = make_app(zoo, tmp_path, sse_heartbeat_s=0.2, sse_queue_position_s=0)
+    with TestClient(app) as client:
+        redis = fakeredis.FakeRedis(server=server)
+        first = submit(client)
+        job_id = submit(client)
+        hub = client.app.state.ddserve.events
+
+        def worker() -> None:
+            wait_until(lambda: hub.listening == 1)
+            Queue(Job.fetch(first, connection=redis).origin, connection=redis).remove(first)
+            time.sleep(0.2)
+            play_worker(redis, job_id, 1, RQStatus.FAILED)
+
+        thread = in_background(worker)
+        events = stream(client, job_id)
+        thread.join(TIMEOUT_S)
+        assert [e.event for e in events] == ["queued", "started", "progress", "failed"]
+        assert json.loads(events[0].data) == {"position": 1}

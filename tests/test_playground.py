@@ -32,7 +32,7 @@ from ddserve.embedded import LocalServer
 from models.catalog import DEFAULT_ZOO, load_catalog, read_entry
 from models.registry import write_entry
 from service.routers.playground import STATIC_DIR
-from tests.client_support import CODEC, DIFFUSION, start_stack, write_zoo
+from tests.client_support import CODEC, DIFFUSION, tiny_stack, write_zoo
 from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
 
 API_KEY = "playground-" + uuid.uuid4().hex
@@ -69,11 +69,8 @@ def write_playground_zoo(root: Path) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     root = tmp_path_factory.mktemp("playground")
     write_playground_zoo(root)
-    stack = start_stack(root, API_KEY)
-    try:
+    with tiny_stack(root, API_KEY) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,17 @@ ends `succeeded`."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from ddserve.settings import Settings
 from service.app import connect, create_app
 from service.auth import hash_key
 from tests.gateway_support import assert_error
-from tests.redis_server import RedisServer, redis_server_available
-from tests.tiny_zoo import write_diffusion_model
+from tests.redis_sandbox import wait_until
+from tests.redis_server import RedisServer, redis_server_available, tiny_ddpm_settings
 from workers.embedded import start_worker_thread
 
 pytestmark = [
@@ -30,48 +28,17 @@ KEY = "outage-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> float:
-    """Seconds until `predicate()` holds (AssertionError after timeout_s)."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def test_gateway_and_worker_ride_out_a_redis_crash(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    zoo = tmp_path / "zoo"
-    write_diffusion_model(zoo, MODEL)
-    settings = Settings(
-        redis_url=redis_server.url,
-        key_prefix="outage",
-        zoo_dir=zoo,
-        storage_dir=tmp_path / "images",
-        signing_secret="outage-secret",
-        api_keys=f"tester:{hash_key(KEY)}",
-        device="cpu",
-        progress_every=1,
-        heartbeat_s=0.5,
-        log_level="WARNING",
+    settings = tiny_ddpm_settings(
+        redis_server, tmp_path, "outage", api_keys=f"tester:{hash_key(KEY)}"
     )
     handle = start_worker_thread(settings, Redis.from_url(redis_server.url), name="outage-worker")
     try:
         assert handle.ready.wait(60) and handle.error is None, handle.error
         with TestClient(create_app(settings, connect(settings))) as client:
-            wait_for(lambda: client.get("/readyz").status_code == 200, 30, "ready")
+            wait_until(lambda: client.get("/readyz").status_code == 200, 30, 0.05, "ready")
             body = {"model": MODEL, "n": 2, "sampler": "ddpm", "num_inference_steps": 300}
             accepted = []
             for seed in range(6):
@@ -83,7 +50,7 @@ def test_gateway_and_worker_ride_out_a_redis_crash(
                 jobs = [client.get(f"/jobs/{i}", headers=AUTH).json() for i in accepted]
                 return any((j["progress"] or {}).get("step", 0) > 0 for j in jobs)
 
-            wait_for(running, 30, "a job running")
+            wait_until(running, 30, 0.05, "a job running")
             redis_server.kill()  # a crash: SIGKILL
 
             down = client.post("/generate", json={**body, "seed": 99}, headers=AUTH)
@@ -97,14 +64,16 @@ def test_gateway_and_worker_ride_out_a_redis_crash(
             time.sleep(1.5)  # the busy worker meets the outage too
 
             redis_server.start()  # same port, same AOF
-            recovery_s = wait_for(lambda: client.get("/readyz").status_code == 200, 30, "ready")
+            recovery_s = wait_until(
+                lambda: client.get("/readyz").status_code == 200, 30, 0.05, "ready"
+            )
             assert recovery_s < 15
 
             def all_ended() -> bool:
                 states = [client.get(f"/jobs/{i}", headers=AUTH).json()["status"] for i in accepted]
                 return all(s in ("succeeded", "failed", "canceled") for s in states)
 
-            wait_for(all_ended, 60, "every accepted job ended")
+            wait_until(all_ended, 60, 0.05, "every accepted job ended")
             jobs = [client.get(f"/jobs/{i}", headers=AUTH).json() for i in accepted]
             assert [j["status"] for j in jobs] == ["succeeded"] * len(accepted), [
                 j["error"] for j in jobs

@@ -246,9 +246,21 @@ def test_mixed_batch_gives_each_sample_its_solo_result(linear_schedule, tiny_cla
         assert torch.allclose(s.x, alone, atol=1e-4), (s.x - alone).abs().max()
 
 
-def test_batch_invariant_seeds(linear_schedule, tiny_class_unet) -> None:
+@pytest.mark.parametrize(
+    ("settings", "seed"),
+    [
+        (SamplerSettings("ddpm", 30, guidance_scale=2.0), 1234),
+        (SamplerSettings("dpmpp_2m_sde", 10), 7),  # the SDE solvers draw noise each step too
+        (SamplerSettings("euler_ancestral", 10), 7),
+    ],
+    ids=["ddpm-guided", "dpmpp_2m_sde", "euler_ancestral"],
+)
+def test_batch_invariant_seeds(
+    linear_schedule, tiny_class_unet, settings: SamplerSettings, seed: int
+) -> None:
+    """The same seed gives the same image alone or in a larger batch: each row draws from its
+    own noise stream."""
     net = tiny_class_unet
-    settings = SamplerSettings("ddpm", 30, guidance_scale=2.0)
 
     def run(n: int, seed: int) -> torch.Tensor:
         gens = [sample_generator(seed, i) for i in range(n)]
@@ -264,8 +276,8 @@ def test_batch_invariant_seeds(linear_schedule, tiny_class_unet) -> None:
                 generators=gens,
             )
 
-    four = run(4, seed=1234)
-    one = run(1, seed=1234)
+    four = run(4, seed=seed)
+    one = run(1, seed=seed)
     assert torch.allclose(four[0], one[0], atol=1e-4)
     assert not torch.allclose(four[0], four[1])
 

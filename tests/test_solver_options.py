@@ -212,25 +212,37 @@ def test_an_unknown_sampler_is_a_422_listing_every_sampler(client: TestClient, r
         assert repr(name) in error["message"], error["message"]
 
 
-def test_a_multistep_card_default_asked_for_repaint_jumps_is_a_422_saying_it_is_the_default() -> (
-    None
-):
+def test_a_multistep_card_default_gives_way_to_a_sampler_that_can_take_repaint_jumps() -> None:
+    """Regression: `/inpaint` with jump_n_sample > 1 and no sampler on a model whose card default is
+    dpmpp_2m was a 422; the request named no sampler, so RePaint's jumps run with DDIM (diffusers'
+    RePaintScheduler update), or the first resampling sampler the model offers. A multistep solver
+    the request names itself stays a 422, as does a model offering no sampler that can resample."""
     catalog = load_catalog(DEFAULT_ZOO)
     entry = catalog["digits-ddpm"].model_copy(deep=True)
     entry.defaults = SamplingDefaults(sampler="dpmpp_2m", num_inference_steps=5)
-    normalizer = RequestNormalizer(
-        {**catalog, "digits-ddpm": entry}, {"digits-ddpm"}, UploadLimits(10**6, 10**6)
-    )
     image, mask = png_b64(16, 16), png_b64(16, 16, value=255)
 
-    def inpaint(**fields: object) -> object:
+    def inpaint(card: object = entry, **fields: object) -> object:
+        normalizer = RequestNormalizer(
+            {**catalog, "digits-ddpm": card}, {"digits-ddpm"}, UploadLimits(10**6, 10**6)
+        )
         body = {"model": "digits-ddpm", "image": image, "mask": mask, **fields}
         return normalizer.inpaint(InpaintBody.model_validate(body))
 
+    spec = inpaint(jump_n_sample=2)
+    assert (spec.sampler, spec.num_inference_steps, spec.jump_length) == ("ddim", 5, 5)  # type: ignore[attr-defined]
+    assert (spec.solver_order, spec.use_karras_sigmas) == (None, None)  # type: ignore[attr-defined]
+    assert inpaint(jump_n_sample=1).sampler == "dpmpp_2m"  # type: ignore[attr-defined]
     with pytest.raises(ApiError) as refused:
-        inpaint(jump_n_sample=2)
+        inpaint(jump_n_sample=2, sampler="dpmpp_2m")
+    assert refused.value.code == "sampler_cannot_resample"
+    assert "sampler 'dpmpp_2m' keeps a history" in refused.value.message
+    assert "default" not in refused.value.message
+    assert "give sampler, one of ddpm, ddim, euler, euler_ancestral" in refused.value.message
+    no_ddim = entry.model_copy(update={"samplers": ["euler", "dpmpp_2m"]})
+    assert inpaint(no_ddim, jump_n_sample=2).sampler == "euler"  # type: ignore[attr-defined]
+    only_multistep = entry.model_copy(update={"samplers": ["dpmpp_2m", "unipc"]})
+    with pytest.raises(ApiError) as refused:
+        inpaint(only_multistep, jump_n_sample=2)
     assert refused.value.code == "sampler_cannot_resample"
     assert "'digits-ddpm''s default sampler 'dpmpp_2m'" in refused.value.message
-    assert "give sampler, one of ddpm, ddim, euler, euler_ancestral" in refused.value.message
-    spec = inpaint(jump_n_sample=2, sampler="ddim")
-    assert (spec.sampler, spec.num_inference_steps, spec.jump_length) == ("ddim", 5, 5)  # type: ignore[attr-defined]

@@ -69,29 +69,6 @@ def test_every_sampler_in_one_batch_gives_its_solo_result(linear_schedule, tiny_
     assert batch.history is None
 
 
-def test_same_seed_same_image_alone_or_in_a_larger_batch(linear_schedule, tiny_class_unet) -> None:
-    net = tiny_class_unet
-    for settings in (SamplerSettings("dpmpp_2m_sde", 10), SamplerSettings("euler_ancestral", 10)):
-
-        def run(n: int, settings=settings) -> torch.Tensor:
-            gens = [sample_generator(7, i) for i in range(n)]
-            x_T = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens])
-            with torch.no_grad():
-                return sample(
-                    net,
-                    linear_schedule,
-                    x_T,
-                    settings,
-                    cond=torch.ones(n, dtype=torch.long),
-                    null_condition=net.null_condition(),
-                    generators=gens,
-                )
-
-        four, one = run(4), run(1)
-        assert torch.allclose(four[0], one[0], atol=1e-4)
-        assert not torch.allclose(four[0], four[1])  # each row has its own noise stream
-
-
 def test_history_follows_its_rows_when_neighbours_leave(linear_schedule) -> None:
     """A canceled neighbour is removed mid-run: the remaining multistep samples keep their own
     history rows (index_select), so they end as they would alone."""

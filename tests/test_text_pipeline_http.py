@@ -25,7 +25,7 @@ from ddserve.client.types import Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.diffusers_format.importer import ImportFailed, import_pipeline
-from tests.tiny_sd import tiny_sd_pipeline
+from tests.client_support import tiny_sd_stack
 from workers.execute import image_generator
 
 pytest.importorskip("diffusers")
@@ -37,29 +37,9 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, Any]]:
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sd-http")
-    pipe = tiny_sd_pipeline(root / "source")
-    settings = Settings(
-        redis_url=None,
-        key_prefix="sd-http",
-        zoo_dir=root / "no-zoo",
-        model_dirs=str(root / "models"),
-        storage_dir=root / "images",
-        auth_enabled=False,
-        device="cpu",
-        log_level="WARNING",
-        text_cache_size=4,
-    )
-    target, checked = import_pipeline(
-        str(root / "source" / "pipeline"), name=NAME, settings=settings
-    )
-    assert target == root / "models" / NAME and checked.entries[0].tasks
-    server = LocalServer(settings).start()
-    try:
-        yield server, pipe
-    finally:
-        server.stop()
+    with tiny_sd_stack(root, NAME, "sd-http", text_cache_size=4) as served:
+        yield served
 
 
 @pytest.fixture

@@ -30,8 +30,9 @@ from ddserve.notifications import JobEvent, channel, decode_message, encode_mess
 from ddserve.settings import Settings
 from service.app import connect, create_app
 from tests.gateway_support import make_app, write_config_zoo
-from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, wait_until
-from tests.redis_server import RedisServer, redis_server_available
+from tests.redis_sandbox import REDIS_URL, RedisSandbox, wait_until
+from tests.redis_server import RedisServer
+from tests.worker_support import MODEL, simple_worker, start_next
 from workers import rq_bridge
 
 GEN = {"model": "tiny-ddpm", "class_label": 1, "seed": 1}
@@ -41,12 +42,6 @@ ANSWER_WITHIN_S = 1.0
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_config_zoo(tmp_path_factory.mktemp("zoo"))
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 @contextmanager
@@ -107,21 +102,6 @@ def hold(client: TestClient, box: RedisSandbox, count: int = 1) -> tuple[list[He
     return held, ids
 
 
-def worker_for(box: RedisSandbox) -> SimpleWorker:
-    worker = SimpleWorker(
-        [box.queue("tiny-ddpm")], connection=box.connection, name=f"{box.prefix}-w"
-    )
-    box.worker_names.append(worker.name)
-    return worker
-
-
-def start_job(box: RedisSandbox, worker: SimpleWorker) -> tuple[Job, Any, Any]:
-    got = rq_bridge.dequeue(worker, [box.queue("tiny-ddpm")], None)
-    assert got is not None
-    job, queue = got
-    return job, queue, rq_bridge.mark_started(worker, job)
-
-
 def answered_after_finish(held: Held, finish: Callable[[], None]) -> tuple[Any, float]:
     """Run `finish`, then wait for the held request; (its response, seconds from the end of the
     finish to the answer)."""
@@ -130,6 +110,16 @@ def answered_after_finish(held: Held, finish: Callable[[], None]) -> tuple[Any, 
     response = held.answer()
     assert held.answered_at is not None
     return response, held.answered_at - finished_at
+
+
+def answered_after_success(
+    box: RedisSandbox, worker: SimpleWorker, held: Held
+) -> tuple[Any, float]:
+    """`worker` takes the next job and succeeds it as the batching worker does
+    (`finish_successes`, whose transaction publishes the finish); then as `answered_after_finish`."""
+    job, queue, execution = start_next(box, worker, MODEL)
+    item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
+    return answered_after_finish(held, lambda: rq_bridge.finish_successes(worker, [item]))
 
 
 # --- notifications -----------------------------------------------------------------------------
@@ -149,8 +139,8 @@ def test_a_worker_ending_the_job_answers_the_held_wait(
 ) -> None:
     with gateway(box, zoo, tmp_path) as client:
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
 
         def finish() -> None:
             if end == "succeeded":
@@ -174,18 +164,14 @@ def test_a_retried_failure_does_not_wake_the_held_wait(
     """A failure RQ retries queues the job again: no notification, the request stays held."""
     with gateway(box, zoo, tmp_path) as client:
         (held,), (job_id,) = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
         job.retries_left = 1  # as RQ's Retry(max=1) sets it
         rq_bridge.finish_failure(worker, job, queue, execution, RuntimeError("device lost"))
         assert Job.fetch(job_id, connection=box.connection).get_status() == "queued"
         time.sleep(0.5)
         assert held.thread.is_alive()  # still held
-        job, queue, execution = start_job(box, worker)
-        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-        response, delay = answered_after_finish(
-            held, lambda: rq_bridge.finish_successes(worker, [item])
-        )
+        response, delay = answered_after_success(box, worker, held)
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
     assert delay < ANSWER_WITHIN_S
 
@@ -197,8 +183,8 @@ def test_the_recovery_sweep_failing_a_lost_job_answers_the_held_wait(
 ) -> None:
     with gateway(box, zoo, tmp_path) as client:
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        _, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        _, queue, execution = start_next(box, worker, MODEL)
         registry = StartedJobRegistry(queue=queue)  # the worker died: its heartbeat expired
         box.connection.zadd(registry.key, {execution.composite_key: time.time() - 100})
 
@@ -364,8 +350,8 @@ def test_the_subscription_survives_a_killed_connection(
         # A job that ends while the subscription is down: its message is lost, and the read of
         # every held job after resubscribing finds it.
         (held,), _ = hold(client, box)
-        worker = worker_for(box)
-        job, queue, execution = start_job(box, worker)
+        worker = simple_worker(box, MODEL)
+        job, queue, execution = start_next(box, worker, MODEL)
         item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
 
         def kill_then_finish() -> None:
@@ -380,53 +366,41 @@ def test_the_subscription_survives_a_killed_connection(
         assert again is not None and again != first
         wait_until(lambda: waiter.subscribed, 10)
         (held,), _ = hold(client, box)  # and notifications arrive again
-        job, queue, execution = start_job(box, worker)
-        item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-        response, delay = answered_after_finish(
-            held, lambda: rq_bridge.finish_successes(worker, [item])
-        )
+        response, delay = answered_after_success(box, worker, held)
     assert response.json()["status"] == "succeeded" and delay < ANSWER_WITHIN_S
 
 
-@pytest.mark.skipif(not redis_server_available(), reason="needs redis-server")
-def test_the_subscription_comes_back_after_a_redis_restart(zoo: Path, tmp_path: Path) -> None:
+def test_the_subscription_comes_back_after_a_redis_restart(
+    zoo: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
     """A private redis-server crashes (SIGKILL) with a request held, and comes back: the waiter
     resubscribes by itself and the next notification answers the request."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        connection = Redis.from_url(server.url)
-        box = RedisSandbox(connection)
-        settings = Settings(
-            zoo_dir=zoo,
-            storage_dir=tmp_path / "images",
-            auth_enabled=False,
-            signing_secret="test-secret",
-            key_prefix=box.prefix,
-            redis_url=server.url,
-            max_retries=0,
-            wait_poll_s=30.0,
-        )
-        app = create_app(settings, connect(settings))
-        waiter = app.state.ddserve.waiter
-        with TestClient(app) as client:
-            wait_until(lambda: waiter.subscribed, 10)
-            (held,), _ = hold(client, box)
-            server.kill()
-            wait_until(lambda: not waiter.subscribed, 10)
-            time.sleep(1.0)  # a few failed attempts: the backoff grows
-            server.start()  # same port, same AOF: the job is still there
-            wait_until(lambda: waiter.subscribed, 15)
-            worker = worker_for(box)
-            job, queue, execution = start_job(box, worker)
-            item = rq_bridge.Succeeded(job, queue, execution, {"images": []})
-            response, delay = answered_after_finish(
-                held, lambda: rq_bridge.finish_successes(worker, [item])
-            )
-        assert response.status_code == 200 and response.json()["status"] == "succeeded"
-        assert delay < ANSWER_WITHIN_S
-    finally:
-        server.kill()
+    connection = Redis.from_url(redis_server.url)
+    box = RedisSandbox(connection)
+    settings = Settings(
+        zoo_dir=zoo,
+        storage_dir=tmp_path / "images",
+        auth_enabled=False,
+        signing_secret="test-secret",
+        key_prefix=box.prefix,
+        redis_url=redis_server.url,
+        max_retries=0,
+        wait_poll_s=30.0,
+    )
+    app = create_app(settings, connect(settings))
+    waiter = app.state.ddserve.waiter
+    with TestClient(app) as client:
+        wait_until(lambda: waiter.subscribed, 10)
+        (held,), _ = hold(client, box)
+        redis_server.kill()
+        wait_until(lambda: not waiter.subscribed, 10)
+        time.sleep(1.0)  # a few failed attempts: the backoff grows
+        redis_server.start()  # same port, same AOF: the job is still there
+        wait_until(lambda: waiter.subscribed, 15)
+        worker = simple_worker(box, MODEL)
+        response, delay = answered_after_success(box, worker, held)
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"
+    assert delay < ANSWER_WITHIN_S
 
 
 def test_the_batching_worker_publishes_what_it_finishes(tmp_path: Path) -> None:
@@ -512,10 +486,10 @@ def test_snapshots_read_many_jobs_as_snapshot_reads_one(
         store = client.app.state.ddserve.store
         ids = [client.post("/generate", json={**GEN, "seed": s}).json()["id"] for s in range(5)]
         box.job_ids.extend(ids)
-        worker = worker_for(box)
+        worker = simple_worker(box, MODEL)
         ends = []
         for _ in range(4):  # the first four leave the queue; the fifth stays queued
-            ends.append(start_job(box, worker))
+            ends.append(start_next(box, worker, MODEL))
         (j0, q0, e0), (j1, q1, e1), (j2, q2, e2), _running = ends
         rq_bridge.finish_successes(worker, [rq_bridge.Succeeded(j0, q0, e0, {"images": ["a"]})])
         rq_bridge.finish_failure(worker, j1, q1, e1, RuntimeError("device lost"), retry=False)
@@ -554,8 +528,8 @@ def test_a_burst_of_woken_waits_is_read_in_one_go(
     with gateway(box, zoo, tmp_path, poll_s=30.0) as client:
         reads, single = count_reads(client, monkeypatch)
         held, ids = hold(client, box, count=30)
-        worker = worker_for(box)
-        started = [start_job(box, worker) for _ in ids]
+        worker = simple_worker(box, MODEL)
+        started = [start_next(box, worker, MODEL) for _ in ids]
         reads.clear()
         single.clear()
         finished = [rq_bridge.Succeeded(j, q, e, {"images": []}) for j, q, e in started]

@@ -553,15 +553,14 @@ def test_a_real_job_of_the_embedded_stack_reaches_the_receiver(
     diffusion model; the receiver gets start, progress and completed, each verifying, the last
     with the finished job's image link."""
     from ddserve.client import Client
-    from tests.client_support import DIFFUSION, start_stack
+    from tests.client_support import DIFFUSION, tiny_stack
 
-    stack = start_stack(
+    with tiny_stack(
         tmp_path,
         webhook_secret=SECRET,
         webhook_allowed_hosts="127.0.0.1",
         webhook_poll_s=0.05,
-    )
-    try:
+    ) as stack:
         with Client(stack.url) as client:
             job = client.generate(DIFFUSION, n=1, seed=3, webhook=receiver.url())
             assert job.status == "succeeded"
@@ -572,8 +571,6 @@ def test_a_real_job_of_the_embedded_stack_reaches_the_receiver(
                 break
             time.sleep(0.05)
         messages = [verified(r) for r in receiver.received]
-    finally:
-        stack.stop()
     types = [m["type"] for m in messages]
     assert types[0] == "job.start" and types[-1] == "job.completed", types
     assert set(types) <= {"job.start", "job.progress", "job.completed"}

@@ -21,7 +21,7 @@ from ddserve.jobs import META_BATCH_SIZE, META_ERROR, META_PROGRESS, cancel_set_
 from ddserve.settings import Settings
 from ddserve.spec import parse_job_spec
 from tests import specs
-from tests.redis_sandbox import RedisSandbox, sandbox, status, wait_terminal, wait_until
+from tests.redis_sandbox import RedisSandbox, status, wait_terminal, wait_until
 from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
 from tests.worker_doubles import MemoryStorage
 from workers.embedded import WorkerHandle, start_worker_thread
@@ -44,12 +44,6 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pool(zoo: Path) -> ModelPool:
     torch.set_num_threads(1)
     return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 class Running:

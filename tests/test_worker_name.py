@@ -4,48 +4,27 @@ of the same name is still refused, with a clear message. Real Redis, private pre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-import torch
 from rq.utils import now, utcformat
 
-from ddserve.settings import Settings
-from tests.redis_sandbox import RedisSandbox, sandbox
-from tests.tiny_zoo import write_diffusion_model
-from tests.worker_doubles import MemoryStorage
+from tests.redis_sandbox import RedisSandbox
+from tests.worker_support import hand_worker, tiny_ddpm_pool
 from workers.model_pool import ModelPool
 from workers.rq_bridge import WorkerNameTaken
 from workers.worker import BatchingWorker
 
 pytestmark = pytest.mark.redis
-MODEL = "tiny-ddpm"
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    torch.set_num_threads(1)
-    zoo = tmp_path_factory.mktemp("zoo")
-    write_diffusion_model(zoo, MODEL)
-    return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
+    return tiny_ddpm_pool(tmp_path_factory.mktemp("zoo"))
 
 
 def worker(box: RedisSandbox, pool: ModelPool) -> BatchingWorker:
-    settings = Settings(
-        zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL, heartbeat_s=2.0
-    )
-    made = BatchingWorker(
-        settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-pod-0"
-    )
-    box.worker_names.append(made.name)
-    return made
+    return hand_worker(box, pool, "pod-0", heartbeat_s=2.0)
 
 
 def killed(box: RedisSandbox, pool: ModelPool, heartbeat_age_s: float) -> BatchingWorker:

@@ -7,25 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ddserve.jobs import META_PROGRESS
 from tests import specs
-from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, status, wait_terminal, wait_until
+from tests.redis_sandbox import REDIS_URL, RedisSandbox, status, wait_terminal, wait_until
 from tests.tiny_zoo import write_diffusion_model
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-ddpm"
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def worker_process(box: RedisSandbox, tmp_path: Path, *extra: str) -> subprocess.Popen:

@@ -31,7 +31,7 @@ from rq.results import Result
 from ddserve.jobs import META_ERROR, META_PROGRESS
 from ddserve.settings import Settings
 from tests import specs
-from tests.redis_sandbox import REDIS_URL, RedisSandbox, sandbox, status, wait_until
+from tests.redis_sandbox import REDIS_URL, RedisSandbox, status, wait_until
 from tests.tiny_zoo import write_diffusion_model
 from tests.worker_doubles import MemoryStorage
 from workers.embedded import start_worker_thread
@@ -41,12 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-ddpm"
 ABANDONED_AFTER_S = 3.0
 MAINTENANCE_S = 1.0  # ceil(abandoned_after_s / 4)
-
-
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

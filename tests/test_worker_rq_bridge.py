@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from redis import Redis
-from rq.executions import Execution
 from rq.job import Job, Retry
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -19,7 +17,8 @@ from rq.worker import BaseWorker, SimpleWorker
 
 from ddserve.jobs import JobStatus, public_status
 from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD
-from tests.redis_sandbox import RedisSandbox, sandbox
+from tests.redis_sandbox import RedisSandbox
+from tests.worker_support import simple_worker, start_next
 from workers import rq_bridge
 
 pytestmark = pytest.mark.redis
@@ -50,31 +49,10 @@ def test_another_major_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
         rq_bridge.check_rq_internals()
 
 
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
-
-
-def _worker(box: RedisSandbox, suffix: str = "w") -> SimpleWorker:
-    worker = SimpleWorker(
-        [box.queue("m")], connection=box.connection, name=f"{box.prefix}-{suffix}"
-    )
-    box.worker_names.append(worker.name)
-    return worker
-
-
-def _take(box: RedisSandbox, worker: SimpleWorker) -> tuple[Job, Queue, Execution]:
-    got = rq_bridge.dequeue(worker, [box.queue("m")], None)
-    assert got is not None
-    job, queue = got
-    return job, queue, rq_bridge.mark_started(worker, job)
-
-
 def test_batch_of_jobs_started_together_and_finished_one_by_one(box: RedisSandbox) -> None:
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     jobs = [box.enqueue("m", {"i": i}) for i in range(3)]
-    taken = [_take(box, worker) for _ in jobs]
+    taken = [start_next(box, worker, "m") for _ in jobs]
     assert rq_bridge.dequeue(worker, [box.queue("m")], None) is None  # non-blocking when empty
     started = StartedJobRegistry(queue=box.queue("m"))
     assert sorted(started.get_job_ids()) == sorted(j.id for j in jobs)
@@ -105,13 +83,13 @@ def test_batch_of_jobs_started_together_and_finished_one_by_one(box: RedisSandbo
 
 
 def test_failure_is_retried_as_rq_retries(box: RedisSandbox) -> None:
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     job = box.enqueue("m", {}, retry=Retry(max=1))
-    _, queue, execution = _take(box, worker)
+    _, queue, execution = start_next(box, worker, "m")
     rq_bridge.finish_failure(worker, job, queue, execution, RuntimeError("device lost"))
     assert job.get_status(refresh=True) == "queued"  # back in the queue, one retry used
     assert box.queue("m").get_job_ids() == [job.id]
-    job, queue, execution = _take(box, worker)
+    job, queue, execution = start_next(box, worker, "m")
     rq_bridge.finish_failure(worker, job, queue, execution, RuntimeError("device lost again"))
     job.refresh()
     assert job.get_status() == "failed"
@@ -120,18 +98,18 @@ def test_failure_is_retried_as_rq_retries(box: RedisSandbox) -> None:
 
 
 def test_failure_without_retry_fails_at_once(box: RedisSandbox) -> None:
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     job = box.enqueue("m", {}, retry=Retry(max=3))
-    _, queue, execution = _take(box, worker)
+    _, queue, execution = start_next(box, worker, "m")
     rq_bridge.finish_failure(worker, job, queue, execution, ValueError("bad"), retry=False)
     assert job.get_status(refresh=True) == "failed"
     assert box.queue("m").count == 0
 
 
 def test_stop_ends_a_running_job_as_canceled_without_retry(box: RedisSandbox) -> None:
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     job = box.enqueue("m", {}, retry=Retry(max=2))
-    _, queue, execution = _take(box, worker)
+    _, queue, execution = start_next(box, worker, "m")
     rq_bridge.finish_stopped(worker, job, queue, execution, "Job canceled by request.")
     assert job.get_status(refresh=True) == "stopped"
     assert public_status("stopped") == JobStatus.CANCELED
@@ -196,7 +174,7 @@ def _dequeued(box: RedisSandbox, worker: SimpleWorker) -> tuple[Job, Queue]:
 
 
 def test_the_merged_start_writes_what_rqs_two_calls_write(box: RedisSandbox) -> None:
-    rq_worker, our_worker = _worker(box, "rq"), _worker(box, "ours")
+    rq_worker, our_worker = simple_worker(box, "m", "rq"), simple_worker(box, "m", "ours")
     box.enqueue("m", {"i": 1}, result_ttl=600)
     box.enqueue("m", {"i": 1}, result_ttl=600)
     by_rq, _ = _dequeued(box, rq_worker)
@@ -215,7 +193,7 @@ def test_the_merged_start_writes_what_rqs_two_calls_write(box: RedisSandbox) -> 
 
 
 def test_a_batched_success_writes_what_rqs_success_path_writes(box: RedisSandbox) -> None:
-    rq_worker, our_worker = _worker(box, "rq"), _worker(box, "ours")
+    rq_worker, our_worker = simple_worker(box, "m", "rq"), simple_worker(box, "m", "ours")
     for _ in range(2):
         box.enqueue("m", {"i": 1}, result_ttl=600)
     by_rq, queue = _dequeued(box, rq_worker)
@@ -236,11 +214,11 @@ def test_a_batched_success_writes_what_rqs_success_path_writes(box: RedisSandbox
 def test_a_step_of_successes_with_their_meta_costs_three_round_trips(
     box: RedisSandbox, round_trips: list[int]
 ) -> None:
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     jobs = [box.enqueue("m", {"i": i}) for i in range(4)]
     items = []
     for _ in jobs:
-        job, queue, execution = _take(box, worker)
+        job, queue, execution = start_next(box, worker, "m")
         job.meta["progress"] = {"step": 5, "total": 5}
         items.append(rq_bridge.Succeeded(job, queue, execution, {"i": job.kwargs["request"]}))
 
@@ -269,11 +247,11 @@ def remember_success(job: Job, connection: Redis, result: Any) -> None:
 def test_dependents_and_callbacks_take_rqs_own_success_path(box: RedisSandbox) -> None:
     from rq import Callback
 
-    worker = _worker(box)
+    worker = simple_worker(box, "m")
     plain = box.enqueue("m", {"i": 0})
     parent = box.enqueue("m", {"i": 1})
     called = box.enqueue("m", {"i": 2}, on_success=Callback(remember_success))
-    taken = [_take(box, worker) for _ in range(3)]
+    taken = [start_next(box, worker, "m") for _ in range(3)]
     child = box.enqueue("m", {"i": 3}, depends_on=parent)  # added while its parent runs
     assert child.get_status(refresh=True) == "deferred"
     rq_bridge.finish_successes(

@@ -9,55 +9,34 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import redis
-import torch
 from redis.connection import AbstractConnection
 from rq.job import Job, Retry
 
 from ddserve.job_metrics import BATCH, COMPUTE, STEP_RATE, job_metrics_key, read_job_metrics
 from ddserve.jobs import JOB_FUNCTION, META_BATCH_SIZE, META_ERROR, META_PROGRESS, cancel_set_key
-from ddserve.settings import Settings
 from tests import specs
-from tests.redis_sandbox import RedisSandbox, sandbox
-from tests.tiny_zoo import write_diffusion_model
-from tests.worker_doubles import MemoryStorage
+from tests.redis_sandbox import RedisSandbox
+from tests.worker_support import MODEL, hand_worker, tiny_ddpm_pool
 from workers import rq_bridge
 from workers.model_pool import ModelPool
 from workers.rq_adaptor import WorkerJob
 from workers.worker import BatchingWorker, worker_stats_key
 
 pytestmark = pytest.mark.redis
-MODEL = "tiny-ddpm"
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    torch.set_num_threads(1)
-    zoo = tmp_path_factory.mktemp("zoo")
-    write_diffusion_model(zoo, MODEL)
-    return ModelPool(Settings(zoo_dir=zoo, device="cpu"))
+    return tiny_ddpm_pool(tmp_path_factory.mktemp("zoo"))
 
 
-@pytest.fixture
-def box() -> Iterator[RedisSandbox]:
-    with sandbox() as b:
-        yield b
-
-
-def _worker(box: RedisSandbox, pool: ModelPool, **settings_: Any) -> BatchingWorker:
-    settings = Settings(
-        zoo_dir=pool.settings.zoo_dir, key_prefix=box.prefix, models=MODEL, **settings_
-    )
-    worker = BatchingWorker(
-        settings, box.connection, pool=pool, storage=MemoryStorage(), name=f"{box.prefix}-w"
-    )
-    box.worker_names.append(worker.name)
-    return worker
+def _worker(box: RedisSandbox, pool: ModelPool, **settings: Any) -> BatchingWorker:
+    return hand_worker(box, pool, **settings)
 
 
 def _tickets(box: RedisSandbox, worker: BatchingWorker, count: int) -> list[WorkerJob]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ddserve.settings import Settings
-from models.catalog import ModelEntry, load_catalog
+from models.catalog import ModelEntry, encodes_own_prompts, load_catalog
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.scheduler_config import SchedulerOptions
@@ -417,16 +417,18 @@ class ModelPool:
         return load
 
     def _text_pipeline(self, entry: ModelEntry) -> TextPipelineParts:
-        """A text pipeline's (`StableDiffusionPipeline` layout) cross-attention UNet, prompt
-        encoder (its CLIP tokenizer and text encoder, with an LRU of `text_cache_size` prompts),
-        ∅ = the encoding of "", and the schedule and sampling options of its scheduler config."""
+        """A text pipeline's cross-attention UNet, prompt encoder (its own tokenizer and text
+        encoder — SD's CLIP, LDMTextToImagePipeline's LDMBert, as `Conditioning.tokenizer` says —
+        with an LRU of `text_cache_size` prompts), ∅ = the encoding of "", and the schedule and
+        sampling options of its scheduler config."""
         from models.diffusers_format.entries import scheduler_config
-        from models.diffusers_format.text import PromptEncoder, load_cross_attention_unet
+        from models.diffusers_format.text import PROMPT_ENCODERS, load_cross_attention_unet
         from models.diffusion.scheduler_config import from_diffusers
 
-        if entry.path is None:
-            raise ValueError(f"model {entry.name!r} has no folder")
-        encoder = PromptEncoder.from_folder(entry.path, self.device, self.settings.text_cache_size)
+        if entry.path is None or entry.conditioning is None:
+            raise ValueError(f"model {entry.name!r} has no folder or no text conditioning")
+        encoder_class = PROMPT_ENCODERS[entry.conditioning.tokenizer]
+        encoder = encoder_class.from_folder(entry.path, self.device, self.settings.text_cache_size)
         network = load_cross_attention_unet(entry.path, self.device, entry.component or "unet")
         schedule, options = from_diffusers(scheduler_config(entry.scheduler or {}))
         c, h, w = entry.latent_shape or (
@@ -508,14 +510,8 @@ def call_rows(model: DiffusionModel, rows: int) -> torch.Tensor:
 
 
 def is_text_pipeline(entry: ModelEntry) -> bool:
-    """A diffusers pipeline conditioned on text through its own CLIP tokenizer and encoder."""
-    cond = entry.conditioning
-    return (
-        entry.format == "diffusers"
-        and cond is not None
-        and cond.type == "text"
-        and cond.tokenizer == "clip"
-    )
+    """A diffusers pipeline conditioned on text through its own tokenizer and text encoder."""
+    return entry.format == "diffusers" and encodes_own_prompts(entry.conditioning)
 
 
 @dataclass

@@ -12,7 +12,8 @@ alone what a model accepts:
   multiples of f · 2^(D − 1) for a UNet of D down blocks (SD 1.x: 8 · 8 = 64);
 - channels: the UNet's `in_channels` (pixel), the first stage's `in_channels` (latent);
 - conditioning: `num_class_embeds` → class labels 0 … n − 1 (no ∅ class: always required);
-  a text encoder + tokenizer → a prompt, tokenized by the worker with the model's CLIP tokenizer;
+  a text encoder + tokenizer → a prompt, tokenized and encoded by the worker with the pipeline's
+  own tokenizer and text encoder (`TextLayout`: SD's CLIP, LDMTextToImagePipeline's LDMBert);
 - schedule and defaults: the scheduler config (`num_train_timesteps`, `beta_schedule`,
   `prediction_type`, `clip_sample`) and the scheduler class (DDPM → ddpm, DDIM → ddim);
 - licence: the `license:` of the folder's README.md front matter (the Hub's model card), else the
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ddserve.params import SAMPLERS
 from models.catalog import (
@@ -50,18 +52,69 @@ class PipelineError(ValueError):
 # (its `__call__` default). Pixel-space UNet2DModel pipelines and LDMPipeline (VQ or KL first stage).
 PIXEL_PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "RePaintPipeline": 250}
 LATENT_PIPELINES = {"LDMPipeline": 50}
-# Text-conditioned pipelines (conditioning "text", tokenizer "clip"): the workers encode prompts with
-# the pipeline's own CLIPTokenizer + CLIPTextModel (`models.diffusers_format.text`). Served: the
-# StableDiffusionPipeline layout; LDMTextToImagePipeline (an LDMBert text encoder, a BERT
-# tokenizer) is representable but has no tasks.
+# Text-conditioned pipelines: the workers encode prompts with the pipeline's own tokenizer and text
+# encoder (`models.diffusers_format.text`). Each names its components and defaults its own way
+# (`TextLayout`); the catalog entry says which (`Conditioning.tokenizer`), and nothing else needs to.
 TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
-SERVED_TEXT_PIPELINES = ("StableDiffusionPipeline",)
-TEXT_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline.__call__'s default guidance_scale
-TEXT_COMPONENTS = {  # component → the classes the workers load it with
-    "text_encoder": ("CLIPTextModel",),
-    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *TEXT_PIPELINES)
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """How a text pipeline names its text components and conditions on a prompt, as its own
+    `__call__` does: c = encoder(tokenize(y, padded and cut to L))[0] [L, D], ∅ = the same of "".
+
+    - `tokenizer`: `Conditioning.tokenizer`, the prompt encoder the workers build
+      (`models.diffusers_format.text.PROMPT_ENCODERS`);
+    - `encoder`: the text encoder's component folder; `*_classes`: the classes accepted for it and
+      for `tokenizer/`;
+    - `context_len`: L when the pipeline fixes it, None: the tokenizer's `model_max_length`;
+    - `guidance_scale`: the `__call__` default s; `negative_prompt`: whether `__call__` takes one.
+    """
+
+    tokenizer: Literal["clip", "bert"]
+    encoder: str
+    encoder_classes: tuple[str, ...]
+    tokenizer_classes: tuple[str, ...]
+    context_len: int | None
+    guidance_scale: float
+    negative_prompt: bool
+
+
+TEXT_LAYOUTS = {
+    # CLIP ViT-L/14's text tower (Radford et al. 2021), `last_hidden_state`; default s = 7.5.
+    "StableDiffusionPipeline": TextLayout(
+        tokenizer="clip",
+        encoder="text_encoder",
+        encoder_classes=("CLIPTextModel",),
+        tokenizer_classes=("CLIPTokenizer", "CLIPTokenizerFast"),
+        context_len=None,
+        guidance_scale=7.5,
+        negative_prompt=True,
+    ),
+    # LDMBert (Rombach et al. 2022, §4.3.1: a transformer τ_θ trained with the LDM on LAION) under
+    # a BERT tokenizer; the pipeline pads and cuts to 77 tokens whatever the tokenizer's own
+    # limit, encodes "" for ∅, has no negative prompt and defaults to s = 1 (no guidance).
+    "LDMTextToImagePipeline": TextLayout(
+        tokenizer="bert",
+        encoder="bert",
+        encoder_classes=("LDMBertModel",),
+        tokenizer_classes=("BertTokenizer", "BertTokenizerFast"),
+        context_len=77,
+        guidance_scale=1.0,
+        negative_prompt=False,
+    ),
 }
-SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *SERVED_TEXT_PIPELINES)
+TEXT_UNET = "UNet2DConditionModel"  # a text pipeline's UNet attends to c by cross-attention
+
+
+def text_layout(pipeline: str | None) -> TextLayout:
+    """The text layout of a text pipeline class (a `KeyError` naming it for any other)."""
+    if pipeline not in TEXT_LAYOUTS:
+        raise KeyError(f"{pipeline!r} is not a text pipeline; text pipelines: {list(TEXT_LAYOUTS)}")
+    return TEXT_LAYOUTS[pipeline]
+
+
 # Inpainting defaults of the pipelines that have their own (RePaintPipeline.__call__'s).
 RESAMPLING = {"RePaintPipeline": {"jump_length": 10, "jump_n_sample": 10}}
 # The pipelines that decode z / scaling_factor + shift_factor. diffusers' UNet pipelines
@@ -234,6 +287,34 @@ def schedule_fields(
     }
 
 
+def text_conditioning(folder: Path, pipeline: str, parts: dict[str, str]) -> Conditioning:
+    """A text pipeline's conditioning, after checking it has the components its layout names,
+    of classes the workers load (a `PipelineError` naming the first that is not)."""
+    layout = TEXT_LAYOUTS[pipeline]
+    wanted = {
+        "unet": (TEXT_UNET,),
+        layout.encoder: layout.encoder_classes,
+        "tokenizer": layout.tokenizer_classes,
+    }
+    for component, classes in wanted.items():
+        if component not in parts:
+            raise PipelineError(f"{pipeline} in {folder} has no {component!r} component")
+        if parts[component] not in classes:
+            raise PipelineError(
+                f"{component} is a {parts[component]}; supported: {', '.join(classes)}"
+            )
+    length = layout.context_len
+    if length is None:
+        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+        length = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
+    return Conditioning(
+        type="text",
+        tokenizer=layout.tokenizer,
+        context_len=int(length),
+        negative_prompt=layout.negative_prompt,
+    )
+
+
 def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
     """The catalog entries of the pipeline in `folder` (see the module docstring), named `name`
     (default: the folder's name). Raises `PipelineError` for a folder ddserve cannot serve."""
@@ -265,18 +346,8 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         conditioning = Conditioning(
             type="class", classes=[str(i) for i in range(count)], has_null=False
         )
-    if pipeline in SERVED_TEXT_PIPELINES:
-        for component, classes in TEXT_COMPONENTS.items():
-            if component not in parts:
-                raise PipelineError(f"{pipeline} in {folder} has no {component!r} component")
-            if parts[component] not in classes:
-                raise PipelineError(
-                    f"{component} is a {parts[component]}; supported: {', '.join(classes)}"
-                )
     if pipeline in TEXT_PIPELINES:
-        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
-        length = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
-        conditioning = Conditioning(type="text", tokenizer="clip", context_len=int(length))
+        conditioning = text_conditioning(folder, pipeline, parts)
     height, width = sample_size(unet, "unet")
     channels = int(unet.get("in_channels", 3))
     denoiser = {
@@ -286,9 +357,9 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         "conditioning": conditioning,
         **schedule_fields(scheduler, steps, RESAMPLING.get(pipeline)),
     }
-    if pipeline in SERVED_TEXT_PIPELINES:  # the pipeline's own default: s = 7.5 with a prompt
+    if pipeline in TEXT_PIPELINES:  # the pipeline's own default s with a prompt
         denoiser["defaults"] = denoiser["defaults"].model_copy(
-            update={"guidance_scale": TEXT_GUIDANCE_SCALE}
+            update={"guidance_scale": TEXT_LAYOUTS[pipeline].guidance_scale}
         )
     if stage is None:
         return [
@@ -337,11 +408,10 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         files=first_stage_files(folder, component, stage_kind == "vqvae"),
         path=folder,
     )
-    served = pipeline not in TEXT_PIPELINES or pipeline in SERVED_TEXT_PIPELINES
     main = ModelEntry(
         **denoiser,
         kind="latent-diffusion",
-        tasks=["generate", "inpaint"] if served else [],
+        tasks=["generate", "inpaint"],
         description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
         f"{image.channels}×{image.height}×{image.width} images",
         image=image,

@@ -14,6 +14,7 @@ counts, licence. Every failure is one plain sentence on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -231,7 +232,8 @@ def check_pipeline(folder: Path, name: str) -> Checked:
             f"pipeline class {main.pipeline!r} is not served yet; supported: "
             f"{', '.join(SUPPORTED_PIPELINES)}"
         )
-    parts = components(pipeline_index(folder))
+    index = pipeline_index(folder)
+    parts = components(index)
     for component in parts:
         if not (folder / component).is_dir():
             raise ImportFailed(
@@ -244,7 +246,11 @@ def check_pipeline(folder: Path, name: str) -> Checked:
     parameters: dict[str, int] = {}
     modules: dict[str, Any] = {}
     for component, class_name in parts.items():
-        cls = getattr(diffusers, class_name, None) or transformers_class(class_name)
+        cls = (
+            getattr(diffusers, class_name, None)
+            or transformers_class(class_name)
+            or pipeline_module_class(diffusers, str(index[component][0]), class_name)
+        )
         if cls is None:
             raise ImportFailed(
                 f"component {component!r} is a {class_name}, unknown to diffusers and transformers"
@@ -271,6 +277,19 @@ def transformers_class(class_name: str) -> Any:
     except ImportError:
         return None
     return getattr(transformers, class_name, None)
+
+
+def pipeline_module_class(diffusers: Any, library: str, class_name: str) -> Any:
+    """A class defined in a diffusers pipeline's own module, as `model_index.json` names it
+    (`"bert": ["latent_diffusion", "LDMBertModel"]`: `diffusers.pipelines.latent_diffusion`);
+    None if there is no such pipeline module or class."""
+    if not library.isidentifier():
+        return None
+    try:
+        module = importlib.import_module(f"diffusers.pipelines.{library}")
+    except ImportError:
+        return None
+    return getattr(module, class_name, None)
 
 
 def load_component(cls: Any, folder: Path, component: str) -> Any:
@@ -340,7 +359,7 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
     labels = torch.zeros(1, dtype=torch.long) if main.conditioning and not text else None
     kwargs: dict[str, Any] = {"class_labels": labels}
     if text:
-        kwargs = {"encoder_hidden_states": empty_prompt_states(modules, unet)}
+        kwargs = {"encoder_hidden_states": empty_prompt_states(main, modules, unet)}
     try:
         with torch.no_grad():
             out = unet(x, torch.tensor([0]), **kwargs).sample
@@ -372,17 +391,21 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
             )
 
 
-def empty_prompt_states(modules: dict[str, Any], unet: Any) -> Any:
-    """A text pipeline's encoding of "" [1, L, D] (its ∅), checked against the UNet's
-    cross-attention width D."""
-    from models.diffusers_format.text import PromptEncoder
+def empty_prompt_states(main: ModelEntry, modules: dict[str, Any], unet: Any) -> Any:
+    """A text pipeline's encoding of "" [1, L, D] (its ∅), by the prompt encoder the workers will
+    use, checked against the UNet's cross-attention width D."""
+    from models.diffusers_format.entries import text_layout
+    from models.diffusers_format.text import PROMPT_ENCODERS
 
-    encoder = PromptEncoder(modules["tokenizer"], modules["text_encoder"], cache_size=0)
+    layout = text_layout(main.pipeline)
+    encoder = PROMPT_ENCODERS[layout.tokenizer](
+        modules["tokenizer"], modules[layout.encoder], cache_size=0
+    )
     try:
         states = encoder.null_condition()[None]  # [1, L, D]
     except Exception as exc:
         raise ImportFailed(
-            f"the tokenizer and text_encoder fail on the empty prompt: {first_line(str(exc))}"
+            f"the tokenizer and {layout.encoder} fail on the empty prompt: {first_line(str(exc))}"
         ) from None
     width = unet.config.cross_attention_dim
     if isinstance(width, int) and states.shape[-1] != width:
@@ -438,4 +461,5 @@ def describe_conditioning(entry: ModelEntry) -> str:
         return "none (unconditional)"
     if cond.type == "class":
         return f"class labels 0 … {len(cond.classes or []) - 1} (always required)"
-    return f"text prompt ({cond.tokenizer} tokenizer)"
+    negative = "" if cond.negative_prompt else "; no negative prompt, as its pipeline"
+    return f"text prompt ({cond.tokenizer} tokenizer, {cond.context_len} tokens{negative})"

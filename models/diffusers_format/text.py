@@ -1,5 +1,6 @@
-"""Text-conditioned latent diffusion in the `StableDiffusionPipeline` layout, served by ddserve's own
-batched sampler: the prompt encoder, the cross-attention UNet's adapter, the latent decode.
+"""Text-conditioned latent diffusion in the `StableDiffusionPipeline` and `LDMTextToImagePipeline`
+layouts, served by ddserve's own batched sampler: the prompt encoders, the cross-attention UNet's
+adapter, the latent decode.
 
 A pipeline folder holds `tokenizer/` (a `CLIPTokenizer`), `text_encoder/` (a `CLIPTextModel`),
 `unet/` (a `UNet2DConditionModel`), `vae/` (an `AutoencoderKL`) and `scheduler/`. As in the
@@ -15,6 +16,10 @@ guidance (Ho & Salimans 2022) mixes the prediction for c with the one for the un
 
 Here c and ∅' are each sample's own rows of a `DenoisingBatch` (`Sample.cond`, `Sample.uncond`),
 so samples with different prompts, negative prompts and guidance scales share one UNet call.
+
+`LDMTextToImagePipeline` is the same with `bert/` (an `LDMBertModel`, Rombach et al. 2022 §4.3.1)
+and a BERT tokenizer in place of CLIP's, L fixed at 77 and c = `bert(input_ids)[0]`
+(`LDMBertPromptEncoder`); `PROMPT_ENCODERS` picks the encoder of a model's `Conditioning.tokenizer`.
 
 `PromptEncoder` keeps the encoder outputs of recent prompts (an LRU of `cache_size` entries), so a
 repeated prompt — and the empty prompt of every unguided-by-a-negative sample — costs no
@@ -152,6 +157,51 @@ class PromptEncoder:
                     self.context_len,
                     prompt[:80],
                 )
+
+
+LDMBERT_CONTEXT_LEN = 77  # LDMTextToImagePipeline's max_length (LDMBert's max_position_embeddings)
+
+
+class LDMBertPromptEncoder(PromptEncoder):
+    """τ_θ of `LDMTextToImagePipeline` (Rombach et al. 2022, §4.3.1: a transformer encoder trained
+    jointly with the LDM, "LDMBert"), with `PromptEncoder`'s interface and LRU cache. As the
+    pipeline's `__call__` does:
+
+        c = LDMBertModel(BertTokenizer(y, padding="max_length", max_length=77, truncation=True))[0]
+
+    with no attention mask (the padding tokens are attended to, as in training), [77, D]; ∅ is the
+    same of "" ([CLS] [SEP] and padding). L is the pipeline's fixed 77, not the tokenizer's
+    `model_max_length` (a saved BertTokenizer's is unbounded)."""
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Path,
+        device: torch.device | str = "cpu",
+        cache_size: int = 128,
+        *,
+        tokenizer_folder: str = "tokenizer",
+        encoder_folder: str = "bert",
+    ) -> LDMBertPromptEncoder:
+        """The pipeline's own BERT tokenizer and LDMBert (fp32, eval, on `device`)."""
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+        from transformers import BertTokenizer
+
+        tokenizer = BertTokenizer.from_pretrained(folder / tokenizer_folder)
+        encoder = LDMBertModel.from_pretrained(folder / encoder_folder)
+        encoder = encoder.to(device).eval().requires_grad_(False)
+        return cls(tokenizer, encoder, cache_size)
+
+    @property
+    def context_len(self) -> int:
+        return LDMBERT_CONTEXT_LEN
+
+
+# `Conditioning.tokenizer` → the prompt encoder of that pipeline layout (`entries.TEXT_LAYOUTS`).
+PROMPT_ENCODERS: dict[str, type[PromptEncoder]] = {
+    "clip": PromptEncoder,
+    "bert": LDMBertPromptEncoder,
+}
 
 
 class CrossAttentionUNet(nn.Module):

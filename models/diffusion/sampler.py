@@ -17,10 +17,17 @@ coefficient rows of `solvers.py`. The multistep solvers keep a per-sample histor
 predictions and, for UniPC, the sample they last stepped from) as rows of one [3, B, C, H, W] tensor
 next to x, so a mixed batch is still one network call and one elementwise update.
 
-Inpainting: every sampler keeps the known region (replaced by q(x_s | x_0) after each step). RePaint's
-forward jumps (`jump_n_sample > 1`) need a single-step sampler (ddpm, ddim, euler, euler_ancestral):
-a jump back to more noise would leave a multistep solver's history on another trajectory, so
-`SamplerSettings` rejects it for dpmpp_2m, dpmpp_2m_sde and unipc.
+Inpainting (RePaint, Lugmayr et al. 2022, Algorithm 1): with m the mask (1 = keep), every sampler
+replaces the known region after each step t → s,
+
+    x_s ← m ⊙ (√ᾱ_s · x_0 + √(1 − ᾱ_s) · z) + (1 − m) ⊙ x_s,   z ~ N(0, I),
+
+and RePaint's forward jumps (`jump_n_sample > 1`) re-noise the sample from s back up to a noisier
+t by q(x_t | x_s) before it is denoised again. They need a single-step sampler (ddpm, ddim, euler,
+euler_ancestral): a jump back to more noise would leave a multistep solver's history on another
+trajectory, so `SamplerSettings` rejects it for dpmpp_2m, dpmpp_2m_sde and unipc. The walk, the
+jumps' noise and the draws follow the paper's code, or with `convention="diffusers"` diffusers'
+`RePaintPipeline` (`StepConvention`, 4).
 
 Image-to-image (SDEdit, Meng et al. 2022, §3): a sample given an image x_0 (`Sample.init_x0`) and
 `strength` < 1 perturbs it by the forward process to the first timestep t_0 of the tail of its plan
@@ -78,6 +85,7 @@ from models.diffusion.timesteps import (
     TIMESTEP_SPACINGS,
     TimestepSpacing,
     denoising_plan,
+    diffusers_repaint_plan,
     repaint_plan,
     sdedit_start,
     timestep_sequence,
@@ -94,6 +102,16 @@ SamplerPrediction = PredictionType | Literal["sample"]
 #    instead of re-deriving it from the clipped x̂_0;
 # 3. DDPM adds noise on every step from t > 0, the last one included (σ² = β' there with
 #    `variance_type="fixed_large"`; β̃' = 0 with "fixed_small").
+# 4. RePaint (inpainting) on DDPM / DDIM walks as `RePaintPipeline` does (diffusers has no RePaint
+#    for the σ-space samplers, which keep the paper's form):
+#    a. the levels of `timesteps.diffusers_repaint_plan`: each jump starts one step lower than in
+#       the paper's code, the lowest from the clean image;
+#    b. a jump from s up to the plan's next timestep t re-noises through ⌊T/S⌋ single steps, one
+#       draw each, with β_t, β_{t+1}, …, β_{t+⌊T/S⌋−1} (`RePaintScheduler.undo_step` counts from t)
+#       where q(x_t | x_s) takes β_{s+1} … β_t: the same when S = T, else the stride above t
+#       rather than the one below it (a little more noise);
+#    c. every reverse step draws one z, even when σ = 0, and uses it both as the step's noise and
+#       for the known region's q(x_s | x_0) (`RePaintScheduler.step`), rather than one draw each.
 StepConvention = Literal["ddserve", "diffusers"]
 STEP_CONVENTIONS: tuple[str, ...] = ("ddserve", "diffusers")
 NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -192,8 +210,15 @@ class SamplerSettings:
             num_train_steps, self.num_inference_steps, self.timestep_spacing, self.steps_offset
         )
         if self.jump_n_sample > 1:
-            return repaint_plan(sequence, self.jump_length, self.jump_n_sample)
+            walk = diffusers_repaint_plan if self.diffusers_repaint else repaint_plan
+            return walk(sequence, self.jump_length, self.jump_n_sample)
         return denoising_plan(sequence)
+
+    @property
+    def diffusers_repaint(self) -> bool:
+        """Whether inpainting follows diffusers' `RePaintPipeline` (`StepConvention`, 4): the
+        "diffusers" convention on the timestep samplers (ddpm, ddim)."""
+        return self.convention == "diffusers" and self.sampler not in SIGMA_SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -209,6 +234,9 @@ class Transition:
     alpha_bar_s: float
     sigma: float = 0.0  # noise scale of a reverse step: z is drawn only when σ > 0
     jump: bool = False
+    # A jump of diffusers' RePaint (`StepConvention`, 4b): the single-step β's it re-noises
+    # through, one draw each. Empty: one draw of q(x_s | x_t).
+    betas: tuple[float, ...] = ()
 
     @property
     def is_reverse(self) -> bool:
@@ -258,7 +286,13 @@ class PlanCache:
                 )
                 coefficients = torch.tensor(step.as_row(), dtype=torch.float32)
                 sigma = step.sigma
-            transitions.append(Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t))
+            betas: tuple[float, ...] = ()
+            if s > t and settings.diffusers_repaint:
+                stride = self.schedule.num_timesteps // settings.num_inference_steps
+                betas = tuple(self.schedule.betas[s : s + stride].tolist())
+            transitions.append(
+                Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t, betas=betas)
+            )
         return tuple(transitions)
 
     def _ddim_target_alpha_bar(
@@ -418,6 +452,9 @@ class RowLayout:
     keep_eps: torch.Tensor | None  # [B] bool: bounded rows keeping the network's ε (diffusers DDIM)
     threshold: DynamicThreshold | None  # rows with dynamic thresholding (they are not clipped)
     jumps: bool  # some sample's plan has RePaint's forward jumps
+    # Per sample: it draws one z at every step, for its step and its known region alike
+    # (inpainting as diffusers' RePaint: `StepConvention`, 4c).
+    shared_noise: tuple[bool, ...]
 
 
 class DenoisingBatch:
@@ -527,6 +564,9 @@ class DenoisingBatch:
             keep_eps=torch.tensor(keep_eps, device=self.device) if any(keep_eps) else None,
             threshold=threshold,
             jumps=any(s.settings.jump_n_sample > 1 for s in samples),
+            shared_noise=tuple(
+                s.known is not None and s.settings.diffusers_repaint for s in samples
+            ),
         )
 
     # --- membership -----------------------------------------------------------------------------
@@ -652,7 +692,9 @@ class DenoisingBatch:
         eps, x0 = self._guided_prediction(t, coefficients)  # [B, C, H, W] each; x0 None for ε
         grad = self._classifier_gradient(t)
         layout = self.layout
-        noise = self._noise([tr.sigma > 0 for tr in transitions])
+        noise = self._noise(
+            [tr.sigma > 0 or one for tr, one in zip(transitions, layout.shared_noise, strict=True)]
+        )
         x_prev, x0, _ = reverse_step(
             self.x,
             eps,
@@ -667,7 +709,7 @@ class DenoisingBatch:
         )
         if self.history is not None:
             x_prev, self.history = solver_update(self.x, x_prev, x0, coefficients, self.history)
-        x_prev = self._merge_known_region(x_prev, transitions)
+        x_prev = self._merge_known_region(x_prev, transitions, noise)
         self.x = x_prev
         for i, sample in enumerate(self.samples):
             sample.position += 1
@@ -685,8 +727,13 @@ class DenoisingBatch:
         for i, sample in enumerate(self.samples):
             while not sample.done and not sample.transitions[sample.position].is_reverse:
                 tr = sample.transitions[sample.position]
-                z = torch.randn(self.sample_shape, generator=sample.generator).to(self.x)
-                self.x[i] = forward_jump(self.x[i], tr.alpha_bar_t, tr.alpha_bar_s, z)
+                if tr.betas:  # diffusers' undo_step: one single step and one draw per β
+                    for beta in tr.betas:
+                        z = torch.randn(self.sample_shape, generator=sample.generator).to(self.x)
+                        self.x[i] = forward_jump(self.x[i], 1.0, 1.0 - beta, z)
+                else:
+                    z = torch.randn(self.sample_shape, generator=sample.generator).to(self.x)
+                    self.x[i] = forward_jump(self.x[i], tr.alpha_bar_t, tr.alpha_bar_s, z)
                 sample.position += 1
 
     def _guided_prediction(
@@ -760,17 +807,22 @@ class DenoisingBatch:
         return noise.to(device=self.device, dtype=self.dtype)
 
     def _merge_known_region(
-        self, x_prev: torch.Tensor, transitions: list[Transition]
+        self, x_prev: torch.Tensor, transitions: list[Transition], noise: torch.Tensor | None
     ) -> torch.Tensor:
-        """RePaint: x_s = m ⊙ x_s^known + (1 − m) ⊙ x_s^unknown, x_s^known ~ q(x_s | x_0)."""
+        """RePaint: x_s = m ⊙ x_s^known + (1 − m) ⊙ x_s^unknown, x_s^known ~ q(x_s | x_0), with
+        a z of its own, or this step's `noise` row for diffusers' RePaint (`StepConvention`, 4c)."""
         rows = [i for i, s in enumerate(self.samples) if s.known is not None]
         if not rows:
             return x_prev
         x_prev = x_prev.clone()
+        shared = self.layout.shared_noise
         for i in rows:
             sample, tr = self.samples[i], transitions[i]
             known = sample.known.to(x_prev)
-            if tr.s >= 0:
+            if shared[i]:
+                assert noise is not None  # `step` drew this row's z
+                known = tr.alpha_bar_s**0.5 * known + (1.0 - tr.alpha_bar_s) ** 0.5 * noise[i]
+            elif tr.s >= 0:
                 z = torch.randn(self.sample_shape, generator=sample.generator).to(x_prev)
                 known = tr.alpha_bar_s**0.5 * known + (1.0 - tr.alpha_bar_s) ** 0.5 * z
             mask = sample.mask.to(x_prev)

@@ -141,18 +141,12 @@ def denoising_plan(sequence: list[int]) -> list[int]:
     return [*sequence, -1]
 
 
-def repaint_plan(sequence: list[int], jump_length: int, jump_n_sample: int) -> list[int]:
-    """RePaint's resampling schedule (Lugmayr et al. 2022, §4.2) over a descending sequence.
-
-    Walking down the S steps, every `jump_length` steps the sample jumps back up `jump_length`
-    steps (re-noised by the forward process) and is denoised again, `jump_n_sample − 1` times per
-    jump point; this harmonizes the generated region with the known one. Indices are positions in the
-    sequence (0 = least noisy), mapped back to timesteps at the end.
-    """
+def _jump_indices(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's walk over the positions 0 … S − 1 of a sequence (0 = least noisy), as the
+    paper's `get_schedule_jump` lays it: down one position at a time; at every `jump_length`-th
+    position below S − `jump_length`, back up `jump_length` positions, `jump_n_sample − 1` times."""
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError("jump_length and jump_n_sample must be ≥ 1")
-    ascending = sequence[::-1]  # ascending[k] is the k-th least noisy timestep
-    num_steps = len(sequence)
     jumps_left = {k: jump_n_sample - 1 for k in range(0, num_steps - jump_length, jump_length)}
     indices: list[int] = []
     k = num_steps
@@ -164,7 +158,41 @@ def repaint_plan(sequence: list[int], jump_length: int, jump_n_sample: int) -> l
             for _ in range(jump_length):
                 k += 1
                 indices.append(k)
+    return indices
+
+
+def repaint_plan(sequence: list[int], jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, §4.2) over a descending sequence.
+
+    Walking down the S steps, every `jump_length` steps the sample jumps back up `jump_length`
+    steps (re-noised by the forward process) and is denoised again, `jump_n_sample − 1` times per
+    jump point; this harmonizes the generated region with the known one. The entries of
+    `_jump_indices` are the levels the sample visits, then −1: the paper's code (its
+    `get_schedule_jump` and the loop over its consecutive pairs), ddserve's own convention.
+    """
+    ascending = sequence[::-1]  # ascending[k] is the k-th least noisy timestep
+    indices = _jump_indices(len(sequence), jump_length, jump_n_sample)
     return [ascending[k] for k in indices] + [-1]
+
+
+def diffusers_repaint_plan(sequence: list[int], jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's schedule as diffusers' `RePaintPipeline` walks `RePaintScheduler.set_timesteps`.
+
+    diffusers keeps the same positions (`_jump_indices`, without the final −1) but reads each entry
+    e as the timestep its iteration acts at: below its predecessor, the network is called at e and
+    the sample lands one position lower (e − 1); above it, `undo_step` re-noises the sample from
+    e − 2 to e − 1. Either way the sample is at position e − 1 after entry e (position −1 being
+    the clean image), so the levels it visits are the first entry, then every entry less one:
+
+        paper:     k_0, k_1, …, k_N, −1
+        diffusers: k_0, k_1 − 1, …, k_N − 1        (k_N = 0: ends at −1 too)
+
+    The same number of network calls, but every jump starts one position lower than the paper's,
+    the lowest from the clean image itself (position −1 back to 0).
+    """
+    ascending = sequence[::-1]
+    indices = _jump_indices(len(sequence), jump_length, jump_n_sample)
+    return [ascending[indices[0]]] + [ascending[k - 1] if k >= 1 else -1 for k in indices]
 
 
 def sdedit_start(num_steps: int, strength: float) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ddserve.params import guidance_weight
-from models.catalog import ModelEntry
+from models.catalog import AUTOENCODER_KINDS, ModelEntry
 from models.data import ImageDataset, load_dataset
 from models.diffusion.forward import q_sample
 from models.diffusion.schedule import NoiseSchedule
@@ -52,15 +52,6 @@ from models.evaluation.precision_recall import precision_recall
 from models.nets.classifier import ImageClassifier
 from models.registry import load_network
 
-AUTOENCODER_KINDS = (
-    "autoencoder",
-    "denoising-autoencoder",
-    "sparse-autoencoder",
-    "vae",
-    "adversarial-autoencoder",
-    "vqvae",
-    "kl-autoencoder",
-)
 PRIOR_KINDS = ("vae", "adversarial-autoencoder")  # p(z) = N(0, I) is part of their objective
 NOISY_T_EDGES = (0, 100, 250, 500, 750, 1000)  # per 1000 steps; scaled to the schedule's T
 

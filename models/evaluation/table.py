@@ -12,7 +12,7 @@ from typing import Any
 
 from models.catalog import DEFAULT_ZOO, load_catalog
 from models.evaluation.report import read_metrics
-from models.evaluation.targets import TARGETS, check_targets
+from models.evaluation.targets import TARGETS, check_targets, value_at
 
 
 def _pct(value: Any) -> str:
@@ -23,19 +23,11 @@ def _num(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
-def _get(result: dict[str, Any], *path: str) -> Any:
-    for key in path:
-        if not isinstance(result, dict) or key not in result:
-            return None
-        result = result[key]
-    return result
-
-
 def headline(kind: str, result: dict[str, Any]) -> str:
     """The few figures that matter for one measurement, as text."""
     if kind == "classifier":
         parts = [
-            f"test accuracy {name} {_pct(_get(result, 'test_accuracy', name, 'accuracy'))}"
+            f"test accuracy {name} {_pct(value_at(result, 'test_accuracy', name, 'accuracy'))}"
             for name in result.get("test_accuracy", {})
         ]
         floor = result.get("data_floor", {})
@@ -50,13 +42,13 @@ def headline(kind: str, result: dict[str, Any]) -> str:
         first = next(iter(acc), None)
         return (
             f"kept-region MSE {_num(result['kept_region_mse'])}; accuracy on completions "
-            f"{_pct(_get(acc, first, 'accuracy'))} (originals "
-            f"{_pct(_get(result, 'accuracy_originals', first, 'accuracy'))}, masked input "
-            f"{_pct(_get(result, 'accuracy_masked_input', first, 'accuracy'))})"
+            f"{_pct(value_at(acc, first, 'accuracy'))} (originals "
+            f"{_pct(value_at(result, 'accuracy_originals', first, 'accuracy'))}, masked input "
+            f"{_pct(value_at(result, 'accuracy_masked_input', first, 'accuracy'))})"
         )
     if "fid" in result:  # generation
         parts = [
-            f"FID {_num(result['fid'])} (floor {_num(_get(result, 'data_floor', 'fid'))})",
+            f"FID {_num(result['fid'])} (floor {_num(value_at(result, 'data_floor', 'fid'))})",
             f"P {_num(result.get('precision'), 2)} / R {_num(result.get('recall'), 2)}",
         ]
         for name, value in result.get("accuracy", {}).items():
@@ -86,7 +78,7 @@ def headline(kind: str, result: dict[str, Any]) -> str:
         parts.append(f"reconstructions: FID {_num(recon.get('fid'))}, accuracy {accuracies}")
     prior = result.get("prior_samples")
     if prior:
-        floor = _get(prior, "data_floor", "fid")
+        floor = value_at(prior, "data_floor", "fid")
         parts.append(f"prior samples: FID {_num(prior.get('fid'))} (floor {_num(floor)})")
     return "; ".join(parts)
 

@@ -21,7 +21,8 @@ class Target:
     check: Callable[[Metrics], tuple[str, bool] | None]
 
 
-def _get(result: dict[str, Any], *path: str) -> Any:
+def value_at(result: dict[str, Any], *path: str) -> Any:
+    """`result[path[0]][path[1]]…`, or None where a key is missing (a metric not measured)."""
     for key in path:
         if not isinstance(result, dict) or key not in result:
             return None
@@ -35,7 +36,7 @@ def _results(metrics: Metrics, prefix: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _ddpm_fid(metrics: Metrics) -> tuple[str, bool] | None:
     for key, result in _results(metrics, "ddpm-1000-"):
-        fid, floor = result.get("fid"), _get(result, "data_floor", "fid")
+        fid, floor = result.get("fid"), value_at(result, "data_floor", "fid")
         if fid is not None and floor:
             return f"{key}: FID {fid:.2f} = {fid / floor:.2f} × floor {floor:.2f}", fid <= 2 * floor
     return None
@@ -55,7 +56,7 @@ def _guided_accuracy(metrics: Metrics) -> tuple[str, bool] | None:
     for key, result in _results(metrics, ""):
         if not key.endswith("-w3") and "-w3-" not in key:
             continue
-        value = _get(result, "accuracy", "class", "accuracy")
+        value = value_at(result, "accuracy", "class", "accuracy")
         if value is not None and not key.startswith("inpaint"):
             return f"{key}: {value:.1%}", value >= 0.98
     return None
@@ -63,19 +64,19 @@ def _guided_accuracy(metrics: Metrics) -> tuple[str, bool] | None:
 
 def _shapes_both(metrics: Metrics) -> tuple[str, bool] | None:
     for key, result in _results(metrics, ""):
-        value = _get(result, "accuracy", "both", "accuracy")
+        value = value_at(result, "accuracy", "both", "accuracy")
         if value is not None and result.get("default_setting"):
             return f"{key}: {value:.1%}", value >= 0.90
     return None
 
 
 def _vae_psnr(metrics: Metrics) -> tuple[str, bool] | None:
-    value = _get(metrics, "test", "psnr_db")
+    value = value_at(metrics, "test", "psnr_db")
     return None if value is None else (f"test PSNR {value:.2f} dB", value >= 20.0)
 
 
 def _vq_perplexity(metrics: Metrics) -> tuple[str, bool] | None:
-    codebook = _get(metrics, "test", "codebook")
+    codebook = value_at(metrics, "test", "codebook")
     if codebook is None:
         return None
     fraction = codebook["perplexity_fraction"]

@@ -16,7 +16,7 @@ from models.autoencoders.vqvae import VQVAE
 from models.data import load_dataset
 from models.onnx.export import export_autoencoder
 from models.registry import WEIGHTS_FILE, save_weights, write_entry
-from models.training.trainer import TrainingTask
+from models.training.trainer import TrainingTask, optimizer_step
 
 GRID_IMAGES = 10  # test images shown (with their reconstructions) in the periodic grids
 
@@ -115,13 +115,7 @@ class AdversarialTask(AutoencoderTask):
         logs: dict[str, float] = {}
         for name, objective in (("main", model.loss), ("disc", model.discriminator_loss)):
             loss, step_logs = objective(x, generator)
-            optimizer = optimizers[name]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            optimizer_step(optimizers[name], loss, grad_clip)
             logs.update(step_logs)
             if name == "main":
                 logs["loss"] = float(loss.detach())

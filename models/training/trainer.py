@@ -39,6 +39,17 @@ class TrainConfig:
         return cls(**known)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One gradient step on `loss` for the optimizer's parameters, their gradients' global L2 norm
+    first clipped to `grad_clip` (g ← g · min(1, c / ‖g‖₂); 0: no clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
 class TrainingTask(ABC):
     """What differs between models: the network, its loss, its samples and its zoo entry."""
 
@@ -66,12 +77,7 @@ class TrainingTask(ABC):
         grad_clip: float,
     ) -> dict[str, float]:
         loss, logs = self.loss(model, step, generator)
-        optimizer = optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        optimizer_step(optimizers["main"], loss, grad_clip)
         return {"loss": float(loss.detach()), **logs}
 
     def sample_images(self, model: nn.Module, generator: torch.Generator) -> torch.Tensor | None:

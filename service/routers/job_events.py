@@ -1,7 +1,7 @@
 """`GET /jobs/{id}/events`: a job's live progress as Server-Sent Events (sse-starlette framing).
 
-Events, in order: `queued` (`{"position"}`, when the job is still in its queue at connect),
-`started`, `progress` (`{"step", "of"}`, and with `?preview=1` the x̂_0 `previews` of a job
+Events, in order: `queued` (`{"position"}`: jobs ahead of it in its queue, when the job is still
+queued at connect, and again each time it moves up, read every `sse_queue_position_s`), `started`, `progress` (`{"step", "of"}`, and with `?preview=1` the x̂_0 `previews` of a job
 submitted with `output.preview_every`), then exactly one terminal event — `succeeded`, `failed` or
 `canceled`, whose data is the job as `GET /jobs/{id}` shows it (outputs with signed links) — after
 which the stream ends. `started` and `progress` carry an `id:` (`{job id}/{stream entry id}`,
@@ -27,7 +27,7 @@ from ddserve.job_events import BadEventId, EventKind, StreamEvent, event_id, par
 from ddserve.jobs import JobStatus
 from service.dependencies import AppState, CallerDep, State, base_url
 from service.errors import ERROR_RESPONSES, ApiError
-from service.event_hub import FINISHED, Listener
+from service.event_hub import FINISHED, Listener, QueuePosition
 from service.jobstore import JobSnapshot
 from service.presenter import job_view
 from service.routers.jobs import JobId, _read
@@ -43,6 +43,10 @@ _TERMINAL_EVENT = {
 
 def _data(payload: dict[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"))
+
+
+def _queued(position: int | None) -> ServerSentEvent:
+    return ServerSentEvent(_data({"position": position}), event=EventKind.QUEUED.value)
 
 
 def _stream_event(job_id: str, event: StreamEvent, preview: bool) -> ServerSentEvent:
@@ -65,14 +69,17 @@ async def _events(
     generator that never starts never runs its `finally`); `first` was read before, and the
     stream is read after: nothing appended in between is missed."""
     job_id = first.id
-    listener: Listener = state.events.listen(job_id, cursor)
+    queued = first.status == JobStatus.QUEUED
+    position = first.queue_position if queued else None
+    listener: Listener = state.events.listen(job_id, cursor, position)
     try:
-        if first.status == JobStatus.QUEUED:
-            yield ServerSentEvent(
-                _data({"position": first.queue_position}), event=EventKind.QUEUED.value
-            )
+        if queued:
+            yield _queued(first.queue_position)
         while True:
             item = await listener.queue.get()
+            if isinstance(item, QueuePosition):
+                yield _queued(item.position)
+                continue
             if item is not FINISHED:
                 for event in item:
                     yield _stream_event(job_id, event, preview)
