@@ -48,6 +48,8 @@ BODY_OPTIONS: dict[str, tuple[str, ...]] = {
     "guidance_scale": ("--guidance-scale", "--guidance"),
     "classifier_scale": ("--classifier-scale",),
     "seed": ("--seed",),
+    "height": ("--height",),
+    "width": ("--width",),
 }
 CLI_DEFAULTS = {"n": 16}  # a grid; the HTTP default is 1
 

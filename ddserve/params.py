@@ -170,12 +170,41 @@ JumpLength = Annotated[
 JumpNSample = Annotated[
     int, Field(ge=1, le=20, description="RePaint's resampling count r (1 = none); omitted: default")
 ]
+# Per-request image size (`/generate`, OpenAI `size`): a model whose network is convolutional at any
+# size (an imported diffusers pipeline) takes height and width that are multiples of its size
+# multiple, f · 2^(D − 1) for a first stage of factor f (1 for pixels) and a UNet of D down blocks,
+# up to `Settings.max_image_side` (its own size is always allowed); a zoo model only its own size.
+# The bound here is the parameter's own; the gateway checks the model's multiple and the setting.
+MAX_IMAGE_SIDE = 4096
+ImageHeight = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_IMAGE_SIDE,
+        description="height of the images in pixels: a multiple of the model's `size_multiple` "
+        "(`GET /models`; 64 for Stable Diffusion 1.x: its first stage's factor 8 × 2^(down "
+        "blocks − 1)), at most DDSERVE_MAX_IMAGE_SIDE (512 by default; the model's own height is "
+        "always allowed); models without a `size_multiple` make only their own size; omitted: the "
+        "model's own height",
+    ),
+]
+ImageWidth = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_IMAGE_SIDE,
+        description="width of the images in pixels, as height: a multiple of the model's "
+        "`size_multiple`, at most DDSERVE_MAX_IMAGE_SIDE (512 by default; the model's own width is "
+        "always allowed); omitted: the model's own width",
+    ),
+]
 ImagePng = Annotated[
     str,
     Field(
         min_length=1,
         description="base64 PNG of the model's size (grayscale or RGB; alpha is composited on "
-        "white)",
+        "white); /inpaint and /img2img on a model with a `size_multiple` also take the sizes "
+        "/generate's height and width take, and run at the image's size",
     ),
 ]
 MaskPng = Annotated[

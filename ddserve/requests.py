@@ -24,9 +24,11 @@ from ddserve.params import (
     GuidanceScale,
     ImageCount,
     ImageFormat,
+    ImageHeight,
     ImageList,
     ImagePng,
     ImageQuality,
+    ImageWidth,
     InferenceSteps,
     JumpLength,
     JumpNSample,
@@ -129,6 +131,8 @@ class GenerateBody(JobBody):
     guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
     seed: Seed | None = None
+    height: ImageHeight | None = None
+    width: ImageWidth | None = None
 
 
 class InpaintBody(JobBody):

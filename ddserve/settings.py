@@ -118,6 +118,15 @@ class Settings(BaseSettings):
         1024 * 1024, description="largest decoded upload image (413 above)"
     )
     max_image_pixels: int = Field(1024 * 1024, description="largest pixel count before decoding")
+    max_image_side: int = Field(
+        512,
+        ge=1,
+        le=4096,
+        description="largest height or width a request may ask of a model that makes other sizes "
+        "(`size_multiple` in GET /models: imported diffusers pipelines; 422 above); a model's own "
+        "size is always allowed. Activation memory grows with height x width: the workers scale "
+        "a size's rows per call down by its area",
+    )
     max_queue_length: int = Field(1000, description="queued + running jobs per model before 429")
     rate_limit_per_minute: int = Field(600, description="requests per API key per minute (0 = off)")
     header_timeout_s: float = Field(

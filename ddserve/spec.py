@@ -38,8 +38,10 @@ from ddserve.params import (
     Eta,
     GuidanceScale,
     ImageCount,
+    ImageHeight,
     ImageList,
     ImagePng,
+    ImageWidth,
     InferenceSteps,
     JumpLength,
     JumpNSample,
@@ -145,6 +147,16 @@ class _ClassifierGuided(_Sampling):
 
 class GenerateSpec(_ClassifierGuided):
     kind: Literal["generate"] = "generate"
+    # The images' size in pixels; the gateway always writes both (the model's own size when the
+    # request gives none). None (a spec queued before sizes existed): the model's own size.
+    height: ImageHeight | None = None
+    width: ImageWidth | None = None
+
+    @model_validator(mode="after")
+    def _both_sides(self) -> GenerateSpec:
+        if (self.height is None) != (self.width is None):
+            raise ValueError("height and width go together")
+        return self
 
 
 class Img2ImgSpec(_ClassifierGuided):

@@ -132,6 +132,10 @@ class ModelEntry(BaseModel):
     description: str = ""
     image: ImageSpec
     latent_shape: list[int] | None = None  # [C, H, W] of encode's output (continuous latents)
+    # Generates images of other sizes too: height and width multiples of this (pixels), the
+    # first stage's factor × the UNet's total down-sampling (`diffusers_format.entries`); None:
+    # only `image`'s size (the zoo's networks are built for one).
+    size_multiple: int | None = None
     code_shape: list[int] | None = None  # [H, W] of a VQ-VAE's code indices
     codebook_size: int | None = None
     conditioning: Conditioning | None = None

@@ -112,6 +112,7 @@ def build_state(
             catalog,
             set(served),
             UploadLimits(settings.max_image_bytes, settings.max_image_pixels),
+            settings.max_image_side,
         ),
         store=store,
         storage=storage if storage is not None else create_storage(settings),

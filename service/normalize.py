@@ -28,6 +28,7 @@ from ddserve.requests import (
     InpaintBody,
     ReconstructBody,
 )
+from ddserve.settings import Settings
 from ddserve.spec import (
     DecodeSpec,
     EncodeSpec,
@@ -41,9 +42,16 @@ from models.catalog import ModelEntry, SamplingDefaults, encodes_own_prompts
 from models.data.text import encode_prompt, null_tokens, tokenize
 from service import nested
 from service.errors import ApiError
-from service.uploads import UploadLimits, canonical_image, canonical_mask
+from service.uploads import (
+    UploadLimits,
+    canonical_image,
+    canonical_mask,
+    decode_base64,
+    png_size,
+)
 
 RANDOM_SEED_BOUND = 2**31  # seeds the gateway draws stay small enough to read and retype
+DEFAULT_MAX_IMAGE_SIDE: int = Settings.model_fields["max_image_side"].default
 
 
 def _invalid(code: str, message: str, param: str) -> ApiError:
@@ -54,11 +62,16 @@ class RequestNormalizer:
     """Validates bodies against `catalog` (name → entry); `served` limits which models take jobs."""
 
     def __init__(
-        self, catalog: dict[str, ModelEntry], served: set[str], limits: UploadLimits
+        self,
+        catalog: dict[str, ModelEntry],
+        served: set[str],
+        limits: UploadLimits,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     ) -> None:
         self.catalog = catalog
         self.served = served
         self.limits = limits
+        self.max_image_side = max_image_side  # `Settings.max_image_side`
 
     # --- common checks ---
 
@@ -86,6 +99,69 @@ class RequestNormalizer:
     @staticmethod
     def _size(entry: ModelEntry) -> tuple[int, int]:
         return entry.image.width, entry.image.height
+
+    def _image_size(
+        self, entry: ModelEntry, height: int | None, width: int | None, source: str | None = None
+    ) -> tuple[int, int]:
+        """The (height, width) of the images a request asks for: the model's own size unless
+        given. A model with a `size_multiple` (a diffusers pipeline: its network is convolutional
+        and needs sides that its first stage and UNet divide, f · 2^(D − 1)) takes multiples of it
+        up to `max_image_side` and `max_image_pixels` pixels (its own size always); another model
+        makes its own size only. `source`: the input image whose size it is (the errors name it)."""
+        own_h, own_w = entry.image.height, entry.image.width
+        size = (own_h if height is None else height, own_w if width is None else width)
+        if size == (own_h, own_w):
+            return size
+        # An input image's errors name the image; a request's name the side at fault.
+        prefix = f"{source} is {size[1]}×{size[0]}: " if source else ""
+
+        def param(side: str) -> str:
+            return source or side
+
+        multiple = entry.size_multiple
+        if multiple is None:
+            raise _invalid(
+                "fixed_image_size",
+                f"{prefix}model {entry.name!r} makes {own_w}×{own_h} images only (height {own_h}, "
+                f"width {own_w}); leave height and width out",
+                param("height" if size[0] != own_h else "width"),
+            )
+        for side, value, own in (("height", size[0], own_h), ("width", size[1], own_w)):
+            if value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise _invalid(
+                    "image_size_not_multiple",
+                    f"{prefix}{side} {value} is not a multiple of {multiple}, model "
+                    f"{entry.name!r}'s size_multiple (its first stage and UNet divide the sides "
+                    f"by it): use {lower} or {lower + multiple}",
+                    param(side),
+                )
+            if value > self.max_image_side and value != own:
+                raise _invalid(
+                    "image_size_too_large",
+                    f"{prefix}{side} {value} is over this service's limit of "
+                    f"{self.max_image_side} pixels a side (DDSERVE_MAX_IMAGE_SIDE; model "
+                    f"{entry.name!r}'s own size {own_w}×{own_h} is always allowed)",
+                    param(side),
+                )
+        if size[0] * size[1] > self.limits.max_image_pixels:
+            raise _invalid(
+                "image_size_too_large",
+                f"{prefix}{size[1]}×{size[0]} is {size[0] * size[1]} pixels, over this service's "
+                f"limit of {self.limits.max_image_pixels} (DDSERVE_MAX_IMAGE_PIXELS)",
+                param("height" if size[0] != own_h else "width"),
+            )
+        return size
+
+    def _input_size(self, entry: ModelEntry, image: str, param: str) -> tuple[int, int]:
+        """(width, height) an input image must have (`canonical_image`'s order): the model's own,
+        or for a model with a `size_multiple` the image's own when `/generate` would make it (an
+        inpaint or img2img job then runs at that size)."""
+        if entry.size_multiple is None:
+            return self._size(entry)
+        width, height = png_size(decode_base64(image, param, self.limits), param)
+        self._image_size(entry, height, width, source=param)
+        return width, height
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -314,11 +390,14 @@ class RequestNormalizer:
 
     def generate(self, body: GenerateBody) -> GenerateSpec | PriorSampleSpec:
         entry = self.entry(body.model, "generate")
+        height, width = self._image_size(entry, body.height, body.width)
         if entry.schedule is None:  # no diffusion: a VAE or AAE samples its prior, then decodes
             return self._prior_sample(entry, body)
         return GenerateSpec(
             model=entry.name,
             n=body.n,
+            height=height,
+            width=width,
             **self._sampling(entry, body),
             **self._condition(
                 entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
@@ -390,12 +469,11 @@ class RequestNormalizer:
                 f"jump_length {jump_length} exceeds num_inference_steps {steps}",
                 "jump_length",
             )
+        size = self._input_size(entry, body.image, "image")
         return InpaintSpec(
             model=entry.name,
-            image=canonical_image(
-                body.image, "image", self.limits, self._size(entry), entry.image.channels
-            ),
-            mask=canonical_mask(body.mask, "mask", self.limits, self._size(entry)),
+            image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
+            mask=canonical_mask(body.mask, "mask", self.limits, size),
             n=body.n,
             **sampling,
             jump_length=jump_length,
@@ -429,11 +507,10 @@ class RequestNormalizer:
                 "steps",
                 "strength",
             )
+        size = self._input_size(entry, body.image, "image")
         return Img2ImgSpec(
             model=entry.name,
-            image=canonical_image(
-                body.image, "image", self.limits, self._size(entry), entry.image.channels
-            ),
+            image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
             strength=body.strength,
             n=body.n,
             **sampling,

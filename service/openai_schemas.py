@@ -72,7 +72,11 @@ class ImageGenerationBody(DdserveExtras):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="the prompt (see module doc)")
     model: ModelName | None = Field(None, description="a model of `GET /v1/models`")
     n: ImageCount = 1
-    size: str | None = Field(None, description='"auto" or "WxH", the model\'s own size')
+    size: str | None = Field(
+        None,
+        description='"auto" (the model\'s own size) or "WxH": the model\'s own, or for a model with '
+        "a `size_multiple` any size `/generate`'s height and width take",
+    )
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="url (signed, expiring link) or b64_json"
     )
@@ -85,22 +89,45 @@ class ImageGenerationBody(DdserveExtras):
     user: str | None = Field(None, max_length=256, description="the end user, for the logs")
 
 
-def check_size(size: str | None, entry: ModelEntry) -> None:
-    """`size` must be "auto" or the model's own "WxH" (ddserve models have one size)."""
+def parse_size(size: str | None, entry: ModelEntry) -> tuple[int, int] | None:
+    """(height, width) of a "WxH" `size`; None for "auto" or none (the model's own size)."""
     if size is None or size == "auto":
-        return
-    own = f"{entry.image.width}x{entry.image.height}"
+        return None
     match = SIZE.match(size)
     if match is None:
+        own = f"{entry.image.width}x{entry.image.height}"
         raise _bad(
             f'size must be "auto" or "WxH" (model {entry.name!r}: "{own}")', "size", "invalid_size"
         )
-    if size != own:
+    return int(match.group(2)), int(match.group(1))
+
+
+def check_size(size: str | None, entry: ModelEntry, image: tuple[int, int] | None = None) -> None:
+    """`size` must be "auto" or the model's own "WxH" (a model without a `size_multiple` makes one
+    size); an edit's must be its image's (width, height) `image` where the model takes other sizes
+    (the edit then runs at that size)."""
+    parsed = parse_size(size, entry)
+    own = (entry.image.height, entry.image.width)
+    if entry.size_multiple is not None and image is not None:
+        own = (image[1], image[0])
+    if parsed is not None and parsed != own:
+        made = f"{own[1]}x{own[0]}"
         raise _bad(
-            f"size {size} is not served by model {entry.name!r}; it makes {own} images",
+            f"size {size} is not served by model {entry.name!r} here; it makes {made} images",
             "size",
             "unsupported_size",
         )
+
+
+def generation_size(size: str | None, entry: ModelEntry) -> dict[str, int]:
+    """The `height` and `width` of `/generate` for a generation's `size`: a model that makes other
+    sizes (`size_multiple`) takes any "WxH" that `/generate` takes (checked there: a multiple, up to
+    the side limit, else a 422); another model only its own size (400 `unsupported_size`)."""
+    if entry.size_multiple is None:
+        check_size(size, entry)
+        return {}
+    parsed = parse_size(size, entry)
+    return {} if parsed is None else {"height": parsed[0], "width": parsed[1]}
 
 
 def condition_of(
@@ -155,13 +182,14 @@ def output_options(
 
 def generate_body(body: ImageGenerationBody, entry: ModelEntry, b64: bool) -> dict[str, Any]:
     """ddserve's `/generate` body for an OpenAI generation request on `entry`."""
-    check_size(body.size, entry)
+    size = generation_size(body.size, entry)
     prompt, class_label = condition_of(body.prompt, body.class_label, entry)
     extras = body.model_dump(include=set(DdserveExtras.model_fields), exclude_none=True)
     extras.update(prompt=prompt, class_label=class_label)
     return {
         "model": entry.name,
         "n": body.n,
+        **size,
         **{k: v for k, v in extras.items() if v is not None},
         "output": output_options(body.output_format, body.output_compression, b64),
     }

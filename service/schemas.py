@@ -95,6 +95,12 @@ class ModelInfo(BaseModel):
     description: str = ""
     image: ImageSpec
     latent_shape: list[int] | None = None
+    size_multiple: int | None = Field(
+        None,
+        description="the model also makes other sizes: /generate's height and width are "
+        "multiples of this (first-stage factor × 2^(UNet down blocks − 1)); null: `image`'s size "
+        "only",
+    )
     code_shape: list[int] | None = None
     codebook_size: int | None = None
     conditioning: Conditioning | None = None

@@ -4,6 +4,7 @@ the first stage's encode/decode/reconstruct, through the Python client."""
 
 from __future__ import annotations
 
+import base64
 import io
 import uuid
 from collections.abc import Iterator
@@ -152,9 +153,60 @@ def test_bad_requests_are_clear_422s(client: Client) -> None:
             client.generate(**body)  # type: ignore[arg-type]
         assert (caught.value.code, caught.value.param) == (code, param), body
     wrong_size = np.zeros((32, 32, 3), dtype=np.uint8)
+    odd_size = np.zeros((15, 15, 3), dtype=np.uint8)  # pix takes sides that are multiples of 2
     with pytest.raises(ValidationError) as caught:
-        client.inpaint("pix", Image.fromarray(wrong_size), np.ones((32, 32), bool))
+        client.inpaint("pix", Image.fromarray(odd_size), np.ones((15, 15), bool))
     assert caught.value.param == "image" and "16" in caught.value.message
     with pytest.raises(ValidationError) as caught:
         client.encode("lat-vqvae", [wrong_size])
     assert caught.value.param == "images[0]"
+
+
+def test_generate_at_other_sizes_over_http(server: LocalServer, client: Client) -> None:
+    """`height`/`width` (#19 item 5): jobs of one model at two sizes and its own, in flight
+    together, each come back as PNGs of their size; the OpenAI `size` asks the same; a size the
+    model cannot make is a 422."""
+    assert client.model("lat").size_multiple == 4 and client.model("pix").size_multiple == 2
+    sizes = [(24, 8), (8, 24), (16, 16)]
+    jobs = [
+        client.generate("lat", height=h, width=w, n=2, num_inference_steps=4, seed=5, wait=False)
+        for h, w in sizes
+    ]
+    for (height, width), job in zip(sizes, jobs, strict=True):
+        done = client.wait(job, timeout=120)
+        assert done.input["height"] == height and done.input["width"] == width
+        for data in client.download_images(done):
+            assert Image.open(io.BytesIO(data)).size == (width, height)
+    alone = client.generate("lat", height=24, width=8, n=2, num_inference_steps=4, seed=5)
+    together = client.download_images(client.wait(jobs[0]))
+    for a, b in zip(together, client.download_images(alone), strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    rng = np.random.default_rng(2)
+    picture = Image.fromarray(rng.integers(0, 256, (24, 8, 3), dtype=np.uint8))
+    redrawn = client.img2img("lat", picture, strength=0.5, num_inference_steps=4, seed=1)
+    assert (redrawn.images[0].width, redrawn.images[0].height) == (8, 24)
+    keep = np.ones((24, 8), dtype=bool)
+    keep[12:] = False
+    painted = client.inpaint("pix", picture, keep, num_inference_steps=4, seed=1)
+    result = pixels(client.download_images(painted)[0])
+    assert result.shape == (24, 8, 3)
+    assert np.abs(result[keep] - np.asarray(picture, np.int16)[keep]).max() <= 1
+    with pytest.raises(ValidationError) as caught:
+        client.generate("pix", height=15)
+    assert (caught.value.code, caught.value.param) == ("image_size_not_multiple", "height")
+    with pytest.raises(ValidationError) as caught:
+        client.generate("pix", width=1024)
+    assert caught.value.code == "image_size_too_large"
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0) as sdk:
+        result = sdk.images.generate(
+            model="pix",
+            prompt="",
+            size="12x20",  # type: ignore[arg-type]
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 3, "seed": 1},
+        )
+        picture = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json or "")))
+        assert picture.size == (12, 20)
+        with pytest.raises(openai.UnprocessableEntityError):
+            sdk.images.generate(model="pix", prompt="", size="13x20")  # type: ignore[arg-type]

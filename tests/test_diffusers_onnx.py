@@ -62,6 +62,34 @@ def test_import_onnx_exports_a_kl_first_stage(
     assert entry.files == onnx_files("vqvae")  # LDMPipeline's slot is named vqvae
     assert all((repo / "kl" / name).is_file() for name in entry.files.values())
     assert_codecs_agree(entry)
+    assert_other_sizes_decode_in_pytorch(repo, "kl")
+
+
+def assert_other_sizes_decode_in_pytorch(repo: Path, name: str) -> None:
+    """The graphs have the model's own H and W (a dynamic batch axis only): a latent model's own
+    size decodes in ONNX Runtime, another size (`height`/`width` of /generate) in diffusers'
+    module, both as diffusers decodes."""
+    import diffusers
+    import torch
+
+    from ddserve.settings import Settings
+    from models.diffusers_format.loading import DiffusersCodec
+    from workers.model_pool import DiffusionModel, ModelPool
+
+    settings = Settings(model_dirs=str(repo), device="cpu", onnx_providers="CPUExecutionProvider")
+    model = ModelPool(settings).get(name)
+    assert isinstance(model, DiffusionModel) and isinstance(model.first_stage, OnnxCodec)
+    assert model.resizable_first_stage is not None
+    vae = diffusers.AutoencoderKL.from_pretrained(repo / name, subfolder="vqvae")
+    g = torch.Generator().manual_seed(1)
+    for size in ((16, 16), (24, 8)):
+        z = torch.randn((2, *model.sample_shape_at(*size)), generator=g)  # scaled latents
+        with torch.no_grad():
+            expected = vae.decode(z / model.latent_scale).sample.clamp(-1, 1)  # [2, 3, H, W]
+        got = model.to_pixels(z)
+        assert got.shape == (2, 3, *size)
+        assert (got - expected).abs().max().item() <= TOLERANCE
+    assert isinstance(model.resizable_first_stage(), DiffusersCodec)
 
 
 def test_export_cli_writes_a_vq_first_stage_and_the_catalog_finds_it(

@@ -38,8 +38,10 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     root = tmp_path_factory.mktemp("fuzz")
     zoo = write_config_zoo(root / "zoo")
     # No worker runs here: the synchronous OpenAI Images routes answer their 503 (Retry-After)
-    # after a short wait instead of holding each example for the default 120 s.
-    gateway, _ = make_app(zoo, root, openai_wait_s=0.2)
+    # after a short wait instead of holding each example for the default 120 s, and a job route's
+    # `Prefer: wait=N` (its schema's example is wait=30) answers 202 at once instead of holding
+    # an accepted example past the client's 10 s read timeout.
+    gateway, _ = make_app(zoo, root, openai_wait_s=0.2, max_wait_s=0.2)
     return gateway
 
 

@@ -63,6 +63,8 @@ def test_generate_fills_defaults_and_queues(client: TestClient) -> None:
         "guidance_scale": 3.0,  # the model's default (s), since a class is given
         "classifier_scale": 0.0,
         "clip_denoised": True,
+        "height": 8,  # the model's own size, always written by the gateway
+        "width": 8,
         "output": {
             "format": "png",
             "quality": None,

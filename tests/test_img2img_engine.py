@@ -137,7 +137,7 @@ def test_an_image_the_model_cannot_take_fails_only_its_job(pool: ModelPool) -> N
     model = pool.get(MODEL)
     assert isinstance(model, DiffusionModel)
     wrong = parse_job_spec(img2img(1, image=digit(6)))
-    with pytest.raises(InvalidJobRequest, match="the model needs 8×8"):
+    with pytest.raises(InvalidJobRequest, match=r"cannot make 6×6 images \(8×8 only\)"):
         prepare_denoise(wrong, model, "j")
     too_weak = parse_job_spec(img2img(1, strength=0.05))  # ⌊10 · 0.05⌋ = 0 steps
     with pytest.raises(InvalidJobRequest, match="takes no denoising step"):

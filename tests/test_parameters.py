@@ -43,6 +43,8 @@ SAMPLE_VALUES = {
     "jump_length": 5,
     "jump_n_sample": 2,
     "strength": 0.45,
+    "height": 24,
+    "width": 32,
 }
 
 
@@ -123,6 +125,7 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
             ["n", "num_inference_steps", "eta", "guidance_scale", "seed", "negative_prompt"],
         ),
         (GenerateBody, GenerateSpec, ["use_karras_sigmas", "solver_order"]),
+        (GenerateBody, GenerateSpec, ["height", "width"]),
         (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
         (InpaintBody, InpaintSpec, ["use_karras_sigmas", "solver_order"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),

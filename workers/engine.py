@@ -56,6 +56,12 @@ Batching modes (`Settings.batching`), for comparison on the same engine:
   set then runs until all of its samples are done (classic dynamic batching);
 - `none`: one job at a time.
 
+Image sizes: samples of different sizes cannot share a tensor, so a model whose requests ask for
+other sizes (`height` / `width`, `ModelEntry.size_multiple`) has one lane per size in flight: the
+lane of the model's own size reads the model's queue and hands a ticket of another size to the lane
+of that size (`Engine.sized_lanes`, made on demand, with the row limit scaled by the area, dropped
+once idle). Requests of one size share calls exactly as above.
+
 Jobs arrive through a `JobFeed` (the RQ worker's queues, or an in-memory feed in tests) as `Ticket`s
 that carry the job's request and report its end.
 """
@@ -63,6 +69,7 @@ that carry the job's request and report its end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -81,11 +88,17 @@ from ddserve.spec import GenerateSpec, Img2ImgSpec, InpaintSpec, JobSpec, PriorS
 from ddserve.storage import Storage
 from models.diffusion.sampler import DenoisingBatch, NetworkFn, Sample
 from workers.admission import AdmissionPolicy, BatchingMode, WaitingJob
-from workers.errors import JobDeadlineExceeded, NonFiniteOutput, WorkerStopped
+from workers.errors import (
+    InvalidJobRequest,
+    JobDeadlineExceeded,
+    NonFiniteOutput,
+    WorkerStopped,
+)
 from workers.execute import (
     CodecCall,
     DenoiseWork,
     PromptRows,
+    image_size,
     prepare_codec,
     prepare_denoise,
     preview_png,
@@ -94,6 +107,7 @@ from workers.execute import (
     text_prompts,
 )
 from workers.isolation import IsolatingClassifier, IsolatingNetwork, non_finite_samples
+from workers.memory_budget import row_limit_at
 from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 from workers.threads import limit_this_thread, spare_threads
 
@@ -136,6 +150,10 @@ class Ticket(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
     def cancel(self) -> None: ...
+
+
+# Hands a ticket of another image size to that size's lane.
+Divert = Callable[["Ticket", tuple[int, int]], None]
 
 
 class JobFeed(Protocol):
@@ -368,14 +386,31 @@ class DenoiseLane:
         sleep: Callable[[float], None],
         store_threads: StoreThreads | None = None,
         prepare_thread: PrepareThread | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+        divert: Divert | None = None,
+        others_waiting: Callable[[], bool] | None = None,
     ) -> None:
+        """`size`: (height, width) of this lane's images (default: the model's own). The lane of
+        the model's own size reads the model's queue and hands a ticket of another size to
+        `divert` (the engine's lane of that size), and reads no further while `others_waiting`
+        (a lane of another size holds samples its running set has no room for: as for its own
+        waiting samples, more jobs would only wait); a lane of another size (`divert` None)
+        reads no queue and holds only what it is handed."""
         self.model = model
         self.feed = feed
         self.storage = storage
         self.policy = policy
+        self.size = size or model.image_size
+        self.sample_shape = model.sample_shape_at(*self.size)  # (C, h, w) of its samples' x_t
+        self.divert = divert
+        self.others_waiting = others_waiting
+        self.reads_queue = size is None or size == model.image_size
         # Rows per call: max_batch, lowered to what the device holds (`workers.memory_budget`:
-        # measured at load, then lowered again by any call that still runs out of memory).
-        self.row_limit = model.row_limit
+        # measured at load — scaled by the area for another size — then lowered again by any
+        # call that still runs out of memory).
+        row_limit = row_limit_at(model.row_limit, model.image_size, self.size, policy.max_batch)
+        self.row_limit = row_limit
         self.admission = policy.admission
         self.stats = stats
         self.clock = clock
@@ -387,8 +422,8 @@ class DenoiseLane:
         self.preparing: dict[str, PreparingJob] = {}  # by ticket key, in order of arrival
         self._owner: dict[int, JobState] = {}  # id(sample) → its job
         self._seq = 0
-        if model.row_limit is not None:
-            self._lower_row_limit(model.row_limit)
+        if row_limit is not None:
+            self._lower_row_limit(row_limit)
 
     @property
     def name(self) -> str:
@@ -405,7 +440,7 @@ class DenoiseLane:
     def _new_batch(self) -> DenoisingBatch:
         """An empty running set whose network calls are split when they fail (`isolation`) and
         timed into the stats (each call actually made)."""
-        batch = self.model.new_batch()
+        batch = self.model.new_batch(self.sample_shape)
         self.isolation = IsolatingNetwork(
             TimedNetwork(batch.network, self.stats), max_rows=self.row_limit
         )
@@ -430,7 +465,18 @@ class DenoiseLane:
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
         """Turn a ticket into samples; a request that cannot run fails at once (only itself). A
-        job whose prompts the text encoder must encode goes to the prepare thread first."""
+        ticket of another image size goes to that size's lane (`divert`); a job whose prompts the
+        text encoder must encode goes to the prepare thread first."""
+        try:
+            size = image_size(ticket.spec, self.model)
+            if size != self.size and self.divert is None:
+                raise InvalidJobRequest(f"this lane makes {self.size} images, not {size}")
+        except Exception as exc:
+            _end(ticket.fail, exc, self.stats, "failed")
+            return
+        if size != self.size and self.divert is not None:
+            self.divert(ticket, size)
+            return
         self._seq += 1
         prompts = self._prompts_to_encode(ticket.spec)
         if prompts is not None:
@@ -475,11 +521,27 @@ class DenoiseLane:
         return sum(job.network_rows for job in self.preparing.values())
 
     def _take_one(self) -> bool:
+        """Take one ticket from the model's queue (only the lane of the model's own size reads
+        it, and not while a lane of another size has samples waiting); False when none came."""
+        if not self.reads_queue or (self.others_waiting is not None and self.others_waiting()):
+            return False
         ticket = self.feed.take(self.name)
         if ticket is None:
             return False
         self.accept(ticket)
         return True
+
+    def take_diverted(self, ticket: Ticket) -> None:
+        """A ticket of this lane's size, taken from the queue by the model's own lane: held, and
+        admitted at once where the running set has room."""
+        self.accept(ticket)
+        self._admit()
+
+    @property
+    def waiting(self) -> bool:
+        """Samples are held that the running set has no room for yet (or will be, once their
+        prompts are encoded)."""
+        return bool(self.preparing) or any(job.pending for job in self.jobs.values())
 
     # --- admission ------------------------------------------------------------------------------
     def _admit(self) -> bool:
@@ -531,7 +593,7 @@ class DenoiseLane:
             return  # request / none: the running set runs to its end first
         if not any(j.pending for j in self.jobs.values()) and not self._take_one():
             return
-        if mode == "request":
+        if mode == "request" and self.reads_queue:
             # Gather for up to max_wait (measured, and counted in polls so a frozen clock ends too).
             give_up = self.clock() + self.policy.max_wait_s
             polls_left = math.ceil(self.policy.max_wait_s / REQUEST_POLL_S)
@@ -902,7 +964,11 @@ class Engine:
         self.clock = clock
         self._store_threads = StoreThreads(store_threads) if store_threads > 0 else None
         self._prepare_thread = PrepareThread() if prepare_thread else None
+        self._sleep = sleep
+        self.storage = storage
+        # One lane per model (its own image size), and one per (model, other size) in flight.
         self.lanes: dict[str, Lane] = {}
+        self.sized_lanes: dict[tuple[str, tuple[int, int]], DenoiseLane] = {}
         for name in models:
             model = pool.get(name)
             if isinstance(model, DiffusionModel):
@@ -916,19 +982,51 @@ class Engine:
                     sleep,
                     self._store_threads,
                     self._prepare_thread,
+                    divert=functools.partial(self._divert, name),
+                    others_waiting=functools.partial(self._sizes_waiting, name),
                 )
             else:
                 self.lanes[name] = CodecLane(model, feed, storage, self.stats)
 
+    def _every_lane(self) -> list[Lane]:
+        return [*self.lanes.values(), *self.sized_lanes.values()]
+
+    def _sizes_waiting(self, name: str) -> bool:
+        """A lane of model `name` at another size holds samples waiting for room."""
+        return any(lane.waiting for (model, _), lane in self.sized_lanes.items() if model == name)
+
+    def _divert(self, name: str, ticket: Ticket, size: tuple[int, int]) -> None:
+        """A ticket of model `name` at another image size than the model's own: to the lane of
+        that size, made on demand (its samples cannot share the own size's tensors)."""
+        lane = self.sized_lanes.get((name, size))
+        if lane is None:
+            own = self.lanes[name]
+            assert isinstance(own, DenoiseLane)
+            lane = DenoiseLane(
+                own.model,
+                self.feed,
+                self.storage,
+                self.policy,
+                self.stats,
+                self.clock,
+                self._sleep,
+                self._store_threads,
+                self._prepare_thread,
+                size=size,
+            )
+            self.sized_lanes[(name, size)] = lane
+            log.info("model %s: a running set for %d×%d images", name, size[1], size[0])
+        lane.take_diverted(ticket)
+
     @property
     def idle(self) -> bool:
         """No job held: nothing running, nothing waiting for admission."""
-        return all(lane.idle for lane in self.lanes.values())
+        return all(lane.idle for lane in self._every_lane())
 
     def held_tickets(self) -> list[Ticket]:
         """Every ticket held (running, waiting for admission, or in preparation)."""
         tickets: list[Ticket] = []
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             if isinstance(lane, DenoiseLane):
                 tickets.extend(lane.tickets())
             else:
@@ -960,16 +1058,20 @@ class Engine:
         tickets = self.held_tickets()
         canceled = self.feed.canceled(tickets) if tickets else set()
         now = self.clock()
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.sweep(canceled, now)
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.fill()
 
     def step(self) -> None:
-        """The second half: one step per model (round-robin over models). It reads nothing from
-        the feed, so the worker sends the previous round's writes while it runs."""
-        for lane in self.lanes.values():
+        """The second half: one step per model and image size in flight (round-robin). It reads
+        nothing from the feed, so the worker sends the previous round's writes while it runs. A
+        lane of another size than its model's own is dropped once it holds nothing."""
+        for lane in self._every_lane():
             lane.step()
+        for key, lane in list(self.sized_lanes.items()):
+            if lane.idle:
+                del self.sized_lanes[key]
 
     def run_until_idle(self, max_rounds: int | None = None) -> int:
         """Run rounds until nothing is held (and the feed is empty); returns the rounds run."""
@@ -985,7 +1087,7 @@ class Engine:
     def abort(self, error: BaseException | None = None) -> None:
         """Fail every held job (a worker stopping cold); RQ retries those with retries left."""
         failure = error or WorkerStopped("the worker stopped before the job finished")
-        for lane in self.lanes.values():
+        for lane in self._every_lane():
             lane.abort(failure)
 
     def close(self) -> None:

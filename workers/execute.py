@@ -206,6 +206,7 @@ class DenoiseWork:
     spec: OutputSpec
     steps_per_image: int  # network calls one image needs (RePaint's resampling included)
     records: dict[int, ImageRecord] = field(default_factory=dict)
+    sample_shape: tuple[int, int, int] | None = None  # x_t's (C, h, w); None: the model's own
 
     @property
     def n(self) -> int:
@@ -402,9 +403,9 @@ def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Ten
     """The known image and the mask (1 = keep, white in the PNG) where the model samples: pixels
     [C, H, W] in [−1, 1] and [1, H, W]; for a latent model the image's latents z_0 = s·(E(x) − b)
     [c, h, w] and the mask on the latent grid [1, h, w] (`latent_mask`)."""
-    image = model.entry.image
-    known = decode_images([spec.image], image.channels, image.height, image.width, "image")[0]
-    mask_pixels = decode_image(spec.mask, 1, image.height, image.width, "mask")
+    channels, (height, width) = model.entry.image.channels, image_size(spec, model)
+    known = decode_images([spec.image], channels, height, width, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, height, width, "mask")
     mask = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
     if not model.is_latent:
         return known, mask
@@ -426,9 +427,39 @@ def latent_mask(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     """The x_0 an image-to-image sample starts from, [*sample_shape]: the image in [−1, 1], or
     for latent diffusion its latents through the first stage (`DiffusionModel.from_pixels`)."""
-    image = model.entry.image
-    pixels = decode_images([spec.image], image.channels, image.height, image.width, "image")
+    channels, (height, width) = model.entry.image.channels, image_size(spec, model)
+    pixels = decode_images([spec.image], channels, height, width, "image")
     return model.from_pixels(pixels)[0]
+
+
+def _png_size(data: str) -> tuple[int, int]:
+    """(height, width) of a base64 image, from its header (nothing decoded but the base64)."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            return image.height, image.width
+    except (binascii.Error, ValueError, OSError) as exc:
+        raise InvalidJobRequest(f"image: not a base64-encoded image ({exc})") from exc
+
+
+def image_size(spec: JobSpec, model: DiffusionModel) -> tuple[int, int]:
+    """(height, width) of a denoising job's images: a generate spec's own, an inpaint or img2img
+    spec's input image's, else the model's. The
+    gateway checked it against the catalog; a worker whose model cannot make it (another card
+    than the gateway's, a spec from elsewhere) fails the job, never the running set."""
+    own = model.image_size
+    if isinstance(spec, InpaintSpec | Img2ImgSpec):
+        size = _png_size(spec.image)  # an input image sets the size (the gateway checked it)
+    elif isinstance(spec, GenerateSpec) and spec.height is not None and spec.width is not None:
+        size = (spec.height, spec.width)
+    else:
+        return own
+    multiple = model.entry.size_multiple
+    if size != own and (multiple is None or size[0] % multiple or size[1] % multiple):
+        allowed = f"multiples of {multiple}" if multiple else f"{own[1]}×{own[0]} only"
+        raise InvalidJobRequest(
+            f"model {model.name!r} cannot make {size[1]}×{size[0]} images ({allowed})"
+        )
+    return size
 
 
 def prepare_denoise(
@@ -445,6 +476,7 @@ def prepare_denoise(
             f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
         )
     output = OutputSpec.from_options(spec.output)
+    shape = model.sample_shape_at(*image_size(spec, model))  # before any text encoding
     settings = _sampler_settings(spec, model)
     # inpainting may be conditional (and guided) too
     cond, uncond = _conditions(spec, model, prompt_rows)
@@ -470,7 +502,9 @@ def prepare_denoise(
     # counting a 1000-step plan each time cost about 1 % of a saturated worker's time.
     plan = model.plan_cache.transitions(settings)
     steps = sum(1 for transition in plan if transition.is_reverse)
-    return DenoiseWork(job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps)
+    return DenoiseWork(
+        job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps, sample_shape=shape
+    )
 
 
 # --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------
@@ -657,7 +691,7 @@ def run_alone(spec: JobSpec, pool: ModelPool, storage: Storage, job_id: str) -> 
     if isinstance(model, CodecModel):
         return run_codec(spec, model, job_id, storage)
     work = prepare_denoise(spec, model, job_id)
-    batch = model.new_batch()
+    batch = model.new_batch(work.sample_shape)
     batch.add(work.samples)
     while len(batch):
         finished = batch.step()

@@ -21,6 +21,12 @@ after the fact: a call that still runs out of memory is split until the halves f
 (`workers.isolation`), no job fails for it, and the lane lowers its limit to what fitted, so the
 next calls are built small enough instead of failing again.
 
+Images of another size than the model's own (`size_multiple` models) run in a running set of
+their own, whose limit is the measured one scaled by the area ratio (`row_limit_at`): a row's
+activations grow with H·W, while the fixed part (the weights) does not, so this is a slight
+under-estimate of what fits for larger sizes; a call that still runs out of memory is split and
+lowers that set's limit as above.
+
 The CPU has no allocator that torch can measure and no fixed memory pool, so on the CPU the probe
 is skipped and `max_batch` alone is the limit (host memory errors are still split like any OOM).
 """
@@ -110,6 +116,18 @@ def row_limit(memory: RowMemory, free_bytes: int, fraction: float, max_batch: in
     if memory.per_row_bytes <= 0:
         return max_batch
     return max(1, min(max_batch, int(budget // memory.per_row_bytes)))
+
+
+def row_limit_at(
+    limit: int | None, own: tuple[int, int], size: tuple[int, int], max_batch: int
+) -> int | None:
+    """The row limit of calls on images of `size` (height, width) for a model measured at its own
+    size `own`: per_row ∝ H·W, so limit · (own area / area), between 1 and `max_batch` (None: not
+    measured, the CPU)."""
+    if limit is None:
+        return None
+    scaled = limit * (own[0] * own[1]) // (size[0] * size[1])
+    return max(1, min(max_batch, scaled))
 
 
 def measure_row_limit(

@@ -178,6 +178,10 @@ class DiffusionModel:
     prompt_encoder: PromptEncoder | None = None
     latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
+    # Latent models that make other sizes (`ModelEntry.size_multiple`): a first-stage codec that
+    # encodes and decodes any H × W, made on first need (the ONNX graphs have fixed spatial axes;
+    # `models.diffusers_format.loading.resizable_codec`).
+    resizable_first_stage: Callable[[], Codec] | None = None
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
     # none and keep ddserve's defaults.
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
@@ -199,12 +203,25 @@ class DiffusionModel:
         defaults = self.entry.defaults
         return bool(defaults.clip_denoised) if defaults is not None else not self.is_latent
 
-    def new_batch(self) -> DenoisingBatch:
-        """An empty running set of this model (one per model per worker)."""
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the model's own images."""
+        return self.entry.image.height, self.entry.image.width
+
+    def sample_shape_at(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of x_t for images of height × width: the pixels, or for latent diffusion the
+        first stage's grid h = H / f, w = W / f (f: the model's own image over its latent size)."""
+        channels, own_h, own_w = self.sample_shape
+        factor_h, factor_w = self.entry.image.height // own_h, self.entry.image.width // own_w
+        return channels, height // factor_h, width // factor_w
+
+    def new_batch(self, sample_shape: tuple[int, int, int] | None = None) -> DenoisingBatch:
+        """An empty running set of this model, of samples of `sample_shape` (default: the model's
+        own; a worker keeps one per model and size in flight)."""
         return DenoisingBatch(
             self.denoiser,
             self.schedule,
-            self.sample_shape,
+            sample_shape or self.sample_shape,
             prediction_type=self.entry.prediction_type,
             null_condition=self.null_condition,
             classifier=self.classifier,
@@ -226,7 +243,15 @@ class DiffusionModel:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage decoder loaded")
         # [N, *latent_shape] on the device
         latents = x0.detach().float() / self.latent_scale + self.latent_shift
-        return self.first_stage.decode_tensor(latents).cpu().clamp(-1.0, 1.0)
+        codec = self.first_stage
+        if tuple(x0.shape[1:]) != self.sample_shape:  # another size than the model's own
+            if self.resizable_first_stage is None:
+                raise RuntimeError(
+                    f"latent model {self.name!r} decodes latents of {list(self.sample_shape)} "
+                    f"only, not {list(x0.shape[1:])}"
+                )
+            codec = self.resizable_first_stage()
+        return codec.decode_tensor(latents).cpu().clamp(-1.0, 1.0)
 
     def from_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] in [−1, 1] → the model's x_0 [N, *sample_shape]: the images
@@ -237,7 +262,15 @@ class DiffusionModel:
             return images
         if self.first_stage is None:
             raise RuntimeError(f"latent model {self.name!r} has no first-stage encoder loaded")
-        latents = self.first_stage.encode(images.numpy().astype(np.float32))["latents"]
+        codec = self.first_stage
+        if tuple(images.shape[-2:]) != self.image_size:  # another size than the model's own
+            if self.resizable_first_stage is None:
+                raise RuntimeError(
+                    f"latent model {self.name!r} encodes {self.image_size} images only, not "
+                    f"{tuple(images.shape[-2:])}"
+                )
+            codec = self.resizable_first_stage()
+        latents = codec.encode(images.numpy().astype(np.float32))["latents"]
         if latents is None:
             raise RuntimeError(f"the first stage of latent model {self.name!r} gave no latents")
         z = torch.from_numpy(np.asarray(latents, dtype=np.float32))  # [N, c, h, w]
@@ -363,8 +396,25 @@ class ModelPool:
                 raise ValueError(f"latent model {entry.name!r} names no first_stage autoencoder")
             model.first_stage = self.codec(entry.first_stage)
             model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
+            if entry.size_multiple is not None:
+                model.resizable_first_stage = self._resizable_codec(entry.first_stage)
             model.latent_shift = float(entry.network.get("latent_shift", 0.0))
         return model
+
+    def _resizable_codec(self, name: str) -> Callable[[], Codec]:
+        """The loader of a codec of the first stage `name` that takes any image size, run once on
+        the first latents of another size (`models.diffusers_format.loading.resizable_codec`)."""
+        made: list[Codec] = []
+
+        def load() -> Codec:
+            if not made:
+                from models.diffusers_format.loading import resizable_codec
+
+                made.append(resizable_codec(self.codec(name), self.entry(name), self.device))
+                log.info("model %s: a first stage for other image sizes is loaded", name)
+            return made[0]
+
+        return load
 
     def _text_pipeline(self, entry: ModelEntry) -> TextPipelineParts:
         """A text pipeline's cross-attention UNet, prompt encoder (its own tokenizer and text

@@ -8,7 +8,8 @@ alone what a model accepts:
 
 - image size: the UNet's `sample_size`, times the first stage's down-sampling factor
   f = 2^(len(block_out_channels) − 1) for a latent pipeline (Rombach et al. 2022, §3: z = E(x) has
-  H/f × W/f positions);
+  H/f × W/f positions); the denoiser also makes other sizes (`size_multiple`): sides that are
+  multiples of f · 2^(D − 1) for a UNet of D down blocks (SD 1.x: 8 · 8 = 64);
 - channels: the UNet's `in_channels` (pixel), the first stage's `in_channels` (latent);
 - conditioning: `num_class_embeds` → class labels 0 … n − 1 (no ∅ class: always required);
   a text encoder + tokenizer → a prompt, tokenized and encoded by the worker with the pipeline's
@@ -218,6 +219,14 @@ def down_factor(config: dict[str, Any]) -> int:
     return 2 ** (len(config.get("block_out_channels", [64])) - 1)
 
 
+def unet_down_factor(config: dict[str, Any]) -> int:
+    """A UNet's total spatial down-sampling: each down block but the last halves H and W, so its
+    input's sides must be multiples of 2^(D − 1) for D down blocks (the skip connections of the up
+    path must meet feature maps of the same size)."""
+    blocks = config.get("down_block_types") or config.get("block_out_channels") or [None]
+    return 2 ** (len(blocks) - 1)
+
+
 def read_license(folder: Path) -> str | None:
     """The `license:` of README.md's YAML front matter (Hub model cards), else LICENSE's first
     non-empty line."""
@@ -382,6 +391,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         return [
             ModelEntry(
                 **denoiser,
+                size_multiple=unet_down_factor(unet),
                 kind="diffusion",
                 tasks=["generate", "inpaint"],
                 description=f"{pipeline} (diffusers), {channels}×{height}×{width} pixels",
@@ -432,6 +442,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         f"{image.channels}×{image.height}×{image.width} images",
         image=image,
         latent_shape=latent_shape,
+        size_multiple=factor * unet_down_factor(unet),
         first_stage=stage_name,
         network={
             "latent_scale": scaling["scaling_factor"],

@@ -107,6 +107,35 @@ class DiffusersCodec(Codec):
     def _numpy(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().float().cpu().numpy()
 
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        """Images [N, C, H, W] of any H × W that the first stage divides (`ModelEntry`'s factor
+        f = image / latent size): a latent model's inpaint and img2img at other sizes."""
+        images = np.asarray(images, dtype=np.float32)
+        spec, latent = self.entry.image, self.entry.latent_shape or [0, 0, 0]
+        factor = spec.height // max(1, latent[1])
+        if (
+            images.ndim != 4
+            or images.shape[1] != spec.channels
+            or images.shape[2] % factor
+            or images.shape[3] % factor
+        ):
+            raise ValueError(
+                f"{self.name} expects images [N, {spec.channels}, H, W] with H and W multiples of "
+                f"{factor}, got {list(images.shape)}"
+            )
+        return np.ascontiguousarray(images)
+
+    def _check_latents(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [N, c, h, w] of any h × w (the modules are convolutional: a latent model makes
+        other image sizes, `ModelEntry.size_multiple`); c must be the first stage's."""
+        latents = np.asarray(latents, dtype=np.float32)
+        channels = (self.entry.latent_shape or [0])[0]
+        if latents.ndim != 4 or latents.shape[1] != channels:
+            raise ValueError(
+                f"{self.name} expects latents [N, {channels}, h, w], got {list(latents.shape)}"
+            )
+        return np.ascontiguousarray(latents)
+
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         x = self._tensor(self._check_images(images))  # [N, C, H, W] in [−1, 1]
@@ -132,3 +161,13 @@ class DiffusersCodec(Codec):
         # VQModel's own quantizer (argmin of cdist to the codebook): the same ties as its decode.
         _, _, (_, _, index) = self.model.quantize(h)
         return index.reshape(h.shape[0], *h.shape[2:]).cpu().numpy().astype(np.int64)
+
+
+def resizable_codec(codec: Codec, entry: ModelEntry, device: torch.device | str) -> Codec:
+    """A codec of the first stage `entry` that encodes images and decodes latents of any size: `codec` itself when it
+    is the diffusers module, else the diffusers module in PyTorch beside it (the ONNX graphs of
+    `onnx_export` are exported with a dynamic batch axis only, so their H and W are the model's
+    own)."""
+    if isinstance(codec, DiffusersCodec):
+        return codec
+    return DiffusersCodec(entry, device)

@@ -294,7 +294,7 @@ async def edit_images(request: Request, state: State, caller: CallerDep) -> dict
             alpha = None  # fully opaque: nothing marked to generate, so image-to-image
     # With a mask (given, or the image's transparency): inpainting; else image-to-image.
     entry = _model(state, _text(form, "model"), "inpaint" if alpha is not None else "generate")
-    check_size(_text(form, "size"), entry)
+    check_size(_text(form, "size"), entry, picture.size)
     response_format = _text(form, "response_format") or "url"
     if response_format not in ("url", "b64_json"):
         raise ApiError(
