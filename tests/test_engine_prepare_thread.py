@@ -357,3 +357,36 @@ def test_a_cache_hit_does_not_wait_for_an_encoding_under_way(
         encoder.release.set()
         encoding.join(WAIT_S)
     assert encoder.cached(["a blue dog", "a red circle"])
+
+
+def test_a_job_of_another_size_is_prepared_off_the_thread_in_its_own_lane(
+    pool: ModelPool, encoder: GatedEncoder
+) -> None:
+    """The two features together: a 24×16 job (another image size: its own lane) whose prompt
+    misses the cache waits in that lane's preparation while the own-size job steps on; that
+    lane is not dropped while it only prepares, and the job gives its images alone."""
+    encoder.gated.add("a blue dog")
+    feed, storage = MemoryFeed(), MemoryStorage()
+    engine = new_engine(pool, feed, storage, prepare_thread=True)
+    try:
+        running = feed.submit(generate("a red circle", 1, num_inference_steps=20))
+        run_until(engine, lambda: len(lane_of(engine).batch) > 0)
+        late_request = generate("a blue dog", 2, height=24, width=16)
+        late = feed.submit(late_request)
+        engine.run_once()
+        assert encoder.entered.wait(WAIT_S)
+        sized = engine.sized_lanes[(NAME, (24, 16))]
+        assert set(sized.preparing) == {late.key}
+        calls = engine.stats.network_calls
+        for _ in range(3):
+            engine.run_once()
+        assert engine.stats.network_calls == calls + 3  # the own-size job stepped meanwhile
+        assert engine.sized_lanes[(NAME, (24, 16))] is sized  # kept while it prepares
+        encoder.release.set()
+        engine.run_until_idle()
+    finally:
+        engine.close()
+    assert running.ends == late.ends == 1 and not engine.sized_lanes
+    (got,) = pixels(storage, late)
+    (solo,) = alone(pool, late_request)
+    assert got.shape[:2] == (24, 16) and int(np.abs(got - solo).max()) <= 1

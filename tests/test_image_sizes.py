@@ -209,8 +209,8 @@ def works(monkeypatch: pytest.MonkeyPatch) -> dict[str, DenoiseWork]:
     """Each job's samples as the engine prepared them, by job id (whatever lane took it)."""
     seen: dict[str, DenoiseWork] = {}
 
-    def spy(spec: Any, model: DiffusionModel, job_id: str) -> DenoiseWork:
-        seen[job_id] = prepare_denoise(spec, model, job_id)
+    def spy(spec: Any, model: DiffusionModel, job_id: str, *rest: Any) -> DenoiseWork:
+        seen[job_id] = prepare_denoise(spec, model, job_id, *rest)
         return seen[job_id]
 
     monkeypatch.setattr(engine_module, "prepare_denoise", spy)
