@@ -5,13 +5,17 @@ over the tiny Stable Diffusion pipeline of `tests/tiny_sd.py`, imported by `ddse
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from ddserve.client import Client, Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from service.auth import hash_key
@@ -83,3 +87,14 @@ def tiny_sd_stack(
     assert target == root / "models" / name and checked.entries[0].tasks
     with LocalServer(settings) as server:
         yield server, pipe
+
+
+def job_images(client: Client, job: Job) -> list[np.ndarray]:
+    """A succeeded job's images, downloaded and decoded ([H, W, C] uint8 each)."""
+    assert job.succeeded, job.error
+    return [np.asarray(Image.open(io.BytesIO(data))) for data in client.download_images(job)]
+
+
+def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to one level of rounding (float sums vary in the last bit with the batch)."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1

@@ -7,7 +7,6 @@ mixed prompts and guidance scales in one batch equal each alone; what the pipeli
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddserve.client.errors import ApiError
 from ddserve.client.sync import Client
@@ -23,6 +21,7 @@ from ddserve.client.types import Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.diffusers_format.importer import import_pipeline
+from tests.client_support import job_images, same_pixels
 from tests.tiny_ldm_text import IMAGE, LATENT, tiny_ldm_text_pipeline
 from workers.execute import image_generator
 
@@ -63,16 +62,6 @@ def client(stack: tuple[LocalServer, Any]) -> Iterator[Client]:
         yield c
 
 
-def images(client: Client, job: Job) -> list[np.ndarray]:
-    assert job.succeeded, job.error
-    return [np.asarray(Image.open(io.BytesIO(data))) for data in client.download_images(job)]
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to one level of rounding (float sums vary in the last bit with the batch)."""
-    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
-
-
 def generate(client: Client, **options: Any) -> Job:
     body = {"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3, **options}
     return client.generate(NAME, **body)
@@ -101,7 +90,7 @@ def test_generate_equals_the_pipeline(
     assert job.input["prompt_tokens"] is None and job.input["prompt"] == "a red circle"
     scale = job.input["guidance_scale"]
     assert scale == (guidance or 1.0)
-    ours = images(client, job)
+    ours = job_images(client, job)
     # The same x_T as the worker's samples: image i draws x_T first from the stream of seed + i.
     start = torch.stack(
         [torch.randn((4, LATENT, LATENT), generator=image_generator(3, i)) for i in (0, 1)]
@@ -115,7 +104,7 @@ def test_generate_equals_the_pipeline(
     ).images  # [2, 64, 64, 3] in [0, 1]
     expected = (theirs * 255).round().astype(int)  # diffusers' numpy_to_pil: (x · 255).round()
     for got, want in zip(ours, expected, strict=True):
-        assert got.shape == (IMAGE, IMAGE, 3) and same(got, want)
+        assert got.shape == (IMAGE, IMAGE, 3) and same_pixels(got, want)
 
 
 def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client) -> None:
@@ -125,7 +114,7 @@ def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client
         {"prompt": "yellow square", "guidance_scale": 6.0, "seed": 3},
         {"prompt": "a blue dog", "sampler": "ddpm", "seed": 4},
     ]
-    alone = [images(client, generate(client, **body))[0] for body in bodies]
+    alone = [job_images(client, generate(client, **body))[0] for body in bodies]
     blocker = client.generate(NAME, wait=False, prompt="a cat", num_inference_steps=60)
     jobs = [
         client.generate(
@@ -138,9 +127,9 @@ def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client
     for body, solo, job in zip(bodies, alone, jobs, strict=True):
         done = client.wait(job)
         assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
-        assert same(images(client, done)[0], solo), body
+        assert same_pixels(job_images(client, done)[0], solo), body
     assert client.wait(blocker).succeeded
-    assert not same(alone[0], alone[1])  # the prompts matter
+    assert not same_pixels(alone[0], alone[1])  # the prompts matter
 
 
 def test_a_class_label_or_a_negative_prompt_is_a_clear_422(
@@ -165,12 +154,18 @@ def test_img2img_and_inpaint_take_a_prompt(client: Client) -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)
     body = {"prompt": "a blue dog", "num_inference_steps": 6, "guidance_scale": 6.0, "seed": 2}
-    first = images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
-    again = images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
-    other = images(client, client.img2img(NAME, image, strength=0.6, **{**body, "prompt": "a cat"}))
-    assert first.shape == (IMAGE, IMAGE, 3) and same(first, again) and not same(first, other[0])
+    first = job_images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
+    again = job_images(client, client.img2img(NAME, image, strength=0.6, **body))[0]
+    other = job_images(
+        client, client.img2img(NAME, image, strength=0.6, **{**body, "prompt": "a cat"})
+    )
+    assert (
+        first.shape == (IMAGE, IMAGE, 3)
+        and same_pixels(first, again)
+        and not same_pixels(first, other[0])
+    )
     mask = np.ones((IMAGE, IMAGE), bool)
     mask[:, IMAGE // 2 :] = False  # generate the right half
     job = client.inpaint(NAME, image, mask, **body)
     assert job.input["prompt"] == "a blue dog"
-    assert images(client, job)[0].shape == (IMAGE, IMAGE, 3)
+    assert job_images(client, job)[0].shape == (IMAGE, IMAGE, 3)

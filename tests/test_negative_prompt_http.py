@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ddserve.client.sync import Client
-from ddserve.client.types import Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.catalog import DEFAULT_ZOO
 from service.app import create_app
+from tests.client_support import job_images, same_pixels
 
 MODEL = "shapes-ldm"
 STEPS = 6  # few DDIM steps: the images differ by prompt all the same
@@ -53,20 +53,9 @@ def client(server: LocalServer) -> Iterator[Client]:
         yield c
 
 
-def images(client: Client, job: Job) -> list[np.ndarray]:
-    assert job.succeeded, job.error
-    return [np.asarray(Image.open(io.BytesIO(data))) for data in client.download_images(job)]
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal images up to one level of rounding: float sums in a network call (and the ONNX
-    decoder) vary in the last bit with the number of rows, as in every batch-invariance test."""
-    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
-
-
 def generate(client: Client, **options: Any) -> list[np.ndarray]:
     body = {"prompt": "red circle", "num_inference_steps": STEPS, "seed": 7, **options}
-    return images(client, client.generate(MODEL, **body))
+    return job_images(client, client.generate(MODEL, **body))
 
 
 def test_a_negative_prompt_steers_and_the_empty_one_is_the_null_condition(client: Client) -> None:
@@ -74,10 +63,10 @@ def test_a_negative_prompt_steers_and_the_empty_one_is_the_null_condition(client
     empty = generate(client, n=2, negative_prompt="")
     steered = generate(client, n=2, negative_prompt="red")
     assert all(np.array_equal(a, b) for a, b in zip(plain, empty, strict=True))
-    assert all(not same(a, b) for a, b in zip(plain, steered, strict=True))
+    assert all(not same_pixels(a, b) for a, b in zip(plain, steered, strict=True))
     # Image i of a job is regenerated alone with its seed, negative prompt and all.
     second = generate(client, n=1, seed=8, negative_prompt="red")
-    assert same(second[0], steered[1])
+    assert same_pixels(second[0], steered[1])
 
 
 def test_the_job_input_shows_the_negative_prompt_and_its_tokens(client: Client) -> None:
@@ -112,7 +101,7 @@ def test_mixed_negative_prompts_and_guidance_in_one_batch_equal_each_alone(
     for body, solo, job in zip(bodies, alone, mixed, strict=True):
         done = client.wait(job)
         assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
-        assert same(images(client, done)[0], solo), body
+        assert same_pixels(job_images(client, done)[0], solo), body
     assert client.wait(blocker).succeeded
 
 
@@ -127,7 +116,7 @@ def test_the_openai_route_takes_negative_prompt_as_an_extra(
     )
     assert answer.status_code == 200, answer.text
     data = base64.b64decode(answer.json()["data"][0]["b64_json"])
-    assert same(np.asarray(Image.open(io.BytesIO(data))), generate(client, **extras)[0])
+    assert same_pixels(np.asarray(Image.open(io.BytesIO(data))), generate(client, **extras)[0])
     refused = httpx.post(
         f"{server.url}/v1/images/generations",
         json={"model": MODEL, "prompt": "red circle", "guidance_scale": 1.0, **extras},

@@ -25,7 +25,7 @@ from ddserve.client.types import Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.diffusers_format.importer import ImportFailed, import_pipeline
-from tests.client_support import tiny_sd_stack
+from tests.client_support import job_images, same_pixels, tiny_sd_stack
 from workers.execute import image_generator
 
 pytest.importorskip("diffusers")
@@ -48,16 +48,6 @@ def client(stack: tuple[LocalServer, Any]) -> Iterator[Client]:
         yield c
 
 
-def images(client: Client, job: Job) -> list[np.ndarray]:
-    assert job.succeeded, job.error
-    return [np.asarray(Image.open(io.BytesIO(data))) for data in client.download_images(job)]
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to one level of rounding (float sums vary in the last bit with the batch)."""
-    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
-
-
 def generate(client: Client, **options: Any) -> Job:
     body = {"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3, **options}
     return client.generate(NAME, **body)
@@ -77,7 +67,7 @@ def test_generate_with_a_negative_prompt_equals_the_pipeline(
     job = generate(client, n=2, negative_prompt="photo of a cat")
     assert job.input["prompt_tokens"] is None and job.input["negative_prompt"] == "photo of a cat"
     assert job.input["guidance_scale"] == 7.5
-    ours = images(client, job)
+    ours = job_images(client, job)
     # The same x_T as the worker's samples: image i draws x_T first from the stream of seed + i.
     start = torch.stack([torch.randn((4, 8, 8), generator=image_generator(3, i)) for i in (0, 1)])
     theirs = pipe(
@@ -90,14 +80,14 @@ def test_generate_with_a_negative_prompt_equals_the_pipeline(
     ).images  # [2, 16, 16, 3] in [0, 1]
     expected = (theirs * 255).round().astype(int)  # diffusers' numpy_to_pil: (x · 255).round()
     for got, want in zip(ours, expected, strict=True):
-        assert got.shape == (16, 16, 3) and same(got, want)
+        assert got.shape == (16, 16, 3) and same_pixels(got, want)
 
 
 def test_the_empty_negative_prompt_is_the_null_condition(client: Client) -> None:
     plain, empty = generate(client), generate(client, negative_prompt="")
-    assert np.array_equal(images(client, plain)[0], images(client, empty)[0])
-    steered = images(client, generate(client, negative_prompt="green"))[0]
-    assert not same(images(client, plain)[0], steered)
+    assert np.array_equal(job_images(client, plain)[0], job_images(client, empty)[0])
+    steered = job_images(client, generate(client, negative_prompt="green"))[0]
+    assert not same_pixels(job_images(client, plain)[0], steered)
 
 
 def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client) -> None:
@@ -107,7 +97,7 @@ def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client
         {"prompt": "yellow square", "guidance_scale": 1.0, "seed": 3},
         {"prompt": "a blue dog", "negative_prompt": "red", "sampler": "ddpm", "seed": 4},
     ]
-    alone = [images(client, generate(client, **body))[0] for body in bodies]
+    alone = [job_images(client, generate(client, **body))[0] for body in bodies]
     blocker = client.generate(NAME, wait=False, prompt="a cat", num_inference_steps=60)
     jobs = [
         client.generate(
@@ -120,7 +110,7 @@ def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client
     for body, solo, job in zip(bodies, alone, jobs, strict=True):
         done = client.wait(job)
         assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
-        assert same(images(client, done)[0], solo), body
+        assert same_pixels(job_images(client, done)[0], solo), body
     assert client.wait(blocker).succeeded
 
 
@@ -166,13 +156,13 @@ def test_inpaint_with_a_prompt_and_a_negative_prompt(client: Client) -> None:
     first = client.inpaint(NAME, image, mask, num_inference_steps=STEPS, **body)
     assert first.input["negative_prompt"] == "green" and first.input["guidance_scale"] == 7.5
     again = client.inpaint(NAME, image, mask, num_inference_steps=STEPS, **body)
-    pictures, repeated = images(client, first), images(client, again)
+    pictures, repeated = job_images(client, first), job_images(client, again)
     assert pictures[0].shape == (16, 16, 3) and not np.array_equal(pictures[0], pictures[1])
-    assert all(same(a, b) for a, b in zip(pictures, repeated, strict=True))
+    assert all(same_pixels(a, b) for a, b in zip(pictures, repeated, strict=True))
     unsteered = client.inpaint(
         NAME, image, mask, num_inference_steps=STEPS, **{**body, "negative_prompt": ""}
     )
-    assert not same(images(client, unsteered)[0], pictures[0])
+    assert not same_pixels(job_images(client, unsteered)[0], pictures[0])
 
 
 def test_the_openai_route_takes_the_prompt_and_a_negative_prompt(
@@ -192,15 +182,17 @@ def test_the_openai_route_takes_the_prompt_and_a_negative_prompt(
     item = answer.json()["data"][0]
     assert item["revised_prompt"] == "a red circle"
     picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
-    own = images(client, generate(client, negative_prompt="green", seed=6))[0]
-    assert same(picture, own)
+    own = job_images(client, generate(client, negative_prompt="green", seed=6))[0]
+    assert same_pixels(picture, own)
 
 
 def test_img2img_takes_a_negative_prompt(client: Client) -> None:
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     body = {"prompt": "a blue dog", "num_inference_steps": 6, "strength": 0.6, "seed": 2}
-    plain = images(client, client.img2img(NAME, image, **body))[0]
+    plain = job_images(client, client.img2img(NAME, image, **body))[0]
     empty = client.img2img(NAME, image, negative_prompt="", **body)
-    assert empty.input["negative_prompt"] == "" and np.array_equal(images(client, empty)[0], plain)
-    steered = images(client, client.img2img(NAME, image, negative_prompt="red", **body))[0]
-    assert not same(steered, plain)
+    assert empty.input["negative_prompt"] == "" and np.array_equal(
+        job_images(client, empty)[0], plain
+    )
+    steered = job_images(client, client.img2img(NAME, image, negative_prompt="red", **body))[0]
+    assert not same_pixels(steered, plain)

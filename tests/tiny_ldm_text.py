@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tests.tiny_sd import tiny_cross_attention_unet
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["a", "of", "red", "green", "blue", "yellow", "circle", "square", "cat", "dog", "photo"]
 IMAGE = 64  # pixels: 8×8 latents, f = 8
@@ -41,7 +43,7 @@ def bert_tokenizer(folder: Path) -> Any:
 
 def tiny_ldm_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
     """The pipeline's `vqvae`, `bert`, `tokenizer` and `unet` (random weights, seeded)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
         LDMBertConfig,
         LDMBertModel,
@@ -60,18 +62,7 @@ def tiny_ldm_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
             encoder_ffn_dim=37,
         )
     ).eval()
-    unet = UNet2DConditionModel(
-        sample_size=LATENT,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    unet = tiny_cross_attention_unet(sample_size=LATENT)
     vqvae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

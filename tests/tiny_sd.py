@@ -58,10 +58,29 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": CONTEXT_LEN}))
 
 
+def tiny_cross_attention_unet(sample_size: int) -> Any:
+    """The tiny text pipelines' `UNet2DConditionModel`: two levels (32, 64), cross-attention to
+    32-wide text rows in the first; 4 latent channels. Weights from torch's global generator."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
 def tiny_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
     """The tokenizer (read back from the files written under `folder / "tokenizer-src"`), text
     encoder, UNet and VAE of the tiny pipeline."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     write_tokenizer_files(folder / "tokenizer-src")
@@ -81,18 +100,7 @@ def tiny_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
             projection_dim=32,
         )
     ).eval()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    unet = tiny_cross_attention_unet(sample_size=8)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -36,7 +36,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -67,23 +67,26 @@ class PromptEncoder:
         # never held during an encoder call.
         self._lock = threading.Lock()
 
+    ENCODER_FOLDER = "text_encoder"  # the text encoder's component folder in the pipeline
+
     @classmethod
     def from_folder(
         cls,
         folder: Path,
         device: torch.device | str = "cpu",
         cache_size: int = 128,
-        *,
-        tokenizer_folder: str = "tokenizer",
-        encoder_folder: str = "text_encoder",
-    ) -> PromptEncoder:
-        """The pipeline's own tokenizer and text encoder (fp32, eval, on `device`)."""
+    ) -> Self:
+        """The pipeline's own tokenizer (`tokenizer/`) and text encoder (`ENCODER_FOLDER`), the
+        encoder in fp32, eval mode, on `device`."""
+        tokenizer, encoder = cls.load_parts(folder / "tokenizer", folder / cls.ENCODER_FOLDER)
+        return cls(tokenizer, encoder.to(device).eval().requires_grad_(False), cache_size)
+
+    @staticmethod
+    def load_parts(tokenizer: Path, encoder: Path) -> tuple[Any, nn.Module]:
+        """A `CLIPTokenizer` and a `CLIPTextModel` from their folders."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(folder / tokenizer_folder)
-        encoder = CLIPTextModel.from_pretrained(folder / encoder_folder)
-        encoder = encoder.to(device).eval().requires_grad_(False)
-        return cls(tokenizer, encoder, cache_size)
+        return CLIPTokenizer.from_pretrained(tokenizer), CLIPTextModel.from_pretrained(encoder)
 
     @property
     def context_len(self) -> int:
@@ -199,24 +202,15 @@ class LDMBertPromptEncoder(PromptEncoder):
     same of "" ([CLS] [SEP] and padding). L is the pipeline's fixed 77, not the tokenizer's
     `model_max_length` (a saved BertTokenizer's is unbounded)."""
 
-    @classmethod
-    def from_folder(
-        cls,
-        folder: Path,
-        device: torch.device | str = "cpu",
-        cache_size: int = 128,
-        *,
-        tokenizer_folder: str = "tokenizer",
-        encoder_folder: str = "bert",
-    ) -> LDMBertPromptEncoder:
-        """The pipeline's own BERT tokenizer and LDMBert (fp32, eval, on `device`)."""
+    ENCODER_FOLDER = "bert"
+
+    @staticmethod
+    def load_parts(tokenizer: Path, encoder: Path) -> tuple[Any, nn.Module]:
+        """A `BertTokenizer` and the pipeline's `LDMBertModel` from their folders."""
         from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
         from transformers import BertTokenizer
 
-        tokenizer = BertTokenizer.from_pretrained(folder / tokenizer_folder)
-        encoder = LDMBertModel.from_pretrained(folder / encoder_folder)
-        encoder = encoder.to(device).eval().requires_grad_(False)
-        return cls(tokenizer, encoder, cache_size)
+        return BertTokenizer.from_pretrained(tokenizer), LDMBertModel.from_pretrained(encoder)
 
     @property
     def context_len(self) -> int:
