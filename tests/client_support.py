@@ -98,3 +98,25 @@ def job_images(client: Client, job: Job) -> list[np.ndarray]:
 def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to one level of rounding (float sums vary in the last bit with the batch)."""
     return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
+def assert_batched_equal_alone(
+    client: Client,
+    model: str,
+    bodies: list[dict[str, Any]],
+    base: dict[str, Any],
+    blocker: dict[str, Any],
+) -> list[np.ndarray]:
+    """Batch invariance over HTTP: each `base | body` request is generated alone, then all of them
+    again while a long `blocker` job runs, so that they join its running set as they arrive; each
+    must have shared its network calls (batch size ≥ 3) and give its solo image (up to rounding).
+    Returns the solo images."""
+    alone = [job_images(client, client.generate(model, **{**base, **body}))[0] for body in bodies]
+    long_job = client.generate(model, wait=False, **blocker)
+    jobs = [client.generate(model, wait=False, **{**base, **body}) for body in bodies]
+    for body, solo, job in zip(bodies, alone, jobs, strict=True):
+        done = client.wait(job)
+        assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
+        assert same_pixels(job_images(client, done)[0], solo), body
+    assert client.wait(long_job).succeeded
+    return alone

@@ -22,7 +22,7 @@ from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.catalog import DEFAULT_ZOO
 from service.app import create_app
-from tests.client_support import job_images, same_pixels
+from tests.client_support import assert_batched_equal_alone, job_images, same_pixels
 
 MODEL = "shapes-ldm"
 STEPS = 6  # few DDIM steps: the images differ by prompt all the same
@@ -89,20 +89,9 @@ def test_mixed_negative_prompts_and_guidance_in_one_batch_equal_each_alone(
         {"prompt": "yellow cross", "seed": 4, "guidance_scale": 1.0},
         {"negative_prompt": "cyan", "seed": 5, "sampler": "dpmpp_2m", "num_inference_steps": 5},
     ]
-    alone = [generate(client, **body)[0] for body in bodies]
-    # A long job first, so that the others join its running batch as they arrive.
-    blocker = client.generate(MODEL, wait=False, prompt="blue cross", num_inference_steps=200)
-    mixed = [
-        client.generate(
-            MODEL, wait=False, **{"prompt": "red circle", "num_inference_steps": STEPS, **body}
-        )
-        for body in bodies
-    ]
-    for body, solo, job in zip(bodies, alone, mixed, strict=True):
-        done = client.wait(job)
-        assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
-        assert same_pixels(job_images(client, done)[0], solo), body
-    assert client.wait(blocker).succeeded
+    base = {"prompt": "red circle", "num_inference_steps": STEPS}
+    blocker = {"prompt": "blue cross", "num_inference_steps": 200}
+    assert_batched_equal_alone(client, MODEL, bodies, base, blocker)
 
 
 def test_the_openai_route_takes_negative_prompt_as_an_extra(

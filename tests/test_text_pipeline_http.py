@@ -25,7 +25,7 @@ from ddserve.client.types import Job
 from ddserve.embedded import LocalServer
 from ddserve.settings import Settings
 from models.diffusers_format.importer import ImportFailed, import_pipeline
-from tests.client_support import job_images, same_pixels, tiny_sd_stack
+from tests.client_support import assert_batched_equal_alone, job_images, same_pixels, tiny_sd_stack
 from workers.execute import image_generator
 
 pytest.importorskip("diffusers")
@@ -97,21 +97,9 @@ def test_mixed_prompts_and_guidance_in_one_batch_equal_each_alone(client: Client
         {"prompt": "yellow square", "guidance_scale": 1.0, "seed": 3},
         {"prompt": "a blue dog", "negative_prompt": "red", "sampler": "ddpm", "seed": 4},
     ]
-    alone = [job_images(client, generate(client, **body))[0] for body in bodies]
-    blocker = client.generate(NAME, wait=False, prompt="a cat", num_inference_steps=60)
-    jobs = [
-        client.generate(
-            NAME,
-            wait=False,
-            **{"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3, **body},
-        )
-        for body in bodies
-    ]
-    for body, solo, job in zip(bodies, alone, jobs, strict=True):
-        done = client.wait(job)
-        assert (done.metrics.batch_size or 0) >= 3, done.metrics  # it shared its network calls
-        assert same_pixels(job_images(client, done)[0], solo), body
-    assert client.wait(blocker).succeeded
+    base = {"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3}
+    blocker = {"prompt": "a cat", "num_inference_steps": 60}
+    assert_batched_equal_alone(client, NAME, bodies, base, blocker)
 
 
 def test_a_class_label_or_a_prompt_for_the_wrong_model_is_a_clear_422(client: Client) -> None:
