@@ -14,6 +14,18 @@ import pytest
 import torch
 
 SIZE = 16  # pixel pipelines: 16×16 RGB
+# The tiny first stages' layout: one down-sampling (f = 2), 3×16×16 images ↔ 4×8×8 latents.
+F2_FIRST_STAGE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=SIZE,
+)
 LATENT = 8  # latent pipelines: 8×8 latents of a 16×16 image (first stage f = 2)
 
 
@@ -79,19 +91,7 @@ def tiny_vqvae(seed: int = 3):
     from diffusers import VQModel
 
     torch.manual_seed(seed)
-    return VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        num_vq_embeddings=64,
-        norm_num_groups=8,
-        sample_size=SIZE,
-        scaling_factor=0.5,
-    ).eval()
+    return VQModel(**F2_FIRST_STAGE, num_vq_embeddings=64, scaling_factor=0.5).eval()
 
 
 def tiny_kl(seed: int = 4, shift_factor: float | None = None):
@@ -100,15 +100,7 @@ def tiny_kl(seed: int = 4, shift_factor: float | None = None):
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
+        **F2_FIRST_STAGE,
         scaling_factor=0.7,
         shift_factor=shift_factor,
     ).eval()

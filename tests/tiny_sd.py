@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tests.diffusers_fixtures import F2_FIRST_STAGE
+
 CONTEXT_LEN = 77  # SD's model_max_length
 WORDS = ["red", "green", "blue", "yellow", "circle", "square", "cross", "a", "cat", "dog", "photo"]
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
@@ -101,18 +103,7 @@ def tiny_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
         )
     ).eval()
     unet = tiny_cross_attention_unet(sample_size=8)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = AutoencoderKL(**F2_FIRST_STAGE, scaling_factor=0.18215).eval()
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
 
 
