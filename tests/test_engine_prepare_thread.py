@@ -398,7 +398,7 @@ def test_a_job_of_another_size_is_prepared_off_the_thread_in_its_own_lane(
     assert got.shape[:2] == (24, 16) and int(np.abs(got - solo).max()) <= 1
 
 
-# --- an inpaint or img2img image through a latent model's first stage ------------------------------
+# --- an inpaint or img2img image through a latent model's first stage ---------------------------
 class GatedFirstStage:
     """The model's first stage, whose encodings wait for `release` while `gated` (signalling
     `entered` first) and raise while `failing`; it records the thread of every encoding."""

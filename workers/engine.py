@@ -36,15 +36,17 @@ its inputs (`workers.execute.encode_inputs`: it can be canceled, pass its deadli
 meanwhile, and ends exactly once), and builds its samples at the first step boundary after they
 are ready; the running set keeps stepping meanwhile. Its samples are those the stepping thread
 would build (the encoders draw no noise: the first stage gives its posterior's mean; each sample's
-noise generator is made on the stepping thread, as inline), and an encoding's error fails it, and
-only it, with that error. Anything else — a cache hit, a generate job, a pixel-space model's image
-— is prepared at once, on the stepping thread. The order of admission stays by arrival: a job keeps the place its arrival gave it, so
-once prepared it goes before every job that arrived after it (it is not starved) and after every
-job that arrived before it (it does not jump ahead); while it is being prepared it holds no rows
-and blocks no one, as if it had not arrived yet — jobs ready earlier may use the free rows
-meanwhile. The queue is read only while the running set, plus the rows of the jobs in
-preparation, leaves room. (`request` and `none` read the queue only into an empty running set,
-where nothing waits for an encoding: they prepare every job at once.)
+noise generator is made on the stepping thread, as inline) — bit for bit at the same torch thread
+count (a PyTorch encoder on fewer CPU threads may sum in another order, ~1e-6) — and an
+encoding's error fails it, and only it, with that error. Anything else — a cache hit, a generate
+job, a pixel-space model's image — is prepared at once, on the stepping thread. The order of
+admission stays by arrival: a job keeps the place its arrival gave it, so once prepared it goes
+before every job that arrived after it (it is not starved) and after every job that arrived
+before it (it does not jump ahead); while it is being prepared it holds no rows and blocks no
+one, as if it had not arrived yet — jobs ready earlier may use the free rows meanwhile. The queue
+is read only while the running set, plus the rows of the jobs in preparation, leaves room.
+(`request` and `none` read the queue only into an empty running set, where nothing waits for an
+encoding: they prepare every job at once.)
 
 A failing network call fails only its own jobs: the call is split and retried without the rows that
 fail on their own (`workers.isolation`: out of memory, an error, NaN/±inf), and only the jobs whose
@@ -286,14 +288,14 @@ class StoreThreads:
 
 
 class PrepareThread:
-    """The one thread that encodes jobs' inputs (`DenoiseLane.accept`: prompts the text encoder
-    has not cached, a latent model's inpaint or img2img image) while the running sets step; started on the first such job and again
-    after `close`. Its torch calls use the cores the stepping thread's pool leaves free, at least
-    one (`workers.threads.spare_threads`), so an encoding beside a step oversubscribes the cores by
-    one thread at most, and only while it runs. On a GPU both threads queue their kernels on the
-    device's default stream: the encoder's run between two steps' kernels, and a step that reads
-    the rows comes after them in stream order (no synchronisation needed; the first stage's latents
-    come to the host before the encoding returns)."""
+    """The one thread that encodes jobs' inputs (`DenoiseLane.accept`: prompts the text encoder has
+    not cached, a latent model's inpaint or img2img image) while the running sets step; started on
+    the first such job and again after `close`. Its torch calls use the cores the stepping thread's
+    pool leaves free, at least one (`workers.threads.spare_threads`), so an encoding beside a step
+    oversubscribes the cores by one thread at most, and only while it runs. On a GPU both threads
+    queue their kernels on the device's default stream: the encoder's run between two steps'
+    kernels, and a step that reads the rows comes after them in stream order (no synchronisation
+    needed; the first stage's latents come to the host before the encoding returns)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
