@@ -426,17 +426,19 @@ class GatedFirstStage:
 
 @pytest.fixture
 def first_stage(pool: ModelPool) -> Iterator[GatedFirstStage]:
-    """The model's first stage, gated, for one test; the loaded one after."""
+    """The model's first stage, gated, for one test (also for images of other sizes: the
+    diffusers module takes any); the loaded one after."""
     model = pool.get(NAME)
     assert isinstance(model, DiffusionModel) and model.first_stage is not None
-    loaded = model.first_stage
+    loaded, resizable = model.first_stage, model.resizable_first_stage
     gated = GatedFirstStage(loaded)
     model.first_stage = gated  # type: ignore[assignment]
+    model.resizable_first_stage = lambda: gated  # type: ignore[assignment,return-value]
     try:
         yield gated
     finally:
         gated.release.set()
-        model.first_stage = loaded
+        model.first_stage, model.resizable_first_stage = loaded, resizable
 
 
 @pytest.fixture
@@ -458,18 +460,20 @@ def b64png(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def picture(size: int = 16) -> np.ndarray:
-    """A smooth RGB gradient with a bright square, [size, size, 3] uint8."""
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    image = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)
-    image[size // 4 : size // 2, size // 4 : size // 2] = 255
+def picture(height: int = 16, width: int = 16) -> np.ndarray:
+    """A smooth RGB gradient with a bright square, [height, width, 3] uint8."""
+    rows, columns = np.linspace(0, 255, height), np.linspace(0, 255, width)
+    image = np.stack(
+        np.broadcast_arrays(columns[None, :], rows[:, None], 255 - columns[None, :]), -1
+    )
+    image[height // 4 : height // 2, width // 4 : width // 2] = 255
     return image.astype(np.uint8)
 
 
-def keep_left(size: int = 16) -> np.ndarray:
+def keep_left(height: int = 16, width: int = 16) -> np.ndarray:
     """An inpainting mask: keep (white) the left half, generate the right one."""
-    mask = np.zeros((size, size), dtype=np.uint8)
-    mask[:, : size // 2] = 255
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, : width // 2] = 255
     return mask
 
 
@@ -479,6 +483,7 @@ def edit(kind: str, prompt: str, seed: int, **fields: Any) -> dict[str, Any]:
     fields = {"prompt": prompt, **base, **fields}
     image = b64png(fields.pop("image", picture()))
     if kind == "img2img":
+        fields.pop("mask", None)
         return specs.img2img(NAME, image, **{"strength": 0.75, **fields})
     mask = b64png(fields.pop("mask", keep_left()))
     return specs.inpaint(NAME, image, mask, **fields)
@@ -546,6 +551,7 @@ def test_the_running_set_steps_while_an_image_is_encoded(
         assert int(np.abs(got - solo).max()) <= 1  # rounding of batched float sums
 
 
+@pytest.mark.parametrize("size", [(16, 16), (24, 16)])
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
 def test_an_image_encoded_aside_gives_the_inline_images_bit_for_bit(
     pool: ModelPool,
@@ -553,11 +559,14 @@ def test_an_image_encoded_aside_gives_the_inline_images_bit_for_bit(
     first_stage: GatedFirstStage,
     works: dict[str, DenoiseWork],
     kind: str,
+    size: tuple[int, int],
 ) -> None:
     """The same job alone, prepare thread on (a new prompt too: both encodings aside) and off:
     the same latents from the first stage, the same noise (each sample's generator is made on
-    the stepping thread, and the encoders draw none), the same x_0 and pixels, bit for bit."""
-    request = edit(kind, "a blue dog", 5, n=2, negative_prompt="green")
+    the stepping thread, and the encoders draw none), the same x_0 and pixels, bit for bit; also
+    for an image of another size than the model's (its own lane, the resizable first stage)."""
+    images = {"image": picture(*size), "mask": keep_left(*size)}
+    request = edit(kind, "a blue dog", 5, n=2, negative_prompt="green", **images)
     results: dict[bool, tuple[DenoiseWork, list[np.ndarray]]] = {}
     for prepare_thread in (True, False):
         feed, storage = MemoryFeed(), MemoryStorage()
@@ -567,8 +576,9 @@ def test_an_image_encoded_aside_gives_the_inline_images_bit_for_bit(
             engine.run_until_idle()
         finally:
             engine.close()
-        assert ticket.ends == 1
+        assert ticket.ends == 1 and not engine.sized_lanes
         results[prepare_thread] = (works[ticket.id], pixels(storage, ticket))
+        assert results[prepare_thread][1][0].shape[:2] == size
     assert first_stage.threads == ["prepare_0", "MainThread"]
     assert encoder.threads == ["prepare_0"]  # the prompts' miss; the inline run hit the cache
     (inline, inline_pixels), (threaded, threaded_pixels) = results[False], results[True]
@@ -629,7 +639,7 @@ def test_an_image_encoding_error_fails_only_its_job_with_the_inline_error(
 ) -> None:
     """The first stage raising (a model error), or a mask the image's size does not fit (the
     user's): the job fails with the error the inline path raises; the job beside it completes."""
-    fields: dict[str, Any] = {"mask": keep_left(8)} if breaks == "mask" else {}
+    fields: dict[str, Any] = {"mask": keep_left(8, 8)} if breaks == "mask" else {}
     first_stage.failing = breaks == "first stage"
     outcomes: dict[bool, tuple[MemoryTicket, MemoryTicket]] = {}
     for prepare_thread in (False, True):
