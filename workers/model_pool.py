@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -403,16 +404,20 @@ class ModelPool:
 
     def _resizable_codec(self, name: str) -> Callable[[], Codec]:
         """The loader of a codec of the first stage `name` that takes any image size, run once on
-        the first latents of another size (`models.diffusers_format.loading.resizable_codec`)."""
+        the first latents of another size (`models.diffusers_format.loading.resizable_codec`).
+        Locked: the engine's prepare thread (an inpaint/img2img image's encoding) and its stepping
+        thread (a decoding) may both be the first to need it."""
         made: list[Codec] = []
+        lock = threading.Lock()
 
         def load() -> Codec:
-            if not made:
-                from models.diffusers_format.loading import resizable_codec
+            with lock:
+                if not made:
+                    from models.diffusers_format.loading import resizable_codec
 
-                made.append(resizable_codec(self.codec(name), self.entry(name), self.device))
-                log.info("model %s: a first stage for other image sizes is loaded", name)
-            return made[0]
+                    made.append(resizable_codec(self.codec(name), self.entry(name), self.device))
+                    log.info("model %s: a first stage for other image sizes is loaded", name)
+                return made[0]
 
         return load
 
