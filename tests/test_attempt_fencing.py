@@ -21,6 +21,7 @@ from tests import specs
 from tests.redis_sandbox import RedisSandbox, status
 from tests.worker_support import MODEL, hand_worker, tiny_ddpm_pool
 from workers import rq_bridge
+from workers.errors import WorkerStopped
 from workers.model_pool import ModelPool
 from workers.rq_adaptor import WorkerJob
 from workers.worker import BatchingWorker, worker_stats_key
@@ -250,33 +251,36 @@ def _sweep_after_the_check(
 
         monkeypatch.setattr(worker.jobs, "owned", owned_then_swept)
     else:
-        real_read = rq_bridge._read_attempt
+        real_check = recovery.is_current
 
-        def read_then_swept(connection: Any, job: Job) -> str:
-            answer = real_read(connection, job)
+        def checked_then_swept(connection: Any, job: Job, attempt: int) -> bool:
+            answer = real_check(connection, job, attempt)
             sweep()
             return answer
 
-        monkeypatch.setattr(rq_bridge, "_read_attempt", read_then_swept)
+        monkeypatch.setattr(recovery, "is_current", checked_then_swept)
 
 
 @pytest.mark.parametrize("moment", ["owned", "watched"])
-@pytest.mark.parametrize("how", ["fail", "cancel"])
+@pytest.mark.parametrize("how", ["fail", "cancel", "hand back"])
 def test_a_failure_or_cancel_raced_by_a_sweep_writes_nothing(
     box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch, how: str, moment: str
 ) -> None:
     """The gap the check before RQ's failure path left: a sweep that retries the job between that
-    check and the write. The stale failure (it still had a retry, in its copy of the job) or
-    cancel writes nothing — status, failed-job registry, meta, a retry's second copy in the queue,
-    the worker's counters, the outcome counts — and the job's next attempt ends normally."""
+    check and the write. The stale failure (it still had a retry, in its copy of the job), cancel
+    or hand-back (a stopping worker's) writes nothing — status, failed-job registry, meta, a second
+    copy in the queue, the worker's counters, the outcome counts — and the job's next attempt ends
+    normally."""
     worker = _worker(box, pool)
     box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=1))
     stale = _take(box, worker)
     _sweep_after_the_check(box, worker, stale, moment, monkeypatch)
     if how == "fail":
         stale.fail(RuntimeError("the stale attempt's own trouble"))  # retryable, one retry left
-    else:
+    elif how == "cancel":
         stale.cancel()
+    else:
+        stale.fail(WorkerStopped())
     job = Job.fetch(stale.id, connection=box.connection)
     assert job.get_status() == "queued"  # as the sweep left it
     assert box.queue(MODEL).get_job_ids() == [job.id]  # once: no retry of the stale failure
@@ -292,6 +296,7 @@ def test_a_failure_or_cancel_raced_by_a_sweep_writes_nothing(
 
     current = _take(box, worker)
     assert current.attempt == 2
+    assert box.queue(MODEL).get_job_ids() == []  # the only copy was taken
     if how == "fail":
         current.fail(RuntimeError("the current attempt's trouble"))  # no retry left: failed
     else:

@@ -8,8 +8,9 @@ handed out again by the recovery sweep while this worker still ran it (a long Re
 taken by this same worker, and the two executions must not collide — the stale one's end must
 never remove, or finish, the current one (`ddserve.recovery`, fencing).
 `RQJobs` owns those objects: it starts them (RQ's start writes, the expiry and contract checks),
-heartbeats them, finishes them through RQ's own paths (`workers.rq_bridge`: success, failure,
-stop, requeue) while this worker still owns them, and keeps a finish that hit a Redis error for
+heartbeats them, finishes them as RQ's own paths do (`workers.rq_bridge`: success, failure,
+stop; `ddserve.recovery.requeue`) while this worker still owns them — each finish a transaction
+fenced by the job's attempt —, and keeps a finish that hit a Redis error for
 the loop to retry (`finish_deferred`), so no outcome is lost and none is recorded twice.
 
 Progress, successes and outcome counts are not written here: they go to the round's buffer
@@ -250,7 +251,12 @@ class RQJobs:
         self.writes.discard(held.key, held.id)
         job = held.job
         if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
-            requeue = lambda: recovery.requeue(self.worker, job, held.queue, held.execution)  # noqa: E731
+
+            def requeue() -> bool:
+                return recovery.requeue(
+                    self.worker, job, held.queue, held.execution, attempt=held.attempt
+                )
+
             if self.finish(held, requeue) == "done":
                 log.warning("job %s handed back to its queue", held.id, extra=held.log_fields)
             return

@@ -64,6 +64,7 @@ from rq.queue import Queue
 from rq.utils import now, utcformat, utcparse
 from rq.worker import BaseWorker, WorkerStatus
 
+from ddserve import recovery
 from ddserve.notifications import prefix_of_queue, publish_finished
 from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD, attempt_of
 
@@ -376,31 +377,18 @@ return out
 
 
 def _is_current(item: Succeeded, reply: bytes | str | None) -> bool:
-    """Whether the job is still `started` in the item's attempt (unfenced items always are)."""
-    return _in_attempt(item.attempt, reply)
-
-
-def _in_attempt(attempt: int | None, reply: bytes | str | None) -> bool:
-    """Whether a job whose check answered `reply` ("attempt|status") is still `started` in
-    `attempt` (None: unfenced, always)."""
-    if attempt is None:
+    """Whether the job is still `started` in the item's attempt (unfenced items always are), from
+    its line of `_SUCCESS_CHECK`'s reply ("attempt|status")."""
+    if item.attempt is None:
         return True
     text = (reply.decode() if isinstance(reply, bytes) else reply) or "|"
-    current, _, status = text.partition("|")
-    return status == JobStatus.STARTED.value and attempt_of(current or None) == attempt
-
-
-def _read_attempt(connection: Redis | Pipeline, job: Job) -> str:
-    """The job's "attempt|status", read now (on a pipeline after its WATCH: at once)."""
-    attempt, status = connection.hmget(job.key, [ATTEMPT_FIELD, "status"])
-    return f"{(attempt or b'').decode()}|{(status or b'').decode()}"
+    attempt, _, status = text.partition("|")
+    return status == JobStatus.STARTED.value and attempt_of(attempt or None) == item.attempt
 
 
 def _current(connection: Redis, item: Succeeded) -> bool:
     """`_is_current`, read now (for the successes that take RQ's own path, one by one)."""
-    if item.attempt is None:
-        return True
-    return _is_current(item, _read_attempt(connection, item.job))
+    return item.attempt is None or recovery.is_current(connection, item.job, item.attempt)
 
 
 def _needs_rq_success_path(worker: BaseWorker, item: Succeeded) -> bool:
@@ -587,7 +575,7 @@ def _finish_failed(
             try:
                 if attempt is not None:
                     pipe.watch(job.key)
-                    if not _in_attempt(attempt, _read_attempt(pipe, job)):
+                    if not recovery.is_current(pipe, job, attempt):
                         pipe.reset()
                         return False
                 pipe.multi()
