@@ -9,9 +9,9 @@ taken by this same worker, and the two executions must not collide — the stale
 never remove, or finish, the current one (`ddserve.recovery`, fencing).
 `RQJobs` owns those objects: it starts them (RQ's start writes, the expiry and contract checks),
 heartbeats them, finishes them as RQ's own paths do (`workers.rq_bridge`: success, failure,
-stop; `ddserve.recovery.requeue`) while this worker still owns them — each finish a transaction
-fenced by the job's attempt —, and keeps a finish that hit a Redis error for
-the loop to retry (`finish_deferred`), so no outcome is lost and none is recorded twice.
+stop; `ddserve.recovery.requeue`) while this worker still owns them, each finish in a transaction
+fenced by the job's attempt, and keeps a finish that hit a Redis error for the loop to retry
+(`finish_deferred`), so no outcome is lost and none is recorded twice.
 
 Progress, successes and outcome counts are not written here: they go to the round's buffer
 (`workers.step_writes.StepWrites`), which the exchange (`workers.exchange`) sends.
@@ -317,8 +317,9 @@ class RQJobs:
           job stays held (heartbeated) until then.
 
         The check here spares a stale execution the finisher's callbacks; the fence itself is in
-        the finisher's transaction (`workers.rq_bridge`: successes, failures and cancels each
-        WATCH the job, check its attempt and write in one MULTI/EXEC), so a sweep or a later
+        the finisher's transaction (`workers.rq_bridge` for successes, failures and cancels,
+        `ddserve.recovery.requeue` for a hand-back: each WATCHes the job, checks its attempt
+        (`ddserve.recovery.is_current`) and writes in one MULTI/EXEC), so a sweep or a later
         attempt that takes the job between this check and the write still makes the stale
         finish write nothing: the finisher then returns False, and the outcome is "lost" too."""
         with self.lock:
