@@ -455,3 +455,26 @@ def test_a_changed_failure_path_fails_loudly(monkeypatch: pytest.MonkeyPatch) ->
         rq_bridge.UnsupportedRQError, match=r"handle_job_failure now calls \['save'\]"
     ):
         rq_bridge.check_rq_internals()
+
+
+def test_the_fence_costs_one_round_trip_more_than_rqs_failure_path(
+    box: RedisSandbox, round_trips: list[int]
+) -> None:
+    """WATCH and the check add two round trips; the failure's heartbeat, which RQ sends on its
+    own, rides in the transaction (one less)."""
+    costs = {}
+    for path in ("rq", "ours"):
+        worker = simple_worker(box, "m", path)
+        box.enqueue("m", {"i": 0})
+        job, queue, execution = start_next(box, worker, "m")
+        error = _raised("x")
+        round_trips[0] = 0
+        if path == "rq":
+            worker._finalize_failure(
+                job, queue, execution, (type(error), error, error.__traceback__)
+            )
+        else:
+            rq_bridge.finish_failure(worker, job, queue, execution, error, attempt=1)
+        costs[path] = round_trips[0]
+        assert job.get_status(refresh=True) == "failed"
+    assert costs["ours"] == costs["rq"] + 1, costs
