@@ -17,8 +17,8 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   platforms+=(--platform "$p")
 done
 
-rm -rf "$DEST"
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl # one version of each: pip --no-index stops on two
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --abi cp312 --abi abi3 --abi none "${platforms[@]}" -d "$DEST" -r benchmarks/gpu_wheels.txt \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
