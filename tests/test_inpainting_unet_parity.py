@@ -169,3 +169,19 @@ def test_a_batch_does_not_mix_inpainting_rows_with_plain_ones(pipe: Any) -> None
     plain = Sample(settings, sample_generator(SEED, 1), cond=encoder.rows(["a cat"])[0])
     with pytest.raises(ValueError, match="all have them or none"):
         batch.add([plain])
+
+
+def test_a_row_that_fails_alone_is_a_nan_row_of_the_prediction_shape() -> None:
+    """Regression: the engine's `IsolatingNetwork` made a failed row's NaN output of the input's
+    shape, which for an inpainting UNet (9 channels in, 4 out) could not join the other rows."""
+    from workers.isolation import IsolatingNetwork
+
+    def network(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if bool((t == 7).any()):
+            raise RuntimeError("this row breaks the network")
+        return x[:, :4]
+
+    isolating = IsolatingNetwork(network, out_channels=4)
+    out = isolating(torch.zeros((3, 9, 8, 8)), torch.tensor([1, 7, 2]), None)
+    assert out.shape == (3, 4, 8, 8) and set(isolating.failures) == {1}
+    assert bool(out[1].isnan().all()) and bool(torch.isfinite(out[[0, 2]]).all())
