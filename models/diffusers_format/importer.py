@@ -14,6 +14,7 @@ counts, licence. Every failure is one plain sentence on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -279,7 +281,8 @@ def check_pipeline(folder: Path, name: str) -> Checked:
             raise ImportFailed(
                 f"component {component!r} is a {class_name}, unknown to diffusers and transformers"
             )
-        modules[component] = load_component(cls, folder, component)
+        with quiet_progress_bars():
+            modules[component] = load_component(cls, folder, component)
         if hasattr(modules[component], "parameters"):
             parameters[component] = sum(p.numel() for p in modules[component].parameters())
     check_shapes(main, entries[1:], modules)
@@ -291,6 +294,28 @@ def check_pipeline(folder: Path, name: str) -> Checked:
     except ValueError as exc:
         raise ImportFailed(f"scheduler/scheduler_config.json: {exc}") from None
     return Checked(entries=entries, parameters=parameters)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No progress bars from diffusers or transformers while loading (transformers 5 draws one
+    per text encoder on stderr, where the import's answer is one plain line)."""
+    import diffusers.utils.logging as diffusers_logging
+
+    try:
+        import transformers.utils.logging as transformers_logging
+    except ImportError:
+        transformers_logging = None
+    loggers = [m for m in (diffusers_logging, transformers_logging) if m is not None]
+    enabled = [m.is_progress_bar_enabled() for m in loggers]
+    for module in loggers:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was in zip(loggers, enabled, strict=True):
+            if was:
+                module.enable_progress_bar()
 
 
 def transformers_class(class_name: str) -> Any:
