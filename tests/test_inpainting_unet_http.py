@@ -195,3 +195,24 @@ def test_the_openai_edit_route_inpaints_the_transparent_region(
         NAME, image, keep, prompt="a red circle", seed=5, num_inference_steps=STEPS
     )
     assert same_pixels(edited, job_images(client, own)[0])
+
+
+def test_inpaint_takes_no_strength(stack: tuple[LocalServer, Any]) -> None:
+    """The pipeline's `strength` < 1 (start from the noised image) is not offered: `/inpaint`
+    starts from pure noise, the pipeline's default strength 1."""
+
+    def b64png(array: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    body = {
+        "model": NAME,
+        "image": b64png(picture()),
+        "mask": b64png(np.where(keep_mask(), 255, 0).astype(np.uint8)),
+        "prompt": "a cat",
+        "strength": 0.5,
+    }
+    answer = httpx.post(f"{stack[0].url}/inpaint", json=body, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "unknown_field"
