@@ -195,6 +195,14 @@ def test_the_openai_edit_route_inpaints_the_transparent_region(
         NAME, image, keep, prompt="a red circle", seed=5, num_inference_steps=STEPS
     )
     assert same_pixels(edited, job_images(client, own)[0])
+    # Without a mask (an opaque image) an edit is image-to-image, which this model does not do.
+    unmasked = httpx.post(
+        f"{stack[0].url}/v1/images/edits",
+        files={"image": ("image.png", png(Image.fromarray(image)), "image/png")},
+        data={"model": NAME, "prompt": "a red circle"},
+        timeout=60,
+    )
+    assert unmasked.status_code == 400 and unmasked.json()["error"]["code"] == "unsupported_task"
 
 
 def test_inpaint_takes_no_strength(stack: tuple[LocalServer, Any]) -> None:
