@@ -41,6 +41,7 @@ from ddserve.spec import (
 )
 from models.catalog import ModelEntry, SamplingDefaults, encodes_own_prompts
 from models.data.text import encode_prompt, null_tokens, tokenize
+from models.diffusers_format.entries import INPAINTING_UNET
 from service import nested
 from service.errors import ApiError
 from service.uploads import (
@@ -452,6 +453,15 @@ class RequestNormalizer:
 
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
+        if entry.network.get(INPAINTING_UNET):
+            for name in ("jump_length", "jump_n_sample"):
+                if getattr(body, name) is not None:
+                    raise _invalid(
+                        "resampling_unsupported",
+                        f"model {entry.name!r} inpaints with its own inpainting UNet (it reads the "
+                        f"mask and the masked image), not with RePaint: {name} does not apply",
+                        name,
+                    )
         d = self._defaults(entry)
         jump_n_sample = body.jump_n_sample if body.jump_n_sample is not None else d.jump_n_sample
         default_sampler = None

@@ -59,9 +59,15 @@ def tiny_stack(root: Path, api_key: str | None = None, **overrides: Any) -> Loca
 
 @contextmanager
 def tiny_sd_stack(
-    root: Path, name: str, key_prefix: str, **overrides: Any
+    root: Path,
+    name: str,
+    key_prefix: str,
+    pipeline_class: str = "StableDiffusionPipeline",
+    unet_channels: int = 4,
+    **overrides: Any,
 ) -> Iterator[tuple[LocalServer, Any]]:
-    """The tiny `StableDiffusionPipeline` (`tests/tiny_sd.py`) saved under `root/source`, imported
+    """The tiny `StableDiffusionPipeline` (`tests/tiny_sd.py`; saved as `pipeline_class`, its UNet
+    taking `unet_channels`) saved under `root/source`, imported
     as `name` into the model repository `root/models` (no zoo), and the whole stack serving it on
     CPU without auth; yields the started server and the pipeline (the reference to compare with),
     and stops the server on the way out. Needs diffusers and transformers."""
@@ -69,7 +75,9 @@ def tiny_sd_stack(
     from tests.tiny_sd import tiny_sd_pipeline
 
     torch.set_num_threads(1)
-    pipe = tiny_sd_pipeline(root / "source")
+    pipe = tiny_sd_pipeline(
+        root / "source", pipeline_class=pipeline_class, unet_channels=unet_channels
+    )
     settings = Settings(
         redis_url=None,
         key_prefix=key_prefix,

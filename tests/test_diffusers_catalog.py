@@ -129,14 +129,13 @@ def test_the_gateway_reads_pipelines_without_torch(pipelines_dir: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
-    """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
-    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer, served with
-    the pipeline's default guidance; its KL first stage is served too."""
-    folder = tmp_path / "sd"
+def write_sd_folder(
+    folder: Path, pipeline_class: str = "StableDiffusionPipeline", unet_channels: int = 4
+) -> None:
+    """The JSON files of a Stable Diffusion 1.x folder saved as `pipeline_class` (no weights)."""
     files = {
         "model_index.json": {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": pipeline_class,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"],
@@ -144,7 +143,11 @@ def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
             "scheduler": ["diffusers", "PNDMScheduler"],
             "safety_checker": [None, None],
         },
-        "unet/config.json": {"sample_size": 64, "in_channels": 4, "cross_attention_dim": 768},
+        "unet/config.json": {
+            "sample_size": 64,
+            "in_channels": unet_channels,
+            "cross_attention_dim": 768,
+        },
         "vae/config.json": {
             "in_channels": 3,
             "latent_channels": 4,
@@ -164,6 +167,14 @@ def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
     for name, content in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(content))
+
+
+def test_a_text_pipeline_is_read_from_its_json_files(tmp_path: Path) -> None:
+    """A Stable-Diffusion-layout folder (JSON files only: the catalog reads no weights): a text
+    conditioning whose prompt the worker tokenizes with the model's CLIP tokenizer, served with
+    the pipeline's default guidance; its KL first stage is served too."""
+    folder = tmp_path / "sd"
+    write_sd_folder(folder)
     main, vae = read_pipeline(folder)
     assert main.conditioning is not None
     assert (main.conditioning.type, main.conditioning.tokenizer) == ("text", "clip")
@@ -216,3 +227,29 @@ def test_ddserve_json_sets_the_denoiser_precision(tmp_path: Path, pipelines_dir:
     (folder / "ddserve.json").write_text(json.dumps({"precision": "bfloat16"}))
     with pytest.raises(PipelineError, match="unknown option 'precision'"):
         read_pipeline(folder)
+
+
+@pytest.mark.parametrize(
+    ("pipeline_class", "unet_channels", "tasks"),
+    [
+        ("StableDiffusionImg2ImgPipeline", 4, ["generate", "inpaint"]),
+        ("StableDiffusionInpaintPipeline", 4, ["generate", "inpaint"]),  # an SD UNet saved so
+        ("StableDiffusionInpaintPipeline", 9, ["inpaint"]),  # runwayml/stable-diffusion-inpainting
+        ("StableDiffusionPipeline", 9, ["generate", "inpaint"]),  # import's shape check refuses it
+    ],
+)
+def test_sd_pipeline_classes_and_inpainting_unets(
+    tmp_path: Path, pipeline_class: str, unet_channels: int, tasks: list[str]
+) -> None:
+    """Folders saved from the img2img and inpaint pipelines serve as Stable Diffusion; only an
+    inpainting pipeline's 2c + 1-channel UNet is an inpainting UNet (x_t, mask, masked latents)."""
+    from models.diffusers_format.entries import INPAINTING_UNET
+
+    folder = tmp_path / "sd"
+    write_sd_folder(folder, pipeline_class, unet_channels)
+    main, _ = read_pipeline(folder)
+    assert main.pipeline == pipeline_class and main.tasks == tasks
+    inpainting = tasks == ["inpaint"]
+    assert bool(main.network.get(INPAINTING_UNET)) is inpainting
+    assert main.latent_shape == [4, 64, 64] and main.defaults is not None
+    assert main.defaults.guidance_scale == 7.5 and main.conditioning is not None

@@ -205,3 +205,26 @@ def test_import_with_a_dtype_serves_the_unet_in_it(
     assert {p.dtype for p in overridden.get("half").denoiser.network.unet.parameters()} == {
         torch.float32
     }
+
+
+def test_an_inpainting_unet_is_imported_only_as_an_inpainting_pipeline(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 9-channel UNet (x_t, mask, masked-image latents) in a folder saved as
+    `StableDiffusionPipeline` would be fed 4 channels by that pipeline: refused by the shape check;
+    saved as `StableDiffusionInpaintPipeline` it imports, to serve inpaint only."""
+    pytest.importorskip("transformers")
+    from tests.tiny_sd import tiny_sd_pipeline
+
+    tiny_sd_pipeline(tmp_path / "plain", unet_channels=9)
+    tiny_sd_pipeline(
+        tmp_path / "inpaint", pipeline_class="StableDiffusionInpaintPipeline", unet_channels=9
+    )
+    capsys.readouterr()  # transformers' warnings while building them
+    error = import_error(capsys, str(tmp_path / "plain" / "pipeline"))
+    assert "the UNet works on 9 channels but the first stage 'vae' has 4" in error
+    assert main(["import", str(tmp_path / "inpaint" / "pipeline"), "--name", "inpainting"]) == 0
+    assert load_catalog(repo)["inpainting"].tasks == ["inpaint"]
+    assert (
+        "`inpainting` (latent-diffusion): inpaint" in (repo / "inpainting" / "card.md").read_text()
+    )

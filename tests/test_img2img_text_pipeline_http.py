@@ -21,6 +21,7 @@ from PIL import Image
 
 from ddserve.client.sync import Client
 from ddserve.embedded import LocalServer
+from models.catalog import load_catalog
 from tests.client_support import tiny_sd_stack
 from workers.execute import image_generator
 
@@ -30,11 +31,33 @@ pytest.importorskip("transformers")
 NAME = "tiny-sd"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, Any]]:
+# A folder saved from `StableDiffusionImg2ImgPipeline` holds the same components as one saved from
+# `StableDiffusionPipeline` (its model_index.json names the other class) and serves the same.
+@pytest.fixture(
+    scope="module", params=["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"]
+)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalServer, Any]]:
     root = tmp_path_factory.mktemp("sd-img2img")
-    with tiny_sd_stack(root, NAME, "sd-img2img") as (server, pipe):
+    saved_as = request.param
+    with tiny_sd_stack(root, NAME, "sd-img2img", pipeline_class=saved_as) as (server, pipe):
+        assert load_catalog(server.settings.model_repository())[NAME].pipeline == saved_as
         yield server, diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+
+
+def test_the_pipeline_class_is_kept_and_every_task_is_served(
+    stack: tuple[LocalServer, Any],
+) -> None:
+    server, _ = stack
+    with Client(server.url) as client:
+        model = client.model(NAME)
+        assert model.tasks == ["generate", "inpaint"]
+        body = {"prompt": "a cat", "num_inference_steps": 3, "seed": 1}
+        assert client.generate(NAME, **body).succeeded
+        mask = np.ones((16, 16), bool)
+        mask[4:12, 4:12] = False
+        assert client.inpaint(NAME, picture(), mask, **body).succeeded
 
 
 def picture() -> np.ndarray:

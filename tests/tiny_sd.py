@@ -60,14 +60,15 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": CONTEXT_LEN}))
 
 
-def tiny_cross_attention_unet(sample_size: int) -> Any:
+def tiny_cross_attention_unet(sample_size: int, in_channels: int = 4) -> Any:
     """The tiny text pipelines' `UNet2DConditionModel`: two levels (32, 64), cross-attention to
-    32-wide text rows in the first; 4 latent channels. Weights from torch's global generator."""
+    32-wide text rows in the first; 4 latent channels out, `in_channels` in (9: an inpainting
+    UNet's x_t, mask and masked-image latents). Weights from torch's global generator."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -79,7 +80,7 @@ def tiny_cross_attention_unet(sample_size: int) -> Any:
     ).eval()
 
 
-def tiny_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
+def tiny_text_components(folder: Path, seed: int = 0, unet_channels: int = 4) -> dict[str, Any]:
     """The tokenizer (read back from the files written under `folder / "tokenizer-src"`), text
     encoder, UNet and VAE of the tiny pipeline."""
     from diffusers import AutoencoderKL
@@ -102,18 +103,27 @@ def tiny_text_components(folder: Path, seed: int = 0) -> dict[str, Any]:
             projection_dim=32,
         )
     ).eval()
-    unet = tiny_cross_attention_unet(sample_size=8)
+    unet = tiny_cross_attention_unet(sample_size=8, in_channels=unet_channels)
     vae = AutoencoderKL(**F2_FIRST_STAGE, scaling_factor=0.18215).eval()
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
 
 
-def tiny_sd_pipeline(folder: Path, seed: int = 0, **scheduler: Any) -> Any:
-    """StableDiffusionPipeline of the tiny components and a DDIMScheduler (SD's config, updated
-    by `scheduler`), saved to `folder / "pipeline"`; returns the pipeline."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def tiny_sd_pipeline(
+    folder: Path,
+    seed: int = 0,
+    pipeline_class: str = "StableDiffusionPipeline",
+    unet_channels: int = 4,
+    **scheduler: Any,
+) -> Any:
+    """A pipeline of `pipeline_class` (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline: the same components) of the tiny components, its UNet taking
+    `unet_channels` (9: an inpainting UNet), and a DDIMScheduler (SD's config, updated by
+    `scheduler`), saved to `folder / "pipeline"`; returns the pipeline."""
+    import diffusers
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(
-        **tiny_text_components(folder, seed),
+    pipe = getattr(diffusers, pipeline_class)(
+        **tiny_text_components(folder, seed, unet_channels),
         scheduler=DDIMScheduler(**{**SD_SCHEDULER, **scheduler}),
         safety_checker=None,
         feature_extractor=None,

@@ -470,7 +470,9 @@ class DenoiseLane(BaseLane):
         timed into the stats (each call actually made)."""
         batch = self.model.new_batch(self.sample_shape)
         self.isolation = IsolatingNetwork(
-            TimedNetwork(batch.network, self.stats), max_rows=self.row_limit
+            TimedNetwork(batch.network, self.stats),
+            max_rows=self.row_limit,
+            out_channels=self.sample_shape[0],  # an inpainting UNet reads more than it predicts
         )
         batch.network = self.isolation
         self.classifier_isolation = None

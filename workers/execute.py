@@ -48,6 +48,7 @@ from ddserve.spec import (
     parse_job_spec,
 )
 from ddserve.storage import Storage, content_type_for, image_key, trajectory_key
+from models.diffusion.inpainting_unet import MaskedImageLatents
 from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import Sample, SamplerSettings
 from models.imaging import from_uint8, make_grid, to_pil
@@ -289,6 +290,9 @@ class ImageInputs:
     known: torch.Tensor | None = None  # inpaint: the known image x_0 [*sample_shape]
     mask: torch.Tensor | None = None  # inpaint: 1 = keep, [1, h, w] on the sample's grid
     init_x0: torch.Tensor | None = None  # img2img: the x_0 its samples start from
+    # inpaint on an inpainting UNet (`DiffusionModel.inpainting_unet`): what it reads beside x_t,
+    # in place of RePaint's known image and mask
+    masked_image: MaskedImageLatents | None = None
 
 
 @dataclass(frozen=True)
@@ -473,9 +477,23 @@ def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     return model.from_pixels(pixels)[0]
 
 
+def _masked_image_input(spec: InpaintSpec, model: DiffusionModel) -> MaskedImageLatents:
+    """An inpainting UNet's mask and masked image (`models.diffusion.inpainting_unet`): the image
+    [C, H, W] in [−1, 1] with the region to generate (black in ddserve's mask, 1 in the
+    pipeline's) blanked, through the first stage's posterior."""
+    channels, (height, width) = model.entry.image.channels, image_size(spec, model)
+    image = decode_images([spec.image], channels, height, width, "image")[0]
+    mask_pixels = decode_image(spec.mask, 1, height, width, "mask")
+    keep = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
+    return model.masked_image_latents(image, keep)
+
+
 def image_inputs(spec: JobSpec, model: DiffusionModel) -> ImageInputs:
-    """The spec's image where the model samples: inpaint's known image and mask, img2img's x_0
-    (for a latent model through the first stage's encoder); none for a generate spec."""
+    """The spec's image where the model samples: inpaint's known image and mask (an inpainting
+    UNet's masked image), img2img's x_0 (for a latent model through the first stage's encoder);
+    none for a generate spec."""
+    if isinstance(spec, InpaintSpec) and model.inpainting_unet:
+        return ImageInputs(masked_image=_masked_image_input(spec, model))
     if isinstance(spec, InpaintSpec):
         known, mask = _inpaint_inputs(spec, model)
         return ImageInputs(known=known, mask=mask)
@@ -529,6 +547,8 @@ def prepare_denoise(
         raise InvalidJobRequest(
             f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
         )
+    if model.inpainting_unet:
+        _check_inpainting_unet_spec(spec, model)
     output = OutputSpec.from_options(spec.output)
     shape = model.sample_shape_at(*image_size(spec, model))  # before any text encoding
     settings = _sampler_settings(spec, model)
@@ -545,6 +565,7 @@ def prepare_denoise(
             known=images.known,
             mask=images.mask,
             init_x0=images.init_x0,
+            masked_image=images.masked_image,
             keep_trajectory=output.trajectory,
             keep_x0=output.preview_every is not None,
             tag=i,
@@ -558,6 +579,18 @@ def prepare_denoise(
     return DenoiseWork(
         job_id, JobKind(spec.kind), model, samples, spec.seed, output, steps, sample_shape=shape
     )
+
+
+def _check_inpainting_unet_spec(spec: DenoiseSpec, model: DiffusionModel) -> None:
+    """An inpainting UNet only inpaints, by itself (the gateway refuses the rest first)."""
+    if not isinstance(spec, InpaintSpec):
+        raise InvalidJobRequest(
+            f"model {model.name!r} has an inpainting UNet: it serves inpaint, not {spec.kind}"
+        )
+    if spec.jump_n_sample > 1:
+        raise InvalidJobRequest(
+            f"model {model.name!r} inpaints with its own UNet, not RePaint: jump_n_sample must be 1"
+        )
 
 
 # --- autoencoder jobs (encode, decode, reconstruct) -------------------------------------------

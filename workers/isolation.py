@@ -51,10 +51,15 @@ class IsolatingNetwork:
 
     After each call, `failures` maps the row index (in that call) of every row that failed on its
     own to the reason (`NonFiniteOutput`, `ModelOutOfMemory` or `ModelCallFailed`). `max_rows`
-    (None: no limit) is the largest call made; calls over it are cut into pieces."""
+    (None: no limit) is the largest call made; calls over it are cut into pieces. `out_channels`:
+    the output's channels where they are not the input's (an inpainting UNet reads x_t with its
+    mask and masked image, 2C + 1 channels, and predicts C): a failed row's NaN row has them."""
 
-    def __init__(self, network: NetworkFn, max_rows: int | None = None) -> None:
+    def __init__(
+        self, network: NetworkFn, max_rows: int | None = None, out_channels: int | None = None
+    ) -> None:
         self.network = network
+        self.out_channels = out_channels
         self.failures: dict[int, BaseException] = {}
         self.splits = 0  # calls split so far (for the logs and tests)
         self.max_rows = max_rows
@@ -87,6 +92,12 @@ class IsolatingNetwork:
             self.max_rows = fitted
         return y
 
+    def _nan_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """NaN rows of the output's shape for the input `x` [N, C_in, H, W]."""
+        channels = self.out_channels or x.shape[1]
+        shape = (x.shape[0], channels, *x.shape[2:])
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+
     def _run(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, offset: int
     ) -> torch.Tensor:
@@ -100,7 +111,7 @@ class IsolatingNetwork:
                     torch.cuda.empty_cache()  # the halves need the memory the failed call cached
             if rows == 1:
                 self.failures[offset] = row_error(exc, t, "model")
-                return torch.full_like(x, float("nan"))
+                return self._nan_rows(x)
             log.warning("network call over %d rows failed (%s); splitting it", rows, exc)
             return self._split(x, t, cond, offset)
         self._largest_ran = max(self._largest_ran, rows)

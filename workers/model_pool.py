@@ -23,6 +23,12 @@ from torch import nn
 
 from ddserve.settings import Settings
 from models.catalog import ModelEntry, encodes_own_prompts, load_catalog
+from models.diffusers_format.entries import INPAINTING_UNET
+from models.diffusion.inpainting_unet import (
+    MaskedImageLatents,
+    latent_repaint_mask,
+    masked_pixels,
+)
 from models.diffusion.sampler import DenoisingBatch, PlanCache
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.scheduler_config import SchedulerOptions
@@ -200,6 +206,17 @@ class DiffusionModel:
         return self.entry.kind == "latent-diffusion"
 
     @property
+    def inpainting_unet(self) -> bool:
+        """Whether its UNet also reads a mask and a masked image (`models.diffusion.inpainting_unet`)."""
+        return bool(self.entry.network.get(INPAINTING_UNET))
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network's input: x_t's, plus an inpainting UNet's 1 + c."""
+        channels = self.sample_shape[0]
+        return 2 * channels + 1 if self.inpainting_unet else channels
+
+    @property
     def clip_denoised(self) -> bool:
         defaults = self.entry.defaults
         return bool(defaults.clip_denoised) if defaults is not None else not self.is_latent
@@ -276,6 +293,24 @@ class DiffusionModel:
             raise RuntimeError(f"the first stage of latent model {self.name!r} gave no latents")
         z = torch.from_numpy(np.asarray(latents, dtype=np.float32))  # [N, c, h, w]
         return (z - self.latent_shift) * self.latent_scale
+
+    def masked_image_latents(self, image: torch.Tensor, keep: torch.Tensor) -> MaskedImageLatents:
+        """An inpainting UNet's inputs for `image` [C, H, W] in [−1, 1] and the mask `keep`
+        [1, H, W] (1 = keep): the masked image's posterior through the first stage's PyTorch
+        module (ONNX graphs give the mean only), and the repaint mask on its latent grid."""
+        codec: Any = self.first_stage
+        if not hasattr(codec, "posterior") and self.resizable_first_stage is not None:
+            codec = self.resizable_first_stage()  # the diffusers module beside the ONNX graphs
+        if not hasattr(codec, "posterior"):
+            raise RuntimeError(f"latent model {self.name!r} has no first stage to sample from")
+        pixels = masked_pixels(image.detach().float().cpu(), keep)[None]  # [1, C, H, W]
+        mean, std = codec.posterior(pixels.numpy())  # [1, c, h, w] each, on the CPU
+        return MaskedImageLatents(
+            mask=latent_repaint_mask(keep, (mean.shape[-2], mean.shape[-1])),
+            mean=mean[0],
+            std=std[0],
+            scaling_factor=self.latent_scale,
+        )
 
 
 @dataclass
@@ -506,7 +541,8 @@ class ModelPool:
 def call_rows(model: DiffusionModel, rows: int) -> torch.Tensor:
     """One network call of the model over `rows` rows of zeros (∅-conditioned): the warm-up's and
     the memory probe's call."""
-    x = torch.zeros((rows, *model.sample_shape), device=model.device)
+    _, height, width = model.sample_shape
+    x = torch.zeros((rows, model.input_channels, height, width), device=model.device)
     t = torch.zeros(rows, dtype=torch.long, device=model.device)
     cond = None
     if model.null_condition is not None:

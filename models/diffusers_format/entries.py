@@ -63,7 +63,17 @@ LATENT_PIPELINES = {"LDMPipeline": 50}
 # Text-conditioned pipelines: the workers encode prompts with the pipeline's own tokenizer and text
 # encoder (`models.diffusers_format.text`). Each names its components and defaults its own way
 # (`TextLayout`); the catalog entry says which (`Conditioning.tokenizer`), and nothing else needs to.
-TEXT_PIPELINES = {"StableDiffusionPipeline": 50, "LDMTextToImagePipeline": 50}
+# `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` folders hold the same
+# components as `StableDiffusionPipeline` (what their `save_pretrained` writes differs only in
+# `_class_name`); ddserve serves every task from the components, not from the class. An inpainting
+# pipeline whose UNet also takes the mask and the masked image's latents (in_channels = 2c + 1:
+# runwayml/stable-diffusion-inpainting's 9) is served on /inpaint alone (`INPAINTING_UNET`).
+TEXT_PIPELINES = {
+    "StableDiffusionPipeline": 50,
+    "StableDiffusionImg2ImgPipeline": 50,
+    "StableDiffusionInpaintPipeline": 50,
+    "LDMTextToImagePipeline": 50,
+}
 SUPPORTED_PIPELINES = (*PIXEL_PIPELINES, *LATENT_PIPELINES, *TEXT_PIPELINES)
 
 
@@ -89,17 +99,20 @@ class TextLayout:
     negative_prompt: bool
 
 
+# CLIP ViT-L/14's text tower (Radford et al. 2021), `last_hidden_state`; default s = 7.5.
+SD_LAYOUT = TextLayout(
+    tokenizer="clip",
+    encoder="text_encoder",
+    encoder_classes=("CLIPTextModel",),
+    tokenizer_classes=("CLIPTokenizer", "CLIPTokenizerFast"),
+    context_len=None,
+    guidance_scale=7.5,
+    negative_prompt=True,
+)
 TEXT_LAYOUTS = {
-    # CLIP ViT-L/14's text tower (Radford et al. 2021), `last_hidden_state`; default s = 7.5.
-    "StableDiffusionPipeline": TextLayout(
-        tokenizer="clip",
-        encoder="text_encoder",
-        encoder_classes=("CLIPTextModel",),
-        tokenizer_classes=("CLIPTokenizer", "CLIPTokenizerFast"),
-        context_len=None,
-        guidance_scale=7.5,
-        negative_prompt=True,
-    ),
+    "StableDiffusionPipeline": SD_LAYOUT,
+    "StableDiffusionImg2ImgPipeline": SD_LAYOUT,
+    "StableDiffusionInpaintPipeline": SD_LAYOUT,
     # LDMBert (Rombach et al. 2022, §4.3.1: a transformer τ_θ trained with the LDM on LAION) under
     # a BERT tokenizer; the pipeline pads and cuts to 77 tokens whatever the tokenizer's own
     # limit, encodes "" for ∅, has no negative prompt and defaults to s = 1 (no guidance).
@@ -114,6 +127,19 @@ TEXT_LAYOUTS = {
     ),
 }
 TEXT_UNET = "UNet2DConditionModel"  # a text pipeline's UNet attends to c by cross-attention
+
+
+# `ModelEntry.network` flag of a latent model whose UNet reads x_t [c, h, w] with the inpainting
+# mask [1, h, w] and the masked image's latents [c, h, w] concatenated over channels.
+INPAINTING_UNET = "inpainting_unet"
+INPAINTING_PIPELINES = ("StableDiffusionInpaintPipeline",)
+
+
+def inpainting_unet(pipeline: str, unet_channels: int, latent_channels: int) -> bool:
+    """Whether the pipeline's UNet is an inpainting UNet (`StableDiffusionInpaintPipeline`'s
+    9-channel layout: in_channels = c latents + 1 mask + c masked-image latents). Such a folder
+    saved as another class is not one (its own pipeline would not feed those channels)."""
+    return pipeline in INPAINTING_PIPELINES and unet_channels == 2 * latent_channels + 1
 
 
 def text_layout(pipeline: str | None) -> TextLayout:
@@ -434,17 +460,25 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         files=first_stage_files(folder, component, stage_kind == "vqvae"),
         path=folder,
     )
+    inpainting = inpainting_unet(pipeline, channels, latent_channels)
+    network: dict[str, Any] = {}
+    if inpainting:
+        network[INPAINTING_UNET] = True
+        channels = latent_channels
     main = ModelEntry(
         **denoiser,
         kind="latent-diffusion",
-        tasks=["generate", "inpaint"],
+        # An inpainting UNet only inpaints: it always reads a mask and a masked image.
+        tasks=["inpaint"] if inpainting else ["generate", "inpaint"],
         description=f"{pipeline} (diffusers): {channels}×{height}×{width} latents of {stage_name}, "
-        f"{image.channels}×{image.height}×{image.width} images",
+        f"{image.channels}×{image.height}×{image.width} images"
+        + ("; its UNet also reads the mask and the masked image's latents" if inpainting else ""),
         image=image,
         latent_shape=latent_shape,
         size_multiple=factor * unet_down_factor(unet),
         first_stage=stage_name,
         network={
+            **network,
             "latent_scale": scaling["scaling_factor"],
             "latent_shift": scaling["shift_factor"] if pipeline in SHIFTING_PIPELINES else 0.0,
         },

@@ -14,6 +14,7 @@ counts, licence. Every failure is one plain sentence on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 from ddserve.settings import Settings
 from models.catalog import PIPELINE_INDEX, ModelEntry, Precision, load_catalog
 from models.diffusers_format.entries import (
+    INPAINTING_UNET,
     OPTIONS_FILE,
     PRECISIONS,
     SUPPORTED_PIPELINES,
@@ -278,7 +281,8 @@ def check_pipeline(folder: Path, name: str) -> Checked:
             raise ImportFailed(
                 f"component {component!r} is a {class_name}, unknown to diffusers and transformers"
             )
-        modules[component] = load_component(cls, folder, component)
+        with quiet_progress_bars():
+            modules[component] = load_component(cls, folder, component)
         if hasattr(modules[component], "parameters"):
             parameters[component] = sum(p.numel() for p in modules[component].parameters())
     check_shapes(main, entries[1:], modules)
@@ -290,6 +294,28 @@ def check_pipeline(folder: Path, name: str) -> Checked:
     except ValueError as exc:
         raise ImportFailed(f"scheduler/scheduler_config.json: {exc}") from None
     return Checked(entries=entries, parameters=parameters)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No progress bars from diffusers or transformers while loading (transformers 5 draws one
+    per text encoder on stderr, where the import's answer is one plain line)."""
+    import diffusers.utils.logging as diffusers_logging
+
+    try:
+        import transformers.utils.logging as transformers_logging
+    except ImportError:
+        transformers_logging = None
+    loggers = [m for m in (diffusers_logging, transformers_logging) if m is not None]
+    enabled = [m.is_progress_bar_enabled() for m in loggers]
+    for module in loggers:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was in zip(loggers, enabled, strict=True):
+            if was:
+                module.enable_progress_bar()
 
 
 def transformers_class(class_name: str) -> Any:
@@ -369,15 +395,20 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
 
     unet = modules["unet"]
     unet_channels = int(unet.config.in_channels)
+    # An inpainting UNet reads x_t, the mask and the masked image's latents: c + 1 + c channels.
+    extra = (
+        main.latent_shape[0] + 1 if main.network.get(INPAINTING_UNET) and main.latent_shape else 0
+    )
     for stage in stages:
         stage_channels = (stage.latent_shape or [0])[0]
-        if stage_channels != unet_channels:
+        if stage_channels + extra != unet_channels:
             raise ImportFailed(
                 f"the UNet works on {unet_channels} channels but the first stage "
                 f"{stage.component!r} has {stage_channels} latent channels (mismatched shapes)"
             )
     c, h, w = main.latent_shape or (main.image.channels, main.image.height, main.image.width)
     x = torch.zeros((1, int(c), int(h), int(w)))
+    x_in = torch.zeros((1, int(c) + extra, int(h), int(w)))
     text = main.conditioning is not None and main.conditioning.type == "text"
     labels = torch.zeros(1, dtype=torch.long) if main.conditioning and not text else None
     kwargs: dict[str, Any] = {"class_labels": labels}
@@ -385,15 +416,15 @@ def check_shapes(main: ModelEntry, stages: list[ModelEntry], modules: dict[str, 
         kwargs = {"encoder_hidden_states": empty_prompt_states(main, modules, unet)}
     try:
         with torch.no_grad():
-            out = unet(x, torch.tensor([0]), **kwargs).sample
+            out = unet(x_in, torch.tensor([0]), **kwargs).sample
     except Exception as exc:
         raise ImportFailed(
-            f"the UNet fails on x of shape {list(x.shape)} (mismatched shapes): "
+            f"the UNet fails on x of shape {list(x_in.shape)} (mismatched shapes): "
             f"{first_line(str(exc))}"
         ) from None
     if tuple(out.shape) != tuple(x.shape):
         raise ImportFailed(
-            f"the UNet maps {list(x.shape)} to {list(out.shape)} (mismatched shapes): ddserve "
+            f"the UNet maps {list(x_in.shape)} to {list(out.shape)} (mismatched shapes): ddserve "
             "serves UNets that predict ε, v or x_0 of the input's shape (no learned variance)"
         )
     for stage in stages:

@@ -146,6 +146,16 @@ class DiffusersCodec(Codec):
         return {"latents": self._numpy(mean), "codes": None}
 
     @torch.no_grad()
+    def posterior(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) [N, c, h, w] each, on the CPU: an `AutoencoderKL`'s posterior
+        N(μ(x), diag σ(x)²) of images [N, C, H, W] in [−1, 1] (an inpainting UNet's masked image
+        is a sample of it, `models.diffusion.inpainting_unet`)."""
+        if self.is_vq:
+            raise ValueError(f"{self.name} is a VQ autoencoder: it has no posterior to sample")
+        posterior = self.model.encode(self._tensor(self._check_images(images))).latent_dist
+        return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+    @torch.no_grad()
     def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._numpy(self.model.decode(self._tensor(latents)).sample)
 

@@ -44,6 +44,11 @@ set at a later timestep; nothing else about the batch changes. strength = 1 is g
 sample starts from x_T = ε, exactly as without an image (diffusers would keep √ᾱ_{t_0}·x_0 in x_T:
 0.6–0.8 % of the image on the linear 1000-step schedule, 7–8 % on SD's scaled_linear one; ddserve's
 x_T ~ N(0, I) neglects it, as its generation does).
+
+Inpainting UNets (`inpainting_unet.py`: diffusers' `StableDiffusionInpaintPipeline` with a 9-channel
+UNet) inpaint without RePaint: a sample's `masked_image` is drawn once when it joins (after x_T,
+from its own stream) into `concat`, channels the network reads beside x_t at every call (and beside
+the unconditional copy of a guided row), so rows of different masks still share one call.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from models.diffusion.guidance import (
     classifier_free_guidance,
     classifier_log_prob_gradient,
 )
+from models.diffusion.inpainting_unet import MaskedImageLatents
 from models.diffusion.noise import sample_generator
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.sigmas import noise_levels
@@ -405,6 +411,9 @@ class Sample:
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
     x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
     init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
+    # An inpainting UNet's mask and masked image (`inpainting_unet.py`): drawn into `concat` when
+    # the sample joins, right after x_T, and read beside x_t at every network call.
+    masked_image: MaskedImageLatents | None = None
     keep_trajectory: bool = False
     keep_x0: bool = False  # keep the latest step's x̂_0 in `x0` (live previews)
     tag: Any = None  # the caller's handle (a job id, an index)
@@ -413,6 +422,7 @@ class Sample:
     position: int = 0
     trajectory: list[torch.Tensor] = field(default_factory=list)
     x0: torch.Tensor | None = None  # [C, H, W] with keep_x0: the data prediction of its last step
+    concat: torch.Tensor | None = None  # [K, H, W] `masked_image` drawn: channels added to x_t
 
     @property
     def done(self) -> bool:
@@ -446,6 +456,7 @@ class RowLayout:
     cond: torch.Tensor | None  # [B, ...] conditioning rows (∅ where a sample has none)
     guided: torch.Tensor | None  # [G] long: samples with classifier-free guidance
     uncond: torch.Tensor | None  # [G, ...] their unconditional rows (each ∅ or its own negative)
+    concat: torch.Tensor | None  # [B, K, H, W] channels read beside x_t (an inpainting UNet's)
     guidance_scale: torch.Tensor | None  # [G] their w
     clip: torch.Tensor | None  # [B] bool: clamp x̂_0 to [−1, 1] (or to its row's clip_range)
     clip_range: torch.Tensor | None  # [B] the clamp's bound, when some row's is not 1
@@ -545,9 +556,13 @@ class DenoisingBatch:
             negatives = [samples[i].uncond for i in guided]
             uncond = torch.stack([null if row is None else row for row in negatives])
             uncond = uncond.to(self.device)
+        concat = None
+        if samples and samples[0].concat is not None:  # `add`: all samples have it, or none
+            concat = torch.stack([s.concat for s in samples]).to(self.device)
         return RowLayout(
             rows=len(samples) + len(guided),
             cond=cond,
+            concat=concat,
             guided=torch.tensor(guided, dtype=torch.long, device=self.device) if guided else None,
             uncond=uncond,
             guidance_scale=(
@@ -584,6 +599,12 @@ class DenoisingBatch:
                     "this network has no ∅ condition: a batch's samples are all conditioned or "
                     "all unconditioned"
                 )
+        extended = {s.masked_image is None for s in [*self.samples, *samples]}
+        if len(extended) > 1:
+            raise ValueError(
+                "an inpainting UNet reads a mask and a masked image on every row: a batch's "
+                "samples all have them or none does"
+            )
         for sample in samples:
             self._validate(sample)
             plans.append(self.plans.transitions(sample.settings))
@@ -593,6 +614,9 @@ class DenoisingBatch:
             sample.position = 0
             if sample.x is None:
                 sample.x = self._starting_point(sample, transitions[0])
+            if sample.masked_image is not None and sample.concat is None:
+                # After x_T, as the pipeline samples the masked image's posterior after its latents.
+                sample.concat = sample.masked_image.draw(sample.generator)
             row = sample.x.to(device=self.device, dtype=self.dtype)
             if sample.keep_trajectory:
                 sample.trajectory = [row.detach().to("cpu", copy=True)]
@@ -674,6 +698,14 @@ class DenoisingBatch:
             raise ValueError(
                 "image-to-image (strength < 1) needs the image to start from (init_x0)"
             )
+        if sample.masked_image is not None:
+            grid = tuple(sample.masked_image.mean.shape[1:])
+            if grid != self.sample_shape[1:]:
+                raise ValueError(
+                    f"the masked image's latents are {grid}, expected {self.sample_shape[1:]}"
+                )
+            if sample.known is not None or sample.settings.jump_n_sample > 1:
+                raise ValueError("an inpainting UNet inpaints by itself: no RePaint with it")
         if sample.init_x0 is not None and tuple(sample.init_x0.shape) != self.sample_shape:
             raise ValueError(
                 f"init_x0 has shape {tuple(sample.init_x0.shape)}, expected {self.sample_shape}"
@@ -766,12 +798,16 @@ class DenoisingBatch:
         `negative_prompt` — while every sample still shares the one call."""
         layout = self.layout
         index, cond = layout.guided, layout.cond
-        x_in, t_in, cond_in = self.x, t, cond
+        x_in, t_in, cond_in, concat = self.x, t, cond, layout.concat
         if index is not None:
             assert cond is not None and layout.uncond is not None  # guided ⇒ null_condition
             x_in = torch.cat([self.x, self.x.index_select(0, index)])
             t_in = torch.cat([t, t.index_select(0, index)])
             cond_in = torch.cat([cond, layout.uncond])  # [B + G, ...]
+            if concat is not None:  # the unconditional row reads the same mask and image
+                concat = torch.cat([concat, concat.index_select(0, index)])
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in)], dim=1)  # [B + G, C + K, H, W]
         output = self.network(x_in, t_in, cond_in)
         self.network_calls += 1
         out = output[: len(self.samples)]
