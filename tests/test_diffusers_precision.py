@@ -73,16 +73,23 @@ def test_bfloat16_reaches_the_diffusers_unet(models: tuple[DiffusionModel, Diffu
 def test_a_bfloat16_sampling_run_stays_close_to_float32(
     models: tuple[DiffusionModel, DiffusionModel],
 ) -> None:
-    images = []
-    for model in models:
+    """bf16's error is measured against the distance between two seeds' fp32 images (mean
+    |Δ| ≈ 0.9 of a [-1, 1] range): bf16's mean |Δ| was 0.005 on two CPUs, its largest pixel
+    0.06-0.12 depending on the CPU's bf16 kernels (one pixel's tail, so it gets a looser bound)."""
+    half, full = models
+
+    def images(model: DiffusionModel, seed: int) -> torch.Tensor:
         settings = model.scheduler.settings("ddim", 3)
-        samples = [Sample(settings=settings, generator=sample_generator(5, i)) for i in range(2)]
+        samples = [Sample(settings=settings, generator=sample_generator(seed, i)) for i in range(2)]
         batch = model.new_batch()
         batch.add(samples)
         while len(batch):
             batch.step()
-        images.append(model.to_pixels(torch.stack([s.x for s in samples])))  # [2, 3, 16, 16]
-    half, full = images
-    assert half.dtype == torch.float32 and torch.isfinite(half).all()
-    difference = (half - full).abs().max()
-    assert 0 < difference < 0.1, difference
+        return model.to_pixels(torch.stack([s.x for s in samples]))  # [2, 3, 16, 16]
+
+    bf16, fp32, other_seed = images(half, 5), images(full, 5), images(full, 105)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    error = (bf16 - fp32).abs()
+    scale = (other_seed - fp32).abs().mean()
+    assert 0 < error.mean() < 0.02 < scale / 10, (error.mean(), scale)
+    assert error.max() < 0.25, error.max()
