@@ -91,10 +91,10 @@ def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
     with counted_calls(model) as calls:
         engine.run_until_idle()
 
-    # encode: one call over the 4 images of three jobs; decode: the bad job's latents cannot be
-    # stacked with the others, so each decode job ran alone (2 rows, 1 row, and the refused 1).
+    # encode: one call over the 4 images of three jobs; decode: calls are grouped by row shape,
+    # so the two good jobs share one (3 rows) and the bad job's latents go alone (refused, 1 row).
     assert [rows for name, rows in calls if name == "encode"] == [4]
-    assert [rows for name, rows in calls if name == "decode"] == [2, 1, 1]
+    assert [rows for name, rows in calls if name == "decode"] == [3, 1]
     bad = tickets[4]
     assert bad.ends == 1 and bad.output is None and bad.error is not None
     storage = MemoryStorage()

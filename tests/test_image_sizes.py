@@ -8,7 +8,7 @@ for models whose network takes other sizes (imported diffusers pipelines, `size_
   flight, fed from the model's one queue, dropped when idle), each giving the images it gives alone;
   previews, cancel, deadlines and out-of-memory splitting work in those sets too;
 - parity: an image at size S is what diffusers' pipeline makes at S from the same x_T (≤ 1e-4);
-- the first stage decodes any size, also when the model's own runs in ONNX Runtime (fixed H, W;
+- the first stage decodes any size, also in ONNX Runtime (graphs with dynamic H and W;
   `tests/test_diffusers_onnx.py`, beside the export it needs).
 """
 
@@ -85,7 +85,7 @@ def test_the_size_multiple_is_the_first_stage_factor_times_the_unet_s(
     assert down_factor(sd_vae) * unet_down_factor(sd_unet) == 64
     # The tiny pipelines: 2 down blocks (2), and f = 2 for the latent one (4).
     assert catalog["ddim"].size_multiple == 2 and catalog["ldm"].size_multiple == 4
-    assert catalog["ldm-vqvae"].size_multiple is None  # the codec routes keep one size
+    assert catalog["ldm-vqvae"].size_multiple == 2  # its routes: the first stage's factor alone
     zoo = [e for e in load_catalog().values()]
     assert zoo and all(e.size_multiple is None for e in zoo)
     assert catalog["ldm"].public()["size_multiple"] == 4  # GET /models shows it
