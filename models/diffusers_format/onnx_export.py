@@ -126,7 +126,9 @@ def export_first_stage(
     vq = entry.kind == "vqvae"
     encoder = VQEncoder(model) if vq else KLEncoder(model)
     decoder = VQDecoder(model) if vq else KLDecoder(model)
-    decoder_input, encoder_outputs = ("codes", ("codes", "latents")) if vq else ("latents", ("latents",))
+    decoder_input, encoder_outputs = (
+        ("codes", ("codes", "latents")) if vq else ("latents", ("latents",))
+    )
     size = int(entry.codebook_size or 1)
     channels, factor = entry.image.channels, first_stage_factor(entry)
     # Per size: the encoder's inputs, and the decoder's (random, and the images' own encoding).
