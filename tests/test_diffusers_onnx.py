@@ -8,11 +8,14 @@ run in diffusers' module."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ddserve.cli import main
 from models.catalog import load_catalog
@@ -90,8 +93,8 @@ def assert_other_sizes_decode_in_onnx_runtime(
     from models.diffusers_format import loading
     from tests import specs
     from tests.worker_doubles import MemoryStorage, MemoryTicket
-    from workers.execute import run_alone
-    from workers.model_pool import DiffusionModel, ModelPool
+    from workers.execute import run_alone, run_codec
+    from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
     def no_torch_copy(*_args: object, **_kw: object) -> None:
         raise AssertionError("a PyTorch copy of the first stage was loaded")
@@ -118,6 +121,20 @@ def assert_other_sizes_decode_in_onnx_runtime(
     ).spec
     output = run_alone(spec, pool, MemoryStorage(), "sized")
     assert len(output["images"]) == 1
+    # The first stage's own routes at another size: the same session too.
+    stage = pool.get(f"{name}-vae")
+    assert isinstance(stage, CodecModel) and stage.codec is model.first_stage
+    picture = np.random.default_rng(2).integers(0, 256, (24, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    request = specs.codec(
+        "encode", f"{name}-vae", images=[base64.b64encode(buffer.getvalue()).decode()]
+    )
+    encoded = run_codec(MemoryTicket("enc", request).spec, stage, "enc", MemoryStorage())
+    x = torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 127.5 - 1  # [1, 3, 24, 12]
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean  # [1, 4, 12, 6]
+    assert np.abs(np.asarray(encoded["latents"]) - mean.numpy()).max() <= TOLERANCE
 
 
 def test_graphs_of_the_model_s_own_size_keep_working(
