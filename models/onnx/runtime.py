@@ -10,6 +10,10 @@ has no ONNX files (said in the log).
     codec.reconstruct(images)
     codec.decode_tensor(latents)                    # torch [N, *latent_shape] → torch [N, C, H, W]
                                                     # on the latents' device (IO binding)
+    codec.resizable                                 # True: images f·h × f·w ↔ latents h × w of any
+                                                    # size (an imported first stage's graphs with
+                                                    # dynamic height and width axes); False: the
+                                                    # model's own size only (the zoo's graphs)
 
 Providers: `CUDAExecutionProvider` first when onnxruntime-gpu provides it, then
 `CPUExecutionProvider`; a list (settings `onnx_providers`, comma-separated) overrides the order.
