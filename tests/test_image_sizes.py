@@ -555,6 +555,28 @@ def test_codec_jobs_of_several_sizes_share_calls_by_size_each_as_alone(pool: Mod
             assert all(np.abs(a - b).max() <= 1 for a, b in zip(got, want, strict=True))
 
 
+def test_a_codec_job_of_a_size_the_first_stage_cannot_take_fails_alone(pool: ModelPool) -> None:
+    """A spec the gateway did not check (an odd side; images of two sizes in one job) fails its
+    own job with the reason; the round's other jobs succeed."""
+    feed = MemoryFeed()
+    good = feed.submit(specs.codec("encode", "ldm-vqvae", images=[png(24, 12)]))
+    odd = feed.submit(specs.codec("encode", "ldm-vqvae", images=[png(15, 12)]))
+    mixed = feed.submit(specs.codec("reconstruct", "ldm-vqvae", images=[png(8, 8), png(8, 12)]))
+    engine = Engine(
+        pool,
+        ["ldm-vqvae"],
+        feed,
+        MemoryStorage(),
+        BatchingPolicy(),
+        clock=Clock(),
+        sleep=lambda _s: None,
+    )
+    engine.run_until_idle()
+    assert good.ends == 1 and good.output is not None
+    assert isinstance(odd.error, InvalidJobRequest) and "multiples of 2" in str(odd.error)
+    assert isinstance(mixed.error, InvalidJobRequest) and "images[1]" in str(mixed.error)
+
+
 def test_run_alone_makes_the_spec_s_size(pool: ModelPool) -> None:
     storage = MemoryStorage()
     spec = MemoryTicket("j", job("ldm", 7, (8, 24))).spec
