@@ -619,7 +619,7 @@ class RequestNormalizer:
         `_image_size`, naming `param`). f: the first stage's factor, image side / latent side."""
         if shape is None or len(shape) < 3 or min(shape[-2:]) < 1 or not entry.latent_shape:
             return False
-        factor = entry.image.height // entry.latent_shape[1]
+        factor = entry.latent_factor
         h, w = shape[-2:]
         subject = f"{param} of {h}×{w} positions decode to {factor * w}×{factor * h} images"
         self._image_size(entry, factor * h, factor * w, source=param, subject=subject)
@@ -635,7 +635,8 @@ class RequestNormalizer:
         if entry.size_multiple is not None:
             fits = shape is not None and len(shape) == len(expected) + 1
             fits = fits and shape[1] == expected[0] and self._latent_grid(entry, shape, "latents")
-            wanted = f"[n, {expected[0]}, h, w] (any h × w; the images are f·h × f·w)"
+            f = entry.latent_factor
+            wanted = f"[n, {expected[0]}, h, w] (any h × w; the images are {f}h × {f}w)"
         else:
             fits = shape is not None and shape[1:] == list(expected)
             wanted = f"[n, {', '.join(map(str, expected))}]"
@@ -659,7 +660,8 @@ class RequestNormalizer:
         if entry.size_multiple is not None:  # [n, h, w] of any grid whose images it makes
             fits = shape is not None and len(shape) == len(expected) + 1
             fits = fits and self._latent_grid(entry, shape, param)
-            wanted = "[n, h, w] (any h × w; the images are f·h × f·w)"
+            f = entry.latent_factor
+            wanted = f"[n, h, w] (any h × w; the images are {f}h × {f}w)"
         else:
             fits = shape is not None and shape[1:] == expected
             wanted = f"[n, {', '.join(map(str, expected))}]"

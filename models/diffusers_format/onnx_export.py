@@ -89,7 +89,7 @@ def check_sizes(entry: ModelEntry) -> list[tuple[int, int]]:
     """(height, width) the graphs are checked at: the model's own, and two others of a different
     aspect (1.5·H × 0.75·W and 0.5·H × 1.5·W, rounded to multiples of the factor f) — at most
     about its own area, so that the check of a large first stage stays cheap."""
-    spec, f = entry.image, first_stage_factor(entry)
+    spec, f = entry.image, entry.latent_factor
 
     def side(value: float) -> int:
         return max(f, round(value / f) * f)
@@ -97,11 +97,6 @@ def check_sizes(entry: ModelEntry) -> list[tuple[int, int]]:
     own = (spec.height, spec.width)
     others = [(side(1.5 * own[0]), side(0.75 * own[1])), (side(0.5 * own[0]), side(1.5 * own[1]))]
     return [own, *(size for size in others if size != own)]
-
-
-def first_stage_factor(entry: ModelEntry) -> int:
-    """f: the first stage's spatial down-sampling (image side / latent side)."""
-    return entry.image.height // (entry.latent_shape or [0, entry.image.height])[1]
 
 
 def export_first_stage(
@@ -130,7 +125,7 @@ def export_first_stage(
         ("codes", ("codes", "latents")) if vq else ("latents", ("latents",))
     )
     size = int(entry.codebook_size or 1)
-    channels, factor = entry.image.channels, first_stage_factor(entry)
+    channels, factor = entry.image.channels, entry.latent_factor
     # Per size: the encoder's inputs, and the decoder's (random, and the images' own encoding).
     encoder_inputs: list[tuple[str, torch.Tensor]] = []
     decoder_inputs: list[tuple[str, torch.Tensor]] = []

@@ -114,19 +114,14 @@ class Codec(ABC):
     def name(self) -> str:
         return self.entry.name
 
-    @property
-    def factor(self) -> int:
-        """f: the spatial down-sampling, image side / latent side (1 without a latent grid)."""
-        latent = self.entry.latent_shape or []
-        return self.entry.image.height // latent[1] if len(latent) == 3 and latent[1] else 1
-
     def image_shape(self, grid: tuple[int, int]) -> tuple[int, int, int]:
         """(C, H, W) of the images a latent grid (h, w) decodes to: f·h × f·w for a codec that
         takes any size, else the model's own."""
         spec = self.entry.image
         if not self.resizable:
             return spec.channels, spec.height, spec.width
-        return spec.channels, grid[0] * self.factor, grid[1] * self.factor
+        f = self.entry.latent_factor
+        return spec.channels, grid[0] * f, grid[1] * f
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         """Images [N, C, H, W]: the model's own H × W, or for a codec that takes any size
@@ -134,7 +129,7 @@ class Codec(ABC):
         spec = self.entry.image
         images = np.asarray(images, dtype=np.float32)
         if self.resizable:
-            f = self.factor
+            f = self.entry.latent_factor
             if (
                 images.ndim != 4
                 or images.shape[1] != spec.channels
