@@ -1,9 +1,9 @@
 """The GPU path in one table (issue #21): denoiser throughput by precision and compile, encoders in
 ONNX Runtime vs PyTorch, and the batch the memory probe admits.
 
-Run by `benchmarks/gpu_check.sh` on a CUDA machine (it makes the venv); by hand:
+Run by `benchmarks/gpu_check.sh` on a CUDA machine (docs/gpu.md); by hand:
 
-    .venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--budget-s 420] [--json out.json]
+    python3 benchmarks/bench_gpu.py [--device cuda] [--budget-s 420] [--json out.json] [--table out.md]
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick --modes fp32 bf16  # CPU smoke
 
 Rows:
@@ -13,20 +13,30 @@ Rows:
   bf16 + `torch.compile` (one graph per batch, compiled before timing) and bf16 + CUDA graphs
   (inductor's reduce-overhead, `DDSERVE_CUDA_GRAPHS`; CUDA only), called as a worker
   calls them (`workers.model_pool.Denoiser`). Per cell: p50 / p99 ms per network call over
-  `--calls` calls and images/s of a DDIM-`--steps` run (batch / (steps × p50)).
+  `--calls` calls and images/s of a DDIM-`--steps` run (batch / (steps × p50)); compiled cells
+  also give their first call's seconds (the compile).
 - **encoder**: each zoo autoencoder with ONNX files, `encode` of a batch of 64 through ONNX
-  Runtime on the device's provider vs the same weights in PyTorch (`TorchCodec`), images/s.
+  Runtime on the device's provider vs the same weights in PyTorch (`TorchCodec`), images/s. An
+  onnxruntime without the CUDA provider on a CUDA machine (a CPU build) gets a row saying so, and
+  ONNX Runtime is timed on the CPU against PyTorch on the GPU.
 - **max batch**: the rows per call `workers.memory_budget` admits for each denoiser in fp32 at
   `--memory-fraction` of free memory (CUDA only; the CPU is not probed).
 
-Cells are skipped (and say so) once `--budget-s` is spent, so the whole run fits its time limit:
-compiles come last in each model's cells. Not a timed test: run it by hand.
+Order: every eager cell and probe, then the encoders, then the compiled cells batch by batch (the
+slow ones last). Cells are skipped (and say so) once `--budget-s` is spent; a cell that fails (out of
+memory, a compile error) says so and the run goes on. Every row is printed as it is made and the
+`--json` / `--table` files are rewritten after each, so a run killed at its time limit still leaves
+the table so far. Versions of what the machine has come first (the check measures the machine's
+torch and CUDA, not the project's pins). Not a timed test: run it by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -54,7 +64,79 @@ MODES: dict[str, tuple[torch.dtype, str | None]] = {
     "bf16+compile": (torch.bfloat16, "default"),
     "bf16+graphs": (torch.bfloat16, "reduce-overhead"),  # CUDA graphs (DDSERVE_CUDA_GRAPHS)
 }
+# untimed calls before timing: a compiled cell compiles on the first and, in reduce-overhead, records
+# its CUDA graph on a later one (cudagraph trees warm up once, record, then replay)
+WARMUP = {None: 1, "default": 2, "reduce-overhead": 3}
+ORT_CUDA = "CUDAExecutionProvider"
+VERSIONS = ("numpy", "onnxruntime", "diffusers", "transformers", "huggingface_hub", "pydantic")
 Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class Report:
+    """The rows so far: each printed as one JSON line when made, and the `json` / `table` files
+    rewritten, so whatever stops the run (its caller's time limit) leaves a complete table."""
+
+    def __init__(self, info: dict, args: dict, json_path: Path | None, table_path: Path | None):
+        self.info, self.args, self.rows = info, args, []
+        self.json_path, self.table_path = json_path, table_path
+        print(json.dumps(info), flush=True)
+        self.save(done=False)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.save(done=False)
+
+    def save(self, done: bool) -> None:
+        if self.json_path:
+            content = {"info": self.info, "args": self.args, "done": done, "rows": self.rows}
+            write_whole(self.json_path, json.dumps(content, indent=1))
+        if self.table_path:
+            header = [f"- {key}: {value}" for key, value in self.info.items()]
+            if not done:
+                header.append(
+                    "- **unfinished**: the rows so far (the run is going, or was stopped)"
+                )
+            write_whole(self.table_path, "\n".join([*header, "", table(self.rows), ""]))
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Replace `path` at once (a kill mid-write leaves the previous version, not half of one)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def versions(device: torch.device) -> dict[str, Any]:
+    """What the machine has: Python, torch and its CUDA, the GPU, the packages the check uses."""
+    import onnxruntime as ort
+
+    info: dict[str, Any] = {"device": str(device), "python": platform.python_version()}
+    info["torch"] = torch.__version__
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": torch.cuda.get_device_name(device),
+            "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = "missing (no torch.compile on CUDA)"
+    for name in VERSIONS:
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = "missing"
+    providers = ort.get_available_providers()
+    info["onnxruntime_providers"] = ", ".join(providers)
+    info["ort_cuda"] = "available" if ORT_CUDA in providers else "unavailable (CPU build)"
+    return info
 
 
 class DiffusersUNet(nn.Module):
@@ -68,9 +150,12 @@ class DiffusersUNet(nn.Module):
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
 
-def sd_shaped_unet(quick: bool) -> tuple[nn.Module, tuple[int, int, int], tuple[int, int]]:
-    """SD 1.x's UNet layout with random weights (or a narrow one with `quick`): the network,
-    its sample shape (C, H, W) and its text states' shape (tokens, width)."""
+def sd_shaped_unet(
+    quick: bool, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, tuple[int, int, int], tuple[int, int]]:
+    """SD 1.x's UNet layout with random weights (or a narrow one with `quick`), made on `device`
+    (860 M parameters: their random init takes a minute on 2 CPU cores, nothing on a GPU): the
+    network, its sample shape (C, H, W) and its text states' shape (tokens, width)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -85,7 +170,8 @@ def sd_shaped_unet(quick: bool) -> tuple[nn.Module, tuple[int, int, int], tuple[
             "layers_per_block": 1,
             "norm_num_groups": 16,
         }
-        return DiffusersUNet(UNet2DConditionModel(**config)), (4, 16, 16), (8, 32)
+        with torch.device(device):
+            return DiffusersUNet(UNet2DConditionModel(**config)), (4, 16, 16), (8, 32)
     config = {
         "sample_size": 64,
         "block_out_channels": (320, 640, 1280, 1280),
@@ -93,7 +179,8 @@ def sd_shaped_unet(quick: bool) -> tuple[nn.Module, tuple[int, int, int], tuple[
         "attention_head_dim": 8,
         "layers_per_block": 2,
     }
-    return DiffusersUNet(UNet2DConditionModel(**config)), (4, 64, 64), (77, 768)
+    with torch.device(device):
+        return DiffusersUNet(UNet2DConditionModel(**config)), (4, 64, 64), (77, 768)
 
 
 def zoo_network(name: str) -> tuple[nn.Module, tuple[int, int, int], Callable[[int], torch.Tensor]]:
@@ -117,19 +204,21 @@ def zoo_network(name: str) -> tuple[nn.Module, tuple[int, int, int], Callable[[i
     return load_network(entry, "cpu"), shape, cond
 
 
-def time_calls(call: Callable[[], torch.Tensor], calls: int, device: torch.device) -> list[float]:
-    """Seconds of each of `calls` calls (after one untimed call), synchronised on CUDA."""
-    call()
-    out = []
-    for _ in range(calls):
+def time_calls(
+    call: Callable[[], Any], calls: int, device: torch.device, warmup: int = 1
+) -> tuple[list[float], float]:
+    """Seconds of each of `calls` calls after `warmup` untimed ones, synchronised on CUDA, and
+    the first call's seconds (a compiled network's compile)."""
+    seconds = []
+    for _ in range(warmup + calls):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - started)
-    return out
+        seconds.append(time.perf_counter() - started)
+    return seconds[warmup:], seconds[0]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,110 +226,157 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def denoiser_rows(args: argparse.Namespace, device: torch.device, deadline: float) -> list[dict]:
-    rows: list[dict] = []
-    models: dict[str, Any] = {name: zoo_network(name) for name in ZOO_MODELS}
-    sd, sd_shape, (tokens, width) = sd_shaped_unet(args.quick)
-    g = torch.Generator().manual_seed(1)
-    models["sd1.x-shaped"] = (sd, sd_shape, lambda b: torch.randn(b, tokens, width, generator=g))
-    for name, (network, shape, make_cond) in models.items():
-        base = network.eval().requires_grad_(False).to(device)
-        for mode in args.modes:
-            dtype, compiled = MODES[mode]
-            for batch in args.batches:
-                row: dict[str, Any] = {"part": "denoiser", "model": name, "mode": mode}
-                row["batch"] = batch
-                if time.monotonic() > deadline:
-                    rows.append(row | {"skipped": "time budget spent"})
-                    continue
-                if compiled == "reduce-overhead" and device.type != "cuda":
-                    rows.append(row | {"skipped": "CUDA graphs need a CUDA device"})
-                    continue
-                module = base.to(dtype)
-                if compiled is not None:
-                    module = torch.compile(module, dynamic=False, mode=compiled)
-                denoiser = Denoiser(module, channels_last=device.type == "cuda", dtype=dtype)
-                x = torch.randn((batch, *shape), generator=g).to(device)
-                t = torch.full((batch,), 500, dtype=torch.long, device=device)
-                cond = make_cond(batch).to(device)
-                if cond.is_floating_point():
-                    cond = cond.to(dtype)
-                try:
-                    seconds = time_calls(
-                        lambda d=denoiser, a=(x, t, cond): d(*a), args.calls, device
-                    )
-                except Exception as exc:  # e.g. out of memory at batch 64: say so, go on
-                    rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:120]})
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                p50 = statistics.median(seconds)
-                rows.append(
-                    row
-                    | {
-                        "p50_ms": round(1000 * p50, 2),
-                        "p99_ms": round(1000 * percentile(seconds, 0.99), 2),
-                        "images_per_s": round(batch / (args.steps * p50), 2),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-        base.to(torch.float32)
-        limit = None
-        gauge = gauge_for(device)
-        if gauge is not None and time.monotonic() < deadline:
-            fp32 = Denoiser(base, channels_last=device.type == "cuda")
-
-            def probe(n: int, d: Denoiser = fp32, s: tuple = shape, c: Callable = make_cond) -> Any:
-                x = torch.zeros((n, *s), device=device)
-                t = torch.zeros(n, dtype=torch.long, device=device)
-                return d(x, t, c(n).to(device))
-
-            limit = measure_row_limit(name, probe, gauge, args.memory_fraction, args.max_rows)
-        rows.append({"part": "max batch", "model": name, "rows": limit})
-        print(json.dumps(rows[-1]), flush=True)
-        del base
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+def failure(exc: BaseException, device: torch.device) -> dict[str, str]:
+    """A failed cell's note (out of memory at batch 64, a compile error): say so and go on."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:160]}
 
 
-def encoder_rows(args: argparse.Namespace, device: torch.device, deadline: float) -> list[dict]:
+def load_denoisers(
+    args: argparse.Namespace, device: torch.device, report: Report
+) -> dict[str, Any]:
+    """name → (network, sample shape, condition maker): the zoo's loaded on the CPU, the
+    SD-shaped one made on `device`; a model that fails to load gets an error row instead."""
+    models: dict[str, Any] = {}
+    for name in ZOO_MODELS:
+        try:
+            models[name] = zoo_network(name)
+        except Exception as exc:
+            report.add({"part": "denoiser", "model": name} | failure(exc, torch.device("cpu")))
+    try:
+        sd, sd_shape, (tokens, width) = sd_shaped_unet(args.quick, device)
+        g = torch.Generator().manual_seed(1)
+        models["sd1.x-shaped"] = (
+            sd,
+            sd_shape,
+            lambda b: torch.randn(b, tokens, width, generator=g),
+        )
+    except Exception as exc:
+        report.add({"part": "denoiser", "model": "sd1.x-shaped"} | failure(exc, device))
+    return models
+
+
+def denoiser_cell(
+    args: argparse.Namespace,
+    device: torch.device,
+    deadline: float,
+    name: str,
+    model: tuple,
+    mode: str,
+    batch: int,
+) -> dict:
+    """One (model, mode, batch) cell of the denoiser rows."""
+    network, shape, make_cond = model
+    row: dict[str, Any] = {"part": "denoiser", "model": name, "mode": mode, "batch": batch}
+    if time.monotonic() > deadline:
+        return row | {"skipped": "time budget spent"}
+    dtype, compiled = MODES[mode]
+    if compiled == "reduce-overhead" and device.type != "cuda":
+        return row | {"skipped": "CUDA graphs need a CUDA device"}
+    g = torch.Generator().manual_seed(batch)
+    try:
+        module = network.to(dtype)  # in place: the cells share one copy of the weights
+        if compiled is not None:
+            torch._dynamo.reset()  # a fresh compile per cell: no recompile limit, no stale graphs
+            module = torch.compile(module, dynamic=False, mode=compiled)
+        denoiser = Denoiser(module, channels_last=device.type == "cuda", dtype=dtype)
+        x = torch.randn((batch, *shape), generator=g).to(device)
+        t = torch.full((batch,), 500, dtype=torch.long, device=device)
+        cond = make_cond(batch).to(device)
+        if cond.is_floating_point():
+            cond = cond.to(dtype)
+        seconds, first = time_calls(
+            lambda: denoiser(x, t, cond), args.calls, device, WARMUP[compiled]
+        )
+    except Exception as exc:
+        return row | failure(exc, device)
+    p50 = statistics.median(seconds)
+    row |= {
+        "p50_ms": round(1000 * p50, 3),
+        "p99_ms": round(1000 * percentile(seconds, 0.99), 3),
+        "images_per_s": round(batch / (args.steps * p50), 2),
+    }
+    if compiled is not None:
+        row["first_call_s"] = round(first, 1)
+    return row
+
+
+def max_batch_row(
+    args: argparse.Namespace, device: torch.device, deadline: float, name: str, model: tuple
+) -> dict:
+    network, shape, make_cond = model
+    row: dict[str, Any] = {"part": "max batch", "model": name, "rows": None}
+    gauge = gauge_for(device)
+    if gauge is None:
+        return row
+    if time.monotonic() > deadline:
+        return row | {"skipped": "time budget spent"}
+    fp32 = Denoiser(network.to(torch.float32), channels_last=device.type == "cuda")
+
+    def probe(n: int) -> Any:
+        x = torch.zeros((n, *shape), device=device)
+        t = torch.zeros(n, dtype=torch.long, device=device)
+        return fp32(x, t, make_cond(n).to(device))
+
+    try:
+        return row | {
+            "rows": measure_row_limit(name, probe, gauge, args.memory_fraction, args.max_rows)
+        }
+    except Exception as exc:
+        return row | failure(exc, device)
+
+
+def encoder_rows(
+    args: argparse.Namespace, device: torch.device, deadline: float, report: Report
+) -> None:
+    import onnxruntime as ort
+
     from models.onnx.runtime import OnnxCodec, TorchCodec
 
-    rows: list[dict] = []
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    provider = "CPUExecutionProvider"
+    if device.type == "cuda":
+        if ORT_CUDA in ort.get_available_providers():
+            provider = ORT_CUDA
+        else:
+            report.add(
+                {"part": "encoder", "model": "all", "mode": f"onnxruntime ({ORT_CUDA})"}
+                | {"skipped": "ORT CUDA: unavailable (CPU build); ONNX Runtime timed on the CPU"}
+            )
     for entry in load_catalog().values():
         if entry.file("encoder_onnx") is None or entry.file("decoder_onnx") is None:
             continue
-        if time.monotonic() > deadline:
-            rows.append({"part": "encoder", "model": entry.name, "skipped": "time budget spent"})
-            continue
-        image = entry.image
         rng = np.random.default_rng(0)
+        image = entry.image
         images = rng.uniform(-1, 1, (64, image.channels, image.height, image.width))
         images = images.astype(np.float32)
-        codecs = {
-            f"onnxruntime ({provider})": OnnxCodec(
-                entry, [provider], None, require_cuda=device.type == "cuda"
+        makers: dict[str, Callable[[], Any]] = {
+            f"onnxruntime ({provider})": lambda e=entry: OnnxCodec(
+                e, [provider], None, require_cuda=provider == ORT_CUDA
             ),
-            f"torch ({device})": TorchCodec(entry, str(device)),
+            f"torch ({device})": lambda e=entry: TorchCodec(e, str(device)),
         }
-        for runtime, codec in codecs.items():
-            seconds = time_calls(lambda c=codec, i=images: c.encode(i), args.calls, device)
+        for runtime, make in makers.items():
+            row: dict[str, Any] = {"part": "encoder", "model": entry.name, "mode": runtime}
+            row["batch"] = 64
+            if time.monotonic() > deadline:
+                report.add(row | {"skipped": "time budget spent"})
+                continue
+            try:
+                codec = make()
+                seconds, _ = time_calls(lambda c=codec, i=images: c.encode(i), args.calls, device)
+            except Exception as exc:
+                report.add(row | failure(exc, device))
+                continue
             p50 = statistics.median(seconds)
-            rows.append(
-                {
-                    "part": "encoder",
-                    "model": entry.name,
-                    "mode": runtime,
-                    "batch": 64,
-                    "p50_ms": round(1000 * p50, 2),
-                    "p99_ms": round(1000 * percentile(seconds, 0.99), 2),
+            report.add(
+                row
+                | {
+                    "p50_ms": round(1000 * p50, 3),
+                    "p99_ms": round(1000 * percentile(seconds, 0.99), 3),
                     "images_per_s": round(64 / p50, 1),
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -250,7 +386,9 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         note = r.get("skipped") or r.get("error") or ""
-        if r["part"] == "max batch":
+        if "first_call_s" in r:
+            note = f"first call {r['first_call_s']} s (compile)"
+        if r["part"] == "max batch" and not note:
             note = f"{r['rows']} rows per call" if r["rows"] is not None else "not probed (CPU)"
         lines.append(
             f"| {r['part']} | {r['model']} | {r.get('mode', '')} | {r.get('batch', '')} | "
@@ -258,6 +396,26 @@ def table(rows: list[dict]) -> str:
             f"{note} |"
         )
     return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """Eager cells and probes, then the encoders, then the compiled cells (the slowest)."""
+    deadline = time.monotonic() + args.budget_s
+    models = load_denoisers(args, device, report)
+    for model in models.values():
+        model[0].eval().requires_grad_(False).to(device)
+    eager = [m for m in args.modes if MODES[m][1] is None]
+    compiled = [m for m in args.modes if MODES[m][1] is not None]
+    for name, model in models.items():
+        for mode in eager:
+            for batch in args.batches:
+                report.add(denoiser_cell(args, device, deadline, name, model, mode, batch))
+        report.add(max_batch_row(args, device, deadline, name, model))
+    encoder_rows(args, device, deadline, report)
+    for batch in args.batches:
+        for name, model in models.items():
+            for mode in compiled:
+                report.add(denoiser_cell(args, device, deadline, name, model, mode, batch))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -273,26 +431,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--quick", action="store_true", help="a narrow SD-shaped UNet")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="the Markdown table, as it grows")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    deadline = time.monotonic() + args.budget_s
-    info = {"device": str(device), "torch": torch.__version__}
-    if device.type == "cuda":
-        info |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
-    print(json.dumps(info), flush=True)
-    rows = denoiser_rows(args, device, deadline) + encoder_rows(args, device, deadline)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    report = Report(versions(device), settings, args.json, args.table)
+    run(args, device, report)
+    report.save(done=True)
     print()
-    print(table(rows))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"info": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
-                indent=1,
-            )
-        )
-    return rows
+    print(table(report.rows))
+    return report.rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the prepare thread saves a running job: its step-to-step gaps while new prompts arrive.
+"""What the prepare thread saves a running job: its step-to-step gaps while new prompts (or
+img2img images) arrive.
 
 A text pipeline's worker encodes each new prompt with the pipeline's CLIP text encoder (~0.5 s on a
 CPU for SD 1.x's). Inline (`Engine(prepare_thread=False)`, `DDSERVE_PREPARE_THREAD=false`) that
@@ -9,14 +10,19 @@ job with a prompt never seen before (guided, one image, `--new-steps` steps) arr
 when each of the long job's steps ends and prints the gaps between them (p50, p90, max), the new
 jobs' mean latency (taken to completed) and the wall time.
 
+`--variant img2img`: the new jobs are img2img jobs instead (the long job's prompt, cached: no
+text encoding), each with an image of its own that the first stage encodes — SD 1.x's VAE encoder
+(AutoencoderKL, block_out_channels (128, 256, 512, 512), f = 8: 8·`--latent`² RGB images), inline
+or on the prepare thread; strength 0.8, so `--new-steps` 5 makes 4 steps.
+
 Model (random weights, nothing downloaded): SD 1.x's text encoder shape (`bench_text_cache`:
 CLIPTextModel, 12 layers, width 768, L = 77) and SD 1.x's UNet2DConditionModel layout at reduced
 width (block_out_channels (64, 128, 256, 256), cross-attention 768) on 4 × `--latent`² latents,
-SD's DDIM scheduler config; the first stage is left out (the latents' first three channels are
-stored as the image: decoding is not what is measured).
+SD's DDIM scheduler config; the first stage's decoder is left out (the latents' first three
+channels are stored as the image: decoding is not what is measured).
 
-    .venv/bin/python -m benchmarks.bench_prepare_thread [--threads 1] [--latent 8]
-        [--steps 40] [--every 5] [--new-steps 5] [--repeats 3] [--out FILE]
+    .venv/bin/python -m benchmarks.bench_prepare_thread [--variant prompt|img2img] [--threads 1]
+        [--latent 8] [--steps 40] [--every 5] [--new-steps 5] [--repeats 3] [--out FILE]
 
 Writes benchmarks/results/prepare_thread.json (`--out`). Not a test (the engine's behaviour is
 checked by tests/test_engine_prepare_thread.py): run it by hand, with the machine to itself.
@@ -25,6 +31,8 @@ checked by tests/test_engine_prepare_thread.py): run it by hand, with the machin
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import itertools
 import json
 import os
@@ -34,7 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from benchmarks.bench_text_cache import sd_text_encoder
 
@@ -50,6 +60,33 @@ class LatentsAsImage:
         return latents[:, :3]  # [N, 3, h, w]
 
 
+class SdShapedFirstStage(LatentsAsImage):
+    """SD 1.x's VAE encoder (random weights) as the first stage's encoder: the posterior's mean,
+    as `DiffusersCodec.encode` gives it; decoding stays the stand-in's."""
+
+    def __init__(self) -> None:
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(0)
+        self.vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+        ).eval()
+        self.encodings: list[float] = []  # seconds of each encoding
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
+        begun = time.perf_counter()
+        try:
+            mean = self.vae.encode(torch.from_numpy(images)).latent_dist.mean  # [N, 4, h, w]
+            return {"latents": mean.numpy(), "codes": None}
+        finally:
+            self.encodings.append(time.perf_counter() - begun)
+
+
 class OneModelPool:
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -59,8 +96,9 @@ class OneModelPool:
         return self.model
 
 
-def sd_shaped_model(latent: int) -> Any:
-    """The worker's `DiffusionModel` of an SD-1.x-shaped text pipeline (see the module docstring)."""
+def sd_shaped_model(latent: int, vae: bool = False) -> Any:
+    """The worker's `DiffusionModel` of an SD-1.x-shaped text pipeline (see the module docstring);
+    `vae`: with SD's VAE encoder as its first stage (8·latent² images), for img2img."""
     from diffusers import UNet2DConditionModel
 
     from models.catalog import Conditioning, ImageSpec, ModelEntry
@@ -85,7 +123,9 @@ def sd_shaped_model(latent: int) -> Any:
         kind="latent-diffusion",
         tasks=["generate"],
         dataset="",
-        image=ImageSpec(channels=3, height=latent, width=latent),
+        image=ImageSpec(
+            channels=3, height=latent * (8 if vae else 1), width=latent * (8 if vae else 1)
+        ),
         latent_shape=[4, latent, latent],
         conditioning=Conditioning(type="text", context_len=77),
         prediction_type=options.prediction_type,
@@ -97,10 +137,18 @@ def sd_shaped_model(latent: int) -> Any:
         sample_shape=(4, latent, latent),
         device=torch.device("cpu"),
         null_condition=encoder.null_condition(),
-        first_stage=LatentsAsImage(),  # type: ignore[arg-type]
+        first_stage=SdShapedFirstStage() if vae else LatentsAsImage(),  # type: ignore[arg-type]
         prompt_encoder=encoder,
         scheduler=options,
     )
+
+
+def picture(side: int, seed: int) -> str:
+    """A random RGB image, side² (base64 PNG): every img2img job brings its own."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -131,9 +179,23 @@ def run(model: Any, prepare_thread: bool, tag: str, args: argparse.Namespace) ->
             NAME, prompt=prompt, guidance_scale=7.5, num_inference_steps=steps, seed=seed
         )
 
+    def img2img(prompt: str, steps: int, seed: int) -> dict[str, Any]:
+        image = picture(model.entry.image.height, seed)
+        return specs.img2img(
+            NAME,
+            image,
+            prompt=prompt,
+            guidance_scale=7.5,
+            num_inference_steps=steps,
+            strength=0.8,
+            seed=seed,
+        )
+
     encoder = model.prompt_encoder
     encode = encoder._encode
     encodings: list[float] = []  # seconds of each text-encoder call (tokenizer + forward)
+    image_encodings: list[float] = getattr(model.first_stage, "encodings", [])
+    image_encodings.clear()
 
     def timed_encode(prompts: list[str]) -> torch.Tensor:
         begun = time.perf_counter()
@@ -165,9 +227,12 @@ def run(model: Any, prepare_thread: bool, tag: str, args: argparse.Namespace) ->
             job = lane.jobs.get(running.key)
             done = job.image_steps if job is not None else 0
             if done and done % args.every == 0 and done // args.every > arrivals:
-                arrivals += 1  # a prompt never seen: a text-encoder call
-                prompt = f"a {tag} photo {arrivals} of a dog"
-                ticket = feed.submit(generate(prompt, args.new_steps, arrivals))
+                arrivals += 1
+                if args.variant == "img2img":  # a new image: a first-stage encoding
+                    ticket = feed.submit(img2img(long_prompt, args.new_steps, arrivals))
+                else:  # a prompt never seen: a text-encoder call
+                    prompt = f"a {tag} photo {arrivals} of a dog"
+                    ticket = feed.submit(generate(prompt, args.new_steps, arrivals))
                 new_jobs[ticket.id] = (ticket, time.perf_counter())
             engine.run_once()
             job = lane.jobs.get(running.key)
@@ -181,7 +246,9 @@ def run(model: Any, prepare_thread: bool, tag: str, args: argparse.Namespace) ->
         engine.close()
         del encoder._encode  # the class's again
     gaps = [b - a for a, b in itertools.pairwise(step_ends)]
+    timed = image_encodings if args.variant == "img2img" else encodings
     return {
+        "variant": args.variant,
         "prepare_thread": prepare_thread,
         "long_job_steps": len(step_ends),
         "new_prompts": arrivals,
@@ -190,7 +257,7 @@ def run(model: Any, prepare_thread: bool, tag: str, args: argparse.Namespace) ->
         "gap_ms_p90": 1e3 * percentile(gaps, 0.9),
         "gap_ms_max": 1e3 * max(gaps),
         "new_job_latency_s_mean": statistics.mean(latencies),
-        "encode_ms_mean": 1e3 * statistics.mean(encodings),
+        "encode_ms_mean": 1e3 * statistics.mean(timed),
         "wall_s": time.perf_counter() - started,
         "jobs_succeeded": engine.stats.jobs_succeeded,
         "jobs_failed": engine.stats.jobs_failed,
@@ -199,6 +266,12 @@ def run(model: Any, prepare_thread: bool, tag: str, args: argparse.Namespace) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--variant",
+        choices=("prompt", "img2img"),
+        default="prompt",
+        help="new jobs: generate with a new prompt, or img2img with a new image",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="the stepping thread's torch threads"
     )
@@ -210,8 +283,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "prepare_thread.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = sd_shaped_model(args.latent)
+    model = sd_shaped_model(args.latent, vae=args.variant == "img2img")
     model.prompt_encoder.rows(["warm up"])  # the encoder's first call
+    if args.variant == "img2img":  # the first stage's first call
+        side = model.entry.image.height
+        model.first_stage.encode(np.zeros((1, 3, side, side), dtype=np.float32))
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for prepare_thread in (False, True):

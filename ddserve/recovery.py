@@ -18,9 +18,10 @@ ends otherwise — torch-free, so that both the gateway's janitor and the worker
   itself. Each delivery of a job is an **attempt**: the worker that takes a job increments the
   job's attempt counter (`ATTEMPT_FIELD` of its hash, in the transaction that marks it started)
   and runs it as that attempt. Only the current attempt of a `started` job may write its progress
-  (`fenced_meta_write`: one Lua script, check and write at once) or finish it (successes: WATCH on
-  the job, the check, then MULTI/EXEC, in `workers.rq_bridge.finish_successes`; failures and
-  cancels: `owned` just before RQ's own failure path). `owned` tells a worker whether an execution
+  (`fenced_meta_write`: one Lua script, check and write at once) or finish it (WATCH on the job,
+  the check, then MULTI/EXEC: successes in `workers.rq_bridge.finish_successes`, failures and
+  cancels in `finish_failure` / `finish_stopped`, which mirror RQ's failure path's writes in that
+  transaction). `owned` tells a worker whether an execution
   is still the job's current one (its registry entry exists, the job is `started` by this worker,
   in this attempt); a stale attempt's writes are dropped and logged, never failing the job, so no
   job is finished twice. The sweeps are fenced too (`drop_stale_entries`): RQ's sweep works by
@@ -36,7 +37,8 @@ ends otherwise — torch-free, so that both the gateway's janitor and the worker
   continuously (`RecoveryGrace`): long enough for every live worker to heartbeat again (≥ 2
   heartbeats), after which only dead workers' entries are still expired.
 - **handed back**: a worker stopping before it could finish a job puts it back at the head of its
-  queue (`requeue`), without using one of the job's retries.
+  queue (`requeue`), without using one of the job's retries — fenced like a finish, so a job the
+  sweep already handed out again is not queued a second time.
 
 A job failed here is also published as finished (`ddserve.notifications`), so that a gateway
 holding a request on it answers at once: an expired job in the transaction that fails it, an
@@ -54,7 +56,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -361,12 +363,34 @@ def owned(
     return out
 
 
-def requeue(worker: Any, job: Job, queue: Queue, execution: Execution) -> None:
+def is_current(connection: Redis | Pipeline, job: Job, attempt: int) -> bool:
+    """Whether `job` is still `started` in `attempt`, read now (on a pipeline after its WATCH: at
+    once) — the check of every fenced finish, between its WATCH and its MULTI/EXEC."""
+    current, status = connection.hmget(job.key, [ATTEMPT_FIELD, "status"])
+    started = status is not None and status.decode() == JobStatus.STARTED.value
+    return started and attempt_of(current) == attempt
+
+
+def requeue(
+    worker: Any, job: Job, queue: Queue, execution: Execution, attempt: int | None = None
+) -> bool:
     """Hand a started job back: end this execution and put the job at the head of its queue
-    (status `queued` again, retries untouched), in one transaction."""
+    (status `queued` again, retries untouched), in one transaction — fenced by `attempt` when
+    given (WATCH the job, `is_current`, MULTI/EXEC: a sweep that handed the job out meanwhile
+    makes it write nothing, and False is returned, instead of queuing the job a second time)."""
     with worker.connection.pipeline() as pipeline:
-        pipeline.multi()  # explicit, as RQ expects of a caller's pipeline
-        execution.delete(job=job, pipeline=pipeline)
-        queue.enqueue_job(job, pipeline=pipeline, at_front=True)
-        pipeline.execute()
+        while True:
+            try:
+                if attempt is not None:
+                    pipeline.watch(job.key)
+                    if not is_current(pipeline, job, attempt):
+                        return False
+                pipeline.multi()  # explicit, as RQ expects of a caller's pipeline
+                execution.delete(job=job, pipeline=pipeline)
+                queue.enqueue_job(job, pipeline=pipeline, at_front=True)
+                pipeline.execute()
+                break
+            except WatchError:
+                continue
     worker.executions.pop(execution.id, None)
+    return True

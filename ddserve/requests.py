@@ -98,7 +98,24 @@ class JobBody(Body):
     webhook_events_filter: WebhookEventsFilter | None = None
 
 
-class GenerateBody(JobBody):
+class SamplingBody(JobBody):
+    """What every denoising route's body has (`/generate`, `/img2img`, `/inpaint`): how many
+    images, the sampler and its options, the condition and its guidance, and the seed."""
+
+    n: ImageCount = 1
+    sampler: SamplerName | None = None
+    num_inference_steps: InferenceSteps | None = None
+    eta: Eta | None = None
+    use_karras_sigmas: UseKarrasSigmas | None = None
+    solver_order: SolverOrder | None = None
+    class_label: ClassLabel | None = None
+    prompt: Prompt | None = None
+    negative_prompt: NegativePrompt | None = None
+    guidance_scale: GuidanceScale | None = None
+    seed: Seed | None = None
+
+
+class GenerateBody(SamplingBody):
     """`POST /generate`: sample n images from a diffusion model (or a VAE/AAE's prior)."""
 
     model_config = ConfigDict(
@@ -119,60 +136,27 @@ class GenerateBody(JobBody):
         },
     )
 
-    n: ImageCount = 1
-    sampler: SamplerName | None = None
-    num_inference_steps: InferenceSteps | None = None
-    eta: Eta | None = None
-    use_karras_sigmas: UseKarrasSigmas | None = None
-    solver_order: SolverOrder | None = None
-    class_label: ClassLabel | None = None
-    prompt: Prompt | None = None
-    negative_prompt: NegativePrompt | None = None
-    guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
-    seed: Seed | None = None
     height: ImageHeight | None = None
     width: ImageWidth | None = None
 
 
-class InpaintBody(JobBody):
+class InpaintBody(SamplingBody):
     """`POST /inpaint`: RePaint — fill the black (0) region of `mask` in `image`, n variations."""
 
     image: ImagePng
     mask: MaskPng
-    n: ImageCount = 1
-    sampler: SamplerName | None = None
-    num_inference_steps: InferenceSteps | None = None
-    eta: Eta | None = None
-    use_karras_sigmas: UseKarrasSigmas | None = None
-    solver_order: SolverOrder | None = None
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
-    class_label: ClassLabel | None = None
-    prompt: Prompt | None = None
-    negative_prompt: NegativePrompt | None = None
-    guidance_scale: GuidanceScale | None = None
-    seed: Seed | None = None
 
 
-class Img2ImgBody(JobBody):
+class Img2ImgBody(SamplingBody):
     """`POST /img2img` (SDEdit): noise `image` part of the way and denoise it again, n variations,
     steered by the prompt or class like `/generate`."""
 
     image: ImagePng
     strength: Strength = DEFAULT_STRENGTH
-    n: ImageCount = 1
-    sampler: SamplerName | None = None
-    num_inference_steps: InferenceSteps | None = None
-    eta: Eta | None = None
-    use_karras_sigmas: UseKarrasSigmas | None = None
-    solver_order: SolverOrder | None = None
-    class_label: ClassLabel | None = None
-    prompt: Prompt | None = None
-    negative_prompt: NegativePrompt | None = None
-    guidance_scale: GuidanceScale | None = None
     classifier_scale: ClassifierScale | None = None
-    seed: Seed | None = None
 
 
 class EncodeBody(JobBody):

@@ -185,9 +185,10 @@ class Settings(BaseSettings):
     )
     prepare_thread: bool = Field(
         True,
-        description="encode the prompts a text pipeline's encoder has not cached on a thread of "
-        "their own while the running set steps (continuous batching); false: on the stepping "
-        "thread, which every running job then waits for",
+        description="encode the prompts a text pipeline's encoder has not cached, and a latent "
+        "model's inpaint / img2img images (its first stage), on a thread of their own while the "
+        "running set steps (continuous batching); false: on the stepping thread, which every "
+        "running job then waits for",
     )
     retain_freed_memory: bool = Field(
         True,

@@ -27,6 +27,7 @@ from ddserve.requests import (
     Img2ImgBody,
     InpaintBody,
     ReconstructBody,
+    SamplingBody,
 )
 from ddserve.settings import Settings
 from ddserve.spec import (
@@ -178,7 +179,7 @@ class RequestNormalizer:
     def _sampling(
         self,
         entry: ModelEntry,
-        body: GenerateBody | InpaintBody | Img2ImgBody,
+        body: SamplingBody,
         default_sampler: str | None = None,
     ) -> dict[str, Any]:
         """The sampler, its step count and options: each the body's or the default (the card's,
@@ -320,6 +321,21 @@ class RequestNormalizer:
             "guidance_scale": guidance_scale,
         }
 
+    def _steering(self, entry: ModelEntry, body: SamplingBody) -> dict[str, Any]:
+        """What every denoising spec takes alike from its body (`SamplingBody`): the model, n,
+        the condition and its guidance (`_condition`), the card's clip_denoised, the seed (drawn
+        here when left out, so the job's `input` shows it) and the output options."""
+        return {
+            "model": entry.name,
+            "n": body.n,
+            **self._condition(
+                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
+            ),
+            "clip_denoised": self._defaults(entry).clip_denoised,
+            "seed": self._seed(body.seed),
+            "output": body.output,
+        }
+
     @staticmethod
     def _negative_prompt(
         entry: ModelEntry, prompt: str | None, negative_prompt: str | None
@@ -416,18 +432,11 @@ class RequestNormalizer:
         if entry.schedule is None:  # no diffusion: a VAE or AAE samples its prior, then decodes
             return self._prior_sample(entry, body)
         return GenerateSpec(
-            model=entry.name,
-            n=body.n,
             height=height,
             width=width,
             **self._sampling(entry, body),
-            **self._condition(
-                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
-            ),
+            **self._steering(entry, body),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
-            clip_denoised=self._defaults(entry).clip_denoised,
-            seed=self._seed(body.seed),
-            output=body.output,
         )
 
     def _prior_sample(self, entry: ModelEntry, body: GenerateBody) -> PriorSampleSpec:
@@ -493,19 +502,12 @@ class RequestNormalizer:
             )
         size = self._input_size(entry, body.image, "image")
         return InpaintSpec(
-            model=entry.name,
             image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
             mask=canonical_mask(body.mask, "mask", self.limits, size),
-            n=body.n,
             **sampling,
             jump_length=jump_length,
             jump_n_sample=jump_n_sample,
-            **self._condition(
-                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
-            ),
-            clip_denoised=d.clip_denoised,
-            seed=self._seed(body.seed),
-            output=body.output,
+            **self._steering(entry, body),
         )
 
     def img2img(self, body: Img2ImgBody) -> Img2ImgSpec:
@@ -531,18 +533,11 @@ class RequestNormalizer:
             )
         size = self._input_size(entry, body.image, "image")
         return Img2ImgSpec(
-            model=entry.name,
             image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),
             strength=body.strength,
-            n=body.n,
             **sampling,
-            **self._condition(
-                entry, body.class_label, body.prompt, body.guidance_scale, body.negative_prompt
-            ),
+            **self._steering(entry, body),
             classifier_scale=self._classifier_scale(entry, body.classifier_scale, body.class_label),
-            clip_denoised=self._defaults(entry).clip_denoised,
-            seed=self._seed(body.seed),
-            output=body.output,
         )
 
     def encode(self, body: EncodeBody) -> EncodeSpec:

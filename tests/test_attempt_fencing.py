@@ -15,11 +15,13 @@ from rq.job import Job, Retry
 from rq.results import Result
 
 from ddserve import recovery
+from ddserve.job_metrics import job_metrics_key, read_job_metrics
 from ddserve.jobs import META_ERROR, META_PROGRESS
 from tests import specs
 from tests.redis_sandbox import RedisSandbox, status
 from tests.worker_support import MODEL, hand_worker, tiny_ddpm_pool
 from workers import rq_bridge
+from workers.errors import WorkerStopped
 from workers.model_pool import ModelPool
 from workers.rq_adaptor import WorkerJob
 from workers.worker import BatchingWorker, worker_stats_key
@@ -223,3 +225,111 @@ def test_a_stale_executions_leftover_entry_never_ends_the_current_attempt(
     worker.flush_step()
     assert status(current.job) == "finished"
     assert [r.type for r in _results(current.job)] == [Result.Type.SUCCESSFUL]
+
+
+# --- failures and cancels are fenced in their transaction, not only by the check before it --------
+def _sweep_after_the_check(
+    box: RedisSandbox, worker: BatchingWorker, ticket: WorkerJob, moment: str, monkeypatch: Any
+) -> None:
+    """Make a recovery sweep hand the job out again right after the worker found it still owned
+    (`moment` = "owned": between `RQJobs.owned` and the finisher; "watched": between the
+    finisher's own check, after its WATCH, and its EXEC)."""
+    swept = []
+
+    def sweep() -> None:
+        if not swept:
+            swept.append(1)
+            _sweep_while_running(box, ticket)
+
+    if moment == "owned":
+        real_owned = worker.jobs.owned
+
+        def owned_then_swept(held: list[WorkerJob]) -> list[bool]:
+            answer = real_owned(held)
+            sweep()
+            return answer
+
+        monkeypatch.setattr(worker.jobs, "owned", owned_then_swept)
+    else:
+        real_check = recovery.is_current
+
+        def checked_then_swept(connection: Any, job: Job, attempt: int) -> bool:
+            answer = real_check(connection, job, attempt)
+            sweep()
+            return answer
+
+        monkeypatch.setattr(recovery, "is_current", checked_then_swept)
+
+
+@pytest.mark.parametrize("moment", ["owned", "watched"])
+@pytest.mark.parametrize("how", ["fail", "cancel", "hand back"])
+def test_a_failure_or_cancel_raced_by_a_sweep_writes_nothing(
+    box: RedisSandbox, pool: ModelPool, monkeypatch: pytest.MonkeyPatch, how: str, moment: str
+) -> None:
+    """The gap the check before RQ's failure path left: a sweep that retries the job between that
+    check and the write. The stale failure (it still had a retry, in its copy of the job), cancel
+    or hand-back (a stopping worker's) writes nothing — status, failed-job registry, meta, a second
+    copy in the queue, the worker's counters, the outcome counts — and the job's next attempt ends
+    normally."""
+    worker = _worker(box, pool)
+    box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=1))
+    stale = _take(box, worker)
+    _sweep_after_the_check(box, worker, stale, moment, monkeypatch)
+    if how == "fail":
+        stale.fail(RuntimeError("the stale attempt's own trouble"))  # retryable, one retry left
+    elif how == "cancel":
+        stale.cancel()
+    else:
+        stale.fail(WorkerStopped())
+    job = Job.fetch(stale.id, connection=box.connection)
+    assert job.get_status() == "queued"  # as the sweep left it
+    assert box.queue(MODEL).get_job_ids() == [job.id]  # once: no retry of the stale failure
+    assert job.retries_left == 0  # the sweep's retry used it, the stale failure none
+    assert META_ERROR not in job.meta
+    assert stale.queue.failed_job_registry.get_job_ids() == []
+    assert [r.type for r in _results(job)] == []
+    assert box.connection.hget(worker.key, "failed_job_count") is None
+    assert worker.jobs.held == {} and worker.jobs.stale_finishes_dropped == 1
+    monkeypatch.undo()
+    worker.flush_step()
+    assert box.connection.hgetall(job_metrics_key(box.prefix, MODEL)) == {}  # nothing counted
+
+    current = _take(box, worker)
+    assert current.attempt == 2
+    assert box.queue(MODEL).get_job_ids() == []  # the only copy was taken
+    if how == "fail":
+        current.fail(RuntimeError("the current attempt's trouble"))  # no retry left: failed
+    else:
+        current.cancel()
+    job = Job.fetch(current.id, connection=box.connection)
+    assert job.get_status() == ("failed" if how == "fail" else "stopped")
+    assert current.queue.failed_job_registry.get_job_ids() == [job.id]
+    assert [r.type for r in _results(job)] == [Result.Type.FAILED]
+    assert _results(job)[0].execution_id == current.execution.id
+    assert (META_ERROR in job.meta) == (how == "fail")
+    assert box.queue(MODEL).get_job_ids() == []
+    assert int(box.connection.hget(worker.key, "failed_job_count")) == 1
+    worker.flush_step()
+    outcomes = read_job_metrics(box.connection.hgetall(job_metrics_key(box.prefix, MODEL)))
+    assert outcomes.outcomes == {"failed" if how == "fail" else "canceled": 1}
+
+
+def test_a_failure_with_retries_left_is_queued_again_exactly_once(
+    box: RedisSandbox, pool: ModelPool
+) -> None:
+    worker = _worker(box, pool)
+    box.enqueue(MODEL, specs.generate(MODEL, n=2, num_inference_steps=10), retry=Retry(max=2))
+    for attempt, left in ((1, 1), (2, 0)):
+        ticket = _take(box, worker)
+        assert ticket.attempt == attempt
+        ticket.fail(RuntimeError("device lost"))
+        job = Job.fetch(ticket.id, connection=box.connection)
+        assert job.get_status() == "queued"
+        assert box.queue(MODEL).get_job_ids() == [job.id]
+        assert job.retries_left == left
+        assert META_ERROR not in job.meta
+        assert ticket.queue.failed_job_registry.get_job_ids() == []
+    assert worker.jobs.held == {} and worker.jobs.stale_finishes_dropped == 0
+    worker.flush_step()
+    metrics = read_job_metrics(box.connection.hgetall(job_metrics_key(box.prefix, MODEL)))
+    assert metrics.outcomes == {"retried": 2}

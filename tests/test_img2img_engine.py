@@ -20,6 +20,7 @@ from tests import specs
 from tests.test_engine import (
     LATENT,
     MODEL,
+    Clock,
     alone,
     assert_equal_alone,
     generate,
@@ -27,9 +28,11 @@ from tests.test_engine import (
     x0,
 )
 from tests.test_engine import zoo as engine_zoo
-from tests.worker_doubles import MemoryFeed
+from tests.worker_doubles import MemoryFeed, MemoryStorage
+from workers import engine as engine_module
+from workers.engine import BatchingPolicy, DenoiseLane, Engine
 from workers.errors import InvalidJobRequest
-from workers.execute import prepare_denoise
+from workers.execute import DenoiseWork, prepare_denoise
 from workers.model_pool import DiffusionModel, ModelPool
 
 zoo = engine_zoo  # the engine tests' tiny zoo (a pixel and a latent model), built once here too
@@ -149,3 +152,46 @@ def test_an_image_the_model_cannot_take_fails_only_its_job(pool: ModelPool) -> N
     engine.run_until_idle()
     assert bad.error is not None and bad.output is None
     assert_equal_alone(pool, good, works[good.id])
+
+
+def test_the_prepare_thread_encodes_a_latent_image_and_leaves_a_pixel_one_inline(
+    pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching with the prepare thread: a latent model's img2img image goes through
+    its first stage (ONNX Runtime here) on the thread, while a pixel model's job, with no first
+    stage, is prepared at once; both give the x_0 of the engine without the thread, bit for bit."""
+    works: dict[str, DenoiseWork] = {}
+
+    def spy(spec: Any, model: DiffusionModel, job_id: str, *rest: Any) -> DenoiseWork:
+        works[job_id] = prepare_denoise(spec, model, job_id, *rest)
+        return works[job_id]
+
+    monkeypatch.setattr(engine_module, "prepare_denoise", spy)
+    results: dict[bool, list[torch.Tensor]] = {}
+    for prepare_thread in (False, True):
+        feed = MemoryFeed()
+        latent = feed.submit(img2img(1, model=LATENT, output={"trajectory": False}))
+        pixel = feed.submit(img2img(2))
+        engine = Engine(
+            pool,
+            [MODEL, LATENT],
+            feed,
+            MemoryStorage(),
+            BatchingPolicy(max_batch=16),
+            clock=Clock(),
+            sleep=lambda _s: None,
+            prepare_thread=prepare_thread,
+        )
+        lanes = engine.lanes[LATENT], engine.lanes[MODEL]
+        assert isinstance(lanes[0], DenoiseLane) and isinstance(lanes[1], DenoiseLane)
+        try:
+            engine.run_once()
+            assert (latent.key in lanes[0].preparing) is prepare_thread
+            assert not lanes[1].preparing and pixel.key in lanes[1].jobs
+            engine.run_until_idle()
+        finally:
+            engine.close()
+        assert latent.output is not None and pixel.output is not None
+        results[prepare_thread] = [x0(works[t.id]) for t in (latent, pixel)]
+    for threaded, inline in zip(results[True], results[False], strict=True):
+        assert torch.equal(threaded, inline)

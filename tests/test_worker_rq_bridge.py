@@ -13,6 +13,7 @@ from redis import Redis
 from rq.job import Job, Retry
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.utils import now
 from rq.worker import BaseWorker, SimpleWorker
 
 from ddserve.jobs import JobStatus, public_status
@@ -262,3 +263,218 @@ def test_dependents_and_callbacks_take_rqs_own_success_path(box: RedisSandbox) -
     assert child.get_status(refresh=True) == "queued"  # RQ enqueued the dependent
     assert box.queue("m").get_job_ids() == [child.id]
     assert box.connection.get(f"{called.origin}:callback:{called.id}") == b"ran"
+
+
+# --- failures and stops: RQ's writes, in one transaction fenced by the job's attempt --------------
+def _raised(message: str) -> RuntimeError:
+    """An exception with a traceback, to give both failure paths the same exc_string."""
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as error:
+        return error
+
+
+def _rq_ends(
+    worker: SimpleWorker, job: Job, queue: Queue, execution: Any, how: str, error: BaseException
+) -> None:
+    """RQ's own path: `_finalize_failure` for a failure; for a stop, what RQ's stop-job path does
+    (the stop marker, then `handle_job_failure`), the job's end time set as ours sets it."""
+    if how == "stopped":
+        job.ended_at = now()
+        worker._stopped_job_id = job.id
+        worker.handle_job_failure(job, queue=queue, exc_string=str(error), execution=execution)
+    else:
+        worker._finalize_failure(job, queue, execution, (type(error), error, error.__traceback__))
+
+
+def _our_end(
+    worker: SimpleWorker,
+    job: Job,
+    queue: Queue,
+    execution: Any,
+    how: str,
+    error: BaseException,
+    attempt: int | None,
+    extra: Any = None,
+) -> bool:
+    if how == "stopped":
+        return rq_bridge.finish_stopped(
+            worker, job, queue, execution, str(error), attempt=attempt, extra=extra
+        )
+    return rq_bridge.finish_failure(
+        worker, job, queue, execution, error, attempt=attempt, extra=extra
+    )
+
+
+_RETRIES = {"failed": None, "retried": Retry(max=2), "scheduled": Retry(max=1, interval=600)}
+
+
+@pytest.mark.parametrize("how", ["failed", "retried", "scheduled", "stopped"])
+def test_a_fenced_failure_writes_what_rqs_failure_path_writes(box: RedisSandbox, how: str) -> None:
+    """Status, failed-job registry, failure result (exc_string), retry (queued again, or scheduled
+    after its interval), worker counters and the execution's cleanup: the same keys, the same
+    values, as RQ's own path leaves on a twin job."""
+    rq_worker, our_worker = simple_worker(box, "m", "rq"), simple_worker(box, "m", "ours")
+    for _ in range(2):
+        box.enqueue("m", {"i": 1}, result_ttl=600, retry=_RETRIES.get(how, Retry(max=2)))
+    by_rq, queue = _dequeued(box, rq_worker)
+    rq_execution = rq_bridge.mark_started(rq_worker, by_rq)
+    by_us, _ = _dequeued(box, our_worker)
+    our_execution, attempt = rq_bridge.start_attempt(our_worker, by_us)
+    error = _raised("device lost")
+    _rq_ends(rq_worker, by_rq, queue, rq_execution, how, error)
+    assert _our_end(our_worker, by_us, queue, our_execution, how, error, attempt)
+    theirs = _state(box.connection, by_rq, rq_worker, box.prefix)
+    ours = _state(box.connection, by_us, our_worker, box.prefix)
+    assert ours == theirs
+    expected = {"failed": "failed", "retried": "queued", "scheduled": "scheduled"}
+    assert by_us.get_status(refresh=True) == expected.get(how, how)
+    assert by_rq.get_status(refresh=True) == expected.get(how, how)
+    assert rq_bridge.active_executions(our_worker) == {}
+    assert ours["rq:worker:<worker>"][1]["failed_job_count"] == "1"
+    ended = how in ("failed", "stopped")
+    assert (by_us.id in FailedJobRegistry(queue=queue).get_job_ids()) == ended
+    if ended:
+        assert "device lost" in (by_us.latest_result().exc_string or "")
+    assert box.queue("m").get_job_ids() == (
+        [] if ended or how == "scheduled" else [by_rq.id, by_us.id]
+    )
+
+
+@pytest.mark.parametrize("how", ["failed", "stopped"])
+def test_a_failure_whose_job_is_taken_after_its_check_writes_nothing(
+    box: RedisSandbox, how: str
+) -> None:
+    """The race the fence closes: the job is checked (still `started` in this attempt), then a
+    recovery sweep retries it before the failure's EXEC. The EXEC aborts, the check runs again
+    and finds the job handed out again: the stale failure writes nothing — no status, no
+    failed-job registry, no retry (a duplicate in the queue), no counter."""
+    worker = simple_worker(box, "m")
+    job = box.enqueue("m", {"i": 1}, retry=Retry(max=2))
+    _, queue, execution = start_next(box, worker, "m")
+    attempt = int(box.connection.hget(job.key, ATTEMPT_FIELD))
+    calls = []
+
+    def sweep_meanwhile(pipe: Any) -> None:  # runs inside MULTI, after the WATCH and the check
+        calls.append(1)
+        if len(calls) == 1:
+            box.connection.hset(job.key, "status", "queued")  # what the sweep's retry writes
+            box.connection.rpush(queue.key, job.id)
+
+    assert not _our_end(worker, job, queue, execution, how, _raised("x"), attempt, sweep_meanwhile)
+    assert len(calls) == 1  # the second check found it stale: no second write attempted
+    assert job.get_status(refresh=True) == "queued"
+    assert box.queue("m").get_job_ids() == [job.id]  # queued once: the sweep's, no retry of ours
+    assert FailedJobRegistry(queue=queue).get_job_ids() == []
+    assert list(job.results()) == []
+    assert box.connection.hget(worker.key, "failed_job_count") is None
+    assert int(box.connection.hget(job.key, "retries_left")) == 2
+    assert job.retries_left == 2 or how == "stopped"  # memory as before the aborted EXEC
+
+
+def test_a_retry_repeated_after_an_aborted_exec_is_queued_once(box: RedisSandbox) -> None:
+    """A write that touches the job between the check and the EXEC (not a new attempt: a progress
+    write, say) aborts the EXEC; the failure is written again, from the job as it was: one retry
+    used, the job queued once."""
+    worker = simple_worker(box, "m")
+    job = box.enqueue("m", {"i": 1}, retry=Retry(max=2))
+    _, queue, execution = start_next(box, worker, "m")
+    attempt = int(box.connection.hget(job.key, ATTEMPT_FIELD))
+    calls = []
+
+    def touch_meanwhile(pipe: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            box.connection.hset(job.key, "unrelated", "1")
+
+    assert rq_bridge.finish_failure(
+        worker, job, queue, execution, _raised("x"), attempt=attempt, extra=touch_meanwhile
+    )
+    assert len(calls) == 2
+    assert job.get_status(refresh=True) == "queued"
+    assert box.queue("m").get_job_ids() == [job.id]
+    assert int(box.connection.hget(job.key, "retries_left")) == 1 == job.retries_left
+    assert int(box.connection.hget(worker.key, "failed_job_count")) == 1
+
+
+def test_a_failure_of_a_later_attempt_writes_nothing(box: RedisSandbox) -> None:
+    """The job was handed out again and started by another worker: the first attempt's failure
+    finds another attempt at its check."""
+    first, second = simple_worker(box, "m", "a"), simple_worker(box, "m", "b")
+    job = box.enqueue("m", {"i": 1}, retry=Retry(max=2))
+    _, queue, stale = start_next(box, first, "m")
+    box.connection.hset(job.key, "status", "queued")  # the sweep's retry, in short
+    box.connection.rpush(queue.key, job.id)
+    current_job, _, current = start_next(box, second, "m")
+    assert not rq_bridge.finish_failure(first, job, queue, stale, _raised("x"), attempt=1)
+    assert not rq_bridge.finish_stopped(first, job, queue, stale, "stop", attempt=1)
+    assert current_job.get_status(refresh=True) == "started"
+    assert FailedJobRegistry(queue=queue).get_job_ids() == []
+    assert rq_bridge.finish_failure(second, current_job, queue, current, _raised("y"), attempt=2)
+    assert current_job.get_status(refresh=True) == "queued"  # its own retry: one of two used
+    assert box.queue("m").get_job_ids() == [job.id]
+
+
+def test_a_failure_enqueues_the_dependents_rq_enqueues(box: RedisSandbox) -> None:
+    """After the failure commits, RQ's `_enqueue_dependents_safely`: a dependent that allows its
+    dependency to fail is queued, one that does not stays deferred; a stopped job's dependents
+    all stay deferred (RQ treats a stop as a cancel)."""
+    from rq.job import Dependency
+
+    worker = simple_worker(box, "m")
+    parents = [box.enqueue("m", {"i": i}) for i in range(2)]
+    (failed, queue, execution), (stopped, _, stopped_execution) = [
+        start_next(box, worker, "m") for _ in parents
+    ]
+    children = {}
+    for parent in parents:
+        tolerant = box.enqueue("m", {"c": 1}, depends_on=Dependency([parent], allow_failure=True))
+        strict = box.enqueue("m", {"c": 2}, depends_on=parent)
+        children[parent.id] = (tolerant, strict)
+    assert rq_bridge.finish_failure(worker, failed, queue, execution, _raised("x"), attempt=1)
+    assert rq_bridge.finish_stopped(worker, stopped, queue, stopped_execution, "stop", attempt=1)
+    statuses = {
+        parent: [child.get_status(refresh=True) for child in pair]
+        for parent, pair in children.items()
+    }
+    assert statuses == {failed.id: ["queued", "deferred"], stopped.id: ["deferred", "deferred"]}
+    assert box.queue("m").get_job_ids() == [children[failed.id][0].id]
+
+
+def handle_job_failure_that_saves_more(self: BaseWorker, job: Job, queue: Queue) -> None:
+    """An RQ whose failure path writes one more thing."""
+    with self.connection.pipeline() as pipeline:
+        job.set_status("failed", pipeline=pipeline)
+        job.save(pipeline=pipeline)
+        pipeline.execute()
+
+
+def test_a_changed_failure_path_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(BaseWorker, "handle_job_failure", handle_job_failure_that_saves_more)
+    with pytest.raises(
+        rq_bridge.UnsupportedRQError, match=r"handle_job_failure now calls \['save'\]"
+    ):
+        rq_bridge.check_rq_internals()
+
+
+def test_the_fence_costs_one_round_trip_more_than_rqs_failure_path(
+    box: RedisSandbox, round_trips: list[int]
+) -> None:
+    """WATCH and the check add two round trips; the failure's heartbeat, which RQ sends on its
+    own, rides in the transaction (one less)."""
+    costs = {}
+    for path in ("rq", "ours"):
+        worker = simple_worker(box, "m", path)
+        box.enqueue("m", {"i": 0})
+        job, queue, execution = start_next(box, worker, "m")
+        error = _raised("x")
+        round_trips[0] = 0
+        if path == "rq":
+            worker._finalize_failure(
+                job, queue, execution, (type(error), error, error.__traceback__)
+            )
+        else:
+            rq_bridge.finish_failure(worker, job, queue, execution, error, attempt=1)
+        costs[path] = round_trips[0]
+        assert job.get_status(refresh=True) == "failed"
+    assert costs["ours"] == costs["rq"] + 1, costs

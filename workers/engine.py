@@ -27,19 +27,26 @@ wait out for every finished image. Each step ends by collecting the writes that 
 failed write fails only its job. Without store threads (`store_threads=0`), images are stored on
 the stepping thread at once.
 
-Likewise a job whose prompt the model's text encoder has not cached (diffusers text pipelines:
-`PromptEncoder`, a CLIP forward of ~0.5 s on CPU for SD-sized encoders) is prepared off the
-stepping thread in continuous mode (`prepare_thread`): the lane takes it, holds it while the
-prepare thread encodes its prompts (it can be canceled, pass its deadline or be aborted meanwhile,
-and ends exactly once), and builds its samples at the first step boundary after the rows are
-ready; the running set keeps stepping meanwhile. A cache hit is prepared at once, on the stepping
-thread. The order of admission stays by arrival: a job keeps the place its arrival gave it, so
-once prepared it goes before every job that arrived after it (it is not starved) and after every
-job that arrived before it (it does not jump ahead); while it is being prepared it holds no rows
-and blocks no one, as if it had not arrived yet — jobs ready earlier may use the free rows
-meanwhile. The queue is read only while the running set, plus the rows of the jobs in
-preparation, leaves room. (`request` and `none` read the queue only into an empty running set,
-where nothing waits for an encoding: they prepare every job at once.)
+Likewise a job whose inputs need an encoder's forward is prepared off the stepping thread in
+continuous mode (`prepare_thread`): a prompt the model's text encoder has not cached (diffusers
+text pipelines: `PromptEncoder`, a CLIP forward of ~0.5 s on CPU for SD-sized encoders), and the
+image of an inpaint or img2img job on a latent model (the first stage's encoder, a VAE/VQ forward:
+hundreds of ms on CPU at SD's sizes). The lane takes it, holds it while the prepare thread encodes
+its inputs (`workers.execute.encode_inputs`: it can be canceled, pass its deadline or be aborted
+meanwhile, and ends exactly once), and builds its samples at the first step boundary after they
+are ready; the running set keeps stepping meanwhile. Its samples are those the stepping thread
+would build (the encoders draw no noise: the first stage gives its posterior's mean; each sample's
+noise generator is made on the stepping thread, as inline) — bit for bit at the same torch thread
+count (a PyTorch encoder on fewer CPU threads may sum in another order, ~1e-6) — and an
+encoding's error fails it, and only it, with that error. Anything else — a cache hit, a generate
+job, a pixel-space model's image — is prepared at once, on the stepping thread. The order of
+admission stays by arrival: a job keeps the place its arrival gave it, so once prepared it goes
+before every job that arrived after it (it is not starved) and after every job that arrived
+before it (it does not jump ahead); while it is being prepared it holds no rows and blocks no
+one, as if it had not arrived yet — jobs ready earlier may use the free rows meanwhile. The queue
+is read only while the running set, plus the rows of the jobs in preparation, leaves room.
+(`request` and `none` read the queue only into an empty running set, where nothing waits for an
+encoding: they prepare every job at once.)
 
 A failing network call fails only its own jobs: the call is split and retried without the rows that
 fail on their own (`workers.isolation`: out of memory, an error, NaN/±inf), and only the jobs whose
@@ -97,7 +104,10 @@ from workers.errors import (
 from workers.execute import (
     CodecCall,
     DenoiseWork,
-    PromptRows,
+    EncodedInputs,
+    EncodedSource,
+    encode_inputs,
+    encodes_image,
     image_size,
     prepare_codec,
     prepare_denoise,
@@ -278,20 +288,19 @@ class StoreThreads:
 
 
 class PrepareThread:
-    """The one thread that encodes the prompts of jobs the text encoder has not cached
-    (`DenoiseLane.accept`) while the running sets step; started on the first such job and again
-    after `close`. Its torch calls use the cores the stepping thread's pool leaves free, at least
-    one (`workers.threads.spare_threads`), so an encoding beside a step oversubscribes the cores by
-    one thread at most, and only while it runs. On a GPU both threads queue their kernels on the
-    device's default stream: the encoder's run between two steps' kernels, and a step that reads
-    the rows comes after them in stream order (no synchronisation needed)."""
+    """The one thread that encodes jobs' inputs (`DenoiseLane.accept`: prompts the text encoder has
+    not cached, a latent model's inpaint or img2img image) while the running sets step; started on
+    the first such job and again after `close`. Its torch calls use the cores the stepping thread's
+    pool leaves free, at least one (`workers.threads.spare_threads`), so an encoding beside a step
+    oversubscribes the cores by one thread at most, and only while it runs. On a GPU both threads
+    queue their kernels on the device's default stream: the encoder's run between two steps'
+    kernels, and a step that reads the rows comes after them in stream order (no synchronisation
+    needed; the first stage's latents come to the host before the encoding returns)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
 
-    def submit(
-        self, fn: Callable[..., list[torch.Tensor]], *args: Any
-    ) -> Future[list[torch.Tensor]]:
+    def submit(self, fn: Callable[..., EncodedInputs], *args: Any) -> Future[EncodedInputs]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="prepare", initializer=_own_torch_threads
@@ -314,12 +323,12 @@ def _own_torch_threads() -> None:
 
 @dataclass(eq=False)
 class PreparingJob:
-    """A job taken by a lane whose prompt rows the prepare thread is encoding: held (it may be
+    """A job taken by a lane whose inputs the prepare thread is encoding: held (it may be
     canceled, pass its deadline or be aborted), not yet waiting for admission."""
 
     ticket: Ticket
     seq: int  # its order of arrival at this worker, kept for its admission
-    rows: Future[list[torch.Tensor]]  # the rows of `text_prompts(spec)`, in order
+    inputs: Future[EncodedInputs]  # `encode_inputs(spec, model)`, or the error it raised
 
     @property
     def id(self) -> str:
@@ -333,8 +342,13 @@ class PreparingJob:
     def network_rows(self) -> int:
         """The rows its samples will take in a call (two per guided sample)."""
         spec = self.ticket.spec
-        assert isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec)  # it has prompts
+        assert isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec)  # `_prepares_aside`
         return spec.n * (2 if spec.guided else 1)
+
+    @property
+    def stage(self) -> str:
+        """Where it was when it ended early (for its error)."""
+        return "while its inputs were being encoded"
 
 
 @dataclass(eq=False)
@@ -364,6 +378,11 @@ class JobState:
         """Mean network calls done per image (what GET /jobs shows as progress.step)."""
         return self.image_steps // self.work.n
 
+    @property
+    def stage(self) -> str:
+        """Where it was when it ended early (for its error)."""
+        return f"after {self.progress_step()} of {self.work.steps_per_image} steps"
+
 
 def network_row_samples(batch: DenoisingBatch) -> list[Sample]:
     """The sample behind each row of the batch's next network call: every sample in order, then
@@ -372,7 +391,24 @@ def network_row_samples(batch: DenoisingBatch) -> list[Sample]:
     return [*batch.samples, *(s for s in batch.samples if s.guided)]
 
 
-class DenoiseLane:
+class BaseLane:
+    """What every lane shares: its model's name and the tickets it holds (idle: none)."""
+
+    model: DiffusionModel | CodecModel
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def idle(self) -> bool:
+        return not self.tickets()
+
+    def tickets(self) -> list[Ticket]:
+        raise NotImplementedError
+
+
+class DenoiseLane(BaseLane):
     """The running set and waiting jobs of one diffusion model."""
 
     def __init__(
@@ -425,17 +461,9 @@ class DenoiseLane:
         if row_limit is not None:
             self._lower_row_limit(row_limit)
 
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def idle(self) -> bool:
-        return not self.jobs and not self.preparing
-
     def tickets(self) -> list[Ticket]:
         """The tickets it holds: jobs in preparation, waiting and running."""
-        return [job.ticket for job in (*self.preparing.values(), *self.jobs.values())]
+        return [job.ticket for job in self._held()]
 
     def _new_batch(self) -> DenoisingBatch:
         """An empty running set whose network calls are split when they fail (`isolation`) and
@@ -465,8 +493,8 @@ class DenoiseLane:
     # --- arrivals -------------------------------------------------------------------------------
     def accept(self, ticket: Ticket) -> None:
         """Turn a ticket into samples; a request that cannot run fails at once (only itself). A
-        ticket of another image size goes to that size's lane (`divert`); a job whose prompts the
-        text encoder must encode goes to the prepare thread first."""
+        ticket of another image size goes to that size's lane (`divert`); a job whose inputs an
+        encoder must encode goes to the prepare thread first (`_prepares_aside`)."""
         try:
             size = image_size(ticket.spec, self.model)
             if size != self.size and self.divert is None:
@@ -478,44 +506,42 @@ class DenoiseLane:
             self.divert(ticket, size)
             return
         self._seq += 1
-        prompts = self._prompts_to_encode(ticket.spec)
-        if prompts is not None:
-            encoder = self.model.prompt_encoder
-            assert encoder is not None and self.prepare_thread is not None  # _prompts_to_encode
-            rows = self.prepare_thread.submit(encoder.rows, prompts)
-            self.preparing[ticket.key] = PreparingJob(ticket, self._seq, rows)
+        if self.prepare_thread is not None and self._prepares_aside(ticket.spec):
+            inputs = self.prepare_thread.submit(encode_inputs, ticket.spec, self.model)
+            self.preparing[ticket.key] = PreparingJob(ticket, self._seq, inputs)
             return
         self._prepare(ticket, self._seq)
 
-    def _prompts_to_encode(self, spec: JobSpec) -> list[str] | None:
-        """The prompts of a spec to encode on the prepare thread: None for a cache hit, a spec
-        without a prompt, a lane without the thread, or a mode that reads the queue only into an
-        empty running set (where nothing would step while it waited)."""
+    def _prepares_aside(self, spec: JobSpec) -> bool:
+        """Whether a spec's inputs are encoded on the prepare thread: its prompts miss the text
+        encoder's cache, or its image goes through the first stage's encoder (`encodes_image`).
+        Never in a lane without the thread, nor in a mode that reads the queue only into an empty
+        running set (where nothing would step while it waited)."""
+        if self.prepare_thread is None or self.policy.mode != "continuous":
+            return False
+        if encodes_image(spec, self.model):
+            return True
         encoder = self.model.prompt_encoder
-        if self.prepare_thread is None or encoder is None or self.policy.mode != "continuous":
-            return None
         prompts = text_prompts(spec, self.model)
-        if prompts is None or encoder.cached(prompts):
-            return None
-        return prompts
+        return encoder is not None and prompts is not None and not encoder.cached(prompts)
 
-    def _prepare(self, ticket: Ticket, seq: int, prompt_rows: PromptRows | None = None) -> None:
+    def _prepare(self, ticket: Ticket, seq: int, encoded: EncodedSource | None = None) -> None:
         """The job's samples join the waiting jobs, or the job fails (only itself)."""
         try:
-            work = prepare_denoise(ticket.spec, self.model, ticket.id, prompt_rows)
+            work = prepare_denoise(ticket.spec, self.model, ticket.id, encoded)
         except Exception as exc:
             _end(ticket.fail, exc, self.stats, "failed")
             return
         self.jobs[ticket.key] = JobState(ticket, work, seq, list(work.samples))
 
     def _collect_prepared(self) -> None:
-        """The jobs whose prompt rows are ready (or whose encoding failed: `prepare_denoise`
-        raises its error where it would have raised it inline) become waiting jobs, in order of
+        """The jobs whose inputs are encoded (or whose encoding failed: `prepare_denoise` raises
+        its error where it would have raised it inline) become waiting jobs, in order of
         arrival."""
         for key, job in list(self.preparing.items()):
-            if job.rows.done():
+            if job.inputs.done():
                 del self.preparing[key]
-                self._prepare(job.ticket, job.seq, lambda _prompts, f=job.rows: f.result())
+                self._prepare(job.ticket, job.seq, job.inputs.result)
 
     def _preparing_rows(self) -> int:
         return sum(job.network_rows for job in self.preparing.values())
@@ -540,7 +566,7 @@ class DenoiseLane:
     @property
     def waiting(self) -> bool:
         """Samples are held that the running set has no room for yet (or will be, once their
-        prompts are encoded)."""
+        inputs are encoded)."""
         return bool(self.preparing) or any(job.pending for job in self.jobs.values())
 
     # --- admission ------------------------------------------------------------------------------
@@ -745,7 +771,7 @@ class DenoiseLane:
         writing = [job for job in self.jobs.values() if job.storing]
         if block:
             futures: list[Future[Any]] = [future for job in writing for future in job.storing]
-            futures.extend(job.rows for job in self.preparing.values())
+            futures.extend(job.inputs for job in self.preparing.values())
             if futures:
                 wait(futures, timeout=STORE_WAIT_S, return_when=FIRST_COMPLETED)
         if not writing:
@@ -799,45 +825,38 @@ class DenoiseLane:
         self._forget(job)
 
     def sweep(self, canceled: set[str], now: float) -> None:
-        """End canceled jobs (`canceled`: ticket keys) and jobs past their deadline (only those)."""
-        for preparing in list(self.preparing.values()):
-            if preparing.key in canceled:
-                self._drop_preparing(preparing)
-                _end(lambda _exc, t=preparing.ticket: t.cancel(), None, self.stats, "canceled")
-            elif now > preparing.ticket.deadline:
-                self._drop_preparing(preparing)
-                error = JobDeadlineExceeded(
-                    f"job {preparing.id} passed its deadline while its prompt was being encoded"
-                )
-                _end(preparing.ticket.fail, error, self.stats, "failed")
-        for job in list(self.jobs.values()):
+        """End canceled jobs (`canceled`: ticket keys) and jobs past their deadline (only those),
+        whether in preparation, waiting or running."""
+        for job in self._held():
             if job.key in canceled:
-                self._drop(job)
-                _end(lambda _exc, t=job.ticket: t.cancel(), None, self.stats, "canceled")
+                self._leave(job)
+                _end_canceled(job.ticket, self.stats)
             elif now > job.ticket.deadline:
-                self._drop(job)
-                error = JobDeadlineExceeded(
-                    f"job {job.id} passed its deadline after {job.progress_step()} of "
-                    f"{job.work.steps_per_image} steps"
-                )
+                self._leave(job)
+                error = JobDeadlineExceeded(f"job {job.id} passed its deadline {job.stage}")
                 _end(job.ticket.fail, error, self.stats, "failed")
 
-    def _drop_preparing(self, job: PreparingJob) -> None:
-        """Forget a job in preparation: its encoding is canceled if not started, and its rows are
-        never read if it is (they stay in the encoder's cache for the next job with that prompt)."""
-        del self.preparing[job.key]
-        job.rows.cancel()
+    def _held(self) -> list[PreparingJob | JobState]:
+        """The jobs it holds: in preparation, then waiting and running."""
+        return [*self.preparing.values(), *self.jobs.values()]
+
+    def _leave(self, job: PreparingJob | JobState) -> None:
+        """Forget a job that ends early. One in preparation: its encoding is canceled if not
+        started, and its result never read if it is (prompt rows stay in the encoder's cache for
+        the next job with that prompt). Waiting or running: its samples leave (`_drop`)."""
+        if isinstance(job, PreparingJob):
+            del self.preparing[job.key]
+            job.inputs.cancel()
+        else:
+            self._drop(job)
 
     def abort(self, error: BaseException) -> None:
-        for preparing in list(self.preparing.values()):
-            self._drop_preparing(preparing)
-            _end(preparing.ticket.fail, error, self.stats, "failed")
-        for job in list(self.jobs.values()):
-            self._drop(job)
+        for job in self._held():
+            self._leave(job)
             _end(job.ticket.fail, error, self.stats, "failed")
 
 
-class CodecLane:
+class CodecLane(BaseLane):
     """Autoencoder jobs of one model: up to CODEC_JOBS_PER_ROUND a round, batched into one ONNX
     Runtime call per kind of input (encode, decode from latents or codes, reconstruct)."""
 
@@ -850,13 +869,8 @@ class CodecLane:
         self.stats = stats
         self.jobs: dict[str, Ticket] = {}
 
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def idle(self) -> bool:
-        return not self.jobs
+    def tickets(self) -> list[Ticket]:
+        return list(self.jobs.values())
 
     def accept(self, ticket: Ticket) -> None:
         self.jobs[ticket.key] = ticket
@@ -902,7 +916,7 @@ class CodecLane:
         for ticket in list(self.jobs.values()):
             if ticket.key in canceled:
                 del self.jobs[ticket.key]
-                _end(lambda _exc, t=ticket: t.cancel(), None, self.stats, "canceled")
+                _end_canceled(ticket, self.stats)
 
     def abort(self, error: BaseException) -> None:
         for ticket in list(self.jobs.values()):
@@ -922,6 +936,10 @@ def _report(job: JobState, previews: list[Preview] | None = None) -> None:
             job.ticket.progress(step, total, rows)
     except Exception:
         log.exception("job %s: could not write progress", job.id)
+
+
+def _end_canceled(ticket: Ticket, stats: EngineStats) -> None:
+    _end(lambda _exc: ticket.cancel(), None, stats, "canceled")
 
 
 def _end(
@@ -1025,13 +1043,7 @@ class Engine:
 
     def held_tickets(self) -> list[Ticket]:
         """Every ticket held (running, waiting for admission, or in preparation)."""
-        tickets: list[Ticket] = []
-        for lane in self._every_lane():
-            if isinstance(lane, DenoiseLane):
-                tickets.extend(lane.tickets())
-            else:
-                tickets.extend(lane.jobs.values())
-        return tickets
+        return [ticket for lane in self._every_lane() for ticket in lane.tickets()]
 
     def held_job_ids(self) -> list[str]:
         """The ids of the jobs held (once each, whatever the number of their executions here)."""

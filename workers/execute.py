@@ -6,7 +6,9 @@ alone (the reference the batching engine must reproduce). Every piece takes the 
 ones only the loaded model can make. The engine uses the same pieces:
 - `prepare_denoise(spec, model, job_id)` turns a generate/inpaint/img2img spec into `Sample`s — image i
   draws all its noise from the stream of its own seed, `image_seed(seed, i)` = seed + i, so its
-  pixels do not depend on its batch, and a job of n = 1 with that seed gives the same image;
+  pixels do not depend on its batch, and a job of n = 1 with that seed gives the same image; its
+  slow parts, the text encoder's rows and the first stage's latents (`encode_inputs`), may be
+  computed beforehand on another thread and handed to it (the engine's prepare thread);
 - `DenoiseWork.store(...)` writes each image as soon as its sample finishes (latents are decoded
   first; `write_images` is the same write for another thread), and `DenoiseWork.complete(...)`
   builds the `JobOutput` (plus the trajectory GIF);
@@ -279,25 +281,64 @@ def text_prompts(spec: JobSpec, model: DiffusionModel) -> list[str] | None:
     return prompts
 
 
-PromptRows = Callable[[list[str]], list[torch.Tensor]]  # prompts → their rows [L, D], in order
+@dataclass(frozen=True)
+class ImageInputs:
+    """An inpaint or img2img spec's image where the model samples (`image_inputs`); all None for
+    a generate spec."""
+
+    known: torch.Tensor | None = None  # inpaint: the known image x_0 [*sample_shape]
+    mask: torch.Tensor | None = None  # inpaint: 1 = keep, [1, h, w] on the sample's grid
+    init_x0: torch.Tensor | None = None  # img2img: the x_0 its samples start from
+
+
+@dataclass(frozen=True)
+class EncodedInputs:
+    """What a model's encoders make of a spec's inputs (`encode_inputs`): the text encoder's rows
+    and the first stage's latents, the slow parts of `prepare_denoise` (a CLIP forward, a VAE
+    encode: hundreds of ms each on a CPU at SD's sizes), which the engine runs on its prepare
+    thread while the running set steps."""
+
+    prompt_rows: list[torch.Tensor] | None  # the rows [L, D] of `text_prompts(spec, model)`
+    images: ImageInputs
+
+
+# Where `prepare_denoise` reads a spec's encoded inputs: a call that returns them or raises the
+# error their encoding raised (the engine's prepare thread: its future's result).
+EncodedSource = Callable[[], EncodedInputs]
+
+
+def encodes_image(spec: JobSpec, model: DiffusionModel) -> bool:
+    """Whether preparing the spec runs the first stage's encoder: an inpaint or img2img spec on a
+    latent model (a pixel-space model takes the decoded image as it is)."""
+    return model.is_latent and isinstance(spec, InpaintSpec | Img2ImgSpec)
+
+
+def encode_inputs(spec: JobSpec, model: DiffusionModel) -> EncodedInputs:
+    """The spec's prompt rows (the model's prompt encoder and its cache), then its image inputs,
+    computed as `prepare_denoise` computes them inline and in that order: the first error raised
+    is the one the inline path would raise (it reads the prompt rows first, the images next)."""
+    prompts = text_prompts(spec, model)
+    encoder = model.prompt_encoder
+    rows = encoder.rows(prompts) if prompts is not None and encoder is not None else None
+    return EncodedInputs(rows, image_inputs(spec, model))
 
 
 def _conditions(
-    spec: DenoiseSpec, model: DiffusionModel, prompt_rows: PromptRows | None = None
+    spec: DenoiseSpec, model: DiffusionModel, encoded: EncodedSource | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The sample's conditioning row and unconditional row (None: the model's ∅).
 
     A model with its own text encoder (`DiffusionModel.prompt_encoder`, diffusers text pipelines)
     encodes the prompt and the negative prompt (`text_prompts`) here — one text-encoder call for
-    those its cache lacks — or takes their rows from `prompt_rows` (the engine's prepare thread
+    those its cache lacks — or takes their rows from `encoded` (the engine's prepare thread
     encoded them: it returns that call's rows, or raises its error); the rows are [L, D] hidden
-    states. Otherwise the rows are the class
-    id or the token ids the gateway wrote into the spec."""
+    states. Otherwise the rows are the class id or the token ids the gateway wrote into the
+    spec."""
     prompts = text_prompts(spec, model)
     if prompts is not None and model.prompt_encoder is not None:
-        rows = (prompt_rows or model.prompt_encoder.rows)(prompts)
-        if len(rows) != len(prompts):
-            raise ValueError(f"{len(rows)} prompt rows for the spec's {len(prompts)} prompts")
+        rows = encoded().prompt_rows if encoded is not None else model.prompt_encoder.rows(prompts)
+        if rows is None or len(rows) != len(prompts):
+            raise ValueError(f"{len(rows or [])} prompt rows for the spec's {len(prompts)} prompts")
         return rows[0], rows[1] if len(rows) > 1 else None  # [L, D] each
     return _condition(spec, model), _uncondition(spec, model)
 
@@ -432,6 +473,17 @@ def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     return model.from_pixels(pixels)[0]
 
 
+def image_inputs(spec: JobSpec, model: DiffusionModel) -> ImageInputs:
+    """The spec's image where the model samples: inpaint's known image and mask, img2img's x_0
+    (for a latent model through the first stage's encoder); none for a generate spec."""
+    if isinstance(spec, InpaintSpec):
+        known, mask = _inpaint_inputs(spec, model)
+        return ImageInputs(known=known, mask=mask)
+    if isinstance(spec, Img2ImgSpec):
+        return ImageInputs(init_x0=_img2img_input(spec, model))
+    return ImageInputs()
+
+
 def _png_size(data: str) -> tuple[int, int]:
     """(height, width) of a base64 image, from its header (nothing decoded but the base64)."""
     try:
@@ -466,11 +518,13 @@ def prepare_denoise(
     spec: JobSpec,
     model: DiffusionModel,
     job_id: str,
-    prompt_rows: PromptRows | None = None,
+    encoded: EncodedSource | None = None,
 ) -> DenoiseWork:
     """The samples of a generate/inpaint/img2img spec; image i draws from the stream of seed + i.
-    `prompt_rows`: where the rows of `text_prompts(spec, model)` come from (None: the model's
-    prompt encoder and its cache, here)."""
+    `encoded`: where the spec's prompt rows and image inputs come from (`encode_inputs`, run on
+    the engine's prepare thread); None: encoded here (the prompt encoder's cache, the first stage).
+    Either way the checks run in one order (the spec, then its prompts, then its image), so a
+    spec fails with the same error."""
     if not isinstance(spec, GenerateSpec | InpaintSpec | Img2ImgSpec):
         raise InvalidJobRequest(
             f"model {model.name!r} serves generate/inpaint/img2img, not {spec.kind}"
@@ -479,9 +533,8 @@ def prepare_denoise(
     shape = model.sample_shape_at(*image_size(spec, model))  # before any text encoding
     settings = _sampler_settings(spec, model)
     # inpainting may be conditional (and guided) too
-    cond, uncond = _conditions(spec, model, prompt_rows)
-    known, mask = _inpaint_inputs(spec, model) if isinstance(spec, InpaintSpec) else (None, None)
-    init_x0 = _img2img_input(spec, model) if isinstance(spec, Img2ImgSpec) else None
+    cond, uncond = _conditions(spec, model, encoded)
+    images = encoded().images if encoded is not None else image_inputs(spec, model)
     samples = [
         Sample(
             settings=settings,
@@ -489,9 +542,9 @@ def prepare_denoise(
             cond=cond,
             uncond=uncond,
             class_label=spec.class_label,
-            known=known,
-            mask=mask,
-            init_x0=init_x0,
+            known=images.known,
+            mask=images.mask,
+            init_x0=images.init_x0,
             keep_trajectory=output.trajectory,
             keep_x0=output.preview_every is not None,
             tag=i,

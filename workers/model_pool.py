@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,6 +335,7 @@ class ModelPool:
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}
         self._resizable_codecs: dict[str, Codec] = {}
+        self._resizable_lock = threading.Lock()
 
     @property
     def catalog(self) -> dict[str, ModelEntry]:
@@ -426,17 +428,20 @@ class ModelPool:
     def _resizable_codec(self, name: str) -> Callable[[], Codec]:
         """The loader of a codec of the first stage `name` that takes any image size, run on the
         first rows of another size and kept (one per first stage: the latent model and its first
-        stage's own routes share it; `models.diffusers_format.loading.resizable_codec`)."""
+        stage's own routes share it; `models.diffusers_format.loading.resizable_codec`). Locked:
+        the engine's prepare thread (an inpaint/img2img image's encoding) and its stepping thread
+        (a decoding) may both be the first to need it."""
 
         def load() -> Codec:
-            codec = self._resizable_codecs.get(name)
-            if codec is None:
-                from models.diffusers_format.loading import resizable_codec
+            with self._resizable_lock:
+                codec = self._resizable_codecs.get(name)
+                if codec is None:
+                    from models.diffusers_format.loading import resizable_codec
 
-                codec = resizable_codec(self.codec(name), self.entry(name), self.device)
-                self._resizable_codecs[name] = codec
-                log.info("model %s: %s for other image sizes", name, codec.backend)
-            return codec
+                    codec = resizable_codec(self.codec(name), self.entry(name), self.device)
+                    self._resizable_codecs[name] = codec
+                    log.info("model %s: %s for other image sizes", name, codec.backend)
+                return codec
 
         return load
 

@@ -8,9 +8,10 @@ handed out again by the recovery sweep while this worker still ran it (a long Re
 taken by this same worker, and the two executions must not collide — the stale one's end must
 never remove, or finish, the current one (`ddserve.recovery`, fencing).
 `RQJobs` owns those objects: it starts them (RQ's start writes, the expiry and contract checks),
-heartbeats them, finishes them through RQ's own paths (`workers.rq_bridge`: success, failure,
-stop, requeue) while this worker still owns them, and keeps a finish that hit a Redis error for
-the loop to retry (`finish_deferred`), so no outcome is lost and none is recorded twice.
+heartbeats them, finishes them as RQ's own paths do (`workers.rq_bridge`: success, failure,
+stop; `ddserve.recovery.requeue`) while this worker still owns them, each finish in a transaction
+fenced by the job's attempt, and keeps a finish that hit a Redis error for the loop to retry
+(`finish_deferred`), so no outcome is lost and none is recorded twice.
 
 Progress, successes and outcome counts are not written here: they go to the round's buffer
 (`workers.step_writes.StepWrites`), which the exchange (`workers.exchange`) sends.
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 Finished = Literal["done", "deferred", "lost"]
+# A finish of one job: False when it found the job handed out again (it wrote nothing).
+Finisher = Callable[[], bool | None]
 
 
 def queue_seconds(job: Job) -> float | None:
@@ -88,7 +91,7 @@ class WorkerJob:
     attempt: int = 0  # this delivery of the job (`ddserve.recovery.ATTEMPT_FIELD`)
     log_fields: dict[str, Any] = field(default_factory=dict)  # every log line about the job
     lost: bool = False  # another worker or attempt owns it now (found by the heartbeat)
-    unfinished: Callable[[], None] | None = None  # a finish Redis refused, retried by the loop
+    unfinished: Finisher | None = None  # a finish Redis refused, retried by the loop
 
     @property
     def id(self) -> str:
@@ -197,11 +200,21 @@ class RQJobs:
         with self.lock:
             self.held[held.key] = held
         job.meta[META_ERROR] = error_meta(error)
-        job.save_meta()
 
-        def finish() -> None:
-            rq_bridge.finish_failure(self.worker, job, queue, execution, error, retry=False)
-            self.writes.count(job_outcome(job, model, "failed", held.queue_s))
+        def finish() -> bool:
+            ended = rq_bridge.finish_failure(
+                self.worker,
+                job,
+                queue,
+                execution,
+                error,
+                retry=False,
+                attempt=attempt,
+                extra=lambda pipe: rq_bridge.save_meta(job, pipe),
+            )
+            if ended:
+                self.writes.count(job_outcome(job, model, "failed", held.queue_s))
+            return ended
 
         self.finish(held, finish)
 
@@ -238,23 +251,35 @@ class RQJobs:
         self.writes.discard(held.key, held.id)
         job = held.job
         if isinstance(error, WorkerStopped):  # not the job's fault: hand it back, keep its retries
-            requeue = lambda: recovery.requeue(self.worker, job, held.queue, held.execution)  # noqa: E731
+
+            def requeue() -> bool:
+                return recovery.requeue(
+                    self.worker, job, held.queue, held.execution, attempt=held.attempt
+                )
+
             if self.finish(held, requeue) == "done":
                 log.warning("job %s handed back to its queue", held.id, extra=held.log_fields)
             return
         retry = is_retryable(error)
         retried = retry and job.should_retry
 
-        def record() -> None:
+        def record() -> bool:
             if not retried:  # a retried job is queued again, not failed
                 job.meta[META_ERROR] = error_meta(error)
-                job.save_meta()
-            rq_bridge.finish_failure(
-                self.worker, job, held.queue, held.execution, error, retry=retry
+            ended = rq_bridge.finish_failure(
+                self.worker,
+                job,
+                held.queue,
+                held.execution,
+                error,
+                retry=retry,
+                attempt=held.attempt,
+                extra=None if retried else lambda pipe: rq_bridge.save_meta(job, pipe),
             )
-            # Counted once it ended (here, or when a finish deferred by an outage runs).
-            outcome = "retried" if retried else "failed"
-            self.writes.count(job_outcome(job, held.model, outcome, held.queue_s))
+            if ended:  # counted once it ended (here, or when a finish deferred by an outage runs)
+                outcome = "retried" if retried else "failed"
+                self.writes.count(job_outcome(job, held.model, outcome, held.queue_s))
+            return ended
 
         if self.finish(held, record) == "done":
             log.warning(
@@ -266,17 +291,21 @@ class RQJobs:
             )
 
     def cancel(self, held: WorkerJob) -> None:
-        def stop() -> None:
+        def stop() -> bool:
             reason = "Job canceled by request."
-            rq_bridge.finish_stopped(self.worker, held.job, held.queue, held.execution, reason)
-            self.writes.count(job_outcome(held.job, held.model, "canceled", held.queue_s))
+            ended = rq_bridge.finish_stopped(
+                self.worker, held.job, held.queue, held.execution, reason, attempt=held.attempt
+            )
+            if ended:
+                self.writes.count(job_outcome(held.job, held.model, "canceled", held.queue_s))
+            return ended
 
         self.writes.discard(held.key, held.id)
         if self.finish(held, stop) == "done":
             log.info("job %s canceled", held.id, extra=held.log_fields)
 
     # --- finishing ------------------------------------------------------------------------------
-    def finish(self, held: WorkerJob, action: Callable[[], None]) -> Finished:
+    def finish(self, held: WorkerJob, action: Finisher) -> Finished:
         """Run one of the finishers under the lock, if this execution is still the job's current
         one (`owned`: this worker, this attempt).
 
@@ -287,19 +316,20 @@ class RQJobs:
         - "deferred": Redis did not answer; the finisher is kept and retried by the loop, and the
           job stays held (heartbeated) until then.
 
-        Failures and cancels go through RQ's own failure path, which this check precedes (not one
-        transaction with it): a sweep could still end the job in between, but only a sweep that
-        found the job's registry entry expired — which the recovery grace (`ddserve.recovery`)
-        keeps from happening to a worker that heartbeats."""
+        The check here spares a stale execution the finisher's callbacks; the fence itself is in
+        the finisher's transaction (`workers.rq_bridge` for successes, failures and cancels,
+        `ddserve.recovery.requeue` for a hand-back: each WATCHes the job, checks its attempt
+        (`ddserve.recovery.is_current`) and writes in one MULTI/EXEC), so a sweep or a later
+        attempt that takes the job between this check and the write still makes the stale
+        finish write nothing: the finisher then returns False, and the outcome is "lost" too."""
         with self.lock:
             if self.held.get(held.key) is not held:
                 return "lost"
             try:
-                if not self.owned([held])[0]:
+                if not self.owned([held])[0] or action() is False:
                     self._log_not_owned(held)
                     self.forget(held)
                     return "lost"
-                action()
             except REDIS_ERRORS as exc:
                 held.unfinished = action
                 log.warning(
@@ -314,7 +344,7 @@ class RQJobs:
             self.forget(held)
             return "done"
 
-    def defer(self, held: WorkerJob, action: Callable[[], None]) -> None:
+    def defer(self, held: WorkerJob, action: Finisher) -> None:
         """A finish that could not be sent (Redis refused a round), for the loop to retry."""
         with self.lock:
             if self.held.get(held.key) is held:

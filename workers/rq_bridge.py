@@ -17,25 +17,36 @@ same internals a `SimpleWorker` uses:
   about 4 per job);
 - job.meta: `save_meta` queues RQ's serialized meta on a pipeline (progress of a whole step in one
   round trip);
-- failure: `_finalize_failure` (failure callback, exception handlers, retry or failed registry);
-- stop (a canceled running job): RQ's own stop-job path — `_stopped_job_id` then
-  `handle_job_failure`, which marks it `stopped` and never retries it.
+- failure: the steps of `_finalize_failure` (failure callback, exception handlers), then the writes
+  of `handle_job_failure` (status, failed-job registry and failure result, or a retry; counters;
+  execution cleanup) in one transaction fenced by the job's attempt (`finish_failure`);
+- stop (a canceled running job): RQ's stop-job path — stopped callback, then `handle_job_failure`
+  as for a job stopped on request (status `stopped`, never retried), fenced the same way
+  (`finish_stopped`).
+
+Fenced finishes (`attempt` given) WATCH the job, check that it is still `started` in that attempt
+and write in MULTI/EXEC, so that a recovery sweep or a later attempt that takes the job at any
+moment makes the stale finish write nothing (`ddserve.recovery`, fencing).
 
 Every path that ends a job also publishes it (`ddserve.notifications.publish_finished`, waking the
-gateways' held `Prefer: wait` requests): inside the transaction of `finish_successes`, and right
-after RQ's own paths (which build and execute their pipelines themselves) for the others.
+gateways' held `Prefer: wait` requests): inside the transaction that ends it
+(`finish_successes`, `finish_failure`, `finish_stopped`), and right after RQ's own success path
+(which builds and executes its pipeline itself) for the successes that need it.
 
 These names changed between RQ 2.x and 3.0; `check_rq_internals()` verifies every one of them (and
-their parameters) and `tests/test_worker_rq_bridge.py` fails loudly on an RQ upgrade that breaks them
-— including one that changes what RQ writes when it starts or finishes a job, which the merged start
-and `finish_successes` reproduce (the tests compare the Redis state both leave).
+their parameters, and which calls RQ's failure path makes) and `tests/test_worker_rq_bridge.py`
+fails loudly on an RQ upgrade that breaks them — including one that changes what RQ writes when it
+starts or finishes a job, which the merged start, `finish_successes` and the failure path reproduce
+(the tests compare the Redis state both leave).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +55,16 @@ import rq
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
+from rq import callbacks as rq_callbacks
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus, Retry
+from rq.job_lifecycle import format_exc_info
 from rq.queue import Queue
 from rq.utils import now, utcformat, utcparse
 from rq.worker import BaseWorker, WorkerStatus
 
+from ddserve import recovery
 from ddserve.notifications import prefix_of_queue, publish_finished
 from ddserve.recovery import ATTEMPT_FIELD, EXECUTION_FIELD, attempt_of
 
@@ -71,6 +85,11 @@ REQUIRED_WORKER_METHODS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("timeout", "pipeline"),
     "get_heartbeat_ttl": ("job",),
     "increment_successful_job_count": ("pipeline",),
+    "increment_failed_job_count": ("pipeline",),
+    "handle_exception": ("job", "exc_info"),
+    "handle_execution_ended": ("job", "queue", "heartbeat_ttl"),
+    "_enqueue_dependents_safely": ("queue", "job"),
+    "_release_slot_safely": ("job",),
     "increment_total_working_time": ("job_execution_time", "pipeline"),
     "cleanup_execution": ("job", "pipeline", "execution"),
 }
@@ -88,12 +107,69 @@ REQUIRED_JOB_METHODS: dict[str, tuple[str, ...]] = {
     ),
     "cleanup": ("ttl", "pipeline", "remove_from_queue"),
     "_serialize_meta": (),
+    "set_status": ("status", "pipeline"),
+    "_handle_failure": (
+        "exc_string",
+        "pipeline",
+        "worker_name",
+        "execution_id",
+        "execution_started_at",
+        "execution_ended_at",
+    ),
+    "retry": ("queue", "pipeline"),
+    "send_webhooks": ("status", "exc_string"),
 }
 REQUIRED_EXECUTION_METHODS: dict[str, tuple[str, ...]] = {
     "create": ("job", "ttl", "pipeline", "worker_name"),
 }
-# Job attributes that decide whether a success needs RQ's full path (`_needs_rq_success_path`).
-REQUIRED_JOB_PROPERTIES = ("success_callback", "has_rate_limit", "dependents_key")
+REQUIRED_CALLBACKS: dict[str, tuple[str, ...]] = {
+    "execute_failure_callback": ("job", "death_penalty_class", "exc_info"),
+    "execute_stopped_callback": ("job", "death_penalty_class"),
+}
+# Job attributes that decide whether a success needs RQ's full path (`_needs_rq_success_path`),
+# and whether a failure retries (`_failure_writes`).
+REQUIRED_JOB_PROPERTIES = (
+    "success_callback",
+    "has_rate_limit",
+    "dependents_key",
+    "should_retry",
+    "failure_callback_timeout",
+)
+# The calls (logging aside) each function of RQ's failure path makes, which `finish_failure`,
+# `finish_stopped` and `_failure_writes` reproduce step by step: a call added or removed by an RQ
+# upgrade (a new write, say) fails loudly, so that the mirror is reviewed, not silently stale.
+MIRRORED_FAILURE_PATH: dict[str, frozenset[str]] = {
+    "BaseWorker._finalize_failure": frozenset(
+        {
+            "exc_info",
+            "execute_failure_callback",
+            "format_exc_info",
+            "handle_exception",
+            "handle_execution_ended",
+            "handle_job_failure",
+        }
+    ),
+    "BaseWorker.handle_execution_ended": frozenset({"heartbeat", "now"}),
+    "BaseWorker.handle_job_failure": frozenset(
+        {
+            "StartedJobRegistry",
+            "_enqueue_dependents_safely",
+            "_handle_failure",
+            "_release_slot_safely",
+            "cleanup_execution",
+            "execute",
+            "increment_failed_job_count",
+            "increment_total_working_time",
+            "pipeline",
+            "retry",
+            "send_webhooks",
+            "set_status",
+        }
+    ),
+}
+_LOGGING = frozenset({"debug", "info", "warning", "error", "exception", "log"})
+# What handle_job_failure reads to decide a stop, a retry and the failed-job registry.
+MIRRORED_FAILURE_READS = ("_stopped_job_id", "should_retry", "disable_default_exception_handler")
 REQUIRED_QUEUE_METHODS: dict[str, tuple[str, ...]] = {
     "dequeue_any": (
         "queues",
@@ -110,9 +186,44 @@ class UnsupportedRQError(RuntimeError):
     """The installed RQ lacks an internal this module relies on."""
 
 
+def _name(owner: Any) -> str:
+    return owner.__name__.rpartition(".")[2]  # a class, or a module (rq.callbacks → callbacks)
+
+
 def _parameters(function: Any) -> tuple[str, ...]:
     names = list(inspect.signature(function).parameters)
     return tuple(n for n in names if n not in ("self", "cls"))
+
+
+def _calls(function: Any) -> frozenset[str]:
+    """The names `function`'s source calls (`x.name(...)` or `name(...)`), logging aside."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute):
+                names.add(node.func.attr)
+            elif isinstance(node.func, ast.Name):
+                names.add(node.func.id)
+    return frozenset(names - _LOGGING)
+
+
+def _failure_path_problems() -> list[str]:
+    """How RQ's failure path differs from the one `_failure_writes` mirrors (empty: it does not)."""
+    problems = []
+    for qualname, expected in MIRRORED_FAILURE_PATH.items():
+        function = getattr(BaseWorker, qualname.split(".")[1], None)
+        if function is None:
+            continue  # reported as missing by the signature checks
+        found = _calls(function)
+        if found != expected:
+            added, removed = sorted(found - expected), sorted(expected - found)
+            problems.append(f"{qualname} now calls {added} and no longer {removed}")
+    source = inspect.getsource(BaseWorker.handle_job_failure)
+    for name in MIRRORED_FAILURE_READS:
+        if name not in source:
+            problems.append(f"BaseWorker.handle_job_failure no longer reads {name}")
+    return problems
 
 
 def check_rq_internals() -> None:
@@ -123,24 +234,25 @@ def check_rq_internals() -> None:
             f"workers.rq_bridge supports RQ {SUPPORTED_RQ_MAJOR}.x, found {rq.__version__}"
         )
     problems = []
-    owners: tuple[tuple[type, dict[str, tuple[str, ...]]], ...] = (
+    owners: tuple[tuple[Any, dict[str, tuple[str, ...]]], ...] = (
         (BaseWorker, REQUIRED_WORKER_METHODS),
         (Queue, REQUIRED_QUEUE_METHODS),
         (Job, REQUIRED_JOB_METHODS),
         (Execution, REQUIRED_EXECUTION_METHODS),
+        (rq_callbacks, REQUIRED_CALLBACKS),
     )
     for owner, required in owners:
         for name, params in required.items():
             function = getattr(owner, name, None)
             if function is None:
-                problems.append(f"{owner.__name__}.{name} is missing")
+                problems.append(f"{_name(owner)}.{name} is missing")
             elif _parameters(function)[: len(params)] != params:
                 problems.append(
-                    f"{owner.__name__}.{name}{_parameters(function)} no longer takes {params}"
+                    f"{_name(owner)}.{name}{_parameters(function)} no longer takes {params}"
                 )
-    # The stop-job marker is an instance attribute that handle_job_failure reads.
-    if "_stopped_job_id" not in inspect.getsource(BaseWorker.handle_job_failure):
-        problems.append("BaseWorker.handle_job_failure no longer reads _stopped_job_id")
+    problems.extend(_failure_path_problems())
+    if "self.disable_default_exception_handler" not in inspect.getsource(BaseWorker.__init__):
+        problems.append("BaseWorker no longer has the attribute disable_default_exception_handler")
     for name in REQUIRED_JOB_PROPERTIES:
         if not isinstance(getattr(Job, name, None), property):
             problems.append(f"Job.{name} is no longer a property")
@@ -265,7 +377,8 @@ return out
 
 
 def _is_current(item: Succeeded, reply: bytes | str | None) -> bool:
-    """Whether the job is still `started` in the item's attempt (unfenced items always are)."""
+    """Whether the job is still `started` in the item's attempt (unfenced items always are), from
+    its line of `_SUCCESS_CHECK`'s reply ("attempt|status")."""
     if item.attempt is None:
         return True
     text = (reply.decode() if isinstance(reply, bytes) else reply) or "|"
@@ -275,11 +388,7 @@ def _is_current(item: Succeeded, reply: bytes | str | None) -> bool:
 
 def _current(connection: Redis, item: Succeeded) -> bool:
     """`_is_current`, read now (for the successes that take RQ's own path, one by one)."""
-    if item.attempt is None:
-        return True
-    attempt, status = connection.hmget(item.job.key, [ATTEMPT_FIELD, "status"])
-    text = f"{(attempt or b'').decode()}|{(status or b'').decode()}"
-    return _is_current(item, text)
+    return item.attempt is None or recovery.is_current(connection, item.job, item.attempt)
 
 
 def _needs_rq_success_path(worker: BaseWorker, item: Succeeded) -> bool:
@@ -393,37 +502,186 @@ def finish_failure(
     execution: Execution,
     error: BaseException,
     retry: bool = True,
-) -> None:
-    """RQ's failure path for `error`: failure callback, handlers, then retry (when `retry` and the
-    job has retries left) or the failed-job registry."""
+    attempt: int | None = None,
+    extra: Callable[[Pipeline], None] | None = None,
+) -> bool:
+    """RQ's failure path for `error` (`_finalize_failure`): failure callback, exception handlers,
+    then — in one transaction, fenced by `attempt` when given (`_finish_failed`) — a retry (when
+    `retry` and the job has retries left) or the failed-job registry, with `extra`'s writes.
+    Returns False when the job is no longer `started` in `attempt` (nothing was written)."""
     if not retry:
         job.retries_left = 0  # handle_job_failure retries only while retries_left > 0
-    exc_info = (type(error), error, error.__traceback__)
+    exc_info: Any = (type(error), error, error.__traceback__)
     if error.__traceback__ is None:  # an exception never raised: give RQ a traceback to record
         try:
             raise error
         except BaseException:
             exc_info = sys.exc_info()
-    worker._finalize_failure(job, queue, execution, exc_info)
-    announce_end(worker, job)
+    # _finalize_failure, up to handle_job_failure: what does not write the job's outcome
+    job._status = JobStatus.FAILED
+    job.ended_at = now()  # handle_execution_ended (its heartbeat is written with the failure)
+    try:
+        rq_callbacks.execute_failure_callback(job, worker.death_penalty_class, *exc_info)
+    except Exception:  # RQ: a failing callback replaces the job's exception as its failure
+        exc_info = sys.exc_info()
+    worker.handle_exception(job, *exc_info)
+    return _finish_failed(
+        worker, job, queue, execution, format_exc_info(exc_info), False, attempt, extra
+    )
 
 
 def finish_stopped(
-    worker: BaseWorker, job: Job, queue: Queue, execution: Execution, reason: str
-) -> None:
-    """End a running job on a cancel request as RQ's stop-job command does: status `stopped`,
-    failed-job registry, no retry."""
-    from rq.callbacks import execute_stopped_callback
-    from rq.utils import now
-
+    worker: BaseWorker,
+    job: Job,
+    queue: Queue,
+    execution: Execution,
+    reason: str,
+    attempt: int | None = None,
+    extra: Callable[[Pipeline], None] | None = None,
+) -> bool:
+    """End a running job on a cancel request as RQ's stop-job path does (`_handle_stopped_job`):
+    stopped callback, then status `stopped`, failed-job registry, no retry — in one transaction,
+    fenced by `attempt` when given. Returns False when the job is no longer `started` in
+    `attempt` (nothing was written)."""
     job.ended_at = now()
     try:
-        execute_stopped_callback(job, worker.death_penalty_class)
+        rq_callbacks.execute_stopped_callback(job, worker.death_penalty_class)
     except Exception:
         worker.log.exception("stopped callback of job %s raised", job.id)
-    worker._stopped_job_id = job.id
-    worker.handle_job_failure(job, queue=queue, exc_string=reason, execution=execution)
-    announce_end(worker, job)
+    return _finish_failed(worker, job, queue, execution, reason, True, attempt, extra)
+
+
+def _finish_failed(
+    worker: BaseWorker,
+    job: Job,
+    queue: Queue,
+    execution: Execution,
+    exc_string: str,
+    stopped: bool,
+    attempt: int | None,
+    extra: Callable[[Pipeline], None] | None,
+) -> bool:
+    """`handle_job_failure`, fenced: WATCH the job, check that it is still `started` in `attempt`
+    (else write nothing and return False), then `extra`'s writes, the failure's
+    (`_failure_writes`) and the job's end published, in MULTI/EXEC — a sweep or a later attempt
+    touching the job meanwhile aborts the EXEC, and the check runs again. RQ's steps after its
+    commit (webhooks, dependents, the rate-limit slot) follow a committed transaction only.
+
+    Unlike RQ's, a Redis error is raised, not logged: the caller keeps the finish and retries it
+    (`workers.rq_adaptor.RQJobs.finish`), the job's state in memory as it was before."""
+    saved = _failure_state(worker, job, execution)
+    with worker.connection.pipeline() as pipe:
+        while True:
+            try:
+                if attempt is not None:
+                    pipe.watch(job.key)
+                    if not recovery.is_current(pipe, job, attempt):
+                        pipe.reset()
+                        return False
+                pipe.multi()
+                if extra is not None:
+                    extra(pipe)
+                retried = _failure_writes(worker, job, queue, execution, exc_string, stopped, pipe)
+                if not retried:
+                    publish_finished(pipe, prefix_of_queue(job.origin), job.id)
+                pipe.execute()
+                break
+            except WatchError:
+                _restore_failure_state(worker, job, execution, saved)
+            except BaseException:
+                _restore_failure_state(worker, job, execution, saved)
+                raise
+    # handle_job_failure, once the failure is persisted (these never raise)
+    if not retried and not stopped:
+        job.send_webhooks(JobStatus.FAILED, exc_string=exc_string)
+    if not retried:
+        worker._enqueue_dependents_safely(queue, job)
+    worker._release_slot_safely(job)
+    return True
+
+
+def _failure_state(worker: BaseWorker, job: Job, execution: Execution) -> dict[str, Any]:
+    """What `_failure_writes` changes in memory (the job; the worker's executions, which
+    `cleanup_execution` leaves), to undo it when its EXEC aborts."""
+    saved = {name: getattr(job, name) for name in _FAILURE_STATE}
+    saved["execution_held"] = execution.id in worker.executions
+    return saved
+
+
+def _restore_failure_state(
+    worker: BaseWorker, job: Job, execution: Execution, saved: dict[str, Any]
+) -> None:
+    for name in _FAILURE_STATE:
+        setattr(job, name, saved[name])
+    if saved["execution_held"]:
+        worker.executions[execution.id] = execution
+
+
+# Set by set_status, handle_execution_ended's heartbeat, _handle_failure and retry (_enqueue_job or
+# schedule_job): what a repeated `_failure_writes` must find as the first one did.
+_FAILURE_STATE = (
+    "_status",
+    "last_heartbeat",
+    "_exc_info",
+    "retries_left",
+    "origin",
+    "enqueued_at",
+    "timeout",
+    "redis_server_version",
+)
+
+
+def _failure_writes(
+    worker: BaseWorker,
+    job: Job,
+    queue: Queue,
+    execution: Execution,
+    exc_string: str,
+    stopped: bool,
+    pipe: Pipeline,
+) -> bool:
+    """What `handle_job_failure` (and, for a failure, `handle_execution_ended`'s heartbeat) writes,
+    queued on `pipe` in RQ's order; returns whether the job is retried (queued again, not ended).
+
+    A job stopped on request is marked `stopped` and never retried; a failed job retries while it
+    has retries left (`Job.retry`: queued again, or scheduled after its retry interval), else it is
+    marked `failed`; either way the execution is cleaned up and the worker's counters updated."""
+    if not stopped:  # handle_execution_ended (the heartbeat's TTL argument is unused by RQ 3)
+        job.heartbeat(now(), job.failure_callback_timeout, pipeline=pipe)
+    retry = job.should_retry and not stopped
+    if stopped:
+        job.set_status(JobStatus.STOPPED, pipeline=pipe)
+    elif not retry:  # a retried job gets its status from job.retry() below
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+    execution_ended_at = job.ended_at
+    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+    if not worker.disable_default_exception_handler and not retry:
+        job._handle_failure(
+            exc_string,
+            pipeline=pipe,
+            worker_name=worker.name,
+            execution_id=execution.id,
+            execution_started_at=execution.created_at,
+            execution_ended_at=execution_ended_at,
+        )
+    worker.increment_failed_job_count(pipe)
+    if job.started_at and job.ended_at:
+        worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
+    if retry:
+        _retry(job, queue, pipe)
+    return retry
+
+
+def _retry(job: Job, queue: Queue, pipe: Pipeline) -> None:
+    """`job.retry(queue, pipe)` with every write in the transaction: RQ's writes the `scheduled`
+    status of a retry with an interval once more on the job's own connection, which would touch
+    the WATCHed job and abort every EXEC; here that write is queued on `pipe` too."""
+    connection = job.connection
+    job.connection = pipe
+    try:
+        job.retry(queue, pipe)
+    finally:
+        job.connection = connection
 
 
 def set_idle(worker: BaseWorker) -> None:

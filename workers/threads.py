@@ -8,12 +8,13 @@ worker process, every core but one for the embedded `ddserve serve`, where the g
 process. ONNX Runtime's intra-op threads follow torch's unless `DDSERVE_ORT_THREADS` says otherwise.
 Both are logged when a worker starts.
 
-The engine's prepare thread (text encoding beside the steps, `workers.engine.PrepareThread`) runs
-its torch calls with the cores the worker's count leaves free, at least one (`spare_threads`): by
-default a worker takes every core, so an encoding under way adds one thread to them, for its
-~0.5 s; `DDSERVE_TORCH_THREADS` = cores − 1 leaves it a core of its own. torch's count is per
-thread once a thread has run a parallel operator, but `torch.set_num_threads` also sets the count
-threads started later begin with; `limit_this_thread` changes the calling thread's alone.
+The engine's prepare thread (text and first-stage encoding beside the steps,
+`workers.engine.PrepareThread`) runs its torch calls with the cores the worker's count leaves
+free, at least one (`spare_threads`): by default a worker takes every core, so an encoding under
+way adds one thread to them, for its ~0.5 s; `DDSERVE_TORCH_THREADS` = cores − 1 leaves it a core
+of its own. torch's count is per thread once a thread has run a parallel operator, but
+`torch.set_num_threads` also sets the count threads started later begin with; `limit_this_thread`
+changes the calling thread's alone.
 """
 
 from __future__ import annotations
