@@ -173,13 +173,16 @@ class DecodeBody(JobBody):
         min_length=1,
         max_length=MAX_IMAGES,
         description="nested lists of numbers, [n, *latent_shape] of the model (`GET /models`), "
-        "e.g. the `latents` of an encode job; for a VQ-VAE also [n, *code_shape] code indices",
+        "e.g. the `latents` of an encode job; for a VQ-VAE also [n, *code_shape] code indices; a "
+        "model with a `size_multiple` f (an imported first stage) takes [n, c, h, w] of any h × w "
+        "and makes f·h × f·w images",
     )
     codes: list[Any] | None = Field(
         None,
         min_length=1,
         max_length=MAX_IMAGES,
-        description="VQ-VAE: [n, *code_shape] code indices (integers < codebook_size)",
+        description="VQ-VAE: [n, *code_shape] code indices (integers < codebook_size); with a "
+        "`size_multiple` f, [n, h, w] of any h × w",
     )
 
 

@@ -157,6 +157,13 @@ class ModelEntry(BaseModel):
     license: str | None = None
     path: Path | None = Field(default=None, exclude=True)
 
+    @property
+    def latent_factor(self) -> int:
+        """f: the first stage's spatial down-sampling, image side / latent side, for latents
+        [c, h, w] on a grid (1 for other latents, or none)."""
+        latent = self.latent_shape or []
+        return self.image.height // latent[1] if len(latent) == 3 and latent[1] else 1
+
     def file(self, role: str) -> Path | None:
         """Absolute path of a file of this model (weights, encoder_onnx, …) if it exists."""
         name = self.files.get(role)

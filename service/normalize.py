@@ -103,19 +103,27 @@ class RequestNormalizer:
         return entry.image.width, entry.image.height
 
     def _image_size(
-        self, entry: ModelEntry, height: int | None, width: int | None, source: str | None = None
+        self,
+        entry: ModelEntry,
+        height: int | None,
+        width: int | None,
+        source: str | None = None,
+        subject: str | None = None,
     ) -> tuple[int, int]:
         """The (height, width) of the images a request asks for: the model's own size unless
         given. A model with a `size_multiple` (a diffusers pipeline: its network is convolutional
-        and needs sides that its first stage and UNet divide, f · 2^(D − 1)) takes multiples of it
-        up to `max_image_side` and `max_image_pixels` pixels (its own size always); another model
-        makes its own size only. `source`: the input image whose size it is (the errors name it)."""
+        and needs sides that its first stage and UNet divide, f · 2^(D − 1); its first stage
+        alone: f) takes multiples of it up to `max_image_side` and `max_image_pixels` pixels (its
+        own size always); another model makes its own size only. `source`: the input (an image,
+        latents) whose size it is (the errors name it); `subject`: what the errors say of it
+        (default "`source` is W×H")."""
         own_h, own_w = entry.image.height, entry.image.width
         size = (own_h if height is None else height, own_w if width is None else width)
         if size == (own_h, own_w):
             return size
         # An input image's errors name the image; a request's name the side at fault.
-        prefix = f"{source} is {size[1]}×{size[0]}: " if source else ""
+        prefix = f"{subject or f'{source} is {size[1]}×{size[0]}'}: " if source else ""
+        divides = "its first stage and UNet divide" if entry.schedule else "the autoencoder divides"
 
         def param(side: str) -> str:
             return source or side
@@ -134,8 +142,8 @@ class RequestNormalizer:
                 raise _invalid(
                     "image_size_not_multiple",
                     f"{prefix}{side} {value} is not a multiple of {multiple}, model "
-                    f"{entry.name!r}'s size_multiple (its first stage and UNet divide the sides "
-                    f"by it): use {lower} or {lower + multiple}",
+                    f"{entry.name!r}'s size_multiple ({divides} the sides by it): use {lower} or "
+                    f"{lower + multiple}",
                     param(side),
                 )
             if value > self.max_image_side and value != own:
@@ -396,10 +404,24 @@ class RequestNormalizer:
         return scale
 
     def _images(self, entry: ModelEntry, images: list[str], param: str) -> list[str]:
+        """/encode's and /reconstruct's images: the model's own size, or for a model with a
+        `size_multiple` (an imported first stage: its factor f) the first image's size when
+        `/generate` could make it, shared by all of them (one job is one tensor)."""
+        size = self._size(entry)
+        if entry.size_multiple is not None:
+            size = self._input_size(entry, images[0], f"{param}[0]")
+            for i, text in enumerate(images[1:], start=1):
+                other = png_size(decode_base64(text, f"{param}[{i}]", self.limits), f"{param}[{i}]")
+                if other != size:
+                    raise _invalid(
+                        "wrong_image_size",
+                        f"{param}[{i}] is {other[0]}×{other[1]} and {param}[0] {size[0]}×"
+                        f"{size[1]}: one request's images share one size (send others in "
+                        "another request)",
+                        f"{param}[{i}]",
+                    )
         return [
-            canonical_image(
-                text, f"{param}[{i}]", self.limits, self._size(entry), entry.image.channels
-            )
+            canonical_image(text, f"{param}[{i}]", self.limits, size, entry.image.channels)
             for i, text in enumerate(images)
         ]
 
@@ -573,11 +595,7 @@ class RequestNormalizer:
             if entry.code_shape is not None:
                 wanted += f" or codes [n, {', '.join(map(str, entry.code_shape))}]"
             raise _invalid("missing_field", f"give {wanted}", "latents")
-        elif (
-            entry.code_shape is not None
-            and entry.latent_shape != entry.code_shape
-            and (self._shape(body.latents, "latents") or [])[1:] == list(entry.code_shape)
-        ):
+        elif entry.code_shape is not None and self._are_codes(entry, body.latents):
             codes = self._check_codes(entry, body.latents, "latents")
         else:
             latents = self._check_latents(entry, body.latents)
@@ -592,15 +610,45 @@ class RequestNormalizer:
         except nested.TooDeepError as exc:
             raise _invalid("nesting_too_deep", f"{param} is {exc}", param) from None
 
+    def _are_codes(self, entry: ModelEntry, latents: list[Any]) -> bool:
+        """A VQ-VAE's `latents` that are code indices: [n, *code_shape] (of rank 3, [n, h, w],
+        for a model that takes other sizes)."""
+        shape = self._shape(latents, "latents") or []
+        if entry.size_multiple is not None:
+            return len(shape) == 1 + len(entry.code_shape or [])
+        return entry.latent_shape != entry.code_shape and shape[1:] == list(entry.code_shape or [])
+
+    def _latent_grid(self, entry: ModelEntry, shape: list[int] | None, param: str) -> bool:
+        """For a model that takes other sizes (`size_multiple`): whether `shape` [n, …, h, w] has
+        a grid h × w (≥ 1 × 1) whose images f·h × f·w the model may make (else the 422s of
+        `_image_size`, naming `param`). f: the first stage's factor, image side / latent side."""
+        if shape is None or len(shape) < 3 or min(shape[-2:]) < 1 or not entry.latent_shape:
+            return False
+        factor = entry.latent_factor
+        h, w = shape[-2:]
+        subject = f"{param} of {h}×{w} positions decode to {factor * w}×{factor * h} images"
+        self._image_size(entry, factor * h, factor * w, source=param, subject=subject)
+        return True
+
     def _check_latents(self, entry: ModelEntry, latents: list[Any]) -> list[Any]:
+        """[n, *latent_shape], or for a model that takes other sizes (`size_multiple`: an
+        imported first stage) [n, c, h, w] of any grid h × w whose images f·h × f·w it makes."""
         expected = entry.latent_shape
         if expected is None:
             raise _invalid("no_latent_shape", f"model {entry.name!r} has no latent shape", "model")
         shape = self._shape(latents, "latents")
-        if shape is None or shape[1:] != list(expected):
+        if entry.size_multiple is not None:
+            fits = shape is not None and len(shape) == len(expected) + 1
+            fits = fits and shape[1] == expected[0] and self._latent_grid(entry, shape, "latents")
+            f = entry.latent_factor
+            wanted = f"[n, {expected[0]}, h, w] (any h × w; the images are {f}h × {f}w)"
+        else:
+            fits = shape is not None and shape[1:] == list(expected)
+            wanted = f"[n, {', '.join(map(str, expected))}]"
+        if not fits:
             raise _invalid(
                 "wrong_latent_shape",
-                f"latents must be [n, {', '.join(map(str, expected))}] for model {entry.name!r}; "
+                f"latents must be {wanted} for model {entry.name!r}; "
                 f"got {shape if shape is not None else 'a ragged list'}",
                 "latents",
             )
@@ -614,10 +662,18 @@ class RequestNormalizer:
     def _check_codes(self, entry: ModelEntry, codes: list[Any], param: str) -> list[Any]:
         expected = list(entry.code_shape or [])
         shape = self._shape(codes, param)
-        if shape is None or shape[1:] != expected:
+        if entry.size_multiple is not None:  # [n, h, w] of any grid whose images it makes
+            fits = shape is not None and len(shape) == len(expected) + 1
+            fits = fits and self._latent_grid(entry, shape, param)
+            f = entry.latent_factor
+            wanted = f"[n, h, w] (any h × w; the images are {f}h × {f}w)"
+        else:
+            fits = shape is not None and shape[1:] == expected
+            wanted = f"[n, {', '.join(map(str, expected))}]"
+        if not fits:
             raise _invalid(
                 "wrong_code_shape",
-                f"codes must be [n, {', '.join(map(str, expected))}] for model {entry.name!r}; "
+                f"codes must be {wanted} for model {entry.name!r}; "
                 f"got {shape if shape is not None else 'a ragged list'}",
                 param,
             )

@@ -97,9 +97,10 @@ class ModelInfo(BaseModel):
     latent_shape: list[int] | None = None
     size_multiple: int | None = Field(
         None,
-        description="the model also makes other sizes: /generate's height and width are "
-        "multiples of this (first-stage factor × 2^(UNet down blocks − 1)); null: `image`'s size "
-        "only",
+        description="the model also takes other sizes: /generate's height and width are "
+        "multiples of this (first-stage factor × 2^(UNet down blocks − 1)); for an imported first "
+        "stage, the sides of /encode's and /reconstruct's images (its factor f; /decode's latents "
+        "of h × w make f·h × f·w images); null: `image`'s size only",
     )
     code_shape: list[int] | None = None
     codebook_size: int | None = None

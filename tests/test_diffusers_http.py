@@ -152,14 +152,65 @@ def test_bad_requests_are_clear_422s(client: Client) -> None:
         with pytest.raises(ValidationError) as caught:
             client.generate(**body)  # type: ignore[arg-type]
         assert (caught.value.code, caught.value.param) == (code, param), body
-    wrong_size = np.zeros((32, 32, 3), dtype=np.uint8)
     odd_size = np.zeros((15, 15, 3), dtype=np.uint8)  # pix takes sides that are multiples of 2
     with pytest.raises(ValidationError) as caught:
         client.inpaint("pix", Image.fromarray(odd_size), np.ones((15, 15), bool))
     assert caught.value.param == "image" and "16" in caught.value.message
     with pytest.raises(ValidationError) as caught:
-        client.encode("lat-vqvae", [wrong_size])
-    assert caught.value.param == "images[0]"
+        client.encode("lat-vqvae", [odd_size])  # its first stage's factor is 2
+    assert (caught.value.code, caught.value.param) == ("image_size_not_multiple", "images[0]")
+
+
+def test_first_stage_routes_at_other_sizes(client: Client) -> None:
+    """/encode, /decode, /reconstruct of an imported first stage at per-request sizes (multiples
+    of its factor f = 2, `size_multiple`): jobs of three sizes in flight together each give what
+    they give alone; latents of h × w decode to 2h × 2w images; bad sizes are clear 422s."""
+    assert client.model("lat-vqvae").size_multiple == 2
+    rng = np.random.default_rng(3)
+    sizes = [(24, 12), (32, 24), (16, 16), (24, 12)]  # (height, width); two jobs of one size
+    batches = [
+        [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)] * (1 + i % 2)
+        for i, (h, w) in enumerate(sizes)
+    ]
+    jobs = [client.encode("lat-vqvae", images, wait=False) for images in batches]
+    rebuilds = [client.reconstruct("lat-vqvae", images, wait=False) for images in batches]
+    for (height, width), images, job, rebuild in zip(sizes, batches, jobs, rebuilds, strict=True):
+        together = client.wait(job, timeout=120).output
+        assert together is not None
+        latents, codes = np.asarray(together.latents), np.asarray(together.codes)
+        assert latents.shape == (len(images), 4, height // 2, width // 2)
+        assert codes.shape == (len(images), height // 2, width // 2)
+        alone = client.encode("lat-vqvae", images).output
+        assert alone is not None
+        assert np.abs(latents - np.asarray(alone.latents)).max() <= 1e-5
+        assert np.array_equal(codes, np.asarray(alone.codes))
+        rebuilt = client.download_images(client.wait(rebuild, timeout=120))
+        decoded = client.download_images(client.decode("lat-vqvae", codes=codes))
+        for a, b in zip(rebuilt, decoded, strict=True):
+            assert pixels(a).shape == (height, width, 3)
+            assert np.array_equal(pixels(a), pixels(b))  # encode → decode(codes) is reconstruct
+    from_latents = client.decode("lat-vqvae", latents=latents)  # VQ: nearest codes first
+    assert [(im.width, im.height) for im in from_latents.images] == [(12, 24)] * 2
+    cases = [
+        ({"latents": np.zeros((1, 3, 4, 4))}, "wrong_latent_shape", "latents"),  # 3 channels
+        ({"latents": np.zeros((1, 4, 300, 4))}, "image_size_too_large", "latents"),
+        ({"codes": np.zeros((1, 4, 300), int)}, "image_size_too_large", "codes"),
+        ({"codes": np.zeros((1, 2, 4, 4), int)}, "wrong_code_shape", "codes"),
+    ]
+    for body, code, param in cases:
+        with pytest.raises(ValidationError) as caught:
+            client.decode("lat-vqvae", **body)
+        assert (caught.value.code, caught.value.param) == (code, param), body
+    with pytest.raises(ValidationError) as caught:
+        client.decode("lat-vqvae", codes=np.zeros((1, 4, 300), int))
+    assert "codes of 4×300 positions decode to 600×8 images: width 600" in caught.value.message
+    mixed = [np.zeros((16, 16, 3), np.uint8), np.zeros((24, 12, 3), np.uint8)]
+    with pytest.raises(ValidationError) as caught:
+        client.reconstruct("lat-vqvae", mixed)
+    assert (caught.value.code, caught.value.param) == ("wrong_image_size", "images[1]")
+    with pytest.raises(ValidationError) as caught:
+        client.encode("lat-vqvae", [np.zeros((16, 1024, 3), np.uint8)])
+    assert (caught.value.code, caught.value.param) == ("image_size_too_large", "images[0]")
 
 
 def test_generate_at_other_sizes_over_http(server: LocalServer, client: Client) -> None:

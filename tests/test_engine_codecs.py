@@ -91,10 +91,10 @@ def test_a_rounds_codec_jobs_share_one_call_per_kind_of_input(
     with counted_calls(model) as calls:
         engine.run_until_idle()
 
-    # encode: one call over the 4 images of three jobs; decode: the bad job's latents cannot be
-    # stacked with the others, so each decode job ran alone (2 rows, 1 row, and the refused 1).
+    # encode: one call over the 4 images of three jobs; decode: calls are grouped by row shape,
+    # so the two good jobs share one (3 rows) and the bad job's latents go alone (refused, 1 row).
     assert [rows for name, rows in calls if name == "encode"] == [4]
-    assert [rows for name, rows in calls if name == "decode"] == [2, 1, 1]
+    assert [rows for name, rows in calls if name == "decode"] == [3, 1]
     bad = tickets[4]
     assert bad.ends == 1 and bad.output is None and bad.error is not None
     storage = MemoryStorage()
@@ -138,3 +138,19 @@ def test_a_job_with_a_bad_image_fails_alone(pool: ModelPool, kind: str) -> None:
     engine.run_until_idle()
     assert good.ends == 1 and good.output is not None
     assert bad.ends == 1 and bad.output is None and "images[0]" in str(bad.error)
+
+
+def test_run_until_idle_runs_every_queued_codec_round(pool: ModelPool) -> None:  # noqa: F811
+    """Regression: more codec jobs than one round takes (CODEC_JOBS_PER_ROUND) all run. The codec
+    lane ends its round's jobs in the round's step, so the engine is idle after it while jobs are
+    still queued; `run_until_idle` stopped there and left them in the feed."""
+    from workers.engine import CODEC_JOBS_PER_ROUND
+
+    feed = MemoryFeed()
+    tickets = [
+        feed.submit(specs.codec("encode", CODEC, images=[png(i)]))
+        for i in range(2 * CODEC_JOBS_PER_ROUND + 1)
+    ]
+    codec_engine(pool, feed).run_until_idle()
+    assert [t.ends for t in tickets] == [1] * len(tickets)
+    assert all(t.output is not None for t in tickets)

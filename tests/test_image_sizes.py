@@ -8,7 +8,7 @@ for models whose network takes other sizes (imported diffusers pipelines, `size_
   flight, fed from the model's one queue, dropped when idle), each giving the images it gives alone;
   previews, cancel, deadlines and out-of-memory splitting work in those sets too;
 - parity: an image at size S is what diffusers' pipeline makes at S from the same x_T (≤ 1e-4);
-- the first stage decodes any size, also when the model's own runs in ONNX Runtime (fixed H, W;
+- the first stage decodes any size, also in ONNX Runtime (graphs with dynamic H and W;
   `tests/test_diffusers_onnx.py`, beside the export it needs).
 """
 
@@ -24,7 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddserve.requests import GenerateBody, Img2ImgBody, InpaintBody
+from ddserve.requests import (
+    DecodeBody,
+    EncodeBody,
+    GenerateBody,
+    Img2ImgBody,
+    InpaintBody,
+    ReconstructBody,
+)
 from ddserve.settings import Settings
 from models.catalog import load_catalog
 from models.diffusers_format.entries import down_factor, unet_down_factor
@@ -35,13 +42,14 @@ from service.normalize import RequestNormalizer
 from service.openai_schemas import ImageGenerationBody, check_size, generate_body
 from service.uploads import UploadLimits
 from tests import specs
+from tests.test_engine import png_pixels
 from tests.worker_doubles import MemoryFeed, MemoryStorage, MemoryTicket
 from workers import engine as engine_module
 from workers.engine import BatchingPolicy, DenoiseLane, Engine
 from workers.errors import InvalidJobRequest, JobDeadlineExceeded
-from workers.execute import DenoiseWork, prepare_denoise, run_alone
+from workers.execute import DenoiseWork, prepare_denoise, run_alone, run_codec
 from workers.memory_budget import row_limit_at
-from workers.model_pool import DiffusionModel, ModelPool
+from workers.model_pool import CodecModel, DiffusionModel, ModelPool
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -85,7 +93,7 @@ def test_the_size_multiple_is_the_first_stage_factor_times_the_unet_s(
     assert down_factor(sd_vae) * unet_down_factor(sd_unet) == 64
     # The tiny pipelines: 2 down blocks (2), and f = 2 for the latent one (4).
     assert catalog["ddim"].size_multiple == 2 and catalog["ldm"].size_multiple == 4
-    assert catalog["ldm-vqvae"].size_multiple is None  # the codec routes keep one size
+    assert catalog["ldm-vqvae"].size_multiple == 2  # its routes: the first stage's factor alone
     zoo = [e for e in load_catalog().values()]
     assert zoo and all(e.size_multiple is None for e in zoo)
     assert catalog["ldm"].public()["size_multiple"] == 4  # GET /models shows it
@@ -195,6 +203,55 @@ def test_inpaint_and_img2img_take_their_image_s_size(catalog: dict[str, Any]) ->
     with pytest.raises(ApiError) as caught:  # a zoo model: its own size only, as before
         gate.img2img(Img2ImgBody(model=zoo.name, image=png(zoo.image.height * 2, 8, "L")))
     assert (caught.value.code, caught.value.param) == ("wrong_image_size", "image")
+
+
+def test_first_stage_routes_take_per_request_sizes(catalog: dict[str, Any]) -> None:
+    """/encode and /reconstruct take their images' size, /decode its latents' grid, for an
+    imported first stage (size_multiple = its factor f = 2, not the UNet's 4); zoo autoencoders
+    keep their one size."""
+    gate = normalizer(catalog, max_image_side=32)
+    spec = gate.encode(EncodeBody(model="ldm-vqvae", images=[png(6, 10), png(6, 10, seed=1)]))
+    assert [size_of(image) for image in spec.images] == [(6, 10)] * 2  # 2 divides, 4 does not
+    spec = gate.reconstruct(ReconstructBody(model="ldm-vqvae", images=[png(24, 12)]))
+    assert size_of(spec.images[0]) == (24, 12)
+    latents = np.zeros((1, 4, 3, 5)).tolist()
+    assert gate.decode(DecodeBody(model="ldm-vqvae", latents=latents)).latents == latents
+    codes = np.zeros((2, 3, 5), int).tolist()
+    assert gate.decode(DecodeBody(model="ldm-vqvae", codes=codes)).codes == codes
+    assert gate.decode(DecodeBody(model="ldm-vqvae", latents=codes)).codes == codes  # by rank
+
+    def refused(route: str, **body: Any) -> ApiError:
+        bodies = {"encode": EncodeBody, "reconstruct": ReconstructBody, "decode": DecodeBody}
+        with pytest.raises(ApiError) as caught:
+            getattr(gate, route)(bodies[route](**body))
+        assert caught.value.status == 422
+        return caught.value
+
+    error = refused("encode", model="ldm-vqvae", images=[png(7, 10)])
+    assert (error.code, error.param) == ("image_size_not_multiple", "images[0]")
+    assert error.message.startswith("images[0] is 10×7: height 7 is not a multiple of 2")
+    assert "the autoencoder divides the sides by it" in error.message
+    error = refused("reconstruct", model="ldm-vqvae", images=[png(16, 16), png(8, 16)])
+    assert (error.code, error.param) == ("wrong_image_size", "images[1]")
+    assert "share one size" in error.message
+    error = refused("encode", model="ldm-vqvae", images=[png(16, 34)])
+    assert (error.code, error.param) == ("image_size_too_large", "images[0]")
+    error = refused("decode", model="ldm-vqvae", latents=np.zeros((1, 4, 4, 17)).tolist())
+    assert (error.code, error.param) == ("image_size_too_large", "latents")
+    assert error.message.startswith("latents of 4×17 positions decode to 34×8 images: width 34")
+    error = refused("decode", model="ldm-vqvae", latents=np.zeros((1, 3, 4, 4)).tolist())
+    assert (error.code, error.param) == ("wrong_latent_shape", "latents")
+    assert "[n, 4, h, w]" in error.message
+    error = refused("decode", model="ldm-vqvae", codes=np.zeros((1, 4, 0), int).tolist())
+    assert (error.code, error.param) == ("wrong_code_shape", "codes")
+    zoo = next(e for e in catalog.values() if e.format == "ddserve" and "encode" in e.tasks)
+    assert zoo.size_multiple is None
+    error = refused("encode", model=zoo.name, images=[png(zoo.image.height * 2, 8, "L")])
+    assert (error.code, error.param) == ("wrong_image_size", "images[0]")  # one size, as before
+    shape = [1, *(zoo.latent_shape or [])]
+    shape[-1] += 1
+    error = refused("decode", model=zoo.name, latents=np.zeros(shape).tolist())
+    assert (error.code, error.param) == ("wrong_latent_shape", "latents")
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -424,6 +481,100 @@ def test_the_row_limit_scales_with_the_area() -> None:
     assert row_limit_at(40, (16, 16), (32, 32), 64) == 10
     assert row_limit_at(40, (16, 16), (8, 8), 64) == 64  # never over max_batch
     assert row_limit_at(3, (16, 16), (64, 64), 64) == 1  # at least one row
+
+
+def test_codec_jobs_of_several_sizes_share_calls_by_size_each_as_alone(pool: ModelPool) -> None:
+    """A first stage's round of encode / decode / reconstruct jobs at three sizes: one network call
+    per method and row shape (same-shaped rows share one), each job's output what it is alone."""
+    model = pool.get("ldm-vqvae")
+    assert isinstance(model, CodecModel) and model.codec.resizable
+    sizes = [(24, 12), (16, 16), (24, 12), (32, 24)]  # 8 jobs in all: one round
+    requests = [
+        specs.codec("encode", "ldm-vqvae", images=[png(h, w, seed=i)] * (1 + i % 2))
+        for i, (h, w) in enumerate(sizes)
+    ]
+    grids = [(12, 6), (8, 8), (12, 6)]
+    latents = [
+        np.random.default_rng(i).normal(0, 1, (1, 4, *g)).tolist() for i, g in enumerate(grids)
+    ]
+    requests += [specs.codec("decode", "ldm-vqvae", latents=z) for z in latents]
+    requests += [specs.codec("reconstruct", "ldm-vqvae", images=[png(8, 20, seed=9)])]
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    originals = {name: getattr(model.codec, name) for name in ("encode", "decode")}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            rows = next(iter([*args, *kwargs.values()]))
+            calls.append((name, tuple(np.shape(rows))))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    feed = MemoryFeed()
+    tickets = [feed.submit(r) for r in requests]
+    engine = Engine(
+        pool,
+        ["ldm-vqvae"],
+        feed,
+        MemoryStorage(),
+        BatchingPolicy(),
+        clock=Clock(),
+        sleep=lambda _s: None,
+    )
+    for name in originals:
+        setattr(model.codec, name, counted(name))
+    try:
+        engine.run_until_idle()
+    finally:
+        for name, method in originals.items():
+            setattr(model.codec, name, method)
+    assert sorted(calls) == sorted(
+        [
+            ("encode", (2, 3, 24, 12)),  # jobs 0 and 2, one image each
+            ("encode", (2, 3, 16, 16)),
+            ("encode", (2, 3, 32, 24)),
+            ("decode", (2, 4, 12, 6)),
+            ("decode", (1, 4, 8, 8)),
+            ("encode", (1, 3, 8, 20)),  # the reconstruct job: encode, then decode its codes
+            ("decode", (1, 4, 10)),
+        ]
+    )
+    storage = MemoryStorage()
+    for i, ticket in enumerate(tickets):
+        assert ticket.ends == 1 and ticket.output is not None, ticket.error
+        reference = run_codec(ticket.spec, model, f"alone-{i}", storage)
+        if ticket.request["kind"] == "encode":
+            height, width = sizes[i]
+            assert np.asarray(ticket.output["latents"]).shape[-2:] == (height // 2, width // 2)
+            assert np.abs(np.subtract(ticket.output["latents"], reference["latents"])).max() <= 1e-5
+            assert ticket.output["codes"] == reference["codes"]
+        else:
+            got = [png_pixels(engine.storage, im["key"]) for im in ticket.output["images"]]
+            want = [png_pixels(storage, im["key"]) for im in reference["images"]]
+            assert [a.shape for a in got] == [b.shape for b in want]
+            assert all(np.abs(a - b).max() <= 1 for a, b in zip(got, want, strict=True))
+
+
+def test_a_codec_job_of_a_size_the_first_stage_cannot_take_fails_alone(pool: ModelPool) -> None:
+    """A spec the gateway did not check (an odd side; images of two sizes in one job) fails its
+    own job with the reason; the round's other jobs succeed."""
+    feed = MemoryFeed()
+    good = feed.submit(specs.codec("encode", "ldm-vqvae", images=[png(24, 12)]))
+    odd = feed.submit(specs.codec("encode", "ldm-vqvae", images=[png(15, 12)]))
+    mixed = feed.submit(specs.codec("reconstruct", "ldm-vqvae", images=[png(8, 8), png(8, 12)]))
+    engine = Engine(
+        pool,
+        ["ldm-vqvae"],
+        feed,
+        MemoryStorage(),
+        BatchingPolicy(),
+        clock=Clock(),
+        sleep=lambda _s: None,
+    )
+    engine.run_until_idle()
+    assert good.ends == 1 and good.output is not None
+    assert isinstance(odd.error, InvalidJobRequest) and "multiples of 2" in str(odd.error)
+    assert isinstance(mixed.error, InvalidJobRequest) and "images[1]" in str(mixed.error)
 
 
 def test_run_alone_makes_the_spec_s_size(pool: ModelPool) -> None:

@@ -1091,10 +1091,14 @@ class Engine:
         """Run rounds until nothing is held (and the feed is empty); returns the rounds run."""
         rounds = 0
         while max_rounds is None or rounds < max_rounds:
-            was_idle = self.idle
-            self.run_once()
+            self.admit()
+            # Nothing held once the queues were read: the feed is empty too. (Checked here, not
+            # after the step: a codec lane finishes its whole round in one step, with more of its
+            # jobs still queued.)
+            held = not self.idle
+            self.step()
             rounds += 1
-            if was_idle and self.idle:  # an idle round found nothing to take either
+            if not held:
                 break
         return rounds
 

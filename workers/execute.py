@@ -647,8 +647,11 @@ class CodecCall:
     finish: Callable[[Any], JobOutput]  # this job's slice of the result → its JobOutput
 
     @property
-    def group(self) -> tuple[str, str]:
-        return self.method, self.argument
+    def group(self) -> tuple[str, str, tuple[int, ...]]:
+        """Calls that can share one network call: same method, same input, same row shape (an
+        imported first stage takes images and latents of many sizes; rows of different sizes
+        cannot share a tensor, so each size in a round gets a call of its own)."""
+        return self.method, self.argument, tuple(self.rows.shape[1:])
 
 
 def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storage) -> CodecCall:
@@ -658,6 +661,12 @@ def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storag
     image = model.entry.image
     output_spec = OutputSpec.from_options(spec.output)
 
+    def input_images(items: list[str]) -> torch.Tensor:
+        """[n, C, H, W] in [−1, 1]: the model's own H × W, or for a first stage that takes other
+        sizes (`size_multiple` = its factor f) the images' own, one size per job."""
+        height, width = codec_image_size(items, model)
+        return decode_images(items, image.channels, height, width, "images")
+
     def store_all(pixels: np.ndarray, start: int = 0) -> list[ImageRecord]:
         tensor = torch.from_numpy(np.asarray(pixels, dtype=np.float32))
         return [
@@ -666,7 +675,7 @@ def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storag
         ]
 
     if isinstance(spec, EncodeSpec):
-        x = decode_images(spec.images, image.channels, image.height, image.width, "images")
+        x = input_images(spec.images)
 
         def encoded_output(encoded: dict[str, np.ndarray | None]) -> JobOutput:
             latents, codes = encoded.get("latents"), encoded.get("codes")
@@ -688,7 +697,7 @@ def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storag
             "decode", "codes", rows, lambda px: {"images": store_all(px), "latents": None}
         )
     if isinstance(spec, ReconstructSpec):
-        x = decode_images(spec.images, image.channels, image.height, image.width, "images")
+        x = input_images(spec.images)
         noise, seed = spec.noise, spec.seed
         if noise is not None:
             x = _corrupt(x, noise, seed)
@@ -712,10 +721,29 @@ def prepare_codec(spec: JobSpec, model: CodecModel, job_id: str, storage: Storag
     )
 
 
+def codec_image_size(items: list[str], model: CodecModel) -> tuple[int, int]:
+    """(height, width) of an encode or reconstruct job's images: the model's own, or for a model
+    with a `size_multiple` (an imported first stage) the first image's, when the factor divides
+    it (the gateway checked it; a spec from elsewhere fails its job only). The job's other images
+    must have the same size (`decode_images` says so)."""
+    own = (model.entry.image.height, model.entry.image.width)
+    multiple = model.entry.size_multiple
+    if multiple is None or not items:
+        return own
+    size = _png_size(items[0])
+    if size != own and (size[0] % multiple or size[1] % multiple):
+        raise InvalidJobRequest(
+            f"images[0] is {size[1]}×{size[0]}: model {model.name!r} takes sides that are "
+            f"multiples of {multiple}"
+        )
+    return size
+
+
 def _codec_call(model: CodecModel, method: str, argument: str, rows: np.ndarray) -> Any:
+    codec = model.codec_for(argument, rows)  # another size than the model's own may need another
     if method == "decode":
-        return model.codec.decode(**{argument: rows})
-    return getattr(model.codec, method)(rows)
+        return codec.decode(**{argument: rows})
+    return getattr(codec, method)(rows)
 
 
 def _result_rows(result: Any, start: int, stop: int) -> Any:
@@ -732,10 +760,10 @@ def run_codec_calls(
     output (or the exception that failed it) and the rows of the call it ran in. A group call that
     fails is retried job by job, so one job's bad input (codes out of range, say) fails only it."""
     results: list[tuple[JobOutput | Exception, int] | None] = [None] * len(calls)
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[tuple[str, str, tuple[int, ...]], list[int]] = {}
     for i, call in enumerate(calls):
         groups.setdefault(call.group, []).append(i)
-    for (method, argument), members in groups.items():
+    for (method, argument, _shape), members in groups.items():
         batch = [calls[i] for i in members]
         try:
             result = _codec_call(model, method, argument, np.concatenate([c.rows for c in batch]))

@@ -319,10 +319,28 @@ class CodecModel:
 
     entry: ModelEntry
     codec: Codec
+    # The first stage of an imported pipeline (`ModelEntry.size_multiple`: its factor f) takes
+    # images and latents of other sizes: a codec that does, made on first need (`codec` itself
+    # when its ONNX graphs have dynamic H and W; `models.diffusers_format.loading.resizable_codec`).
+    resizable_codec: Callable[[], Codec] | None = None
 
     @property
     def name(self) -> str:
         return self.entry.name
+
+    def codec_for(self, argument: str, rows: np.ndarray) -> Codec:
+        """The codec for a call on `rows` ("images" [N, C, H, W], "latents" [N, c, h, w] or
+        "codes" [N, h, w]): the model's own, unless the rows have another size and it does not
+        take any (then the resizable one; without one, the own codec refuses them clearly)."""
+        entry = self.entry
+        own = {
+            "images": [entry.image.channels, entry.image.height, entry.image.width],
+            "latents": entry.latent_shape,
+            "codes": entry.code_shape,
+        }[argument]
+        if self.resizable_codec is None or list(rows.shape[1:]) == own or self.codec.resizable:
+            return self.codec
+        return self.resizable_codec()
 
 
 LoadedModel = DiffusionModel | CodecModel
@@ -351,6 +369,8 @@ class ModelPool:
         )
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}
+        self._resizable_codecs: dict[str, Codec] = {}
+        self._resizable_lock = threading.Lock()
 
     @property
     def catalog(self) -> dict[str, ModelEntry]:
@@ -386,7 +406,10 @@ class ModelPool:
     def _load(self, entry: ModelEntry) -> LoadedModel:
         if entry.kind in DIFFUSION_KINDS:
             return self._load_diffusion(entry)
-        return CodecModel(entry=entry, codec=self.codec(entry.name))
+        model = CodecModel(entry=entry, codec=self.codec(entry.name))
+        if entry.size_multiple is not None:
+            model.resizable_codec = self._resizable_codec(entry.name)
+        return model
 
     def _load_diffusion(self, entry: ModelEntry) -> DiffusionModel:
         text = self._text_pipeline(entry) if is_text_pipeline(entry) else None
@@ -438,21 +461,22 @@ class ModelPool:
         return model
 
     def _resizable_codec(self, name: str) -> Callable[[], Codec]:
-        """The loader of a codec of the first stage `name` that takes any image size, run once on
-        the first latents of another size (`models.diffusers_format.loading.resizable_codec`).
-        Locked: the engine's prepare thread (an inpaint/img2img image's encoding) and its stepping
-        thread (a decoding) may both be the first to need it."""
-        made: list[Codec] = []
-        lock = threading.Lock()
+        """The loader of a codec of the first stage `name` that takes any image size, run on the
+        first rows of another size and kept (one per first stage: the latent model and its first
+        stage's own routes share it; `models.diffusers_format.loading.resizable_codec`). Locked:
+        the engine's prepare thread (an inpaint/img2img image's encoding) and its stepping thread
+        (a decoding) may both be the first to need it."""
 
         def load() -> Codec:
-            with lock:
-                if not made:
+            with self._resizable_lock:
+                codec = self._resizable_codecs.get(name)
+                if codec is None:
                     from models.diffusers_format.loading import resizable_codec
 
-                    made.append(resizable_codec(self.codec(name), self.entry(name), self.device))
-                    log.info("model %s: a first stage for other image sizes is loaded", name)
-                return made[0]
+                    codec = resizable_codec(self.codec(name), self.entry(name), self.device)
+                    self._resizable_codecs[name] = codec
+                    log.info("model %s: %s for other image sizes", name, codec.backend)
+                return codec
 
         return load
 

@@ -160,7 +160,7 @@ class Model(BaseModel):
     description: str = ""
     image: ImageShape
     latent_shape: list[int] | None = None
-    size_multiple: int | None = None  # /generate's height and width: multiples of it (None: fixed)
+    size_multiple: int | None = None  # sides of the sizes it takes: multiples of it (None: fixed)
     code_shape: list[int] | None = None
     codebook_size: int | None = None
     conditioning: Conditioning | None = None

@@ -24,7 +24,9 @@ alone what a model accepts:
 
 A latent pipeline gives two entries: the denoiser `<name>` (kind `latent-diffusion`, whose
 `first_stage` is the second) and its first stage `<name>-vqvae` / `<name>-vae` (kind `vqvae` /
-`kl-autoencoder`), which serves `/encode`, `/decode` and `/reconstruct`.
+`kl-autoencoder`), which serves `/encode`, `/decode` and `/reconstruct` — at any size its factor
+divides: its `size_multiple` is f alone (the first stage is convolutional, and no UNet constrains
+it), so `/encode` takes an f·h × f·w image and `/decode` an h × w latent grid.
 """
 
 from __future__ import annotations
@@ -454,6 +456,7 @@ def read_pipeline(folder: Path, name: str | None = None) -> list[ModelEntry]:
         image=image,
         latent_shape=latent_shape,
         code_shape=[height, width] if stage_kind == "vqvae" else None,
+        size_multiple=factor,  # the first stage alone divides the sides by f only
         codebook_size=int(vae.get("num_vq_embeddings", 256)) if stage_kind == "vqvae" else None,
         component=component,
         network={**scaling, "codebook_key": VQ_CODEBOOK_KEY} if stage_kind == "vqvae" else scaling,

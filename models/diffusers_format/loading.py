@@ -82,6 +82,9 @@ class DiffusersCodec(Codec):
     applied by the diffusion model (`DiffusionModel.to_pixels`)."""
 
     backend = "torch"
+    # Convolutional: images of any H × W its factor f divides (a latent model's other sizes,
+    # `ModelEntry.size_multiple`), latents [N, c, h, w] of any h × w (`Codec._check_images`).
+    resizable = True
 
     def __init__(self, entry: ModelEntry, device: torch.device | str = "cpu") -> None:
         super().__init__(entry)
@@ -106,35 +109,6 @@ class DiffusersCodec(Codec):
     @staticmethod
     def _numpy(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().float().cpu().numpy()
-
-    def _check_images(self, images: np.ndarray) -> np.ndarray:
-        """Images [N, C, H, W] of any H × W that the first stage divides (`ModelEntry`'s factor
-        f = image / latent size): a latent model's inpaint and img2img at other sizes."""
-        images = np.asarray(images, dtype=np.float32)
-        spec, latent = self.entry.image, self.entry.latent_shape or [0, 0, 0]
-        factor = spec.height // max(1, latent[1])
-        if (
-            images.ndim != 4
-            or images.shape[1] != spec.channels
-            or images.shape[2] % factor
-            or images.shape[3] % factor
-        ):
-            raise ValueError(
-                f"{self.name} expects images [N, {spec.channels}, H, W] with H and W multiples of "
-                f"{factor}, got {list(images.shape)}"
-            )
-        return np.ascontiguousarray(images)
-
-    def _check_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Latents [N, c, h, w] of any h × w (the modules are convolutional: a latent model makes
-        other image sizes, `ModelEntry.size_multiple`); c must be the first stage's."""
-        latents = np.asarray(latents, dtype=np.float32)
-        channels = (self.entry.latent_shape or [0])[0]
-        if latents.ndim != 4 or latents.shape[1] != channels:
-            raise ValueError(
-                f"{self.name} expects latents [N, {channels}, h, w], got {list(latents.shape)}"
-            )
-        return np.ascontiguousarray(latents)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
@@ -174,10 +148,18 @@ class DiffusersCodec(Codec):
 
 
 def resizable_codec(codec: Codec, entry: ModelEntry, device: torch.device | str) -> Codec:
-    """A codec of the first stage `entry` that encodes images and decodes latents of any size: `codec` itself when it
-    is the diffusers module, else the diffusers module in PyTorch beside it (the ONNX graphs of
-    `onnx_export` are exported with a dynamic batch axis only, so their H and W are the model's
-    own)."""
-    if isinstance(codec, DiffusersCodec):
+    """A codec of the first stage `entry` that encodes images and decodes latents of any size:
+    `codec` itself when it takes any size (the diffusers module; ONNX graphs exported with dynamic
+    height and width, `onnx_export`), else the diffusers module in PyTorch beside it (graphs
+    exported before the spatial axes were dynamic have the model's own H × W)."""
+    if codec.resizable:
         return codec
+    log.warning(
+        "model %s: its ONNX graphs have a fixed size (%d×%d); other sizes run in PyTorch through "
+        "diffusers (`ddserve export %s` writes graphs that take any size)",
+        entry.name,
+        entry.image.width,
+        entry.image.height,
+        entry.name,
+    )
     return DiffusersCodec(entry, device)

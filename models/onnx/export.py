@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,16 +61,27 @@ def export_graph(
     path: Path,
     input_name: str,
     output_names: tuple[str, ...],
+    spatial_axes: tuple[int, int] | None = None,
+    spatial_factor: int = 1,
 ) -> Path:
-    """One graph with a dynamic batch axis, weights inside the file."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    """One graph with a dynamic batch axis, weights inside the file.
+
+    spatial_axes: the input's (height, width) axes, made dynamic too, each a multiple of
+    `spatial_factor` (an encoder's images: the first stage's factor f, so that the graph knows
+    H = f·h; a decoder's latents or codes: 1). None: fixed at the example's size (the zoo's
+    autoencoders, built for one size)."""
+    axes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if spatial_axes is not None:
+        for axis, name in zip(spatial_axes, ("h", "w"), strict=True):
+            dim = torch.export.Dim(name, min=1, max=4096)
+            axes[axis] = dim * spatial_factor if spatial_factor > 1 else dim
     torch.onnx.export(
         module.eval(),
         (example,),
         str(path),
         input_names=[input_name],
         output_names=list(output_names),
-        dynamic_shapes=({0: batch},),
+        dynamic_shapes=(axes,),
         dynamo=True,
         external_data=False,
         optimize=True,

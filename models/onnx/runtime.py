@@ -10,6 +10,10 @@ has no ONNX files (said in the log).
     codec.reconstruct(images)
     codec.decode_tensor(latents)                    # torch [N, *latent_shape] → torch [N, C, H, W]
                                                     # on the latents' device (IO binding)
+    codec.resizable                                 # True: images f·h × f·w ↔ latents h × w of any
+                                                    # size (an imported first stage's graphs with
+                                                    # dynamic height and width axes); False: the
+                                                    # model's own size only (the zoo's graphs)
 
 Providers: `CUDAExecutionProvider` first when onnxruntime-gpu provides it, then
 `CPUExecutionProvider`; a list (settings `onnx_providers`, comma-separated) overrides the order.
@@ -98,6 +102,9 @@ class Codec(ABC):
     """encode / decode / reconstruct of one autoencoder on numpy arrays."""
 
     backend: str
+    # Takes images and latents of any size the first stage's factor divides (the diffusers
+    # module; ONNX graphs with dynamic spatial axes), not only the model's own.
+    resizable: bool = False
 
     def __init__(self, entry: ModelEntry) -> None:
         self.entry = entry
@@ -107,10 +114,34 @@ class Codec(ABC):
     def name(self) -> str:
         return self.entry.name
 
-    def _check_images(self, images: np.ndarray) -> np.ndarray:
+    def image_shape(self, grid: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, H, W) of the images a latent grid (h, w) decodes to: f·h × f·w for a codec that
+        takes any size, else the model's own."""
         spec = self.entry.image
-        expected = (spec.channels, spec.height, spec.width)
+        if not self.resizable:
+            return spec.channels, spec.height, spec.width
+        f = self.entry.latent_factor
+        return spec.channels, grid[0] * f, grid[1] * f
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        """Images [N, C, H, W]: the model's own H × W, or for a codec that takes any size
+        (`resizable`) any H × W the first stage's factor f divides."""
+        spec = self.entry.image
         images = np.asarray(images, dtype=np.float32)
+        if self.resizable:
+            f = self.entry.latent_factor
+            if (
+                images.ndim != 4
+                or images.shape[1] != spec.channels
+                or images.shape[2] % f
+                or images.shape[3] % f
+            ):
+                raise ValueError(
+                    f"{self.name} expects images [N, {spec.channels}, H, W] with H and W "
+                    f"multiples of {f}, got {list(images.shape)}"
+                )
+            return np.ascontiguousarray(images)
+        expected = (spec.channels, spec.height, spec.width)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"{self.name} expects images [N, {expected[0]}, {expected[1]}, {expected[2]}], "
@@ -118,19 +149,33 @@ class Codec(ABC):
             )
         return np.ascontiguousarray(images)
 
+    def _latent_shape_error(self, shape: list[int]) -> str | None:
+        """Why latents of `shape` [N, ...] do not fit (None: they do): [N, *latent_shape], or for
+        a resizable codec [N, c, h, w] of any h × w with c the first stage's channels."""
+        expected = list(self.entry.latent_shape or [])
+        if self.resizable:
+            if len(shape) != 4 or shape[1] != expected[0]:
+                return f"{self.name} expects latents [N, {expected[0]}, h, w], got {shape}"
+            return None
+        if len(shape) != len(expected) + 1 or shape[1:] != expected:
+            return f"{self.name} expects latents [N, {expected}], got {shape}"
+        return None
+
     def _check_latents(self, latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, dtype=np.float32)
-        shape = list(self.entry.latent_shape or [])
-        if latents.ndim != len(shape) + 1 or list(latents.shape[1:]) != shape:
-            raise ValueError(f"{self.name} expects latents [N, {shape}], got {list(latents.shape)}")
+        error = self._latent_shape_error(list(latents.shape))
+        if error:
+            raise ValueError(error)
         return np.ascontiguousarray(latents)
 
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)
         shape, size = list(self.entry.code_shape or []), int(self.entry.codebook_size or 0)
-        if not np.issubdtype(codes.dtype, np.integer) or list(codes.shape[1:]) != shape:
+        fits = codes.ndim == 3 if self.resizable else list(codes.shape[1:]) == shape
+        if not np.issubdtype(codes.dtype, np.integer) or not fits:
+            wanted = "h, w" if self.resizable else str(shape)
             raise ValueError(
-                f"{self.name} expects integer codes [N, {shape}], got {codes.dtype} {list(codes.shape)}"
+                f"{self.name} expects integer codes [N, {wanted}], got {codes.dtype} {list(codes.shape)}"
             )
         if codes.size and (codes.min() < 0 or codes.max() >= size):
             raise ValueError(f"{self.name} codes must lie in [0, {size})")
@@ -185,6 +230,15 @@ class Codec(ABC):
     def _nearest_codes(self, latents: np.ndarray) -> np.ndarray: ...
 
 
+def spatial_axes_dynamic(encoder: Any, decoder: Any) -> bool:
+    """Whether both sessions' inputs have symbolic (named, not numeric) height and width axes:
+    graphs exported with dynamic spatial axes (`models.diffusers_format.onnx_export`) take every
+    size; older ones, and the zoo's, are fixed at the model's own."""
+    images = encoder.get_inputs()[0].shape  # [N, C, H, W]
+    latents = decoder.get_inputs()[0].shape  # [N, c, h, w], or a VQ-VAE's codes [N, h, w]
+    return all(not isinstance(dim, int) for dim in (*images[-2:], *latents[-2:]))
+
+
 def nearest_codes(latents: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """latents [N, D, h, w], codebook [K, D] → argmin_k ‖z − e_k‖² per position, int64 [N, h, w]."""
     z = latents.transpose(0, 2, 3, 1)  # [N, h, w, D]
@@ -223,7 +277,13 @@ class OnnxCodec(Codec):
         self._decoder_input = self.decoder.get_inputs()[0].name
         self._decoder_output = self.decoder.get_outputs()[0].name
         self._codebook: np.ndarray | None = None
-        log.info("%s: ONNX Runtime with %s", entry.name, ", ".join(self.providers))
+        self.resizable = spatial_axes_dynamic(self.encoder, self.decoder)
+        log.info(
+            "%s: ONNX Runtime with %s (%s)",
+            entry.name,
+            ", ".join(self.providers),
+            "any image size" if self.resizable else "its own image size",
+        )
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         outputs = self.encoder.run(None, {"images": self._check_images(images)})
@@ -244,12 +304,11 @@ class OnnxCodec(Codec):
         on_cuda = latents.is_cuda
         if self.is_vq or (on_cuda and CUDA not in self.providers):
             return super().decode_tensor(latents, out)
-        shape = list(self.entry.latent_shape or [])
-        if latents.dim() != len(shape) + 1 or list(latents.shape[1:]) != shape:
-            raise ValueError(f"{self.name} expects latents [N, {shape}], got {list(latents.shape)}")
-        x = latents.detach().to(torch.float32).contiguous()  # [N, *latent_shape]
-        spec = self.entry.image
-        images_shape = (x.shape[0], spec.channels, spec.height, spec.width)
+        error = self._latent_shape_error(list(latents.shape))
+        if error:
+            raise ValueError(error)
+        x = latents.detach().to(torch.float32).contiguous()  # [N, c, h, w]
+        images_shape = (x.shape[0], *self.image_shape(tuple(x.shape[-2:])))  # [N, C, f·h, f·w]
         if out is None:
             out = torch.empty(images_shape, dtype=torch.float32, device=x.device)
         if tuple(out.shape) != images_shape or not out.is_contiguous():
