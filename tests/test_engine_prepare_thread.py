@@ -186,44 +186,6 @@ def test_the_running_set_steps_while_a_prompt_is_encoded(
         assert int(np.abs(got - solo).max()) <= 1  # rounding of batched float sums
 
 
-@pytest.mark.parametrize("ending", ["cancel", "deadline", "abort"])
-def test_a_job_ended_mid_encoding_ends_exactly_once(
-    pool: ModelPool, encoder: GatedEncoder, ending: str
-) -> None:
-    encoder.gated.add("a blue dog")
-    feed, storage, clock = MemoryFeed(), MemoryStorage(), Clock()
-    engine = new_engine(pool, feed, storage, prepare_thread=True, clock=clock)
-    lane = lane_of(engine)
-    try:
-        other = feed.submit(generate("a red circle", 1, num_inference_steps=6))
-        held = feed.submit(generate("a blue dog", 2), deadline=10.0)
-        engine.run_once()
-        assert encoder.entered.wait(WAIT_S) and held.key in lane.preparing
-        if ending == "cancel":
-            feed.cancel_set.add(held.id)
-            engine.run_once()
-        elif ending == "deadline":
-            clock.now = 11.0
-            engine.run_once()
-        else:
-            engine.abort()
-        assert held.ends == 1 and held.key not in lane.preparing
-        assert held not in engine.held_tickets()
-        encoder.release.set()  # its encoding finishes now: nothing may end it again
-        engine.run_until_idle()
-    finally:
-        engine.close()
-    assert held.ends == 1 and other.ends == 1 and engine.idle
-    if ending == "cancel":
-        assert held.canceled and held.error is None
-        assert other.output is not None
-    elif ending == "deadline":
-        assert isinstance(held.error, JobDeadlineExceeded) and not held.canceled
-        assert other.output is not None  # no deadline of its own (∞)
-    else:
-        assert isinstance(held.error, WorkerStopped) and isinstance(other.error, WorkerStopped)
-
-
 def test_an_encoder_error_fails_only_its_job_with_the_inline_error(
     pool: ModelPool, encoder: GatedEncoder
 ) -> None:
@@ -590,20 +552,31 @@ def test_an_image_encoded_aside_gives_the_inline_images_bit_for_bit(
         assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.parametrize("kind", ["prompt", "img2img", "inpaint"])
 @pytest.mark.parametrize("ending", ["cancel", "deadline", "abort"])
-def test_a_job_ended_while_its_image_is_encoded_ends_exactly_once(
-    pool: ModelPool, first_stage: GatedFirstStage, kind: str, ending: str
+def test_a_job_ended_while_its_inputs_are_encoded_ends_exactly_once(
+    request: pytest.FixtureRequest, pool: ModelPool, kind: str, ending: str
 ) -> None:
-    first_stage.gated = True
+    """A job held on the prepare thread — its prompt, or its image, being encoded — that is
+    canceled, passes its deadline or is aborted ends then, once; its encoding finishing later
+    ends nothing again, and the running job is unaffected."""
+    gate: GatedEncoder | GatedFirstStage
+    if kind == "prompt":
+        gate = request.getfixturevalue("encoder")
+        gate.gated.add("a blue dog")
+        spec = generate("a blue dog", 2)
+    else:
+        gate = request.getfixturevalue("first_stage")
+        gate.gated = True
+        spec = edit(kind, "a blue dog", 2)
     feed, storage, clock = MemoryFeed(), MemoryStorage(), Clock()
     engine = new_engine(pool, feed, storage, prepare_thread=True, clock=clock)
     lane = lane_of(engine)
     try:
         other = feed.submit(generate("a red circle", 1, num_inference_steps=6))
-        held = feed.submit(edit(kind, "a blue dog", 2), deadline=10.0)
+        held = feed.submit(spec, deadline=10.0)
         engine.run_once()
-        assert first_stage.entered.wait(WAIT_S) and held.key in lane.preparing
+        assert gate.entered.wait(WAIT_S) and held.key in lane.preparing
         if ending == "cancel":
             feed.cancel_set.add(held.id)
             engine.run_once()
@@ -614,7 +587,7 @@ def test_a_job_ended_while_its_image_is_encoded_ends_exactly_once(
             engine.abort()
         assert held.ends == 1 and held.key not in lane.preparing
         assert held not in engine.held_tickets()
-        first_stage.release.set()  # its encoding finishes now: nothing may end it again
+        gate.release.set()  # its encoding finishes now: nothing may end it again
         engine.run_until_idle()
     finally:
         engine.close()
