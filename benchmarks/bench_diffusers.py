@@ -65,7 +65,7 @@ from typing import Any
 import httpx
 import torch
 
-from benchmarks.bench_continuous import start, stop, thread_env, wait_for
+from benchmarks.bench_continuous import start, stop_all, thread_env, wait_for
 from benchmarks.support import cleanup_redis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -525,9 +525,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             "points": points,
         }
     finally:
-        for system in systems:
-            for process in system.processes:
-                stop(process)
+        stop_all([process for system in systems for process in system.processes])
         for system in systems:
             if system.name != "diffusers":
                 cleanup_redis(args.redis_url, f"{prefix}-{system.name}")

@@ -1,8 +1,9 @@
 """End to end over HTTP against the real Redis at 127.0.0.1:6379: a uvicorn gateway on a loopback
 port, the batching worker in a thread, a zoo of tiny random models (a class-conditional DDPM and a
-KL autoencoder exported to ONNX). Every route that creates a job runs to `succeeded`; the PNGs behind
-the signed links decode to the model's size; the same seed gives the same pixels; a running job is
-canceled. Keys live under their own prefix and are deleted afterwards."""
+KL-style autoencoder as ONNX graphs served by ONNX Runtime, written directly rather than exported:
+the exporter and its graphs' parity are tests/test_onnx.py's, and one export costs 10-20 s here).
+Every route that creates a job runs to `succeeded`; the PNGs behind the signed links decode to the
+model's size; the same seed gives the same pixels; a running job is canceled. Keys live under their own prefix and are deleted afterwards."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,42 +27,13 @@ from redis import Redis
 from ddserve.settings import Settings
 from service.app import create_app
 from service.auth import hash_key
-from tests.tiny_zoo import write_diffusion_model
+from tests.tiny_zoo import write_diffusion_model, write_onnx_autoencoder
 
 pytestmark = pytest.mark.redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API_KEY = "e2e-key-" + uuid.uuid4().hex
 MODEL, CODEC = "tiny-ddpm", "tiny-kl"
-
-
-def write_kl_autoencoder(root: Path, name: str) -> None:
-    """A tiny KL autoencoder (1×8×8 → 2×4×4) exported to ONNX, as `ddserve export` does."""
-    from models.autoencoders import build_autoencoder
-    from models.onnx.export import export_autoencoder
-    from models.registry import WEIGHTS_FILE, save_weights, write_entry
-
-    network = {"in_channels": 1, "image_size": 8, "channels": [8, 8], "latent_channels": 2}
-    torch.manual_seed(0)
-    model = build_autoencoder("kl-autoencoder", network).eval()
-    folder = root / name
-    folder.mkdir()
-    save_weights(model, folder / WEIGHTS_FILE)
-    images = torch.rand((8, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    files, _ = export_autoencoder(model, folder, images)
-    write_entry(
-        folder,
-        {
-            "name": name,
-            "kind": "kl-autoencoder",
-            "tasks": ["encode", "decode", "reconstruct"],
-            "dataset": "digits",
-            "image": {"channels": 1, "height": 8, "width": 8},
-            "latent_shape": [2, 4, 4],
-            "network": network,
-            "files": {"weights": WEIGHTS_FILE, **files},
-        },
-    )
 
 
 def delete_keys(connection: Redis, prefix: str, job_ids: set[str], worker_names: list[str]) -> None:
@@ -127,7 +98,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("e2e")
     zoo = root / "zoo"
     write_diffusion_model(zoo, MODEL)
-    write_kl_autoencoder(zoo, CODEC)
+    write_onnx_autoencoder(zoo, CODEC)
     prefix = f"e2e-{uuid.uuid4().hex[:10]}"
     settings = Settings(
         redis_url=REDIS_URL,

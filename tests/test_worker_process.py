@@ -19,6 +19,7 @@ from tests.tiny_zoo import write_diffusion_model
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-ddpm"
+STEPS = 300  # ~1-2 s on one thread: still running when the SIGTERM comes
 
 
 def worker_process(box: RedisSandbox, tmp_path: Path, *extra: str) -> subprocess.Popen:
@@ -34,6 +35,9 @@ def worker_process(box: RedisSandbox, tmp_path: Path, *extra: str) -> subprocess
         "DDSERVE_STORAGE_DIR": str(tmp_path / "images"),
         "DDSERVE_PROGRESS_EVERY": "1",
         "OMP_NUM_THREADS": "1",
+        # One torch thread: every core (the default) beside pytest and other processes spin-waits
+        # in OpenMP on a loaded 2-core machine; a 60-step job took 2.5-100 s there.
+        "DDSERVE_TORCH_THREADS": "1",
     }
     command = [sys.executable, "-m", "ddserve.cli", "worker", "--models", MODEL, "--name", name]
     return subprocess.Popen(
@@ -58,14 +62,16 @@ def test_burst_worker_drains_the_queue_and_exits(box: RedisSandbox, tmp_path: Pa
 def test_sigterm_finishes_the_running_job_then_exits(box: RedisSandbox, tmp_path: Path) -> None:
     process = worker_process(box, tmp_path)
     try:
-        job = box.enqueue(MODEL, request(1, 60))
+        job = box.enqueue(MODEL, request(1, STEPS))
         wait_until(
             lambda: (job.get_meta(refresh=True).get(META_PROGRESS) or {}).get("step", 0) > 0, 60
         )
         process.send_signal(signal.SIGTERM)
+        step_at_stop = job.get_meta(refresh=True)[META_PROGRESS]["step"]
         waiting = box.enqueue(MODEL, request(2, 5))  # arrives after the stop request
         process.wait(timeout=120)
         assert process.returncode == 0
+        assert step_at_stop < STEPS  # the signal came mid-run
         wait_terminal([job], timeout=5)
         assert status(job) == "finished"
         assert status(waiting) == "queued"  # left for another worker

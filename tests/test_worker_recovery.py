@@ -70,6 +70,9 @@ class Workers:
             "DDSERVE_ABANDONED_AFTER_S": str(ABANDONED_AFTER_S),
             "DDSERVE_HEARTBEAT_S": "0.5",
             "OMP_NUM_THREADS": "1",
+            # One torch thread: every core (the default) spin-waits in OpenMP beside pytest and
+            # the other worker on a loaded 2-core machine (a 1000-step job then took over 60 s).
+            "DDSERVE_TORCH_THREADS": "1",
             **env,
         }
         log = (self.tmp_path / f"{name}.log").open("wb")
