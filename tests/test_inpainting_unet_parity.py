@@ -5,7 +5,7 @@ components, `tests/tiny_sd.py`; SD 1.x's scheduler config with the tiny folder's
 Same inputs: each row's image and mask (the pipeline's mask is 1 = repaint, ddserve's 1 = keep),
 prompts and negative prompts, guidance 7.5; the pipeline gets one generator per row, from which it
 draws x_T, then the masked image's posterior sample, then DDIM's step noise (η > 0) — ddserve the
-same from the sample's own stream. Latents within 1e-4; rows of different masks, prompts,
+same from the sample's own stream. Latents within 1e-4 (or 4e-6 of their magnitude); rows of different masks, prompts,
 samplers and step counts share each network call and give their solo latents."""
 
 from __future__ import annotations
@@ -128,13 +128,11 @@ def test_inpainting_unet_matches_the_inpaint_pipeline(
     pipe: Any, scheduler: str, eta: float
 ) -> None:
     steps = 8
-    # ``leading`` spacing (SD 1.x's) for the σ-space classes too, which `from_config` would give
-    # their own default ``linspace`` (it drops the DDIM config's `_use_default_values`). With
-    # ``linspace`` Euler starts from σ_max·ε rather than √(σ_max² + 1)·ε and calls the UNet at
-    # fractional timesteps: ddserve's generation differs from `StableDiffusionPipeline`'s there
-    # as well (not what this test is about).
+    # The σ-space classes at their own default ``linspace`` spacing (Euler: σ_0·ε to start,
+    # fractional timesteps; `test_sigma_spacing_parity.py` covers every spacing).
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    config["timestep_spacing"] = "leading"
+    if scheduler.startswith("Euler"):
+        config["timestep_spacing"] = "linspace"
     pipe = diffusers.StableDiffusionInpaintPipeline(
         **{**pipe.components, "scheduler": getattr(diffusers, scheduler).from_config(config)}
     )
@@ -162,8 +160,13 @@ def test_inpainting_unet_matches_the_inpaint_pipeline(
         samples_of(pipe, encoder, [settings] * 2, [0, 1]),
     )
     gap = (mine - theirs).abs().max().item()
-    print(f"{scheduler} η {eta}: max |ddserve − diffusers| = {gap:.2e}")
-    assert gap <= TOLERANCE
+    scale = theirs.abs().max().item()
+    print(f"{scheduler} η {eta}: max |ddserve − diffusers| = {gap:.2e} (latents up to {scale:.0f})")
+    # 1e-4, or 4e-6 of the latents' magnitude where that is more: Euler ancestral's ``linspace``
+    # latents reach ~51 here (``leading``'s ~29), and float32 rounding amplified by guidance 7.5
+    # leaves 1.4e-4 (2.7e-6 of it; ``leading`` 4.9e-5, 1.7e-6). Rounding, not another trajectory:
+    # at guidance 2 the same gap is 3.8e-5.
+    assert gap <= max(TOLERANCE, 4e-6 * scale)
     assert (mine[0] - mine[1]).abs().mean() > 1e-2
 
 

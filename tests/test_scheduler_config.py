@@ -57,8 +57,10 @@ class FakeNetwork:
         self.x0_scale = x0_scale
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        t = t.reshape(-1).expand(x.shape[0]).long()
-        a = self.alpha_bar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        t = t.reshape(-1).expand(x.shape[0])
+        a = self.alpha_bar[t.long()].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        # The angle reads a fractional t as it is (Euler's ``linspace`` points, Karras levels), so
+        # that a network called at a rounded timestep would differ.
         angle = t.to(x.dtype).reshape(a.shape) / 150
         x0 = 0.3 + 0.6 * torch.tanh(x) * torch.cos(angle) + 0.1 * torch.sin(3 * x)
         x0 = self.x0_scale * x0

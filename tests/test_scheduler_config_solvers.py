@@ -3,9 +3,11 @@ diffusers `scheduler_config.json`, and a model's samples mixed in one batch.
 
 Parity: as in `test_scheduler_config.py`, ddserve runs `from_diffusers(config)` and
 `SchedulerOptions.settings(...)`, diffusers `<Class>.from_config(config)` of the same dict, both
-driven by `FakeNetwork` from the same x_T. The Euler classes work on x̃ = x/α: they start from
-x_T · √(1 + σ_0²) and call the network on `scale_model_input(x̃, t)` = x; both end at σ = 0 where
-x̃ = x. Same noise: diffusers' stochastic steps (EulerAncestral, DPM-Solver++ SDE) are handed
+driven by `FakeNetwork` from the same starting noise x_T (a pipeline's `latents=`). The Euler
+classes work on x̃ = x/α: they start from x_T · `init_noise_sigma` (√(1 + σ_0²) at ``leading``
+spacing, σ_0 at ``linspace`` / ``trailing``, which ddserve reproduces) and call the network on
+`scale_model_input(x̃, t)` = x at their own, possibly fractional, timestep `t` (ddserve too); both
+end at σ = 0 where x̃ = x. Same noise: diffusers' stochastic steps (EulerAncestral, DPM-Solver++ SDE) are handed
 generators `sample_generator(SEED, i)`, one per row, from which `randn_tensor` draws row i's
 [1, C, H, W] noise per step — what ddserve draws from the sample's own stream (diffusers also draws
 on its last step, where the noise has weight 0 and nothing follows).
@@ -58,10 +60,10 @@ def _theirs(config: dict, steps: int, x_T: torch.Tensor, x0_scale: float = 1.0) 
     )
     x = x_T.clone()
     if euler:
-        x = x * (1.0 + scheduler.sigmas[0].double() ** 2).sqrt().float()
+        x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t) if euler else x
-        out = network(model_in, torch.round(t).long(), None)
+        out = network(model_in, t, None)
         kwargs = {"generator": generators} if stochastic else {}
         x = scheduler.step(out, t, x, **kwargs).prev_sample
     return x
@@ -150,6 +152,20 @@ def test_karras_config(sampler: str) -> None:
         steps_offset=1,
     )
     _check(config, 20)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("karras", [False, True])
+def test_linspace_config(sampler: str, karras: bool) -> None:
+    """``linspace`` spacing (the σ-space classes' default, here left unset): Euler starts from
+    σ_0·ε and calls the network at fractional timesteps (its ``linspace`` points, Karras levels),
+    which `FakeNetwork` reads as they are. Regression: ddserve started from √(σ_0² + 1)·ε and
+    rounded the timesteps (0.1 away on an SD pipeline, `test_sigma_spacing_parity.py`)."""
+    if karras and sampler == "euler_ancestral":
+        pytest.skip("EulerAncestralDiscreteScheduler has no Karras sigmas")
+    extra = {"use_karras_sigmas": True} if karras else {}
+    for steps, prediction in ((7, "epsilon"), (13, "v_prediction")):
+        _check(_config(sampler, "scaled_linear", prediction, **extra), steps)
 
 
 def test_solver_timesteps_equal_diffusers_with_offsets() -> None:

@@ -23,7 +23,8 @@ handed a list of fresh generators `sample_generator(seed, i)`, one per row, and 
 draws row i's noise of shape [1, C, H, W] from generator i at every step — the same numbers in the
 same order. (diffusers also draws on its last step, where the noise has weight 0: nothing follows.)
 
-ddserve calls its network with integer timesteps; where diffusers' Euler uses fractional ones
+ddserve's own convention (`SamplerSettings`' default, tested here) calls its network with integer
+timesteps (the "diffusers" convention's fractional ones: `test_scheduler_config_solvers.py`); where diffusers' Euler uses fractional ones
 (``linspace`` spacing, Karras levels) the fake network rounds t itself, so both sides see the same
 function. Tolerance: max |difference| ≤ 1e-4 on the final sample.
 """

@@ -567,7 +567,10 @@ def call_rows(model: DiffusionModel, rows: int) -> torch.Tensor:
     the memory probe's call."""
     _, height, width = model.sample_shape
     x = torch.zeros((rows, model.input_channels, height, width), device=model.device)
-    t = torch.zeros(rows, dtype=torch.long, device=model.device)
+    # The timesteps' dtype of the model's real calls: float32 for a diffusers model (its rows follow
+    # diffusers' timesteps, `StepConvention` 5), so that a compiled denoiser warms up on that graph.
+    dtype = torch.float32 if model.scheduler.from_diffusers else torch.long
+    t = torch.zeros(rows, dtype=dtype, device=model.device)
     cond = None
     if model.null_condition is not None:
         cond = model.null_condition.to(model.device).expand(rows, *model.null_condition.shape)

@@ -8,8 +8,10 @@ call — and advances each one by its own sampler; finished samples leave
 (`step` returns them). A sample's result depends only on its own settings, condition and noise stream
 (see `noise.py`), never on its neighbours.
 
-The network is any callable ε_θ(x [N, C, H, W], t [N] long, cond [N, ...] | None) → [N, C, H, W]
-predicting ε (or v, with `prediction_type="v"`, or x_0 with `"sample"`).
+The network is any callable ε_θ(x [N, C, H, W], t [N], cond [N, ...] | None) → [N, C, H, W]
+predicting ε (or v, with `prediction_type="v"`, or x_0 with `"sample"`). t is long for ddserve's
+own networks; a call holding a row of the "diffusers" convention (`StepConvention`, 5) gets a
+float32 t for all its rows, where integer timesteps are exact.
 
 Samplers: DDPM and DDIM (`steps.py`) on the timestep sub-sequence of `timesteps.py`; Euler, Euler
 ancestral, DPM-Solver++(2M), DPM-Solver++(2M) SDE and UniPC on the σ-levels of `sigmas.py` with the
@@ -118,6 +120,12 @@ SamplerPrediction = PredictionType | Literal["sample"]
 #       rather than the one below it (a little more noise);
 #    c. every reverse step draws one z, even when σ = 0, and uses it both as the step's noise and
 #       for the known region's q(x_s | x_0) (`RePaintScheduler.step`), rather than one draw each.
+# 5. The network is called at diffusers' own timesteps (`Transition.network_t`, float32): Euler's
+#    fractional ``linspace`` points and Karras levels as they are, not rounded (`sigmas.py`).
+# 6. Euler and Euler ancestral at ``linspace`` / ``trailing`` spacing start from
+#    `init_noise_sigma` = σ_0 rather than √(σ_0² + 1) (diffusers' EulerDiscreteScheduler), i.e. in
+#    the VP variable from x_T = σ_0/√(1 + σ_0²)·ε = √(1 − ᾱ_0)·ε instead of ε
+#    (`SamplerSettings.initial_noise_scale`).
 StepConvention = Literal["ddserve", "diffusers"]
 STEP_CONVENTIONS: tuple[str, ...] = ("ddserve", "diffusers")
 NetworkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -220,6 +228,19 @@ class SamplerSettings:
             return walk(sequence, self.jump_length, self.jump_n_sample)
         return denoising_plan(sequence)
 
+    def initial_noise_scale(self, alpha_bar_0: float) -> float:
+        """x_T = scale · ε for a generated sample (strength 1) whose first level has ᾱ_0:
+        √(1 − ᾱ_0) for diffusers' Euler classes at ``linspace`` / ``trailing`` spacing, whose
+        `init_noise_sigma` is σ_0 instead of √(σ_0² + 1) (`StepConvention`, 6); else 1."""
+        if (
+            self.convention == "diffusers"
+            and self.sampler in ("euler", "euler_ancestral")
+            and self.timestep_spacing in ("linspace", "trailing")
+            and self.strength == 1.0
+        ):
+            return math.sqrt(1.0 - alpha_bar_0)
+        return 1.0
+
     @property
     def diffusers_repaint(self) -> bool:
         """Whether inpainting follows diffusers' `RePaintPipeline` (`StepConvention`, 4): the
@@ -231,7 +252,8 @@ class SamplerSettings:
 class Transition:
     """One move of a plan: a reverse step (one network call at timestep t, towards s; s = −1 is the
     clean image) or a forward jump (RePaint, s > t). For σ-space samplers t is the network's
-    timestep, and consecutive steps may share it (Karras levels rounded): `jump` tells them apart."""
+    integer timestep (`network_t` the exact one of the "diffusers" convention), and consecutive
+    steps may share it (Karras levels rounded): `jump` tells them apart."""
 
     t: int
     s: int
@@ -243,6 +265,9 @@ class Transition:
     # A jump of diffusers' RePaint (`StepConvention`, 4b): the single-step β's it re-noises
     # through, one draw each. Empty: one draw of q(x_s | x_t).
     betas: tuple[float, ...] = ()
+    # The timestep the network is called with, for the "diffusers" convention (`StepConvention`,
+    # 5): diffusers' own, fractional for Euler's ``linspace`` points and Karras levels. None: t.
+    network_t: float | None = None
 
     @property
     def is_reverse(self) -> bool:
@@ -296,8 +321,19 @@ class PlanCache:
             if s > t and settings.diffusers_repaint:
                 stride = self.schedule.num_timesteps // settings.num_inference_steps
                 betas = tuple(self.schedule.betas[s : s + stride].tolist())
+            network_t = float(t) if settings.convention == "diffusers" and s < t else None
             transitions.append(
-                Transition(t, s, coefficients, a_t, a_s, sigma, jump=s > t, betas=betas)
+                Transition(
+                    t,
+                    s,
+                    coefficients,
+                    a_t,
+                    a_s,
+                    sigma,
+                    jump=s > t,
+                    betas=betas,
+                    network_t=network_t,
+                )
             )
         return tuple(transitions)
 
@@ -358,6 +394,7 @@ class PlanCache:
                 start=start,
             )
         n = len(levels.timesteps)
+        diffusers_t = settings.convention == "diffusers"
         reverse = [
             Transition(
                 t=levels.timesteps[i],
@@ -366,6 +403,7 @@ class PlanCache:
                 alpha_bar_t=levels.alpha_bar(i),
                 alpha_bar_s=levels.alpha_bar(i + 1),
                 sigma=rows[i - start].sigma,
+                network_t=levels.network_timesteps[i] if diffusers_t else None,
             )
             for i in range(start, n)
         ]
@@ -409,7 +447,9 @@ class Sample:
     class_label: int | None = None  # target of classifier guidance
     known: torch.Tensor | None = None  # [C, H, W] the image to inpaint (x_0 of the known region)
     mask: torch.Tensor | None = None  # [1 or C, H, W] 1 = keep, 0 = generate
-    x: torch.Tensor | None = None  # [C, H, W] x_T; drawn from the generator when None
+    # [C, H, W] the starting noise ε (a pipeline's `latents=`), drawn from the generator when None;
+    # x_T = ε, or `initial_noise_scale`·ε for diffusers' Euler at linspace / trailing spacing.
+    x: torch.Tensor | None = None
     init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
     # An inpainting UNet's mask and masked image (`inpainting_unet.py`): drawn into `concat` when
     # the sample joins, right after x_T, and read beside x_t at every network call.
@@ -614,6 +654,8 @@ class DenoisingBatch:
             sample.position = 0
             if sample.x is None:
                 sample.x = self._starting_point(sample, transitions[0])
+            elif sample.settings.strength == 1.0:
+                sample.x = self._scaled_start(sample.settings, transitions[0], sample.x)
             if sample.masked_image is not None and sample.concat is None:
                 # After x_T, as the pipeline samples the masked image's posterior after its latents.
                 sample.concat = sample.masked_image.draw(sample.generator)
@@ -632,10 +674,18 @@ class DenoisingBatch:
         (strength < 1) SDEdit's x_{t_0} = √ᾱ_{t_0} x_0 + √(1 − ᾱ_{t_0}) ε (module docstring)."""
         eps = torch.randn(self.sample_shape, generator=sample.generator)  # [C, H, W]
         if sample.settings.strength == 1.0:
-            return eps
+            return self._scaled_start(sample.settings, first, eps)
         assert sample.init_x0 is not None  # _validate
         x0 = sample.init_x0.to(eps)
         return math.sqrt(first.alpha_bar_t) * x0 + math.sqrt(1.0 - first.alpha_bar_t) * eps
+
+    @staticmethod
+    def _scaled_start(
+        settings: SamplerSettings, first: Transition, eps: torch.Tensor
+    ) -> torch.Tensor:
+        """x_T of a generated sample from its starting noise ε (`initial_noise_scale`)."""
+        scale = settings.initial_noise_scale(first.alpha_bar_t)
+        return eps if scale == 1.0 else scale * eps
 
     def _sync_history(self, added: int) -> None:
         """Zero history rows for `added` new samples; none at all while no sample is multistep."""
@@ -721,7 +771,7 @@ class DenoisingBatch:
         t = torch.tensor([tr.t for tr in transitions], dtype=torch.long, device=self.device)  # [B]
         coefficients = torch.stack([tr.coefficients for tr in transitions])  # [B, K]
         coefficients = coefficients.to(device=self.device, dtype=self.dtype)
-        eps, x0 = self._guided_prediction(t, coefficients)  # [B, C, H, W] each; x0 None for ε
+        eps, x0 = self._guided_prediction(self._network_timesteps(transitions, t), coefficients)
         grad = self._classifier_gradient(t)
         layout = self.layout
         noise = self._noise(
@@ -751,6 +801,14 @@ class DenoisingBatch:
             if sample.keep_x0:  # a view of this step's x̂_0 (a new tensor each step: never aliased)
                 sample.x0 = x0[i].detach()
         return self._retire_finished()
+
+    def _network_timesteps(self, transitions: list[Transition], t: torch.Tensor) -> torch.Tensor:
+        """[B] the timesteps of the network call: t (long), or float32 when some row follows
+        diffusers' timesteps (`StepConvention`, 5) — the others' integers are exact in float32."""
+        if all(tr.network_t is None for tr in transitions):
+            return t
+        exact = [tr.t if tr.network_t is None else tr.network_t for tr in transitions]
+        return torch.tensor(exact, dtype=torch.float32, device=self.device)
 
     def _apply_forward_jumps(self) -> None:
         """RePaint: samples whose next move is upward are re-noised until a reverse step is next."""

@@ -15,8 +15,14 @@ plan of S steps is S network timesteps t_0 > … > t_{S−1} with their levels �
   the network timestep is σ's position in the log-σ table (linear interpolation). The range is the
   whole schedule's for the multistep solvers and the spaced levels' for Euler, as in diffusers.
 
-The network is called with integer timesteps (ddserve's network contract): a fractional t (Euler
-``linspace``, Karras) is rounded to the nearest integer for the call; the update uses the exact σ.
+Each step has an integer timestep t_i (the plan's bookkeeping, classifier guidance) and the
+timestep the network is called with: for Euler its exact, possibly fractional t (``linspace``
+points, Karras levels; float32, as diffusers' `EulerDiscreteScheduler.timesteps`), which a model
+served from a diffusers config receives (`SamplerSettings.convention`, a float32 timestep tensor);
+ddserve's own networks keep their integer contract and get t_i, the nearest integer. The
+multistep solvers round their Karras timesteps themselves, as diffusers does (except that its
+DPMSolverMultistepScheduler keeps `squaredcos_cap_v2`'s fractional ones and then truncates them
+to int64: not reproduced). Either way the update uses the exact σ.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.timesteps import TimestepSpacing, euler_timesteps, multistep_timesteps
@@ -35,8 +43,10 @@ KARRAS_RHO = 7.0
 class NoiseLevels:
     """The σ-plan of one sample: S network timesteps and S + 1 levels (the last one 0)."""
 
-    timesteps: tuple[int, ...]  # [S] what the network is called with
+    timesteps: tuple[int, ...]  # [S] t_i, the nearest integers (ddserve's networks get these)
     sigmas: tuple[float, ...]  # [S + 1] σ_0 > … > σ_S = 0
+    # [S] the exact timesteps diffusers calls the network with (Euler: fractional, float32)
+    network_timesteps: tuple[float, ...] = ()
 
     def alpha_bar(self, i: int) -> float:
         """ᾱ at level i: 1 / (1 + σ_i²)."""
@@ -101,11 +111,14 @@ def noise_levels(
         if karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
             times = [sigma_to_timestep(s, log_table) for s in sigmas]
+        network = [float(np.float32(t)) for t in times]  # diffusers' float32 `timesteps`
     elif karras:  # the whole schedule's range; the spacing plays no part
         sigmas = karras_sigmas(table[0], table[-1], num_steps)
         times = [sigma_to_timestep(s, log_table) for s in sigmas]
+        network = [float(round(t)) for t in times]
     else:
         steps = multistep_timesteps(T, num_steps, spacing, steps_offset)
         times = [float(t) for t in steps]
         sigmas = [table[t] for t in steps]
-    return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0))
+        network = times
+    return NoiseLevels(tuple(round(t) for t in times), (*sigmas, 0.0), tuple(network))

@@ -89,11 +89,11 @@ def timestep_sequence(
 
 
 def linspace_timesteps(num_train_steps: int, num_steps: int) -> list[float]:
-    """S points evenly spaced over [0, T − 1], descending, not rounded (Euler's fractional t)."""
-    if num_steps == 1:
-        return [0.0]
-    last = num_train_steps - 1
-    return [last * (num_steps - 1 - i) / (num_steps - 1) for i in range(num_steps)]
+    """S points evenly spaced over [0, T − 1], descending, not rounded (Euler's fractional t), in
+    float32 as diffusers' Euler classes lay them (`np.linspace(..., dtype=np.float32)`): these are
+    the timesteps the network is called with, so they are diffusers' to the bit."""
+    points = np.linspace(0, num_train_steps - 1, num_steps, dtype=np.float32)[::-1]
+    return [float(t) for t in points]
 
 
 def multistep_timesteps(
