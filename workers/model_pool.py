@@ -189,6 +189,9 @@ class DiffusionModel:
     # encodes and decodes any H × W, made on first need (the ONNX graphs have fixed spatial axes;
     # `models.diffusers_format.loading.resizable_codec`).
     resizable_first_stage: Callable[[], Codec] | None = None
+    # An inpainting UNet's first stage in PyTorch (`posterior`, which ONNX graphs lack: they give
+    # μ only), made on first need (`ModelPool._torch_codec`).
+    torch_first_stage: Callable[[], Codec] | None = None
     # The sampling options of its diffusers scheduler config (`from_diffusers`); zoo models have
     # none and keep ddserve's defaults.
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
@@ -299,8 +302,8 @@ class DiffusionModel:
         [1, H, W] (1 = keep): the masked image's posterior through the first stage's PyTorch
         module (ONNX graphs give the mean only), and the repaint mask on its latent grid."""
         codec: Any = self.first_stage
-        if not hasattr(codec, "posterior") and self.resizable_first_stage is not None:
-            codec = self.resizable_first_stage()  # the diffusers module beside the ONNX graphs
+        if not hasattr(codec, "posterior") and self.torch_first_stage is not None:
+            codec = self.torch_first_stage()  # the diffusers module beside the ONNX graphs
         if not hasattr(codec, "posterior"):
             raise RuntimeError(f"latent model {self.name!r} has no first stage to sample from")
         pixels = masked_pixels(image.detach().float().cpu(), keep)[None]  # [1, C, H, W]
@@ -370,6 +373,7 @@ class ModelPool:
         self._models: dict[str, LoadedModel] = {}
         self._codecs: dict[str, Codec] = {}
         self._resizable_codecs: dict[str, Codec] = {}
+        self._torch_codecs: dict[str, Codec] = {}
         self._resizable_lock = threading.Lock()
 
     @property
@@ -457,6 +461,8 @@ class ModelPool:
             model.latent_scale = latent_scale(entry, self.entry(entry.first_stage))
             if entry.size_multiple is not None:
                 model.resizable_first_stage = self._resizable_codec(entry.first_stage)
+            if model.inpainting_unet:
+                model.torch_first_stage = self._torch_codec(entry.first_stage)
             model.latent_shift = float(entry.network.get("latent_shift", 0.0))
         return model
 
@@ -476,6 +482,28 @@ class ModelPool:
                     codec = resizable_codec(self.codec(name), self.entry(name), self.device)
                     self._resizable_codecs[name] = codec
                     log.info("model %s: %s for other image sizes", name, codec.backend)
+                return codec
+
+        return load
+
+    def _torch_codec(self, name: str) -> Callable[[], Codec]:
+        """The loader of the first stage `name` in PyTorch (the diffusers module: its posterior,
+        an inpainting UNet's masked image): the loaded codec or the resizable one when either is
+        it, else made once and kept. Not `_resizable_codec`: ONNX graphs of dynamic size are
+        resizable themselves, and still give the posterior's mean only. Locked as it is (the
+        prepare thread calls it)."""
+
+        def load() -> Codec:
+            with self._resizable_lock:
+                made = [self._codecs.get(name), self._resizable_codecs.get(name)]
+                for codec in (*made, self._torch_codecs.get(name)):
+                    if codec is not None and hasattr(codec, "posterior"):
+                        return codec
+                from models.diffusers_format.loading import DiffusersCodec
+
+                codec = DiffusersCodec(self.entry(name), self.device)
+                self._torch_codecs[name] = codec
+                log.info("model %s: torch for the posterior of its first stage", name)
                 return codec
 
         return load
