@@ -186,8 +186,8 @@ class DiffusionModel:
     latent_shift: float = 0.0  # diffusers' shift_factor: z = s·(E(x) − shift)
     row_limit: int | None = None  # rows per call the device holds (`workers.memory_budget`)
     # Latent models that make other sizes (`ModelEntry.size_multiple`): a first-stage codec that
-    # encodes and decodes any H × W, made on first need (the ONNX graphs have fixed spatial axes;
-    # `models.diffusers_format.loading.resizable_codec`).
+    # encodes and decodes any H × W, made on first need (`first_stage` itself when its ONNX graphs
+    # have dynamic H and W; `models.diffusers_format.loading.resizable_codec`).
     resizable_first_stage: Callable[[], Codec] | None = None
     # An inpainting UNet's first stage in PyTorch (`posterior`, which ONNX graphs lack: they give
     # μ only), made on first need (`ModelPool._torch_codec`).
