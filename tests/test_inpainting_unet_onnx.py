@@ -46,7 +46,8 @@ def test_masked_image_latents_with_a_resizable_onnx_first_stage(tmp_path: Path) 
     import_pipeline(str(tmp_path / "source" / "pipeline"), name=NAME, settings=settings)
     export_first_stage(load_catalog(settings.model_repository())[f"{NAME}-vae"], sizes=[(16, 16)])
 
-    model = ModelPool(settings).get(NAME)
+    pool = ModelPool(settings)
+    model = pool.get(NAME)
     assert isinstance(model.first_stage, OnnxCodec) and model.first_stage.resizable
     image = 2.0 * torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(1)) - 1.0
     keep = torch.ones((1, 16, 16))
@@ -56,3 +57,12 @@ def test_masked_image_latents_with_a_resizable_onnx_first_stage(tmp_path: Path) 
         posterior = pipe.vae.encode(masked_pixels(image, keep)[None]).latent_dist
     torch.testing.assert_close(got.mean, posterior.mean[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.std, posterior.std[0], atol=1e-5, rtol=1e-5)
+    assert model.resizable_first_stage is not None and model.torch_first_stage is not None
+    assert model.resizable_first_stage() is model.first_stage  # any size in ONNX Runtime
+
+    # Graphs of a fixed size: one diffusers module serves the posterior and the other sizes.
+    fixed = ModelPool(settings)
+    model = fixed.get(NAME)
+    model.first_stage.resizable = False  # as `spatial_axes_dynamic` says of older graphs
+    assert model.masked_image_latents(image, keep).mean.shape == got.mean.shape
+    assert model.resizable_first_stage() is model.torch_first_stage()

@@ -479,7 +479,11 @@ class ModelPool:
                 if codec is None:
                     from models.diffusers_format.loading import resizable_codec
 
-                    codec = resizable_codec(self.codec(name), self.entry(name), self.device)
+                    own = self.codec(name)
+                    # the diffusers module `_torch_codec` made already (fixed-size graphs), else
+                    # `own` (any size) or a new diffusers module
+                    made = None if own.resizable else self._torch_codecs.get(name)
+                    codec = made or resizable_codec(own, self.entry(name), self.device)
                     self._resizable_codecs[name] = codec
                     log.info("model %s: %s for other image sizes", name, codec.backend)
                 return codec
