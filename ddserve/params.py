@@ -161,7 +161,9 @@ Strength = Annotated[
         description="image-to-image (SDEdit): how much of the sampler's schedule to re-run; the "
         "image is noised to the step where the last ⌊num_inference_steps·strength⌋ steps begin "
         "(diffusers' img2img arithmetic) and denoised from there, so small values keep the image "
-        "and 1 ignores it (= generate with the same seed); at least one step must remain",
+        "and 1 ignores it (= generate with the same seed); at least one step must remain. "
+        "/inpaint takes it on inpainting UNets only (diffusers' StableDiffusionInpaintPipeline "
+        "strength; omitted: 1)",
     ),
 ]
 JumpLength = Annotated[

@@ -148,6 +148,8 @@ class InpaintBody(SamplingBody):
     mask: MaskPng
     jump_length: JumpLength | None = None
     jump_n_sample: JumpNSample | None = None
+    # Inpainting UNets only (RePaint models refuse it); None: the pipeline's default, 1.
+    strength: Strength | None = None
 
 
 class Img2ImgBody(SamplingBody):

@@ -173,6 +173,8 @@ class InpaintSpec(_Sampling):
     mask: MaskPng  # canonical mode "L" PNG: 255 = keep, 0 = generate
     jump_length: JumpLength
     jump_n_sample: JumpNSample
+    # An inpainting UNet's start from the image noised to the plan's tail (< 1); None = 1.
+    strength: Strength | None = None
 
 
 class PriorSampleSpec(_Spec):

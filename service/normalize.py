@@ -60,6 +60,18 @@ def _invalid(code: str, message: str, param: str) -> ApiError:
     return ApiError(422, code, message, param)
 
 
+def _check_strength(strength: float, steps: int) -> None:
+    """At least one step of the plan's tail must remain (`/img2img`, an inpainting UNet's
+    `/inpaint`): the library's `timesteps.sdedit_start` arithmetic, ⌊steps·strength⌋ ≥ 1."""
+    if int(steps * strength) == 0:
+        raise _invalid(
+            "strength_too_low",
+            f"strength {strength} of {steps} steps leaves no denoising step "
+            f"(⌊num_inference_steps·strength⌋ = 0): use strength ≥ {1 / steps:.4g} or more steps",
+            "strength",
+        )
+
+
 class RequestNormalizer:
     """Validates bodies against `catalog` (name → entry); `served` limits which models take jobs."""
 
@@ -475,6 +487,13 @@ class RequestNormalizer:
 
     def inpaint(self, body: InpaintBody) -> InpaintSpec:
         entry = self.entry(body.model, "inpaint")
+        if body.strength is not None and not entry.network.get(INPAINTING_UNET):
+            raise _invalid(
+                "strength_unsupported",
+                f"model {entry.name!r} inpaints with RePaint (known-region replacement from pure "
+                "noise, as RePaintPipeline): strength applies to inpainting UNets only",
+                "strength",
+            )
         if entry.network.get(INPAINTING_UNET):
             for name in ("jump_length", "jump_n_sample"):
                 if getattr(body, name) is not None:
@@ -491,6 +510,8 @@ class RequestNormalizer:
             default_sampler = _resampling_sampler(entry)
         sampling = self._sampling(entry, body, default_sampler)
         steps = sampling["num_inference_steps"]
+        if body.strength is not None:
+            _check_strength(body.strength, steps)
         # The default jump is cut to the step count; an explicit one must fit.
         jump_length = (
             body.jump_length if body.jump_length is not None else min(d.jump_length, steps)
@@ -517,6 +538,7 @@ class RequestNormalizer:
             **sampling,
             jump_length=jump_length,
             jump_n_sample=jump_n_sample,
+            strength=body.strength,
             **self._steering(entry, body),
         )
 
@@ -533,14 +555,7 @@ class RequestNormalizer:
             )
         sampling = self._sampling(entry, body)
         steps = sampling["num_inference_steps"]
-        if int(steps * body.strength) == 0:  # the library's `timesteps.sdedit_start` arithmetic
-            raise _invalid(
-                "strength_too_low",
-                f"strength {body.strength} of {steps} steps leaves no denoising step "
-                f"(⌊num_inference_steps·strength⌋ = 0): use strength ≥ {1 / steps:.4g} or more "
-                "steps",
-                "strength",
-            )
+        _check_strength(body.strength, steps)
         size = self._input_size(entry, body.image, "image")
         return Img2ImgSpec(
             image=canonical_image(body.image, "image", self.limits, size, entry.image.channels),

@@ -325,6 +325,28 @@ def test_bad_request_fails_only_itself(pool: ModelPool) -> None:
     assert_equal_alone(pool, good, works[good.id])
 
 
+def test_inpaint_strength_on_a_repaint_model_fails_only_itself(pool: ModelPool) -> None:
+    """A spec the gateway would refuse (`strength_unsupported`) from elsewhere: the worker fails
+    the job, not the running set (RePaint has no image latents to start from)."""
+    import base64
+
+    def b64png(array: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    picture = np.full((8, 8), 128, dtype=np.uint8)
+    feed = MemoryFeed()
+    bad = feed.submit(
+        specs.inpaint(MODEL, b64png(picture), b64png(picture), class_label=1, strength=0.5)
+    )
+    good = feed.submit(generate(2))
+    engine, works = make_engine(pool, feed)
+    engine.run_until_idle()
+    assert isinstance(bad.error, InvalidJobRequest) and "strength" in str(bad.error)
+    assert_equal_alone(pool, good, works[good.id])
+
+
 def test_progress_is_written_every_n_steps(pool: ModelPool) -> None:
     feed = MemoryFeed()
     ticket = feed.submit(generate(1, n=3, num_inference_steps=10))

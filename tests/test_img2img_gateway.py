@@ -118,3 +118,15 @@ def test_img2img_takes_the_negative_prompt_and_solver_options_as_generate_does(
         "solver_option_not_applicable",
         "solver_order",
     )
+
+
+def test_inpaint_strength_is_refused_on_a_repaint_model(client: TestClient) -> None:
+    """`strength` on `/inpaint` is an inpainting UNet's (`StableDiffusionInpaintPipeline`);
+    RePaint replaces the known region from pure noise and takes none."""
+    body = {**BODY, "mask": png_b64(), "strength": 0.6}
+    error = assert_error(
+        client.post("/inpaint", json=body), 422, "strength_unsupported", "strength"
+    )
+    assert "inpainting UNets" in error["message"]
+    omitted = {k: v for k, v in body.items() if k != "strength"}
+    assert client.post("/inpaint", json=omitted).status_code == 202

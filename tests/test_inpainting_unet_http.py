@@ -5,7 +5,7 @@
 `/inpaint` runs the pipeline's own method (the UNet reads the mask and the masked image's latents
 at every step; `models.diffusion.inpainting_unet`), not RePaint, and gives the pipeline's images at
 the input image's size; ddserve's mask (white = keep) is the pipeline's inverted. Jobs of different
-masks and prompts share the running set's network calls; the OpenAI edits route maps to it; the
+masks, prompts and strengths share the running set's network calls; the OpenAI edits route maps to it; the
 tasks it does not serve are refused."""
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def test_jobs_of_different_masks_and_prompts_share_calls_and_give_their_solo_ima
         {"prompt": "yellow square", "negative_prompt": "red", "seed": 2, "mask": keep_mask()},
         {"prompt": "a cat", "guidance_scale": 1.0, "sampler": "euler", "seed": 3,
          "mask": keep_mask(box=(2, 6, 2, 6))},
+        {"prompt": "a red circle", "strength": 0.6, "seed": 4, "mask": keep_mask()},
     ]  # fmt: skip
 
     def send(body: dict[str, Any], wait: bool) -> Any:
@@ -205,22 +206,33 @@ def test_the_openai_edit_route_inpaints_the_transparent_region(
     assert unmasked.status_code == 400 and unmasked.json()["error"]["code"] == "unsupported_task"
 
 
-def test_inpaint_takes_no_strength(stack: tuple[LocalServer, Any]) -> None:
-    """The pipeline's `strength` < 1 (start from the noised image) is not offered: `/inpaint`
-    starts from pure noise, the pipeline's default strength 1."""
-
-    def b64png(array: np.ndarray) -> str:
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
-
-    body = {
-        "model": NAME,
-        "image": b64png(picture()),
-        "mask": b64png(np.where(keep_mask(), 255, 0).astype(np.uint8)),
-        "prompt": "a cat",
-        "strength": 0.5,
-    }
-    answer = httpx.post(f"{stack[0].url}/inpaint", json=body, timeout=60)
-    assert answer.status_code == 422, answer.text
-    assert answer.json()["error"]["code"] == "unknown_field"
+def test_inpaint_strength_equals_the_pipelines(
+    client: Client, stack: tuple[LocalServer, Any]
+) -> None:
+    """`strength` 0.6: the image's posterior sample noised to the 6-step tail of 10 steps, as
+    `StableDiffusionInpaintPipeline(strength=0.6)`; ⌊steps·strength⌋ = 0 is refused."""
+    pipe = stack[1]
+    image, keep = picture(seed=6), keep_mask()
+    body = {"prompt": "a red circle", "seed": 11, "n": 2, "num_inference_steps": 10}
+    job = client.inpaint(NAME, image, keep, strength=0.6, **body)
+    assert job.input["strength"] == 0.6
+    ours = job_images(client, job)
+    theirs = pipeline_images(
+        pipe,
+        image,
+        keep,
+        11,
+        2,
+        prompt=["a red circle"] * 2,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        strength=0.6,
+    )
+    for got, want in zip(ours, theirs, strict=True):
+        assert same_pixels(got, want)
+    whole = job_images(client, client.inpaint(NAME, image, keep, **body))
+    assert not same_pixels(whole[0], ours[0])  # strength 1 (omitted) starts from pure noise
+    with pytest.raises(ApiError) as caught:
+        client.inpaint(NAME, image, keep, strength=0.05, **body)
+    assert caught.value.status_code == 422
+    assert caught.value.code == "strength_too_low" and caught.value.param == "strength"

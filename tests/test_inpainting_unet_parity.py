@@ -18,6 +18,7 @@ import torch
 from ddserve.params import guidance_weight
 from models.diffusers_format.text import CrossAttentionUNet, PromptEncoder
 from models.diffusion.inpainting_unet import (
+    ImagePosterior,
     MaskedImageLatents,
     latent_repaint_mask,
     masked_pixels,
@@ -69,6 +70,14 @@ def masked_image(pipe: Any, image: torch.Tensor, keep: torch.Tensor) -> MaskedIm
     )
 
 
+def image_posterior(pipe: Any, image: torch.Tensor) -> ImagePosterior:
+    """The whole image's posterior, where a row of strength < 1 starts (the worker's
+    `DiffusionModel.image_posterior`), with the pipeline's VAE."""
+    with torch.no_grad():
+        posterior = pipe.vae.encode(image[None]).latent_dist
+    return ImagePosterior(posterior.mean[0], posterior.std[0], pipe.vae.config.scaling_factor)
+
+
 def settings_of(pipe: Any, steps: int, **request: Any) -> tuple[Any, SamplerSettings, Any]:
     schedule, options = from_diffusers(dict(pipe.scheduler.config))
     settings = options.settings(
@@ -101,6 +110,7 @@ def samples_of(
             cond=encoder.rows([PROMPTS[i]])[0],
             uncond=None if NEGATIVES[i] is None else encoder.rows([NEGATIVES[i]])[0],
             masked_image=masked_image(pipe, images[i], keep[i]),
+            init_posterior=image_posterior(pipe, images[i]) if settings[k].strength < 1 else None,
             tag=i,
         )
         for k, i in enumerate(rows)
@@ -168,6 +178,81 @@ def test_inpainting_unet_matches_the_inpaint_pipeline(
     # at guidance 2 the same gap is 3.8e-5.
     assert gap <= max(TOLERANCE, 4e-6 * scale)
     assert (mine[0] - mine[1]).abs().mean() > 1e-2
+
+
+STRENGTH = 0.6
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "spacing"),
+    [
+        ("DDIMScheduler", "leading"),
+        ("DDIMScheduler", "linspace"),
+        ("EulerDiscreteScheduler", "leading"),
+        ("EulerDiscreteScheduler", "linspace"),
+    ],
+)
+def test_strength_below_one_matches_the_inpaint_pipeline(
+    pipe: Any, scheduler: str, spacing: str
+) -> None:
+    """`strength` 0.6 of 10 steps: the pipeline draws the image's posterior sample, then ε, then
+    the masked image's, noises the image latents to the 6-step tail's first timestep and walks it
+    (η = 0 for DDIM: no step noise)."""
+    steps = 10
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    config["timestep_spacing"] = spacing
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        **{**pipe.components, "scheduler": getattr(diffusers, scheduler).from_config(config)}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images, keep = inputs()
+    theirs = pipe(
+        prompt=PROMPTS,
+        negative_prompt=[n or "" for n in NEGATIVES],
+        image=(images + 1.0) / 2.0,
+        mask_image=1.0 - keep,
+        height=16,
+        width=16,
+        num_inference_steps=steps,
+        strength=STRENGTH,
+        guidance_scale=GUIDANCE,
+        generator=[sample_generator(SEED, i) for i in range(2)],
+        output_type="latent",
+    ).images
+    _, options = from_diffusers(dict(pipe.scheduler.config))
+    schedule, settings, options = settings_of(
+        pipe, steps, sampler=options.sampler, strength=STRENGTH
+    )
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    batch = new_batch(pipe, schedule, options, encoder)
+    mine = run(batch, samples_of(pipe, encoder, [settings] * 2, [0, 1]))
+    gap = (mine - theirs).abs().max().item()
+    print(f"{scheduler} {spacing} strength {STRENGTH}: max |ddserve − diffusers| = {gap:.2e}")
+    assert batch.network_calls == int(steps * STRENGTH)  # the tail only
+    assert gap <= TOLERANCE
+    # The image shows through: strength 1 from the same streams lands elsewhere.
+    _, full, _ = settings_of(pipe, steps, sampler=options.sampler)
+    generated = run(
+        new_batch(pipe, schedule, options, encoder), samples_of(pipe, encoder, [full], [0])
+    )
+    assert (generated[0] - mine[0]).abs().mean() > 1e-2
+
+
+def test_rows_of_strength_one_and_below_share_calls_and_give_their_solo_latents(
+    pipe: Any,
+) -> None:
+    schedule, whole, options = settings_of(pipe, 8)
+    _, tail, _ = settings_of(pipe, 8, strength=STRENGTH)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    alone = []
+    for k, i in enumerate([0, 1]):
+        batch = new_batch(pipe, schedule, options, encoder)
+        alone.append(run(batch, samples_of(pipe, encoder, [[whole, tail][k]], [i]))[0])
+    together = new_batch(pipe, schedule, options, encoder)
+    mixed = run(together, samples_of(pipe, encoder, [whole, tail], [0, 1]))
+    assert together.network_calls == 8  # the strength-0.6 row joins the others' calls
+    for got, want in zip(mixed, alone, strict=True):
+        assert (got - want).abs().max().item() <= 1e-5
 
 
 def test_rows_of_different_masks_and_samplers_share_calls_and_give_their_solo_latents(

@@ -126,7 +126,7 @@ def declared(model: type[BaseModel], name: str) -> dict[str, Any]:
         ),
         (GenerateBody, GenerateSpec, ["use_karras_sigmas", "solver_order"]),
         (GenerateBody, GenerateSpec, ["height", "width"]),
-        (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask"]),
+        (InpaintBody, InpaintSpec, ["jump_length", "jump_n_sample", "image", "mask", "strength"]),
         (InpaintBody, InpaintSpec, ["use_karras_sigmas", "solver_order"]),
         (ReconstructBody, ReconstructSpec, ["seed", "images"]),
         (

@@ -48,7 +48,7 @@ from ddserve.spec import (
     parse_job_spec,
 )
 from ddserve.storage import Storage, content_type_for, image_key, trajectory_key
-from models.diffusion.inpainting_unet import MaskedImageLatents
+from models.diffusion.inpainting_unet import ImagePosterior, MaskedImageLatents
 from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import Sample, SamplerSettings
 from models.imaging import from_uint8, make_grid, to_pil
@@ -290,6 +290,9 @@ class ImageInputs:
     known: torch.Tensor | None = None  # inpaint: the known image x_0 [*sample_shape]
     mask: torch.Tensor | None = None  # inpaint: 1 = keep, [1, h, w] on the sample's grid
     init_x0: torch.Tensor | None = None  # img2img: the x_0 its samples start from
+    # inpaint on an inpainting UNet with strength < 1: the whole image's posterior, each sample's
+    # x_0 drawn from it (`models.diffusion.inpainting_unet`)
+    init_posterior: ImagePosterior | None = None
     # inpaint on an inpainting UNet (`DiffusionModel.inpainting_unet`): what it reads beside x_t,
     # in place of RePaint's known image and mask
     masked_image: MaskedImageLatents | None = None
@@ -425,7 +428,7 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         classifier_scale=classifier_scale,
         jump_length=spec.jump_length if inpaint else 1,
         jump_n_sample=spec.jump_n_sample if inpaint else 1,
-        strength=spec.strength if isinstance(spec, Img2ImgSpec) else 1.0,
+        strength=_strength(spec),
     )
     # The solver options are present exactly for the samplers that take them (the spec checks).
     for name, value in (
@@ -442,6 +445,14 @@ def _sampler_settings(spec: DenoiseSpec, model: DiffusionModel) -> SamplerSettin
         return model.scheduler.settings(spec.sampler, spec.num_inference_steps, **request)
     except ValueError as exc:
         raise InvalidJobRequest(str(exc)) from exc
+
+
+def _strength(spec: DenoiseSpec) -> float:
+    """The tail of the plan a spec's samples walk: img2img's strength, an inpaint spec's (an
+    inpainting UNet's; None: the pipeline's default 1), else 1 (the whole plan)."""
+    if isinstance(spec, Img2ImgSpec | InpaintSpec) and spec.strength is not None:
+        return spec.strength
+    return 1.0
 
 
 def _inpaint_inputs(spec: InpaintSpec, model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,15 +488,17 @@ def _img2img_input(spec: Img2ImgSpec, model: DiffusionModel) -> torch.Tensor:
     return model.from_pixels(pixels)[0]
 
 
-def _masked_image_input(spec: InpaintSpec, model: DiffusionModel) -> MaskedImageLatents:
+def _inpainting_unet_inputs(spec: InpaintSpec, model: DiffusionModel) -> ImageInputs:
     """An inpainting UNet's mask and masked image (`models.diffusion.inpainting_unet`): the image
     [C, H, W] in [−1, 1] with the region to generate (black in ddserve's mask, 1 in the
-    pipeline's) blanked, through the first stage's posterior."""
+    pipeline's) blanked, through the first stage's posterior; with strength < 1 also the whole
+    image's posterior, where its samples start."""
     channels, (height, width) = model.entry.image.channels, image_size(spec, model)
     image = decode_images([spec.image], channels, height, width, "image")[0]
     mask_pixels = decode_image(spec.mask, 1, height, width, "mask")
     keep = torch.from_numpy((mask_pixels[..., 0] >= 128).astype(np.float32))[None]  # [1, H, W]
-    return model.masked_image_latents(image, keep)
+    start = model.image_posterior(image) if _strength(spec) != 1.0 else None
+    return ImageInputs(masked_image=model.masked_image_latents(image, keep), init_posterior=start)
 
 
 def image_inputs(spec: JobSpec, model: DiffusionModel) -> ImageInputs:
@@ -493,7 +506,7 @@ def image_inputs(spec: JobSpec, model: DiffusionModel) -> ImageInputs:
     UNet's masked image), img2img's x_0 (for a latent model through the first stage's encoder);
     none for a generate spec."""
     if isinstance(spec, InpaintSpec) and model.inpainting_unet:
-        return ImageInputs(masked_image=_masked_image_input(spec, model))
+        return _inpainting_unet_inputs(spec, model)
     if isinstance(spec, InpaintSpec):
         known, mask = _inpaint_inputs(spec, model)
         return ImageInputs(known=known, mask=mask)
@@ -549,6 +562,10 @@ def prepare_denoise(
         )
     if model.inpainting_unet:
         _check_inpainting_unet_spec(spec, model)
+    elif isinstance(spec, InpaintSpec) and spec.strength is not None:
+        raise InvalidJobRequest(
+            f"model {model.name!r} inpaints with RePaint: strength applies to inpainting UNets only"
+        )
     output = OutputSpec.from_options(spec.output)
     shape = model.sample_shape_at(*image_size(spec, model))  # before any text encoding
     settings = _sampler_settings(spec, model)
@@ -565,6 +582,7 @@ def prepare_denoise(
             known=images.known,
             mask=images.mask,
             init_x0=images.init_x0,
+            init_posterior=images.init_posterior,
             masked_image=images.masked_image,
             keep_trajectory=output.trajectory,
             keep_x0=output.preview_every is not None,

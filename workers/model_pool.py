@@ -25,6 +25,7 @@ from ddserve.settings import Settings
 from models.catalog import ModelEntry, encodes_own_prompts, load_catalog
 from models.diffusers_format.entries import INPAINTING_UNET
 from models.diffusion.inpainting_unet import (
+    ImagePosterior,
     MaskedImageLatents,
     latent_repaint_mask,
     masked_pixels,
@@ -297,17 +298,28 @@ class DiffusionModel:
         z = torch.from_numpy(np.asarray(latents, dtype=np.float32))  # [N, c, h, w]
         return (z - self.latent_shift) * self.latent_scale
 
-    def masked_image_latents(self, image: torch.Tensor, keep: torch.Tensor) -> MaskedImageLatents:
-        """An inpainting UNet's inputs for `image` [C, H, W] in [−1, 1] and the mask `keep`
-        [1, H, W] (1 = keep): the masked image's posterior through the first stage's PyTorch
-        module (ONNX graphs give the mean only), and the repaint mask on its latent grid."""
+    def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) [1, c, h, w] of images [1, C, H, W] in [−1, 1] through the first stage's
+        PyTorch module (ONNX graphs give the mean only), on the CPU."""
         codec: Any = self.first_stage
         if not hasattr(codec, "posterior") and self.torch_first_stage is not None:
             codec = self.torch_first_stage()  # the diffusers module beside the ONNX graphs
         if not hasattr(codec, "posterior"):
             raise RuntimeError(f"latent model {self.name!r} has no first stage to sample from")
+        return codec.posterior(pixels.detach().float().cpu().numpy())
+
+    def image_posterior(self, image: torch.Tensor) -> ImagePosterior:
+        """The first stage's posterior of `image` [C, H, W] in [−1, 1], where an inpainting
+        UNet's sample of strength < 1 draws its x_0 (`models.diffusion.inpainting_unet`)."""
+        mean, std = self._posterior(image[None])  # [1, c, h, w] each
+        return ImagePosterior(mean[0], std[0], self.latent_scale)
+
+    def masked_image_latents(self, image: torch.Tensor, keep: torch.Tensor) -> MaskedImageLatents:
+        """An inpainting UNet's inputs for `image` [C, H, W] in [−1, 1] and the mask `keep`
+        [1, H, W] (1 = keep): the masked image's posterior through the first stage, and the
+        repaint mask on its latent grid."""
         pixels = masked_pixels(image.detach().float().cpu(), keep)[None]  # [1, C, H, W]
-        mean, std = codec.posterior(pixels.numpy())  # [1, c, h, w] each, on the CPU
+        mean, std = self._posterior(pixels)  # [1, c, h, w] each, on the CPU
         return MaskedImageLatents(
             mask=latent_repaint_mask(keep, (mean.shape[-2], mean.shape[-1])),
             mean=mean[0],

@@ -17,6 +17,13 @@ the same m and z_m (the pipeline duplicates them). Both are fixed for the whole 
 travel with each sample (`Sample.masked_image`) and a running set of such samples — of different
 masks, images, prompts, samplers and step counts — still makes one network call per step.
 
+With `strength` s < 1 the pipeline starts, as img2img does, from the image's own latents noised to
+the first step of the plan's tail (the last ⌊S·s⌋ of its S steps): z_0 = s_f · (μ' + σ'·n') is the
+first stage's posterior sample of the whole (unmasked) image, n' drawn from the row's generator
+*before* the starting noise ε (`prepare_latents` encodes the image, then draws ε), and the masked
+image's n after both. `ImagePosterior` carries μ', σ' with the sample (`Sample.init_posterior`) and
+is drawn when it joins, so the draws keep that order: n', ε, n (strength 1: ε, n).
+
 ddserve's masks are white (1) = keep; the UNet's are 1 = repaint: `repaint_mask` translates.
 """
 
@@ -26,6 +33,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ImagePosterior:
+    """The first stage's posterior N(μ, σ²) of an image, and its `scaling_factor` s: the image's
+    latents are drawn from it (the pipeline's `retrieve_latents` in "sample" mode)."""
+
+    mean: torch.Tensor  # [c, h, w] μ
+    std: torch.Tensor  # [c, h, w] σ
+    scaling_factor: float  # s
+
+    def __post_init__(self) -> None:
+        if self.mean.shape != self.std.shape:
+            raise ValueError(
+                f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} differ in shape"
+            )
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        """z_0 = s · (μ + σ·n) [c, h, w], n ~ N(0, I) the generator's next draw."""
+        n = torch.randn(self.mean.shape, generator=generator)  # [c, h, w]
+        return self.scaling_factor * (self.mean + self.std * n)
 
 
 @dataclass(frozen=True)

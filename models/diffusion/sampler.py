@@ -50,7 +50,9 @@ x_T ~ N(0, I) neglects it, as its generation does).
 Inpainting UNets (`inpainting_unet.py`: diffusers' `StableDiffusionInpaintPipeline` with a 9-channel
 UNet) inpaint without RePaint: a sample's `masked_image` is drawn once when it joins (after x_T,
 from its own stream) into `concat`, channels the network reads beside x_t at every call (and beside
-the unconditional copy of a guided row), so rows of different masks still share one call.
+the unconditional copy of a guided row), so rows of different masks still share one call. With
+strength < 1 such a sample starts as image-to-image above, from x_0 = its `init_posterior`'s draw
+(the whole image's posterior sample, drawn before ε: the pipeline's order, `inpainting_unet.py`).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from models.diffusion.guidance import (
     classifier_free_guidance,
     classifier_log_prob_gradient,
 )
-from models.diffusion.inpainting_unet import MaskedImageLatents
+from models.diffusion.inpainting_unet import ImagePosterior, MaskedImageLatents
 from models.diffusion.noise import sample_generator
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.sigmas import noise_levels
@@ -451,6 +453,9 @@ class Sample:
     # x_T = ε, or `initial_noise_scale`·ε for diffusers' Euler at linspace / trailing spacing.
     x: torch.Tensor | None = None
     init_x0: torch.Tensor | None = None  # [C, H, W] image-to-image: the x_0 to start from (SDEdit)
+    # Image-to-image from a posterior (an inpainting UNet's strength < 1): init_x0 is drawn from it
+    # when the sample joins, before ε (`inpainting_unet.py`).
+    init_posterior: ImagePosterior | None = None
     # An inpainting UNet's mask and masked image (`inpainting_unet.py`): drawn into `concat` when
     # the sample joins, right after x_T, and read beside x_t at every network call.
     masked_image: MaskedImageLatents | None = None
@@ -653,6 +658,9 @@ class DenoisingBatch:
             sample.transitions = transitions
             sample.position = 0
             if sample.x is None:
+                if sample.init_posterior is not None and sample.init_x0 is None:
+                    # Before ε, as the pipeline encodes the image before it draws its latents.
+                    sample.init_x0 = sample.init_posterior.draw(sample.generator)
                 sample.x = self._starting_point(sample, transitions[0])
             elif sample.settings.strength == 1.0:
                 sample.x = self._scaled_start(sample.settings, transitions[0], sample.x)
@@ -744,10 +752,13 @@ class DenoisingBatch:
             raise ValueError("inpainting needs both the known image and the mask")
         if sample.x is not None and tuple(sample.x.shape) != self.sample_shape:
             raise ValueError(f"x_T has shape {tuple(sample.x.shape)}, expected {self.sample_shape}")
-        if sample.settings.strength != 1.0 and sample.init_x0 is None:
+        start = sample.init_x0 if sample.init_x0 is not None else sample.init_posterior
+        if sample.settings.strength != 1.0 and start is None:
             raise ValueError(
                 "image-to-image (strength < 1) needs the image to start from (init_x0)"
             )
+        if sample.init_posterior is not None and sample.settings.strength == 1.0:
+            raise ValueError("init_posterior is image-to-image's start: it needs strength < 1")
         if sample.masked_image is not None:
             grid = tuple(sample.masked_image.mean.shape[1:])
             if grid != self.sample_shape[1:]:
@@ -759,6 +770,14 @@ class DenoisingBatch:
         if sample.init_x0 is not None and tuple(sample.init_x0.shape) != self.sample_shape:
             raise ValueError(
                 f"init_x0 has shape {tuple(sample.init_x0.shape)}, expected {self.sample_shape}"
+            )
+        if (
+            sample.init_posterior is not None
+            and tuple(sample.init_posterior.mean.shape) != self.sample_shape
+        ):
+            raise ValueError(
+                f"init_posterior has shape {tuple(sample.init_posterior.mean.shape)}, expected "
+                f"{self.sample_shape}"
             )
 
     # --- one step -------------------------------------------------------------------------------
