@@ -57,6 +57,10 @@ def test_masked_image_latents_with_a_resizable_onnx_first_stage(tmp_path: Path) 
         posterior = pipe.vae.encode(masked_pixels(image, keep)[None]).latent_dist
     torch.testing.assert_close(got.mean, posterior.mean[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.std, posterior.std[0], atol=1e-5, rtol=1e-5)
+    # strength < 1: x_0 drawn from the image's own posterior, through the same module
+    whole = model.image_posterior(image)
+    with torch.no_grad():
+        torch.testing.assert_close(whole.mean, pipe.vae.encode(image[None]).latent_dist.mean[0])
     assert model.resizable_first_stage is not None and model.torch_first_stage is not None
     assert model.resizable_first_stage() is model.first_stage  # any size in ONNX Runtime
 
