@@ -41,7 +41,8 @@ diffusers' `step` instead looks the first timestep up in its list and, finding i
 the second entry (`index_for_timestep`, meant for img2img), so it skips σ_0 and runs off its σ list:
 IndexError (DPM-Solver++), AssertionError (UniPC). This is the case of squaredcos_cap_v2 + Karras
 for DPM-Solver++ at S ≥ 4 steps (its truncated plan starts 998, 998) and for UniPC when its rounded
-plan starts 999, 999 (S = 7, 20, 50 of 1000; not S = 5). There ddserve serves diffusers' plan —
+plan starts 999, 999 (S = 7, 20, 50 of 1000; not S = 5); never for linear / scaled_linear (S ≤
+1000), whose top levels are further apart. There ddserve serves diffusers' plan —
 the same timesteps and σ's — stepped in order, what diffusers' own loop would do without the
 lookup; no diffusers run exists to compare with.
 """
