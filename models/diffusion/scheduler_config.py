@@ -179,9 +179,10 @@ class SchedulerOptions:
             values["use_karras_sigmas"] = self.use_karras_sigmas
         if name in MULTISTEP_SAMPLERS:
             values["solver_order"] = self.solver_order
-        if self.from_diffusers and name in DPM_SOLVER_SAMPLERS and self.use_karras_sigmas:
+        if self.from_diffusers and name in DPM_SOLVER_SAMPLERS:
             # DPMSolverMultistepScheduler keeps the cosine schedule's Karras timesteps fractional
-            # and casts them to int64 (`sigmas.py`); UniPC rounds them.
+            # and casts them to int64 (`sigmas.py`); UniPC rounds them. Set whether Karras comes
+            # from the config or the request (it has no effect without).
             values["truncate_karras_timesteps"] = self.beta_schedule == "squaredcos_cap_v2"
         values.update(request)
         return SamplerSettings(**values)
