@@ -60,9 +60,10 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return tiny_sd_pipeline(tmp_path_factory.mktemp("sd-spacing"))
 
 
-def with_scheduler(pipe: Any, scheduler: str, spacing: str, karras: bool) -> Any:
+def with_scheduler(pipe: Any, scheduler: str, spacing: str, karras: bool, **extra: Any) -> Any:
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     config["timestep_spacing"] = spacing
+    config.update(extra)
     if karras:
         config["use_karras_sigmas"] = True
     pipe = diffusers.StableDiffusionPipeline(
@@ -72,11 +73,11 @@ def with_scheduler(pipe: Any, scheduler: str, spacing: str, karras: bool) -> Any
     return pipe
 
 
-def ddserve_latents(pipe: Any) -> torch.Tensor:
+def ddserve_latents(pipe: Any, steps: int = STEPS) -> torch.Tensor:
     """The prompts' latents from ddserve's sampler on the pipeline's UNet and scheduler config,
     each sample drawing x_T (and any step noise) from its own stream."""
     schedule, options = from_diffusers(dict(pipe.scheduler.config))
-    settings = options.settings(None, STEPS, guidance_scale=guidance_weight(GUIDANCE))
+    settings = options.settings(None, steps, guidance_scale=guidance_weight(GUIDANCE))
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     batch = DenoisingBatch(
         CrossAttentionUNet(pipe.unet),
@@ -101,25 +102,62 @@ def ddserve_latents(pipe: Any) -> torch.Tensor:
     return torch.stack([s.x for s in samples])
 
 
+def pipeline_latents(pipe: Any, steps: int = STEPS) -> torch.Tensor:
+    return pipe(
+        prompt=PROMPTS,
+        negative_prompt=[n or "" for n in NEGATIVES],
+        height=16,
+        width=16,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=[sample_generator(SEED, i) for i in range(len(PROMPTS))],
+        output_type="latent",
+    ).images
+
+
 @pytest.mark.parametrize(("scheduler", "spacing", "karras"), CASES)
 def test_sigma_samplers_match_the_pipeline_at_every_spacing(
     pipe: Any, scheduler: str, spacing: str, karras: bool
 ) -> None:
     pipe = with_scheduler(pipe, scheduler, spacing, karras)
-    theirs = pipe(
-        prompt=PROMPTS,
-        negative_prompt=[n or "" for n in NEGATIVES],
-        height=16,
-        width=16,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        generator=[sample_generator(SEED, i) for i in range(len(PROMPTS))],
-        output_type="latent",
-    ).images
+    theirs = pipeline_latents(pipe)
     mine = ddserve_latents(pipe)
     gap = (mine - theirs).abs().max().item()
     print(f"{scheduler} {spacing} karras={karras}: max |ddserve − diffusers| = {gap:.2e}")
     assert gap <= TOLERANCE
+    assert (mine[0] - mine[1]).abs().mean() > 1e-2
+
+
+# Karras levels on the cosine schedule (`sigmas.py`): diffusers' DPM-Solver++ floors their
+# timesteps and runs only where its plan's first timestep is not repeated (S ≤ 3 of 1000), UniPC
+# rounds them (S = 5 runs). σ_max is 2e4 here and the random UNet's x̂_0 = x̃ − σ·ε̂ reaches
+# |latent| ≈ 7e4, where one float32 ulp is 8e-3 and diffusers works on x̃ = x/α of that size: so the
+# bound is relative, 1e-6 of the largest latent (a few ulps). Measured after the fix: 1.1–4.5e-7;
+# before it (UNet at 999 for diffusers' 998, Euler timesteps up to 0.03 away): Euler 6.3–6.7e-6,
+# DPM-Solver++ 1.6e-2, UniPC 7.4e-6 (Euler at leading: 3.9e-6).
+COSINE_RELATIVE = 1e-6
+COSINE_KARRAS = [
+    ("EulerDiscreteScheduler", "linspace", 7),
+    ("EulerDiscreteScheduler", "trailing", 7),
+    ("EulerDiscreteScheduler", "leading", 7),
+    ("DPMSolverMultistepScheduler", "linspace", 2),
+    ("DPMSolverMultistepScheduler", "trailing", 3),
+    ("UniPCMultistepScheduler", "linspace", 5),
+]
+
+
+@pytest.mark.parametrize(("scheduler", "spacing", "steps"), COSINE_KARRAS)
+def test_karras_levels_on_the_cosine_schedule_match_the_pipeline(
+    pipe: Any, scheduler: str, spacing: str, steps: int
+) -> None:
+    pipe = with_scheduler(pipe, scheduler, spacing, True, beta_schedule="squaredcos_cap_v2")
+    theirs = pipeline_latents(pipe, steps)
+    mine = ddserve_latents(pipe, steps)
+    gap = (mine - theirs).abs().max().item()
+    scale = theirs.abs().max().item()
+    print(f"{scheduler} {spacing} cosine karras S={steps}: max |ddserve − diffusers| = {gap:.2e}")
+    print(f"  relative to max |latent| = {scale:.2e}: {gap / scale:.2e}")
+    assert gap <= COSINE_RELATIVE * scale
     assert (mine[0] - mine[1]).abs().mean() > 1e-2
 
 

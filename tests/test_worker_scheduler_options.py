@@ -8,7 +8,7 @@ import pytest
 
 from ddserve.params import KARRAS_SAMPLERS, ORDER_SAMPLERS
 from ddserve.spec import GenerateSpec
-from models.diffusion.sampler import SamplerSettings
+from models.diffusion.sampler import PlanCache, SamplerSettings
 from models.diffusion.schedule import NoiseSchedule
 from models.diffusion.scheduler_config import SchedulerOptions, from_diffusers
 from workers.errors import InvalidJobRequest
@@ -79,3 +79,22 @@ def test_diffusers_model_settings_follow_its_config() -> None:
         _sampler_settings(_spec("ddim", 1000), model).plan(1000)
     with pytest.raises(InvalidJobRequest, match="num_inference_steps"):
         _sampler_settings(_spec("ddim", 1001), model)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_cosine_karras_requests_follow_diffusers_and_plan_where_diffusers_fails(sampler) -> None:
+    """A cosine-schedule model asked for Karras levels by the request: DPM-Solver++ floors their
+    timesteps as diffusers' DPMSolverMultistepScheduler would (UniPC rounds), and 20 steps — where
+    diffusers' own `step` fails on the repeated first timestep (`sigmas.py`) — plan without error:
+    the job is served, not failed."""
+    schedule, options = from_diffusers(
+        {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "squaredcos_cap_v2"}
+    )
+    karras = _spec(sampler, 20).model_copy(update={"use_karras_sigmas": True})
+    settings = _sampler_settings(karras, _model(schedule, options))
+    assert settings.use_karras_sigmas
+    assert settings.truncate_karras_timesteps == (sampler != "unipc")
+    steps = PlanCache(schedule).transitions(settings)
+    first = 998.0 if sampler != "unipc" else 999.0
+    assert [tr.network_t for tr in steps[:2]] == [first, first]  # repeated, σ's distinct
+    assert steps[0].alpha_bar_t < steps[1].alpha_bar_t

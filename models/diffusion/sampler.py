@@ -161,6 +161,9 @@ class SamplerSettings:
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x̂_0| taken as the bound s
     sample_max_value: float = 1.0  # the largest s
     convention: StepConvention = "ddserve"  # DDPM / DDIM: see `StepConvention`
+    # dpmpp_2m(_sde) + Karras: floor the levels' timesteps instead of rounding them (diffusers'
+    # DPMSolverMultistepScheduler with beta_schedule="squaredcos_cap_v2"; `sigmas.py`).
+    truncate_karras_timesteps: bool = False
     strength: float = 1.0  # image-to-image (SDEdit): the tail of the plan the sample walks; 1 = all
 
     def __post_init__(self) -> None:
@@ -364,6 +367,8 @@ class PlanCache:
             euler=not settings.multistep,
             karras=settings.use_karras_sigmas,
             steps_offset=settings.steps_offset,
+            diffusers_table=settings.convention == "diffusers",
+            truncate=settings.truncate_karras_timesteps,
         )
         sigmas = levels.sigmas
         levels_name = (

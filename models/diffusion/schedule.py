@@ -62,6 +62,10 @@ class NoiseSchedule:
 
     kind: ScheduleKind
     betas: torch.Tensor  # [T]
+    # [T] float32: β exactly as diffusers computes them in float32, for a schedule read from a
+    # diffusers config (`scheduler_config.py`); the σ-space samplers' Karras levels are computed
+    # on diffusers' float32 table for parity (`sigmas.diffusers_sigma_table`). None: β in float32.
+    diffusers_betas: torch.Tensor | None = None
 
     @classmethod
     def create(cls, kind: ScheduleKind = "linear", num_timesteps: int = 1000) -> NoiseSchedule:

@@ -77,6 +77,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 # model's x̂_0 too, which is the known pitfall of switching an SD pipeline's scheduler to DDIM.
 CLIPPING_CLASSES: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler")
 CLIPPING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# The samplers of diffusers' DPMSolverMultistepScheduler.
+DPM_SOLVER_SAMPLERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde")
 # The samplers whose diffusers class has `thresholding` (the Euler classes have not).
 THRESHOLDING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 # Options of diffusers' classes that ddserve does not reproduce, with the value that it does
@@ -131,6 +133,7 @@ class SchedulerOptions:
     # when a request runs unipc. DPM-Solver++ steps into σ = 0 at first order either way.
     lower_order_final: bool = True
     rescale_betas_zero_snr: bool = False  # already applied to the schedule; kept for the record
+    beta_schedule: str = "linear"  # the config's (DPM-Solver's Karras timesteps depend on it)
     from_diffusers: bool = False  # steps follow diffusers' `StepConvention` (sampler.py)
 
     def settings(
@@ -176,6 +179,11 @@ class SchedulerOptions:
             values["use_karras_sigmas"] = self.use_karras_sigmas
         if name in MULTISTEP_SAMPLERS:
             values["solver_order"] = self.solver_order
+        if self.from_diffusers and name in DPM_SOLVER_SAMPLERS:
+            # DPMSolverMultistepScheduler keeps the cosine schedule's Karras timesteps fractional
+            # and casts them to int64 (`sigmas.py`); UniPC rounds them. Set whether Karras comes
+            # from the config or the request (it has no effect without).
+            values["truncate_karras_timesteps"] = self.beta_schedule == "squaredcos_cap_v2"
         values.update(request)
         return SamplerSettings(**values)
 
@@ -210,6 +218,26 @@ def _betas(config: dict[str, Any], T: int) -> torch.Tensor:
         f"beta_schedule {schedule!r} is not supported; expected one of {', '.join(BETA_SCHEDULES)}"
         " or trained_betas"
     )
+
+
+def diffusers_float32_betas(config: dict[str, Any], T: int) -> torch.Tensor | None:
+    """[T] β as diffusers builds them, in float32 (`torch.linspace(..., dtype=torch.float32)`
+    differs from the float64 table rounded by an ulp here and there): the Karras levels' timesteps
+    depend on them below float32's precision (`sigmas.diffusers_sigma_table`). None with
+    `rescale_betas_zero_snr` (the float64 table rounded)."""
+    if config.get("rescale_betas_zero_snr", False):
+        return None
+    trained = config.get("trained_betas")
+    if trained is not None:
+        return torch.tensor(trained, dtype=torch.float32)
+    schedule = config.get("beta_schedule", "linear")
+    beta_start = float(config.get("beta_start", 0.0001))
+    beta_end = float(config.get("beta_end", 0.02))
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    return cosine_betas(T).to(torch.float32)  # diffusers' float64 table, rounded (`_betas`)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -267,8 +295,12 @@ def from_diffusers(config: dict[str, Any]) -> tuple[NoiseSchedule, SchedulerOpti
         solver_order=order,
         lower_order_final=bool(config.get("lower_order_final", True)),
         rescale_betas_zero_snr=rescale,
+        beta_schedule=str(config.get("beta_schedule", "linear")),
         from_diffusers=True,
     )
     # Fail now, not at the first request, if the default sampler cannot run with these options.
     options.settings(num_inference_steps=1)
-    return NoiseSchedule(kind="custom", betas=betas), options
+    schedule = NoiseSchedule(
+        kind="custom", betas=betas, diffusers_betas=diffusers_float32_betas(config, T)
+    )
+    return schedule, options
