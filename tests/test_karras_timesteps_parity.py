@@ -24,19 +24,10 @@ from models.diffusion.noise import sample_generator
 from models.diffusion.sampler import PlanCache, sample
 from models.diffusion.scheduler_config import from_diffusers
 from models.diffusion.sigmas import noise_levels
+from tests.test_scheduler_config_solvers import CLASSES  # sampler → diffusers class config
 
 diffusers = pytest.importorskip("diffusers")
 
-CLASSES = {
-    "euler": {"_class_name": "EulerDiscreteScheduler"},
-    "euler_ancestral": {"_class_name": "EulerAncestralDiscreteScheduler"},
-    "dpmpp_2m": {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
-    "dpmpp_2m_sde": {
-        "_class_name": "DPMSolverMultistepScheduler",
-        "algorithm_type": "sde-dpmsolver++",
-    },
-    "unipc": {"_class_name": "UniPCMultistepScheduler"},
-}
 BETAS = {
     "linear": {"beta_schedule": "linear"},
     "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
