@@ -117,6 +117,26 @@ def samples_of(
     ]
 
 
+def pipeline_latents(
+    pipe: Any, images: torch.Tensor, keep: torch.Tensor, steps: int, **options: Any
+) -> torch.Tensor:
+    """`StableDiffusionInpaintPipeline`'s latents for `inputs()` (PROMPTS, NEGATIVES, GUIDANCE,
+    one generator per image seeded as ddserve seeds its rows), with `options` (eta, strength)."""
+    return pipe(
+        prompt=PROMPTS,
+        negative_prompt=[n or "" for n in NEGATIVES],
+        image=(images + 1.0) / 2.0,  # the pipeline takes [0, 1] and maps it to 2x − 1
+        mask_image=1.0 - keep,  # the pipeline's mask: 1 = repaint
+        height=16,
+        width=16,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=[sample_generator(SEED, i) for i in range(2)],
+        output_type="latent",
+        **options,
+    ).images
+
+
 def run(batch: DenoisingBatch, samples: list[Sample]) -> torch.Tensor:
     batch.add(samples)
     with torch.no_grad():
@@ -148,19 +168,7 @@ def test_inpainting_unet_matches_the_inpaint_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     images, keep = inputs()
-    theirs = pipe(
-        prompt=PROMPTS,
-        negative_prompt=[n or "" for n in NEGATIVES],
-        image=(images + 1.0) / 2.0,  # the pipeline takes [0, 1] and maps it to 2x − 1
-        mask_image=1.0 - keep,  # the pipeline's mask: 1 = repaint
-        height=16,
-        width=16,
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        eta=eta,
-        generator=[sample_generator(SEED, i) for i in range(2)],
-        output_type="latent",
-    ).images
+    theirs = pipeline_latents(pipe, images, keep, steps, eta=eta)
     _, options = from_diffusers(dict(pipe.scheduler.config))
     request = {"eta": eta} if options.sampler == "ddim" else {}
     schedule, settings, options = settings_of(pipe, steps, sampler=options.sampler, **request)
@@ -206,19 +214,7 @@ def test_strength_below_one_matches_the_inpaint_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     images, keep = inputs()
-    theirs = pipe(
-        prompt=PROMPTS,
-        negative_prompt=[n or "" for n in NEGATIVES],
-        image=(images + 1.0) / 2.0,
-        mask_image=1.0 - keep,
-        height=16,
-        width=16,
-        num_inference_steps=steps,
-        strength=STRENGTH,
-        guidance_scale=GUIDANCE,
-        generator=[sample_generator(SEED, i) for i in range(2)],
-        output_type="latent",
-    ).images
+    theirs = pipeline_latents(pipe, images, keep, steps, strength=STRENGTH)
     _, options = from_diffusers(dict(pipe.scheduler.config))
     schedule, settings, options = settings_of(
         pipe, steps, sampler=options.sampler, strength=STRENGTH
